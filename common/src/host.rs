@@ -1,0 +1,409 @@
+//! The fleet's domain types: host ids, labels, service inventory, and the
+//! conversions to and from both protobuf packages.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::SystemTime;
+
+use baton_proto::agent::v1 as agent_pb;
+use baton_proto::control::v1 as control_pb;
+
+use crate::time::{from_timestamp, to_timestamp};
+
+/// A message from the wire broke a rule; says which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidField {
+    /// The field's path, e.g. `hello.labels`.
+    pub field: String,
+    /// What is wrong with it, as a sentence fragment.
+    pub reason: String,
+}
+
+impl InvalidField {
+    /// An error for `field` with `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// The longest host id, label key, service name or version accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A host's identity: what its agent certificate names, and what every
+/// API uses to refer to it. 1–128 characters of `[A-Za-z0-9._-]`, starting
+/// with a letter or digit, so it is safe in file names, URNs and logs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostId(String);
+
+impl HostId {
+    /// The host id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for HostId {
+    type Error = InvalidField;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        validate_name(&s).map_err(|reason| InvalidField::new("host_id", reason))?;
+        Ok(Self(s))
+    }
+}
+
+impl TryFrom<&str> for HostId {
+    type Error = InvalidField;
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<HostId> for String {
+    fn from(id: HostId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for HostId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks a name (host id, service name, label key): 1–128 characters of
+/// `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn validate_name(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(format!("is {} characters long, the limit is {MAX_NAME_LEN}", s.len()));
+    }
+    if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!("{s:?} must start with a letter or a digit"));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{s:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+/// Host labels, as given with `--label KEY=VALUE`; matched by plan selectors.
+pub type Labels = BTreeMap<String, String>;
+
+/// The longest label value accepted.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+
+/// The most labels one host may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// Checks a set of labels: at most [`MAX_LABELS`], keys are names (see
+/// [`validate_name`], `/` also allowed), values are printable and at most
+/// [`MAX_LABEL_VALUE_LEN`] bytes.
+pub fn validate_labels(labels: &Labels) -> Result<(), InvalidField> {
+    if labels.len() > MAX_LABELS {
+        return Err(InvalidField::new("labels", format!("{} labels, the limit is {MAX_LABELS}", labels.len())));
+    }
+    for (k, v) in labels {
+        validate_name(&k.replace('/', "-"))
+            .map_err(|reason| InvalidField::new(format!("labels[{k:?}]"), format!("key {reason}")))?;
+        if v.len() > MAX_LABEL_VALUE_LEN {
+            return Err(InvalidField::new(format!("labels[{k:?}]"), "value is longer than 256 bytes"));
+        }
+        if v.chars().any(char::is_control) {
+            return Err(InvalidField::new(format!("labels[{k:?}]"), "value contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` as given to `--label` or `--var`.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// What a service's process is doing on its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Installed, not running.
+    Stopped,
+    /// Started, not yet past its health check.
+    Starting,
+    /// Running.
+    Running,
+    /// Exited on its own or failed to start.
+    Failed,
+}
+
+impl ServiceState {
+    /// The state's name in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One service installed on a host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    /// The service name.
+    pub name: String,
+    /// The version its `current` release points at.
+    pub version: String,
+    /// What its process is doing.
+    pub state: ServiceState,
+    /// Whether its health check passes right now.
+    pub healthy: bool,
+}
+
+/// What an agent announces about its host in its hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// The host id claimed by the hello (checked against the certificate).
+    pub host_id: HostId,
+    /// The agent's version.
+    pub agent_version: String,
+    /// The host's labels.
+    pub labels: Labels,
+    /// The host's services.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One host as the coordinator knows it: the registry record plus whether
+/// its agent is connected right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// The host id.
+    pub host_id: HostId,
+    /// Whether the agent holds a live stream now.
+    pub connected: bool,
+    /// The labels from the last hello.
+    pub labels: Labels,
+    /// The services from the last report.
+    pub services: Vec<ServiceStatus>,
+    /// The agent's version from the last hello.
+    pub agent_version: String,
+    /// The first registration.
+    pub first_seen: SystemTime,
+    /// The last message heard.
+    pub last_seen: SystemTime,
+    /// Where the current or last stream came from.
+    pub peer_address: String,
+}
+
+// ---- agent.v1 conversions -------------------------------------------------
+
+fn service_state_from_i32(value: i32, field: &str) -> Result<ServiceState, InvalidField> {
+    match agent_pb::ServiceState::try_from(value) {
+        Ok(agent_pb::ServiceState::Stopped) => Ok(ServiceState::Stopped),
+        Ok(agent_pb::ServiceState::Starting) => Ok(ServiceState::Starting),
+        Ok(agent_pb::ServiceState::Running) => Ok(ServiceState::Running),
+        Ok(agent_pb::ServiceState::Failed) => Ok(ServiceState::Failed),
+        Ok(agent_pb::ServiceState::Unspecified) => Err(InvalidField::new(field, "state is unspecified")),
+        Err(_) => Err(InvalidField::new(field, format!("unknown service state {value}"))),
+    }
+}
+
+impl From<ServiceState> for agent_pb::ServiceState {
+    fn from(s: ServiceState) -> Self {
+        match s {
+            ServiceState::Stopped => Self::Stopped,
+            ServiceState::Starting => Self::Starting,
+            ServiceState::Running => Self::Running,
+            ServiceState::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<&ServiceStatus> for agent_pb::ServiceStatus {
+    fn from(s: &ServiceStatus) -> Self {
+        Self {
+            name: s.name.clone(),
+            version: s.version.clone(),
+            state: agent_pb::ServiceState::from(s.state).into(),
+            healthy: s.healthy,
+        }
+    }
+}
+
+/// Converts and validates a reported service list; `field` names it in errors.
+pub fn services_from_agent(list: Vec<agent_pb::ServiceStatus>, field: &str) -> Result<Vec<ServiceStatus>, InvalidField> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let at = format!("{field}[{i}]");
+            validate_name(&s.name).map_err(|r| InvalidField::new(format!("{at}.name"), r))?;
+            if s.version.is_empty() || s.version.len() > MAX_NAME_LEN {
+                return Err(InvalidField::new(format!("{at}.version"), "must be 1 to 128 characters"));
+            }
+            Ok(ServiceStatus {
+                name: s.name,
+                version: s.version,
+                state: service_state_from_i32(s.state, &format!("{at}.state"))?,
+                healthy: s.healthy,
+            })
+        })
+        .collect()
+}
+
+impl TryFrom<agent_pb::Hello> for HostInfo {
+    type Error = InvalidField;
+    fn try_from(h: agent_pb::Hello) -> Result<Self, Self::Error> {
+        let host_id = HostId::try_from(h.host_id).map_err(|e| InvalidField::new("hello.host_id", e.reason))?;
+        let labels: Labels = h.labels.into_iter().collect();
+        validate_labels(&labels).map_err(|e| InvalidField::new(format!("hello.{}", e.field), e.reason))?;
+        if h.agent_version.len() > MAX_NAME_LEN {
+            return Err(InvalidField::new("hello.agent_version", "is longer than 128 characters"));
+        }
+        Ok(Self {
+            host_id,
+            agent_version: h.agent_version,
+            labels,
+            services: services_from_agent(h.services, "hello.services")?,
+        })
+    }
+}
+
+impl From<&HostInfo> for agent_pb::Hello {
+    fn from(h: &HostInfo) -> Self {
+        Self {
+            host_id: h.host_id.to_string(),
+            agent_version: h.agent_version.clone(),
+            labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            services: h.services.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+// ---- control.v1 conversions -----------------------------------------------
+
+impl From<ServiceState> for control_pb::ServiceState {
+    fn from(s: ServiceState) -> Self {
+        match s {
+            ServiceState::Stopped => Self::Stopped,
+            ServiceState::Starting => Self::Starting,
+            ServiceState::Running => Self::Running,
+            ServiceState::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<&HostView> for control_pb::Host {
+    fn from(h: &HostView) -> Self {
+        Self {
+            host_id: h.host_id.to_string(),
+            connected: h.connected,
+            labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            services: h
+                .services
+                .iter()
+                .map(|s| control_pb::Service {
+                    name: s.name.clone(),
+                    version: s.version.clone(),
+                    state: control_pb::ServiceState::from(s.state).into(),
+                    healthy: s.healthy,
+                })
+                .collect(),
+            agent_version: h.agent_version.clone(),
+            first_seen: Some(to_timestamp(h.first_seen)),
+            last_seen: Some(to_timestamp(h.last_seen)),
+            peer_address: h.peer_address.clone(),
+        }
+    }
+}
+
+impl TryFrom<control_pb::Host> for HostView {
+    type Error = InvalidField;
+    fn try_from(h: control_pb::Host) -> Result<Self, Self::Error> {
+        let services = h
+            .services
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let state = match control_pb::ServiceState::try_from(s.state) {
+                    Ok(control_pb::ServiceState::Stopped) => ServiceState::Stopped,
+                    Ok(control_pb::ServiceState::Starting) => ServiceState::Starting,
+                    Ok(control_pb::ServiceState::Running) => ServiceState::Running,
+                    Ok(control_pb::ServiceState::Failed) => ServiceState::Failed,
+                    _ => return Err(InvalidField::new(format!("host.services[{i}].state"), "unknown or unspecified")),
+                };
+                Ok(ServiceStatus { name: s.name, version: s.version, state, healthy: s.healthy })
+            })
+            .collect::<Result<_, _>>()?;
+        let time = |t: Option<prost_types::Timestamp>, field: &str| {
+            t.as_ref().and_then(from_timestamp).ok_or_else(|| InvalidField::new(field, "missing or invalid timestamp"))
+        };
+        Ok(Self {
+            host_id: HostId::try_from(h.host_id)?,
+            connected: h.connected,
+            labels: h.labels.into_iter().collect(),
+            services,
+            agent_version: h.agent_version,
+            first_seen: time(h.first_seen, "host.first_seen")?,
+            last_seen: time(h.last_seen, "host.last_seen")?,
+            peer_address: h.peer_address,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ids_are_checked() {
+        assert!(HostId::try_from("web-01.eu_west").is_ok());
+        for bad in ["", "-web", "we b", "a/b", "é", &"x".repeat(129)] {
+            assert!(HostId::try_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn hello_validation_names_the_field() {
+        let hello = agent_pb::Hello {
+            host_id: "h1".into(),
+            agent_version: "0.1.0".into(),
+            labels: [("role".to_string(), "api".to_string())].into(),
+            services: vec![agent_pb::ServiceStatus {
+                name: "api".into(),
+                version: "1.0.0".into(),
+                state: 0,
+                healthy: false,
+            }],
+        };
+        let err = HostInfo::try_from(hello.clone()).unwrap_err();
+        assert_eq!(err.field, "hello.services[0].state");
+
+        let mut ok = hello;
+        ok.services[0].state = agent_pb::ServiceState::Running.into();
+        let info = HostInfo::try_from(ok.clone()).unwrap();
+        assert_eq!(agent_pb::Hello::from(&info), ok);
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        let mut labels = Labels::new();
+        labels.insert("team/owner".into(), "core".into());
+        assert!(validate_labels(&labels).is_ok());
+        labels.insert("bad key".into(), "x".into());
+        assert!(validate_labels(&labels).is_err());
+        assert_eq!(parse_key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_key_value("=b").is_err());
+        assert!(parse_key_value("ab").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! Types and helpers shared by the coordinator, the agent and the CLI:
+//! the fleet's domain types, the TLS identity model, the dev PKI, and the
+//! reconnect backoff.
+//!
+//! Protobuf types stay at the edge: they are converted to and from the
+//! domain types here, where validation happens once.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod host;
+pub mod pki;
+pub mod time;
+pub mod tls;
+
+/// The version of every Baton binary, reported by agents and the coordinator.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The exit code for a configuration error (`EX_CONFIG` from sysexits.h):
+/// a bad flag, a malformed config file, a missing or unreadable certificate.
+pub const EXIT_CONFIG: i32 = 64;

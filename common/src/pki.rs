@@ -1,0 +1,230 @@
+//! The development PKI behind `baton certs init`: one CA, the coordinator's
+//! server certificate, an operator certificate and one certificate per
+//! agent, each carrying its identity as a `urn:baton:` URI (see [`crate::tls`]).
+//!
+//! An existing CA in the output directory is reused and existing files are
+//! never overwritten, so running the command again with more `--agents`
+//! adds their certificates without invalidating the ones already handed out.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use crate::host::HostId;
+use crate::tls::{AGENT_URN, COORDINATOR_URN, OPERATOR_URN, ROLE_URN};
+
+/// How long leaf certificates are valid.
+const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long the CA is valid.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Writing the PKI failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file or directory could not be written or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Certificate generation failed.
+    #[error("cannot generate {what}: {source}")]
+    Generate {
+        /// Which certificate.
+        what: String,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+    /// `ca.pem` exists without `ca-key.pem` (or the reverse).
+    #[error("{} holds only half of a CA (ca.pem and ca-key.pem go together); use an empty directory", dir.display())]
+    HalfCa {
+        /// The directory.
+        dir: PathBuf,
+    },
+}
+
+/// What `init` did with each file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InitReport {
+    /// Files written now.
+    pub written: Vec<String>,
+    /// Files that existed and were left alone.
+    pub kept: Vec<String>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io { path: path.to_owned(), source }
+}
+
+fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
+    move |source| PkiError::Generate { what: what.to_owned(), source }
+}
+
+/// Writes `contents` to a new file with `mode`; never replaces a file.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
+    f.write_all(contents.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn validity(params: &mut CertificateParams, length: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // An hour of slack for clocks that are a little behind.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + length;
+}
+
+fn uri(s: String) -> Result<SanType, PkiError> {
+    let ia5 = s.clone().try_into().map_err(gen_err(&s))?;
+    Ok(SanType::URI(ia5))
+}
+
+/// The kinds of leaf certificate the dev PKI issues.
+enum Leaf<'a> {
+    Coordinator,
+    Operator { name: &'a str, role: &'a str },
+    Agent(&'a HostId),
+}
+
+fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    validity(&mut params, LEAF_VALIDITY);
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Baton");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    match leaf {
+        Leaf::Coordinator => {
+            dn.push(DnType::CommonName, "batond");
+            params.subject_alt_names = vec![
+                SanType::DnsName("localhost".try_into().map_err(gen_err("coordinator"))?),
+                SanType::IpAddress([127, 0, 0, 1].into()),
+                SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+                uri(COORDINATOR_URN.to_owned())?,
+            ];
+            // Client auth too: coordinators talk to each other in HA setups.
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        Leaf::Operator { name, role } => {
+            dn.push(DnType::CommonName, *name);
+            params.subject_alt_names = vec![uri(format!("{OPERATOR_URN}{name}"))?, uri(format!("{ROLE_URN}{role}"))?];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        Leaf::Agent(id) => {
+            dn.push(DnType::CommonName, id.as_str());
+            params.subject_alt_names = vec![uri(format!("{AGENT_URN}{id}"))?];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+    }
+    params.distinguished_name = dn;
+    Ok(params)
+}
+
+fn load_or_create_ca(dir: &Path, report: &mut InitReport) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(gen_err("the CA key (reading ca-key.pem)"))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(gen_err("the CA (reading ca.pem)"))?;
+            report.kept.extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
+            Ok(issuer)
+        }
+        (false, false) => {
+            let mut params = CertificateParams::default();
+            validity(&mut params, CA_VALIDITY);
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, "Baton");
+            dn.push(DnType::CommonName, "Baton fleet CA");
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            let key = KeyPair::generate().map_err(gen_err("the CA key"))?;
+            let cert = params.self_signed(&key).map_err(gen_err("the CA certificate"))?;
+            write_new(&key_path, &key.serialize_pem(), 0o600)?;
+            write_new(&cert_path, &cert.pem(), 0o644)?;
+            report.written.extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
+            Ok(Issuer::new(params, key))
+        }
+        _ => Err(PkiError::HalfCa { dir: dir.to_owned() }),
+    }
+}
+
+fn issue(dir: &Path, base: &str, leaf: &Leaf<'_>, ca: &Issuer<'_, KeyPair>, report: &mut InitReport) -> Result<(), PkiError> {
+    let cert_name = format!("{base}.pem");
+    let key_name = format!("{base}-key.pem");
+    let (cert_path, key_path) = (dir.join(&cert_name), dir.join(&key_name));
+    if cert_path.exists() || key_path.exists() {
+        report.kept.extend([cert_name, key_name]);
+        return Ok(());
+    }
+    let key = KeyPair::generate().map_err(gen_err(base))?;
+    let cert = leaf_params(leaf)?.signed_by(&key, ca).map_err(gen_err(base))?;
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    report.written.extend([cert_name, key_name]);
+    Ok(())
+}
+
+/// Writes the dev PKI into `out` (created with mode 0700 when missing):
+/// `ca.pem`, `ca-key.pem`, `coordinator.pem`/`-key.pem`,
+/// `operator.pem`/`-key.pem` and `agent-<id>.pem`/`-key.pem` per agent.
+pub fn init(out: &Path, agents: &[HostId]) -> Result<InitReport, PkiError> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(io(out))?;
+    let mut report = InitReport::default();
+    let ca = load_or_create_ca(out, &mut report)?;
+    issue(out, "coordinator", &Leaf::Coordinator, &ca, &mut report)?;
+    issue(out, "operator", &Leaf::Operator { name: "operator", role: "admin" }, &ca, &mut report)?;
+    for id in agents {
+        issue(out, &format!("agent-{id}"), &Leaf::Agent(id), &ca, &mut report)?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{PeerIdentity, identity_from_der, read_keyed_cert};
+
+    #[test]
+    fn init_writes_every_file_with_its_identity_and_keeps_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let h1 = HostId::try_from("h1").unwrap();
+        let report = init(dir.path(), std::slice::from_ref(&h1)).unwrap();
+        assert_eq!(report.written.len(), 8, "{report:?}");
+
+        let agent = read_keyed_cert(&dir.path().join("agent-h1.pem"), &dir.path().join("agent-h1-key.pem")).unwrap();
+        assert_eq!(identity_from_der(&agent.leaf_der).unwrap(), PeerIdentity::Agent(h1.clone()));
+        let op = read_keyed_cert(&dir.path().join("operator.pem"), &dir.path().join("operator-key.pem")).unwrap();
+        assert_eq!(
+            identity_from_der(&op.leaf_der).unwrap(),
+            PeerIdentity::Operator { name: "operator".into(), role: "admin".into() }
+        );
+        let mode = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+
+        // A second run with one more agent reuses the CA and adds only the new pair.
+        let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let h2 = HostId::try_from("h2").unwrap();
+        let report = init(dir.path(), &[h1, h2]).unwrap();
+        assert_eq!(report.written, vec!["agent-h2.pem".to_owned(), "agent-h2-key.pem".to_owned()]);
+        assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
+    }
+
+    #[test]
+    fn half_a_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        assert!(matches!(init(dir.path(), &[]), Err(PkiError::HalfCa { .. })));
+    }
+}

@@ -1,0 +1,232 @@
+//! Mutual TLS: loading the PEM files of a TLS directory, building tonic's
+//! server and client configurations, and reading a peer's identity from its
+//! certificate.
+//!
+//! Identity lives in URI subject alternative names under `urn:baton:`, so a
+//! certificate says both *who* (a host id, an operator name) and *what kind*
+//! of caller it is. The coordinator takes an agent's host id from here and
+//! never from what the agent claims.
+
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::host::HostId;
+
+/// URI SAN prefix of agent certificates: `urn:baton:agent:<host-id>`.
+pub const AGENT_URN: &str = "urn:baton:agent:";
+/// URI SAN prefix of operator certificates: `urn:baton:operator:<name>`.
+pub const OPERATOR_URN: &str = "urn:baton:operator:";
+/// URI SAN prefix of an operator's role: `urn:baton:role:<role>`.
+pub const ROLE_URN: &str = "urn:baton:role:";
+/// URI SAN of the coordinator's certificate.
+pub const COORDINATOR_URN: &str = "urn:baton:coordinator";
+
+/// A TLS file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file is missing or unreadable.
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Read {
+        /// What the file is for ("CA certificate", ...).
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file exists but holds no usable PEM object.
+    #[error("the {what} {} is not valid: {reason}", path.display())]
+    Invalid {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A certificate chain and its private key, read and checked.
+#[derive(Clone)]
+pub struct KeyedCert {
+    /// The certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// The private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// The leaf certificate, DER (for reading its identity).
+    pub leaf_der: CertificateDer<'static>,
+}
+
+impl std::fmt::Debug for KeyedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("KeyedCert").finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
+}
+
+/// Reads a PEM file of CA certificates (at least one).
+pub fn read_ca(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let what = "CA certificate";
+    let pem = read(path, what)?;
+    let count = CertificateDer::pem_slice_iter(&pem).filter(Result::is_ok).count();
+    if count == 0 {
+        return Err(TlsError::Invalid { what, path: path.to_owned(), reason: "it holds no PEM certificate".into() });
+    }
+    Ok(pem)
+}
+
+/// Reads a certificate and its key, checking that both parse.
+pub fn read_keyed_cert(cert_path: &Path, key_path: &Path) -> Result<KeyedCert, TlsError> {
+    let cert_pem = read(cert_path, "certificate")?;
+    let leaf_der = CertificateDer::pem_slice_iter(&cert_pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| TlsError::Invalid {
+            what: "certificate",
+            path: cert_path.to_owned(),
+            reason: "it holds no PEM certificate".into(),
+        })?;
+    let key_pem = read(key_path, "private key")?;
+    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Invalid {
+        what: "private key",
+        path: key_path.to_owned(),
+        reason: format!("it holds no PEM private key ({e})"),
+    })?;
+    Ok(KeyedCert { cert_pem, key_pem, leaf_der: leaf_der.into_owned() })
+}
+
+/// The TLS material of a server: its identity and the CA its clients must
+/// chain to.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The CA bundle, PEM.
+    pub ca_pem: Vec<u8>,
+    /// The server's certificate and key.
+    pub identity: KeyedCert,
+}
+
+impl ServerTls {
+    /// Loads `ca.pem`, `coordinator.pem` and `coordinator-key.pem` from a
+    /// TLS directory as written by `baton certs init`.
+    pub fn load_coordinator(dir: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca_pem: read_ca(&dir.join("ca.pem"))?,
+            identity: read_keyed_cert(&dir.join("coordinator.pem"), &dir.join("coordinator-key.pem"))?,
+        })
+    }
+
+    /// tonic's server configuration: client certificates are required and
+    /// must chain to the CA.
+    pub fn to_tonic(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.identity.cert_pem, &self.identity.key_pem))
+            .client_ca_root(Certificate::from_pem(&self.ca_pem))
+            .client_auth_optional(false)
+    }
+}
+
+/// The TLS material of a client: the CA that must have signed the server,
+/// and the client's own identity.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The CA bundle, PEM.
+    pub ca_pem: Vec<u8>,
+    /// The client's certificate and key.
+    pub identity: KeyedCert,
+}
+
+impl ClientTls {
+    /// Loads `ca.pem` plus a named certificate pair from a TLS directory,
+    /// e.g. `operator` reads `operator.pem` and `operator-key.pem`.
+    pub fn load(dir: &Path, name: &str) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca_pem: read_ca(&dir.join("ca.pem"))?,
+            identity: read_keyed_cert(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}-key.pem")))?,
+        })
+    }
+
+    /// tonic's client configuration; the server name is taken from the URL.
+    pub fn to_tonic(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.identity.cert_pem, &self.identity.key_pem))
+    }
+}
+
+/// Who is on the other end of a connection, as its certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// An agent, for the host named.
+    Agent(HostId),
+    /// An operator (a person, a CI job, an integration).
+    Operator {
+        /// The operator's name.
+        name: String,
+        /// The role in the certificate (`admin` when none is given).
+        role: String,
+    },
+    /// Another coordinator.
+    Coordinator,
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Agent(id) => write!(f, "agent {id}"),
+            Self::Operator { name, role } => write!(f, "operator {name} ({role})"),
+            Self::Coordinator => f.write_str("coordinator"),
+        }
+    }
+}
+
+/// Why a certificate does not name a Baton identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The DER does not parse as X.509.
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparseable(String),
+    /// No `urn:baton:` URI names what the certificate is for.
+    #[error("the certificate carries no Baton identity (no urn:baton: URI in its subject alternative names)")]
+    Missing,
+    /// The identity is there but malformed.
+    #[error("the certificate's Baton identity is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Reads the Baton identity from a DER certificate.
+pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?
+        .ok_or(IdentityError::Missing)?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let role = uris.iter().find_map(|u| u.strip_prefix(ROLE_URN)).unwrap_or("admin");
+    for uri in &uris {
+        if let Some(id) = uri.strip_prefix(AGENT_URN) {
+            return HostId::try_from(id).map(PeerIdentity::Agent).map_err(|e| IdentityError::Invalid(e.to_string()));
+        }
+        if let Some(name) = uri.strip_prefix(OPERATOR_URN) {
+            return Ok(PeerIdentity::Operator { name: name.to_owned(), role: role.to_owned() });
+        }
+        if *uri == COORDINATOR_URN {
+            return Ok(PeerIdentity::Coordinator);
+        }
+    }
+    Err(IdentityError::Missing)
+}
