@@ -1,1 +1,42 @@
-fn main() {}
+//! `baton-agent`: the Baton host agent. See `baton-agent --help`.
+
+use std::process::ExitCode;
+
+use baton_agent::{Agent, AgentArgs, AgentConfig};
+use baton_common::EXIT_CONFIG;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = match AgentArgs::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::SUCCESS };
+        }
+    };
+    baton_common::process::init_logging("info");
+    let agent = match AgentConfig::resolve(args).map_err(|e| e.0).and_then(|c| Agent::new(c).map_err(|e| vec![e])) {
+        Ok(agent) => agent,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("baton-agent: {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(baton_common::process::cancel_on_signal(shutdown.clone()));
+        agent.run(shutdown).await;
+        signals.abort();
+    });
+    ExitCode::SUCCESS
+}

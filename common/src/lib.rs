@@ -10,6 +10,7 @@
 pub mod backoff;
 pub mod host;
 pub mod pki;
+pub mod process;
 pub mod time;
 pub mod tls;
 
@@ -19,3 +20,20 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The exit code for a configuration error (`EX_CONFIG` from sysexits.h):
 /// a bad flag, a malformed config file, a missing or unreadable certificate.
 pub const EXIT_CONFIG: i32 = 64;
+
+/// Formats an error with its whole source chain, skipping repeats. tonic's
+/// transport errors say little at the top ("transport error") and
+/// everything useful (a refused connection, an unknown CA) below.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

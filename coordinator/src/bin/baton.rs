@@ -1,1 +1,5 @@
-fn main() {}
+//! `baton`: the Baton operator CLI. See `baton --help`.
+
+fn main() -> std::process::ExitCode {
+    baton_coordinator::cli::main()
+}

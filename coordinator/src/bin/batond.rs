@@ -1,1 +1,61 @@
-fn main() {}
+//! `batond`: the Baton coordinator daemon. See `batond --help`.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use baton_common::EXIT_CONFIG;
+use baton_coordinator::config::{BatondArgs, Config};
+use baton_coordinator::server::Coordinator;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = match BatondArgs::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::SUCCESS };
+        }
+    };
+    baton_common::process::init_logging("info");
+    let config = match Config::resolve(args) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors.0 {
+                eprintln!("batond: {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("batond: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let coordinator = match Coordinator::bind(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("batond: {e}");
+                return if e.is_config() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::FAILURE };
+            }
+        };
+        // The one line on stdout: scripts and tests read the bound address
+        // from it (useful with port 0).
+        println!("listening on {}", coordinator.local_addr());
+        let _ = std::io::stdout().flush();
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(baton_common::process::cancel_on_signal(shutdown.clone()));
+        let result = coordinator.run(shutdown).await;
+        signals.abort();
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("batond: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,192 @@
+//! `baton-agent`'s configuration: flags over an optional TOML file with the
+//! same keys, fully checked (TLS files included) before anything connects.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_common::host::{HostId, Labels, parse_key_value, validate_labels};
+pub use baton_common::process::ConfigErrors;
+use baton_common::tls::ClientTls;
+use clap::Parser;
+
+/// The default cap on the delay between reconnect attempts.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// `baton-agent`: the Baton host agent.
+///
+/// Holds one mutual-TLS gRPC stream to the coordinator, reports the host's
+/// labels and services, and executes the coordinator's commands. It
+/// reconnects with capped, jittered exponential backoff and never gives up.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "baton-agent", version, about, long_about = None)]
+pub struct AgentArgs {
+    /// A TOML file with any of the keys below (`coordinator`, `host-id`,
+    /// `data-dir`, `tls-dir`, `labels`, `vars`, `trusted-keys`,
+    /// `reconnect-max`); flags win over it (labels and vars are merged).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The coordinator's URL, e.g. https://127.0.0.1:7443.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+
+    /// This host's id; must match the host id in the agent certificate.
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+
+    /// Directory for releases and the agent's journal (mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Directory with `ca.pem`, `agent-<ID>.pem` and `agent-<ID>-key.pem`.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// A label for plan selectors, e.g. `--label role=api`; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// A variable for `${NAME}` in service.toml; repeatable.
+    #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_key_value)]
+    pub vars: Vec<(String, String)>,
+
+    /// A public key (from `baton artifact keygen`) whose signatures this
+    /// host accepts; repeatable.
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
+
+    /// The longest wait between reconnect attempts [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub reconnect_max: Option<Duration>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    coordinator: Option<String>,
+    host_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    trusted_keys: Vec<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    reconnect_max: Option<Duration>,
+}
+
+/// A complete, checked agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// This host's id.
+    pub host_id: HostId,
+    /// The agent's state directory.
+    pub data_dir: PathBuf,
+    /// The agent's TLS material.
+    pub tls: ClientTls,
+    /// The host's labels.
+    pub labels: Labels,
+    /// Variables for service.toml.
+    pub vars: BTreeMap<String, String>,
+    /// Public keys trusted for artifact signatures.
+    pub trusted_keys: Vec<PathBuf>,
+    /// The first reconnect delay.
+    pub reconnect_initial: Duration,
+    /// The cap on reconnect delays.
+    pub reconnect_max: Duration,
+}
+
+impl AgentConfig {
+    /// Builds and checks the configuration, reading the TLS files; reports
+    /// every problem at once.
+    pub fn resolve(args: AgentArgs) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = match &args.config {
+            Some(path) => read_file(path).unwrap_or_else(|e| {
+                errors.push(e);
+                FileConfig::default()
+            }),
+            None => FileConfig::default(),
+        };
+        let hint = |key: &str| match &args.config {
+            Some(path) => format!("pass --{key} or set {key} in {}", path.display()),
+            None => format!("pass --{key} or set it in a --config file"),
+        };
+
+        let coordinator = args.coordinator.or(file.coordinator).unwrap_or_else(|| {
+            errors.push(format!("no coordinator URL: {}", hint("coordinator")));
+            String::new()
+        });
+        if !coordinator.is_empty() && !coordinator.starts_with("https://") {
+            errors.push(format!("coordinator URL {coordinator:?} must start with https:// (agents only speak mutual TLS)"));
+        }
+        let host_id = match args.host_id.or(file.host_id) {
+            None => {
+                errors.push(format!("no host id: {}", hint("host-id")));
+                None
+            }
+            Some(id) => HostId::try_from(id.as_str())
+                .map_err(|e| errors.push(format!("host id {}", e.reason)))
+                .ok(),
+        };
+        let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| {
+            errors.push(format!("no data directory: {}", hint("data-dir")));
+            PathBuf::new()
+        });
+        let tls_dir = args.tls_dir.or(file.tls_dir);
+        if tls_dir.is_none() {
+            errors.push(format!("no TLS directory: {}", hint("tls-dir")));
+        }
+        let tls = match (&tls_dir, &host_id) {
+            (Some(dir), Some(id)) => ClientTls::load(dir, &format!("agent-{id}")).map_err(|e| errors.push(e.to_string())).ok(),
+            _ => None,
+        };
+
+        let mut labels = file.labels;
+        labels.extend(args.labels);
+        if let Err(e) = validate_labels(&labels) {
+            errors.push(format!("label {e}"));
+        }
+        let mut vars = file.vars;
+        vars.extend(args.vars);
+        if let Some(bad) = vars.keys().find(|k| baton_common::host::validate_name(k).is_err()) {
+            errors.push(format!("variable name {bad:?} must be letters, digits, '.', '_' or '-'"));
+        }
+        let mut trusted_keys = file.trusted_keys;
+        trusted_keys.extend(args.trusted_keys);
+        for key in &trusted_keys {
+            if let Err(e) = std::fs::metadata(key) {
+                errors.push(format!("cannot read the trusted key {}: {e}", key.display()));
+            }
+        }
+        let reconnect_max = args.reconnect_max.or(file.reconnect_max).unwrap_or(DEFAULT_RECONNECT_MAX);
+        if reconnect_max < Duration::from_millis(100) {
+            errors.push("reconnect-max must be at least 100ms".to_owned());
+        }
+
+        match (errors.is_empty(), host_id, tls) {
+            (true, Some(host_id), Some(tls)) => Ok(Self {
+                coordinator,
+                host_id,
+                data_dir,
+                tls,
+                labels,
+                vars,
+                trusted_keys,
+                reconnect_initial: Duration::from_millis(100),
+                reconnect_max,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {}", path.display(), e.to_string().trim_end()))
+}

@@ -1,0 +1,196 @@
+//! The agent's one stream to the coordinator: connect, hello, heartbeats,
+//! and reconnecting with capped, jittered exponential backoff for as long
+//! as the agent runs.
+//!
+//! The link is a two-state machine (`Connected` while a session runs,
+//! `Disconnected` with the backoff while waiting); a session ends when the
+//! stream closes, breaks, or stays silent for the coordinator's
+//! `silence_timeout` (also right after the agent was frozen and thawed).
+
+use std::time::Duration;
+
+use baton_common::backoff::Backoff;
+use baton_common::error_chain as chain;
+use baton_common::host::HostInfo;
+use baton_common::time::from_duration;
+use baton_proto::agent::v1::{
+    AgentMessage, CoordinatorMessage, Heartbeat, agent_message, agent_service_client::AgentServiceClient,
+    coordinator_message,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, error, info, warn};
+
+use crate::config::AgentConfig;
+use crate::inventory;
+
+/// How long one connection attempt (TCP, TLS, stream open) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the coordinator's welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages buffered towards the coordinator.
+const OUTBOUND_BUFFER: usize = 16;
+
+/// Why a session ended.
+#[derive(Debug)]
+enum Ended {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The stream was lost after it worked; reconnect promptly.
+    Lost(String),
+}
+
+/// Why a session could not be established.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("the coordinator refused the stream: {0}")]
+    Refused(tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// The connection loop of one agent.
+pub struct Link {
+    config: AgentConfig,
+    endpoint: Endpoint,
+}
+
+impl Link {
+    /// Prepares the endpoint; fails on a malformed coordinator URL.
+    pub fn new(config: AgentConfig) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(config.coordinator.clone())
+            .map_err(|e| format!("coordinator URL {:?} is invalid: {}", config.coordinator, chain(&e)))?
+            .tls_config(config.tls.to_tonic())
+            .map_err(|e| format!("cannot set up TLS: {}", chain(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        Ok(Self { config, endpoint })
+    }
+
+    /// Runs until `shutdown` is cancelled, reconnecting whenever the stream
+    /// is lost. Never gives up.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
+        loop {
+            match self.session(&shutdown, &mut backoff).await {
+                Ok(Ended::Shutdown) => return,
+                Ok(Ended::Lost(reason)) => warn!(%reason, "lost the coordinator; reconnecting"),
+                Err(SessionError::Refused(status)) if status.code() == tonic::Code::PermissionDenied => {
+                    error!(reason = %status.message(), "the coordinator refused this agent; check its certificate and --host-id");
+                }
+                Err(e) => warn!(error = %e, "no stream to the coordinator"),
+            }
+            let delay = backoff.next_delay();
+            debug!(delay = ?delay, "waiting before reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn hello(&self) -> AgentMessage {
+        let info = HostInfo {
+            host_id: self.config.host_id.clone(),
+            agent_version: baton_common::VERSION.to_owned(),
+            labels: self.config.labels.clone(),
+            services: inventory::scan(&self.config.data_dir),
+        };
+        AgentMessage { kind: Some(agent_message::Kind::Hello((&info).into())) }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken, backoff: &mut Backoff) -> Result<Ended, SessionError> {
+        let connect = async {
+            let channel: Channel = self.endpoint.connect().await.map_err(|e| SessionError::Connect(chain(&e)))?;
+            let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+            // The channel is new and empty: this cannot be full.
+            let _ = tx.try_send(self.hello());
+            let response = AgentServiceClient::new(channel)
+                .connect(ReceiverStream::new(rx))
+                .await
+                .map_err(SessionError::Refused)?;
+            Ok::<_, SessionError>((tx, response.into_inner()))
+        };
+        let (tx, mut inbound) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            r = tokio::time::timeout(CONNECT_TIMEOUT + WELCOME_TIMEOUT, connect) => {
+                r.map_err(|_| SessionError::Connect("timed out".into()))??
+            }
+        };
+
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(CoordinatorMessage { kind: Some(coordinator_message::Kind::Welcome(w)) }))) => w,
+            Ok(Err(status)) => return Err(SessionError::Refused(status)),
+            Ok(Ok(_)) => return Err(SessionError::Protocol("the coordinator did not open with a welcome".into())),
+            Err(_) => return Err(SessionError::Protocol("no welcome from the coordinator".into())),
+        };
+        let heartbeat_every = welcome
+            .heartbeat_interval
+            .as_ref()
+            .and_then(from_duration)
+            .filter(|d| *d >= Duration::from_millis(100))
+            .ok_or_else(|| SessionError::Protocol("the welcome carries no usable heartbeat interval".into()))?;
+        let silence = welcome
+            .silence_timeout
+            .as_ref()
+            .and_then(from_duration)
+            .filter(|d| *d > heartbeat_every)
+            .ok_or_else(|| SessionError::Protocol("the welcome carries no usable silence timeout".into()))?;
+        info!(
+            coordinator = %self.config.coordinator,
+            version = %welcome.coordinator_version,
+            heartbeat = %humantime::format_duration(heartbeat_every),
+            "connected to the coordinator"
+        );
+        backoff.reset();
+
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut deadline = Instant::now() + silence;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Dropping the sender half-closes the stream, so the
+                    // coordinator marks this host disconnected at once.
+                    drop(tx);
+                    return Ok(Ended::Shutdown);
+                }
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    let msg = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { seq })) };
+                    if tx.try_send(msg).is_err() {
+                        debug!(seq, "outbound buffer full; skipping a heartbeat");
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(Ended::Lost(format!(
+                        "nothing heard from the coordinator for {}", humantime::format_duration(silence)
+                    )));
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => {
+                        deadline = Instant::now() + silence;
+                        match msg.kind {
+                            Some(coordinator_message::Kind::Ping(_)) => {}
+                            Some(coordinator_message::Kind::Welcome(_)) => {
+                                return Ok(Ended::Lost("a second welcome on one stream".into()));
+                            }
+                            None => debug!("ignoring a coordinator message of a kind this agent does not know"),
+                        }
+                    }
+                    Ok(None) => return Ok(Ended::Lost("the coordinator closed the stream".into())),
+                    Err(status) => return Ok(Ended::Lost(format!("{}: {}", status.code(), status.message()))),
+                },
+            }
+        }
+    }
+}

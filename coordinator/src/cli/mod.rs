@@ -1,0 +1,142 @@
+//! The `baton` command line: argument parsing, the connection to the
+//! Control API, and one module per command group. Errors end as one human
+//! sentence on stderr and a non-zero exit; `--json` output is one document
+//! on stdout and nothing else there.
+
+mod certs;
+mod demo;
+mod hosts;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use baton_common::error_chain;
+use baton_common::tls::ClientTls;
+use baton_proto::control::v1::control_service_client::ControlServiceClient;
+use clap::{Parser, Subcommand};
+use tonic::transport::{Channel, Endpoint};
+
+/// The coordinator URL used when neither `--coordinator` nor
+/// `BATON_COORDINATOR` is given.
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
+
+/// `baton`: operate a Baton fleet.
+///
+/// Talks to `batond`'s Control API over mutual TLS with an operator
+/// certificate. Start with `baton demo` to see the whole story on this
+/// machine, or `baton certs init` to create the certificates a fleet needs.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about, long_about = None)]
+pub struct Cli {
+    /// The coordinator's URL.
+    #[arg(long, global = true, env = "BATON_COORDINATOR", default_value = DEFAULT_COORDINATOR, value_name = "URL")]
+    pub coordinator: String,
+
+    /// Directory with `ca.pem`, `operator.pem` and `operator-key.pem`.
+    #[arg(long, global = true, env = "BATON_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Certificates for a fleet (a development PKI).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// List the fleet's hosts: connected or not, labels, services.
+    Hosts(hosts::HostsArgs),
+    /// Run a coordinator and three agents on this machine and show them
+    /// at work; needs nothing but this binary.
+    Demo(demo::DemoArgs),
+}
+
+/// A CLI failure: one sentence for stderr.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Parses the command line and runs the command; the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    baton_common::process::init_logging(match cli.command {
+        Command::Demo(_) => "error",
+        _ => "warn",
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(CliError(message)) => {
+            eprintln!("baton: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        Command::Certs(cmd) => certs::run(cmd),
+        Command::Hosts(ref args) => hosts::run(&cli, args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+impl Cli {
+    /// Connects to the Control API with the operator certificate.
+    pub async fn control(&self) -> Result<ControlServiceClient<Channel>, CliError> {
+        let dir = self
+            .tls_dir
+            .as_ref()
+            .ok_or_else(|| CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into()))?;
+        let tls = ClientTls::load(dir, "operator")?;
+        connect_control(&self.coordinator, &tls).await
+    }
+}
+
+/// Opens a Control API connection to `url` with `tls`.
+pub async fn connect_control(url: &str, tls: &ClientTls) -> Result<ControlServiceClient<Channel>, CliError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| CliError(format!("coordinator URL {url:?} is invalid: {}", error_chain(&e))))?
+        .tls_config(tls.to_tonic())
+        .map_err(|e| CliError(format!("cannot set up TLS: {}", error_chain(&e))))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| CliError(format!("cannot reach the coordinator at {url}: {}", error_chain(&e))))?;
+    Ok(ControlServiceClient::new(channel))
+}
+
+/// Turns a failed call into a sentence that says what the coordinator said.
+pub fn call_failed(what: &str, status: tonic::Status) -> CliError {
+    let detail = match std::error::Error::source(&status) {
+        Some(source) if status.message().is_empty() || status.message() == "transport error" => error_chain(source),
+        _ => status.message().to_owned(),
+    };
+    let code = match status.code() {
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "not authenticated",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::Unavailable => "coordinator unavailable",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        _ => "failed",
+    };
+    CliError(format!("{what}: {code}: {detail}"))
+}

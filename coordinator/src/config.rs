@@ -1,0 +1,185 @@
+//! `batond`'s configuration: command-line flags over an optional TOML file
+//! with the same keys. Everything is parsed and checked before any port is
+//! bound, and every problem is reported at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use baton_common::process::ConfigErrors;
+use clap::Parser;
+
+/// The default address of the agent stream and the Control API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// The default silence after which an agent counts as disconnected.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default time given to open streams to close on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// `batond`: the Baton coordinator.
+///
+/// Holds the fleet registry and the rollout state machine, accepts one
+/// mutual-TLS gRPC stream per agent and serves the Control API used by the
+/// `baton` CLI, all on one port.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "batond", version, about, long_about = None)]
+pub struct BatondArgs {
+    /// A TOML file with any of the keys below (`listen`, `data-dir`,
+    /// `tls-dir`, `agent-timeout`, `shutdown-grace`); flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve agents and operators on [default: 127.0.0.1:7443].
+    /// Port 0 picks a free port; the chosen address is printed on stdout.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Directory for the coordinator's state (created with mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Directory with `ca.pem`, `coordinator.pem` and `coordinator-key.pem`
+    /// (see `baton certs init`).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Silence after which an agent counts as disconnected [default: 10s].
+    /// Agents heartbeat three times within it.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub agent_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, how long open streams get to close [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// The config file: the same keys as the flags.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    agent_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
+}
+
+/// A complete, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The state directory.
+    pub data_dir: PathBuf,
+    /// The TLS directory.
+    pub tls_dir: PathBuf,
+    /// Silence after which an agent is disconnected.
+    pub agent_timeout: Duration,
+    /// Time given to streams to close on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Builds the configuration from flags and, when `--config` is given,
+    /// the file; collects every problem instead of stopping at the first.
+    pub fn resolve(args: BatondArgs) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let file = match &args.config {
+            Some(path) => read_file(path).unwrap_or_else(|e| {
+                errors.push(e);
+                FileConfig::default()
+            }),
+            None => FileConfig::default(),
+        };
+        let source = |flag: &str| match &args.config {
+            Some(path) => format!("pass --{flag} or set {flag} in {}", path.display()),
+            None => format!("pass --{flag} or set it in a --config file"),
+        };
+
+        let listen_text = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
+            errors.push(format!("listen address {listen_text:?} is not IP:PORT (for example 127.0.0.1:7443)"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| {
+            errors.push(format!("no data directory: {}", source("data-dir")));
+            PathBuf::new()
+        });
+        let tls_dir = args.tls_dir.or(file.tls_dir).unwrap_or_else(|| {
+            errors.push(format!("no TLS directory: {}", source("tls-dir")));
+            PathBuf::new()
+        });
+        let agent_timeout = args.agent_timeout.or(file.agent_timeout).unwrap_or(DEFAULT_AGENT_TIMEOUT);
+        if agent_timeout < Duration::from_millis(300) || agent_timeout > Duration::from_secs(3600) {
+            errors.push(format!(
+                "agent-timeout {} is out of range: it must be between 300ms and 1h",
+                humantime::format_duration(agent_timeout)
+            ));
+        }
+        let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+
+        if errors.is_empty() {
+            Ok(Self { listen, data_dir, tls_dir, agent_timeout, shutdown_grace })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message spans lines and shows the offending line; keep it.
+        format!("config file {} is invalid: {}", path.display(), e.to_string().trim_end())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> BatondArgs {
+        BatondArgs::try_parse_from(std::iter::once("batond").chain(list.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("batond.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndata-dir = \"/d\"\ntls-dir = \"/t\"\nagent-timeout = \"5s\"\n").unwrap();
+        let c = Config::resolve(args(&["--config", file.to_str().unwrap(), "--listen", "127.0.0.1:9001"])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.agent_timeout, Duration::from_secs(5));
+        assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        // The bound: a silent agent is noticed within 15 s by default.
+        assert!(DEFAULT_AGENT_TIMEOUT <= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("batond.toml");
+        std::fs::write(&file, "listen = \"nowhere\"\nagent-timeout = \"1ms\"\n").unwrap();
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(errs[0].contains("\"nowhere\""));
+        assert!(errs[1].contains("data directory"));
+        assert!(errs[2].contains("TLS directory"));
+        assert!(errs[3].contains("agent-timeout"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("batond.toml");
+        std::fs::write(&file, "data-dir = \"/d\"\ntls-dir = \"/t\"\nlisten_addr = \"x\"\n").unwrap();
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
+        assert!(errs[0].contains("batond.toml") && errs[0].contains("listen_addr"), "{errs:?}");
+        std::fs::write(&file, "agent-timeout = \"soon\"\n").unwrap();
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
+        assert!(errs[0].contains("agent-timeout"), "{errs:?}");
+    }
+}

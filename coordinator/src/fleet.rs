@@ -1,0 +1,367 @@
+//! The fleet registry: every host the coordinator has ever seen, whether
+//! its agent is connected, and the live stream to each connected agent.
+//!
+//! One actor task owns this state and loops over a closed [`Command`] enum;
+//! gRPC handlers only hold a cloneable [`FleetHandle`] and forward commands
+//! over a bounded channel, so a burst of agents back-pressures the handlers
+//! instead of growing a queue without limit.
+//!
+//! Persistence is batched: changes mark a host dirty and the actor writes
+//! every dirty host in one store transaction at most once per
+//! [`FLUSH_INTERVAL`] and once more when it stops, so a reconnect storm of
+//! thousands of agents costs a handful of fsyncs, not one each.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_common::host::{HostId, HostInfo, HostView, Labels, ServiceStatus};
+use baton_common::time::{from_unix_millis, unix_millis};
+use baton_proto::agent::v1::CoordinatorMessage;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::store::{Op, Store, StoreError, Txn};
+
+/// How often dirty host records are written to the store.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Commands waiting for the actor; handlers wait when it is full.
+const COMMAND_BUFFER: usize = 4096;
+
+/// Host changes buffered per watcher before it is resynced with a snapshot.
+const WATCH_BUFFER: usize = 1024;
+
+const HOST_PREFIX: &str = "hosts/";
+
+/// The sending half of an agent's outbound stream.
+pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
+
+/// One accepted agent stream, as the registry hands it back to its handler.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Distinguishes this stream from earlier and later ones of the host.
+    pub id: u64,
+    /// Cancelled when a newer stream of the same host replaces this one.
+    pub replaced: CancellationToken,
+}
+
+/// The registry's record of a host, as persisted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct HostRecord {
+    host_id: HostId,
+    labels: Labels,
+    services: Vec<ServiceStatus>,
+    agent_version: String,
+    first_seen_ms: u64,
+    last_seen_ms: u64,
+    peer_address: String,
+}
+
+struct Live {
+    session: u64,
+    replaced: CancellationToken,
+    /// Held for sending commands to the agent; dropped on disconnect,
+    /// which (with the handler's clone) ends the outbound stream.
+    _sender: AgentSender,
+}
+
+struct Entry {
+    record: HostRecord,
+    live: Option<Live>,
+}
+
+impl Entry {
+    fn view(&self) -> HostView {
+        HostView {
+            host_id: self.record.host_id.clone(),
+            connected: self.live.is_some(),
+            labels: self.record.labels.clone(),
+            services: self.record.services.clone(),
+            agent_version: self.record.agent_version.clone(),
+            first_seen: from_unix_millis(self.record.first_seen_ms),
+            last_seen: from_unix_millis(self.record.last_seen_ms),
+            peer_address: self.record.peer_address.clone(),
+        }
+    }
+}
+
+/// What the actor can be asked to do.
+enum Command {
+    Connect { info: HostInfo, peer_address: String, sender: AgentSender, reply: oneshot::Sender<Session> },
+    Seen { host: HostId, session: u64 },
+    Inventory { host: HostId, session: u64, services: Vec<ServiceStatus> },
+    Disconnect { host: HostId, session: u64, reason: String },
+    List { reply: oneshot::Sender<Vec<HostView>> },
+    Get { host: HostId, reply: oneshot::Sender<Option<HostView>> },
+    Watch { reply: oneshot::Sender<(Vec<HostView>, broadcast::Receiver<HostView>)> },
+}
+
+/// The registry stopped (the coordinator is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the fleet registry has stopped")]
+pub struct FleetStopped;
+
+/// A cheap, cloneable handle to the registry actor.
+#[derive(Clone)]
+pub struct FleetHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl FleetHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, FleetStopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| FleetStopped)?;
+        rx.await.map_err(|_| FleetStopped)
+    }
+
+    async fn tell(&self, cmd: Command) {
+        // A stopped registry means the coordinator is shutting down; the
+        // caller has nothing useful to do with that.
+        let _ = self.tx.send(cmd).await;
+    }
+
+    /// Registers a newly accepted agent stream, replacing any older one of
+    /// the same host.
+    pub async fn connect(&self, info: HostInfo, peer_address: String, sender: AgentSender) -> Result<Session, FleetStopped> {
+        self.ask(|reply| Command::Connect { info, peer_address, sender, reply }).await
+    }
+
+    /// Records that a host's stream delivered a message.
+    pub async fn seen(&self, host: HostId, session: u64) {
+        self.tell(Command::Seen { host, session }).await;
+    }
+
+    /// Records a host's new service inventory.
+    pub async fn inventory(&self, host: HostId, session: u64, services: Vec<ServiceStatus>) {
+        self.tell(Command::Inventory { host, session, services }).await;
+    }
+
+    /// Records that a host's stream ended; ignored if a newer stream of the
+    /// host has replaced it meanwhile.
+    pub async fn disconnect(&self, host: HostId, session: u64, reason: String) {
+        self.tell(Command::Disconnect { host, session, reason }).await;
+    }
+
+    /// Every registered host, sorted by host id.
+    pub async fn list(&self) -> Result<Vec<HostView>, FleetStopped> {
+        self.ask(|reply| Command::List { reply }).await
+    }
+
+    /// One host.
+    pub async fn get(&self, host: HostId) -> Result<Option<HostView>, FleetStopped> {
+        self.ask(|reply| Command::Get { host, reply }).await
+    }
+
+    /// A snapshot of the fleet plus every change after it.
+    pub async fn watch(&self) -> Result<(Vec<HostView>, broadcast::Receiver<HostView>), FleetStopped> {
+        self.ask(|reply| Command::Watch { reply }).await
+    }
+}
+
+struct Actor {
+    store: Arc<dyn Store>,
+    hosts: HashMap<HostId, Entry>,
+    dirty: HashSet<HostId>,
+    changes: broadcast::Sender<HostView>,
+    next_session: u64,
+}
+
+/// Loads the registry from the store and starts its actor. The actor ends
+/// when every [`FleetHandle`] is dropped, after a final flush; await the
+/// returned task to know the registry is persisted.
+pub async fn spawn(store: Arc<dyn Store>) -> Result<(FleetHandle, tokio::task::JoinHandle<()>), StoreError> {
+    let mut hosts = HashMap::new();
+    for (key, value) in store.list(HOST_PREFIX).await? {
+        let record: HostRecord =
+            serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        hosts.insert(record.host_id.clone(), Entry { record, live: None });
+    }
+    info!(hosts = hosts.len(), "fleet registry loaded");
+    let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
+    let actor = Actor {
+        store,
+        hosts,
+        dirty: HashSet::new(),
+        changes: broadcast::channel(WATCH_BUFFER).0,
+        next_session: 1,
+    };
+    let task = tokio::spawn(actor.run(rx));
+    Ok((FleetHandle { tx }, task))
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut flush = tokio::time::interval(FLUSH_INTERVAL);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                _ = flush.tick(), if !self.dirty.is_empty() => self.flush().await,
+            }
+        }
+        self.flush().await;
+        debug!("fleet registry stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = SystemTime::now();
+        match cmd {
+            Command::Connect { info, peer_address, sender, reply } => {
+                let session = self.next_session;
+                self.next_session += 1;
+                let replaced = CancellationToken::new();
+                let live = Live { session, replaced: replaced.clone(), _sender: sender };
+                let id = info.host_id.clone();
+                let now_ms = unix_millis(now);
+                let entry = self.hosts.entry(id.clone()).or_insert_with(|| Entry {
+                    record: HostRecord {
+                        host_id: id.clone(),
+                        labels: Labels::new(),
+                        services: vec![],
+                        agent_version: String::new(),
+                        first_seen_ms: now_ms,
+                        last_seen_ms: now_ms,
+                        peer_address: String::new(),
+                    },
+                    live: None,
+                });
+                if let Some(old) = entry.live.replace(live) {
+                    info!(host = %id, old_session = old.session, "a new stream replaces the host's previous one");
+                    old.replaced.cancel();
+                }
+                let r = &mut entry.record;
+                r.labels = info.labels;
+                r.services = info.services;
+                r.agent_version = info.agent_version;
+                r.last_seen_ms = now_ms;
+                r.peer_address = peer_address;
+                info!(host = %id, session, peer = %r.peer_address, version = %r.agent_version, "agent connected");
+                self.changed(&id);
+                // The handler may have given up meanwhile; its stream then
+                // ends and a disconnect for this session follows.
+                let _ = reply.send(Session { id: session, replaced });
+            }
+            Command::Seen { host, session } => {
+                if let Some(entry) = self.current(&host, session) {
+                    entry.record.last_seen_ms = unix_millis(now);
+                }
+            }
+            Command::Inventory { host, session, services } => {
+                if let Some(entry) = self.current(&host, session) {
+                    entry.record.last_seen_ms = unix_millis(now);
+                    if entry.record.services != services {
+                        entry.record.services = services;
+                        self.changed(&host);
+                    }
+                }
+            }
+            Command::Disconnect { host, session, reason } => {
+                if let Some(entry) = self.current(&host, session) {
+                    entry.live = None;
+                    entry.record.last_seen_ms = unix_millis(now);
+                    warn!(host = %host, session, %reason, "agent disconnected");
+                    self.changed(&host);
+                }
+            }
+            Command::List { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Get { host, reply } => {
+                let _ = reply.send(self.hosts.get(&host).map(Entry::view));
+            }
+            Command::Watch { reply } => {
+                let _ = reply.send((self.snapshot(), self.changes.subscribe()));
+            }
+        }
+    }
+
+    /// The host's entry, only while `session` is its live stream.
+    fn current(&mut self, host: &HostId, session: u64) -> Option<&mut Entry> {
+        self.hosts.get_mut(host).filter(|e| e.live.as_ref().is_some_and(|l| l.session == session))
+    }
+
+    fn snapshot(&self) -> Vec<HostView> {
+        let mut all: Vec<HostView> = self.hosts.values().map(Entry::view).collect();
+        all.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        all
+    }
+
+    fn changed(&mut self, host: &HostId) {
+        self.dirty.insert(host.clone());
+        if let Some(entry) = self.hosts.get(host) {
+            // No watcher is not an error.
+            let _ = self.changes.send(entry.view());
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(self.dirty.len());
+        for id in &self.dirty {
+            if let Some(entry) = self.hosts.get(id) {
+                match serde_json::to_vec(&entry.record) {
+                    Ok(v) => ops.push(Op::Put(format!("{HOST_PREFIX}{id}"), v)),
+                    Err(e) => warn!(host = %id, error = %e, "cannot encode host record"),
+                }
+            }
+        }
+        match self.store.txn(Txn { compares: vec![], ops }).await {
+            Ok(_) => self.dirty.clear(),
+            // Kept dirty: the next tick tries again.
+            Err(e) => warn!(error = %e, hosts = self.dirty.len(), "cannot persist the fleet registry; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    fn info(id: &str) -> HostInfo {
+        HostInfo {
+            host_id: HostId::try_from(id).unwrap(),
+            agent_version: "0.1.0".into(),
+            labels: [("role".to_string(), "api".to_string())].into(),
+            services: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn registry_tracks_sessions_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (fleet, task) = spawn(store.clone()).await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let h1 = HostId::try_from("h1").unwrap();
+
+        let first = fleet.connect(info("h1"), "127.0.0.1:1".into(), tx.clone()).await.unwrap();
+        let second = fleet.connect(info("h1"), "127.0.0.1:2".into(), tx.clone()).await.unwrap();
+        assert!(first.replaced.is_cancelled(), "the older stream must be told it was replaced");
+        assert!(!second.replaced.is_cancelled());
+
+        // The replaced stream's disconnect must not mark the host disconnected.
+        fleet.disconnect(h1.clone(), first.id, "test".into()).await;
+        let view = fleet.get(h1.clone()).await.unwrap().unwrap();
+        assert!(view.connected);
+        assert_eq!(view.peer_address, "127.0.0.1:2");
+
+        fleet.disconnect(h1.clone(), second.id, "test".into()).await;
+        assert!(!fleet.get(h1.clone()).await.unwrap().unwrap().connected);
+
+        drop(fleet);
+        task.await.unwrap();
+        let (fleet, _task) = spawn(store).await.unwrap();
+        let hosts = fleet.list().await.unwrap();
+        assert_eq!(hosts.len(), 1);
+        assert!(!hosts[0].connected);
+        assert_eq!(hosts[0].labels.get("role").map(String::as_str), Some("api"));
+    }
+}

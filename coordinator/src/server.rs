@@ -1,0 +1,186 @@
+//! Assembles and runs the coordinator: TLS, the store, the fleet registry,
+//! the agent and control services, health and reflection, and graceful
+//! shutdown (signal → drain streams → grace timeout → final flush).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_common::tls::{ServerTls, TlsError};
+use baton_proto::agent::v1::agent_service_server::AgentServiceServer;
+use baton_proto::control::v1::control_service_server::ControlServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::agent_api::{AgentApi, StreamTiming};
+use crate::auth;
+use crate::config::Config;
+use crate::control_api::ControlApi;
+use crate::fleet;
+use crate::store::{RedbStore, Store, StoreError};
+
+/// The gRPC services whose health is reported.
+const SERVICES: &[&str] = &["baton.agent.v1.AgentService", "baton.control.v1.ControlService"];
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A certificate or key is missing or invalid (a configuration error).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The data directory cannot be created.
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Whether the operator's configuration is at fault (exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Tls(_) | Self::DataDir { .. })
+    }
+}
+
+/// The coordinator stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed while loading state.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be set up.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A coordinator that has loaded its configuration and bound its port,
+/// ready to run.
+pub struct Coordinator {
+    config: Config,
+    tls: ServerTls,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+}
+
+impl Coordinator {
+    /// Loads the TLS files, opens the store and binds the listen address;
+    /// fails before anything is served.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = ServerTls::load_coordinator(&config.tls_dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        let store = RedbStore::open(&config.data_dir.join("baton.redb"))?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(Self { config, tls, store: Arc::new(store), listener })
+    }
+
+    /// The address actually bound (differs from the configured one for
+    /// port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has a local address.
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: open streams are
+    /// told to go away, given `shutdown_grace` to close, and the registry
+    /// is flushed to the store.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+        let addr = self.local_addr();
+        let grace = self.config.shutdown_grace;
+        let timing = StreamTiming::from_timeout(self.config.agent_timeout);
+        let tasks = TaskTracker::new();
+        let (fleet, fleet_task) = fleet::spawn(self.store.clone()).await?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in SERVICES {
+            health.set_service_status(*name, ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(baton_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let agents = AgentServiceServer::with_interceptor(
+            AgentApi::new(fleet.clone(), timing, shutdown.clone(), tasks.clone()),
+            auth::require_agent,
+        );
+        let control = ControlServiceServer::with_interceptor(
+            ControlApi::new(fleet.clone(), shutdown.clone(), tasks.clone()),
+            auth::require_operator,
+        );
+        drop(fleet);
+
+        // HTTP/2 keepalive catches dead peers below the application's own
+        // heartbeats (a vanished host whose socket never closes).
+        let keepalive = timing.heartbeat_interval.max(Duration::from_secs(1));
+        let server = Server::builder()
+            .tls_config(self.tls.to_tonic())?
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(timing.silence_timeout))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(agents)
+            .add_service(control)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), {
+                let shutdown = shutdown.clone();
+                let health = health.clone();
+                async move {
+                    shutdown.cancelled().await;
+                    for name in SERVICES {
+                        health.set_service_status(*name, ServingStatus::NotServing).await;
+                    }
+                }
+            });
+        info!(%addr, agent_timeout = %humantime::format_duration(timing.silence_timeout), "batond serving");
+
+        let mut server = std::pin::pin!(server);
+        let served = tokio::select! {
+            r = &mut server => r,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                warn!(grace = %humantime::format_duration(grace), "connections still open after the shutdown grace; closing them");
+                Ok(())
+            }
+        };
+        info!("draining");
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            warn!("some stream tasks did not end within the shutdown grace");
+        }
+        // Dropping the server drops the services' registry handles; the
+        // registry then flushes and ends.
+        drop(server);
+        if tokio::time::timeout(grace, fleet_task).await.is_err() {
+            warn!("the fleet registry did not flush within the shutdown grace");
+        }
+        info!("batond stopped");
+        served.map_err(ServeError::from)
+    }
+}
