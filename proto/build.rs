@@ -4,7 +4,10 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["baton/agent/v1/agent.proto", "baton/control/v1/control.proto"];
+const PROTOS: &[&str] = &[
+    "baton/agent/v1/agent.proto",
+    "baton/control/v1/control.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

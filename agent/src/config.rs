@@ -143,7 +143,9 @@ impl AgentConfig {
             errors.push(format!("no TLS directory: {}", hint("tls-dir")));
         }
         let tls = match (&tls_dir, &host_id) {
-            (Some(dir), Some(id)) => ClientTls::load(dir, &format!("agent-{id}")).map_err(|e| errors.push(e.to_string())).ok(),
+            (Some(dir), Some(id)) => ClientTls::load(dir, &format!("agent-{id}"))
+                .map_err(|e| errors.push(e.to_string()))
+                .ok(),
             _ => None,
         };
 
@@ -154,17 +156,28 @@ impl AgentConfig {
         }
         let mut vars = file.vars;
         vars.extend(args.vars);
-        if let Some(bad) = vars.keys().find(|k| baton_common::host::validate_name(k).is_err()) {
-            errors.push(format!("variable name {bad:?} must be letters, digits, '.', '_' or '-'"));
+        if let Some(bad) = vars
+            .keys()
+            .find(|k| baton_common::host::validate_name(k).is_err())
+        {
+            errors.push(format!(
+                "variable name {bad:?} must be letters, digits, '.', '_' or '-'"
+            ));
         }
         let mut trusted_keys = file.trusted_keys;
         trusted_keys.extend(args.trusted_keys);
         for key in &trusted_keys {
             if let Err(e) = std::fs::metadata(key) {
-                errors.push(format!("cannot read the trusted key {}: {e}", key.display()));
+                errors.push(format!(
+                    "cannot read the trusted key {}: {e}",
+                    key.display()
+                ));
             }
         }
-        let reconnect_max = args.reconnect_max.or(file.reconnect_max).unwrap_or(DEFAULT_RECONNECT_MAX);
+        let reconnect_max = args
+            .reconnect_max
+            .or(file.reconnect_max)
+            .unwrap_or(DEFAULT_RECONNECT_MAX);
         if reconnect_max < Duration::from_millis(100) {
             errors.push("reconnect-max must be at least 100ms".to_owned());
         }
@@ -187,6 +200,13 @@ impl AgentConfig {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config file {} is invalid: {}", path.display(), e.to_string().trim_end()))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        format!(
+            "config file {} is invalid: {}",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    })
 }

@@ -14,8 +14,8 @@ use baton_common::error_chain as chain;
 use baton_common::host::HostInfo;
 use baton_common::time::from_duration;
 use baton_proto::agent::v1::{
-    AgentMessage, CoordinatorMessage, Heartbeat, agent_message, agent_service_client::AgentServiceClient,
-    coordinator_message,
+    AgentMessage, CoordinatorMessage, Heartbeat, agent_message,
+    agent_service_client::AgentServiceClient, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -64,7 +64,13 @@ impl Link {
     /// Prepares the endpoint; fails on a malformed coordinator URL.
     pub fn new(config: AgentConfig) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(config.coordinator.clone())
-            .map_err(|e| format!("coordinator URL {:?} is invalid: {}", config.coordinator, chain(&e)))?
+            .map_err(|e| {
+                format!(
+                    "coordinator URL {:?} is invalid: {}",
+                    config.coordinator,
+                    chain(&e)
+                )
+            })?
             .tls_config(config.tls.to_tonic())
             .map_err(|e| format!("cannot set up TLS: {}", chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -83,7 +89,9 @@ impl Link {
             match self.session(&shutdown, &mut backoff).await {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Lost(reason)) => warn!(%reason, "lost the coordinator; reconnecting"),
-                Err(SessionError::Refused(status)) if status.code() == tonic::Code::PermissionDenied => {
+                Err(SessionError::Refused(status))
+                    if status.code() == tonic::Code::PermissionDenied =>
+                {
                     error!(reason = %status.message(), "the coordinator refused this agent; check its certificate and --host-id");
                 }
                 Err(e) => warn!(error = %e, "no stream to the coordinator"),
@@ -104,12 +112,22 @@ impl Link {
             labels: self.config.labels.clone(),
             services: inventory::scan(&self.config.data_dir),
         };
-        AgentMessage { kind: Some(agent_message::Kind::Hello((&info).into())) }
+        AgentMessage {
+            kind: Some(agent_message::Kind::Hello((&info).into())),
+        }
     }
 
-    async fn session(&self, shutdown: &CancellationToken, backoff: &mut Backoff) -> Result<Ended, SessionError> {
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<Ended, SessionError> {
         let connect = async {
-            let channel: Channel = self.endpoint.connect().await.map_err(|e| SessionError::Connect(chain(&e)))?;
+            let channel: Channel = self
+                .endpoint
+                .connect()
+                .await
+                .map_err(|e| SessionError::Connect(chain(&e)))?;
             let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
             // The channel is new and empty: this cannot be full.
             let _ = tx.try_send(self.hello());
@@ -127,23 +145,37 @@ impl Link {
         };
 
         let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(CoordinatorMessage { kind: Some(coordinator_message::Kind::Welcome(w)) }))) => w,
+            Ok(Ok(Some(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Welcome(w)),
+            }))) => w,
             Ok(Err(status)) => return Err(SessionError::Refused(status)),
-            Ok(Ok(_)) => return Err(SessionError::Protocol("the coordinator did not open with a welcome".into())),
-            Err(_) => return Err(SessionError::Protocol("no welcome from the coordinator".into())),
+            Ok(Ok(_)) => {
+                return Err(SessionError::Protocol(
+                    "the coordinator did not open with a welcome".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(SessionError::Protocol(
+                    "no welcome from the coordinator".into(),
+                ));
+            }
         };
         let heartbeat_every = welcome
             .heartbeat_interval
             .as_ref()
             .and_then(from_duration)
             .filter(|d| *d >= Duration::from_millis(100))
-            .ok_or_else(|| SessionError::Protocol("the welcome carries no usable heartbeat interval".into()))?;
+            .ok_or_else(|| {
+                SessionError::Protocol("the welcome carries no usable heartbeat interval".into())
+            })?;
         let silence = welcome
             .silence_timeout
             .as_ref()
             .and_then(from_duration)
             .filter(|d| *d > heartbeat_every)
-            .ok_or_else(|| SessionError::Protocol("the welcome carries no usable silence timeout".into()))?;
+            .ok_or_else(|| {
+                SessionError::Protocol("the welcome carries no usable silence timeout".into())
+            })?;
         info!(
             coordinator = %self.config.coordinator,
             version = %welcome.coordinator_version,
@@ -152,7 +184,8 @@ impl Link {
         );
         backoff.reset();
 
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut deadline = Instant::now() + silence;

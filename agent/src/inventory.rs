@@ -21,7 +21,9 @@ pub fn scan(data_dir: &Path) -> Vec<ServiceStatus> {
             continue;
         }
         let current = entry.path().join("current");
-        let Ok(target) = std::fs::read_link(&current) else { continue };
+        let Ok(target) = std::fs::read_link(&current) else {
+            continue;
+        };
         match target.file_name().map(|v| v.to_string_lossy().into_owned()) {
             Some(version) if !version.is_empty() => out.push(ServiceStatus {
                 name,
@@ -50,6 +52,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("services/half-installed/releases/1.0.0")).unwrap();
         let found = scan(dir.path());
         assert_eq!(found.len(), 1);
-        assert_eq!((found[0].name.as_str(), found[0].version.as_str()), ("api", "2.0.0"));
+        assert_eq!(
+            (found[0].name.as_str(), found[0].version.as_str()),
+            ("api", "2.0.0")
+        );
     }
 }

@@ -28,7 +28,9 @@ impl Agent {
             .create(dir)
             .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
-        Ok(Self { link: connection::Link::new(config)? })
+        Ok(Self {
+            link: connection::Link::new(config)?,
+        })
     }
 
     /// Runs until `shutdown` is cancelled.

@@ -12,11 +12,18 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     baton_common::process::init_logging("info");
-    let agent = match AgentConfig::resolve(args).map_err(|e| e.0).and_then(|c| Agent::new(c).map_err(|e| vec![e])) {
+    let agent = match AgentConfig::resolve(args)
+        .map_err(|e| e.0)
+        .and_then(|c| Agent::new(c).map_err(|e| vec![e]))
+    {
         Ok(agent) => agent,
         Err(errors) => {
             for e in errors {

@@ -20,7 +20,11 @@ impl Backoff {
     /// A backoff that starts at `initial` and never exceeds `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
         let initial = initial.min(max);
-        Self { initial, max, ceiling: initial }
+        Self {
+            initial,
+            max,
+            ceiling: initial,
+        }
     }
 
     /// The next delay to wait before retrying; doubles the ceiling.
@@ -50,7 +54,10 @@ mod tests {
         for _ in 0..50 {
             let d = b.next_delay();
             assert!(d <= Duration::from_secs(2), "{d:?} exceeds the cap");
-            assert!(d >= Duration::from_millis(50), "{d:?} is below half the initial delay");
+            assert!(
+                d >= Duration::from_millis(50),
+                "{d:?} is below half the initial delay"
+            );
         }
         // After many attempts the ceiling is the cap, so the floor is half of it.
         assert!(b.next_delay() >= Duration::from_secs(1));

@@ -23,7 +23,10 @@ pub struct InvalidField {
 impl InvalidField {
     /// An error for `field` with `reason`.
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -33,7 +36,9 @@ pub const MAX_NAME_LEN: usize = 128;
 /// A host's identity: what its agent certificate names, and what every
 /// API uses to refer to it. 1–128 characters of `[A-Za-z0-9._-]`, starting
 /// with a letter or digit, so it is safe in file names, URNs and logs.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct HostId(String);
 
@@ -78,13 +83,21 @@ pub fn validate_name(s: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if s.len() > MAX_NAME_LEN {
-        return Err(format!("is {} characters long, the limit is {MAX_NAME_LEN}", s.len()));
+        return Err(format!(
+            "is {} characters long, the limit is {MAX_NAME_LEN}",
+            s.len()
+        ));
     }
     if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return Err(format!("{s:?} must start with a letter or a digit"));
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("{s:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"));
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{s:?} contains {c:?}; only letters, digits, '.', '_' and '-' are allowed"
+        ));
     }
     Ok(())
 }
@@ -103,16 +116,26 @@ pub const MAX_LABELS: usize = 64;
 /// [`MAX_LABEL_VALUE_LEN`] bytes.
 pub fn validate_labels(labels: &Labels) -> Result<(), InvalidField> {
     if labels.len() > MAX_LABELS {
-        return Err(InvalidField::new("labels", format!("{} labels, the limit is {MAX_LABELS}", labels.len())));
+        return Err(InvalidField::new(
+            "labels",
+            format!("{} labels, the limit is {MAX_LABELS}", labels.len()),
+        ));
     }
     for (k, v) in labels {
-        validate_name(&k.replace('/', "-"))
-            .map_err(|reason| InvalidField::new(format!("labels[{k:?}]"), format!("key {reason}")))?;
+        validate_name(&k.replace('/', "-")).map_err(|reason| {
+            InvalidField::new(format!("labels[{k:?}]"), format!("key {reason}"))
+        })?;
         if v.len() > MAX_LABEL_VALUE_LEN {
-            return Err(InvalidField::new(format!("labels[{k:?}]"), "value is longer than 256 bytes"));
+            return Err(InvalidField::new(
+                format!("labels[{k:?}]"),
+                "value is longer than 256 bytes",
+            ));
         }
         if v.chars().any(char::is_control) {
-            return Err(InvalidField::new(format!("labels[{k:?}]"), "value contains a control character"));
+            return Err(InvalidField::new(
+                format!("labels[{k:?}]"),
+                "value contains a control character",
+            ));
         }
     }
     Ok(())
@@ -214,8 +237,13 @@ fn service_state_from_i32(value: i32, field: &str) -> Result<ServiceState, Inval
         Ok(agent_pb::ServiceState::Starting) => Ok(ServiceState::Starting),
         Ok(agent_pb::ServiceState::Running) => Ok(ServiceState::Running),
         Ok(agent_pb::ServiceState::Failed) => Ok(ServiceState::Failed),
-        Ok(agent_pb::ServiceState::Unspecified) => Err(InvalidField::new(field, "state is unspecified")),
-        Err(_) => Err(InvalidField::new(field, format!("unknown service state {value}"))),
+        Ok(agent_pb::ServiceState::Unspecified) => {
+            Err(InvalidField::new(field, "state is unspecified"))
+        }
+        Err(_) => Err(InvalidField::new(
+            field,
+            format!("unknown service state {value}"),
+        )),
     }
 }
 
@@ -242,14 +270,20 @@ impl From<&ServiceStatus> for agent_pb::ServiceStatus {
 }
 
 /// Converts and validates a reported service list; `field` names it in errors.
-pub fn services_from_agent(list: Vec<agent_pb::ServiceStatus>, field: &str) -> Result<Vec<ServiceStatus>, InvalidField> {
+pub fn services_from_agent(
+    list: Vec<agent_pb::ServiceStatus>,
+    field: &str,
+) -> Result<Vec<ServiceStatus>, InvalidField> {
     list.into_iter()
         .enumerate()
         .map(|(i, s)| {
             let at = format!("{field}[{i}]");
             validate_name(&s.name).map_err(|r| InvalidField::new(format!("{at}.name"), r))?;
             if s.version.is_empty() || s.version.len() > MAX_NAME_LEN {
-                return Err(InvalidField::new(format!("{at}.version"), "must be 1 to 128 characters"));
+                return Err(InvalidField::new(
+                    format!("{at}.version"),
+                    "must be 1 to 128 characters",
+                ));
             }
             Ok(ServiceStatus {
                 name: s.name,
@@ -264,11 +298,16 @@ pub fn services_from_agent(list: Vec<agent_pb::ServiceStatus>, field: &str) -> R
 impl TryFrom<agent_pb::Hello> for HostInfo {
     type Error = InvalidField;
     fn try_from(h: agent_pb::Hello) -> Result<Self, Self::Error> {
-        let host_id = HostId::try_from(h.host_id).map_err(|e| InvalidField::new("hello.host_id", e.reason))?;
+        let host_id = HostId::try_from(h.host_id)
+            .map_err(|e| InvalidField::new("hello.host_id", e.reason))?;
         let labels: Labels = h.labels.into_iter().collect();
-        validate_labels(&labels).map_err(|e| InvalidField::new(format!("hello.{}", e.field), e.reason))?;
+        validate_labels(&labels)
+            .map_err(|e| InvalidField::new(format!("hello.{}", e.field), e.reason))?;
         if h.agent_version.len() > MAX_NAME_LEN {
-            return Err(InvalidField::new("hello.agent_version", "is longer than 128 characters"));
+            return Err(InvalidField::new(
+                "hello.agent_version",
+                "is longer than 128 characters",
+            ));
         }
         Ok(Self {
             host_id,
@@ -284,7 +323,11 @@ impl From<&HostInfo> for agent_pb::Hello {
         Self {
             host_id: h.host_id.to_string(),
             agent_version: h.agent_version.clone(),
-            labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: h
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             services: h.services.iter().map(Into::into).collect(),
         }
     }
@@ -308,7 +351,11 @@ impl From<&HostView> for control_pb::Host {
         Self {
             host_id: h.host_id.to_string(),
             connected: h.connected,
-            labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: h
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             services: h
                 .services
                 .iter()
@@ -340,13 +387,25 @@ impl TryFrom<control_pb::Host> for HostView {
                     Ok(control_pb::ServiceState::Starting) => ServiceState::Starting,
                     Ok(control_pb::ServiceState::Running) => ServiceState::Running,
                     Ok(control_pb::ServiceState::Failed) => ServiceState::Failed,
-                    _ => return Err(InvalidField::new(format!("host.services[{i}].state"), "unknown or unspecified")),
+                    _ => {
+                        return Err(InvalidField::new(
+                            format!("host.services[{i}].state"),
+                            "unknown or unspecified",
+                        ));
+                    }
                 };
-                Ok(ServiceStatus { name: s.name, version: s.version, state, healthy: s.healthy })
+                Ok(ServiceStatus {
+                    name: s.name,
+                    version: s.version,
+                    state,
+                    healthy: s.healthy,
+                })
             })
             .collect::<Result<_, _>>()?;
         let time = |t: Option<prost_types::Timestamp>, field: &str| {
-            t.as_ref().and_then(from_timestamp).ok_or_else(|| InvalidField::new(field, "missing or invalid timestamp"))
+            t.as_ref()
+                .and_then(from_timestamp)
+                .ok_or_else(|| InvalidField::new(field, "missing or invalid timestamp"))
         };
         Ok(Self {
             host_id: HostId::try_from(h.host_id)?,

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::host::HostId;
@@ -62,16 +62,27 @@ pub struct InitReport {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_owned(), source }
+    move |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
-    move |source| PkiError::Generate { what: what.to_owned(), source }
+    move |source| PkiError::Generate {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// Writes `contents` to a new file with `mode`; never replaces a file.
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
     f.write_all(contents.as_bytes()).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
@@ -100,7 +111,10 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
     validity(&mut params, LEAF_VALIDITY);
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Baton");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     match leaf {
         Leaf::Coordinator => {
             dn.push(DnType::CommonName, "batond");
@@ -111,11 +125,17 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
                 uri(COORDINATOR_URN.to_owned())?,
             ];
             // Client auth too: coordinators talk to each other in HA setups.
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
         }
         Leaf::Operator { name, role } => {
             dn.push(DnType::CommonName, *name);
-            params.subject_alt_names = vec![uri(format!("{OPERATOR_URN}{name}"))?, uri(format!("{ROLE_URN}{role}"))?];
+            params.subject_alt_names = vec![
+                uri(format!("{OPERATOR_URN}{name}"))?,
+                uri(format!("{ROLE_URN}{role}"))?,
+            ];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         }
         Leaf::Agent(id) => {
@@ -128,16 +148,23 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
-fn load_or_create_ca(dir: &Path, report: &mut InitReport) -> Result<Issuer<'static, KeyPair>, PkiError> {
+fn load_or_create_ca(
+    dir: &Path,
+    report: &mut InitReport,
+) -> Result<Issuer<'static, KeyPair>, PkiError> {
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");
     match (cert_path.exists(), key_path.exists()) {
         (true, true) => {
             let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
             let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(gen_err("the CA key (reading ca-key.pem)"))?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(gen_err("the CA (reading ca.pem)"))?;
-            report.kept.extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
+            let key =
+                KeyPair::from_pem(&key_pem).map_err(gen_err("the CA key (reading ca-key.pem)"))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(gen_err("the CA (reading ca.pem)"))?;
+            report
+                .kept
+                .extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
             Ok(issuer)
         }
         (false, false) => {
@@ -148,19 +175,35 @@ fn load_or_create_ca(dir: &Path, report: &mut InitReport) -> Result<Issuer<'stat
             dn.push(DnType::CommonName, "Baton fleet CA");
             params.distinguished_name = dn;
             params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
             let key = KeyPair::generate().map_err(gen_err("the CA key"))?;
-            let cert = params.self_signed(&key).map_err(gen_err("the CA certificate"))?;
+            let cert = params
+                .self_signed(&key)
+                .map_err(gen_err("the CA certificate"))?;
             write_new(&key_path, &key.serialize_pem(), 0o600)?;
             write_new(&cert_path, &cert.pem(), 0o644)?;
-            report.written.extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
+            report
+                .written
+                .extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
             Ok(Issuer::new(params, key))
         }
-        _ => Err(PkiError::HalfCa { dir: dir.to_owned() }),
+        _ => Err(PkiError::HalfCa {
+            dir: dir.to_owned(),
+        }),
     }
 }
 
-fn issue(dir: &Path, base: &str, leaf: &Leaf<'_>, ca: &Issuer<'_, KeyPair>, report: &mut InitReport) -> Result<(), PkiError> {
+fn issue(
+    dir: &Path,
+    base: &str,
+    leaf: &Leaf<'_>,
+    ca: &Issuer<'_, KeyPair>,
+    report: &mut InitReport,
+) -> Result<(), PkiError> {
     let cert_name = format!("{base}.pem");
     let key_name = format!("{base}-key.pem");
     let (cert_path, key_path) = (dir.join(&cert_name), dir.join(&key_name));
@@ -169,7 +212,9 @@ fn issue(dir: &Path, base: &str, leaf: &Leaf<'_>, ca: &Issuer<'_, KeyPair>, repo
         return Ok(());
     }
     let key = KeyPair::generate().map_err(gen_err(base))?;
-    let cert = leaf_params(leaf)?.signed_by(&key, ca).map_err(gen_err(base))?;
+    let cert = leaf_params(leaf)?
+        .signed_by(&key, ca)
+        .map_err(gen_err(base))?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
     report.written.extend([cert_name, key_name]);
@@ -180,13 +225,32 @@ fn issue(dir: &Path, base: &str, leaf: &Leaf<'_>, ca: &Issuer<'_, KeyPair>, repo
 /// `ca.pem`, `ca-key.pem`, `coordinator.pem`/`-key.pem`,
 /// `operator.pem`/`-key.pem` and `agent-<id>.pem`/`-key.pem` per agent.
 pub fn init(out: &Path, agents: &[HostId]) -> Result<InitReport, PkiError> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(io(out))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .map_err(io(out))?;
     let mut report = InitReport::default();
     let ca = load_or_create_ca(out, &mut report)?;
     issue(out, "coordinator", &Leaf::Coordinator, &ca, &mut report)?;
-    issue(out, "operator", &Leaf::Operator { name: "operator", role: "admin" }, &ca, &mut report)?;
+    issue(
+        out,
+        "operator",
+        &Leaf::Operator {
+            name: "operator",
+            role: "admin",
+        },
+        &ca,
+        &mut report,
+    )?;
     for id in agents {
-        issue(out, &format!("agent-{id}"), &Leaf::Agent(id), &ca, &mut report)?;
+        issue(
+            out,
+            &format!("agent-{id}"),
+            &Leaf::Agent(id),
+            &ca,
+            &mut report,
+        )?;
     }
     Ok(report)
 }
@@ -203,21 +267,43 @@ mod tests {
         let report = init(dir.path(), std::slice::from_ref(&h1)).unwrap();
         assert_eq!(report.written.len(), 8, "{report:?}");
 
-        let agent = read_keyed_cert(&dir.path().join("agent-h1.pem"), &dir.path().join("agent-h1-key.pem")).unwrap();
-        assert_eq!(identity_from_der(&agent.leaf_der).unwrap(), PeerIdentity::Agent(h1.clone()));
-        let op = read_keyed_cert(&dir.path().join("operator.pem"), &dir.path().join("operator-key.pem")).unwrap();
+        let agent = read_keyed_cert(
+            &dir.path().join("agent-h1.pem"),
+            &dir.path().join("agent-h1-key.pem"),
+        )
+        .unwrap();
+        assert_eq!(
+            identity_from_der(&agent.leaf_der).unwrap(),
+            PeerIdentity::Agent(h1.clone())
+        );
+        let op = read_keyed_cert(
+            &dir.path().join("operator.pem"),
+            &dir.path().join("operator-key.pem"),
+        )
+        .unwrap();
         assert_eq!(
             identity_from_der(&op.leaf_der).unwrap(),
-            PeerIdentity::Operator { name: "operator".into(), role: "admin".into() }
+            PeerIdentity::Operator {
+                name: "operator".into(),
+                role: "admin".into()
+            }
         );
-        let mode = std::fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let mode = std::fs::metadata(dir.path().join("ca-key.pem"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
 
         // A second run with one more agent reuses the CA and adds only the new pair.
         let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
         let h2 = HostId::try_from("h2").unwrap();
         let report = init(dir.path(), &[h1, h2]).unwrap();
-        assert_eq!(report.written, vec!["agent-h2.pem".to_owned(), "agent-h2-key.pem".to_owned()]);
+        assert_eq!(
+            report.written,
+            vec!["agent-h2.pem".to_owned(), "agent-h2-key.pem".to_owned()]
+        );
         assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
     }
 
@@ -225,6 +311,9 @@ mod tests {
     fn half_a_ca_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
-        assert!(matches!(init(dir.path(), &[]), Err(PkiError::HalfCa { .. })));
+        assert!(matches!(
+            init(dir.path(), &[]),
+            Err(PkiError::HalfCa { .. })
+        ));
     }
 }

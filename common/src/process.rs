@@ -8,7 +8,13 @@ use tracing_subscriber::EnvFilter;
 /// to `default`, e.g. `"info"`). Calling it twice is harmless.
 pub fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
 }
 
 /// Waits for SIGTERM or SIGINT and cancels `token`. If the handlers cannot
@@ -16,7 +22,10 @@ pub fn init_logging(default: &str) {
 /// signal behaviour.
 pub async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers");

@@ -60,14 +60,23 @@ mod tests {
         let t = UNIX_EPOCH + Duration::new(1_800_000_000, 123_000_000);
         assert_eq!(from_timestamp(&to_timestamp(t)), Some(t));
         assert_eq!(from_unix_millis(unix_millis(t)), t);
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(86_400)), "1970-01-02T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(86_400)),
+            "1970-01-02T00:00:00Z"
+        );
     }
 
     #[test]
     fn invalid_protobuf_times_are_rejected() {
-        let bad = prost_types::Timestamp { seconds: 1, nanos: -1 };
+        let bad = prost_types::Timestamp {
+            seconds: 1,
+            nanos: -1,
+        };
         assert_eq!(from_timestamp(&bad), None);
-        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+        let negative = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert_eq!(from_duration(&negative), None);
     }
 }

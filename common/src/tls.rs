@@ -68,16 +68,26 @@ impl std::fmt::Debug for KeyedCert {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Reads a PEM file of CA certificates (at least one).
 pub fn read_ca(path: &Path) -> Result<Vec<u8>, TlsError> {
     let what = "CA certificate";
     let pem = read(path, what)?;
-    let count = CertificateDer::pem_slice_iter(&pem).filter(Result::is_ok).count();
+    let count = CertificateDer::pem_slice_iter(&pem)
+        .filter(Result::is_ok)
+        .count();
     if count == 0 {
-        return Err(TlsError::Invalid { what, path: path.to_owned(), reason: "it holds no PEM certificate".into() });
+        return Err(TlsError::Invalid {
+            what,
+            path: path.to_owned(),
+            reason: "it holds no PEM certificate".into(),
+        });
     }
     Ok(pem)
 }
@@ -99,7 +109,11 @@ pub fn read_keyed_cert(cert_path: &Path, key_path: &Path) -> Result<KeyedCert, T
         path: key_path.to_owned(),
         reason: format!("it holds no PEM private key ({e})"),
     })?;
-    Ok(KeyedCert { cert_pem, key_pem, leaf_der: leaf_der.into_owned() })
+    Ok(KeyedCert {
+        cert_pem,
+        key_pem,
+        leaf_der: leaf_der.into_owned(),
+    })
 }
 
 /// The TLS material of a server: its identity and the CA its clients must
@@ -118,7 +132,10 @@ impl ServerTls {
     pub fn load_coordinator(dir: &Path) -> Result<Self, TlsError> {
         Ok(Self {
             ca_pem: read_ca(&dir.join("ca.pem"))?,
-            identity: read_keyed_cert(&dir.join("coordinator.pem"), &dir.join("coordinator-key.pem"))?,
+            identity: read_keyed_cert(
+                &dir.join("coordinator.pem"),
+                &dir.join("coordinator-key.pem"),
+            )?,
         })
     }
 
@@ -126,7 +143,10 @@ impl ServerTls {
     /// must chain to the CA.
     pub fn to_tonic(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.identity.cert_pem, &self.identity.key_pem))
+            .identity(Identity::from_pem(
+                &self.identity.cert_pem,
+                &self.identity.key_pem,
+            ))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(false)
     }
@@ -148,7 +168,10 @@ impl ClientTls {
     pub fn load(dir: &Path, name: &str) -> Result<Self, TlsError> {
         Ok(Self {
             ca_pem: read_ca(&dir.join("ca.pem"))?,
-            identity: read_keyed_cert(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}-key.pem")))?,
+            identity: read_keyed_cert(
+                &dir.join(format!("{name}.pem")),
+                &dir.join(format!("{name}-key.pem")),
+            )?,
         })
     }
 
@@ -156,7 +179,10 @@ impl ClientTls {
     pub fn to_tonic(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(Identity::from_pem(&self.identity.cert_pem, &self.identity.key_pem))
+            .identity(Identity::from_pem(
+                &self.identity.cert_pem,
+                &self.identity.key_pem,
+            ))
     }
 }
 
@@ -193,7 +219,9 @@ pub enum IdentityError {
     #[error("the certificate cannot be parsed: {0}")]
     Unparseable(String),
     /// No `urn:baton:` URI names what the certificate is for.
-    #[error("the certificate carries no Baton identity (no urn:baton: URI in its subject alternative names)")]
+    #[error(
+        "the certificate carries no Baton identity (no urn:baton: URI in its subject alternative names)"
+    )]
     Missing,
     /// The identity is there but malformed.
     #[error("the certificate's Baton identity is invalid: {0}")]
@@ -202,7 +230,8 @@ pub enum IdentityError {
 
 /// Reads the Baton identity from a DER certificate.
 pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| IdentityError::Unparseable(e.to_string()))?
@@ -216,13 +245,21 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
             _ => None,
         })
         .collect();
-    let role = uris.iter().find_map(|u| u.strip_prefix(ROLE_URN)).unwrap_or("admin");
+    let role = uris
+        .iter()
+        .find_map(|u| u.strip_prefix(ROLE_URN))
+        .unwrap_or("admin");
     for uri in &uris {
         if let Some(id) = uri.strip_prefix(AGENT_URN) {
-            return HostId::try_from(id).map(PeerIdentity::Agent).map_err(|e| IdentityError::Invalid(e.to_string()));
+            return HostId::try_from(id)
+                .map(PeerIdentity::Agent)
+                .map_err(|e| IdentityError::Invalid(e.to_string()));
         }
         if let Some(name) = uri.strip_prefix(OPERATOR_URN) {
-            return Ok(PeerIdentity::Operator { name: name.to_owned(), role: role.to_owned() });
+            return Ok(PeerIdentity::Operator {
+                name: name.to_owned(),
+                role: role.to_owned(),
+            });
         }
         if *uri == COORDINATOR_URN {
             return Ok(PeerIdentity::Coordinator);

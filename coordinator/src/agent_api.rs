@@ -9,11 +9,11 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use baton_common::host::{HostId, HostInfo, services_from_agent};
-use baton_common::tls::PeerIdentity;
 use baton_common::time::to_duration;
+use baton_common::tls::PeerIdentity;
 use baton_proto::agent::v1::{
-    AgentMessage, CoordinatorMessage, Ping, Welcome, agent_message, agent_service_server::AgentService,
-    coordinator_message,
+    AgentMessage, CoordinatorMessage, Ping, Welcome, agent_message,
+    agent_service_server::AgentService, coordinator_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,7 +43,10 @@ impl StreamTiming {
     /// Three heartbeats fit in the timeout, so one or two lost or late
     /// heartbeats never disconnect a healthy agent.
     pub fn from_timeout(silence_timeout: Duration) -> Self {
-        Self { heartbeat_interval: silence_timeout / 3, silence_timeout }
+        Self {
+            heartbeat_interval: silence_timeout / 3,
+            silence_timeout,
+        }
     }
 }
 
@@ -58,8 +61,18 @@ pub struct AgentApi {
 impl AgentApi {
     /// A service registering hosts in `fleet`; its stream tasks are tracked
     /// by `tasks` and end when `shutdown` is cancelled.
-    pub fn new(fleet: FleetHandle, timing: StreamTiming, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
-        Self { fleet, timing, shutdown, tasks }
+    pub fn new(
+        fleet: FleetHandle,
+        timing: StreamTiming,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            fleet,
+            timing,
+            shutdown,
+            tasks,
+        }
     }
 }
 
@@ -69,30 +82,56 @@ fn message(kind: coordinator_message::Kind) -> Result<CoordinatorMessage, Status
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    type ConnectStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+    type ConnectStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
 
-    async fn connect(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
-        let Some(PeerIdentity::Agent(cert_host)) = request.extensions().get::<PeerIdentity>().cloned() else {
-            return Err(Status::permission_denied("only agent certificates may open an agent stream"));
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let Some(PeerIdentity::Agent(cert_host)) =
+            request.extensions().get::<PeerIdentity>().cloned()
+        else {
+            return Err(Status::permission_denied(
+                "only agent certificates may open an agent stream",
+            ));
         };
-        let peer_address = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer_address = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let mut inbound = request.into_inner();
 
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(Status::deadline_exceeded(format!("no hello within {HELLO_TIMEOUT:?}"))),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no hello within {HELLO_TIMEOUT:?}"
+                )));
+            }
             Ok(Err(status)) => return Err(status),
-            Ok(Ok(None)) => return Err(Status::invalid_argument("the stream ended before its hello")),
-            Ok(Ok(Some(AgentMessage { kind: Some(agent_message::Kind::Hello(hello)) }))) => hello,
-            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message of an agent stream must be a hello")),
+            Ok(Ok(None)) => {
+                return Err(Status::invalid_argument(
+                    "the stream ended before its hello",
+                ));
+            }
+            Ok(Ok(Some(AgentMessage {
+                kind: Some(agent_message::Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message of an agent stream must be a hello",
+                ));
+            }
         };
-        let info = HostInfo::try_from(hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let info =
+            HostInfo::try_from(hello).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if info.host_id != cert_host {
             warn!(
                 certificate = %cert_host, claimed = %info.host_id, peer = %peer_address,
                 "refused an agent whose hello claims another host id than its certificate"
             );
             return Err(Status::permission_denied(format!(
-                "this certificate is for host {cert_host:?}, but the hello claims host {:?}",
+                "this certificate is for host {cert_host}, but the hello claims host {}",
                 info.host_id
             )));
         }
@@ -106,7 +145,11 @@ impl AgentService for AgentApi {
         // The channel is new and empty: this cannot be full.
         let _ = tx.try_send(message(coordinator_message::Kind::Welcome(welcome)));
         let host = info.host_id.clone();
-        let session = self.fleet.connect(info, peer_address, tx.clone()).await.map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let session = self
+            .fleet
+            .connect(info, peer_address, tx.clone())
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let stream = SessionTask {
             host,
             session,
@@ -137,7 +180,9 @@ impl SessionTask {
         let reason = self.pump().await;
         // Tell the agent why, when it is still listening; it reconnects.
         let _ = self.tx.try_send(Err(Status::unavailable(reason.clone())));
-        self.fleet.disconnect(self.host, self.session.id, reason).await;
+        self.fleet
+            .disconnect(self.host, self.session.id, reason)
+            .await;
     }
 
     /// Handles inbound messages; returns why the stream ended.
@@ -151,7 +196,10 @@ impl SessionTask {
             };
             let msg = match next {
                 Err(_) => {
-                    return format!("no message for {}", humantime::format_duration(self.timing.silence_timeout));
+                    return format!(
+                        "no message for {}",
+                        humantime::format_duration(self.timing.silence_timeout)
+                    );
                 }
                 Ok(Err(status)) => return format!("the stream broke: {}", status.message()),
                 Ok(Ok(None)) => return "the agent closed its stream".into(),
@@ -162,17 +210,31 @@ impl SessionTask {
                     self.fleet.seen(self.host.clone(), self.session.id).await;
                     // A full buffer means the agent is not reading; it will
                     // time out on its own side, so dropping a ping is fine.
-                    let _ = self.tx.try_send(message(coordinator_message::Kind::Ping(Ping { seq: hb.seq })));
+                    let _ = self
+                        .tx
+                        .try_send(message(coordinator_message::Kind::Ping(Ping {
+                            seq: hb.seq,
+                        })));
                 }
-                Some(agent_message::Kind::Inventory(update)) => match services_from_agent(update.services, "inventory.services") {
-                    Ok(services) => self.fleet.inventory(self.host.clone(), self.session.id, services).await,
-                    Err(e) => {
-                        warn!(host = %self.host, error = %e, "ending a stream that sent an invalid inventory");
-                        return format!("invalid inventory: {e}");
+                Some(agent_message::Kind::Inventory(update)) => {
+                    match services_from_agent(update.services, "inventory.services") {
+                        Ok(services) => {
+                            self.fleet
+                                .inventory(self.host.clone(), self.session.id, services)
+                                .await
+                        }
+                        Err(e) => {
+                            warn!(host = %self.host, error = %e, "ending a stream that sent an invalid inventory");
+                            return format!("invalid inventory: {e}");
+                        }
                     }
-                },
-                Some(agent_message::Kind::Hello(_)) => return "a second hello on one stream".into(),
-                None => debug!(host = %self.host, "ignoring an agent message of a kind this coordinator does not know"),
+                }
+                Some(agent_message::Kind::Hello(_)) => {
+                    return "a second hello on one stream".into();
+                }
+                None => {
+                    debug!(host = %self.host, "ignoring an agent message of a kind this coordinator does not know")
+                }
             }
         }
     }

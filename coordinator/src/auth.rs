@@ -13,7 +13,9 @@ fn identify(req: &Request<()>) -> Result<PeerIdentity, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     identity_from_der(leaf).map_err(|e| {
         warn!(peer = ?req.remote_addr(), error = %e, "refused a client certificate without a Baton identity");
         Status::permission_denied(e.to_string())

@@ -98,9 +98,14 @@ impl Config {
             None => format!("pass --{flag} or set it in a --config file"),
         };
 
-        let listen_text = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen_text = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
-            errors.push(format!("listen address {listen_text:?} is not IP:PORT (for example 127.0.0.1:7443)"));
+            errors.push(format!(
+                "listen address {listen_text:?} is not IP:PORT (for example 127.0.0.1:7443)"
+            ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
         let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| {
@@ -111,17 +116,29 @@ impl Config {
             errors.push(format!("no TLS directory: {}", source("tls-dir")));
             PathBuf::new()
         });
-        let agent_timeout = args.agent_timeout.or(file.agent_timeout).unwrap_or(DEFAULT_AGENT_TIMEOUT);
+        let agent_timeout = args
+            .agent_timeout
+            .or(file.agent_timeout)
+            .unwrap_or(DEFAULT_AGENT_TIMEOUT);
         if agent_timeout < Duration::from_millis(300) || agent_timeout > Duration::from_secs(3600) {
             errors.push(format!(
                 "agent-timeout {} is out of range: it must be between 300ms and 1h",
                 humantime::format_duration(agent_timeout)
             ));
         }
-        let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let shutdown_grace = args
+            .shutdown_grace
+            .or(file.shutdown_grace)
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
 
         if errors.is_empty() {
-            Ok(Self { listen, data_dir, tls_dir, agent_timeout, shutdown_grace })
+            Ok(Self {
+                listen,
+                data_dir,
+                tls_dir,
+                agent_timeout,
+                shutdown_grace,
+            })
         } else {
             Err(ConfigErrors(errors))
         }
@@ -129,10 +146,15 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         // toml's message spans lines and shows the offending line; keep it.
-        format!("config file {} is invalid: {}", path.display(), e.to_string().trim_end())
+        format!(
+            "config file {} is invalid: {}",
+            path.display(),
+            e.to_string().trim_end()
+        )
     })
 }
 
@@ -149,7 +171,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("batond.toml");
         std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndata-dir = \"/d\"\ntls-dir = \"/t\"\nagent-timeout = \"5s\"\n").unwrap();
-        let c = Config::resolve(args(&["--config", file.to_str().unwrap(), "--listen", "127.0.0.1:9001"])).unwrap();
+        let c = Config::resolve(args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9001",
+        ]))
+        .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9001");
         assert_eq!(c.data_dir, PathBuf::from("/d"));
         assert_eq!(c.agent_timeout, Duration::from_secs(5));
@@ -163,7 +191,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("batond.toml");
         std::fs::write(&file, "listen = \"nowhere\"\nagent-timeout = \"1ms\"\n").unwrap();
-        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()]))
+            .unwrap_err()
+            .0;
         assert_eq!(errs.len(), 4, "{errs:#?}");
         assert!(errs[0].contains("\"nowhere\""));
         assert!(errs[1].contains("data directory"));
@@ -175,11 +205,22 @@ mod tests {
     fn unknown_keys_and_bad_durations_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("batond.toml");
-        std::fs::write(&file, "data-dir = \"/d\"\ntls-dir = \"/t\"\nlisten_addr = \"x\"\n").unwrap();
-        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
-        assert!(errs[0].contains("batond.toml") && errs[0].contains("listen_addr"), "{errs:?}");
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ntls-dir = \"/t\"\nlisten_addr = \"x\"\n",
+        )
+        .unwrap();
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()]))
+            .unwrap_err()
+            .0;
+        assert!(
+            errs[0].contains("batond.toml") && errs[0].contains("listen_addr"),
+            "{errs:?}"
+        );
         std::fs::write(&file, "agent-timeout = \"soon\"\n").unwrap();
-        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap_err().0;
+        let errs = Config::resolve(args(&["--config", file.to_str().unwrap()]))
+            .unwrap_err()
+            .0;
         assert!(errs[0].contains("agent-timeout"), "{errs:?}");
     }
 }

@@ -33,7 +33,11 @@ impl ControlApi {
     /// A service answering from `fleet`; watch tasks are tracked by `tasks`
     /// and end when `shutdown` is cancelled.
     pub fn new(fleet: FleetHandle, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
-        Self { fleet, shutdown, tasks }
+        Self {
+            fleet,
+            shutdown,
+            tasks,
+        }
     }
 }
 
@@ -45,22 +49,33 @@ type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HostEvent, Sta
 
 #[tonic::async_trait]
 impl ControlService for ControlApi {
-    async fn list_hosts(&self, _request: Request<ListHostsRequest>) -> Result<Response<ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        _request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
         let hosts = self.fleet.list().await.map_err(stopped)?;
-        Ok(Response::new(ListHostsResponse { hosts: hosts.iter().map(Host::from).collect() }))
+        Ok(Response::new(ListHostsResponse {
+            hosts: hosts.iter().map(Host::from).collect(),
+        }))
     }
 
     async fn get_host(&self, request: Request<GetHostRequest>) -> Result<Response<Host>, Status> {
-        let id = HostId::try_from(request.into_inner().host_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = HostId::try_from(request.into_inner().host_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.fleet.get(id.clone()).await.map_err(stopped)? {
             Some(view) => Ok(Response::new(Host::from(&view))),
-            None => Err(Status::not_found(format!("no host {id:?} has ever registered"))),
+            None => Err(Status::not_found(format!(
+                "no host {id} has ever registered"
+            ))),
         }
     }
 
     type WatchHostsStream = EventStream;
 
-    async fn watch_hosts(&self, _request: Request<WatchHostsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_hosts(
+        &self,
+        _request: Request<WatchHostsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let (snapshot, changes) = self.fleet.watch().await.map_err(stopped)?;
         let (tx, rx) = mpsc::channel(WATCH_OUTBOUND);
         let fleet = self.fleet.clone();
@@ -85,14 +100,28 @@ async fn forward(
 ) {
     loop {
         for view in &snapshot {
-            if tx.send(Ok(HostEvent { host: Some(Host::from(view)), snapshot: true })).await.is_err() {
+            if tx
+                .send(Ok(HostEvent {
+                    host: Some(Host::from(view)),
+                    snapshot: true,
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         loop {
             match changes.recv().await {
                 Ok(view) => {
-                    if tx.send(Ok(HostEvent { host: Some(Host::from(&view)), snapshot: false })).await.is_err() {
+                    if tx
+                        .send(Ok(HostEvent {
+                            host: Some(Host::from(&view)),
+                            snapshot: false,
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

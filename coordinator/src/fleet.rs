@@ -6,10 +6,14 @@
 //! over a bounded channel, so a burst of agents back-pressures the handlers
 //! instead of growing a queue without limit.
 //!
-//! Persistence is batched: changes mark a host dirty and the actor writes
-//! every dirty host in one store transaction at most once per
-//! [`FLUSH_INTERVAL`] and once more when it stops, so a reconnect storm of
-//! thousands of agents costs a handful of fsyncs, not one each.
+//! Persistence is group-committed. A change to what a host *is* (a new
+//! host, new labels, agent version or services) is durable before the
+//! registry answers: the actor handles every command already queued, writes
+//! all such changes in one transaction, and only then replies. Changes to
+//! liveness only (last seen, peer address) are written at most once per
+//! [`FLUSH_INTERVAL`] and when the registry stops. So a reconnect storm of
+//! thousands of known agents costs a handful of fsyncs, not one each, and a
+//! crash loses at most a second of last-seen times.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +33,9 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Commands waiting for the actor; handlers wait when it is full.
 const COMMAND_BUFFER: usize = 4096;
+
+/// The most commands handled before a group commit.
+const GROUP_COMMIT_MAX: usize = 1024;
 
 /// Host changes buffered per watcher before it is resynced with a snapshot.
 const WATCH_BUFFER: usize = 1024;
@@ -89,13 +96,36 @@ impl Entry {
 
 /// What the actor can be asked to do.
 enum Command {
-    Connect { info: HostInfo, peer_address: String, sender: AgentSender, reply: oneshot::Sender<Session> },
-    Seen { host: HostId, session: u64 },
-    Inventory { host: HostId, session: u64, services: Vec<ServiceStatus> },
-    Disconnect { host: HostId, session: u64, reason: String },
-    List { reply: oneshot::Sender<Vec<HostView>> },
-    Get { host: HostId, reply: oneshot::Sender<Option<HostView>> },
-    Watch { reply: oneshot::Sender<(Vec<HostView>, broadcast::Receiver<HostView>)> },
+    Connect {
+        info: HostInfo,
+        peer_address: String,
+        sender: AgentSender,
+        reply: oneshot::Sender<Session>,
+    },
+    Seen {
+        host: HostId,
+        session: u64,
+    },
+    Inventory {
+        host: HostId,
+        session: u64,
+        services: Vec<ServiceStatus>,
+    },
+    Disconnect {
+        host: HostId,
+        session: u64,
+        reason: String,
+    },
+    List {
+        reply: oneshot::Sender<Vec<HostView>>,
+    },
+    Get {
+        host: HostId,
+        reply: oneshot::Sender<Option<HostView>>,
+    },
+    Watch {
+        reply: oneshot::Sender<(Vec<HostView>, broadcast::Receiver<HostView>)>,
+    },
 }
 
 /// The registry stopped (the coordinator is shutting down).
@@ -110,7 +140,10 @@ pub struct FleetHandle {
 }
 
 impl FleetHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, FleetStopped> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, FleetStopped> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| FleetStopped)?;
         rx.await.map_err(|_| FleetStopped)
@@ -124,8 +157,19 @@ impl FleetHandle {
 
     /// Registers a newly accepted agent stream, replacing any older one of
     /// the same host.
-    pub async fn connect(&self, info: HostInfo, peer_address: String, sender: AgentSender) -> Result<Session, FleetStopped> {
-        self.ask(|reply| Command::Connect { info, peer_address, sender, reply }).await
+    pub async fn connect(
+        &self,
+        info: HostInfo,
+        peer_address: String,
+        sender: AgentSender,
+    ) -> Result<Session, FleetStopped> {
+        self.ask(|reply| Command::Connect {
+            info,
+            peer_address,
+            sender,
+            reply,
+        })
+        .await
     }
 
     /// Records that a host's stream delivered a message.
@@ -135,13 +179,23 @@ impl FleetHandle {
 
     /// Records a host's new service inventory.
     pub async fn inventory(&self, host: HostId, session: u64, services: Vec<ServiceStatus>) {
-        self.tell(Command::Inventory { host, session, services }).await;
+        self.tell(Command::Inventory {
+            host,
+            session,
+            services,
+        })
+        .await;
     }
 
     /// Records that a host's stream ended; ignored if a newer stream of the
     /// host has replaced it meanwhile.
     pub async fn disconnect(&self, host: HostId, session: u64, reason: String) {
-        self.tell(Command::Disconnect { host, session, reason }).await;
+        self.tell(Command::Disconnect {
+            host,
+            session,
+            reason,
+        })
+        .await;
     }
 
     /// Every registered host, sorted by host id.
@@ -155,7 +209,9 @@ impl FleetHandle {
     }
 
     /// A snapshot of the fleet plus every change after it.
-    pub async fn watch(&self) -> Result<(Vec<HostView>, broadcast::Receiver<HostView>), FleetStopped> {
+    pub async fn watch(
+        &self,
+    ) -> Result<(Vec<HostView>, broadcast::Receiver<HostView>), FleetStopped> {
         self.ask(|reply| Command::Watch { reply }).await
     }
 }
@@ -164,6 +220,12 @@ struct Actor {
     store: Arc<dyn Store>,
     hosts: HashMap<HostId, Entry>,
     dirty: HashSet<HostId>,
+    /// Whether `dirty` holds a change that must be durable before the
+    /// replies in `deferred` are sent.
+    urgent: bool,
+    /// Replies held back until the next group commit, so nobody is told
+    /// about a change that a crash could still undo.
+    deferred: Vec<Box<dyn FnOnce() + Send>>,
     changes: broadcast::Sender<HostView>,
     next_session: u64,
 }
@@ -171,11 +233,16 @@ struct Actor {
 /// Loads the registry from the store and starts its actor. The actor ends
 /// when every [`FleetHandle`] is dropped, after a final flush; await the
 /// returned task to know the registry is persisted.
-pub async fn spawn(store: Arc<dyn Store>) -> Result<(FleetHandle, tokio::task::JoinHandle<()>), StoreError> {
+pub async fn spawn(
+    store: Arc<dyn Store>,
+) -> Result<(FleetHandle, tokio::task::JoinHandle<()>), StoreError> {
     let mut hosts = HashMap::new();
     for (key, value) in store.list(HOST_PREFIX).await? {
         let record: HostRecord =
-            serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+            serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
         hosts.insert(record.host_id.clone(), Entry { record, live: None });
     }
     info!(hosts = hosts.len(), "fleet registry loaded");
@@ -184,6 +251,8 @@ pub async fn spawn(store: Arc<dyn Store>) -> Result<(FleetHandle, tokio::task::J
         store,
         hosts,
         dirty: HashSet::new(),
+        urgent: false,
+        deferred: Vec::new(),
         changes: broadcast::channel(WATCH_BUFFER).0,
         next_session: 1,
     };
@@ -198,24 +267,53 @@ impl Actor {
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        // Take what else is queued into the same commit.
+                        for _ in 1..GROUP_COMMIT_MAX {
+                            match rx.try_recv() {
+                                Ok(cmd) => self.handle(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                        if self.urgent {
+                            self.flush().await;
+                        }
+                        self.reply_deferred();
+                    }
                     None => break,
                 },
                 _ = flush.tick(), if !self.dirty.is_empty() => self.flush().await,
             }
         }
         self.flush().await;
+        self.reply_deferred();
         debug!("fleet registry stopped");
+    }
+
+    fn reply_deferred(&mut self) {
+        for reply in self.deferred.drain(..) {
+            reply();
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
         let now = SystemTime::now();
         match cmd {
-            Command::Connect { info, peer_address, sender, reply } => {
+            Command::Connect {
+                info,
+                peer_address,
+                sender,
+                reply,
+            } => {
                 let session = self.next_session;
                 self.next_session += 1;
                 let replaced = CancellationToken::new();
-                let live = Live { session, replaced: replaced.clone(), _sender: sender };
+                let live = Live {
+                    session,
+                    replaced: replaced.clone(),
+                    _sender: sender,
+                };
                 let id = info.host_id.clone();
                 let now_ms = unix_millis(now);
                 let entry = self.hosts.entry(id.clone()).or_insert_with(|| Entry {
@@ -235,32 +333,53 @@ impl Actor {
                     old.replaced.cancel();
                 }
                 let r = &mut entry.record;
+                let is_new = r.agent_version.is_empty();
+                let identity_changed = is_new
+                    || r.labels != info.labels
+                    || r.services != info.services
+                    || r.agent_version != info.agent_version;
                 r.labels = info.labels;
                 r.services = info.services;
                 r.agent_version = info.agent_version;
                 r.last_seen_ms = now_ms;
                 r.peer_address = peer_address;
-                info!(host = %id, session, peer = %r.peer_address, version = %r.agent_version, "agent connected");
+                info!(host = %id, session, peer = %r.peer_address, version = %r.agent_version, new = is_new, "agent connected");
+                self.urgent |= identity_changed;
                 self.changed(&id);
                 // The handler may have given up meanwhile; its stream then
                 // ends and a disconnect for this session follows.
-                let _ = reply.send(Session { id: session, replaced });
+                self.reply(
+                    reply,
+                    Session {
+                        id: session,
+                        replaced,
+                    },
+                );
             }
             Command::Seen { host, session } => {
                 if let Some(entry) = self.current(&host, session) {
                     entry.record.last_seen_ms = unix_millis(now);
                 }
             }
-            Command::Inventory { host, session, services } => {
+            Command::Inventory {
+                host,
+                session,
+                services,
+            } => {
                 if let Some(entry) = self.current(&host, session) {
                     entry.record.last_seen_ms = unix_millis(now);
                     if entry.record.services != services {
                         entry.record.services = services;
+                        self.urgent = true;
                         self.changed(&host);
                     }
                 }
             }
-            Command::Disconnect { host, session, reason } => {
+            Command::Disconnect {
+                host,
+                session,
+                reason,
+            } => {
                 if let Some(entry) = self.current(&host, session) {
                     entry.live = None;
                     entry.record.last_seen_ms = unix_millis(now);
@@ -268,21 +387,29 @@ impl Actor {
                     self.changed(&host);
                 }
             }
-            Command::List { reply } => {
-                let _ = reply.send(self.snapshot());
-            }
+            Command::List { reply } => self.reply(reply, self.snapshot()),
             Command::Get { host, reply } => {
-                let _ = reply.send(self.hosts.get(&host).map(Entry::view));
+                let view = self.hosts.get(&host).map(Entry::view);
+                self.reply(reply, view);
             }
             Command::Watch { reply } => {
-                let _ = reply.send((self.snapshot(), self.changes.subscribe()));
+                self.reply(reply, (self.snapshot(), self.changes.subscribe()))
             }
         }
     }
 
+    /// Answers after the group commit; a caller that went away is ignored.
+    fn reply<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
+        self.deferred.push(Box::new(move || {
+            let _ = reply.send(value);
+        }));
+    }
+
     /// The host's entry, only while `session` is its live stream.
     fn current(&mut self, host: &HostId, session: u64) -> Option<&mut Entry> {
-        self.hosts.get_mut(host).filter(|e| e.live.as_ref().is_some_and(|l| l.session == session))
+        self.hosts
+            .get_mut(host)
+            .filter(|e| e.live.as_ref().is_some_and(|l| l.session == session))
     }
 
     fn snapshot(&self) -> Vec<HostView> {
@@ -312,10 +439,24 @@ impl Actor {
                 }
             }
         }
-        match self.store.txn(Txn { compares: vec![], ops }).await {
-            Ok(_) => self.dirty.clear(),
-            // Kept dirty: the next tick tries again.
-            Err(e) => warn!(error = %e, hosts = self.dirty.len(), "cannot persist the fleet registry; will retry"),
+        match self
+            .store
+            .txn(Txn {
+                compares: vec![],
+                ops,
+            })
+            .await
+        {
+            Ok(_) => {
+                self.dirty.clear();
+                self.urgent = false;
+            }
+            // Kept dirty: the next tick tries again. Deferred replies still
+            // go out: refusing agents because the disk is full would turn
+            // a storage problem into a fleet outage.
+            Err(e) => {
+                warn!(error = %e, hosts = self.dirty.len(), "cannot persist the fleet registry; will retry")
+            }
         }
     }
 }
@@ -342,9 +483,18 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let h1 = HostId::try_from("h1").unwrap();
 
-        let first = fleet.connect(info("h1"), "127.0.0.1:1".into(), tx.clone()).await.unwrap();
-        let second = fleet.connect(info("h1"), "127.0.0.1:2".into(), tx.clone()).await.unwrap();
-        assert!(first.replaced.is_cancelled(), "the older stream must be told it was replaced");
+        let first = fleet
+            .connect(info("h1"), "127.0.0.1:1".into(), tx.clone())
+            .await
+            .unwrap();
+        let second = fleet
+            .connect(info("h1"), "127.0.0.1:2".into(), tx.clone())
+            .await
+            .unwrap();
+        assert!(
+            first.replaced.is_cancelled(),
+            "the older stream must be told it was replaced"
+        );
         assert!(!second.replaced.is_cancelled());
 
         // The replaced stream's disconnect must not mark the host disconnected.

@@ -26,7 +26,10 @@ use crate::fleet;
 use crate::store::{RedbStore, Store, StoreError};
 
 /// The gRPC services whose health is reported.
-const SERVICES: &[&str] = &["baton.agent.v1.AgentService", "baton.control.v1.ControlService"];
+const SERVICES: &[&str] = &[
+    "baton.agent.v1.AgentService",
+    "baton.control.v1.ControlService",
+];
 
 /// Why the coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +97,24 @@ impl Coordinator {
             .recursive(true)
             .mode(0o700)
             .create(&config.data_dir)
-            .map_err(|source| StartError::DataDir { path: config.data_dir.display().to_string(), source })?;
+            .map_err(|source| StartError::DataDir {
+                path: config.data_dir.display().to_string(),
+                source,
+            })?;
         let store = RedbStore::open(&config.data_dir.join("baton.redb"))?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(Self { config, tls, store: Arc::new(store), listener })
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Self {
+            config,
+            tls,
+            store: Arc::new(store),
+            listener,
+        })
     }
 
     /// The address actually bound (differs from the configured one for
@@ -121,7 +136,9 @@ impl Coordinator {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in SERVICES {
-            health.set_service_status(*name, ServingStatus::Serving).await;
+            health
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(baton_proto::FILE_DESCRIPTOR_SET)
@@ -155,13 +172,15 @@ impl Coordinator {
                 async move {
                     shutdown.cancelled().await;
                     for name in SERVICES {
-                        health.set_service_status(*name, ServingStatus::NotServing).await;
+                        health
+                            .set_service_status(*name, ServingStatus::NotServing)
+                            .await;
                     }
                 }
             });
         info!(%addr, agent_timeout = %humantime::format_duration(timing.silence_timeout), "batond serving");
 
-        let mut server = std::pin::pin!(server);
+        let mut server = Box::pin(server);
         let served = tokio::select! {
             r = &mut server => r,
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

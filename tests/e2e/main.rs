@@ -1,1 +1,9 @@
+//! End-to-end tests: real binaries, real gRPC over real mutual TLS, on
+//! loopback, each test in its own temp dir and on its own ports.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod config;
+mod demo;
+mod fleet;
+mod security;

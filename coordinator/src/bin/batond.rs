@@ -14,7 +14,11 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     baton_common::process::init_logging("info");
@@ -39,7 +43,11 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("batond: {e}");
-                return if e.is_config() { ExitCode::from(EXIT_CONFIG as u8) } else { ExitCode::FAILURE };
+                return if e.is_config() {
+                    ExitCode::from(EXIT_CONFIG as u8)
+                } else {
+                    ExitCode::FAILURE
+                };
             }
         };
         // The one line on stdout: scripts and tests read the bound address

@@ -31,7 +31,10 @@ pub fn run(cmd: CertsCommand) -> Result<ExitCode, CliError> {
         CertsCommand::Init { out, agents } => {
             let ids = agents
                 .iter()
-                .map(|a| HostId::try_from(a.as_str()).map_err(|e| CliError(format!("agent host id {}", e.reason))))
+                .map(|a| {
+                    HostId::try_from(a.as_str())
+                        .map_err(|e| CliError(format!("agent host id {}", e.reason)))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let report = baton_common::pki::init(&out, &ids)?;
             for f in &report.written {

@@ -27,7 +27,11 @@ pub struct DemoArgs {
 }
 
 /// The demo's hosts and their labels.
-const HOSTS: &[(&str, &str, &str)] = &[("web-1", "web", "a"), ("web-2", "web", "b"), ("db-1", "db", "a")];
+const HOSTS: &[(&str, &str, &str)] = &[
+    ("web-1", "web", "a"),
+    ("web-2", "web", "b"),
+    ("db-1", "db", "a"),
+];
 
 /// How long the demo waits for the fleet to change state.
 const STEP_DEADLINE: Duration = Duration::from_secs(30);
@@ -45,12 +49,21 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let dir = tempfile::Builder::new().prefix("baton-demo-").tempdir()?;
     let interrupted = CancellationToken::new();
     let signals = tokio::spawn(baton_common::process::cancel_on_signal(interrupted.clone()));
-    println!("Baton demo: one coordinator and {} agents on loopback, in {}", HOSTS.len(), dir.path().display());
+    println!(
+        "Baton demo: one coordinator and {} agents on loopback, in {}",
+        HOSTS.len(),
+        dir.path().display()
+    );
 
     let tls_dir = dir.path().join("tls");
-    let ids: Vec<HostId> = HOSTS.iter().map(|(id, _, _)| HostId::try_from(*id)).collect::<Result<_, _>>()?;
+    let ids: Vec<HostId> = HOSTS
+        .iter()
+        .map(|(id, _, _)| HostId::try_from(*id))
+        .collect::<Result<_, _>>()?;
     baton_common::pki::init(&tls_dir, &ids)?;
-    println!("  created a CA and mTLS certificates for the coordinator, the operator and each agent");
+    println!(
+        "  created a CA and mTLS certificates for the coordinator, the operator and each agent"
+    );
 
     let coordinator = Coordinator::bind(Config {
         listen: "127.0.0.1:0".parse()?,
@@ -81,7 +94,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             tls: ClientTls::load(&tls_dir, &format!("agent-{host_id}"))?,
             host_id,
             data_dir: dir.path().join("agents").join(id),
-            labels: [("role".to_owned(), (*role).to_owned()), ("zone".to_owned(), (*zone).to_owned())].into(),
+            labels: [
+                ("role".to_owned(), (*role).to_owned()),
+                ("zone".to_owned(), (*zone).to_owned()),
+            ]
+            .into(),
             vars: Default::default(),
             trusted_keys: vec![],
             reconnect_initial: Duration::from_millis(100),
@@ -89,37 +106,72 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         };
         agents.spawn(Agent::new(config)?.run(agents_stop.clone()));
     }
-    println!("  started agents {}; waiting for them to register:", HOSTS.iter().map(|h| h.0).collect::<Vec<_>>().join(", "));
+    println!(
+        "  started agents {}; waiting for them to register:",
+        HOSTS.iter().map(|h| h.0).collect::<Vec<_>>().join(", ")
+    );
 
     let mut outcome = Ok(ExitCode::SUCCESS);
-    let registered = unless(&interrupted, tokio::time::timeout(STEP_DEADLINE, async {
-        let mut connected = std::collections::BTreeSet::new();
-        while connected.len() < HOSTS.len() {
-            let Some(event) = events.message().await.map_err(|s| call_failed("the host watch broke", s))? else {
-                return Err(CliError("the coordinator ended the host watch".into()));
-            };
-            let Some(host) = event.host.map(HostView::try_from).transpose()? else { continue };
-            if host.connected && connected.insert(host.host_id.clone()) {
-                let labels = host.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ");
-                println!("    + {} registered ({labels}) from {}", host.host_id, host.peer_address);
+    let registered = unless(
+        &interrupted,
+        tokio::time::timeout(STEP_DEADLINE, async {
+            let mut connected = std::collections::BTreeSet::new();
+            while connected.len() < HOSTS.len() {
+                let Some(event) = events
+                    .message()
+                    .await
+                    .map_err(|s| call_failed("the host watch broke", s))?
+                else {
+                    return Err(CliError("the coordinator ended the host watch".into()));
+                };
+                let Some(host) = event.host.map(HostView::try_from).transpose()? else {
+                    continue;
+                };
+                if host.connected && connected.insert(host.host_id.clone()) {
+                    let labels = host
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    println!(
+                        "    + {} registered ({labels}) from {}",
+                        host.host_id, host.peer_address
+                    );
+                }
             }
-        }
-        Ok::<_, CliError>(())
-    }))
+            Ok::<_, CliError>(())
+        }),
+    )
     .await;
     match registered {
         None => outcome = Ok(ExitCode::from(130)),
-        Some(Err(_)) => outcome = Err(CliError(format!("the agents did not all register within {STEP_DEADLINE:?}"))),
+        Some(Err(_)) => {
+            outcome = Err(CliError(format!(
+                "the agents did not all register within {STEP_DEADLINE:?}"
+            )))
+        }
         Some(Ok(Err(e))) => outcome = Err(e),
         Some(Ok(Ok(()))) => {
-            let list = control.list_hosts(ListHostsRequest {}).await.map_err(|s| call_failed("listing hosts failed", s))?;
-            let views = list.into_inner().hosts.into_iter().map(HostView::try_from).collect::<Result<Vec<_>, _>>()?;
+            let list = control
+                .list_hosts(ListHostsRequest {})
+                .await
+                .map_err(|s| call_failed("listing hosts failed", s))?;
+            let views = list
+                .into_inner()
+                .hosts
+                .into_iter()
+                .map(HostView::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
             println!("\nThe fleet, as `baton hosts` shows it:\n");
             for line in hosts::table(&views).lines() {
                 println!("  {line}");
             }
             if args.keep_running {
-                println!("\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} hosts`.", tls_dir.display());
+                println!(
+                    "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} hosts`.",
+                    tls_dir.display()
+                );
                 println!("Press Ctrl-C to stop.");
                 interrupted.cancelled().await;
             }

@@ -19,7 +19,10 @@ pub struct HostsArgs {
 /// Runs `baton hosts`.
 pub async fn run(cli: &Cli, args: &HostsArgs) -> Result<ExitCode, CliError> {
     let mut client = cli.control().await?;
-    let response = client.list_hosts(ListHostsRequest {}).await.map_err(|s| call_failed("listing hosts failed", s))?;
+    let response = client
+        .list_hosts(ListHostsRequest {})
+        .await
+        .map_err(|s| call_failed("listing hosts failed", s))?;
     let hosts = response
         .into_inner()
         .hosts
@@ -57,22 +60,57 @@ pub fn to_json(h: &HostView) -> serde_json::Value {
 
 /// The hosts as an aligned text table.
 pub fn table(hosts: &[HostView]) -> String {
-    let mut rows = vec![["HOST".to_owned(), "CONNECTED".into(), "AGENT".into(), "LABELS".into(), "SERVICES".into()]];
+    let mut rows = vec![[
+        "HOST".to_owned(),
+        "CONNECTED".into(),
+        "AGENT".into(),
+        "LABELS".into(),
+        "SERVICES".into(),
+    ]];
     for h in hosts {
-        let labels = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let labels = h
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let services = h
             .services
             .iter()
-            .map(|s| format!("{}@{} ({}{})", s.name, s.version, s.state, if s.healthy { ", healthy" } else { "" }))
+            .map(|s| {
+                format!(
+                    "{}@{} ({}{})",
+                    s.name,
+                    s.version,
+                    s.state,
+                    if s.healthy { ", healthy" } else { "" }
+                )
+            })
             .collect::<Vec<_>>()
             .join(" ");
-        let connected = if h.connected { "yes".to_owned() } else { format!("no (last seen {})", rfc3339(h.last_seen)) };
-        rows.push([h.host_id.to_string(), connected, h.agent_version.clone(), or_dash(labels), or_dash(services)]);
+        let connected = if h.connected {
+            "yes".to_owned()
+        } else {
+            format!("no (last seen {})", rfc3339(h.last_seen))
+        };
+        rows.push([
+            h.host_id.to_string(),
+            connected,
+            h.agent_version.clone(),
+            or_dash(labels),
+            or_dash(services),
+        ]);
     }
-    let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

@@ -99,34 +99,45 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 impl Cli {
     /// Connects to the Control API with the operator certificate.
     pub async fn control(&self) -> Result<ControlServiceClient<Channel>, CliError> {
-        let dir = self
-            .tls_dir
-            .as_ref()
-            .ok_or_else(|| CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into()))?;
+        let dir = self.tls_dir.as_ref().ok_or_else(|| {
+            CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
+        })?;
         let tls = ClientTls::load(dir, "operator")?;
         connect_control(&self.coordinator, &tls).await
     }
 }
 
 /// Opens a Control API connection to `url` with `tls`.
-pub async fn connect_control(url: &str, tls: &ClientTls) -> Result<ControlServiceClient<Channel>, CliError> {
+pub async fn connect_control(
+    url: &str,
+    tls: &ClientTls,
+) -> Result<ControlServiceClient<Channel>, CliError> {
     let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| CliError(format!("coordinator URL {url:?} is invalid: {}", error_chain(&e))))?
+        .map_err(|e| {
+            CliError(format!(
+                "coordinator URL {url:?} is invalid: {}",
+                error_chain(&e)
+            ))
+        })?
         .tls_config(tls.to_tonic())
         .map_err(|e| CliError(format!("cannot set up TLS: {}", error_chain(&e))))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| CliError(format!("cannot reach the coordinator at {url}: {}", error_chain(&e))))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        CliError(format!(
+            "cannot reach the coordinator at {url}: {}",
+            error_chain(&e)
+        ))
+    })?;
     Ok(ControlServiceClient::new(channel))
 }
 
 /// Turns a failed call into a sentence that says what the coordinator said.
 pub fn call_failed(what: &str, status: tonic::Status) -> CliError {
     let detail = match std::error::Error::source(&status) {
-        Some(source) if status.message().is_empty() || status.message() == "transport error" => error_chain(source),
+        Some(source) if status.message().is_empty() || status.message() == "transport error" => {
+            error_chain(source)
+        }
         _ => status.message().to_owned(),
     };
     let code = match status.code() {

@@ -86,22 +86,38 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets one key.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.txn(Txn { compares: vec![], ops: vec![Op::Put(key.to_owned(), value)] }).await.map(|_| ())
+        self.txn(Txn {
+            compares: vec![],
+            ops: vec![Op::Put(key.to_owned(), value)],
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Sets `key` to `new` only if it currently holds `expected` (`None`:
     /// only if it is absent). Returns whether it was set.
-    async fn compare_and_swap(&self, key: &str, expected: Option<Vec<u8>>, new: Vec<u8>) -> Result<bool, StoreError> {
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
         let compare = match expected {
             None => Compare::Absent(key.to_owned()),
             Some(v) => Compare::Equals(key.to_owned(), v),
         };
-        self.txn(Txn { compares: vec![compare], ops: vec![Op::Put(key.to_owned(), new)] }).await
+        self.txn(Txn {
+            compares: vec![compare],
+            ops: vec![Op::Put(key.to_owned(), new)],
+        })
+        .await
     }
 }
 
 /// The behaviour every [`Store`] implementation must show; run against each
-/// implementation by its tests.
+/// implementation by its tests. Panicking is how it reports, so it
+/// unwraps freely.
+#[allow(clippy::unwrap_used)]
 pub mod conformance {
     use super::*;
 
@@ -115,20 +131,49 @@ pub mod conformance {
         assert_eq!(store.get("a/1").await.unwrap(), Some(b"one".to_vec()));
 
         let listed = store.list("a/").await.unwrap();
-        assert_eq!(listed, vec![("a/1".into(), b"one".to_vec()), ("a/2".into(), b"two".to_vec())]);
+        assert_eq!(
+            listed,
+            vec![
+                ("a/1".into(), b"one".to_vec()),
+                ("a/2".into(), b"two".to_vec())
+            ]
+        );
         assert!(store.list("c/").await.unwrap().is_empty());
 
         // Compare-and-swap: only the expected value wins.
-        assert!(!store.compare_and_swap("a/1", Some(b"nope".to_vec()), b"x".to_vec()).await.unwrap());
-        assert!(store.compare_and_swap("a/1", Some(b"one".to_vec()), b"uno".to_vec()).await.unwrap());
-        assert!(!store.compare_and_swap("a/1", None, b"x".to_vec()).await.unwrap());
-        assert!(store.compare_and_swap("a/3", None, b"three".to_vec()).await.unwrap());
+        assert!(
+            !store
+                .compare_and_swap("a/1", Some(b"nope".to_vec()), b"x".to_vec())
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_swap("a/1", Some(b"one".to_vec()), b"uno".to_vec())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .compare_and_swap("a/1", None, b"x".to_vec())
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .compare_and_swap("a/3", None, b"three".to_vec())
+                .await
+                .unwrap()
+        );
         assert_eq!(store.get("a/1").await.unwrap(), Some(b"uno".to_vec()));
 
         // A failed transaction writes nothing at all.
         let failed = Txn {
             compares: vec![Compare::Absent("a/1".into())],
-            ops: vec![Op::Put("a/4".into(), b"four".to_vec()), Op::Delete("a/2".into())],
+            ops: vec![
+                Op::Put("a/4".into(), b"four".to_vec()),
+                Op::Delete("a/2".into()),
+            ],
         };
         assert!(!store.txn(failed).await.unwrap());
         assert_eq!(store.get("a/4").await.unwrap(), None);
@@ -136,8 +181,14 @@ pub mod conformance {
 
         // A successful one writes everything.
         let ok = Txn {
-            compares: vec![Compare::Equals("a/1".into(), b"uno".to_vec()), Compare::Absent("a/4".into())],
-            ops: vec![Op::Put("a/4".into(), b"four".to_vec()), Op::Delete("a/2".into())],
+            compares: vec![
+                Compare::Equals("a/1".into(), b"uno".to_vec()),
+                Compare::Absent("a/4".into()),
+            ],
+            ops: vec![
+                Op::Put("a/4".into(), b"four".to_vec()),
+                Op::Delete("a/2".into()),
+            ],
         };
         assert!(store.txn(ok).await.unwrap());
         assert_eq!(store.get("a/4").await.unwrap(), Some(b"four".to_vec()));

@@ -19,14 +19,20 @@ pub struct RedbStore {
 }
 
 fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError::Backend { op, reason: e.to_string() }
+    move |e| StoreError::Backend {
+        op,
+        reason: e.to_string(),
+    }
 }
 
 impl RedbStore {
     /// Opens (or creates) the database at `path`. Fails when another process
     /// holds it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open { path: path.display().to_string(), reason: e.to_string() })?;
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         // Create the table up front so reads never see it missing.
         let tx = db.begin_write().map_err(|e| backend("open")(e.into()))?;
         tx.open_table(KV).map_err(|e| backend("open")(e.into()))?;
@@ -61,7 +67,9 @@ impl RedbStore {
             for compare in &txn.compares {
                 let holds = match compare {
                     Compare::Absent(k) => table.get(k.as_str())?.is_none(),
-                    Compare::Equals(k, v) => table.get(k.as_str())?.is_some_and(|cur| cur.value() == v.as_slice()),
+                    Compare::Equals(k, v) => table
+                        .get(k.as_str())?
+                        .is_some_and(|cur| cur.value() == v.as_slice()),
                 };
                 if !holds {
                     // Dropping the transaction aborts it: nothing is written.
@@ -91,7 +99,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StoreError::Backend { op, reason: format!("worker failed: {e}") })?
+        .map_err(|e| StoreError::Backend {
+            op,
+            reason: format!("worker failed: {e}"),
+        })?
         .map_err(backend(op))
 }
 

@@ -1,0 +1,114 @@
+//! Bad configuration exits with code 64 and a sentence naming the problem,
+//! before anything is served.
+
+use std::process::Command;
+
+use baton_tests::{TestEnv, bin};
+
+fn run(name: &str, args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = Command::new(bin(name)).args(args).output().unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (out.status.code(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn a_malformed_config_file_exits_64_naming_the_problem() {
+    let env = TestEnv::new(&[]);
+    let file = env.path("batond.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\ndata-dir = \"d\"\ntls-dir = \"t\"\nagent-timeout = \"twelve\"\n",
+    )
+    .unwrap();
+    let (code, err) = run("batond", &["--config".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("batond.toml") && err.contains("agent-timeout"),
+        "{err}"
+    );
+
+    std::fs::write(&file, "listen = [unclosed\n").unwrap();
+    let (code, err) = run("batond", &["--config".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("line 1"), "{err}");
+
+    let agent_file = env.path("agent.toml");
+    std::fs::write(
+        &agent_file,
+        "coordinator = \"https://127.0.0.1:1\"\nhost-id = \"h1\"\nlables = {}\n",
+    )
+    .unwrap();
+    let (code, err) = run(
+        "baton-agent",
+        &["--config".as_ref(), agent_file.as_os_str()],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("agent.toml") && err.contains("lables"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_certificate_exits_64_naming_the_file() {
+    let env = TestEnv::new(&["h1"]);
+    std::fs::remove_file(env.path("tls/coordinator-key.pem")).unwrap();
+    let (code, err) = run(
+        "batond",
+        &[
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--data-dir".as_ref(),
+            env.path("d").as_os_str(),
+            "--tls-dir".as_ref(),
+            env.tls().as_os_str(),
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("coordinator-key.pem"), "{err}");
+    assert!(
+        !env.path("d").exists(),
+        "nothing is created before the configuration is whole"
+    );
+
+    let (code, err) = run(
+        "baton-agent",
+        &[
+            "--coordinator".as_ref(),
+            "https://127.0.0.1:1".as_ref(),
+            "--host-id".as_ref(),
+            "h2".as_ref(),
+            "--data-dir".as_ref(),
+            env.path("a").as_os_str(),
+            "--tls-dir".as_ref(),
+            env.tls().as_os_str(),
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("agent-h2.pem"), "{err}");
+    assert!(!env.path("a").exists());
+}
+
+#[test]
+fn an_agent_creates_its_data_dir_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new(&["h1"]);
+    let mut agent = baton_tests::start_agent(
+        &env,
+        "https://127.0.0.1:1",
+        baton_tests::AgentOpts::new("h1"),
+    );
+    let dir = env.path("agent-h1");
+    let mode = baton_tests::wait_until("the agent's data dir", baton_tests::SOON, || {
+        std::fs::metadata(&dir)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    });
+    assert_eq!(mode, 0o700);
+    // With no coordinator to reach it keeps retrying, and stops cleanly.
+    assert!(agent.terminate().success());
+}
