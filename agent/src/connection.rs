@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use baton_common::backoff::Backoff;
+use baton_common::command::{Command, CommandKind, CommandUpdate, Outcome};
 use baton_common::error_chain as chain;
 use baton_common::host::HostInfo;
 use baton_common::time::from_duration;
@@ -214,6 +215,15 @@ impl Link {
                         deadline = Instant::now() + silence;
                         match msg.kind {
                             Some(coordinator_message::Kind::Ping(_)) => {}
+                            Some(coordinator_message::Kind::Command(command)) => {
+                                let update = execute(command);
+                                let msg = AgentMessage { kind: Some(agent_message::Kind::CommandUpdate((&update).into())) };
+                                // Waiting here is back-pressure from the
+                                // coordinator; silence still ends it.
+                                if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
+                                    return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
+                                }
+                            }
                             Some(coordinator_message::Kind::Welcome(_)) => {
                                 return Ok(Ended::Lost("a second welcome on one stream".into()));
                             }
@@ -225,5 +235,32 @@ impl Link {
                 },
             }
         }
+    }
+}
+
+/// Runs one command and returns its final update. A command that cannot
+/// run (unknown kind, past its deadline) fails with a reason instead of
+/// being dropped, so the coordinator never waits on silence.
+fn execute(wire: baton_proto::agent::v1::Command) -> CommandUpdate {
+    let command = match Command::try_from(wire) {
+        Ok(c) => c,
+        Err(unusable) => {
+            warn!(id = ?unusable.id, reason = %unusable.reason, "refusing a command this agent cannot run");
+            return CommandUpdate::done(
+                unusable.id.as_deref().unwrap_or("-"),
+                Outcome::Failed,
+                unusable.reason.to_string(),
+            );
+        }
+    };
+    if command.deadline < std::time::SystemTime::now() {
+        return CommandUpdate::done(
+            &command.id,
+            Outcome::Failed,
+            "the command arrived after its deadline",
+        );
+    }
+    match command.kind {
+        CommandKind::Noop => CommandUpdate::done(&command.id, Outcome::Succeeded, ""),
     }
 }

@@ -41,9 +41,15 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(baton_common::process::cancel_on_signal(shutdown.clone()));
+        let signals = match baton_common::process::cancel_on_signal(shutdown.clone()) {
+            Ok(wait) => tokio::spawn(wait),
+            Err(e) => {
+                eprintln!("baton-agent: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         agent.run(shutdown).await;
         signals.abort();
-    });
-    ExitCode::SUCCESS
+        ExitCode::SUCCESS
+    })
 }

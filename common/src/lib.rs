@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod command;
 pub mod host;
 pub mod pki;
 pub mod process;

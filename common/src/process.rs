@@ -17,28 +17,25 @@ pub fn init_logging(default: &str) {
         .try_init();
 }
 
-/// Waits for SIGTERM or SIGINT and cancels `token`. If the handlers cannot
-/// be installed the error is logged and the process keeps the default
-/// signal behaviour.
-pub async fn cancel_on_signal(token: CancellationToken) {
+/// Installs SIGTERM and SIGINT handlers now, and returns a future that
+/// cancels `token` when either arrives. Installing before the future is
+/// spawned matters: a daemon that says it is ready must already handle
+/// SIGTERM gracefully. Must be called inside a tokio runtime.
+pub fn cancel_on_signal(
+    token: CancellationToken,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return;
-        }
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = token.cancelled() => return,
-    };
-    tracing::info!(signal = name, "shutting down");
-    token.cancel();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = token.cancelled() => return,
+        };
+        tracing::info!(signal = name, "shutting down");
+        token.cancel();
+    })
 }
 
 /// Everything wrong with a configuration, one sentence per problem.

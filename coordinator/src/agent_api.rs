@@ -8,6 +8,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use baton_common::command::CommandUpdate;
 use baton_common::host::{HostId, HostInfo, services_from_agent};
 use baton_common::time::to_duration;
 use baton_common::tls::PeerIdentity;
@@ -226,6 +227,18 @@ impl SessionTask {
                         Err(e) => {
                             warn!(host = %self.host, error = %e, "ending a stream that sent an invalid inventory");
                             return format!("invalid inventory: {e}");
+                        }
+                    }
+                }
+                Some(agent_message::Kind::CommandUpdate(update)) => {
+                    match CommandUpdate::try_from(update) {
+                        Ok(update) => {
+                            self.fleet.seen(self.host.clone(), self.session.id).await;
+                            self.fleet.publish_update(self.host.clone(), update);
+                        }
+                        Err(e) => {
+                            warn!(host = %self.host, error = %e, "ending a stream that sent an invalid command update");
+                            return format!("invalid command update: {e}");
                         }
                     }
                 }

@@ -19,9 +19,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use baton_common::command::{Command as AgentCommand, CommandUpdate};
 use baton_common::host::{HostId, HostInfo, HostView, Labels, ServiceStatus};
 use baton_common::time::{from_unix_millis, unix_millis};
-use baton_proto::agent::v1::CoordinatorMessage;
+use baton_proto::agent::v1::{CoordinatorMessage, coordinator_message};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -39,6 +40,10 @@ const GROUP_COMMIT_MAX: usize = 1024;
 
 /// Host changes buffered per watcher before it is resynced with a snapshot.
 const WATCH_BUFFER: usize = 1024;
+
+/// Command updates buffered per subscriber: room for one acknowledgement
+/// from each of 16k agents in a burst.
+const UPDATE_BUFFER: usize = 16 * 1024;
 
 const HOST_PREFIX: &str = "hosts/";
 
@@ -71,7 +76,7 @@ struct Live {
     replaced: CancellationToken,
     /// Held for sending commands to the agent; dropped on disconnect,
     /// which (with the handler's clone) ends the outbound stream.
-    _sender: AgentSender,
+    sender: AgentSender,
 }
 
 struct Entry {
@@ -126,6 +131,21 @@ enum Command {
     Watch {
         reply: oneshot::Sender<(Vec<HostView>, broadcast::Receiver<HostView>)>,
     },
+    Sender {
+        host: HostId,
+        reply: oneshot::Sender<Option<AgentSender>>,
+    },
+}
+
+/// A command could not be handed to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The host has no live stream.
+    #[error("host {0} is not connected")]
+    NotConnected(HostId),
+    /// The registry stopped.
+    #[error("the fleet registry has stopped")]
+    Stopped,
 }
 
 /// The registry stopped (the coordinator is shutting down).
@@ -137,6 +157,7 @@ pub struct FleetStopped;
 #[derive(Clone)]
 pub struct FleetHandle {
     tx: mpsc::Sender<Command>,
+    updates: broadcast::Sender<(HostId, CommandUpdate)>,
 }
 
 impl FleetHandle {
@@ -208,6 +229,44 @@ impl FleetHandle {
         self.ask(|reply| Command::Get { host, reply }).await
     }
 
+    /// Queues `command` on the host's live stream, waiting while that
+    /// stream's bounded buffer is full (back-pressure from a slow agent).
+    pub async fn send_command(
+        &self,
+        host: HostId,
+        command: &AgentCommand,
+    ) -> Result<(), SendError> {
+        let sender = self
+            .ask(|reply| Command::Sender {
+                host: host.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| SendError::Stopped)?
+            .ok_or_else(|| SendError::NotConnected(host.clone()))?;
+        let msg = CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Command(command.into())),
+        };
+        // A closed channel means the stream ended after we looked it up.
+        sender
+            .send(Ok(msg))
+            .await
+            .map_err(|_| SendError::NotConnected(host))
+    }
+
+    /// Every command update from every agent, from now on. A subscriber
+    /// that falls more than 16k updates behind loses the oldest ones
+    /// (`RecvError::Lagged`) and must reconcile from host state.
+    pub fn command_updates(&self) -> broadcast::Receiver<(HostId, CommandUpdate)> {
+        self.updates.subscribe()
+    }
+
+    /// Publishes an agent's command update to the subscribers.
+    pub fn publish_update(&self, host: HostId, update: CommandUpdate) {
+        // No subscriber is not an error.
+        let _ = self.updates.send((host, update));
+    }
+
     /// A snapshot of the fleet plus every change after it.
     pub async fn watch(
         &self,
@@ -257,7 +316,13 @@ pub async fn spawn(
         next_session: 1,
     };
     let task = tokio::spawn(actor.run(rx));
-    Ok((FleetHandle { tx }, task))
+    Ok((
+        FleetHandle {
+            tx,
+            updates: broadcast::channel(UPDATE_BUFFER).0,
+        },
+        task,
+    ))
 }
 
 impl Actor {
@@ -312,7 +377,7 @@ impl Actor {
                 let live = Live {
                     session,
                     replaced: replaced.clone(),
-                    _sender: sender,
+                    sender,
                 };
                 let id = info.host_id.clone();
                 let now_ms = unix_millis(now);
@@ -394,6 +459,15 @@ impl Actor {
             }
             Command::Watch { reply } => {
                 self.reply(reply, (self.snapshot(), self.changes.subscribe()))
+            }
+            Command::Sender { host, reply } => {
+                let sender = self
+                    .hosts
+                    .get(&host)
+                    .and_then(|e| e.live.as_ref())
+                    .map(|l| l.sender.clone());
+                // Not deferred: sending a command needs no commit first.
+                let _ = reply.send(sender);
             }
         }
     }

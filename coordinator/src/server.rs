@@ -22,8 +22,8 @@ use crate::agent_api::{AgentApi, StreamTiming};
 use crate::auth;
 use crate::config::Config;
 use crate::control_api::ControlApi;
-use crate::fleet;
-use crate::store::{RedbStore, Store, StoreError};
+use crate::fleet::{self, FleetHandle};
+use crate::store::{RedbStore, StoreError};
 
 /// The gRPC services whose health is reported.
 const SERVICES: &[&str] = &[
@@ -84,7 +84,8 @@ pub enum ServeError {
 pub struct Coordinator {
     config: Config,
     tls: ServerTls,
-    store: Arc<dyn Store>,
+    fleet: FleetHandle,
+    fleet_task: tokio::task::JoinHandle<()>,
     listener: TcpListener,
 }
 
@@ -109,12 +110,21 @@ impl Coordinator {
                     addr: config.listen,
                     source,
                 })?;
+        let (fleet, fleet_task) = fleet::spawn(Arc::new(store)).await?;
         Ok(Self {
             config,
             tls,
-            store: Arc::new(store),
+            fleet,
+            fleet_task,
             listener,
         })
+    }
+
+    /// A handle to the fleet registry, for embedding the coordinator
+    /// (tests, the demo). Drop every clone before the coordinator stops:
+    /// the registry's final flush waits for the last handle.
+    pub fn fleet(&self) -> FleetHandle {
+        self.fleet.clone()
     }
 
     /// The address actually bound (differs from the configured one for
@@ -132,7 +142,7 @@ impl Coordinator {
         let grace = self.config.shutdown_grace;
         let timing = StreamTiming::from_timeout(self.config.agent_timeout);
         let tasks = TaskTracker::new();
-        let (fleet, fleet_task) = fleet::spawn(self.store.clone()).await?;
+        let (fleet, fleet_task) = (self.fleet, self.fleet_task);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in SERVICES {

@@ -110,5 +110,11 @@ fn an_agent_creates_its_data_dir_private() {
     });
     assert_eq!(mode, 0o700);
     // With no coordinator to reach it keeps retrying, and stops cleanly.
+    baton_tests::wait_until("a failed connection attempt", baton_tests::SOON, || {
+        agent
+            .log_text()
+            .contains("no stream to the coordinator")
+            .then_some(())
+    });
     assert!(agent.terminate().success());
 }

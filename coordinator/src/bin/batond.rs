@@ -50,12 +50,20 @@ fn main() -> ExitCode {
                 };
             }
         };
+        // Handlers first: once the address is printed, SIGTERM must already
+        // mean a graceful shutdown.
+        let shutdown = CancellationToken::new();
+        let signals = match baton_common::process::cancel_on_signal(shutdown.clone()) {
+            Ok(wait) => tokio::spawn(wait),
+            Err(e) => {
+                eprintln!("batond: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         // The one line on stdout: scripts and tests read the bound address
         // from it (useful with port 0).
         println!("listening on {}", coordinator.local_addr());
         let _ = std::io::stdout().flush();
-        let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(baton_common::process::cancel_on_signal(shutdown.clone()));
         let result = coordinator.run(shutdown).await;
         signals.abort();
         match result {

@@ -48,7 +48,9 @@ async fn unless<T>(stop: &CancellationToken, fut: impl Future<Output = T>) -> Op
 pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let dir = tempfile::Builder::new().prefix("baton-demo-").tempdir()?;
     let interrupted = CancellationToken::new();
-    let signals = tokio::spawn(baton_common::process::cancel_on_signal(interrupted.clone()));
+    let signals = tokio::spawn(baton_common::process::cancel_on_signal(
+        interrupted.clone(),
+    )?);
     println!(
         "Baton demo: one coordinator and {} agents on loopback, in {}",
         HOSTS.len(),

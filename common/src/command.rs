@@ -1,0 +1,252 @@
+//! Commands from the coordinator to an agent and the agent's updates about
+//! them, as domain types, with their protobuf conversions.
+
+use std::time::SystemTime;
+
+use baton_proto::agent::v1 as pb;
+
+use crate::host::InvalidField;
+use crate::time::{from_timestamp, to_timestamp};
+
+/// The longest command id accepted.
+pub const MAX_COMMAND_ID_LEN: usize = 128;
+
+/// Work for an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Unique per command.
+    pub id: String,
+    /// When it must have finished.
+    pub deadline: SystemTime,
+    /// What to do.
+    pub kind: CommandKind,
+}
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandKind {
+    /// Nothing: succeed at once.
+    Noop,
+}
+
+/// Where a command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Received, not started.
+    Accepted,
+    /// Running.
+    Running,
+    /// Finished.
+    Done(Outcome),
+}
+
+/// How a finished command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did what it was asked.
+    Succeeded,
+    /// It did not.
+    Failed,
+}
+
+/// An agent's report about one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandUpdate {
+    /// The command.
+    pub command_id: String,
+    /// Where it is.
+    pub phase: Phase,
+    /// 0–100 within the phase.
+    pub progress_percent: u32,
+    /// Why it failed, when it did.
+    pub error: String,
+}
+
+impl CommandUpdate {
+    /// A final update.
+    pub fn done(command_id: &str, outcome: Outcome, error: impl Into<String>) -> Self {
+        Self {
+            command_id: command_id.to_owned(),
+            phase: Phase::Done(outcome),
+            progress_percent: 100,
+            error: error.into(),
+        }
+    }
+}
+
+fn check_id(id: &str, field: &str) -> Result<(), InvalidField> {
+    if id.is_empty() || id.len() > MAX_COMMAND_ID_LEN || id.chars().any(char::is_control) {
+        return Err(InvalidField::new(
+            field,
+            "must be 1 to 128 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+impl From<&Command> for pb::Command {
+    fn from(c: &Command) -> Self {
+        Self {
+            id: c.id.clone(),
+            deadline: Some(to_timestamp(c.deadline)),
+            kind: Some(match c.kind {
+                CommandKind::Noop => pb::command::Kind::Noop(pb::Noop {}),
+            }),
+        }
+    }
+}
+
+/// A command the agent cannot run, with the id to report the failure under
+/// (when the id itself is readable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnusableCommand {
+    /// The command's id, if valid.
+    pub id: Option<String>,
+    /// Why it cannot run.
+    pub reason: InvalidField,
+}
+
+impl TryFrom<pb::Command> for Command {
+    type Error = UnusableCommand;
+    fn try_from(c: pb::Command) -> Result<Self, Self::Error> {
+        check_id(&c.id, "command.id").map_err(|reason| UnusableCommand { id: None, reason })?;
+        let fail = |field: &str, why: &str| UnusableCommand {
+            id: Some(c.id.clone()),
+            reason: InvalidField::new(field, why),
+        };
+        let deadline = c
+            .deadline
+            .as_ref()
+            .and_then(from_timestamp)
+            .ok_or_else(|| fail("command.deadline", "missing or invalid"))?;
+        let kind = match c.kind {
+            Some(pb::command::Kind::Noop(_)) => CommandKind::Noop,
+            None => {
+                return Err(fail(
+                    "command.kind",
+                    "unknown to this agent (is the agent older than the coordinator?)",
+                ));
+            }
+        };
+        Ok(Self {
+            id: c.id,
+            deadline,
+            kind,
+        })
+    }
+}
+
+impl From<&CommandUpdate> for pb::CommandUpdate {
+    fn from(u: &CommandUpdate) -> Self {
+        let (phase, outcome) = match u.phase {
+            Phase::Accepted => (pb::CommandPhase::Accepted, pb::CommandOutcome::Unspecified),
+            Phase::Running => (pb::CommandPhase::Running, pb::CommandOutcome::Unspecified),
+            Phase::Done(Outcome::Succeeded) => {
+                (pb::CommandPhase::Done, pb::CommandOutcome::Succeeded)
+            }
+            Phase::Done(Outcome::Failed) => (pb::CommandPhase::Done, pb::CommandOutcome::Failed),
+        };
+        Self {
+            command_id: u.command_id.clone(),
+            phase: phase.into(),
+            progress_percent: u.progress_percent,
+            outcome: outcome.into(),
+            error: u.error.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::CommandUpdate> for CommandUpdate {
+    type Error = InvalidField;
+    fn try_from(u: pb::CommandUpdate) -> Result<Self, Self::Error> {
+        check_id(&u.command_id, "command_update.command_id")?;
+        let outcome = pb::CommandOutcome::try_from(u.outcome).map_err(|_| {
+            InvalidField::new(
+                "command_update.outcome",
+                format!("unknown outcome {}", u.outcome),
+            )
+        })?;
+        let phase = match (pb::CommandPhase::try_from(u.phase), outcome) {
+            (Ok(pb::CommandPhase::Accepted), pb::CommandOutcome::Unspecified) => Phase::Accepted,
+            (Ok(pb::CommandPhase::Running), pb::CommandOutcome::Unspecified) => Phase::Running,
+            (Ok(pb::CommandPhase::Done), pb::CommandOutcome::Succeeded) => {
+                Phase::Done(Outcome::Succeeded)
+            }
+            (Ok(pb::CommandPhase::Done), pb::CommandOutcome::Failed) => {
+                Phase::Done(Outcome::Failed)
+            }
+            (Ok(pb::CommandPhase::Done), _) => {
+                return Err(InvalidField::new(
+                    "command_update.outcome",
+                    "a finished command needs an outcome",
+                ));
+            }
+            (Ok(pb::CommandPhase::Accepted | pb::CommandPhase::Running), _) => {
+                return Err(InvalidField::new(
+                    "command_update.outcome",
+                    "only a finished command has an outcome",
+                ));
+            }
+            (Ok(pb::CommandPhase::Unspecified) | Err(_), _) => {
+                return Err(InvalidField::new(
+                    "command_update.phase",
+                    format!("unknown or unspecified phase {}", u.phase),
+                ));
+            }
+        };
+        if u.progress_percent > 100 {
+            return Err(InvalidField::new(
+                "command_update.progress_percent",
+                "must be at most 100",
+            ));
+        }
+        Ok(Self {
+            command_id: u.command_id,
+            phase,
+            progress_percent: u.progress_percent,
+            error: u.error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_round_trip_and_bad_ones_are_refused() {
+        let done = CommandUpdate::done("c1", Outcome::Failed, "boom");
+        assert_eq!(
+            CommandUpdate::try_from(pb::CommandUpdate::from(&done)).unwrap(),
+            done
+        );
+
+        let mut zero = pb::CommandUpdate::from(&done);
+        zero.phase = 0;
+        assert_eq!(
+            CommandUpdate::try_from(zero).unwrap_err().field,
+            "command_update.phase"
+        );
+        let mut no_outcome = pb::CommandUpdate::from(&done);
+        no_outcome.outcome = 0;
+        assert_eq!(
+            CommandUpdate::try_from(no_outcome).unwrap_err().field,
+            "command_update.outcome"
+        );
+    }
+
+    #[test]
+    fn a_command_of_unknown_kind_keeps_its_id_for_the_failure_report() {
+        let cmd = Command {
+            id: "c1".into(),
+            deadline: SystemTime::now(),
+            kind: CommandKind::Noop,
+        };
+        let mut wire = pb::Command::from(&cmd);
+        assert_eq!(Command::try_from(wire.clone()).unwrap().id, "c1");
+        wire.kind = None;
+        let err = Command::try_from(wire).unwrap_err();
+        assert_eq!(err.id.as_deref(), Some("c1"));
+        assert_eq!(err.reason.field, "command.kind");
+    }
+}
