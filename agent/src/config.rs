@@ -2,7 +2,7 @@
 //! same keys, fully checked (TLS files included) before anything connects.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_common::host::{HostId, Labels, parse_key_value, validate_labels};
@@ -107,7 +107,7 @@ impl AgentConfig {
     pub fn resolve(args: AgentArgs) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
         let file = match &args.config {
-            Some(path) => read_file(path).unwrap_or_else(|e| {
+            Some(path) => baton_common::process::read_toml(path).unwrap_or_else(|e| {
                 errors.push(e);
                 FileConfig::default()
             }),
@@ -197,16 +197,4 @@ impl AgentConfig {
             _ => Err(ConfigErrors(errors)),
         }
     }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        format!(
-            "config file {} is invalid: {}",
-            path.display(),
-            e.to_string().trim_end()
-        )
-    })
 }

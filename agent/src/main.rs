@@ -4,20 +4,12 @@ use std::process::ExitCode;
 
 use baton_agent::{Agent, AgentArgs, AgentConfig};
 use baton_common::EXIT_CONFIG;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let args = match AgentArgs::try_parse() {
+    let args = match baton_common::process::parse_args::<AgentArgs>() {
         Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG as u8)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     baton_common::process::init_logging("info");
     let agent = match AgentConfig::resolve(args)
@@ -32,12 +24,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match baton_common::process::runtime("baton-agent") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("baton-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();

@@ -42,3 +42,39 @@ pub fn cancel_on_signal(
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.join("\n"))]
 pub struct ConfigErrors(pub Vec<String>);
+
+/// Reads a TOML config file into `T`; the error is one message naming the
+/// file (toml's own message, which shows the offending line, is kept).
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        format!(
+            "config file {} is invalid: {}",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    })
+}
+
+/// Parses a daemon's flags. `--help` and `--version` print and exit 0; a
+/// usage error prints and exits 64, like any other configuration error.
+pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    T::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(crate::EXIT_CONFIG as u8)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
+}
+
+/// A multi-threaded tokio runtime; on failure prints why, prefixed with
+/// the program's name.
+pub fn runtime(program: &str) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("{program}: cannot start the async runtime: {e}");
+        std::process::ExitCode::FAILURE
+    })
+}

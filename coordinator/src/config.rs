@@ -3,7 +3,7 @@
 //! bound, and every problem is reported at once.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use baton_common::process::ConfigErrors;
@@ -87,7 +87,7 @@ impl Config {
     pub fn resolve(args: BatondArgs) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
         let file = match &args.config {
-            Some(path) => read_file(path).unwrap_or_else(|e| {
+            Some(path) => baton_common::process::read_toml(path).unwrap_or_else(|e| {
                 errors.push(e);
                 FileConfig::default()
             }),
@@ -143,19 +143,6 @@ impl Config {
             Err(ConfigErrors(errors))
         }
     }
-}
-
-fn read_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        // toml's message spans lines and shows the offending line; keep it.
-        format!(
-            "config file {} is invalid: {}",
-            path.display(),
-            e.to_string().trim_end()
-        )
-    })
 }
 
 #[cfg(test)]

@@ -6,20 +6,12 @@ use std::process::ExitCode;
 use baton_common::EXIT_CONFIG;
 use baton_coordinator::config::{BatondArgs, Config};
 use baton_coordinator::server::Coordinator;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let args = match BatondArgs::try_parse() {
+    let args = match baton_common::process::parse_args::<BatondArgs>() {
         Ok(args) => args,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG as u8)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     baton_common::process::init_logging("info");
     let config = match Config::resolve(args) {
@@ -31,12 +23,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match baton_common::process::runtime("batond") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("batond: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let coordinator = match Coordinator::bind(config).await {
