@@ -27,3 +27,45 @@ fn the_demo_registers_three_agents_and_cleans_up() {
         "the demo left {dir} behind"
     );
 }
+
+#[test]
+fn ctrl_c_stops_a_running_demo_cleanly() {
+    use baton_tests::{SOON, wait_until};
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_path = out_dir.path().join("stdout");
+    let mut child = Command::new(bin("baton"))
+        .args(["demo", "--keep-running"])
+        .env_remove("BATON_COORDINATOR")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    wait_until("the demo to wait for Ctrl-C", SOON, || {
+        read().contains("Press Ctrl-C").then_some(())
+    });
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let status = wait_until("the demo to exit", SOON, || child.try_wait().unwrap());
+    assert!(status.success(), "{status:?}\n{}", read());
+    let stdout = read();
+    assert!(stdout.contains("Everything stopped"), "{stdout}");
+    let dir = stdout
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the demo left {dir} behind"
+    );
+}
