@@ -35,7 +35,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ID")]
     pub host_id: Option<String>,
 
-    /// Directory for releases and the agent's journal (mode 0700).
+    /// Directory for the agent's state, releases under `services/` (mode 0700).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
