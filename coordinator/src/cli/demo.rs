@@ -9,7 +9,7 @@ use std::time::Duration;
 use baton_agent::{Agent, AgentConfig};
 use baton_common::host::{HostId, HostView};
 use baton_common::tls::ClientTls;
-use baton_proto::control::v1::{ListHostsRequest, WatchHostsRequest};
+use baton_proto::control::v1::WatchHostsRequest;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -154,30 +154,24 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             )))
         }
         Some(Ok(Err(e))) => outcome = Err(e),
-        Some(Ok(Ok(()))) => {
-            let list = control
-                .list_hosts(ListHostsRequest {})
-                .await
-                .map_err(|s| call_failed("listing hosts failed", s))?;
-            let views = list
-                .into_inner()
-                .hosts
-                .into_iter()
-                .map(HostView::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
-            println!("\nThe fleet, as `baton hosts` shows it:\n");
-            for line in hosts::table(&views).lines() {
-                println!("  {line}");
+        Some(Ok(Ok(()))) => match hosts::fetch(&mut control).await {
+            // Failing here still stops everything below.
+            Err(e) => outcome = Err(e),
+            Ok(views) => {
+                println!("\nThe fleet, as `baton hosts` shows it:\n");
+                for line in hosts::table(&views).lines() {
+                    println!("  {line}");
+                }
+                if args.keep_running {
+                    println!(
+                        "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} hosts`.",
+                        tls_dir.display()
+                    );
+                    println!("Press Ctrl-C to stop.");
+                    interrupted.cancelled().await;
+                }
             }
-            if args.keep_running {
-                println!(
-                    "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} hosts`.",
-                    tls_dir.display()
-                );
-                println!("Press Ctrl-C to stop.");
-                interrupted.cancelled().await;
-            }
-        }
+        },
     }
 
     println!("\nStopping the agents and the coordinator...");

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use baton_common::host::HostView;
 use baton_common::time::rfc3339;
 use baton_proto::control::v1::ListHostsRequest;
+use baton_proto::control::v1::control_service_client::ControlServiceClient;
+use tonic::transport::Channel;
 
 use super::{Cli, CliError, call_failed};
 
@@ -19,17 +21,7 @@ pub struct HostsArgs {
 /// Runs `baton hosts`.
 pub async fn run(cli: &Cli, args: &HostsArgs) -> Result<ExitCode, CliError> {
     let mut client = cli.control().await?;
-    let response = client
-        .list_hosts(ListHostsRequest {})
-        .await
-        .map_err(|s| call_failed("listing hosts failed", s))?;
-    let hosts = response
-        .into_inner()
-        .hosts
-        .into_iter()
-        .map(HostView::try_from)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))?;
+    let hosts = fetch(&mut client).await?;
     if args.json {
         let doc = serde_json::Value::Array(hosts.iter().map(to_json).collect());
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -37,6 +29,21 @@ pub async fn run(cli: &Cli, args: &HostsArgs) -> Result<ExitCode, CliError> {
         print!("{}", table(&hosts));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lists the fleet through the Control API, as domain types.
+pub async fn fetch(client: &mut ControlServiceClient<Channel>) -> Result<Vec<HostView>, CliError> {
+    let response = client
+        .list_hosts(ListHostsRequest {})
+        .await
+        .map_err(|s| call_failed("listing hosts failed", s))?;
+    response
+        .into_inner()
+        .hosts
+        .into_iter()
+        .map(HostView::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))
 }
 
 /// One host in the contract's JSON shape.
