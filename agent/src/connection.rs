@@ -262,5 +262,7 @@ fn execute(wire: baton_proto::agent::v1::Command) -> CommandUpdate {
     }
     match command.kind {
         CommandKind::Noop => CommandUpdate::done(&command.id, Outcome::Succeeded, ""),
+        // FIXME(issue 3): being wired to the release store in this change.
+        other => CommandUpdate::done(&command.id, Outcome::Failed, format!("{} is not wired yet", other.name())),
     }
 }

@@ -1,18 +1,18 @@
 //! Commands from the coordinator to an agent and the agent's updates about
 //! them, as domain types, with their protobuf conversions.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use baton_proto::agent::v1 as pb;
 
 use crate::host::InvalidField;
-use crate::time::{from_timestamp, to_timestamp};
+use crate::time::{from_duration, from_timestamp, to_duration, to_timestamp};
 
 /// The longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 128;
 
 /// Work for an agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Command {
     /// Unique per command.
     pub id: String,
@@ -23,10 +23,80 @@ pub struct Command {
 }
 
 /// What a command asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CommandKind {
     /// Nothing: succeed at once.
     Noop,
+    /// Download, verify and unpack a release; nothing runs.
+    Stage {
+        /// The service.
+        service: String,
+        /// The release.
+        version: String,
+        /// The manifest exactly as signed.
+        manifest: Vec<u8>,
+        /// The signature over `manifest`.
+        signature: Vec<u8>,
+    },
+    /// Make a staged release current and wait until it is healthy.
+    Activate {
+        /// The service.
+        service: String,
+        /// The staged release.
+        version: String,
+        /// The health gate.
+        gate: HealthGate,
+    },
+    /// Return to a release the host ran before and wait until healthy.
+    Rollback {
+        /// The service.
+        service: String,
+        /// The release to return to.
+        version: String,
+        /// The health gate.
+        gate: HealthGate,
+    },
+    /// Stop the service and delete it with its releases.
+    Remove {
+        /// The service.
+        service: String,
+    },
+}
+
+impl CommandKind {
+    /// The service a command is about, if any.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Self::Noop => None,
+            Self::Stage { service, .. }
+            | Self::Activate { service, .. }
+            | Self::Rollback { service, .. }
+            | Self::Remove { service } => Some(service),
+        }
+    }
+
+    /// A short name for logs: `stage`, `activate`, …
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Noop => "noop",
+            Self::Stage { .. } => "stage",
+            Self::Activate { .. } => "activate",
+            Self::Rollback { .. } => "rollback",
+            Self::Remove { .. } => "remove",
+        }
+    }
+}
+
+/// When a freshly started release counts as healthy, and when as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthGate {
+    /// Health checks must pass continuously this long.
+    #[serde(with = "humantime_serde")]
+    pub min_healthy_time: Duration,
+    /// Not healthy this long after the start: failed.
+    #[serde(with = "humantime_serde")]
+    pub healthy_deadline: Duration,
 }
 
 /// Where a command is.
@@ -89,8 +159,42 @@ impl From<&Command> for pb::Command {
         Self {
             id: c.id.clone(),
             deadline: Some(to_timestamp(c.deadline)),
-            kind: Some(match c.kind {
+            kind: Some(match &c.kind {
                 CommandKind::Noop => pb::command::Kind::Noop(pb::Noop {}),
+                CommandKind::Stage {
+                    service,
+                    version,
+                    manifest,
+                    signature,
+                } => pb::command::Kind::Stage(pb::Stage {
+                    service: service.clone(),
+                    version: version.clone(),
+                    manifest: manifest.clone(),
+                    signature: signature.clone(),
+                }),
+                CommandKind::Activate {
+                    service,
+                    version,
+                    gate,
+                } => pb::command::Kind::Activate(pb::Activate {
+                    service: service.clone(),
+                    version: version.clone(),
+                    min_healthy_time: Some(to_duration(gate.min_healthy_time)),
+                    healthy_deadline: Some(to_duration(gate.healthy_deadline)),
+                }),
+                CommandKind::Rollback {
+                    service,
+                    version,
+                    gate,
+                } => pb::command::Kind::Rollback(pb::Rollback {
+                    service: service.clone(),
+                    version: version.clone(),
+                    min_healthy_time: Some(to_duration(gate.min_healthy_time)),
+                    healthy_deadline: Some(to_duration(gate.healthy_deadline)),
+                }),
+                CommandKind::Remove { service } => pb::command::Kind::Remove(pb::Remove {
+                    service: service.clone(),
+                }),
             }),
         }
     }
@@ -121,6 +225,33 @@ impl TryFrom<pb::Command> for Command {
             .ok_or_else(|| fail("command.deadline", "missing or invalid"))?;
         let kind = match c.kind {
             Some(pb::command::Kind::Noop(_)) => CommandKind::Noop,
+            Some(pb::command::Kind::Stage(k)) => CommandKind::Stage {
+                service: k.service,
+                version: k.version,
+                manifest: k.manifest,
+                signature: k.signature,
+            },
+            Some(pb::command::Kind::Activate(k)) => CommandKind::Activate {
+                service: k.service,
+                version: k.version,
+                gate: gate(k.min_healthy_time, k.healthy_deadline).ok_or_else(|| {
+                    fail(
+                        "command.activate",
+                        "min_healthy_time and healthy_deadline are required",
+                    )
+                })?,
+            },
+            Some(pb::command::Kind::Rollback(k)) => CommandKind::Rollback {
+                service: k.service,
+                version: k.version,
+                gate: gate(k.min_healthy_time, k.healthy_deadline).ok_or_else(|| {
+                    fail(
+                        "command.rollback",
+                        "min_healthy_time and healthy_deadline are required",
+                    )
+                })?,
+            },
+            Some(pb::command::Kind::Remove(k)) => CommandKind::Remove { service: k.service },
             None => {
                 return Err(fail(
                     "command.kind",
@@ -134,6 +265,16 @@ impl TryFrom<pb::Command> for Command {
             kind,
         })
     }
+}
+
+fn gate(
+    min_healthy_time: Option<prost_types::Duration>,
+    healthy_deadline: Option<prost_types::Duration>,
+) -> Option<HealthGate> {
+    Some(HealthGate {
+        min_healthy_time: from_duration(&min_healthy_time?)?,
+        healthy_deadline: from_duration(&healthy_deadline?)?,
+    })
 }
 
 impl From<&CommandUpdate> for pb::CommandUpdate {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod artifact;
 pub mod backoff;
 pub mod command;
 pub mod host;

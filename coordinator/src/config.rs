@@ -15,6 +15,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default time given to open streams to close on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The default largest artifact payload: 4 GiB.
+pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 4 << 30;
 
 /// `batond`: the Baton coordinator.
 ///
@@ -25,7 +27,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[command(name = "batond", version, about, long_about = None)]
 pub struct BatondArgs {
     /// A TOML file with any of the keys below (`listen`, `data-dir`,
-    /// `tls-dir`, `agent-timeout`, `shutdown-grace`); flags win over it.
+    /// `tls-dir`, `agent-timeout`, `shutdown-grace`, `max-artifact-size`);
+    /// flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -51,6 +54,11 @@ pub struct BatondArgs {
     /// On SIGTERM/SIGINT, how long open streams get to close [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+
+    /// The largest artifact payload accepted by `baton artifact push`, in
+    /// bytes [default: 4294967296, 4 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_artifact_size: Option<u64>,
 }
 
 /// The config file: the same keys as the flags.
@@ -64,6 +72,7 @@ struct FileConfig {
     agent_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
+    max_artifact_size: Option<u64>,
 }
 
 /// A complete, checked configuration.
@@ -79,6 +88,8 @@ pub struct Config {
     pub agent_timeout: Duration,
     /// Time given to streams to close on shutdown.
     pub shutdown_grace: Duration,
+    /// The largest payload accepted.
+    pub max_artifact_size: u64,
 }
 
 impl Config {
@@ -131,6 +142,14 @@ impl Config {
             .or(file.shutdown_grace)
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
 
+        let max_artifact_size = args
+            .max_artifact_size
+            .or(file.max_artifact_size)
+            .unwrap_or(DEFAULT_MAX_ARTIFACT_SIZE);
+        if max_artifact_size == 0 {
+            errors.push("max-artifact-size must be at least 1 byte".into());
+        }
+
         if errors.is_empty() {
             Ok(Self {
                 listen,
@@ -138,6 +157,7 @@ impl Config {
                 tls_dir,
                 agent_timeout,
                 shutdown_grace,
+                max_artifact_size,
             })
         } else {
             Err(ConfigErrors(errors))

@@ -4,11 +4,19 @@
 
 use std::pin::Pin;
 
+use baton_common::artifact::SignedManifest;
 use baton_common::host::HostId;
 use baton_proto::control::v1::{
-    GetHostRequest, Host, HostEvent, ListHostsRequest, ListHostsResponse, WatchHostsRequest,
-    control_service_server::ControlService,
+    Artifact, ControlRolloutRequest, GetHostRequest, GetRolloutRequest, Host, HostEvent,
+    ListArtifactsRequest, ListArtifactsResponse, ListHostsRequest, ListHostsResponse,
+    ListRolloutsRequest, ListRolloutsResponse, PushArtifactRequest, Rollout, RolloutAction,
+    StartRolloutRequest, StartRolloutResponse, WatchHostsRequest,
+    control_service_server::ControlService, push_artifact_request,
 };
+use tokio_stream::StreamExt;
+
+use crate::artifacts::{ArtifactRecord, ArtifactStoreError, Artifacts};
+use crate::rollout::{Operator, RolloutError, Rollouts};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -25,21 +33,67 @@ const WATCH_OUTBOUND: usize = 64;
 /// The Control API.
 pub struct ControlApi {
     fleet: FleetHandle,
+    artifacts: Artifacts,
+    rollouts: Rollouts,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl ControlApi {
-    /// A service answering from `fleet`; watch tasks are tracked by `tasks`
-    /// and end when `shutdown` is cancelled.
-    pub fn new(fleet: FleetHandle, shutdown: CancellationToken, tasks: TaskTracker) -> Self {
+    /// A service answering from `fleet`, `artifacts` and `rollouts`; watch
+    /// tasks are tracked by `tasks` and end when `shutdown` is cancelled.
+    pub fn new(
+        fleet: FleetHandle,
+        artifacts: Artifacts,
+        rollouts: Rollouts,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
         Self {
             fleet,
+            artifacts,
+            rollouts,
             shutdown,
             tasks,
         }
     }
 }
+
+/// Maps artifact errors to status codes.
+pub fn artifact_status(e: ArtifactStoreError) -> Status {
+    match e {
+        ArtifactStoreError::Invalid(m) => Status::invalid_argument(m),
+        ArtifactStoreError::Conflict(m) => Status::already_exists(m),
+        ArtifactStoreError::NotFound(m) => Status::not_found(m),
+        e @ (ArtifactStoreError::Io { .. } | ArtifactStoreError::Store(_)) => {
+            tracing::error!(error = %e, "artifact store failure");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn rollout_status(e: RolloutError) -> Status {
+    match e {
+        RolloutError::Invalid(m) => Status::invalid_argument(m),
+        RolloutError::NotFound(id) => Status::not_found(format!("no rollout {id}")),
+        RolloutError::Conflict(m) => Status::failed_precondition(m),
+        RolloutError::Store(e) => Status::internal(e.to_string()),
+        RolloutError::Stopped => Status::unavailable("the coordinator is shutting down"),
+    }
+}
+
+fn artifact(r: ArtifactRecord) -> Artifact {
+    Artifact {
+        name: r.name,
+        version: r.version,
+        digest: r.digest,
+        size: r.size,
+        created: r.created,
+        key_id: r.key_id,
+    }
+}
+
+type RolloutStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<Rollout, Status>> + Send>>;
 
 fn stopped(_: FleetStopped) -> Status {
     Status::unavailable("the coordinator is shutting down")
@@ -68,6 +122,151 @@ impl ControlService for ControlApi {
                 "no host {id} has ever registered"
             ))),
         }
+    }
+
+    async fn push_artifact(
+        &self,
+        request: Request<tonic::Streaming<PushArtifactRequest>>,
+    ) -> Result<Response<Artifact>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(PushArtifactRequest {
+                kind: Some(push_artifact_request::Kind::Header(h)),
+            })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of an upload must be the artifact header",
+                ));
+            }
+        };
+        let manifest = SignedManifest::parse(header.manifest, header.signature)
+            .map_err(|e| Status::invalid_argument(format!("the manifest is not valid: {e}")))?;
+        let (name, version) = (
+            manifest.manifest.name.clone(),
+            manifest.manifest.version.clone(),
+        );
+        let mut upload = self.artifacts.begin(manifest).map_err(artifact_status)?;
+        while let Some(msg) = stream.next().await {
+            match msg?.kind {
+                Some(push_artifact_request::Kind::Chunk(data)) => {
+                    upload.write(&data).map_err(artifact_status)?;
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "after the header an upload carries only payload chunks",
+                    ));
+                }
+            }
+        }
+        let record = upload.finish().await.map_err(artifact_status)?;
+        tracing::info!(%name, %version, digest = %record.digest, size = record.size, "artifact stored");
+        Ok(Response::new(artifact(record)))
+    }
+
+    async fn list_artifacts(
+        &self,
+        _request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        let all = self.artifacts.list().await.map_err(artifact_status)?;
+        Ok(Response::new(ListArtifactsResponse {
+            artifacts: all.into_iter().map(artifact).collect(),
+        }))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<StartRolloutRequest>,
+    ) -> Result<Response<StartRolloutResponse>, Status> {
+        let r = self
+            .rollouts
+            .start(request.into_inner().plan)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(StartRolloutResponse { id: r.id }))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        let r = self
+            .rollouts
+            .get(request.into_inner().id)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(Rollout::from(&r)))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _request: Request<ListRolloutsRequest>,
+    ) -> Result<Response<ListRolloutsResponse>, Status> {
+        let all = self.rollouts.list().await.map_err(rollout_status)?;
+        Ok(Response::new(ListRolloutsResponse {
+            rollouts: all.iter().map(Rollout::from).collect(),
+        }))
+    }
+
+    type WatchRolloutStream = RolloutStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<RolloutStream>, Status> {
+        let mut rx = self
+            .rollouts
+            .watch(request.into_inner().id)
+            .await
+            .map_err(rollout_status)?;
+        let (tx, out) = mpsc::channel(WATCH_OUTBOUND);
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let forward = async {
+                loop {
+                    let now = Rollout::from(&*rx.borrow_and_update());
+                    let done = crate::rollout::is_terminal(&now.state);
+                    if tx.send(Ok(now)).await.is_err() || done {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        // The driver let go: the last value was terminal
+                        // and has been sent, or the coordinator stops.
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = forward => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn control_rollout(
+        &self,
+        request: Request<ControlRolloutRequest>,
+    ) -> Result<Response<Rollout>, Status> {
+        let req = request.into_inner();
+        let op = match RolloutAction::try_from(req.action) {
+            Ok(RolloutAction::Pause) => Operator::Pause,
+            Ok(RolloutAction::Resume) => Operator::Resume,
+            Ok(RolloutAction::Abort) => Operator::Abort,
+            Ok(RolloutAction::Rollback) => Operator::Rollback,
+            Ok(RolloutAction::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "action {} is unspecified or unknown",
+                    req.action
+                )));
+            }
+        };
+        let r = self
+            .rollouts
+            .control(req.id, op)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(Rollout::from(&r)))
     }
 
     type WatchHostsStream = EventStream;

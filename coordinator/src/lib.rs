@@ -8,10 +8,13 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_api;
+pub mod artifact_api;
+pub mod artifacts;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod control_api;
 pub mod fleet;
+pub mod rollout;
 pub mod server;
 pub mod store;

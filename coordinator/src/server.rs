@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use baton_common::tls::{ServerTls, TlsError};
 use baton_proto::agent::v1::agent_service_server::AgentServiceServer;
+use baton_proto::agent::v1::artifact_service_server::ArtifactServiceServer;
 use baton_proto::control::v1::control_service_server::ControlServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -19,15 +20,19 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::agent_api::{AgentApi, StreamTiming};
+use crate::artifact_api::ArtifactApi;
+use crate::artifacts::Artifacts;
 use crate::auth;
 use crate::config::Config;
 use crate::control_api::ControlApi;
 use crate::fleet::{self, FleetHandle};
-use crate::store::{RedbStore, StoreError};
+use crate::rollout;
+use crate::store::{RedbStore, Store, StoreError};
 
 /// The gRPC services whose health is reported.
 const SERVICES: &[&str] = &[
     "baton.agent.v1.AgentService",
+    "baton.agent.v1.ArtifactService",
     "baton.control.v1.ControlService",
 ];
 
@@ -48,6 +53,9 @@ pub enum StartError {
     /// The store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The artifact directory cannot be prepared.
+    #[error("cannot prepare the artifact store: {0}")]
+    Artifacts(String),
     /// The listen address cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -86,6 +94,8 @@ pub struct Coordinator {
     tls: ServerTls,
     fleet: FleetHandle,
     fleet_task: tokio::task::JoinHandle<()>,
+    artifacts: Artifacts,
+    store: Arc<dyn Store>,
     listener: TcpListener,
 }
 
@@ -102,7 +112,9 @@ impl Coordinator {
                 path: config.data_dir.display().to_string(),
                 source,
             })?;
-        let store = RedbStore::open(&config.data_dir.join("baton.redb"))?;
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("baton.redb"))?);
+        let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)
+            .map_err(|e| StartError::Artifacts(e.to_string()))?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -110,12 +122,14 @@ impl Coordinator {
                     addr: config.listen,
                     source,
                 })?;
-        let (fleet, fleet_task) = fleet::spawn(Arc::new(store)).await?;
+        let (fleet, fleet_task) = fleet::spawn(store.clone()).await?;
         Ok(Self {
             config,
             tls,
             fleet,
             fleet_task,
+            artifacts,
+            store,
             listener,
         })
     }
@@ -143,6 +157,15 @@ impl Coordinator {
         let timing = StreamTiming::from_timeout(self.config.agent_timeout);
         let tasks = TaskTracker::new();
         let (fleet, fleet_task) = (self.fleet, self.fleet_task);
+        // The driver stops on `shutdown` and then drops its fleet handle,
+        // which the registry's final flush waits for.
+        let (rollouts, rollout_task) = rollout::driver::spawn(
+            self.store.clone(),
+            fleet.clone(),
+            self.artifacts.clone(),
+            shutdown.clone(),
+        )
+        .await?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in SERVICES {
@@ -160,8 +183,18 @@ impl Coordinator {
             auth::require_agent,
         );
         let control = ControlServiceServer::with_interceptor(
-            ControlApi::new(fleet.clone(), shutdown.clone(), tasks.clone()),
+            ControlApi::new(
+                fleet.clone(),
+                self.artifacts.clone(),
+                rollouts,
+                shutdown.clone(),
+                tasks.clone(),
+            ),
             auth::require_operator,
+        );
+        let artifact_api = ArtifactServiceServer::with_interceptor(
+            ArtifactApi::new(self.artifacts.clone(), shutdown.clone(), tasks.clone()),
+            auth::require_agent,
         );
         drop(fleet);
 
@@ -176,6 +209,7 @@ impl Coordinator {
             .add_service(reflection)
             .add_service(agents)
             .add_service(control)
+            .add_service(artifact_api)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), {
                 let shutdown = shutdown.clone();
                 let health = health.clone();
@@ -206,6 +240,9 @@ impl Coordinator {
         // Dropping the server drops the services' registry handles; the
         // registry then flushes and ends.
         drop(server);
+        if tokio::time::timeout(grace, rollout_task).await.is_err() {
+            warn!("the rollout driver did not stop within the shutdown grace");
+        }
         if tokio::time::timeout(grace, fleet_task).await.is_err() {
             warn!("the fleet registry did not flush within the shutdown grace");
         }

@@ -3,9 +3,12 @@
 //! sentence on stderr and a non-zero exit; `--json` output is one document
 //! on stdout and nothing else there.
 
+pub mod artifact;
 mod certs;
 mod demo;
+mod demo_service;
 mod hosts;
+pub mod rollout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,9 +53,19 @@ pub enum Command {
     Certs(certs::CertsCommand),
     /// List the fleet's hosts: connected or not, labels, services.
     Hosts(hosts::HostsArgs),
+    /// Signed release artifacts: keys, packing, upload, listing.
+    #[command(subcommand)]
+    Artifact(artifact::ArtifactCommand),
+    /// Roll a version out across the fleet and follow it.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
     Demo(demo::DemoArgs),
+    /// The tiny HTTP service `baton demo` rolls out (used by the demo and
+    /// the tests).
+    #[command(hide = true)]
+    DemoService(demo_service::DemoServiceArgs),
 }
 
 /// A CLI failure: one sentence for stderr.
@@ -92,7 +105,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Hosts(ref args) => hosts::run(&cli, args).await,
+        Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
+        Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::DemoService(args) => demo_service::run(args).await,
     }
 }
 
@@ -105,6 +121,16 @@ impl Cli {
         let tls = ClientTls::load(dir, "operator")?;
         connect_control(&self.coordinator, &tls).await
     }
+
+    /// Like [`Cli::control`] without the per-call timeout, for uploads
+    /// that take as long as they take.
+    pub async fn control_without_timeout(&self) -> Result<ControlServiceClient<Channel>, CliError> {
+        let dir = self.tls_dir.as_ref().ok_or_else(|| {
+            CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
+        })?;
+        let tls = ClientTls::load(dir, "operator")?;
+        connect_control_with(&self.coordinator, &tls, None).await
+    }
 }
 
 /// Opens a Control API connection to `url` with `tls`.
@@ -112,7 +138,17 @@ pub async fn connect_control(
     url: &str,
     tls: &ClientTls,
 ) -> Result<ControlServiceClient<Channel>, CliError> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    connect_control_with(url, tls, Some(Duration::from_secs(30))).await
+}
+
+/// Opens a Control API connection with an optional per-call timeout
+/// (streams are not cut by it once their response has begun).
+pub async fn connect_control_with(
+    url: &str,
+    tls: &ClientTls,
+    timeout: Option<Duration>,
+) -> Result<ControlServiceClient<Channel>, CliError> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| {
             CliError(format!(
                 "coordinator URL {url:?} is invalid: {}",
@@ -121,8 +157,10 @@ pub async fn connect_control(
         })?
         .tls_config(tls.to_tonic())
         .map_err(|e| CliError(format!("cannot set up TLS: {}", error_chain(&e))))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         CliError(format!(
             "cannot reach the coordinator at {url}: {}",

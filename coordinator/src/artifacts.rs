@@ -1,0 +1,290 @@
+//! The coordinator's artifact store: payloads content-addressed on disk
+//! (`<data-dir>/blobs/sha256/<hex>`), their signed manifests in the
+//! [`Store`] under `artifacts/<name>/<version>`.
+//!
+//! The coordinator checks that an upload's bytes match the size and digest
+//! its manifest claims, but never the signature: agents verify that against
+//! keys they pin themselves, so a compromised coordinator cannot make them
+//! run anything unsigned.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use baton_common::artifact::SignedManifest;
+use ring::digest;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// Bytes per chunk streamed to agents: large enough that per-message
+/// overhead vanishes, well under gRPC's 4 MiB default message limit.
+pub const CHUNK: usize = 1 << 20;
+
+/// A stored artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The service.
+    pub name: String,
+    /// The release.
+    pub version: String,
+    /// `sha256:<hex>` of the payload.
+    pub digest: String,
+    /// Payload bytes.
+    pub size: u64,
+    /// When it was packed.
+    pub created: String,
+    /// The key the manifest names.
+    pub key_id: String,
+    /// The manifest exactly as signed.
+    pub manifest: String,
+    /// The signature, hex.
+    pub signature: String,
+}
+
+impl ArtifactRecord {
+    /// The signature as bytes.
+    pub fn signature_bytes(&self) -> Vec<u8> {
+        (0..self.signature.len() / 2)
+            .filter_map(|i| u8::from_str_radix(self.signature.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect()
+    }
+}
+
+/// Why an artifact operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactStoreError {
+    /// The upload or request is wrong; nothing was stored.
+    #[error("{0}")]
+    Invalid(String),
+    /// The same name and version exists with other content.
+    #[error("{0}")]
+    Conflict(String),
+    /// No such payload.
+    #[error("{0}")]
+    NotFound(String),
+    /// Disk trouble.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Payloads on disk plus manifests in the store.
+#[derive(Clone)]
+pub struct Artifacts {
+    dir: PathBuf,
+    store: Arc<dyn Store>,
+    max_size: u64,
+}
+
+fn key(name: &str, version: &str) -> String {
+    format!("artifacts/{name}/{version}")
+}
+
+/// Checks `sha256:<64 lowercase hex>` and returns the hex part.
+pub fn digest_hex(digest: &str) -> Result<&str, ArtifactStoreError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| {
+            ArtifactStoreError::Invalid(format!(
+                "digest {digest:?} is not of the form sha256:<64 lowercase hex digits>"
+            ))
+        })
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ArtifactStoreError {
+    let what = what.into();
+    move |source| ArtifactStoreError::Io { what, source }
+}
+
+/// An upload in progress: bytes go to a temporary file and into the hash.
+pub struct Upload {
+    artifacts: Artifacts,
+    manifest: SignedManifest,
+    file: std::fs::File,
+    tmp: tempfile::TempPath,
+    hash: digest::Context,
+    received: u64,
+}
+
+impl Artifacts {
+    /// Opens (creating) `<data_dir>/blobs`.
+    pub fn open(
+        data_dir: &Path,
+        store: Arc<dyn Store>,
+        max_size: u64,
+    ) -> Result<Self, ArtifactStoreError> {
+        let dir = data_dir.join("blobs");
+        for d in [dir.join("sha256"), dir.join("tmp")] {
+            std::fs::create_dir_all(&d).map_err(io(format!("cannot create {}", d.display())))?;
+        }
+        Ok(Self {
+            dir,
+            store,
+            max_size,
+        })
+    }
+
+    /// Where a payload lives.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, ArtifactStoreError> {
+        Ok(self.dir.join("sha256").join(digest_hex(digest)?))
+    }
+
+    /// One artifact.
+    pub async fn get(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<ArtifactRecord>, ArtifactStoreError> {
+        let k = key(name, version);
+        match self.store.get(&k).await? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| {
+                StoreError::Corrupt {
+                    key: k,
+                    reason: e.to_string(),
+                }
+                .into()
+            }),
+        }
+    }
+
+    /// Every artifact, by name then version.
+    pub async fn list(&self) -> Result<Vec<ArtifactRecord>, ArtifactStoreError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store.list("artifacts/").await? {
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: k,
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Starts an upload of the artifact `manifest` describes.
+    pub fn begin(&self, manifest: SignedManifest) -> Result<Upload, ArtifactStoreError> {
+        if manifest.manifest.size > self.max_size {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "artifact {} {} is {} bytes, above this coordinator's limit of {} bytes",
+                manifest.manifest.name,
+                manifest.manifest.version,
+                manifest.manifest.size,
+                self.max_size
+            )));
+        }
+        let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
+            .map_err(io("cannot create an upload file"))?;
+        let (file, tmp) = tmp.into_parts();
+        Ok(Upload {
+            artifacts: self.clone(),
+            manifest,
+            file,
+            tmp,
+            hash: digest::Context::new(&digest::SHA256),
+            received: 0,
+        })
+    }
+}
+
+impl Upload {
+    /// Appends payload bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ArtifactStoreError> {
+        self.received += data.len() as u64;
+        if self.received > self.manifest.manifest.size {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "the upload is longer than the {} bytes its manifest declares",
+                self.manifest.manifest.size
+            )));
+        }
+        self.hash.update(data);
+        self.file
+            .write_all(data)
+            .map_err(io("cannot write the upload"))
+    }
+
+    /// Checks size and digest, moves the payload into place and records
+    /// the manifest. Pushing the same artifact twice is not an error.
+    pub async fn finish(self) -> Result<ArtifactRecord, ArtifactStoreError> {
+        let m = &self.manifest.manifest;
+        if self.received != m.size {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "the upload ended after {} bytes, but the manifest declares {}",
+                self.received, m.size
+            )));
+        }
+        let got = hex(self.hash.finish().as_ref());
+        if got != m.payload_sha256 {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "the payload's digest is sha256:{got} but the manifest says sha256:{}",
+                m.payload_sha256
+            )));
+        }
+        let digest = format!("sha256:{got}");
+        let record = ArtifactRecord {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            digest: digest.clone(),
+            size: m.size,
+            created: m.created.clone(),
+            key_id: m.key_id.clone(),
+            manifest: String::from_utf8_lossy(&self.manifest.bytes).into_owned(),
+            signature: hex(&self.manifest.signature),
+        };
+        if let Some(existing) = self.artifacts.get(&m.name, &m.version).await? {
+            if existing.digest != record.digest || existing.manifest != record.manifest {
+                return Err(ArtifactStoreError::Conflict(format!(
+                    "artifact {} {} was already pushed with digest {}; a version is immutable, push a new version",
+                    m.name, m.version, existing.digest
+                )));
+            }
+            return Ok(existing);
+        }
+        let path = self.artifacts.blob_path(&digest)?;
+        self.file.sync_all().map_err(io("cannot sync the upload"))?;
+        self.tmp
+            .persist(&path)
+            .map_err(|e| ArtifactStoreError::Io {
+                what: format!("cannot move the upload to {}", path.display()),
+                source: e.error,
+            })?;
+        baton_common::artifact::fsync_dir(&self.artifacts.dir.join("sha256"))
+            .map_err(io("cannot sync the blob directory"))?;
+        let value = serde_json::to_vec(&record).map_err(|e| {
+            ArtifactStoreError::Invalid(format!("cannot encode the artifact record: {e}"))
+        })?;
+        // Only the first writer of a name and version wins; a concurrent
+        // push of other content loses here rather than overwriting.
+        let key = key(&m.name, &m.version);
+        if !self
+            .artifacts
+            .store
+            .compare_and_swap(&key, None, value)
+            .await?
+        {
+            return Err(ArtifactStoreError::Conflict(format!(
+                "artifact {} {} was pushed concurrently; push it again to see which won",
+                m.name, m.version
+            )));
+        }
+        Ok(record)
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

@@ -1,0 +1,194 @@
+//! `baton artifact keygen | pack | push | list`: signed releases.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use baton_common::artifact;
+use baton_proto::control::v1::{
+    ArtifactHeader, ListArtifactsRequest, PushArtifactRequest, push_artifact_request,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{Cli, CliError, call_failed};
+
+/// Bytes per upload message.
+const CHUNK: usize = 1 << 20;
+
+/// `baton artifact …`
+#[derive(Debug, clap::Subcommand)]
+pub enum ArtifactCommand {
+    /// Create an ed25519 release key: PREFIX.key (secret, mode 0600) and
+    /// PREFIX.pub (give it to agents with --trusted-key).
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX")]
+        out: PathBuf,
+    },
+    /// Pack and sign a release directory (it must hold service.toml).
+    Pack {
+        /// The release directory.
+        dir: PathBuf,
+        /// The service's name.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The release's version.
+        #[arg(long, value_name = "VERSION")]
+        version: String,
+        /// The secret key from `baton artifact keygen`.
+        #[arg(long, value_name = "KEY")]
+        sign_key: PathBuf,
+        /// Where to write the artifact.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Upload an artifact to the coordinator; prints its digest.
+    Push {
+        /// The artifact file from `baton artifact pack`.
+        file: PathBuf,
+        /// Print the stored artifact as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the artifacts the coordinator stores.
+    List {
+        /// Print one JSON document (an array).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs an artifact command.
+pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        ArtifactCommand::Keygen { out } => {
+            let (key, public) = artifact::keygen(out)?;
+            println!("wrote {} (secret) and {}", key.display(), public.display());
+        }
+        ArtifactCommand::Pack {
+            dir,
+            name,
+            version,
+            sign_key,
+            out,
+        } => {
+            let key = artifact::read_signing_key(sign_key)?;
+            let signed = artifact::pack(dir, name, version, &key, out)?;
+            println!(
+                "packed {} {} into {}: sha256:{} ({} bytes, key {})",
+                name,
+                version,
+                out.display(),
+                signed.manifest.payload_sha256,
+                signed.manifest.size,
+                signed.manifest.key_id
+            );
+        }
+        ArtifactCommand::Push { file, json } => {
+            let a = push(cli, file).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&to_json(&a))?);
+            } else {
+                println!("{}", a.digest);
+            }
+        }
+        ArtifactCommand::List { json } => {
+            let mut client = cli.control().await?;
+            let all = client
+                .list_artifacts(ListArtifactsRequest {})
+                .await
+                .map_err(|s| call_failed("listing artifacts failed", s))?
+                .into_inner()
+                .artifacts;
+            if *json {
+                let doc: Vec<_> = all.iter().map(to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else if all.is_empty() {
+                println!("no artifacts (push one with `baton artifact push FILE`)");
+            } else {
+                println!("{:<20} {:<14} {:>12}  DIGEST", "NAME", "VERSION", "SIZE");
+                for a in &all {
+                    println!(
+                        "{:<20} {:<14} {:>12}  {}",
+                        a.name, a.version, a.size, a.digest
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_json(a: &baton_proto::control::v1::Artifact) -> serde_json::Value {
+    serde_json::json!({
+        "name": a.name,
+        "version": a.version,
+        "digest": a.digest,
+        "size": a.size,
+        "created": a.created,
+        "key_id": a.key_id,
+    })
+}
+
+/// Uploads the artifact at `file`, streaming its payload from disk.
+pub async fn push(
+    cli: &Cli,
+    file: &std::path::Path,
+) -> Result<baton_proto::control::v1::Artifact, CliError> {
+    let (signed, payload) = artifact::open_artifact(file)?;
+    let mut client = cli.control_without_timeout().await?;
+    push_with(&mut client, signed, payload).await
+}
+
+/// Uploads an opened artifact over `client`.
+pub async fn push_with(
+    client: &mut baton_proto::control::v1::control_service_client::ControlServiceClient<
+        tonic::transport::Channel,
+    >,
+    signed: artifact::SignedManifest,
+    mut payload: std::fs::File,
+) -> Result<baton_proto::control::v1::Artifact, CliError> {
+    let (tx, rx) = mpsc::channel(4);
+    let header = PushArtifactRequest {
+        kind: Some(push_artifact_request::Kind::Header(ArtifactHeader {
+            manifest: signed.bytes,
+            signature: signed.signature,
+        })),
+    };
+    // Reading the file happens on a blocking thread; the channel's bound
+    // keeps memory at a few chunks however large the artifact is.
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if tx.blocking_send(header).is_err() {
+            return Ok(());
+        }
+        loop {
+            let mut buf = vec![0; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match payload.read(&mut buf[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            if filled == 0 {
+                return Ok(());
+            }
+            buf.truncate(filled);
+            let msg = PushArtifactRequest {
+                kind: Some(push_artifact_request::Kind::Chunk(buf)),
+            };
+            if tx.blocking_send(msg).is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let result = client.push_artifact(ReceiverStream::new(rx)).await;
+    reader
+        .await
+        .map_err(|e| CliError(format!("the upload reader failed: {e}")))?
+        .map_err(|e| CliError(format!("cannot read the artifact: {e}")))?;
+    Ok(result
+        .map_err(|s| call_failed("pushing the artifact failed", s))?
+        .into_inner())
+}

@@ -1,0 +1,315 @@
+//! `baton rollout start | status | watch | list | pause | resume | abort |
+//! rollback`: run and follow rollouts.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use baton_common::time::{from_timestamp, rfc3339};
+use baton_proto::control::v1::{
+    ControlRolloutRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutAction,
+    StartRolloutRequest,
+};
+use tokio_stream::StreamExt;
+
+use super::{Cli, CliError, call_failed};
+
+/// `baton rollout …`
+#[derive(Debug, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// Validate a plan file and start it; prints the rollout id.
+    Start {
+        /// The plan (TOML; see the README for every key).
+        plan: PathBuf,
+        /// Print `{"id": ...}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where a rollout and each of its hosts are.
+    Status {
+        /// The rollout id.
+        id: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a rollout live until it ends; exit 0 only if it succeeded.
+    Watch {
+        /// The rollout id.
+        id: String,
+    },
+    /// Every rollout, newest first.
+    List {
+        /// Print one JSON document (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start no new host; hosts already activating finish.
+    Pause {
+        /// The rollout id.
+        id: String,
+    },
+    /// Continue a paused rollout.
+    Resume {
+        /// The rollout id.
+        id: String,
+    },
+    /// Stop for good and leave every host as it is.
+    Abort {
+        /// The rollout id.
+        id: String,
+    },
+    /// Return every host the rollout touched to its previous version.
+    Rollback {
+        /// The rollout id.
+        id: String,
+    },
+}
+
+/// Runs a rollout command.
+pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> {
+    let mut client = cli.control().await?;
+    let control = |id: &String, action: RolloutAction| ControlRolloutRequest {
+        id: id.clone(),
+        action: action.into(),
+    };
+    let request = match cmd {
+        RolloutCommand::Start { plan, json } => {
+            let text = std::fs::read_to_string(plan)
+                .map_err(|e| CliError(format!("cannot read the plan {}: {e}", plan.display())))?;
+            let id = client
+                .start_rollout(StartRolloutRequest { plan: text })
+                .await
+                .map_err(|s| call_failed(&format!("plan {} refused", plan.display()), s))?
+                .into_inner()
+                .id;
+            if *json {
+                println!("{}", serde_json::json!({ "id": id }));
+            } else {
+                println!("{id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::Status { id, json } => {
+            let r = client
+                .get_rollout(GetRolloutRequest { id: id.clone() })
+                .await
+                .map_err(|s| call_failed("getting the rollout failed", s))?
+                .into_inner();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&to_json(&r))?);
+            } else {
+                print!("{}", render(&r, false));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::List { json } => {
+            let all = client
+                .list_rollouts(ListRolloutsRequest {})
+                .await
+                .map_err(|s| call_failed("listing rollouts failed", s))?
+                .into_inner()
+                .rollouts;
+            if *json {
+                let doc: Vec<_> = all.iter().map(to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else if all.is_empty() {
+                println!("no rollouts yet (start one with `baton rollout start PLAN`)");
+            } else {
+                println!(
+                    "{:<24} {:<14} {:<22} {:<12} CREATED",
+                    "ID", "STATE", "SERVICE", "VERSION"
+                );
+                for r in &all {
+                    let s = r.services.first();
+                    println!(
+                        "{:<24} {:<14} {:<22} {:<12} {}",
+                        r.id,
+                        r.state,
+                        s.map_or("", |s| s.name.as_str()),
+                        s.map_or("", |s| s.version.as_str()),
+                        time_text(r.created_at.as_ref()).unwrap_or_default()
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::Watch { id } => return watch(&mut client, id).await,
+        RolloutCommand::Pause { id } => control(id, RolloutAction::Pause),
+        RolloutCommand::Resume { id } => control(id, RolloutAction::Resume),
+        RolloutCommand::Abort { id } => control(id, RolloutAction::Abort),
+        RolloutCommand::Rollback { id } => control(id, RolloutAction::Rollback),
+    };
+    let r = client
+        .control_rollout(request)
+        .await
+        .map_err(|s| call_failed("the rollout refused", s))?
+        .into_inner();
+    println!("rollout {} is {}", r.id, r.state);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.and_then(from_timestamp).map(rfc3339)
+}
+
+fn empty_null(s: &str) -> serde_json::Value {
+    if s.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::String(s.to_owned())
+    }
+}
+
+/// A rollout in the contract's JSON shape.
+pub fn to_json(r: &Rollout) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "state": r.state,
+        "error": empty_null(&r.error),
+        "created_at": time_text(r.created_at.as_ref()),
+        "updated_at": time_text(r.updated_at.as_ref()),
+        "services": r.services.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "version": s.version,
+            "digest": s.digest,
+            "hosts": s.hosts.iter().map(|h| serde_json::json!({
+                "host_id": h.host_id,
+                "state": h.state,
+                "from_version": empty_null(&h.from_version),
+                "to_version": h.to_version,
+                "started_at": time_text(h.started_at.as_ref()),
+                "finished_at": time_text(h.finished_at.as_ref()),
+                "error": empty_null(&h.error),
+                "connected": h.connected,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn bar(state: &str, progress: u32) -> String {
+    const WIDTH: usize = 20;
+    let filled = match state {
+        "pending" => 0,
+        "staging" => progress as usize * WIDTH / 100 / 4,
+        "staged" => WIDTH / 4,
+        "activating" => WIDTH / 2,
+        _ => WIDTH,
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(WIDTH - filled))
+}
+
+/// The rollout as text: a header and one line per host (with progress bars
+/// when `bars`).
+pub fn render(r: &Rollout, bars: bool) -> String {
+    let mut out = String::new();
+    for s in &r.services {
+        out.push_str(&format!(
+            "rollout {}  {} → {}  {}\n",
+            r.id, s.name, s.version, r.state
+        ));
+        for h in &s.hosts {
+            let from = if h.from_version.is_empty() {
+                "-"
+            } else {
+                &h.from_version
+            };
+            let mut line = format!(
+                "  {:<16} {:<13} {from} → {}",
+                h.host_id, h.state, h.to_version
+            );
+            if bars {
+                line = format!(
+                    "  {:<16} {} {:<13} {from} → {}",
+                    h.host_id,
+                    bar(&h.state, h.progress_percent),
+                    h.state,
+                    h.to_version
+                );
+            }
+            if !h.connected {
+                line.push_str("  (disconnected)");
+            }
+            if !h.error.is_empty() {
+                line.push_str(&format!("  error: {}", h.error));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    if !r.error.is_empty() {
+        out.push_str(&format!("  {}\n", r.error));
+    }
+    out
+}
+
+/// Follows a rollout over `WatchRollout` until it ends.
+pub async fn watch(
+    client: &mut baton_proto::control::v1::control_service_client::ControlServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+) -> Result<ExitCode, CliError> {
+    let mut stream = client
+        .watch_rollout(GetRolloutRequest { id: id.to_owned() })
+        .await
+        .map_err(|s| call_failed("watching the rollout failed", s))?
+        .into_inner();
+    let tty = std::io::stdout().is_terminal();
+    let mut drawn_lines = 0usize;
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut last: Option<Rollout> = None;
+    while let Some(r) = stream.next().await {
+        let r = r.map_err(|s| call_failed("the rollout watch broke", s))?;
+        let mut out = std::io::stdout().lock();
+        if tty {
+            // Redraw the block in place.
+            let text = render(&r, true);
+            if drawn_lines > 0 {
+                write!(out, "\x1b[{drawn_lines}A\x1b[J")?;
+            }
+            write!(out, "{text}")?;
+            drawn_lines = text.lines().count();
+        } else {
+            // One line per change, for logs and pipes.
+            let now = baton_common::time::rfc3339(std::time::SystemTime::now());
+            if seen.get("") != Some(&r.state) {
+                writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
+                seen.insert(String::new(), r.state.clone());
+            }
+            for s in &r.services {
+                for h in &s.hosts {
+                    if seen.get(&h.host_id) != Some(&h.state) {
+                        let error = if h.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", h.error)
+                        };
+                        writeln!(out, "{now} {} {} {}{error}", h.host_id, h.state, s.name)?;
+                        seen.insert(h.host_id.clone(), h.state.clone());
+                    }
+                }
+            }
+        }
+        out.flush()?;
+        last = Some(r);
+    }
+    let Some(r) = last else {
+        return Err(CliError("the watch ended without news".into()));
+    };
+    if !crate::rollout::is_terminal(&r.state) {
+        return Err(CliError(format!(
+            "the watch ended while the rollout was still {} (the coordinator stopped?)",
+            r.state
+        )));
+    }
+    if !tty && !r.error.is_empty() {
+        println!("{}", r.error);
+    }
+    Ok(if r.state == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

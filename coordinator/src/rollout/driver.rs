@@ -1,0 +1,605 @@
+//! The rollout driver: one actor owns every running rollout, feeds it
+//! events (agent updates, connects and disconnects, ticks, operator
+//! requests) through [`machine::step`], **persists the new state, and only
+//! then** sends the commands the step asked for.
+//!
+//! After a restart it loads every non-terminal rollout and feeds it a
+//! `Connected` event for each host already connected, which re-sends that
+//! host's outstanding command under its original id; the agent answers a
+//! known id from its journal, so nothing runs twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_common::host::{HostId, HostView};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::machine::{self, Action, Event, HostRun, Operator, Rollout, ServiceRun, State};
+use super::plan::{Plan, Strategy};
+use crate::artifacts::Artifacts;
+use crate::fleet::FleetHandle;
+use crate::store::{Store, StoreError};
+
+/// How often deadlines are checked.
+const TICK: Duration = Duration::from_millis(200);
+/// Requests queued towards the driver.
+const QUEUE: usize = 256;
+
+/// Why a rollout request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The plan or request is wrong; nothing was created.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such rollout.
+    #[error("no rollout {0}")]
+    NotFound(String),
+    /// The request conflicts with the rollout's state or another rollout.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed; nothing was acted on.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The driver stopped (the coordinator is shutting down).
+    #[error("the rollout driver has stopped")]
+    Stopped,
+}
+
+impl From<machine::Refused> for RolloutError {
+    fn from(r: machine::Refused) -> Self {
+        Self::Conflict(r.to_string())
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, RolloutError>>;
+
+enum Request {
+    Start {
+        plan: String,
+        reply: Reply<Rollout>,
+    },
+    Get {
+        id: String,
+        reply: Reply<Rollout>,
+    },
+    List {
+        reply: Reply<Vec<Rollout>>,
+    },
+    Watch {
+        id: String,
+        reply: Reply<watch::Receiver<Rollout>>,
+    },
+    Control {
+        id: String,
+        op: Operator,
+        reply: Reply<Rollout>,
+    },
+}
+
+/// A handle to the driver.
+#[derive(Clone)]
+pub struct Rollouts {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Rollouts {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, RolloutError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| RolloutError::Stopped)?;
+        rx.await.map_err(|_| RolloutError::Stopped)?
+    }
+
+    /// Validates, persists and starts a plan.
+    pub async fn start(&self, plan: String) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Start { plan, reply }).await
+    }
+
+    /// One rollout.
+    pub async fn get(&self, id: String) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Get { id, reply }).await
+    }
+
+    /// Every rollout, newest first.
+    pub async fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
+        self.ask(|reply| Request::List { reply }).await
+    }
+
+    /// The rollout now and after every change; the sender is dropped once
+    /// it is terminal.
+    pub async fn watch(&self, id: String) -> Result<watch::Receiver<Rollout>, RolloutError> {
+        self.ask(|reply| Request::Watch { id, reply }).await
+    }
+
+    /// An operator action.
+    pub async fn control(&self, id: String, op: Operator) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Control { id, op, reply }).await
+    }
+}
+
+struct Active {
+    rollout: Rollout,
+    /// What the store holds, to skip writes that change nothing durable.
+    stored: Vec<u8>,
+    watch: watch::Sender<Rollout>,
+}
+
+struct Driver {
+    store: Arc<dyn Store>,
+    fleet: FleetHandle,
+    artifacts: Artifacts,
+    active: BTreeMap<String, Active>,
+    connected: HashSet<HostId>,
+}
+
+fn key(id: &str) -> String {
+    format!("rollouts/{id}")
+}
+
+fn decode(k: &str, v: &[u8]) -> Result<Rollout, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: k.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Starts the driver: loads the rollouts a previous run left unfinished
+/// and resumes them. Ends when `shutdown` is cancelled or every handle is
+/// dropped.
+pub async fn spawn(
+    store: Arc<dyn Store>,
+    fleet: FleetHandle,
+    artifacts: Artifacts,
+    shutdown: CancellationToken,
+) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
+    let mut active = BTreeMap::new();
+    for (k, v) in store.list("rollouts/").await? {
+        let rollout = decode(&k, &v)?;
+        if !rollout.state.is_terminal() {
+            info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
+            active.insert(
+                rollout.id.clone(),
+                Active {
+                    watch: watch::channel(rollout.clone()).0,
+                    rollout,
+                    stored: v,
+                },
+            );
+        }
+    }
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let driver = Driver {
+        store,
+        fleet,
+        artifacts,
+        active,
+        connected: HashSet::new(),
+    };
+    let task = tokio::spawn(driver.run(rx, shutdown));
+    Ok((Rollouts { tx }, task))
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        let mut updates = self.fleet.command_updates();
+        let Ok((snapshot, mut changes)) = self.fleet.watch().await else {
+            return;
+        };
+        self.sync_connected(&snapshot).await;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                req = rx.recv() => match req {
+                    Some(req) => self.handle(req).await,
+                    None => break,
+                },
+                u = updates.recv() => match u {
+                    Ok((host, update)) => {
+                        let Some((id, _)) = update.command_id.split_once('/') else { continue };
+                        let id = id.to_owned();
+                        self.apply(&id, Event::Update(host, update)).await.ok();
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "fell behind on agent updates; re-sending outstanding commands to recover");
+                        let hosts: Vec<HostId> = self.connected.iter().cloned().collect();
+                        for host in hosts {
+                            self.host_event(Event::Connected(host)).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                c = changes.recv() => match c {
+                    Ok(view) => self.on_host(&view).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(all) = self.fleet.list().await {
+                            self.sync_connected(&all).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => {
+                    let ids: Vec<String> = self.active.keys().cloned().collect();
+                    for id in ids {
+                        self.apply(&id, Event::Tick).await.ok();
+                    }
+                }
+            }
+        }
+        info!("rollout driver stopped");
+    }
+
+    /// Brings the connected set in line with `hosts`, telling rollouts.
+    async fn sync_connected(&mut self, hosts: &[HostView]) {
+        let now: HashSet<HostId> = hosts
+            .iter()
+            .filter(|h| h.connected)
+            .map(|h| h.host_id.clone())
+            .collect();
+        let gone: Vec<HostId> = self.connected.difference(&now).cloned().collect();
+        for host in gone {
+            self.connected.remove(&host);
+            self.host_event(Event::Disconnected(host)).await;
+        }
+        // Every connected host, also ones we knew: after a restart or a lag
+        // this re-sends what is outstanding, which is always safe.
+        for host in now {
+            self.connected.insert(host.clone());
+            self.host_event(Event::Connected(host)).await;
+        }
+    }
+
+    async fn on_host(&mut self, view: &HostView) {
+        let was = self.connected.contains(&view.host_id);
+        if view.connected == was {
+            return;
+        }
+        let event = if view.connected {
+            self.connected.insert(view.host_id.clone());
+            Event::Connected(view.host_id.clone())
+        } else {
+            self.connected.remove(&view.host_id);
+            Event::Disconnected(view.host_id.clone())
+        };
+        self.host_event(event).await;
+    }
+
+    async fn host_event(&mut self, event: Event) {
+        let (Event::Connected(host) | Event::Disconnected(host)) = &event else {
+            return;
+        };
+        let ids: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.rollout.service.hosts.contains_key(host))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.apply(&id, event.clone()).await.ok();
+        }
+    }
+
+    /// One step: compute, persist, publish, act.
+    async fn apply(&mut self, id: &str, event: Event) -> Result<Rollout, RolloutError> {
+        let entry = self
+            .active
+            .get_mut(id)
+            .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
+        let (next, actions) = machine::step(&entry.rollout, &event, SystemTime::now())?;
+        if next == entry.rollout {
+            return Ok(next);
+        }
+        let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
+            key: key(id),
+            reason: e.to_string(),
+        })?;
+        if bytes != entry.stored {
+            if let Err(e) = self.store.put(&key(id), bytes.clone()).await {
+                // Not persisted, so not acted on: the old state stands and
+                // the next event retries.
+                error!(rollout = %id, error = %e, "cannot persist a rollout step; not acting on it");
+                return Err(e.into());
+            }
+            entry.stored = bytes;
+        }
+        if next.state != entry.rollout.state {
+            match &next.error {
+                Some(e) if next.state.is_terminal() || next.state == State::RollingBack => {
+                    warn!(rollout = %id, state = next.state.as_str(), error = %e, "rollout state changed")
+                }
+                _ => info!(rollout = %id, state = next.state.as_str(), "rollout state changed"),
+            }
+        }
+        entry.rollout = next.clone();
+        entry.watch.send_replace(next.clone());
+        if next.state.is_terminal() {
+            // Dropping the sender ends every watch after its last value.
+            self.active.remove(id);
+        }
+        for Action::Send(host, command) in actions {
+            if let Err(e) = self.fleet.send_command(host.clone(), &command).await {
+                // It stays outstanding and is re-sent when the host returns.
+                warn!(rollout = %id, %host, command = %command.id, error = %e, "command not delivered yet");
+            }
+        }
+        Ok(next)
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Start { plan, reply } => {
+                let _ = reply.send(self.start(plan).await);
+            }
+            Request::Get { id, reply } => {
+                let r = match self.active.get(&id) {
+                    Some(a) => Ok(a.rollout.clone()),
+                    None => self.load(&id).await,
+                };
+                let _ = reply.send(r);
+            }
+            Request::List { reply } => {
+                let _ = reply.send(self.list().await);
+            }
+            Request::Watch { id, reply } => {
+                let r = match self.active.get(&id) {
+                    Some(a) => Ok(a.watch.subscribe()),
+                    // A finished rollout: its one value, then the end.
+                    None => self.load(&id).await.map(|r| watch::channel(r).1),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Control { id, op, reply } => {
+                let _ = reply.send(self.control(id, op).await);
+            }
+        }
+    }
+
+    async fn load(&self, id: &str) -> Result<Rollout, RolloutError> {
+        match self.store.get(&key(id)).await? {
+            Some(v) => Ok(decode(&key(id), &v)?),
+            None => Err(RolloutError::NotFound(id.to_owned())),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
+        let mut all = Vec::new();
+        for (k, v) in self.store.list("rollouts/").await? {
+            let r = decode(&k, &v)?;
+            all.push(match self.active.get(&r.id) {
+                Some(a) => a.rollout.clone(),
+                None => r,
+            });
+        }
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(all)
+    }
+
+    async fn control(&mut self, id: String, op: Operator) -> Result<Rollout, RolloutError> {
+        if !self.active.contains_key(&id) {
+            let r = self.load(&id).await?;
+            if op != Operator::Rollback {
+                return Err(machine::step(&r, &Event::Operator(op), SystemTime::now())
+                    .err()
+                    .map_or_else(
+                        || RolloutError::Conflict(format!("rollout {id} has ended")),
+                        Into::into,
+                    ));
+            }
+            // Rolling back a finished rollout: only while nothing newer
+            // has changed the same service.
+            if let Some(newer) = self
+                .list()
+                .await?
+                .into_iter()
+                .find(|o| o.service.name == r.service.name && o.created_at > r.created_at)
+            {
+                return Err(RolloutError::Conflict(format!(
+                    "cannot roll back rollout {id}: the newer rollout {} changed service {} since",
+                    newer.id, r.service.name
+                )));
+            }
+            let stored = serde_json::to_vec(&r).unwrap_or_default();
+            self.active.insert(
+                id.clone(),
+                Active {
+                    watch: watch::channel(r.clone()).0,
+                    rollout: r,
+                    stored,
+                },
+            );
+            for host in self.connected.clone() {
+                if let Some(h) = self
+                    .active
+                    .get_mut(&id)
+                    .and_then(|a| a.rollout.service.hosts.get_mut(&host))
+                {
+                    h.connected = true;
+                }
+            }
+        }
+        let result = self.apply(&id, Event::Operator(op)).await;
+        if result.is_err()
+            && self
+                .active
+                .get(&id)
+                .is_some_and(|a| a.rollout.state.is_terminal())
+        {
+            self.active.remove(&id);
+        }
+        info!(rollout = %id, action = op.as_str(), ok = result.is_ok(), "operator action");
+        result
+    }
+
+    async fn start(&mut self, text: String) -> Result<Rollout, RolloutError> {
+        let plan = Plan::parse(&text).map_err(|e| RolloutError::Invalid(e.0))?;
+        let Some(svc) = plan.services.first() else {
+            return Err(RolloutError::Invalid("the plan names no service".into()));
+        };
+        let Some(artifact) = self
+            .artifacts
+            .get(&svc.name, &svc.version)
+            .await
+            .map_err(|e| RolloutError::Invalid(e.to_string()))?
+        else {
+            let known: Vec<String> = self
+                .artifacts
+                .list()
+                .await
+                .map_err(|e| RolloutError::Invalid(e.to_string()))?
+                .into_iter()
+                .filter(|a| a.name == svc.name)
+                .map(|a| a.version)
+                .collect();
+            return Err(RolloutError::Invalid(if known.is_empty() {
+                format!(
+                    "service {:?}: no artifact of this service has been pushed (baton artifact push)",
+                    svc.name
+                )
+            } else {
+                format!(
+                    "service {:?}: version {:?} has not been pushed; pushed versions: {}",
+                    svc.name,
+                    svc.version,
+                    known.join(", ")
+                )
+            }));
+        };
+        if let Some(other) = self
+            .active
+            .values()
+            .find(|a| a.rollout.service.name == svc.name)
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {} of service {} is still {}; wait for it, or abort it",
+                other.rollout.id,
+                svc.name,
+                other.rollout.state.as_str()
+            )));
+        }
+        let fleet = self.fleet.list().await.map_err(|_| RolloutError::Stopped)?;
+        let targets: Vec<&HostView> = match &svc.hosts {
+            Some(selector) => fleet
+                .iter()
+                .filter(|h| selector.iter().all(|(k, v)| h.labels.get(k) == Some(v)))
+                .collect(),
+            None => fleet
+                .iter()
+                .filter(|h| h.services.iter().any(|s| s.name == svc.name))
+                .collect(),
+        };
+        if targets.is_empty() {
+            return Err(RolloutError::Invalid(match &svc.hosts {
+                Some(_) => format!(
+                    "service {:?}: hosts = {{ {} }} matches no host among the {} registered",
+                    svc.name,
+                    svc.selector_text(),
+                    fleet.len()
+                ),
+                None => format!(
+                    "service {:?}: no host runs it yet; for a first install name the hosts with hosts = {{ label = \"value\" }}",
+                    svc.name
+                ),
+            }));
+        }
+        let n = targets.len();
+        let max_parallel = match svc.strategy {
+            Strategy::AllAtOnce => n,
+            _ => svc.max_parallel.of(n).clamp(1, n),
+        };
+        let min_healthy = match svc.min_healthy {
+            Some(a) => a.of(n),
+            None => n.saturating_sub(max_parallel),
+        };
+        if min_healthy >= n {
+            return Err(RolloutError::Invalid(format!(
+                "service {:?}: min_healthy = {} keeps all {n} hosts in service, so none could be replaced; lower it",
+                svc.name,
+                svc.min_healthy
+                    .map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
+            )));
+        }
+        let hosts: BTreeMap<HostId, HostRun> = targets
+            .iter()
+            .map(|h| {
+                let from = h
+                    .services
+                    .iter()
+                    .find(|s| s.name == svc.name)
+                    .map(|s| s.version.clone())
+                    .filter(|v| !v.is_empty());
+                (
+                    h.host_id.clone(),
+                    HostRun::new(
+                        from,
+                        svc.version.clone(),
+                        self.connected.contains(&h.host_id),
+                    ),
+                )
+            })
+            .collect();
+        let now = SystemTime::now();
+        let id = format!(
+            "r-{}-{:04x}",
+            baton_common::time::unix_millis(now),
+            fastrand::u16(..)
+        );
+        let rollout = Rollout {
+            id: id.clone(),
+            plan: text,
+            state: State::Pending,
+            resume_to: None,
+            auto_rollback: plan.auto_rollback,
+            progress_deadline: plan.progress_deadline,
+            service: ServiceRun {
+                name: svc.name.clone(),
+                version: svc.version.clone(),
+                digest: artifact.digest.clone(),
+                manifest: artifact.manifest.clone().into_bytes(),
+                signature: artifact.signature_bytes(),
+                max_parallel,
+                min_healthy,
+                max_failures: svc.max_failures,
+                gate: baton_common::command::HealthGate {
+                    min_healthy_time: svc.min_healthy_time,
+                    healthy_deadline: svc.healthy_deadline,
+                },
+                failures: 0,
+                hosts,
+            },
+            created_at: now,
+            updated_at: now,
+            progress_at: now,
+            error: None,
+            next_seq: 0,
+        };
+        let bytes = serde_json::to_vec(&rollout).map_err(|e| StoreError::Corrupt {
+            key: key(&id),
+            reason: e.to_string(),
+        })?;
+        if !self
+            .store
+            .compare_and_swap(&key(&id), None, bytes.clone())
+            .await?
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout id {id} is taken; retry"
+            )));
+        }
+        info!(rollout = %id, service = %svc.name, version = %svc.version, hosts = n, max_parallel, min_healthy, "rollout started");
+        self.active.insert(
+            id.clone(),
+            Active {
+                watch: watch::channel(rollout.clone()).0,
+                rollout,
+                stored: bytes,
+            },
+        );
+        self.apply(&id, Event::Tick).await
+    }
+}
