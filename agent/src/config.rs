@@ -5,10 +5,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton_common::artifact::{PublicKey, read_public_key};
 use baton_common::host::{HostId, Labels, parse_key_value, validate_labels};
 pub use baton_common::process::ConfigErrors;
 use baton_common::tls::ClientTls;
 use clap::Parser;
+
+/// Releases kept per service by default (the current one included).
+pub const DEFAULT_KEEP_RELEASES: usize = 3;
 
 /// The default cap on the delay between reconnect attempts.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -59,6 +63,11 @@ pub struct AgentArgs {
     /// The longest wait between reconnect attempts [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub reconnect_max: Option<Duration>,
+
+    /// Releases kept per service for instant rollback, the current one
+    /// included [default: 3].
+    #[arg(long, value_name = "N")]
+    pub keep_releases: Option<usize>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -76,6 +85,7 @@ struct FileConfig {
     trusted_keys: Vec<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     reconnect_max: Option<Duration>,
+    keep_releases: Option<usize>,
 }
 
 /// A complete, checked agent configuration.
@@ -94,7 +104,9 @@ pub struct AgentConfig {
     /// Variables for service.toml.
     pub vars: BTreeMap<String, String>,
     /// Public keys trusted for artifact signatures.
-    pub trusted_keys: Vec<PathBuf>,
+    pub trusted_keys: Vec<PublicKey>,
+    /// Releases kept per service.
+    pub keep_releases: usize,
     /// The first reconnect delay.
     pub reconnect_initial: Duration,
     /// The cap on reconnect delays.
@@ -166,13 +178,20 @@ impl AgentConfig {
         }
         let mut trusted_keys = file.trusted_keys;
         trusted_keys.extend(args.trusted_keys);
-        for key in &trusted_keys {
-            if let Err(e) = std::fs::metadata(key) {
-                errors.push(format!(
-                    "cannot read the trusted key {}: {e}",
-                    key.display()
-                ));
-            }
+        let trusted_keys: Vec<PublicKey> = trusted_keys
+            .iter()
+            .filter_map(|path| {
+                read_public_key(path)
+                    .map_err(|e| errors.push(format!("trusted key: {e}")))
+                    .ok()
+            })
+            .collect();
+        let keep_releases = args
+            .keep_releases
+            .or(file.keep_releases)
+            .unwrap_or(DEFAULT_KEEP_RELEASES);
+        if keep_releases == 0 {
+            errors.push("keep-releases must be at least 1 (the current release)".to_owned());
         }
         let reconnect_max = args
             .reconnect_max
@@ -191,6 +210,7 @@ impl AgentConfig {
                 labels,
                 vars,
                 trusted_keys,
+                keep_releases,
                 reconnect_initial: Duration::from_millis(100),
                 reconnect_max,
             }),

@@ -10,12 +10,11 @@
 use std::time::Duration;
 
 use baton_common::backoff::Backoff;
-use baton_common::command::{Command, CommandKind, CommandUpdate, Outcome};
 use baton_common::error_chain as chain;
-use baton_common::host::HostInfo;
+use baton_common::host::{HostInfo, ServiceStatus};
 use baton_common::time::from_duration;
 use baton_proto::agent::v1::{
-    AgentMessage, CoordinatorMessage, Heartbeat, agent_message,
+    AgentMessage, CoordinatorMessage, Heartbeat, InventoryUpdate, agent_message,
     agent_service_client::AgentServiceClient, coordinator_message,
 };
 use tokio::sync::mpsc;
@@ -26,7 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
-use crate::inventory;
+use crate::executor::Executor;
 
 /// How long one connection attempt (TCP, TLS, stream open) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,12 +81,18 @@ impl Link {
         Ok(Self { config, endpoint })
     }
 
+    /// A lazily connected channel to the coordinator for other services
+    /// (artifact downloads); it reconnects by itself.
+    pub fn channel(&self) -> Channel {
+        self.endpoint.connect_lazy()
+    }
+
     /// Runs until `shutdown` is cancelled, reconnecting whenever the stream
     /// is lost. Never gives up.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken, executor: Executor) {
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
         loop {
-            match self.session(&shutdown, &mut backoff).await {
+            match self.session(&shutdown, &mut backoff, &executor).await {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Lost(reason)) => warn!(%reason, "lost the coordinator; reconnecting"),
                 Err(SessionError::Refused(status))
@@ -106,12 +111,12 @@ impl Link {
         }
     }
 
-    fn hello(&self) -> AgentMessage {
+    fn hello(&self, services: Vec<ServiceStatus>) -> AgentMessage {
         let info = HostInfo {
             host_id: self.config.host_id.clone(),
             agent_version: baton_common::VERSION.to_owned(),
             labels: self.config.labels.clone(),
-            services: inventory::scan(&self.config.data_dir),
+            services,
         };
         AgentMessage {
             kind: Some(agent_message::Kind::Hello((&info).into())),
@@ -122,7 +127,13 @@ impl Link {
         &self,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
+        executor: &Executor,
     ) -> Result<Ended, SessionError> {
+        // Subscribed before the hello, so nothing between the two is missed.
+        let mut updates = executor.updates();
+        let mut inventory = executor.inventory();
+        let services: Vec<ServiceStatus> =
+            inventory.borrow_and_update().values().cloned().collect();
         let connect = async {
             let channel: Channel = self
                 .endpoint
@@ -131,7 +142,7 @@ impl Link {
                 .map_err(|e| SessionError::Connect(chain(&e)))?;
             let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
             // The channel is new and empty: this cannot be full.
-            let _ = tx.try_send(self.hello());
+            let _ = tx.try_send(self.hello(services));
             let response = AgentServiceClient::new(channel)
                 .connect(ReceiverStream::new(rx))
                 .await
@@ -205,6 +216,35 @@ impl Link {
                         debug!(seq, "outbound buffer full; skipping a heartbeat");
                     }
                 }
+                update = updates.recv() => {
+                    let update = match update {
+                        Ok(u) => u,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            // The coordinator re-sends what it still waits
+                            // for after a reconnect; the journal answers.
+                            return Ok(Ended::Lost(format!("{n} command updates could not be sent in time")));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(Ended::Shutdown),
+                    };
+                    let msg = AgentMessage { kind: Some(agent_message::Kind::CommandUpdate((&update).into())) };
+                    // Waiting here is back-pressure from the coordinator;
+                    // silence still ends it.
+                    if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
+                        return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
+                    }
+                }
+                changed = inventory.changed() => {
+                    if changed.is_err() {
+                        return Ok(Ended::Shutdown);
+                    }
+                    let services: Vec<ServiceStatus> = inventory.borrow_and_update().values().cloned().collect();
+                    let msg = AgentMessage { kind: Some(agent_message::Kind::Inventory(InventoryUpdate {
+                        services: services.iter().map(Into::into).collect(),
+                    })) };
+                    if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
+                        return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ok(Ended::Lost(format!(
                         "nothing heard from the coordinator for {}", humantime::format_duration(silence)
@@ -215,15 +255,7 @@ impl Link {
                         deadline = Instant::now() + silence;
                         match msg.kind {
                             Some(coordinator_message::Kind::Ping(_)) => {}
-                            Some(coordinator_message::Kind::Command(command)) => {
-                                let update = execute(command);
-                                let msg = AgentMessage { kind: Some(agent_message::Kind::CommandUpdate((&update).into())) };
-                                // Waiting here is back-pressure from the
-                                // coordinator; silence still ends it.
-                                if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
-                                    return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
-                                }
-                            }
+                            Some(coordinator_message::Kind::Command(command)) => executor.submit(command),
                             Some(coordinator_message::Kind::Welcome(_)) => {
                                 return Ok(Ended::Lost("a second welcome on one stream".into()));
                             }
@@ -235,34 +267,5 @@ impl Link {
                 },
             }
         }
-    }
-}
-
-/// Runs one command and returns its final update. A command that cannot
-/// run (unknown kind, past its deadline) fails with a reason instead of
-/// being dropped, so the coordinator never waits on silence.
-fn execute(wire: baton_proto::agent::v1::Command) -> CommandUpdate {
-    let command = match Command::try_from(wire) {
-        Ok(c) => c,
-        Err(unusable) => {
-            warn!(id = ?unusable.id, reason = %unusable.reason, "refusing a command this agent cannot run");
-            return CommandUpdate::done(
-                unusable.id.as_deref().unwrap_or("-"),
-                Outcome::Failed,
-                unusable.reason.to_string(),
-            );
-        }
-    };
-    if command.deadline < std::time::SystemTime::now() {
-        return CommandUpdate::done(
-            &command.id,
-            Outcome::Failed,
-            "the command arrived after its deadline",
-        );
-    }
-    match command.kind {
-        CommandKind::Noop => CommandUpdate::done(&command.id, Outcome::Succeeded, ""),
-        // FIXME(issue 3): being wired to the release store in this change.
-        other => CommandUpdate::done(&command.id, Outcome::Failed, format!("{} is not wired yet", other.name())),
     }
 }

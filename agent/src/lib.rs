@@ -5,7 +5,12 @@
 
 pub mod config;
 pub mod connection;
-pub mod inventory;
+pub mod executor;
+pub mod health;
+pub mod journal;
+pub mod releases;
+pub mod service;
+pub mod supervisor;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
@@ -15,11 +20,14 @@ use tokio_util::sync::CancellationToken;
 /// A configured agent, ready to run.
 pub struct Agent {
     link: connection::Link,
+    executor: executor::Executor,
+    shutdown: CancellationToken,
 }
 
 impl Agent {
     /// Prepares the agent: creates its data directory with mode 0700 (and
-    /// tightens an existing one) and checks the coordinator URL.
+    /// tightens an existing one), checks the coordinator URL and opens the
+    /// command journal and the release store.
     pub fn new(config: AgentConfig) -> Result<Self, String> {
         let dir = &config.data_dir;
         std::fs::DirBuilder::new()
@@ -28,14 +36,81 @@ impl Agent {
             .create(dir)
             .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+        let mut vars = config.vars.clone();
+        vars.insert("BATON_HOST_ID".into(), config.host_id.to_string());
+        let shutdown = CancellationToken::new();
+        let link = connection::Link::new(config.clone())?;
+        let executor = executor::Executor::new(
+            executor::ExecutorConfig {
+                data_dir: config.data_dir.clone(),
+                vars,
+                trusted_keys: config.trusted_keys.clone(),
+                keep_releases: config.keep_releases,
+                supervisor: supervisor::SupervisorConfig::default(),
+            },
+            link.channel(),
+            shutdown.clone(),
+        )?;
         Ok(Self {
-            link: connection::Link::new(config)?,
+            link,
+            executor,
+            shutdown,
         })
     }
 
-    /// Runs until `shutdown` is cancelled.
+    /// Runs until `shutdown` is cancelled: first picks up the services a
+    /// previous run left (running ones are adopted, not restarted), then
+    /// holds the stream to the coordinator. Services keep running after
+    /// the agent stops.
     pub async fn run(self, shutdown: CancellationToken) {
-        self.link.run(shutdown).await;
+        self.executor.recover().await;
+        let inner = self.shutdown.clone();
+        let stop = shutdown.clone();
+        let forward = tokio::spawn(async move {
+            stop.cancelled().await;
+            inner.cancel();
+        });
+        self.link.run(shutdown, self.executor.clone()).await;
+        self.executor.close().await;
+        forward.abort();
         tracing::info!("agent stopped");
     }
+}
+
+/// Stops every service under `data_dir` that a (stopped) agent left
+/// running, with each service's own stop signal and timeout; `vars` are the
+/// agent's `--var`s plus `BATON_HOST_ID`. For tearing down demos and tests: in production the
+/// services outlive the agent on purpose.
+pub async fn stop_services(
+    data_dir: &std::path::Path,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<usize, String> {
+    let releases = releases::Releases::new(data_dir);
+    let mut stopped = 0;
+    for name in releases.services() {
+        let Some(version) = releases.current(&name) else {
+            continue;
+        };
+        let release_dir = releases.release_dir(&name, &version);
+        let run_dir = releases.run_dir(&name);
+        if let Some(record) = supervisor::read_process_file(&run_dir).map_err(|e| e.to_string())? {
+            // Stop what actually runs, which may be an older release.
+            let spec = service::load(&record.release_dir, vars)
+                .or_else(|_| service::load(&release_dir, vars))
+                .map_err(|e| format!("{name}: {e}"))?;
+            let adopted = supervisor::Supervisor::adopt(
+                &name,
+                &record.release_dir,
+                spec,
+                &run_dir,
+                supervisor::SupervisorConfig::default(),
+            )
+            .map_err(|e| format!("{name}: {e}"))?;
+            if let Some(sup) = adopted {
+                sup.stop().await.map_err(|e| format!("{name}: {e}"))?;
+                stopped += 1;
+            }
+        }
+    }
+    Ok(stopped)
 }

@@ -12,10 +12,17 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     baton_common::process::init_logging("info");
-    let agent = match AgentConfig::resolve(args)
-        .map_err(|e| e.0)
-        .and_then(|c| Agent::new(c).map_err(|e| vec![e]))
-    {
+    let runtime = match baton_common::process::runtime("baton-agent") {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // Inside the runtime: the agent's lazily connected download channel
+    // registers with it.
+    let agent = match runtime.block_on(async {
+        AgentConfig::resolve(args)
+            .map_err(|e| e.0)
+            .and_then(|c| Agent::new(c).map_err(|e| vec![e]))
+    }) {
         Ok(agent) => agent,
         Err(errors) => {
             for e in errors {
@@ -23,10 +30,6 @@ fn main() -> ExitCode {
             }
             return ExitCode::from(EXIT_CONFIG as u8);
         }
-    };
-    let runtime = match baton_common::process::runtime("baton-agent") {
-        Ok(rt) => rt,
-        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();

@@ -17,10 +17,34 @@ fn the_demo_registers_three_agents_and_cleans_up() {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for host in ["web-1", "web-2", "db-1"] {
+    for host in ["web-1", "web-2", "web-3"] {
         assert!(stdout.contains(&format!("+ {host} registered")), "{stdout}");
     }
-    assert!(stdout.contains("role=db,zone=a"), "{stdout}");
+    // The story: 1.0.0 installed, 2.0.0 rolled out, 3.0.0 rolled back
+    // after failing on its first host, and every host serves 2.0.0.
+    assert!(
+        stdout.contains("Installing demo 1.0.0 on every web host at once: succeeded"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Rolling demo 2.0.0 out one host at a time: succeeded"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Trying the broken demo 3.0.0: rolled_back"),
+        "{stdout}"
+    );
+    let after = stdout
+        .rsplit("== Trying the broken demo 3.0.0")
+        .next()
+        .unwrap();
+    assert_eq!(
+        after.matches("activating demo").count(),
+        1,
+        "3.0.0 reached more than one host:\n{after}"
+    );
+    assert_eq!(after.matches(": demo-service 2.0.0").count(), 3, "{after}");
+    assert!(stdout.contains("demo@2.0.0 (running, healthy)"), "{stdout}");
     let dir = stdout.lines().next().unwrap().rsplit(' ').next().unwrap();
     assert!(
         !std::path::Path::new(dir).exists(),

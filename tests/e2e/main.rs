@@ -6,4 +6,5 @@
 mod config;
 mod demo;
 mod fleet;
+mod rollout;
 mod security;

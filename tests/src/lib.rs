@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod fleet;
+pub mod proxy;
+
 /// A generous bound for anything that should happen "soon": long enough for
 /// a loaded CI machine, short enough to fail a hung test.
 pub const SOON: Duration = Duration::from_secs(30);
@@ -268,6 +271,8 @@ pub struct AgentOpts<'a> {
     pub labels: &'a [&'a str],
     /// The TLS directory relative to the env (default `tls`).
     pub tls: &'a str,
+    /// More flags (`--var`, `--trusted-key`, …).
+    pub extra: Vec<String>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -276,6 +281,7 @@ impl<'a> AgentOpts<'a> {
             host_id,
             labels: &[],
             tls: "tls",
+            extra: vec![],
         }
     }
 }
@@ -297,6 +303,7 @@ pub fn start_agent(env: &TestEnv, url: &str, opts: AgentOpts<'_>) -> Proc {
     for label in opts.labels {
         cmd.args(["--label", label]);
     }
+    cmd.args(&opts.extra);
     let log = env.path(&format!("agent-{}-{}.log", opts.host_id, unique()));
     Proc::spawn(
         &format!("baton-agent {}", opts.host_id),
@@ -306,7 +313,17 @@ pub fn start_agent(env: &TestEnv, url: &str, opts: AgentOpts<'_>) -> Proc {
     )
 }
 
-fn unique() -> u64 {
+/// A `Command` for one of the workspace's binaries, with the CLI's
+/// environment variables cleared.
+pub fn bin_command(name: &str) -> Command {
+    let mut cmd = Command::new(bin(name));
+    cmd.env_remove("BATON_COORDINATOR")
+        .env_remove("BATON_TLS_DIR")
+        .stdin(Stdio::null());
+    cmd
+}
+
+pub(crate) fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)

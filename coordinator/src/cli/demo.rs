@@ -1,19 +1,29 @@
-//! `baton demo`: the story on one machine with nothing else installed. A
-//! coordinator and three agents run in this process, on loopback, in a
-//! temporary directory, over the same mutual-TLS gRPC they use in
-//! production; everything is stopped and removed on exit or Ctrl-C.
+//! `baton demo`: the whole story on one machine with nothing else
+//! installed. A coordinator and three agents run in this process, on
+//! loopback, in a temporary directory, over the same mutual-TLS gRPC they
+//! use in production. The demo signs three releases of a tiny HTTP
+//! service (this binary's hidden `demo-service` command), installs 1.0.0,
+//! rolls 2.0.0 out one host at a time, then tries a broken 3.0.0 that
+//! fails its health check on the first host and is rolled back
+//! automatically. Everything is stopped and removed on exit or Ctrl-C.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_agent::{Agent, AgentConfig};
+use baton_common::artifact;
 use baton_common::host::{HostId, HostView};
 use baton_common::tls::ClientTls;
 use baton_proto::control::v1::WatchHostsRequest;
+use baton_proto::control::v1::control_service_client::ControlServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
-use super::{CliError, call_failed, connect_control, hosts};
+use super::{CliError, call_failed, connect_control_with, hosts, rollout};
 use crate::config::Config;
 use crate::server::Coordinator;
 
@@ -21,7 +31,8 @@ use crate::server::Coordinator;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Keep the fleet running after the story until Ctrl-C, e.g. to try
-    /// `baton hosts` against it from another terminal.
+    /// `baton hosts` or `baton rollout list` against it from another
+    /// terminal.
     #[arg(long)]
     pub keep_running: bool,
 }
@@ -30,17 +41,124 @@ pub struct DemoArgs {
 const HOSTS: &[(&str, &str, &str)] = &[
     ("web-1", "web", "a"),
     ("web-2", "web", "b"),
-    ("db-1", "db", "a"),
+    ("web-3", "web", "c"),
 ];
 
 /// How long the demo waits for the fleet to change state.
-const STEP_DEADLINE: Duration = Duration::from_secs(30);
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs `fut` unless `stop` is cancelled first.
 async fn unless<T>(stop: &CancellationToken, fut: impl Future<Output = T>) -> Option<T> {
     tokio::select! {
         _ = stop.cancelled() => None,
         v = fut => Some(v),
+    }
+}
+
+/// A free loopback port for a host's demo service.
+fn free_port() -> Result<u16, CliError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Writes a release directory of the demo service and packs it.
+fn release(
+    dir: &Path,
+    key: &artifact::SigningKey,
+    version: &str,
+    broken: bool,
+) -> Result<PathBuf, CliError> {
+    let exe = std::env::current_exe()?;
+    let src = dir.join(format!("src-{version}"));
+    std::fs::create_dir_all(&src)?;
+    let broken_arg = if broken { ", \"--broken\"" } else { "" };
+    std::fs::write(
+        src.join("service.toml"),
+        format!(
+            r#"command = {exe:?}
+args = ["demo-service", "--listen", "127.0.0.1:${{port}}", "--version", "{version}"{broken_arg}]
+stop_signal = "SIGTERM"
+stop_timeout = "5s"
+
+[health]
+kind = "http"
+url = "http://127.0.0.1:${{port}}/healthz"
+interval = "250ms"
+timeout = "1s"
+"#
+        ),
+    )?;
+    std::fs::write(src.join("RELEASE"), format!("demo-service {version}\n"))?;
+    let out = dir.join(format!("demo-{version}.baton"));
+    artifact::pack(&src, "demo", version, key, &out)?;
+    Ok(out)
+}
+
+/// Asks one host's demo service which version it runs.
+async fn ask(port: u16) -> String {
+    let answer = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), answer).await {
+        Ok(Ok(text)) => text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        Ok(Err(e)) => format!("({e})"),
+        Err(_) => "(no answer)".into(),
+    }
+}
+
+struct Story<'a> {
+    control: ControlServiceClient<Channel>,
+    ports: &'a BTreeMap<String, u16>,
+    summary: Vec<String>,
+}
+
+impl Story<'_> {
+    /// Starts a plan and follows it live; returns the final state.
+    async fn rollout(&mut self, title: &str, plan: &str) -> Result<String, CliError> {
+        println!("\n== {title}\n");
+        for line in plan.trim().lines() {
+            println!("   | {line}");
+        }
+        println!();
+        let started = Instant::now();
+        let id = self
+            .control
+            .start_rollout(baton_proto::control::v1::StartRolloutRequest {
+                plan: plan.to_owned(),
+            })
+            .await
+            .map_err(|s| call_failed("the plan was refused", s))?
+            .into_inner()
+            .id;
+        rollout::watch(&mut self.control, &id).await?;
+        let r = self
+            .control
+            .get_rollout(baton_proto::control::v1::GetRolloutRequest { id: id.clone() })
+            .await
+            .map_err(|s| call_failed("getting the rollout failed", s))?
+            .into_inner();
+        let took = started.elapsed();
+        println!("\n   the services answer:");
+        for (host, port) in self.ports {
+            println!("     {host}: {}", ask(*port).await);
+        }
+        self.summary.push(format!(
+            "{title}: {} in {:.1}s",
+            r.state,
+            took.as_secs_f64()
+        ));
+        Ok(r.state)
     }
 }
 
@@ -63,9 +181,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         .map(|(id, _, _)| HostId::try_from(*id))
         .collect::<Result<_, _>>()?;
     baton_common::pki::init(&tls_dir, &ids)?;
-    println!(
-        "  created a CA and mTLS certificates for the coordinator, the operator and each agent"
-    );
+    let (key_path, pub_path) = artifact::keygen(&dir.path().join("release"))?;
+    let key = artifact::read_signing_key(&key_path)?;
+    println!("  created a CA, mTLS certificates and an ed25519 release key");
 
     let coordinator = Coordinator::bind(Config {
         listen: "127.0.0.1:0".parse()?,
@@ -81,7 +199,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let coordinator_task = tokio::spawn(coordinator.run(coordinator_stop.clone()));
     println!("  batond listening on {url}");
 
-    let mut control = connect_control(&url, &ClientTls::load(&tls_dir, "operator")?).await?;
+    let mut control =
+        connect_control_with(&url, &ClientTls::load(&tls_dir, "operator")?, None).await?;
     let mut events = control
         .watch_hosts(WatchHostsRequest {})
         .await
@@ -90,20 +209,30 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
 
     let agents_stop = CancellationToken::new();
     let mut agents = JoinSet::new();
+    let mut ports = BTreeMap::new();
+    let mut agent_dirs = Vec::new();
     for (id, role, zone) in HOSTS {
         let host_id = HostId::try_from(*id)?;
+        let port = free_port()?;
+        ports.insert((*id).to_owned(), port);
+        let vars: BTreeMap<String, String> = [("port".to_owned(), port.to_string())].into();
+        let data_dir = dir.path().join("agents").join(id);
+        let mut all_vars = vars.clone();
+        all_vars.insert("BATON_HOST_ID".into(), (*id).to_owned());
+        agent_dirs.push((data_dir.clone(), all_vars));
         let config = AgentConfig {
             coordinator: url.clone(),
             tls: ClientTls::load(&tls_dir, &format!("agent-{host_id}"))?,
             host_id,
-            data_dir: dir.path().join("agents").join(id),
+            data_dir,
             labels: [
                 ("role".to_owned(), (*role).to_owned()),
                 ("zone".to_owned(), (*zone).to_owned()),
             ]
             .into(),
-            vars: Default::default(),
-            trusted_keys: vec![],
+            vars,
+            trusted_keys: vec![artifact::read_public_key(&pub_path)?],
+            keep_releases: baton_agent::config::DEFAULT_KEEP_RELEASES,
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(2),
         };
@@ -114,9 +243,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         HOSTS.iter().map(|h| h.0).collect::<Vec<_>>().join(", ")
     );
 
-    let mut outcome = Ok(ExitCode::SUCCESS);
-    let registered = unless(
-        &interrupted,
+    let story = async {
         tokio::time::timeout(STEP_DEADLINE, async {
             let mut connected = std::collections::BTreeSet::new();
             while connected.len() < HOSTS.len() {
@@ -144,40 +271,95 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 }
             }
             Ok::<_, CliError>(())
-        }),
-    )
-    .await;
-    match registered {
-        None => outcome = Ok(ExitCode::from(130)),
-        Some(Err(_)) => {
-            outcome = Err(CliError(format!(
+        })
+        .await
+        .map_err(|_| {
+            CliError(format!(
                 "the agents did not all register within {STEP_DEADLINE:?}"
-            )))
+            ))
+        })??;
+
+        println!("\n== Signing and pushing three releases of the demo service\n");
+        for (version, broken) in [("1.0.0", false), ("2.0.0", false), ("3.0.0", true)] {
+            let file = release(dir.path(), &key, version, broken)?;
+            let (signed, payload) = artifact::open_artifact(&file)?;
+            let stored = super::artifact::push_with(&mut control, signed, payload).await?;
+            let note = if broken {
+                "  (broken: its /healthz answers 503)"
+            } else {
+                ""
+            };
+            println!("   demo {version}  {}{note}", stored.digest);
         }
-        Some(Ok(Err(e))) => outcome = Err(e),
-        Some(Ok(Ok(()))) => match hosts::fetch(&mut control).await {
-            // Failing here still stops everything below.
-            Err(e) => outcome = Err(e),
-            Ok(views) => {
-                println!("\nThe fleet, as `baton hosts` shows it:\n");
-                for line in hosts::table(&views).lines() {
-                    println!("  {line}");
-                }
-                if args.keep_running {
-                    println!(
-                        "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} hosts`.",
-                        tls_dir.display()
-                    );
-                    println!("Press Ctrl-C to stop.");
-                    interrupted.cancelled().await;
-                }
-            }
-        },
+
+        let mut story = Story {
+            control: control.clone(),
+            ports: &ports,
+            summary: Vec::new(),
+        };
+        let install = story
+            .rollout(
+                "Installing demo 1.0.0 on every web host at once",
+                "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\nstrategy = \"all-at-once\"\nmin_healthy_time = \"1s\"\n",
+            )
+            .await?;
+        let upgrade = story
+            .rollout(
+                "Rolling demo 2.0.0 out one host at a time",
+                "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\n",
+            )
+            .await?;
+        let broken = story
+            .rollout(
+                "Trying the broken demo 3.0.0",
+                "auto_rollback = true\n\n[[service]]\nname = \"demo\"\nversion = \"3.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"2s\"\n",
+            )
+            .await?;
+
+        println!("\n== Summary\n");
+        for line in &story.summary {
+            println!("   {line}");
+        }
+        let ok = install == "succeeded" && upgrade == "succeeded" && broken == "rolled_back";
+        if ok {
+            println!(
+                "\n   3.0.0 never got past its first host: it failed the health gate and every host it touched is back on 2.0.0."
+            );
+        }
+        let views = hosts::fetch(&mut control).await?;
+        println!("\nThe fleet, as `baton hosts` shows it:\n");
+        for line in hosts::table(&views).lines() {
+            println!("  {line}");
+        }
+        if !ok {
+            return Err(CliError(
+                "the demo did not go as expected (see above)".into(),
+            ));
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    let mut outcome = match unless(&interrupted, story).await {
+        None => Ok(ExitCode::from(130)),
+        Some(r) => r,
+    };
+    if args.keep_running && matches!(outcome, Ok(ExitCode::SUCCESS)) {
+        println!(
+            "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} rollout list`.",
+            tls_dir.display()
+        );
+        println!("Press Ctrl-C to stop.");
+        interrupted.cancelled().await;
     }
 
-    println!("\nStopping the agents and the coordinator...");
+    println!("\nStopping the agents, their services and the coordinator...");
     agents_stop.cancel();
     while agents.join_next().await.is_some() {}
+    for (data_dir, vars) in &agent_dirs {
+        if let Err(e) = baton_agent::stop_services(data_dir, vars).await {
+            outcome = Err(CliError(format!("cannot stop a demo service: {e}")));
+        }
+    }
+    drop(control);
     coordinator_stop.cancel();
     match coordinator_task.await {
         Ok(Ok(())) => {}

@@ -274,9 +274,9 @@ pub async fn watch(
         } else {
             // One line per change, for logs and pipes.
             let now = baton_common::time::rfc3339(std::time::SystemTime::now());
-            if seen.get("") != Some(&r.state) {
+            let rollout_changed = seen.get("") != Some(&r.state);
+            if rollout_changed && !crate::rollout::is_terminal(&r.state) {
                 writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
-                seen.insert(String::new(), r.state.clone());
             }
             for s in &r.services {
                 for h in &s.hosts {
@@ -291,6 +291,11 @@ pub async fn watch(
                     }
                 }
             }
+            // A terminal state is printed after the hosts that led to it.
+            if rollout_changed && crate::rollout::is_terminal(&r.state) {
+                writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
+            }
+            seen.insert(String::new(), r.state.clone());
         }
         out.flush()?;
         last = Some(r);

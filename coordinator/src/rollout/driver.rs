@@ -339,12 +339,16 @@ impl Driver {
             Request::Get { id, reply } => {
                 let r = match self.active.get(&id) {
                     Some(a) => Ok(a.rollout.clone()),
-                    None => self.load(&id).await,
+                    None => self.load(&id).await.map(|r| self.with_connected(r)),
                 };
                 let _ = reply.send(r);
             }
             Request::List { reply } => {
-                let _ = reply.send(self.list().await);
+                let r = self
+                    .list()
+                    .await
+                    .map(|all| all.into_iter().map(|r| self.with_connected(r)).collect());
+                let _ = reply.send(r);
             }
             Request::Watch { id, reply } => {
                 let r = match self.active.get(&id) {
@@ -358,6 +362,15 @@ impl Driver {
                 let _ = reply.send(self.control(id, op).await);
             }
         }
+    }
+
+    /// A stored rollout with its hosts' connections as they are now
+    /// (connections are not stored).
+    fn with_connected(&self, mut r: Rollout) -> Rollout {
+        for (id, h) in &mut r.service.hosts {
+            h.connected = self.connected.contains(id);
+        }
+        r
     }
 
     async fn load(&self, id: &str) -> Result<Rollout, RolloutError> {

@@ -498,8 +498,14 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                 .filter(|(_, h)| h.state == HostState::Failed)
                 .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("failed")))
                 .collect();
-            if !failed.is_empty() {
-                // Nothing was swapped yet, so there is nothing to undo.
+            let staging = r
+                .service
+                .hosts
+                .values()
+                .any(|h| h.state == HostState::Staging);
+            if !failed.is_empty() && !staging {
+                // Every host has answered, so each one's error is on
+                // record. Nothing was swapped yet: nothing to undo.
                 for h in r.service.hosts.values_mut() {
                     h.outstanding = None;
                 }

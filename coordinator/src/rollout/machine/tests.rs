@@ -214,7 +214,17 @@ fn a_staging_failure_fails_before_anything_is_touched() {
     let e = done(&r, &host(1), Outcome::Failed);
     let a = feed(&mut r, e, t(1));
     assert!(a.is_empty());
+    assert_eq!(r.state, State::Staging, "waits for every host's answer");
+    let e = done(&r, &host(0), Outcome::Succeeded);
+    feed(&mut r, e, t(1));
+    let e = done(&r, &host(2), Outcome::Failed);
+    feed(&mut r, e, t(1));
     assert_eq!(r.state, State::Failed);
+    assert!(
+        r.error.as_deref().unwrap().contains("2 host(s)"),
+        "{:?}",
+        r.error
+    );
     assert!(
         r.error
             .as_deref()

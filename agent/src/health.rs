@@ -1,0 +1,791 @@
+//! Health checks and the health gate a host passes before an upgrade moves
+//! on.
+//!
+//! [`check_once`] runs one check of a [`HealthSpec`]; [`wait_healthy`] runs
+//! checks until the service has passed continuously for the gate's
+//! `min_healthy_time`, and fails on the deadline, when the process dies, or
+//! on cancel. The gate is built for speed: before the first pass it retries
+//! fast (10 ms, doubling, capped at the interval), and after it a check is
+//! scheduled exactly at `first pass + min_healthy_time`, so a healthy
+//! service is declared healthy at that instant rather than up to an interval
+//! later.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{Check, HealthSpec, resolve};
+
+/// The first retry delay before a check has ever passed.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+
+/// The most of an HTTP response read while looking for the status line.
+const MAX_STATUS_LINE: usize = 8 * 1024;
+
+/// What "healthy" means for one host during an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// How long the checks must pass without a failure in between.
+    pub min_healthy_time: Duration,
+    /// How long the service has, from the start of the wait, to become
+    /// healthy.
+    pub healthy_deadline: Duration,
+}
+
+/// Runs one check, bounded by `spec.timeout`. `release_dir` is the working
+/// directory of `exec` checks and what their relative program is resolved
+/// against.
+pub async fn check_once(spec: &HealthSpec, release_dir: &Path) -> Result<(), String> {
+    let timeout = spec.timeout;
+    let (what, result) = match &spec.check {
+        Check::Http { url } => (
+            format!("GET {url}"),
+            tokio::time::timeout(timeout, http_get(url)).await,
+        ),
+        Check::Tcp { address } => (
+            format!("connect {address}"),
+            tokio::time::timeout(timeout, tcp_connect(address)).await,
+        ),
+        Check::Grpc { address, service } => (
+            format!("gRPC health check of {service:?} at {address}"),
+            tokio::time::timeout(timeout, grpc_check(address, service, timeout)).await,
+        ),
+        // The exec check handles its own timeout: the command must be killed,
+        // not just abandoned.
+        Check::Exec { command } => return exec(command, release_dir, timeout).await,
+    };
+    result.unwrap_or_else(|_| Err(format!("{what} timed out after {}", fmt_duration(timeout))))
+}
+
+/// Waits until the service is healthy and returns how long that took.
+///
+/// Healthy means: checks have passed continuously for
+/// `gate.min_healthy_time` (any failure restarts the clock); without a
+/// health spec, the process is still alive after `min_healthy_time`. Fails
+/// with "not healthy within …: <last check error>" at `gate.healthy_deadline`,
+/// when `alive` turns false, and on `cancel`.
+pub async fn wait_healthy(
+    spec: Option<&HealthSpec>,
+    release_dir: &Path,
+    gate: &Gate,
+    alive: &mut watch::Receiver<bool>,
+    cancel: &CancellationToken,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let deadline = start + gate.healthy_deadline;
+    // Without a spec, a "check" always passes and only the process's
+    // liveness (watched below) and the clock matter.
+    let interval = spec.map_or(gate.min_healthy_time, |s| s.interval);
+    let mut retry = FIRST_RETRY.min(interval);
+    let mut first_pass: Option<Instant> = None;
+    let mut next_check = start;
+    let mut last_error = String::from("no check has completed yet");
+
+    loop {
+        let step = async {
+            tokio::time::sleep_until(next_check).await;
+            match spec {
+                Some(spec) => check_once(spec, release_dir).await,
+                None => Ok(()),
+            }
+        };
+        let result = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Err("cancelled".to_owned()),
+            exited = alive.wait_for(|alive| !*alive) => {
+                return Err(match exited {
+                    Ok(_) => "the process exited during the health check".to_owned(),
+                    Err(_) => "the supervisor stopped during the health check".to_owned(),
+                });
+            }
+            result = step => result,
+            () = tokio::time::sleep_until(deadline) => {
+                if let Some(first) = first_pass {
+                    last_error = format!(
+                        "passing for {} of the required {}",
+                        fmt_duration(Instant::now() - first),
+                        fmt_duration(gate.min_healthy_time)
+                    );
+                }
+                return Err(format!(
+                    "not healthy within {}: {last_error}",
+                    fmt_duration(gate.healthy_deadline)
+                ));
+            }
+        };
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                let first = *first_pass.get_or_insert(now);
+                let healthy_at = first + gate.min_healthy_time;
+                if now >= healthy_at {
+                    return Ok(now - start);
+                }
+                next_check = (now + interval).min(healthy_at);
+                retry = FIRST_RETRY.min(interval);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "health check failed");
+                last_error = error;
+                first_pass = None;
+                next_check = now + retry;
+                retry = (retry * 2).min(interval);
+            }
+        }
+    }
+}
+
+async fn tcp_connect(address: &str) -> Result<(), String> {
+    connect(address).await.map(drop)
+}
+
+async fn connect(address: &str) -> Result<TcpStream, String> {
+    TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect {address}: {}", io_message(&e)))
+}
+
+/// A minimal HTTP/1.1 GET over plain TCP: enough to read the status line.
+async fn http_get(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("GET {url}: only http:// URLs are supported"));
+    };
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("GET {url}: the URL has no usable host"));
+    }
+    let path = match path {
+        "" => "/".to_owned(),
+        p if p.starts_with('?') => format!("/{p}"),
+        p => p.to_owned(),
+    };
+    // A port follows the last ':' unless that ':' is inside an IPv6 literal.
+    let has_port = authority
+        .rfind(':')
+        .is_some_and(|i| !authority[i..].contains(']'));
+    let address = if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+
+    let mut stream = connect(&address).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: baton-agent\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("GET {url}: {}", io_message(&e)))?;
+
+    let mut buf = Vec::with_capacity(256);
+    let line_end = loop {
+        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            break i;
+        }
+        if buf.len() >= MAX_STATUS_LINE {
+            return Err(format!(
+                "GET {url}: no status line in the first {MAX_STATUS_LINE} bytes"
+            ));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("GET {url}: {}", io_message(&e)))?;
+        if n == 0 {
+            return Err(format!(
+                "GET {url}: the connection closed before the status line"
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let line = String::from_utf8_lossy(&buf[..line_end]);
+    let mut parts = line.split_whitespace();
+    let status = match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/1.") && code.len() == 3 => {
+            code.parse::<u16>().ok()
+        }
+        _ => None,
+    };
+    match status {
+        Some(code) if (200..300).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {url} returned {code}")),
+        None => Err(format!("GET {url}: malformed status line {line:?}")),
+    }
+}
+
+async fn grpc_check(address: &str, service: &str, timeout: Duration) -> Result<(), String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let what = format!("gRPC health check of {service:?} at {address}");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("{what}: {}", error_chain(&e)))?
+        .connect_timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect {address}: {}", error_chain(&e)))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|status| format!("{what}: {:?}: {}", status.code(), status.message()))?;
+    let status = response.into_inner().status;
+    if status == ServingStatus::Serving as i32 {
+        Ok(())
+    } else {
+        let name = ServingStatus::try_from(status)
+            .map_or_else(|_| status.to_string(), |s| s.as_str_name().to_owned());
+        Err(format!("{what} returned {name}"))
+    }
+}
+
+/// Runs the command in its own process group and kills the group if it
+/// outlives `timeout`, so a hung check leaves nothing behind.
+async fn exec(command: &[String], release_dir: &Path, timeout: Duration) -> Result<(), String> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("exec: the command is empty".to_owned());
+    };
+    let what = format!("exec {program}");
+    let mut child = tokio::process::Command::new(resolve(release_dir, program))
+        .args(args)
+        .current_dir(release_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{what}: cannot start: {}", io_message(&e)))?;
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!(
+            "{what} {}",
+            crate::supervisor::describe_exit(status)
+        )),
+        Ok(Err(e)) => Err(format!("{what}: {}", io_message(&e))),
+        Err(_) => {
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                // The group may already be gone; nothing to do then.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            Err(format!("{what} timed out after {}", fmt_duration(timeout)))
+        }
+    }
+}
+
+/// `Connection refused (os error 111)` → `connection refused`: the
+/// operator-facing form used in check errors.
+pub(crate) fn io_message(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_owned(),
+        _ => text,
+    };
+    let mut chars = text.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), Some(second))
+            if first.is_ascii_uppercase() && !second.is_ascii_uppercase() =>
+        {
+            first.to_ascii_lowercase().to_string() + &text[1..]
+        }
+        _ => text,
+    }
+}
+
+/// An error and its sources, joined with ": " (tonic's transport errors say
+/// only "transport error" at the top).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
+}
+
+fn fmt_duration(d: Duration) -> String {
+    // Whole milliseconds read better than humantime's nanosecond tails.
+    let millis = Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX));
+    if millis.is_zero() && !d.is_zero() {
+        return humantime::format_duration(d).to_string();
+    }
+    humantime::format_duration(millis).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A tiny HTTP responder: answers each request with the next status from
+    /// `script` (repeating the last one), counting requests.
+    struct Responder {
+        port: u16,
+        hits: Arc<AtomicUsize>,
+        status: Arc<Mutex<Vec<u16>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Responder {
+        async fn start(script: &[u16]) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let hits = Arc::new(AtomicUsize::new(0));
+            let status = Arc::new(Mutex::new(script.to_vec()));
+            let task = tokio::spawn({
+                let hits = hits.clone();
+                let status = status.clone();
+                async move {
+                    loop {
+                        let Ok((mut stream, _)) = listener.accept().await else {
+                            return;
+                        };
+                        let code = {
+                            let mut script = status.lock().unwrap();
+                            if script.len() > 1 {
+                                script.remove(0)
+                            } else {
+                                script[0]
+                            }
+                        };
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        tokio::spawn(async move {
+                            let mut buf = Vec::new();
+                            let mut chunk = [0u8; 512];
+                            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match stream.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            assert!(
+                                buf.starts_with(b"GET /healthz?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+                            );
+                            let body =
+                                format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n");
+                            let _ = stream.write_all(body.as_bytes()).await;
+                        });
+                    }
+                }
+            });
+            Self {
+                port,
+                hits,
+                status,
+                task,
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("http://127.0.0.1:{}/healthz?x=1", self.port)
+        }
+
+        fn spec(&self, interval: Duration) -> HealthSpec {
+            HealthSpec {
+                check: Check::Http { url: self.url() },
+                interval,
+                timeout: Duration::from_secs(2),
+            }
+        }
+
+        fn set(&self, script: &[u16]) {
+            *self.status.lock().unwrap() = script.to_vec();
+        }
+    }
+
+    impl Drop for Responder {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// A port with nothing listening on it (bound, then released).
+    async fn closed_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn spec(check: Check) -> HealthSpec {
+        HealthSpec {
+            check,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn gate(min: u64, deadline: u64) -> Gate {
+        Gate {
+            min_healthy_time: Duration::from_millis(min),
+            healthy_deadline: Duration::from_millis(deadline),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_check_passes_on_2xx_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Responder::start(&[200, 204, 503]).await;
+        let s = server.spec(Duration::from_secs(1));
+        assert_eq!(check_once(&s, dir.path()).await, Ok(()));
+        assert_eq!(check_once(&s, dir.path()).await, Ok(()));
+        assert_eq!(
+            check_once(&s, dir.path()).await,
+            Err(format!("GET {} returned 503", server.url()))
+        );
+        let port = closed_port().await;
+        let refused = spec(Check::Http {
+            url: format!("http://127.0.0.1:{port}/healthz"),
+        });
+        assert_eq!(
+            check_once(&refused, dir.path()).await,
+            Err(format!("connect 127.0.0.1:{port}: connection refused"))
+        );
+        let https = spec(Check::Http {
+            url: "https://127.0.0.1/".into(),
+        });
+        assert_eq!(
+            check_once(&https, dir.path()).await,
+            Err("GET https://127.0.0.1/: only http:// URLs are supported".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn http_check_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        // Accepts (via the backlog) but never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let s = HealthSpec {
+            check: Check::Http { url: url.clone() },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(200),
+        };
+        assert_eq!(
+            check_once(&s, dir.path()).await,
+            Err(format!("GET {url} timed out after 200ms"))
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = spec(Check::Tcp {
+            address: listener.local_addr().unwrap().to_string(),
+        });
+        assert_eq!(check_once(&open, dir.path()).await, Ok(()));
+        let port = closed_port().await;
+        let closed = spec(Check::Tcp {
+            address: format!("127.0.0.1:{port}"),
+        });
+        assert_eq!(
+            check_once(&closed, dir.path()).await,
+            Err(format!("connect 127.0.0.1:{port}: connection refused"))
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_check_runs_in_the_release_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("marker"), "").unwrap();
+        let sh = |script: &str| {
+            spec(Check::Exec {
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            })
+        };
+        assert_eq!(check_once(&sh("test -e marker"), dir.path()).await, Ok(()));
+        assert_eq!(
+            check_once(&sh("exit 1"), dir.path()).await,
+            Err("exec /bin/sh exited with status 1".into())
+        );
+        let missing = spec(Check::Exec {
+            command: vec!["bin/nope".into()],
+        });
+        let error = check_once(&missing, dir.path()).await.unwrap_err();
+        assert_eq!(
+            error,
+            "exec bin/nope: cannot start: no such file or directory"
+        );
+
+        let mut slow = sh("echo $$ > pid; exec sleep 30");
+        slow.timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        assert_eq!(
+            check_once(&slow, dir.path()).await,
+            Err("exec /bin/sh timed out after 300ms".into())
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The hung command was killed, not abandoned.
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let limit = std::time::Instant::now() + Duration::from_secs(5);
+        while crate::supervisor::is_alive(pid.unsigned_abs()) {
+            assert!(
+                std::time::Instant::now() < limit,
+                "the timed-out check is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_check_against_tonic_health() {
+        use tokio_stream::wrappers::TcpListenerStream;
+        use tonic_health::ServingStatus;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("api.v1.Api", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status("api.v1.Down", ServingStatus::NotServing)
+            .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let grpc = |service: &str| {
+            spec(Check::Grpc {
+                address: address.clone(),
+                service: service.into(),
+            })
+        };
+        assert_eq!(check_once(&grpc(""), dir.path()).await, Ok(()));
+        assert_eq!(check_once(&grpc("api.v1.Api"), dir.path()).await, Ok(()));
+        assert_eq!(
+            check_once(&grpc("api.v1.Down"), dir.path()).await,
+            Err(format!(
+                "gRPC health check of \"api.v1.Down\" at {address} returned NOT_SERVING"
+            ))
+        );
+        let unknown = check_once(&grpc("nope"), dir.path()).await.unwrap_err();
+        assert!(unknown.contains("NotFound"), "{unknown}");
+        server.abort();
+
+        let port = closed_port().await;
+        let refused = spec(Check::Grpc {
+            address: format!("127.0.0.1:{port}"),
+            service: String::new(),
+        });
+        let error = check_once(&refused, dir.path()).await.unwrap_err();
+        assert!(
+            error.starts_with(&format!("connect 127.0.0.1:{port}: ")) && error.contains("refused"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn healthy_at_min_healthy_time_after_a_late_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Responder::start(&[503]).await;
+        // A long interval: the gate must not wait for it, neither for the
+        // first pass nor for declaring healthiness.
+        let s = server.spec(Duration::from_secs(5));
+        let (_alive_tx, mut alive) = watch::channel(true);
+        let cancel = CancellationToken::new();
+        let g = gate(300, 20_000);
+        let up_at = Arc::new(Mutex::new(None));
+        let flip = tokio::spawn({
+            let up_at = up_at.clone();
+            let status = server.status.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(80)).await;
+                *status.lock().unwrap() = vec![200];
+                *up_at.lock().unwrap() = Some(std::time::Instant::now());
+            }
+        });
+        let took = wait_healthy(Some(&s), dir.path(), &g, &mut alive, &cancel)
+            .await
+            .unwrap();
+        let done = std::time::Instant::now();
+        flip.await.unwrap();
+        let up = up_at.lock().unwrap().unwrap();
+        let after_up = done - up;
+        assert!(took >= g.min_healthy_time, "{took:?}");
+        assert!(after_up >= g.min_healthy_time, "{after_up:?}");
+        // Ideal: 300 ms plus one fast retry (< 160 ms); generous for a loaded
+        // machine, yet far below the 5 s interval.
+        assert!(
+            after_up < g.min_healthy_time + Duration::from_millis(800),
+            "{after_up:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_check_restarts_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        // pass, pass, FAIL, then pass forever.
+        let server = Responder::start(&[200, 200, 503, 200]).await;
+        let s = server.spec(Duration::from_millis(100));
+        let (_alive_tx, mut alive) = watch::channel(true);
+        let took = wait_healthy(
+            Some(&s),
+            dir.path(),
+            &gate(300, 20_000),
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        // The failure came at least two intervals in, and 300 ms of passing
+        // checks must follow it.
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(server.hits.load(Ordering::SeqCst) >= 6);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_reports_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Responder::start(&[503]).await;
+        let s = server.spec(Duration::from_millis(100));
+        let (_alive_tx, mut alive) = watch::channel(true);
+        let started = std::time::Instant::now();
+        let error = wait_healthy(
+            Some(&s),
+            dir.path(),
+            &gate(100, 300),
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            error,
+            format!(
+                "not healthy within 300ms: GET {} returned 503",
+                server.url()
+            )
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+
+        // Passing, but not for long enough before the deadline.
+        server.set(&[200]);
+        let error = wait_healthy(
+            Some(&s),
+            dir.path(),
+            &gate(1_000, 300),
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            error.starts_with("not healthy within 300ms: passing for ")
+                && error.ends_with(" of the required 1s"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_and_cancel_end_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Responder::start(&[503]).await;
+        let s = server.spec(Duration::from_millis(100));
+        let g = gate(100, 20_000);
+
+        let (alive_tx, mut alive) = watch::channel(true);
+        let dies = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            alive_tx.send_replace(false);
+            alive_tx
+        });
+        let error = wait_healthy(
+            Some(&s),
+            dir.path(),
+            &g,
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error, "the process exited during the health check");
+        drop(dies.await.unwrap());
+
+        let (_alive_tx, mut alive) = watch::channel(true);
+        let cancel = CancellationToken::new();
+        let canceller = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                cancel.cancel();
+            }
+        });
+        let error = wait_healthy(Some(&s), dir.path(), &g, &mut alive, &cancel)
+            .await
+            .unwrap_err();
+        assert_eq!(error, "cancelled");
+        canceller.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn without_a_spec_alive_for_min_healthy_time_is_healthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alive_tx, mut alive) = watch::channel(true);
+        let took = wait_healthy(
+            None,
+            dir.path(),
+            &gate(200, 20_000),
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+
+        alive_tx.send_replace(false);
+        let error = wait_healthy(
+            None,
+            dir.path(),
+            &gate(200, 20_000),
+            &mut alive,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error, "the process exited during the health check");
+    }
+
+    #[test]
+    fn io_messages_are_lower_case_without_errno() {
+        let e = std::io::Error::from_raw_os_error(111);
+        assert_eq!(io_message(&e), "connection refused");
+        assert_eq!(
+            io_message(&std::io::Error::other("HTTP broke")),
+            "HTTP broke"
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! The release store on the host:
+//!
+//! ```text
+//! <data-dir>/services/<name>/releases/<version>/   one directory per release
+//! <data-dir>/services/<name>/current -> releases/<version>
+//! <data-dir>/services/<name>/run/                 process.json, service.log
+//! ```
+//!
+//! A release directory appears only complete (unpacked into a temporary
+//! directory, fsynced, then renamed), so its existence means "staged and
+//! verified". `current` is replaced by renaming a new symlink over it,
+//! which is atomic: after a crash it names either the old or the new
+//! release, never nothing.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use baton_common::artifact::fsync_dir;
+
+/// Where releases live.
+#[derive(Debug, Clone)]
+pub struct Releases {
+    root: PathBuf,
+}
+
+impl Releases {
+    /// The store under `<data_dir>/services`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.join("services"),
+        }
+    }
+
+    /// `services/<name>`.
+    pub fn service_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// `services/<name>/releases/<version>`.
+    pub fn release_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.service_dir(name).join("releases").join(version)
+    }
+
+    /// `services/<name>/run`: the process file and the service's log.
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.service_dir(name).join("run")
+    }
+
+    /// Whether `version` of `name` is staged (complete and verified).
+    pub fn is_staged(&self, name: &str, version: &str) -> bool {
+        self.release_dir(name, version).is_dir()
+    }
+
+    /// The version `current` points at.
+    pub fn current(&self, name: &str) -> Option<String> {
+        let target = std::fs::read_link(self.service_dir(name).join("current")).ok()?;
+        target
+            .file_name()
+            .map(|v| v.to_string_lossy().into_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Every service with a `current` release, sorted.
+    pub fn services(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return vec![];
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| baton_common::host::validate_name(n).is_ok() && self.current(n).is_some())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A fresh directory to unpack `version` into, beside its final place
+    /// (same file system, so the final rename is atomic).
+    pub fn staging_dir(&self, name: &str, version: &str) -> io::Result<PathBuf> {
+        let releases = self.service_dir(name).join("releases");
+        std::fs::create_dir_all(&releases)?;
+        Ok(releases.join(format!(".staging-{version}-{:08x}", fastrand::u32(..))))
+    }
+
+    /// Moves an unpacked release into place.
+    pub fn commit_staged(&self, unpacked: &Path, name: &str, version: &str) -> io::Result<()> {
+        let dest = self.release_dir(name, version);
+        std::fs::rename(unpacked, &dest)?;
+        fsync_dir(&self.service_dir(name).join("releases"))
+    }
+
+    /// Points `current` at `version`, atomically.
+    pub fn swap(&self, name: &str, version: &str) -> io::Result<()> {
+        let dir = self.service_dir(name);
+        let tmp = dir.join(format!(".current-{:08x}", fastrand::u32(..)));
+        std::os::unix::fs::symlink(Path::new("releases").join(version), &tmp)?;
+        if let Err(e) = std::fs::rename(&tmp, dir.join("current")) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        fsync_dir(&dir)
+    }
+
+    /// Deletes the oldest releases beyond `keep`, never `current` nor any
+    /// of `protect`; leftovers of interrupted staging go too. Returns the
+    /// versions removed.
+    pub fn prune(&self, name: &str, keep: usize, protect: &[&str]) -> io::Result<Vec<String>> {
+        let dir = self.service_dir(name).join("releases");
+        let current = self.current(name);
+        let mut releases = Vec::new();
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let version = entry.file_name().to_string_lossy().into_owned();
+            if version.starts_with(".staging-") {
+                std::fs::remove_dir_all(entry.path())?;
+                continue;
+            }
+            let modified = entry.metadata().and_then(|m| m.modified())?;
+            releases.push((modified, version));
+        }
+        // Newest first; the kept ones are the newest `keep`.
+        releases.sort_by(|a, b| b.cmp(a));
+        let mut removed = Vec::new();
+        for (_, version) in releases.into_iter().skip(keep) {
+            if current.as_deref() == Some(version.as_str()) || protect.contains(&version.as_str()) {
+                continue;
+            }
+            std::fs::remove_dir_all(dir.join(&version))?;
+            removed.push(version);
+        }
+        if !removed.is_empty() {
+            fsync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a service and all its releases.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        let dir = self.service_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => fsync_dir(&self.root),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(r: &Releases, name: &str, version: &str) {
+        let tmp = r.staging_dir(name, version).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("service.toml"), "command = \"x\"\n").unwrap();
+        r.commit_staged(&tmp, name, version).unwrap();
+    }
+
+    #[test]
+    fn swap_is_a_rename_and_prune_keeps_current_and_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        assert_eq!(r.current("api"), None);
+        for v in ["1", "2", "3", "4", "5"] {
+            staged(&r, "api", v);
+            // Distinct modification times, oldest first.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(r.is_staged("api", "3"));
+        r.swap("api", "1").unwrap();
+        r.swap("api", "5").unwrap();
+        assert_eq!(r.current("api").as_deref(), Some("5"));
+        assert_eq!(r.services(), vec!["api".to_owned()]);
+        std::fs::create_dir_all(dir.path().join("services/api/releases/.staging-6-0")).unwrap();
+        let removed = r.prune("api", 2, &["1"]).unwrap();
+        assert_eq!(removed, vec!["3".to_owned(), "2".to_owned()]);
+        assert!(r.is_staged("api", "1") && r.is_staged("api", "4") && r.is_staged("api", "5"));
+        assert!(
+            !dir.path()
+                .join("services/api/releases/.staging-6-0")
+                .exists()
+        );
+        r.remove("api").unwrap();
+        assert!(r.services().is_empty());
+        r.remove("api").unwrap();
+    }
+}

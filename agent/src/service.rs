@@ -1,0 +1,732 @@
+//! The service definition: `service.toml` inside a release, parsed into a
+//! [`ServiceSpec`] with every `${NAME}` variable substituted and every key
+//! checked, so the supervisor and the health checks never see a half-valid
+//! definition.
+//!
+//! The format is described in DESIGN.md, "service.toml (inside an
+//! artifact)". Unknown keys are errors, and so are keys that belong to another
+//! health-check kind.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+/// The file name of the service definition inside a release directory.
+pub const SERVICE_FILE: &str = "service.toml";
+
+/// The default `stop_timeout`: how long a stopping service may drain before
+/// it is killed.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default health-check `interval` and `timeout`.
+pub const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// A service as `service.toml` defines it, variables substituted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// The program: a path relative to the release directory (without `..`)
+    /// or an absolute path. Resolve it with [`ServiceSpec::program`].
+    pub command: String,
+    /// The program's arguments.
+    pub args: Vec<String>,
+    /// Environment variables added on top of the agent's environment.
+    pub env: BTreeMap<String, String>,
+    /// Sockets the service listens on (e.g. `tcp://127.0.0.1:8080`).
+    pub listen: Vec<String>,
+    /// The signal that asks the service to stop (default SIGTERM).
+    pub stop_signal: Signal,
+    /// How long the service may take to stop before it is killed.
+    pub stop_timeout: Duration,
+    /// How to tell that the service is healthy; `None` means "running".
+    pub health: Option<HealthSpec>,
+    /// Commands run around the service's lifecycle.
+    pub hooks: Hooks,
+}
+
+impl ServiceSpec {
+    /// The program to execute: [`ServiceSpec::command`] resolved against the
+    /// release directory.
+    pub fn program(&self, release_dir: &Path) -> PathBuf {
+        resolve(release_dir, &self.command)
+    }
+}
+
+/// Commands run around the service's lifecycle, each in the release
+/// directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Run before the service starts; the first element is the program,
+    /// relative to the release directory or absolute.
+    pub pre_start: Option<Vec<String>>,
+}
+
+/// How and how often to check a service's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    /// What one check does.
+    pub check: Check,
+    /// The time between checks once they pass.
+    pub interval: Duration,
+    /// The bound on one check.
+    pub timeout: Duration,
+}
+
+/// One kind of health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// An HTTP GET of `url` (only `http://`) answers 2xx.
+    Http {
+        /// The URL, e.g. `http://127.0.0.1:8080/healthz`.
+        url: String,
+    },
+    /// A TCP connection to `address` (`host:port`) succeeds.
+    Tcp {
+        /// `host:port`.
+        address: String,
+    },
+    /// A command run in the release directory exits 0.
+    Exec {
+        /// The program (relative to the release directory or absolute) and
+        /// its arguments; never empty.
+        command: Vec<String>,
+    },
+    /// `grpc.health.v1.Health/Check` over plaintext HTTP/2 answers SERVING.
+    Grpc {
+        /// `host:port`.
+        address: String,
+        /// The service name asked about; empty means the whole server.
+        service: String,
+    },
+}
+
+/// Why a service definition was refused. The messages name the file and the
+/// key, so an operator can fix the artifact without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown, missing or mistyped keys.
+    #[error("service.toml: {0}")]
+    Syntax(String),
+    /// A key has a value that is not allowed.
+    #[error("service.toml: {field}: {message}")]
+    Invalid {
+        /// The key, e.g. `health.url` or `args[2]`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A `${NAME}` names no defined variable.
+    #[error("service.toml: {field}: undefined variable ${{{name}}}")]
+    UndefinedVariable {
+        /// The key, e.g. `health.url`.
+        field: String,
+        /// The variable's name.
+        name: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads and parses `release_dir/service.toml`.
+pub fn load(release_dir: &Path, vars: &BTreeMap<String, String>) -> Result<ServiceSpec, SpecError> {
+    let path = release_dir.join(SERVICE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
+    parse(&text, vars)
+}
+
+/// Parses the text of a `service.toml`, substituting `${NAME}` from `vars`
+/// in `args`, `env` values, `listen`, the health check's `url`, `address`
+/// and `command`, and the hooks.
+pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec, SpecError> {
+    let raw: RawSpec =
+        toml::from_str(text).map_err(|e| SpecError::Syntax(describe_toml_error(text, &e)))?;
+
+    validate_program("command", &raw.command)?;
+    let args = substitute_all("args", &raw.args, vars)?;
+    let env = raw
+        .env
+        .iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(invalid(
+                    format!("env.{k}"),
+                    "not a valid environment variable name",
+                ));
+            }
+            Ok((k.clone(), substitute(&format!("env.{k}"), v, vars)?))
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let listen = substitute_all("listen", &raw.listen, vars)?;
+    let stop_signal = match &raw.stop_signal {
+        None => Signal::SIGTERM,
+        Some(name) => parse_signal(name).ok_or_else(|| {
+            invalid(
+                "stop_signal",
+                format!("unknown signal {name:?} (expected a name such as SIGTERM or TERM)"),
+            )
+        })?,
+    };
+    let stop_timeout = match &raw.stop_timeout {
+        None => DEFAULT_STOP_TIMEOUT,
+        Some(text) => parse_duration("stop_timeout", text)?,
+    };
+    let health = raw.health.as_ref().map(|h| health(h, vars)).transpose()?;
+    let pre_start = match &raw.hooks.pre_start {
+        None => None,
+        Some(command) => Some(command_line("hooks.pre_start", command, vars)?),
+    };
+    Ok(ServiceSpec {
+        command: raw.command,
+        args,
+        env,
+        listen,
+        stop_signal,
+        stop_timeout,
+        health,
+        hooks: Hooks { pre_start },
+    })
+}
+
+/// Resolves a program path from `service.toml` against the release
+/// directory; absolute paths stay as they are.
+pub fn resolve(release_dir: &Path, program: &str) -> PathBuf {
+    release_dir.join(program)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    listen: Vec<String>,
+    stop_signal: Option<String>,
+    stop_timeout: Option<String>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    hooks: RawHooks,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: String,
+    url: Option<String>,
+    address: Option<String>,
+    command: Option<Vec<String>>,
+    service: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    pre_start: Option<Vec<String>>,
+}
+
+/// The keys of `[health]` that only some kinds take, and which kinds.
+const KIND_KEYS: [(&str, &[&str]); 4] = [
+    ("url", &["http"]),
+    ("address", &["tcp", "grpc"]),
+    ("command", &["exec"]),
+    ("service", &["grpc"]),
+];
+
+fn health(raw: &RawHealth, vars: &BTreeMap<String, String>) -> Result<HealthSpec, SpecError> {
+    let kind = raw.kind.as_str();
+    if !matches!(kind, "http" | "tcp" | "exec" | "grpc") {
+        return Err(invalid(
+            "health.kind",
+            format!("unknown kind {kind:?} (expected \"http\", \"tcp\", \"exec\" or \"grpc\")"),
+        ));
+    }
+    let present = [
+        raw.url.is_some(),
+        raw.address.is_some(),
+        raw.command.is_some(),
+        raw.service.is_some(),
+    ];
+    for ((key, kinds), present) in KIND_KEYS.iter().zip(present) {
+        if present && !kinds.contains(&kind) {
+            return Err(invalid(
+                format!("health.{key}"),
+                format!(
+                    "not allowed with kind = {kind:?} (only with kind = {})",
+                    kinds
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or kind = ")
+                ),
+            ));
+        }
+    }
+    let required = |key: &str, value: Option<&String>| -> Result<String, SpecError> {
+        value
+            .cloned()
+            .ok_or_else(|| invalid("health", format!("kind = {kind:?} requires `{key}`")))
+    };
+    let check = match kind {
+        "http" => {
+            let url = substitute("health.url", &required("url", raw.url.as_ref())?, vars)?;
+            if !url.starts_with("http://") {
+                return Err(invalid(
+                    "health.url",
+                    format!("{url:?} is not an http:// URL"),
+                ));
+            }
+            Check::Http { url }
+        }
+        "tcp" | "grpc" => {
+            let address = substitute(
+                "health.address",
+                &required("address", raw.address.as_ref())?,
+                vars,
+            )?;
+            validate_address("health.address", &address)?;
+            if kind == "tcp" {
+                Check::Tcp { address }
+            } else {
+                Check::Grpc {
+                    address,
+                    service: raw.service.clone().unwrap_or_default(),
+                }
+            }
+        }
+        _ => {
+            let command = raw
+                .command
+                .as_ref()
+                .ok_or_else(|| invalid("health", "kind = \"exec\" requires `command`"))?;
+            Check::Exec {
+                command: command_line("health.command", command, vars)?,
+            }
+        }
+    };
+    let period = |key: &str, value: &Option<String>| -> Result<Duration, SpecError> {
+        let field = format!("health.{key}");
+        match value {
+            None => Ok(DEFAULT_CHECK_PERIOD),
+            Some(text) => match parse_duration(&field, text)? {
+                d if d.is_zero() => Err(invalid(field, "must be longer than zero")),
+                d => Ok(d),
+            },
+        }
+    };
+    Ok(HealthSpec {
+        check,
+        interval: period("interval", &raw.interval)?,
+        timeout: period("timeout", &raw.timeout)?,
+    })
+}
+
+/// A command line (hook or exec check): not empty, a valid program first,
+/// variables substituted.
+fn command_line(
+    field: &str,
+    raw: &[String],
+    vars: &BTreeMap<String, String>,
+) -> Result<Vec<String>, SpecError> {
+    let command = substitute_all(field, raw, vars)?;
+    let Some(program) = command.first() else {
+        return Err(invalid(field, "must not be empty"));
+    };
+    validate_program(&format!("{field}[0]"), program)?;
+    Ok(command)
+}
+
+/// A program must be absolute, or relative and stay inside the release
+/// directory.
+fn validate_program(field: &str, program: &str) -> Result<(), SpecError> {
+    if program.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if program.contains('\0') {
+        return Err(invalid(field, "must not contain NUL"));
+    }
+    let path = Path::new(program);
+    if !path.is_absolute() && path.components().any(|c| c == Component::ParentDir) {
+        return Err(invalid(
+            field,
+            format!(
+                "{program:?} leaves the release directory (a relative path must not contain `..`)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port` with a numeric port; the host may be a name, an IPv4 address
+/// or a bracketed IPv6 address.
+fn validate_address(field: &str, address: &str) -> Result<(), SpecError> {
+    let ok = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{address:?} is not host:port")))
+    }
+}
+
+fn parse_duration(field: &str, text: &str) -> Result<Duration, SpecError> {
+    humantime::parse_duration(text)
+        .map_err(|e| invalid(field, format!("invalid duration {text:?}: {e}")))
+}
+
+/// Accepts `SIGTERM`, `TERM` and the same in lower case.
+fn parse_signal(name: &str) -> Option<Signal> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    Signal::from_str(&full).ok()
+}
+
+fn substitute_all(
+    field: &str,
+    values: &[String],
+    vars: &BTreeMap<String, String>,
+) -> Result<Vec<String>, SpecError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| substitute(&format!("{field}[{i}]"), v, vars))
+        .collect()
+}
+
+/// Replaces each `${NAME}` in `text` with the variable's value. A `$` not
+/// followed by `{` stays as it is; values are not substituted again.
+fn substitute(
+    field: &str,
+    text: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<String, SpecError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(invalid(field, format!("unterminated `${{` in {text:?}")));
+        };
+        let name = &after[..end];
+        if name.is_empty() {
+            return Err(invalid(field, format!("empty `${{}}` in {text:?}")));
+        }
+        let value = vars.get(name).ok_or_else(|| SpecError::UndefinedVariable {
+            field: field.to_owned(),
+            name: name.to_owned(),
+        })?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// toml's own message is several lines with a source excerpt; this keeps the
+/// position and the message on one line.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("port".to_owned(), "8080".to_owned()),
+            ("BATON_HOST_ID".to_owned(), "h1".to_owned()),
+        ])
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, &vars()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_file_gets_the_defaults() {
+        let spec = parse("command = \"bin/server\"", &vars()).unwrap();
+        assert_eq!(
+            spec,
+            ServiceSpec {
+                command: "bin/server".into(),
+                args: vec![],
+                env: BTreeMap::new(),
+                listen: vec![],
+                stop_signal: Signal::SIGTERM,
+                stop_timeout: Duration::from_secs(10),
+                health: None,
+                hooks: Hooks::default(),
+            }
+        );
+        assert_eq!(
+            spec.program(Path::new("/r/1.0")),
+            Path::new("/r/1.0/bin/server")
+        );
+        let abs = parse("command = \"/usr/bin/env\"", &vars()).unwrap();
+        assert_eq!(abs.program(Path::new("/r/1.0")), Path::new("/usr/bin/env"));
+    }
+
+    #[test]
+    fn the_design_example_parses_with_variables() {
+        let text = r#"
+command = "bin/server"
+args = ["--port", "${port}", "--host=${BATON_HOST_ID}-x"]
+env = { RUST_LOG = "info", PORT = "${port}" }
+listen = ["tcp://127.0.0.1:${port}"]
+stop_signal = "SIGINT"
+stop_timeout = "2s 500ms"
+
+[health]
+kind = "http"
+url = "http://127.0.0.1:${port}/healthz"
+interval = "500ms"
+timeout = "1s"
+
+[hooks]
+pre_start = ["bin/migrate", "--check", "${port}"]
+"#;
+        let spec = parse(text, &vars()).unwrap();
+        assert_eq!(spec.args, ["--port", "8080", "--host=h1-x"]);
+        assert_eq!(spec.env["PORT"], "8080");
+        assert_eq!(spec.env["RUST_LOG"], "info");
+        assert_eq!(spec.listen, ["tcp://127.0.0.1:8080"]);
+        assert_eq!(spec.stop_signal, Signal::SIGINT);
+        assert_eq!(spec.stop_timeout, Duration::from_millis(2500));
+        assert_eq!(
+            spec.health,
+            Some(HealthSpec {
+                check: Check::Http {
+                    url: "http://127.0.0.1:8080/healthz".into()
+                },
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_secs(1),
+            })
+        );
+        assert_eq!(
+            spec.hooks.pre_start.as_deref(),
+            Some(&["bin/migrate".to_owned(), "--check".into(), "8080".into()][..])
+        );
+    }
+
+    #[test]
+    fn every_health_kind() {
+        let check = |body: &str| {
+            parse(&format!("command = \"x\"\n[health]\n{body}"), &vars())
+                .unwrap()
+                .health
+                .unwrap()
+        };
+        let tcp = check("kind = \"tcp\"\naddress = \"127.0.0.1:${port}\"");
+        assert_eq!(
+            tcp.check,
+            Check::Tcp {
+                address: "127.0.0.1:8080".into()
+            }
+        );
+        assert_eq!(
+            (tcp.interval, tcp.timeout),
+            (Duration::from_secs(1), Duration::from_secs(1))
+        );
+        assert_eq!(
+            check("kind = \"exec\"\ncommand = [\"bin/check\", \"${port}\"]").check,
+            Check::Exec {
+                command: vec!["bin/check".into(), "8080".into()]
+            }
+        );
+        assert_eq!(
+            check("kind = \"grpc\"\naddress = \"localhost:${port}\"").check,
+            Check::Grpc {
+                address: "localhost:8080".into(),
+                service: String::new()
+            }
+        );
+        assert_eq!(
+            check("kind = \"grpc\"\naddress = \"[::1]:9\"\nservice = \"api.v1.Api\"").check,
+            Check::Grpc {
+                address: "[::1]:9".into(),
+                service: "api.v1.Api".into()
+            }
+        );
+    }
+
+    #[test]
+    fn signal_names() {
+        for (name, signal) in [
+            ("SIGTERM", Signal::SIGTERM),
+            ("TERM", Signal::SIGTERM),
+            ("SIGQUIT", Signal::SIGQUIT),
+            ("HUP", Signal::SIGHUP),
+            ("SIGUSR1", Signal::SIGUSR1),
+            ("USR2", Signal::SIGUSR2),
+            ("SIGKILL", Signal::SIGKILL),
+            ("int", Signal::SIGINT),
+        ] {
+            let spec = parse(
+                &format!("command = \"x\"\nstop_signal = \"{name}\""),
+                &vars(),
+            )
+            .unwrap();
+            assert_eq!(spec.stop_signal, signal, "{name}");
+        }
+        assert_eq!(
+            err("command = \"x\"\nstop_signal = \"SIGFOO\""),
+            "service.toml: stop_signal: unknown signal \"SIGFOO\" (expected a name such as SIGTERM or TERM)"
+        );
+    }
+
+    #[test]
+    fn errors_say_what_and_where() {
+        assert_eq!(
+            err(
+                "command = \"x\"\n[health]\nkind = \"http\"\nurl = \"http://127.0.0.1:${prot}/healthz\""
+            ),
+            "service.toml: health.url: undefined variable ${prot}"
+        );
+        assert_eq!(
+            err("command = \"x\"\nargs = [\"a\", \"${nope}\"]"),
+            "service.toml: args[1]: undefined variable ${nope}"
+        );
+        assert_eq!(
+            err("command = \"x\"\nenv = { A = \"${nope}\" }"),
+            "service.toml: env.A: undefined variable ${nope}"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[hooks]\npre_start = [\"${nope}\"]"),
+            "service.toml: hooks.pre_start[0]: undefined variable ${nope}"
+        );
+        assert_eq!(
+            err("command = \"x\"\nargs = [\"${port\"]"),
+            "service.toml: args[0]: unterminated `${` in \"${port\""
+        );
+        let unknown = err("command = \"x\"\nfoo = 1");
+        assert!(
+            unknown.starts_with("service.toml: line 2, column 1: unknown field `foo`"),
+            "{unknown}"
+        );
+        let unknown = err("command = \"x\"\n[health]\nkind = \"tcp\"\naddress = \"a:1\"\nport = 3");
+        assert!(
+            unknown.contains("line 5") && unknown.contains("unknown field `port`"),
+            "{unknown}"
+        );
+        let missing = err("args = []");
+        assert!(missing.contains("missing field `command`"), "{missing}");
+        let syntax = err("command = \"x\"\nargs = [");
+        assert!(syntax.starts_with("service.toml: line 2"), "{syntax}");
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"http\""),
+            "service.toml: health: kind = \"http\" requires `url`"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"exec\""),
+            "service.toml: health: kind = \"exec\" requires `command`"
+        );
+        assert_eq!(
+            err(
+                "command = \"x\"\n[health]\nkind = \"tcp\"\nurl = \"http://a/\"\naddress = \"a:1\""
+            ),
+            "service.toml: health.url: not allowed with kind = \"tcp\" (only with kind = \"http\")"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"http\"\nurl = \"http://a/\"\nservice = \"s\""),
+            "service.toml: health.service: not allowed with kind = \"http\" (only with kind = \"grpc\")"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"udp\""),
+            "service.toml: health.kind: unknown kind \"udp\" (expected \"http\", \"tcp\", \"exec\" or \"grpc\")"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"http\"\nurl = \"https://a/\""),
+            "service.toml: health.url: \"https://a/\" is not an http:// URL"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"tcp\"\naddress = \"localhost\""),
+            "service.toml: health.address: \"localhost\" is not host:port"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"exec\"\ncommand = []"),
+            "service.toml: health.command: must not be empty"
+        );
+    }
+
+    #[test]
+    fn bad_durations_and_paths() {
+        let bad = err("command = \"x\"\nstop_timeout = \"ten seconds\"");
+        assert!(
+            bad.starts_with("service.toml: stop_timeout: invalid duration \"ten seconds\": "),
+            "{bad}"
+        );
+        let bad =
+            err("command = \"x\"\n[health]\nkind = \"tcp\"\naddress = \"a:1\"\ninterval = \"5\"");
+        assert!(
+            bad.starts_with("service.toml: health.interval: invalid duration \"5\""),
+            "{bad}"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[health]\nkind = \"tcp\"\naddress = \"a:1\"\ntimeout = \"0s\""),
+            "service.toml: health.timeout: must be longer than zero"
+        );
+        assert_eq!(
+            err("command = \"../other/bin\""),
+            "service.toml: command: \"../other/bin\" leaves the release directory (a relative path must not contain `..`)"
+        );
+        assert_eq!(
+            err("command = \"\""),
+            "service.toml: command: must not be empty"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[hooks]\npre_start = [\"bin/../../x\"]"),
+            "service.toml: hooks.pre_start[0]: \"bin/../../x\" leaves the release directory (a relative path must not contain `..`)"
+        );
+    }
+
+    #[test]
+    fn load_reads_the_release_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = load(dir.path(), &vars()).unwrap_err().to_string();
+        assert!(
+            missing.starts_with("cannot read ") && missing.contains("service.toml"),
+            "{missing}"
+        );
+        std::fs::write(
+            dir.path().join(SERVICE_FILE),
+            "command = \"bin/s\"\nargs = [\"${port}\"]",
+        )
+        .unwrap();
+        assert_eq!(load(dir.path(), &vars()).unwrap().args, ["8080"]);
+    }
+}

@@ -1,0 +1,1154 @@
+//! One service's process: spawn it, restart it when it dies, stop it.
+//!
+//! Services outlive the agent: a restarted (or upgraded, or crashed) agent
+//! must find its services still running and pick them up again. So a
+//! service runs in its own process group (signals aimed at the agent's group
+//! never reach it), is never killed when its handle drops, and is recorded
+//! in `<run_dir>/process.json` (pid, kernel start time, version, release
+//! directory), which [`Supervisor::adopt`] reads back. The start time guards
+//! against a recycled pid: a pid only names our process if the kernel's
+//! start time for it still matches.
+//!
+//! Architecture invariant: dropping or aborting a [`Supervisor`] stops the
+//! *monitoring* only; the only path that signals a service is
+//! [`Supervisor::stop`] (and the clean-up of a dead service's leftover
+//! group members).
+//!
+//! Both output streams are appended to `<run_dir>/service.log`, which is
+//! capped by copy-and-truncate (see [`cap_log`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::service::ServiceSpec;
+
+/// The file in the run directory that records the running process.
+pub const PROCESS_FILE: &str = "process.json";
+
+/// The file in the run directory that collects the service's stdout and
+/// stderr.
+pub const LOG_FILE: &str = "service.log";
+
+/// A process that ran at least this long before dying restarts after the
+/// initial backoff again: it was healthy for a while, not crash-looping.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+
+/// How often an adopted process (not our child, so no `wait`) is looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+
+/// How often the process group is looked at while stopping.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// How often the log's size is checked.
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long SIGKILL may take before stopping fails. SIGKILL cannot be
+/// ignored, so only a process stuck in the kernel gets this far.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How a supervisor restarts and caps the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SupervisorConfig {
+    /// The delay before the first restart (and after a run of 10 s or more).
+    pub restart_backoff_initial: Duration,
+    /// The cap on the delay, which doubles with each quick crash.
+    pub restart_backoff_max: Duration,
+    /// `service.log` is rotated to `service.log.1` beyond this size.
+    pub log_max_bytes: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            restart_backoff_initial: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(30),
+            log_max_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the supervised process is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessState {
+    /// The process runs.
+    Running {
+        /// Its pid, which is also its process group id.
+        pid: u32,
+    },
+    /// The process died unexpectedly and is restarted after a delay.
+    Restarting {
+        /// The delay.
+        after: Duration,
+    },
+    /// The process was stopped on purpose; it is not restarted.
+    Stopped,
+}
+
+/// The supervisor's report on its process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessStatus {
+    /// What the process is doing.
+    pub state: ProcessState,
+    /// How often the process was restarted after dying.
+    pub restarts: u32,
+    /// How the last process ended, e.g. "exited with status 3" or "killed by
+    /// SIGSEGV".
+    pub last_exit: Option<String>,
+}
+
+/// The contents of `process.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// The pid, which is also the process group id.
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks after boot): with the
+    /// pid, it identifies the process even if the pid is reused.
+    pub start_time: u64,
+    /// The service version the process runs.
+    pub version: String,
+    /// The release directory the process was started from.
+    pub release_dir: PathBuf,
+}
+
+/// Why supervising failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The program could not be started.
+    #[error("cannot start {}: {source}", program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file in the run directory could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// `process.json` is not what this module writes.
+    #[error("{}: {message}", path.display())]
+    CorruptProcessFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The process survived SIGKILL.
+    #[error("process group {pid} is still running {}s after SIGKILL", KILL_WAIT.as_secs())]
+    StillRunning {
+        /// The process (group) id.
+        pid: u32,
+    },
+    /// The monitoring task panicked or was aborted.
+    #[error("the supervisor task failed: {0}")]
+    Task(String),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Supervises one service process. The monitoring runs in a task owned by
+/// this handle; dropping the handle aborts the task but leaves the process
+/// running, to be picked up again with [`Supervisor::adopt`].
+pub struct Supervisor {
+    version: String,
+    status: watch::Receiver<ProcessStatus>,
+    alive: watch::Receiver<bool>,
+    /// Asks the task to stop the process; `None` once used.
+    stop: Option<oneshot::Sender<()>>,
+    /// `None` once joined by [`Supervisor::stop`].
+    task: Option<JoinHandle<Result<(), SupervisorError>>>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl Supervisor {
+    /// Spawns the service now and supervises it. Fails if the program
+    /// cannot be started or `process.json` cannot be written. Must be called
+    /// within a Tokio runtime.
+    pub fn start(
+        name: &str,
+        version: &str,
+        release_dir: &Path,
+        spec: ServiceSpec,
+        run_dir: &Path,
+        config: SupervisorConfig,
+    ) -> Result<Self, SupervisorError> {
+        let ctx = Context {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            release_dir: release_dir.to_owned(),
+            spec,
+            run_dir: run_dir.to_owned(),
+            config,
+        };
+        std::fs::create_dir_all(run_dir)
+            .map_err(io_error(format!("cannot create {}", run_dir.display())))?;
+        let running = ctx.spawn()?;
+        info!(service = %name, version, pid = running.pid, "service started");
+        Ok(Self::launch(ctx, running))
+    }
+
+    /// Picks up the process recorded in `run_dir/process.json`, e.g. after
+    /// the agent restarted. Returns `None` (and removes the file) unless
+    /// that pid is alive, is not a zombie, and has the recorded start time.
+    /// The version is the recorded one. Must be called within a Tokio
+    /// runtime.
+    pub fn adopt(
+        name: &str,
+        release_dir: &Path,
+        spec: ServiceSpec,
+        run_dir: &Path,
+        config: SupervisorConfig,
+    ) -> Result<Option<Self>, SupervisorError> {
+        let path = run_dir.join(PROCESS_FILE);
+        let record = match read_process_file(run_dir) {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(None),
+            Err(SupervisorError::CorruptProcessFile { message, .. }) => {
+                warn!(service = %name, file = %path.display(), %message, "removing an unreadable process file");
+                remove_process_file(run_dir)?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if !is_same_process(record.pid, record.start_time) {
+            info!(service = %name, pid = record.pid, "the recorded process is gone; removing the process file");
+            remove_process_file(run_dir)?;
+            return Ok(None);
+        }
+        if record.release_dir != release_dir {
+            warn!(
+                service = %name,
+                recorded = %record.release_dir.display(),
+                given = %release_dir.display(),
+                "adopting a process started from another release directory; restarts use the given one"
+            );
+        }
+        info!(service = %name, version = %record.version, pid = record.pid, "adopted a running service");
+        let ctx = Context {
+            name: name.to_owned(),
+            version: record.version,
+            release_dir: release_dir.to_owned(),
+            spec,
+            run_dir: run_dir.to_owned(),
+            config,
+        };
+        let running = Running {
+            process: Process::Adopted {
+                pid: record.pid,
+                start_time: record.start_time,
+            },
+            pid: record.pid,
+            since: Instant::now(),
+        };
+        Ok(Some(Self::launch(ctx, running)))
+    }
+
+    fn launch(ctx: Context, running: Running) -> Self {
+        let (status_tx, status) = watch::channel(ProcessStatus {
+            state: ProcessState::Running { pid: running.pid },
+            restarts: 0,
+            last_exit: None,
+        });
+        let (alive_tx, alive) = watch::channel(true);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let version = ctx.version.clone();
+        let monitor = Monitor {
+            ctx,
+            status: status_tx,
+            alive: alive_tx,
+        };
+        Self {
+            version,
+            status,
+            alive,
+            stop: Some(stop_tx),
+            task: Some(tokio::spawn(monitor.run(running, stop_rx))),
+        }
+    }
+
+    /// The current process's pid (also its process group id), if one runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self.status.borrow().state {
+            ProcessState::Running { pid } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// The service version this supervisor runs.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The process's state, restart count and last exit.
+    pub fn status(&self) -> watch::Receiver<ProcessStatus> {
+        self.status.clone()
+    }
+
+    /// True while the current process runs; false between a death and the
+    /// restart, and after [`Supervisor::stop`]. Closed when the supervisor
+    /// is dropped.
+    pub fn alive(&self) -> watch::Receiver<bool> {
+        self.alive.clone()
+    }
+
+    /// Sends the spec's stop signal to the process group, waits up to
+    /// `stop_timeout` for the group to be gone, then SIGKILLs the group and
+    /// waits again. Removes `process.json`. Nothing is restarted afterwards.
+    pub async fn stop(mut self) -> Result<(), SupervisorError> {
+        if let Some(stop) = self.stop.take() {
+            // An error means the task has already ended; its result says why.
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| SupervisorError::Task(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// What the monitoring task needs to (re)start the service.
+struct Context {
+    name: String,
+    version: String,
+    release_dir: PathBuf,
+    spec: ServiceSpec,
+    run_dir: PathBuf,
+    config: SupervisorConfig,
+}
+
+/// A process being supervised.
+enum Process {
+    /// Spawned by this supervisor: `wait` tells when and how it ends.
+    Child(Child),
+    /// Found running (see [`Supervisor::adopt`]): not our child, so it is
+    /// watched through `/proc`.
+    Adopted { pid: u32, start_time: u64 },
+}
+
+struct Running {
+    process: Process,
+    pid: u32,
+    since: Instant,
+}
+
+impl Context {
+    /// Spawns the service and records it in `process.json`.
+    fn spawn(&self) -> Result<Running, SupervisorError> {
+        let log_path = self.run_dir.join(LOG_FILE);
+        let stdout = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&log_path)
+            .map_err(io_error(format!("cannot open {}", log_path.display())))?;
+        let stderr = stdout
+            .try_clone()
+            .map_err(io_error(format!("cannot open {}", log_path.display())))?;
+        let program = self.spec.program(&self.release_dir);
+        let mut child = tokio::process::Command::new(&program)
+            .args(&self.spec.args)
+            .envs(&self.spec.env)
+            .env("BATON_SERVICE", &self.name)
+            .env("BATON_VERSION", &self.version)
+            .current_dir(&self.release_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own group: a Ctrl-C or SIGTERM aimed at the agent's group
+            // must not reach the service, and stopping can signal the whole
+            // service (children included) at once.
+            .process_group(0)
+            // The service must outlive this handle, and the agent.
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| SupervisorError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        // `id` is `None` only after `wait` has completed, which has not been
+        // called yet.
+        let pid = child.id().ok_or_else(|| SupervisorError::Spawn {
+            program: program.clone(),
+            source: std::io::Error::other("the process has no pid"),
+        })?;
+        // The child is not reaped before `wait`, so its stat is readable even
+        // if it has already exited.
+        let start_time = read_stat(pid).map_or(0, |s| s.start_time);
+        let record = ProcessRecord {
+            pid,
+            start_time,
+            version: self.version.clone(),
+            release_dir: self.release_dir.clone(),
+        };
+        if let Err(e) = write_process_file(&self.run_dir, &record) {
+            // An unrecorded service would be orphaned by the next agent
+            // restart; better not to run it at all.
+            kill_group(pid, Signal::SIGKILL);
+            let _ = child.start_kill();
+            return Err(e);
+        }
+        Ok(Running {
+            process: Process::Child(child),
+            pid,
+            since: Instant::now(),
+        })
+    }
+}
+
+/// The monitoring task: the only owner of the process and the status
+/// senders.
+struct Monitor {
+    ctx: Context,
+    status: watch::Sender<ProcessStatus>,
+    alive: watch::Sender<bool>,
+}
+
+/// What woke the monitoring loop.
+enum Event {
+    /// [`Supervisor::stop`] was called.
+    Stop,
+    /// The handle was dropped: stop monitoring, leave the process alone.
+    Detach,
+    /// The process ended unexpectedly, described.
+    Exited(String),
+    /// The restart delay is over.
+    Restart,
+    /// Time to look at the log's size.
+    CapLog,
+}
+
+impl Monitor {
+    async fn run(
+        self,
+        first: Running,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<(), SupervisorError> {
+        let name = self.ctx.name.clone();
+        let config = self.ctx.config;
+        let mut running = Some(first);
+        let mut backoff = config.restart_backoff_initial;
+        let mut restart_at = Instant::now();
+        let mut log_tick = tokio::time::interval(LOG_CHECK_EVERY);
+        log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let event = match running.as_mut() {
+                Some(current) => tokio::select! {
+                    biased;
+                    asked = &mut stop => if asked.is_ok() { Event::Stop } else { Event::Detach },
+                    exit = wait_exit(&mut current.process) => Event::Exited(exit),
+                    _ = log_tick.tick() => Event::CapLog,
+                },
+                None => tokio::select! {
+                    biased;
+                    asked = &mut stop => if asked.is_ok() { Event::Stop } else { Event::Detach },
+                    () = tokio::time::sleep_until(restart_at) => Event::Restart,
+                    _ = log_tick.tick() => Event::CapLog,
+                },
+            };
+            match event {
+                Event::Detach => return Ok(()),
+                Event::Stop => return self.stop(running.take()).await,
+                Event::CapLog => self.cap_log().await,
+                Event::Exited(exit) => {
+                    let Some(dead) = running.take() else { continue };
+                    self.alive.send_replace(false);
+                    if group_has_live_members(dead.pid) {
+                        warn!(service = %name, pgid = dead.pid, "killing what is left of the dead service's process group");
+                        kill_group(dead.pid, Signal::SIGKILL);
+                    }
+                    let delay = if dead.since.elapsed() >= STABLE_RUN {
+                        config.restart_backoff_initial
+                    } else {
+                        backoff
+                    };
+                    backoff = (delay * 2).min(config.restart_backoff_max);
+                    warn!(
+                        service = %name,
+                        pid = dead.pid,
+                        exit = %exit,
+                        restart_in = %humantime::format_duration(delay),
+                        "service exited unexpectedly"
+                    );
+                    restart_at = Instant::now() + delay;
+                    self.status.send_modify(|s| {
+                        s.state = ProcessState::Restarting { after: delay };
+                        s.last_exit = Some(exit);
+                    });
+                }
+                Event::Restart => match self.ctx.spawn() {
+                    Ok(new) => {
+                        info!(service = %name, pid = new.pid, "service restarted");
+                        self.status.send_modify(|s| {
+                            s.state = ProcessState::Running { pid: new.pid };
+                            s.restarts += 1;
+                        });
+                        self.alive.send_replace(true);
+                        running = Some(new);
+                    }
+                    Err(e) => {
+                        let delay = backoff;
+                        backoff = (delay * 2).min(config.restart_backoff_max);
+                        error!(service = %name, error = %e, retry_in = %humantime::format_duration(delay), "cannot restart the service");
+                        restart_at = Instant::now() + delay;
+                        self.status.send_modify(|s| {
+                            s.state = ProcessState::Restarting { after: delay };
+                            s.last_exit = Some(format!("cannot restart: {e}"));
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Stops the process (if one runs) and forgets it.
+    async fn stop(&self, running: Option<Running>) -> Result<(), SupervisorError> {
+        let name = &self.ctx.name;
+        let mut last_exit = None;
+        if let Some(mut current) = running {
+            let pid = current.pid;
+            let signal = self.ctx.spec.stop_signal;
+            let timeout = self.ctx.spec.stop_timeout;
+            info!(service = %name, pid, %signal, "stopping the service");
+            kill_group(pid, signal);
+            let exit = match wait_group_gone(&mut current.process, pid, timeout).await {
+                Some(exit) => exit,
+                None => {
+                    warn!(
+                        service = %name,
+                        pid,
+                        "the service did not stop within {}; killing it",
+                        humantime::format_duration(timeout)
+                    );
+                    kill_group(pid, Signal::SIGKILL);
+                    wait_group_gone(&mut current.process, pid, KILL_WAIT)
+                        .await
+                        .ok_or(SupervisorError::StillRunning { pid })?
+                }
+            };
+            info!(service = %name, pid, exit = %exit, "service stopped");
+            last_exit = Some(exit);
+        }
+        remove_process_file(&self.ctx.run_dir)?;
+        self.alive.send_replace(false);
+        self.status.send_modify(|s| {
+            s.state = ProcessState::Stopped;
+            if last_exit.is_some() {
+                s.last_exit = last_exit;
+            }
+        });
+        Ok(())
+    }
+
+    async fn cap_log(&self) {
+        let path = self.ctx.run_dir.join(LOG_FILE);
+        let max = self.ctx.config.log_max_bytes;
+        let result = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || cap_log(&path, max)
+        })
+        .await;
+        match result {
+            Ok(Ok(true)) => info!(service = %self.ctx.name, "rotated {}", path.display()),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                warn!(service = %self.ctx.name, error = %e, "cannot cap {}", path.display())
+            }
+            Err(e) => warn!(service = %self.ctx.name, error = %e, "the log capping task failed"),
+        }
+    }
+}
+
+/// Waits until the process ends and describes how. Cancel-safe.
+async fn wait_exit(process: &mut Process) -> String {
+    match process {
+        Process::Child(child) => match child.wait().await {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("exited (waiting for it failed: {e})"),
+        },
+        Process::Adopted { pid, start_time } => {
+            while is_same_process(*pid, *start_time) {
+                tokio::time::sleep(ADOPTED_POLL).await;
+            }
+            "exited (status unknown: the process was adopted, not started, by this agent)"
+                .to_owned()
+        }
+    }
+}
+
+/// Waits up to `limit` for the process to end and every other member of its
+/// group to be gone; `None` on timeout.
+async fn wait_group_gone(process: &mut Process, pgid: u32, limit: Duration) -> Option<String> {
+    tokio::time::timeout(limit, async {
+        let exit = wait_exit(process).await;
+        while group_has_live_members(pgid) {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        exit
+    })
+    .await
+    .ok()
+}
+
+/// Sends `signal` to the process group; a group that is already gone is
+/// fine.
+fn kill_group(pgid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pgid) else { return };
+    match killpg(Pid::from_raw(raw), signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => warn!(pgid, %signal, error = %e, "cannot signal the process group"),
+    }
+}
+
+/// "exited with status 3", "killed by SIGSEGV", "killed by SIGABRT (core
+/// dumped)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    if let Some(number) = status.signal() {
+        let name = Signal::try_from(number)
+            .map_or_else(|_| format!("signal {number}"), |s| s.as_str().to_owned());
+        let core = if status.core_dumped() {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        return format!("killed by {name}{core}");
+    }
+    format!("ended ({status})")
+}
+
+/// Reads `run_dir/process.json`; `None` if there is none.
+pub fn read_process_file(run_dir: &Path) -> Result<Option<ProcessRecord>, SupervisorError> {
+    let path = run_dir.join(PROCESS_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(format!("cannot read {}", path.display()))(e)),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| SupervisorError::CorruptProcessFile {
+            path,
+            message: e.to_string(),
+        })
+}
+
+/// Writes `process.json` atomically: a reader (or a crash) sees the old
+/// file or the new one, never a torn one.
+fn write_process_file(run_dir: &Path, record: &ProcessRecord) -> Result<(), SupervisorError> {
+    let path = run_dir.join(PROCESS_FILE);
+    let tmp = run_dir.join(format!("{PROCESS_FILE}.tmp"));
+    let what = format!("cannot write {}", path.display());
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec_pretty(record)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(run_dir)?.sync_all()
+    };
+    write().map_err(io_error(what))
+}
+
+fn remove_process_file(run_dir: &Path) -> Result<(), SupervisorError> {
+    let path = run_dir.join(PROCESS_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(format!("cannot remove {}", path.display()))(e)),
+    }
+}
+
+/// Caps a log that the service appends to: beyond `max` bytes, copies it to
+/// `<name>.1` (replacing that) and truncates it to zero. Returns whether it
+/// did. The service keeps its file open with `O_APPEND`, so its next write
+/// lands at the new end of the file.
+///
+/// Known race: lines written between the copy and the truncation are lost.
+/// Renaming instead would not lose them, but the service would keep writing
+/// into the renamed file, and we cannot ask it to reopen.
+pub fn cap_log(path: &Path, max: u64) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    std::fs::copy(path, &rotated)?;
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+/// The parts of `/proc/<pid>/stat` we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    /// Field 3: R, S, D, Z, T, X, …
+    state: char,
+    /// Field 5.
+    pgrp: u32,
+    /// Field 22, in clock ticks after boot.
+    start_time: u64,
+}
+
+/// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses
+/// and may itself contain spaces and parentheses, so the fields are counted
+/// from after the *last* `)`.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3.
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(5 - 3)?.parse().ok()?,
+        start_time: fields.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+fn read_stat(pid: u32) -> Option<ProcStat> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|text| parse_stat(&text))
+}
+
+fn is_live_state(state: char) -> bool {
+    !matches!(state, 'Z' | 'X' | 'x')
+}
+
+/// Whether `pid` exists and is not a zombie.
+#[cfg(test)]
+pub(crate) fn is_alive(pid: u32) -> bool {
+    read_stat(pid).is_some_and(|s| is_live_state(s.state))
+}
+
+/// Whether `pid` is still the process that started at `start_time`, and
+/// not a zombie.
+fn is_same_process(pid: u32, start_time: u64) -> bool {
+    read_stat(pid).is_some_and(|s| s.start_time == start_time && is_live_state(s.state))
+}
+
+/// Whether any process other than a zombie is in process group `pgid`.
+/// Scans `/proc`; only used when a service ends, so the cost is fine.
+fn group_has_live_members(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .any(|pid| read_stat(pid).is_some_and(|s| s.pgrp == pgid && is_live_state(s.state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    fn sh(script: &str) -> ServiceSpec {
+        ServiceSpec {
+            command: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())]),
+            listen: vec![],
+            stop_signal: Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(5),
+            health: None,
+            hooks: Default::default(),
+        }
+    }
+
+    fn fast() -> SupervisorConfig {
+        SupervisorConfig {
+            restart_backoff_initial: Duration::from_millis(50),
+            restart_backoff_max: Duration::from_secs(1),
+            log_max_bytes: 1024 * 1024,
+        }
+    }
+
+    /// Polls `condition` until it holds or `LIMIT` passes.
+    async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while !condition() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn status_until(
+        sup: &Supervisor,
+        what: &str,
+        condition: impl FnMut(&ProcessStatus) -> bool,
+    ) -> ProcessStatus {
+        let mut status = sup.status();
+        tokio::time::timeout(LIMIT, status.wait_for(condition))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting until {what}: {:?}",
+                    *sup.status().borrow()
+                )
+            })
+            .unwrap()
+            .clone()
+    }
+
+    fn log(run: &Path) -> String {
+        std::fs::read_to_string(run.join(LOG_FILE)).unwrap_or_default()
+    }
+
+    /// How many processes of `crash_restart_then_stop` have logged.
+    fn starts(run: &Path) -> usize {
+        log(run).matches("start api 1.0.0 hello\n").count()
+    }
+
+    #[test]
+    fn stat_fields_are_counted_after_the_last_paren() {
+        let mut fields: Vec<String> = (3..=52).map(|i| i.to_string()).collect();
+        fields[0] = "S".into();
+        fields[22 - 3] = "987654".into();
+        let text = format!("4242 (we(ird) ) name) {}\n", fields.join(" "));
+        assert_eq!(
+            parse_stat(&text),
+            Some(ProcStat {
+                state: 'S',
+                pgrp: 5,
+                start_time: 987654
+            })
+        );
+        assert_eq!(parse_stat("4242 (short) S 1"), None);
+        let me = read_stat(std::process::id()).unwrap();
+        assert!(is_live_state(me.state));
+        assert!(me.start_time > 0);
+    }
+
+    #[test]
+    fn exits_are_described() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(3 << 8)),
+            "exited with status 3"
+        );
+        assert_eq!(describe_exit(ExitStatus::from_raw(11)), "killed by SIGSEGV");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(6 | 0x80)),
+            "killed by SIGABRT (core dumped)"
+        );
+    }
+
+    #[tokio::test]
+    async fn crash_restart_then_stop() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let run = run.path().join("api");
+        let spec = sh("echo start $BATON_SERVICE $BATON_VERSION $GREETING; \
+             if [ -e crashed ]; then exec sleep 60; fi; touch crashed; exit 3");
+        let sup = Supervisor::start("api", "1.0.0", release.path(), spec, &run, fast()).unwrap();
+        assert_eq!(sup.version(), "1.0.0");
+
+        let status = status_until(&sup, "the first restart", |s| {
+            s.restarts == 1 && matches!(s.state, ProcessState::Running { .. })
+        })
+        .await;
+        assert_eq!(status.last_exit.as_deref(), Some("exited with status 3"));
+        let pid = sup.pid().unwrap();
+        assert!(is_alive(pid));
+        assert!(*sup.alive().borrow());
+        let record = read_process_file(&run).unwrap().unwrap();
+        assert_eq!(
+            record,
+            ProcessRecord {
+                pid,
+                start_time: read_stat(pid).unwrap().start_time,
+                version: "1.0.0".into(),
+                release_dir: release.path().to_owned(),
+            }
+        );
+
+        // Killed only once it has logged, so the log count below is exact.
+        eventually("the second process logs", || starts(&run) == 2).await;
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        let status = status_until(&sup, "the second restart", |s| {
+            s.restarts == 2 && matches!(s.state, ProcessState::Running { .. })
+        })
+        .await;
+        assert_eq!(status.last_exit.as_deref(), Some("killed by SIGKILL"));
+        let pid = sup.pid().unwrap();
+        assert_eq!(read_process_file(&run).unwrap().unwrap().pid, pid);
+
+        eventually("the third process logs", || starts(&run) == 3).await;
+        let status = sup.status();
+        let alive = sup.alive();
+        sup.stop().await.unwrap();
+        assert!(!is_alive(pid));
+        assert!(!*alive.borrow());
+        assert_eq!(status.borrow().state, ProcessState::Stopped);
+        assert_eq!(
+            status.borrow().last_exit.as_deref(),
+            Some("killed by SIGTERM")
+        );
+        assert!(!run.join(PROCESS_FILE).exists());
+        assert_eq!(starts(&run), 3, "{}", log(&run));
+    }
+
+    #[tokio::test]
+    async fn a_service_ignoring_the_stop_signal_is_killed() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let mut spec = sh("trap '' TERM; echo ready; exec sleep 60");
+        spec.stop_timeout = Duration::from_millis(300);
+        let sup =
+            Supervisor::start("api", "1.0.0", release.path(), spec, run.path(), fast()).unwrap();
+        let pid = sup.pid().unwrap();
+        eventually("the trap is set", || log(run.path()).contains("ready")).await;
+        let status = sup.status();
+        let started = std::time::Instant::now();
+        sup.stop().await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert!(!is_alive(pid));
+        assert_eq!(
+            status.borrow().last_exit.as_deref(),
+            Some("killed by SIGKILL")
+        );
+        assert_eq!(status.borrow().restarts, 0);
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        // The shell waits for a background child that ignores SIGTERM.
+        let spec = {
+            let mut spec = sh("(trap '' TERM; exec sleep 60) & echo $! > child; wait");
+            spec.stop_timeout = Duration::from_millis(200);
+            spec
+        };
+        let sup =
+            Supervisor::start("api", "1.0.0", release.path(), spec, run.path(), fast()).unwrap();
+        let child_file = release.path().join("child");
+        eventually("the grandchild is started", || {
+            std::fs::read_to_string(&child_file).is_ok_and(|s| s.ends_with('\n'))
+        })
+        .await;
+        let grandchild: u32 = std::fs::read_to_string(&child_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(is_alive(grandchild));
+        sup.stop().await.unwrap();
+        assert!(!is_alive(grandchild));
+    }
+
+    #[tokio::test]
+    async fn adopt_after_drop_then_stop() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let sup = Supervisor::start(
+            "api",
+            "2.0.0",
+            release.path(),
+            sh("exec sleep 60"),
+            run.path(),
+            fast(),
+        )
+        .unwrap();
+        let pid = sup.pid().unwrap();
+        drop(sup);
+        // Not synchronisation: a grace period in which a wrongful kill would
+        // show.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            is_alive(pid),
+            "dropping the supervisor must not stop the service"
+        );
+
+        let sup = Supervisor::adopt(
+            "api",
+            release.path(),
+            sh("exec sleep 60"),
+            run.path(),
+            fast(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(sup.pid(), Some(pid));
+        assert_eq!(sup.version(), "2.0.0");
+        assert!(*sup.alive().borrow());
+        let status = sup.status();
+        sup.stop().await.unwrap();
+        assert!(!is_alive(pid));
+        assert_eq!(status.borrow().state, ProcessState::Stopped);
+        assert!(!run.path().join(PROCESS_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn an_adopted_process_that_dies_is_restarted() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let spec = sh("echo run $BATON_VERSION; exec sleep 60");
+        let sup = Supervisor::start(
+            "api",
+            "2.0.0",
+            release.path(),
+            spec.clone(),
+            run.path(),
+            fast(),
+        )
+        .unwrap();
+        let pid = sup.pid().unwrap();
+        eventually("the service logs", || log(run.path()).contains("run 2.0.0")).await;
+        drop(sup);
+        let sup = Supervisor::adopt("api", release.path(), spec, run.path(), fast())
+            .unwrap()
+            .unwrap();
+        let mut alive = sup.alive();
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        tokio::time::timeout(LIMIT, alive.wait_for(|a| !*a))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = status_until(&sup, "the restart", |s| {
+            s.restarts == 1 && matches!(s.state, ProcessState::Running { .. })
+        })
+        .await;
+        assert!(
+            status
+                .last_exit
+                .unwrap()
+                .starts_with("exited (status unknown")
+        );
+        let new_pid = sup.pid().unwrap();
+        assert_ne!(new_pid, pid);
+        assert_eq!(read_process_file(run.path()).unwrap().unwrap().pid, new_pid);
+        eventually("the restarted process logs", || {
+            log(run.path()).matches("run 2.0.0").count() == 2
+        })
+        .await;
+        sup.stop().await.unwrap();
+        assert!(!is_alive(new_pid));
+    }
+
+    #[tokio::test]
+    async fn stale_process_files_are_not_adopted() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let adopt = || Supervisor::adopt("api", release.path(), sh("exit 0"), run.path(), fast());
+        assert!(adopt().unwrap().is_none());
+
+        // A live pid, but another process's start time: a reused pid.
+        let record = ProcessRecord {
+            pid: std::process::id(),
+            start_time: 1,
+            version: "1.0.0".into(),
+            release_dir: release.path().to_owned(),
+        };
+        write_process_file(run.path(), &record).unwrap();
+        assert!(adopt().unwrap().is_none());
+        assert!(!run.path().join(PROCESS_FILE).exists());
+
+        // A dead pid.
+        let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        write_process_file(
+            run.path(),
+            &ProcessRecord {
+                pid: dead,
+                ..record
+            },
+        )
+        .unwrap();
+        assert!(adopt().unwrap().is_none());
+        assert!(!run.path().join(PROCESS_FILE).exists());
+
+        std::fs::write(run.path().join(PROCESS_FILE), "{not json").unwrap();
+        assert!(adopt().unwrap().is_none());
+        assert!(!run.path().join(PROCESS_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_an_error() {
+        let release = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let mut spec = sh("");
+        spec.command = "bin/missing".into();
+        let error = Supervisor::start("api", "1.0.0", release.path(), spec, run.path(), fast())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "cannot start {}/bin/missing: No such file or directory (os error 2)",
+                release.path().display()
+            )
+        );
+        assert!(!run.path().join(PROCESS_FILE).exists());
+    }
+
+    #[test]
+    fn cap_log_copies_and_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        assert!(!cap_log(&path, 10).unwrap());
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"0123456789").unwrap();
+        assert!(!cap_log(&path, 10).unwrap());
+        file.write_all(b"abc").unwrap();
+        assert!(cap_log(&path, 10).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("service.log.1")).unwrap(),
+            b"0123456789abc"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // The appending writer continues at the new end, leaving no hole.
+        file.write_all(b"next").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"next");
+    }
+}

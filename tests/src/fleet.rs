@@ -1,0 +1,276 @@
+//! A fleet for rollout tests: `batond`, N agents with a release key, a
+//! `port` variable each and the label `role=web`, plus helpers to pack and
+//! push releases of the demo service, run plans and read the result. On
+//! drop, the services the agents started are killed too (they outlive
+//! their agents by design).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::{AgentOpts, Batond, Proc, SOON, TestEnv, start_agent, wait_until};
+
+/// The fleet.
+pub struct Fleet {
+    pub env: TestEnv,
+    pub batond: Batond,
+    pub agents: BTreeMap<String, Proc>,
+    pub ports: BTreeMap<String, u16>,
+    /// The URL agents use (differs from `batond.url()` behind a proxy).
+    pub agent_url: String,
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+impl Fleet {
+    /// Starts `batond` and one agent per host, and waits until all are
+    /// connected.
+    pub fn start(hosts: &[&str]) -> Self {
+        let env = TestEnv::new(hosts);
+        let out = crate::bin_command("baton")
+            .args(["artifact", "keygen", "--out"])
+            .arg(env.path("release"))
+            .output()
+            .unwrap();
+        ok(&out, "keygen");
+        let batond = Batond::start(&env, "batond", &[]);
+        let agent_url = batond.url();
+        let mut fleet = Self {
+            env,
+            batond,
+            agents: BTreeMap::new(),
+            ports: hosts
+                .iter()
+                .map(|h| ((*h).to_owned(), free_port()))
+                .collect(),
+            agent_url,
+        };
+        for h in hosts {
+            fleet.start_agent(h);
+        }
+        fleet.wait_connected();
+        fleet
+    }
+
+    /// Points the agents at another URL (a proxy); restart them after.
+    pub fn set_agent_url(&mut self, url: String) {
+        self.agent_url = url;
+    }
+
+    /// Starts (or restarts) one host's agent.
+    pub fn start_agent(&mut self, host: &str) {
+        let mut opts = AgentOpts::new(host);
+        opts.labels = &["role=web"];
+        opts.extra = vec![
+            "--var".into(),
+            format!("port={}", self.ports[host]),
+            "--trusted-key".into(),
+            self.env.path("release.pub").display().to_string(),
+        ];
+        let proc = start_agent(&self.env, &self.agent_url, opts);
+        // Dropping the old handle (if any) kills that agent first.
+        self.agents.insert(host.to_owned(), proc);
+    }
+
+    /// Waits until every agent is connected.
+    pub fn wait_connected(&self) {
+        let url = self.batond.url();
+        wait_until("every agent to connect", SOON, || {
+            let hosts = self.env.hosts(&url);
+            (hosts.len() == self.agents.len() && hosts.iter().all(|h| h["connected"] == true))
+                .then_some(())
+        });
+    }
+
+    /// Runs `baton` against the coordinator.
+    pub fn baton(&self, args: &[&str]) -> Output {
+        self.env.baton(&self.batond.url(), &self.env.tls(), args)
+    }
+
+    /// Writes a release directory of the demo service.
+    pub fn release_dir(&self, version: &str, broken: bool) -> PathBuf {
+        let dir = self.env.path(&format!("src-{version}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let broken = if broken { ", \"--broken\"" } else { "" };
+        std::fs::write(
+            dir.join("service.toml"),
+            format!(
+                r#"command = {:?}
+args = ["demo-service", "--listen", "127.0.0.1:${{port}}", "--version", "{version}"{broken}]
+stop_timeout = "5s"
+
+[health]
+kind = "http"
+url = "http://127.0.0.1:${{port}}/healthz"
+interval = "200ms"
+timeout = "1s"
+"#,
+                crate::bin("baton").display().to_string()
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    /// `baton artifact pack` of `dir` as `demo` `version` with `key`.
+    pub fn pack_with(&self, dir: &Path, version: &str, key: &Path) -> PathBuf {
+        let out_file = self.env.path(&format!("demo-{version}.baton"));
+        let out = crate::bin_command("baton")
+            .args(["artifact", "pack"])
+            .arg(dir)
+            .args(["--name", "demo", "--version", version, "--sign-key"])
+            .arg(key)
+            .arg("--out")
+            .arg(&out_file)
+            .output()
+            .unwrap();
+        ok(&out, "artifact pack");
+        out_file
+    }
+
+    /// `baton artifact push FILE`; the digest.
+    pub fn push(&self, file: &Path) -> String {
+        let out = self.baton(&["artifact", "push", file.to_str().unwrap()]);
+        ok(&out, "artifact push").trim().to_owned()
+    }
+
+    /// Packs and pushes a release of the demo service.
+    pub fn release(&self, version: &str, broken: bool) -> String {
+        let dir = self.release_dir(version, broken);
+        let file = self.pack_with(&dir, version, &self.env.path("release.key"));
+        self.push(&file)
+    }
+
+    /// `baton rollout start` of a plan; the rollout id.
+    pub fn start_rollout(&self, plan: &str) -> String {
+        let out = self.try_start_rollout(plan);
+        let v: Value = serde_json::from_str(&ok(&out, "rollout start")).unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `baton rollout start --json` of a plan, whatever happens.
+    pub fn try_start_rollout(&self, plan: &str) -> Output {
+        let path = self.env.path(&format!("plan-{}.toml", crate::unique()));
+        std::fs::write(&path, plan).unwrap();
+        self.baton(&["rollout", "start", path.to_str().unwrap(), "--json"])
+    }
+
+    /// `baton rollout status ID --json`.
+    pub fn status(&self, id: &str) -> Value {
+        let out = self.baton(&["rollout", "status", id, "--json"]);
+        serde_json::from_str(&ok(&out, "rollout status")).unwrap()
+    }
+
+    /// Waits until the rollout is in a terminal state and returns it.
+    pub fn wait_done(&self, id: &str, timeout: Duration) -> Value {
+        wait_until(&format!("rollout {id} to end"), timeout, || {
+            let s = self.status(id);
+            matches!(
+                s["state"].as_str(),
+                Some("succeeded" | "failed" | "rolled_back" | "aborted")
+            )
+            .then_some(s)
+        })
+    }
+
+    /// Waits until `check` holds for the rollout's status.
+    pub fn wait_status(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        wait_until(what, SOON, || {
+            let s = self.status(id);
+            check(&s).then_some(s)
+        })
+    }
+
+    /// The hosts of a rollout's (only) service, by host id.
+    pub fn hosts_of(status: &Value) -> BTreeMap<String, Value> {
+        status["services"][0]["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["host_id"].as_str().unwrap().to_owned(), h.clone()))
+            .collect()
+    }
+
+    /// What the host's demo service answers on `/`, if anything.
+    pub fn get(&self, host: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.ports[host])).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text.split("\r\n\r\n").nth(1)?.trim().to_owned())
+    }
+
+    /// The host's agent data directory.
+    pub fn data_dir(&self, host: &str) -> PathBuf {
+        self.env.path(&format!("agent-{host}"))
+    }
+
+    /// The pid of the host's demo service, from its `process.json`.
+    pub fn service_pid(&self, host: &str) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.data_dir(host).join("services/demo/run/process.json"))
+                .ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        i32::try_from(v["pid"].as_u64()?).ok()
+    }
+
+    /// The host's demo service log.
+    pub fn service_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.data_dir(host).join("services/demo/run/service.log"))
+            .unwrap_or_default()
+    }
+
+    /// Installs `version` on every host and waits for success.
+    pub fn install(&self, version: &str) {
+        self.release(version, false);
+        let id = self.start_rollout(&format!(
+            "[[service]]\nname = \"demo\"\nversion = \"{version}\"\nhosts = {{ role = \"web\" }}\nstrategy = \"all-at-once\"\nmin_healthy_time = \"200ms\"\n"
+        ));
+        let s = self.wait_done(&id, SOON);
+        assert_eq!(s["state"], "succeeded", "{s}");
+        for host in self.ports.keys() {
+            assert_eq!(
+                self.get(host).as_deref(),
+                Some(format!("demo-service {version}").as_str())
+            );
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Agents first, so nothing restarts the services we kill.
+        self.agents.clear();
+        for host in self.ports.keys() {
+            if let Some(pid) = self.service_pid(host) {
+                // The service leads its own process group.
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
