@@ -398,126 +398,28 @@ impl Executor {
         Ok(())
     }
 
-    /// Downloads a payload by digest into `downloads/<hex>.partial`,
-    /// hashing as it arrives and resuming from the bytes already there
-    /// after a broken stream. Returns the verified file.
+    /// Downloads a payload into `downloads/<hex>.partial` (see
+    /// [`download`]), reporting progress on the command.
     async fn download(&self, id: &str, m: &Manifest) -> Result<PathBuf, String> {
-        let digest = format!("sha256:{}", m.payload_sha256);
         let path = self
             .inner
             .config
             .data_dir
             .join("downloads")
             .join(format!("{}.partial", m.payload_sha256));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let mut offset = file.metadata().map_err(|e| e.to_string())?.len();
-        let mut hasher = PayloadHasher::new();
-        if offset > m.size {
-            file.set_len(0).map_err(|e| e.to_string())?;
-            offset = 0;
-        }
-        if offset > 0 {
-            // Left by an earlier run of the agent: hash what is there once.
-            info!(%digest, offset, "resuming an interrupted download");
-            let mut reader = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-            let mut buf = vec![0; 1 << 20];
-            loop {
-                let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
-        }
-        let mut attempts = 0;
         let mut last_progress = Instant::now();
-        while offset < m.size {
-            let mut client = self.inner.fetch.clone();
-            let result: Result<(), tonic::Status> = async {
-                let mut stream = client
-                    .fetch(pb::FetchRequest {
-                        digest: digest.clone(),
-                        offset,
-                    })
-                    .await?
-                    .into_inner();
-                while let Some(chunk) = stream.message().await? {
-                    if chunk.offset != offset {
-                        return Err(tonic::Status::data_loss(format!(
-                            "chunk at offset {} where {offset} was expected",
-                            chunk.offset
-                        )));
-                    }
-                    if offset + chunk.data.len() as u64 > m.size {
-                        return Err(tonic::Status::data_loss(
-                            "the payload is longer than its manifest says",
-                        ));
-                    }
-                    file.write_all(&chunk.data)
-                        .map_err(|e| tonic::Status::internal(format!("cannot write: {e}")))?;
-                    hasher.update(&chunk.data);
-                    offset += chunk.data.len() as u64;
-                    if last_progress.elapsed() >= PROGRESS_EVERY {
-                        last_progress = Instant::now();
-                        self.publish(CommandUpdate {
-                            command_id: id.to_owned(),
-                            phase: Phase::Running,
-                            progress_percent: u32::try_from(offset * 100 / m.size.max(1))
-                                .unwrap_or(100),
-                            error: String::new(),
-                        });
-                    }
-                }
-                Ok(())
+        download(self.inner.fetch.clone(), m, &path, |offset| {
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                self.publish(CommandUpdate {
+                    command_id: id.to_owned(),
+                    phase: Phase::Running,
+                    progress_percent: u32::try_from(offset * 100 / m.size.max(1)).unwrap_or(100),
+                    error: String::new(),
+                });
             }
-            .await;
-            match result {
-                Ok(()) if offset < m.size => {
-                    return Err(format!(
-                        "the coordinator ended the download of {digest} at {offset} of {} bytes",
-                        m.size
-                    ));
-                }
-                Ok(()) => {}
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        tonic::Code::NotFound
-                            | tonic::Code::InvalidArgument
-                            | tonic::Code::PermissionDenied
-                            | tonic::Code::DataLoss
-                    ) =>
-                {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(format!("cannot download {digest}: {}", status.message()));
-                }
-                Err(status) => {
-                    attempts += 1;
-                    if attempts >= FETCH_ATTEMPTS {
-                        return Err(format!(
-                            "the download of {digest} broke {attempts} times, last at offset {offset}: {}",
-                            status.message()
-                        ));
-                    }
-                    warn!(%digest, offset, error = %status.message(), "the download broke; resuming from the offset");
-                    let delay = Duration::from_millis(100 * 2u64.pow(attempts.min(6)));
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-        file.sync_all().map_err(|e| e.to_string())?;
-        if let Err(e) = hasher.finish(m) {
-            let _ = std::fs::remove_file(&path);
-            return Err(format!(
-                "the download of {} {} is corrupt: {e}",
-                m.name, m.version
-            ));
-        }
+        })
+        .await?;
         Ok(path)
     }
 
@@ -706,6 +608,121 @@ impl Executor {
             }
         }
     }
+}
+
+/// Downloads the payload `m` describes into `path` over `client`, hashing
+/// as it arrives (no second pass) and resuming from the bytes already
+/// there — after a broken stream, or left by an earlier run. Fails (and
+/// deletes the file) when size or digest do not match the manifest.
+/// `progress` is called with the offset after every chunk.
+pub async fn download(
+    client: ArtifactServiceClient<Channel>,
+    m: &Manifest,
+    path: &std::path::Path,
+    mut progress: impl FnMut(u64),
+) -> Result<(), String> {
+    let digest = format!("sha256:{}", m.payload_sha256);
+    let path = path.to_path_buf();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut offset = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut hasher = PayloadHasher::new();
+    if offset > m.size {
+        file.set_len(0).map_err(|e| e.to_string())?;
+        offset = 0;
+    }
+    if offset > 0 {
+        // Left by an earlier run of the agent: hash what is there once.
+        info!(%digest, offset, "resuming an interrupted download");
+        let mut reader = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut buf = vec![0; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    let mut attempts = 0;
+    while offset < m.size {
+        let mut client = client.clone();
+        let result: Result<(), tonic::Status> = async {
+            let mut stream = client
+                .fetch(pb::FetchRequest {
+                    digest: digest.clone(),
+                    offset,
+                })
+                .await?
+                .into_inner();
+            while let Some(chunk) = stream.message().await? {
+                if chunk.offset != offset {
+                    return Err(tonic::Status::data_loss(format!(
+                        "chunk at offset {} where {offset} was expected",
+                        chunk.offset
+                    )));
+                }
+                if offset + chunk.data.len() as u64 > m.size {
+                    return Err(tonic::Status::data_loss(
+                        "the payload is longer than its manifest says",
+                    ));
+                }
+                file.write_all(&chunk.data)
+                    .map_err(|e| tonic::Status::internal(format!("cannot write: {e}")))?;
+                hasher.update(&chunk.data);
+                offset += chunk.data.len() as u64;
+                progress(offset);
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) if offset < m.size => {
+                return Err(format!(
+                    "the coordinator ended the download of {digest} at {offset} of {} bytes",
+                    m.size
+                ));
+            }
+            Ok(()) => {}
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::DataLoss
+                ) =>
+            {
+                let _ = std::fs::remove_file(&path);
+                return Err(format!("cannot download {digest}: {}", status.message()));
+            }
+            Err(status) => {
+                attempts += 1;
+                if attempts >= FETCH_ATTEMPTS {
+                    return Err(format!(
+                        "the download of {digest} broke {attempts} times, last at offset {offset}: {}",
+                        status.message()
+                    ));
+                }
+                warn!(%digest, offset, error = %status.message(), "the download broke; resuming from the offset");
+                let delay = Duration::from_millis(100 * 2u64.pow(attempts.min(6)));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    file.sync_all().map_err(|e| e.to_string())?;
+    if let Err(e) = hasher.finish(m) {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!(
+            "the download of {} {} is corrupt: {e}",
+            m.name, m.version
+        ));
+    }
+    Ok(())
 }
 
 fn accepted(id: &str) -> CommandUpdate {

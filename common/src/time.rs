@@ -41,6 +41,13 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Formats a time as RFC 3339 in UTC with millisecond precision
+/// (`2026-11-26T07:00:00.250Z`), for timestamps whose order matters within
+/// a second (a rollout's hosts).
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// Milliseconds since the Unix epoch, the form timestamps take in the store.
 pub fn unix_millis(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)

@@ -29,9 +29,15 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("BATON_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // target/<profile>/deps/e2e-<hash> → target/<profile>
+    // target/<profile>/deps/e2e-<hash> → target/<profile>; a binary of
+    // this crate (the benchmark) sits in target/<profile> itself.
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_owned()
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// The path of one of Baton's binaries; panics with a hint when it was not

@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use baton_common::time::{from_timestamp, rfc3339};
+use baton_common::time::{from_timestamp, rfc3339_millis};
 use baton_proto::control::v1::{
     ControlRolloutRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutAction,
     StartRolloutRequest,
@@ -151,7 +151,7 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
 }
 
 fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
-    t.and_then(from_timestamp).map(rfc3339)
+    t.and_then(from_timestamp).map(rfc3339_millis)
 }
 
 fn empty_null(s: &str) -> serde_json::Value {
