@@ -190,8 +190,10 @@ impl AgentConfig {
             .keep_releases
             .or(file.keep_releases)
             .unwrap_or(DEFAULT_KEEP_RELEASES);
-        if keep_releases == 0 {
-            errors.push("keep-releases must be at least 1 (the current release)".to_owned());
+        if keep_releases < 2 {
+            errors.push(format!(
+                "keep-releases {keep_releases} is too small: at least 2 (the current release and the one to roll back to)"
+            ));
         }
         let reconnect_max = args
             .reconnect_max

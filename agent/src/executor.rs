@@ -64,6 +64,9 @@ struct Inner {
     journal: Journal,
     fetch: ArtifactServiceClient<Channel>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// One download per payload at a time (two stages of one artifact
+    /// would append to the same partial file).
+    downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     running: Mutex<HashSet<String>>,
     updates: broadcast::Sender<CommandUpdate>,
     inventory: watch::Sender<BTreeMap<String, ServiceStatus>>,
@@ -75,8 +78,12 @@ struct Inner {
 #[derive(Default)]
 struct Slot {
     state: tokio::sync::Mutex<SlotState>,
-    /// Cancels the activation waiting for health, if any.
-    activation: Mutex<Option<CancellationToken>>,
+    /// Activations submitted and not finished, each cancellable by a
+    /// rollback or removal (registered before they wait for the lock, so
+    /// one queued behind another operation is cancelled too).
+    activations: Mutex<Vec<(u64, CancellationToken)>>,
+    /// Numbers the activations.
+    next_activation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -122,6 +129,7 @@ impl Executor {
                 journal,
                 fetch: ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20),
                 slots: Mutex::default(),
+                downloads: Mutex::default(),
                 running: Mutex::default(),
                 updates: broadcast::channel(1024).0,
                 inventory: watch::channel(BTreeMap::new()).0,
@@ -221,14 +229,18 @@ impl Executor {
                 return;
             }
         };
-        if let Some(done) = self.inner.journal.lookup(&command.id) {
-            debug!(id = %command.id, "answering a re-sent command from the journal");
-            self.publish(done);
-            return;
-        }
+        // Claim the id first, then look in the journal: a task journals
+        // before it lets go of its id, so a re-send racing the end of a
+        // run sees one or the other, never neither.
         if !lock(&self.inner.running).insert(command.id.clone()) {
             debug!(id = %command.id, "the command is already running");
             self.publish(accepted(&command.id));
+            return;
+        }
+        if let Some(done) = self.inner.journal.lookup(&command.id) {
+            debug!(id = %command.id, "answering a re-sent command from the journal");
+            lock(&self.inner.running).remove(&command.id);
+            self.publish(done);
             return;
         }
         let this = self.clone();
@@ -370,12 +382,20 @@ impl Executor {
         signed
             .verify(&self.inner.config.trusted_keys)
             .map_err(|e| format!("refusing {name} {version}: {e}"))?;
+        let gate = lock(&self.inner.downloads)
+            .entry(m.payload_sha256.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = gate.lock().await;
+        if self.inner.releases.is_staged(name, version) {
+            return Ok(());
+        }
         let payload = self.download(id, m).await?;
         // Unpacking is blocking file work; keep it off the runtime.
         let releases = self.inner.releases.clone();
         let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
         let payload_path = payload.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let unpacked = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let dest = releases
                 .staging_dir(&name_owned, &version_owned)
                 .map_err(|e| format!("cannot prepare the release directory: {e}"))?;
@@ -392,8 +412,12 @@ impl Executor {
                 .map_err(|e| format!("cannot move the release into place: {e}"))
         })
         .await
-        .map_err(|e| format!("the unpack task failed: {e}"))??;
+        .map_err(|e| format!("the unpack task failed: {e}"))
+        .and_then(|r| r);
+        // A payload that unpacked is not needed again; one that did not is
+        // bad (it matched its signed digest, so it will not get better).
         let _ = std::fs::remove_file(&payload);
+        unpacked?;
         info!(service = %name, %version, "staged");
         Ok(())
     }
@@ -435,14 +459,37 @@ impl Executor {
         artifact::validate_version(version).map_err(|e| e.to_string())?;
         let slot = self.slot(name);
         let cancel = CancellationToken::new();
+        let ticket = slot
+            .next_activation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if rollback {
-            // Whatever is activating now is what we are undoing.
-            if let Some(previous) = lock(&slot.activation).take() {
-                previous.cancel();
-            }
+            // Whatever is activating now, or waiting to, is what we undo.
+            cancel_activations(&slot);
+        } else {
+            lock(&slot.activations).push((ticket, cancel.clone()));
         }
+        let result = self
+            .activate_locked(&slot, name, version, gate, rollback, &cancel)
+            .await;
+        lock(&slot.activations).retain(|(t, _)| *t != ticket);
+        result
+    }
+
+    async fn activate_locked(
+        &self,
+        slot: &Slot,
+        name: &str,
+        version: &str,
+        gate: HealthGate,
+        rollback: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
         let mut st = slot.state.lock().await;
-        *lock(&slot.activation) = Some(cancel.clone());
+        if cancel.is_cancelled() {
+            return Err(format!(
+                "{name} {version}: cancelled by a rollback before it started"
+            ));
+        }
         if !self.inner.releases.is_staged(name, version) {
             return Err(if rollback {
                 format!("cannot roll back: release {name} {version} is no longer on this host")
@@ -460,6 +507,8 @@ impl Executor {
             .as_ref()
             .is_some_and(|s| s.version() == version && *s.alive().borrow());
         let already = running && self.inner.releases.current(name).as_deref() == Some(version);
+        // The release replaced here, kept on disk for a rollback.
+        let mut previous: Option<String> = None;
         if already {
             info!(service = %name, %version, "already current and running; checking health only");
         } else {
@@ -468,7 +517,13 @@ impl Executor {
                     .await
                     .map_err(|e| format!("pre_start hook of {name} {version} failed: {e}"))?;
             }
+            if cancel.is_cancelled() {
+                return Err(format!(
+                    "{name} {version}: cancelled by a rollback before the swap"
+                ));
+            }
             let from = self.inner.releases.current(name);
+            previous = from.clone();
             self.inner
                 .releases
                 .swap(name, version)
@@ -508,15 +563,15 @@ impl Executor {
                 healthy_deadline: gate.healthy_deadline,
             },
             &mut alive,
-            &cancel,
+            cancel,
         )
         .await;
-        lock(&slot.activation).take();
         let took = result.map_err(|e| format!("{name} {version}: {e}"))?;
         info!(service = %name, %version, took = ?took, "healthy");
         self.set_status(name, version, ServiceState::Running, true);
         let keep = self.inner.config.keep_releases;
-        match self.inner.releases.prune(name, keep, &[]) {
+        let protect: Vec<&str> = previous.iter().map(String::as_str).collect();
+        match self.inner.releases.prune(name, keep, &protect) {
             Ok(removed) if !removed.is_empty() => {
                 info!(service = %name, removed = ?removed, "pruned old releases")
             }
@@ -528,9 +583,7 @@ impl Executor {
 
     async fn remove(&self, name: &str) -> Result<(), String> {
         let slot = self.slot(name);
-        if let Some(previous) = lock(&slot.activation).take() {
-            previous.cancel();
-        }
+        cancel_activations(&slot);
         let mut st = slot.state.lock().await;
         if let Some(m) = st.monitor.take() {
             m.abort();
@@ -723,6 +776,13 @@ pub async fn download(
         ));
     }
     Ok(())
+}
+
+/// Cancels every activation of the slot, running or queued.
+fn cancel_activations(slot: &Slot) {
+    for (_, token) in lock(&slot.activations).drain(..) {
+        token.cancel();
+    }
 }
 
 fn accepted(id: &str) -> CommandUpdate {

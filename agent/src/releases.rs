@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 use baton_common::artifact::fsync_dir;
 
+/// A staging directory untouched this long was abandoned.
+const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Where releases live.
 #[derive(Debug, Clone)]
 pub struct Releases {
@@ -111,7 +114,15 @@ impl Releases {
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let version = entry.file_name().to_string_lossy().into_owned();
             if version.starts_with(".staging-") {
-                std::fs::remove_dir_all(entry.path())?;
+                // Leftovers of an interrupted staging; a recent one may be
+                // a staging in progress.
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_STAGING);
+                if stale {
+                    std::fs::remove_dir_all(entry.path())?;
+                }
                 continue;
             }
             let modified = entry.metadata().and_then(|m| m.modified())?;
@@ -170,15 +181,20 @@ mod tests {
         r.swap("api", "5").unwrap();
         assert_eq!(r.current("api").as_deref(), Some("5"));
         assert_eq!(r.services(), vec!["api".to_owned()]);
-        std::fs::create_dir_all(dir.path().join("services/api/releases/.staging-6-0")).unwrap();
+        let releases = dir.path().join("services/api/releases");
+        std::fs::create_dir_all(releases.join(".staging-6-0")).unwrap();
+        std::fs::create_dir_all(releases.join(".staging-7-0")).unwrap();
+        // One abandoned two hours ago, one being unpacked right now.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::open(releases.join(".staging-6-0"))
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_modified(old))
+            .unwrap();
         let removed = r.prune("api", 2, &["1"]).unwrap();
         assert_eq!(removed, vec!["3".to_owned(), "2".to_owned()]);
         assert!(r.is_staged("api", "1") && r.is_staged("api", "4") && r.is_staged("api", "5"));
-        assert!(
-            !dir.path()
-                .join("services/api/releases/.staging-6-0")
-                .exists()
-        );
+        assert!(!releases.join(".staging-6-0").exists());
+        assert!(releases.join(".staging-7-0").exists());
         r.remove("api").unwrap();
         assert!(r.services().is_empty());
         r.remove("api").unwrap();

@@ -227,6 +227,10 @@ pub struct HostView {
     pub last_seen: SystemTime,
     /// Where the current or last stream came from.
     pub peer_address: String,
+    /// The coordinator's number for the live stream (0 when disconnected,
+    /// or when the view came over the wire): a new number means the agent
+    /// reconnected, even if no disconnect was seen in between.
+    pub session: u64,
 }
 
 // ---- agent.v1 conversions -------------------------------------------------
@@ -416,6 +420,7 @@ impl TryFrom<control_pb::Host> for HostView {
             first_seen: time(h.first_seen, "host.first_seen")?,
             last_seen: time(h.last_seen, "host.last_seen")?,
             peer_address: h.peer_address,
+            session: 0,
         })
     }
 }

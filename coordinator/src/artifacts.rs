@@ -269,6 +269,12 @@ impl Upload {
             .compare_and_swap(&key, None, value)
             .await?
         {
+            // Another push of this name and version won; its payload is
+            // another file unless the content is the same.
+            let won = self.artifacts.get(&m.name, &m.version).await?;
+            if won.as_ref().is_none_or(|w| w.digest != digest) {
+                let _ = std::fs::remove_file(&path);
+            }
             return Err(ArtifactStoreError::Conflict(format!(
                 "artifact {} {} was pushed concurrently; push it again to see which won",
                 m.name, m.version

@@ -95,6 +95,7 @@ impl Entry {
             first_seen: from_unix_millis(self.record.first_seen_ms),
             last_seen: from_unix_millis(self.record.last_seen_ms),
             peer_address: self.record.peer_address.clone(),
+            session: self.live.as_ref().map_or(0, |l| l.session),
         }
     }
 }

@@ -435,3 +435,30 @@ fn bad_plans_are_refused_precisely_and_create_nothing() {
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
     assert!(!fleet.data_dir("h1").join("services/demo").exists());
 }
+
+#[test]
+fn a_failed_first_install_is_rolled_back_by_removing_the_service() {
+    let fleet = Fleet::start(&["h1", "h2"]);
+    fleet.release("3.0.0", true);
+    let id = fleet.start_rollout(&plan(
+        "3.0.0",
+        "hosts = { role = \"web\" }\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"1s\"\n",
+    ));
+    let s = fleet.wait_done(&id, ROLLOUT);
+    assert_eq!(s["state"], "rolled_back", "{s}");
+    let hosts = Fleet::hosts_of(&s);
+    assert_eq!(hosts["h1"]["state"], "rolled_back", "{s}");
+    assert!(hosts["h1"]["from_version"].is_null());
+    for host in ["h1", "h2"] {
+        assert_eq!(fleet.get(host), None, "{host} still serves");
+    }
+    assert!(!fleet.data_dir("h1").join("services/demo").exists());
+    let url = fleet.batond.url();
+    wait_until("h1 to report no service", SOON, || {
+        fleet.env.host(&url, "h1").unwrap()["services"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    });
+}

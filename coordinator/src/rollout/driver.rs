@@ -8,7 +8,7 @@
 //! host's outstanding command under its original id; the agent answers a
 //! known id from its journal, so nothing runs twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +27,10 @@ use crate::store::{Store, StoreError};
 const TICK: Duration = Duration::from_millis(200);
 /// Requests queued towards the driver.
 const QUEUE: usize = 256;
+/// How long a command may wait for room in a host's stream buffer; a host
+/// that stopped reading must not stall every other rollout. An undelivered
+/// command stays outstanding and is re-sent when the host reconnects.
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a rollout request failed.
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +138,22 @@ struct Driver {
     fleet: FleetHandle,
     artifacts: Artifacts,
     active: BTreeMap<String, Active>,
-    connected: HashSet<HostId>,
+    /// Connected hosts and the session number of their stream.
+    connected: HashMap<HostId, u64>,
+    /// Rollouts whose last step could not be persisted: the event behind it
+    /// is lost, so their outstanding commands are re-sent on the next tick
+    /// and the agents answer them again from their journals.
+    resend: HashSet<String>,
+}
+
+fn artifact_error(e: crate::artifacts::ArtifactStoreError) -> RolloutError {
+    match e {
+        crate::artifacts::ArtifactStoreError::Store(e) => RolloutError::Store(e),
+        other => RolloutError::Store(StoreError::Backend {
+            op: "artifact lookup",
+            reason: other.to_string(),
+        }),
+    }
 }
 
 fn key(id: &str) -> String {
@@ -178,7 +197,8 @@ pub async fn spawn(
         fleet,
         artifacts,
         active,
-        connected: HashSet::new(),
+        connected: HashMap::new(),
+        resend: HashSet::new(),
     };
     let task = tokio::spawn(driver.run(rx, shutdown));
     Ok((Rollouts { tx }, task))
@@ -208,7 +228,7 @@ impl Driver {
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "fell behind on agent updates; re-sending outstanding commands to recover");
-                        let hosts: Vec<HostId> = self.connected.iter().cloned().collect();
+                        let hosts: Vec<HostId> = self.connected.keys().cloned().collect();
                         for host in hosts {
                             self.host_event(Event::Connected(host)).await;
                         }
@@ -225,6 +245,9 @@ impl Driver {
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 _ = tick.tick() => {
+                    for id in std::mem::take(&mut self.resend) {
+                        self.resend_outstanding(&id).await;
+                    }
                     let ids: Vec<String> = self.active.keys().cloned().collect();
                     for id in ids {
                         self.apply(&id, Event::Tick).await.ok();
@@ -237,37 +260,82 @@ impl Driver {
 
     /// Brings the connected set in line with `hosts`, telling rollouts.
     async fn sync_connected(&mut self, hosts: &[HostView]) {
-        let now: HashSet<HostId> = hosts
+        let now: HashMap<HostId, u64> = hosts
             .iter()
             .filter(|h| h.connected)
-            .map(|h| h.host_id.clone())
+            .map(|h| (h.host_id.clone(), h.session))
             .collect();
-        let gone: Vec<HostId> = self.connected.difference(&now).cloned().collect();
+        let gone: Vec<HostId> = self
+            .connected
+            .keys()
+            .filter(|h| !now.contains_key(*h))
+            .cloned()
+            .collect();
         for host in gone {
             self.connected.remove(&host);
             self.host_event(Event::Disconnected(host)).await;
         }
         // Every connected host, also ones we knew: after a restart or a lag
         // this re-sends what is outstanding, which is always safe.
-        for host in now {
-            self.connected.insert(host.clone());
+        for (host, session) in now {
+            self.connected.insert(host.clone(), session);
             self.host_event(Event::Connected(host)).await;
         }
     }
 
     async fn on_host(&mut self, view: &HostView) {
-        let was = self.connected.contains(&view.host_id);
-        if view.connected == was {
-            return;
-        }
-        let event = if view.connected {
-            self.connected.insert(view.host_id.clone());
-            Event::Connected(view.host_id.clone())
-        } else {
-            self.connected.remove(&view.host_id);
-            Event::Disconnected(view.host_id.clone())
+        let known = self.connected.get(&view.host_id).copied();
+        let event = match (view.connected, known) {
+            // A new stream, possibly replacing one whose end we never saw:
+            // whatever was queued on the old one may be lost, so re-send.
+            (true, k) if k != Some(view.session) => {
+                self.connected.insert(view.host_id.clone(), view.session);
+                Event::Connected(view.host_id.clone())
+            }
+            (false, Some(_)) => {
+                self.connected.remove(&view.host_id);
+                Event::Disconnected(view.host_id.clone())
+            }
+            _ => return,
         };
         self.host_event(event).await;
+    }
+
+    /// Sends every outstanding command of a rollout to its connected hosts
+    /// again (same ids, so agents answer rather than re-run).
+    async fn resend_outstanding(&mut self, id: &str) {
+        let Some(entry) = self.active.get(id) else {
+            return;
+        };
+        let commands: Vec<_> = entry
+            .rollout
+            .service
+            .hosts
+            .iter()
+            .filter(|(h, _)| self.connected.contains_key(*h))
+            .filter_map(|(h, run)| Some((h.clone(), run.outstanding.clone()?)))
+            .collect();
+        for (host, command) in commands {
+            self.deliver(id, host, command).await;
+        }
+    }
+
+    async fn deliver(&self, id: &str, host: HostId, command: baton_common::command::Command) {
+        match tokio::time::timeout(
+            SEND_TIMEOUT,
+            self.fleet.send_command(host.clone(), &command),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            // It stays outstanding and is re-sent when the host returns.
+            Ok(Err(e)) => {
+                warn!(rollout = %id, %host, command = %command.id, error = %e, "command not delivered yet")
+            }
+            Err(_) => {
+                warn!(rollout = %id, %host, command = %command.id, "the host's stream is full; the command waits for its reconnect")
+            }
+        }
     }
 
     async fn host_event(&mut self, event: Event) {
@@ -292,9 +360,6 @@ impl Driver {
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
         let (next, actions) = machine::step(&entry.rollout, &event, SystemTime::now())?;
-        if next == entry.rollout {
-            return Ok(next);
-        }
         let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
             key: key(id),
             reason: e.to_string(),
@@ -303,7 +368,9 @@ impl Driver {
             if let Err(e) = self.store.put(&key(id), bytes.clone()).await {
                 // Not persisted, so not acted on: the old state stands and
                 // the next event retries.
+                // The event is lost, so ask the agents again.
                 error!(rollout = %id, error = %e, "cannot persist a rollout step; not acting on it");
+                self.resend.insert(id.to_owned());
                 return Err(e.into());
             }
             entry.stored = bytes;
@@ -316,17 +383,16 @@ impl Driver {
                 _ => info!(rollout = %id, state = next.state.as_str(), "rollout state changed"),
             }
         }
-        entry.rollout = next.clone();
-        entry.watch.send_replace(next.clone());
+        if entry.rollout != next {
+            entry.rollout = next.clone();
+            entry.watch.send_replace(next.clone());
+        }
         if next.state.is_terminal() {
             // Dropping the sender ends every watch after its last value.
             self.active.remove(id);
         }
         for Action::Send(host, command) in actions {
-            if let Err(e) = self.fleet.send_command(host.clone(), &command).await {
-                // It stays outstanding and is re-sent when the host returns.
-                warn!(rollout = %id, %host, command = %command.id, error = %e, "command not delivered yet");
-            }
+            self.deliver(id, host, command).await;
         }
         Ok(next)
     }
@@ -368,7 +434,7 @@ impl Driver {
     /// (connections are not stored).
     fn with_connected(&self, mut r: Rollout) -> Rollout {
         for (id, h) in &mut r.service.hosts {
-            h.connected = self.connected.contains(id);
+            h.connected = self.connected.contains_key(id);
         }
         r
     }
@@ -426,7 +492,7 @@ impl Driver {
                     stored,
                 },
             );
-            for host in self.connected.clone() {
+            for host in self.connected.keys().cloned().collect::<Vec<_>>() {
                 if let Some(h) = self
                     .active
                     .get_mut(&id)
@@ -458,13 +524,13 @@ impl Driver {
             .artifacts
             .get(&svc.name, &svc.version)
             .await
-            .map_err(|e| RolloutError::Invalid(e.to_string()))?
+            .map_err(artifact_error)?
         else {
             let known: Vec<String> = self
                 .artifacts
                 .list()
                 .await
-                .map_err(|e| RolloutError::Invalid(e.to_string()))?
+                .map_err(artifact_error)?
                 .into_iter()
                 .filter(|a| a.name == svc.name)
                 .map(|a| a.version)
@@ -551,7 +617,7 @@ impl Driver {
                     HostRun::new(
                         from,
                         svc.version.clone(),
-                        self.connected.contains(&h.host_id),
+                        self.connected.contains_key(&h.host_id),
                     ),
                 )
             })

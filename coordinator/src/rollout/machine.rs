@@ -313,9 +313,19 @@ pub fn step(
     match event {
         Event::Operator(op) => operator(&mut r, *op, now, &mut actions)?,
         Event::Connected(host) => {
+            let fresh = r
+                .service
+                .hosts
+                .get(host)
+                .and_then(|h| h.outstanding.as_ref())
+                .map(|cmd| deadline_for(&r, &cmd.kind, now));
             if let Some(h) = r.service.hosts.get_mut(host) {
                 h.connected = true;
-                if let Some(cmd) = &h.outstanding {
+                if let (Some(cmd), Some(deadline)) = (&mut h.outstanding, fresh) {
+                    // Same id (the agent answers it from its journal if it
+                    // ran), fresh deadline: a host that was away for long
+                    // must still get its rollback.
+                    cmd.deadline = deadline;
                     actions.push(Action::Send(host.clone(), cmd.clone()));
                 }
             }
@@ -325,7 +335,7 @@ pub fn step(
                 h.connected = false;
             }
         }
-        Event::Update(host, update) => on_update(&mut r, host, update, now),
+        Event::Update(host, update) => on_update(&mut r, host, update, now, &mut actions),
         Event::Tick => {}
     }
     advance(&mut r, now, &mut actions);
@@ -391,7 +401,13 @@ fn operator(
     Ok(())
 }
 
-fn on_update(r: &mut Rollout, host: &HostId, update: &CommandUpdate, now: SystemTime) {
+fn on_update(
+    r: &mut Rollout,
+    host: &HostId,
+    update: &CommandUpdate,
+    now: SystemTime,
+    actions: &mut Vec<Action>,
+) {
     if r.state.is_terminal() {
         return;
     }
@@ -431,6 +447,11 @@ fn on_update(r: &mut Rollout, host: &HostId, update: &CommandUpdate, now: System
             h.finished_at = Some(now);
             h.error = Some(update.error.clone());
             r.service.failures += 1;
+            // A failure within max_failures does not fail the rollout, but
+            // the host must not stay on a version that failed it.
+            if r.auto_rollback && r.service.failures <= r.service.max_failures {
+                rollback_host(r, host, now, actions);
+            }
         }
         ("rollback" | "remove", false) => {
             h.state = HostState::RolledBack;
@@ -442,6 +463,42 @@ fn on_update(r: &mut Rollout, host: &HostId, update: &CommandUpdate, now: System
             h.error = Some(format!("rollback failed: {}", update.error));
         }
         _ => {}
+    }
+}
+
+/// When a command sent now must have finished.
+fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime {
+    match kind {
+        CommandKind::Stage { .. } => now + r.progress_deadline,
+        CommandKind::Noop | CommandKind::Remove { .. } => now + COMMAND_SLACK,
+        CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
+            now + gate.healthy_deadline + COMMAND_SLACK
+        }
+    }
+}
+
+/// Sends one touched host back to where it was.
+fn rollback_host(r: &mut Rollout, host: &HostId, now: SystemTime, actions: &mut Vec<Action>) {
+    let from = r
+        .service
+        .hosts
+        .get(host)
+        .and_then(|h| h.from_version.clone());
+    let kind = match from {
+        Some(version) => CommandKind::Rollback {
+            service: r.service.name.clone(),
+            version,
+            gate: r.service.gate,
+        },
+        None => CommandKind::Remove {
+            service: r.service.name.clone(),
+        },
+    };
+    let deadline = deadline_for(r, &kind, now);
+    send(r, host, kind, deadline, actions);
+    if let Some(h) = r.service.hosts.get_mut(host) {
+        h.state = HostState::RollingBack;
+        h.finished_at = None;
     }
 }
 
@@ -551,11 +608,12 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                 return;
             }
             start_hosts(r, now, actions);
-            let done = r
-                .service
-                .hosts
-                .values()
-                .all(|h| matches!(h.state, HostState::Healthy | HostState::Failed));
+            let done = r.service.hosts.values().all(|h| {
+                matches!(
+                    h.state,
+                    HostState::Healthy | HostState::Failed | HostState::RolledBack
+                )
+            });
             if done {
                 r.state = State::Succeeded;
             } else {
@@ -579,12 +637,30 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
             }
         }
         State::RollingBack => {
-            let busy = r
+            let busy: Vec<String> = r
                 .service
                 .hosts
-                .values()
-                .any(|h| h.state == HostState::RollingBack);
-            if !busy {
+                .iter()
+                .filter(|(_, h)| h.state == HostState::RollingBack)
+                .map(|(id, _)| id.to_string())
+                .collect();
+            let stalled = now
+                .duration_since(r.progress_at)
+                .is_ok_and(|d| d >= r.progress_deadline);
+            if !busy.is_empty() && stalled {
+                // A host that never comes back must not hold the service
+                // (and every later rollout of it) forever.
+                for h in r.service.hosts.values_mut() {
+                    h.outstanding = None;
+                }
+                r.state = State::Failed;
+                r.error = Some(format!(
+                    "{}; then the rollback did not finish within progress_deadline {} on {}",
+                    r.error.as_deref().unwrap_or("rolling back"),
+                    humantime::format_duration(r.progress_deadline),
+                    busy.join(", ")
+                ));
+            } else if busy.is_empty() {
                 let failed: Vec<String> = r
                     .service
                     .hosts
@@ -708,35 +784,18 @@ fn begin_rollback(r: &mut Rollout, why: String, now: SystemTime, actions: &mut V
     r.state = State::RollingBack;
     r.resume_to = None;
     r.error = Some(why);
+    r.progress_at = now;
     let touched: Vec<HostId> = r
         .service
         .hosts
         .iter()
-        .filter(|(_, h)| h.touched)
+        .filter(|(_, h)| {
+            h.touched && !matches!(h.state, HostState::RolledBack | HostState::RollingBack)
+        })
         .map(|(id, _)| id.clone())
         .collect();
-    let deadline = now + r.service.gate.healthy_deadline + COMMAND_SLACK;
     for host in touched {
-        let from = r
-            .service
-            .hosts
-            .get(&host)
-            .and_then(|h| h.from_version.clone());
-        let kind = match from {
-            Some(version) => CommandKind::Rollback {
-                service: r.service.name.clone(),
-                version,
-                gate: r.service.gate,
-            },
-            None => CommandKind::Remove {
-                service: r.service.name.clone(),
-            },
-        };
-        send(r, &host, kind, deadline, actions);
-        if let Some(h) = r.service.hosts.get_mut(&host) {
-            h.state = HostState::RollingBack;
-            h.finished_at = None;
-        }
+        rollback_host(r, &host, now, actions);
     }
     // Untouched hosts keep what they run; their staged release is unused.
     for h in r.service.hosts.values_mut() {

@@ -198,13 +198,22 @@ fn max_failures_tolerates_that_many() {
     feed(&mut r, Event::Tick, t(0));
     stage_all(&mut r);
     let e = done(&r, &host(0), Outcome::Failed);
-    feed(&mut r, e, t(5));
+    let a = feed(&mut r, e, t(5));
     assert_eq!(r.state, State::Progressing);
+    // The tolerated failure goes back on its own; the next host starts.
+    assert_eq!(
+        kinds(&a),
+        vec![("h0".into(), "rollback"), ("h1".into(), "activate")]
+    );
     let e = done(&r, &host(1), Outcome::Succeeded);
     feed(&mut r, e, t(6));
     let e = done(&r, &host(2), Outcome::Succeeded);
     feed(&mut r, e, t(7));
+    assert_eq!(r.state, State::Progressing, "h0 is still rolling back");
+    let e = done(&r, &host(0), Outcome::Succeeded);
+    feed(&mut r, e, t(8));
     assert_eq!(r.state, State::Succeeded);
+    assert_eq!(r.service.hosts[&host(0)].state, HostState::RolledBack);
 }
 
 #[test]
@@ -257,6 +266,37 @@ fn the_progress_deadline_turns_a_stuck_rollout_into_a_rollback() {
             .as_deref()
             .unwrap()
             .contains("no host turned healthy within progress_deadline 1m")
+    );
+}
+
+#[test]
+fn a_rollback_that_cannot_finish_fails_after_the_progress_deadline() {
+    let mut r = rollout(2, 2, 0);
+    r.progress_deadline = Duration::from_secs(60);
+    feed(&mut r, Event::Tick, t(0));
+    stage_all(&mut r);
+    feed(&mut r, Event::Disconnected(host(1)), t(2));
+    let e = done(&r, &host(0), Outcome::Failed);
+    feed(&mut r, e, t(3));
+    assert_eq!(r.state, State::RollingBack);
+    let e = done(&r, &host(0), Outcome::Succeeded);
+    feed(&mut r, e, t(4));
+    feed(&mut r, Event::Tick, t(30));
+    assert_eq!(r.state, State::RollingBack, "h1 may still come back");
+    // When it does, its rollback is re-sent with a fresh deadline.
+    let a = feed(&mut r, Event::Connected(host(1)), t(40));
+    let Action::Send(_, c) = &a[0];
+    assert_eq!(c.deadline, t(40) + Duration::from_secs(30) + COMMAND_SLACK);
+    feed(&mut r, Event::Disconnected(host(1)), t(41));
+    feed(&mut r, Event::Tick, t(64));
+    assert_eq!(r.state, State::Failed);
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("rollback did not finish within progress_deadline 1m on h1"),
+        "{:?}",
+        r.error
     );
 }
 
