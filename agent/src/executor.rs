@@ -825,3 +825,54 @@ async fn run_hook(
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failing_pre_start_hook_says_how_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for (name, body) in [
+            ("ok", "#!/bin/sh\ntest \"$MODE\" = migrate\n"),
+            (
+                "fail",
+                "#!/bin/sh\necho 'schema 7 is newer than this release' >&2\nexit 3\n",
+            ),
+            ("hang", "#!/bin/sh\nexec sleep 30\n"),
+        ] {
+            let path = bin.join(name);
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let spec = service::parse(
+            "command = \"bin/ok\"\nenv = { MODE = \"migrate\" }\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let t = Duration::from_secs(10);
+        run_hook(&["bin/ok".into()], dir.path(), &spec, t)
+            .await
+            .unwrap();
+        let err = run_hook(&["bin/fail".into()], dir.path(), &spec, t)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("3") && err.contains("schema 7 is newer than this release"),
+            "{err}"
+        );
+        let err = run_hook(
+            &["bin/hang".into()],
+            dir.path(),
+            &spec,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("timed out after 200ms"), "{err}");
+    }
+}

@@ -228,12 +228,12 @@ async fn grpc_check(address: &str, service: &str, timeout: Duration) -> Result<(
 
     let what = format!("gRPC health check of {service:?} at {address}");
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("{what}: {}", error_chain(&e)))?
+        .map_err(|e| format!("{what}: {}", baton_common::error_chain(&e)))?
         .connect_timeout(timeout);
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("connect {address}: {}", error_chain(&e)))?;
+        .map_err(|e| format!("connect {address}: {}", baton_common::error_chain(&e)))?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_owned(),
@@ -305,22 +305,6 @@ pub(crate) fn io_message(error: &std::io::Error) -> String {
         }
         _ => text,
     }
-}
-
-/// An error and its sources, joined with ": " (tonic's transport errors say
-/// only "transport error" at the top).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
 }
 
 fn fmt_duration(d: Duration) -> String {

@@ -22,6 +22,7 @@ fn agent_help_names_every_flag_and_bad_flags_exit_64() {
         "--label",
         "--var",
         "--trusted-key",
+        "--keep-releases",
         "--config",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

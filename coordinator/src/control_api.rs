@@ -254,6 +254,7 @@ impl ControlService for ControlApi {
             Ok(RolloutAction::Resume) => Operator::Resume,
             Ok(RolloutAction::Abort) => Operator::Abort,
             Ok(RolloutAction::Rollback) => Operator::Rollback,
+            Ok(RolloutAction::Promote) => Operator::Promote,
             Ok(RolloutAction::Unspecified) | Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "action {} is unspecified or unknown",

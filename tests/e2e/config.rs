@@ -118,3 +118,36 @@ fn an_agent_creates_its_data_dir_private() {
     });
     assert!(agent.terminate().success());
 }
+
+#[test]
+fn an_agent_refuses_a_bad_release_key_and_too_few_kept_releases() {
+    let env = TestEnv::new(&["h1"]);
+    let key = env.path("garbled.pub");
+    std::fs::write(&key, "not a key\n").unwrap();
+    let data = env.path("agent-h1");
+    let (code, err) = run(
+        "baton-agent",
+        &[
+            "--coordinator".as_ref(),
+            "https://127.0.0.1:1".as_ref(),
+            "--host-id".as_ref(),
+            "h1".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--tls-dir".as_ref(),
+            env.tls().as_os_str(),
+            "--trusted-key".as_ref(),
+            key.as_os_str(),
+            "--keep-releases".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("garbled.pub"), "{err}");
+    assert!(err.contains("keep-releases 1 is too small"), "{err}");
+    assert!(
+        !data.exists(),
+        "a refused configuration created {}",
+        data.display()
+    );
+}

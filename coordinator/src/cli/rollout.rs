@@ -19,6 +19,26 @@ use super::{Cli, CliError, call_failed};
 #[derive(Debug, clap::Subcommand)]
 pub enum RolloutCommand {
     /// Validate a plan file and start it; prints the rollout id.
+    ///
+    /// A plan names the service, the version (pushed with `baton artifact
+    /// push`), the hosts and how carefully to proceed:
+    ///
+    ///     auto_rollback = true          # undo every touched host on failure
+    ///     progress_deadline = "10m"
+    ///
+    ///     [[service]]
+    ///     name = "api"
+    ///     version = "2.0.0"
+    ///     hosts = { role = "api" }      # absent: the hosts already running api
+    ///     max_parallel = 2              # or "25%"
+    ///     min_healthy = "75%"           # floor of healthy hosts, never crossed
+    ///     min_healthy_time = "2s"
+    ///     healthy_deadline = "30s"
+    ///     max_failures = 0
+    ///
+    /// A plan with a mistake is refused as a whole, with the reason, and
+    /// nothing is started. Follow the rollout with `baton rollout watch ID`.
+    #[command(verbatim_doc_comment)]
     Start {
         /// The plan (TOML; see the README for every key).
         plan: PathBuf,
@@ -62,6 +82,11 @@ pub enum RolloutCommand {
     },
     /// Return every host the rollout touched to its previous version.
     Rollback {
+        /// The rollout id.
+        id: String,
+    },
+    /// Continue a rollout that awaits promotion after its canary step.
+    Promote {
         /// The rollout id.
         id: String,
     },
@@ -140,6 +165,7 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
         RolloutCommand::Resume { id } => control(id, RolloutAction::Resume),
         RolloutCommand::Abort { id } => control(id, RolloutAction::Abort),
         RolloutCommand::Rollback { id } => control(id, RolloutAction::Rollback),
+        RolloutCommand::Promote { id } => control(id, RolloutAction::Promote),
     };
     let r = client
         .control_rollout(request)

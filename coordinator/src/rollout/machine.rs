@@ -268,6 +268,8 @@ pub enum Operator {
     Abort,
     /// Return every touched host to its previous version.
     Rollback,
+    /// Continue after a canary step.
+    Promote,
 }
 
 impl Operator {
@@ -278,6 +280,7 @@ impl Operator {
             Self::Resume => "resume",
             Self::Abort => "abort",
             Self::Rollback => "roll back",
+            Self::Promote => "promote",
         }
     }
 }
@@ -391,6 +394,13 @@ fn operator(
                 h.outstanding = None;
             }
         }
+        Operator::Promote => match r.state {
+            State::AwaitingPromotion => {
+                r.state = State::Progressing;
+                r.progress_at = now;
+            }
+            _ => return Err(refuse(r)),
+        },
         Operator::Rollback => {
             if matches!(r.state, State::RollingBack | State::RolledBack) {
                 return Err(refuse(r));
@@ -548,13 +558,7 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
             advance(r, now, actions);
         }
         State::Staging => {
-            let failed: Vec<String> = r
-                .service
-                .hosts
-                .iter()
-                .filter(|(_, h)| h.state == HostState::Failed)
-                .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("failed")))
-                .collect();
+            let failed = failed_hosts(r);
             let staging = r
                 .service
                 .hosts
@@ -587,13 +591,7 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
         }
         State::Progressing => {
             if r.service.failures > r.service.max_failures {
-                let failed: Vec<String> = r
-                    .service
-                    .hosts
-                    .iter()
-                    .filter(|(_, h)| h.state == HostState::Failed)
-                    .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("failed")))
-                    .collect();
+                let failed = failed_hosts(r);
                 fail(
                     r,
                     format!(
@@ -692,6 +690,16 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
         | State::RolledBack
         | State::Aborted => {}
     }
+}
+
+/// `host: error` for every failed host, for the rollout's error.
+fn failed_hosts(r: &Rollout) -> Vec<String> {
+    r.service
+        .hosts
+        .iter()
+        .filter(|(_, h)| h.state == HostState::Failed)
+        .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("failed")))
+        .collect()
 }
 
 fn hosts_in(r: &Rollout, state: HostState) -> Vec<HostId> {

@@ -320,6 +320,8 @@ fn pause_resume_abort() {
     assert_eq!(r.state, State::Aborted);
     let err = step(&r, &Event::Operator(Operator::Resume), t(1002)).unwrap_err();
     assert_eq!(err.to_string(), "cannot resume rollout r-1: it is aborted");
+    let err = step(&r, &Event::Operator(Operator::Promote), t(1002)).unwrap_err();
+    assert_eq!(err.to_string(), "cannot promote rollout r-1: it is aborted");
 }
 
 #[test]
@@ -395,7 +397,8 @@ fn property_invariants_hold_under_random_events() {
                         Operator::Resume,
                         Operator::Abort,
                         Operator::Rollback,
-                    ][rng.usize(0..4)],
+                        Operator::Promote,
+                    ][rng.usize(0..5)],
                 ),
                 _ => match &r.service.hosts[&h].outstanding {
                     Some(c) => Event::Update(
