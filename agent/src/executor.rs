@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use baton_common::artifact::{self, Manifest, PayloadHasher, PublicKey, SignedManifest};
 use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
 use baton_common::host::{ServiceState, ServiceStatus};
+use baton_common::sdnotify::Notifier;
 use baton_proto::agent::v1 as pb;
 use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use tokio::sync::{broadcast, watch};
@@ -29,8 +31,9 @@ use tracing::{debug, error, info, warn};
 use crate::health::{self, Gate};
 use crate::journal::Journal;
 use crate::releases::Releases;
-use crate::service::{self, HealthSpec, ServiceSpec};
-use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig};
+use crate::service::{self, HealthSpec, Hook, Readiness, ServiceSpec, SupervisorKind};
+use crate::sockets::{ListenSocket, ListenSpec};
+use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process_file};
 
 /// Progress updates per command are sent at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +73,11 @@ struct Inner {
     running: Mutex<HashSet<String>>,
     updates: broadcast::Sender<CommandUpdate>,
     inventory: watch::Sender<BTreeMap<String, ServiceStatus>>,
+    /// systemd's notify socket, for the fd store (a no-op without one).
+    notifier: Notifier,
+    /// Sockets systemd passed back from its fd store at startup, by
+    /// `<service>=<fd name>`.
+    stored: Mutex<HashMap<String, OwnedFd>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -88,8 +96,44 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    supervisor: Option<Supervisor>,
+    /// The release that serves (or should).
+    current: Option<Current>,
     monitor: Option<tokio::task::JoinHandle<()>>,
+    /// The listening sockets the agent owns for this service, in the order
+    /// of the current `listen` list.
+    sockets: Arc<Vec<ListenSocket>>,
+}
+
+/// A running release.
+struct Current {
+    version: String,
+    release_dir: PathBuf,
+    spec: ServiceSpec,
+    process: Runner,
+}
+
+/// Who runs a release's process.
+enum Runner {
+    /// The agent's own supervisor.
+    Native(Supervisor),
+    /// A systemd unit; `alive` never turns false (systemd restarts it).
+    Systemd {
+        unit: String,
+        alive: watch::Sender<bool>,
+    },
+}
+
+impl Current {
+    fn alive(&self) -> watch::Receiver<bool> {
+        match &self.process {
+            Runner::Native(s) => s.alive(),
+            Runner::Systemd { alive, .. } => alive.subscribe(),
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        *self.alive().borrow()
+    }
 }
 
 impl Drop for SlotState {
@@ -133,6 +177,8 @@ impl Executor {
                 running: Mutex::default(),
                 updates: broadcast::channel(1024).0,
                 inventory: watch::channel(BTreeMap::new()).0,
+                notifier: Notifier::from_env(),
+                stored: Mutex::new(stored_fds()),
                 shutdown,
                 tasks: TaskTracker::new(),
                 config,
@@ -151,67 +197,156 @@ impl Executor {
     }
 
     /// Picks up the services a previous agent run left: a process still
-    /// running is adopted (not restarted), a stopped one is started.
+    /// running is adopted (not restarted) together with its listening
+    /// sockets, a stopped one is started, and a process of another release
+    /// left by an interrupted swap is stopped.
     pub async fn recover(&self) {
         for name in self.inner.releases.services() {
-            let Some(version) = self.inner.releases.current(&name) else {
-                continue;
-            };
-            let release_dir = self.inner.releases.release_dir(&name, &version);
-            let spec = match service::load(&release_dir, &self.inner.config.vars) {
-                Ok(spec) => spec,
+            if let Err(e) = self.recover_one(&name).await {
+                error!(service = %name, error = %e, "cannot recover the service");
+            }
+        }
+    }
+
+    async fn recover_one(&self, name: &str) -> Result<(), String> {
+        let version = self
+            .inner
+            .releases
+            .current(name)
+            .ok_or("no current release")?;
+        let release_dir = self.inner.releases.release_dir(name, &version);
+        let spec = service::load(&release_dir, &self.inner.config.vars).map_err(|e| {
+            self.set_status(name, &version, ServiceState::Failed, false);
+            format!("cannot load the current release {version}: {e}")
+        })?;
+        let slot = self.slot(name);
+        let mut st = slot.state.lock().await;
+        if let SupervisorKind::Systemd { unit } = &spec.supervisor {
+            info!(service = %name, %version, %unit, "managed by systemd");
+            let unit = unit.clone();
+            self.install(
+                &mut st,
+                name,
+                &version,
+                &release_dir,
+                spec,
+                Runner::Systemd {
+                    unit,
+                    alive: watch::channel(true).0,
+                },
+            );
+            return Ok(());
+        }
+        let cfg = self.inner.config.supervisor;
+        // Every process a previous run left, per release.
+        let mut live = Vec::new();
+        for dir in self.inner.releases.run_dirs(name) {
+            match read_process_file(&dir) {
+                Ok(Some(record)) if crate::supervisor::is_alive_record(&record) => {
+                    live.push((dir, record))
+                }
+                Ok(_) => {}
                 Err(e) => {
-                    error!(service = %name, %version, error = %e, "cannot load the current release; not running it");
-                    self.set_status(&name, &version, ServiceState::Failed, false);
-                    continue;
+                    warn!(service = %name, dir = %dir.display(), error = %e, "unreadable process file")
                 }
-            };
-            let slot = self.slot(&name);
-            let mut st = slot.state.lock().await;
-            let run_dir = self.inner.releases.run_dir(&name);
-            let cfg = self.inner.config.supervisor;
-            let adopted = match Supervisor::adopt(&name, &release_dir, spec.clone(), &run_dir, cfg)
-            {
-                Ok(Some(sup)) if sup.version() == version => {
-                    info!(service = %name, %version, pid = ?sup.pid(), "adopted the running service");
-                    Some(sup)
+            }
+        }
+        let specs = listen_specs(&spec)?;
+        st.sockets = Arc::new(self.recover_sockets(name, &specs, &live));
+        let mut current = None;
+        for (dir, record) in live {
+            let rel = record.release_dir.clone();
+            let this_spec =
+                service::load(&rel, &self.inner.config.vars).unwrap_or_else(|_| spec.clone());
+            let adopted =
+                Supervisor::adopt_listening(name, &rel, this_spec, &dir, cfg, st.sockets.clone())
+                    .map_err(|e| e.to_string())?;
+            let Some(sup) = adopted else { continue };
+            if record.version == version && current.is_none() {
+                info!(service = %name, %version, pid = ?sup.pid(), "adopted the running service");
+                current = Some(sup);
+            } else {
+                info!(service = %name, running = %record.version, current = %version, "stopping a process an interrupted swap left behind");
+                if let Err(e) = sup.stop().await {
+                    warn!(service = %name, error = %e, "cannot stop the stale process");
                 }
-                Ok(Some(stale)) => {
-                    info!(service = %name, running = stale.version(), current = %version, "the running process is not the current release; replacing it");
-                    if let Err(e) = stale.stop().await {
-                        warn!(service = %name, error = %e, "cannot stop the stale process");
-                    }
-                    None
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(service = %name, error = %e, "cannot adopt the service's process");
-                    None
-                }
-            };
-            let sup = match adopted {
-                Some(sup) => sup,
-                None => match Supervisor::start(
-                    &name,
+            }
+        }
+        let sup = match current {
+            Some(sup) => sup,
+            None => {
+                let run_dir = self.inner.releases.run_dir(name, &version);
+                let sup = Supervisor::start_listening(
+                    name,
                     &version,
                     &release_dir,
                     spec.clone(),
                     &run_dir,
                     cfg,
-                ) {
-                    Ok(sup) => {
-                        info!(service = %name, %version, "started the service, which was not running");
-                        sup
-                    }
-                    Err(e) => {
-                        error!(service = %name, %version, error = %e, "cannot start the service");
-                        self.set_status(&name, &version, ServiceState::Failed, false);
-                        continue;
-                    }
-                },
-            };
-            self.install(&mut st, &name, &version, spec, sup);
+                    st.sockets.clone(),
+                )
+                .map_err(|e| {
+                    self.set_status(name, &version, ServiceState::Failed, false);
+                    format!("cannot start {version}: {e}")
+                })?;
+                info!(service = %name, %version, "started the service, which was not running");
+                sup
+            }
+        };
+        self.install(
+            &mut st,
+            name,
+            &version,
+            &release_dir,
+            spec,
+            Runner::Native(sup),
+        );
+        Ok(())
+    }
+
+    /// The service's listening sockets after an agent restart: from
+    /// systemd's fd store if it gave them back, else copied out of a live
+    /// process that has them. Entries found nowhere are bound again later.
+    fn recover_sockets(
+        &self,
+        name: &str,
+        specs: &[ListenSpec],
+        live: &[(PathBuf, crate::supervisor::ProcessRecord)],
+    ) -> Vec<ListenSocket> {
+        if specs.is_empty() {
+            return Vec::new();
         }
+        let mut stored = lock(&self.inner.stored);
+        let from_store: Option<Vec<ListenSocket>> = specs
+            .iter()
+            .map(|spec| {
+                let fd = stored.remove(&format!("{name}={}", spec.fd_name()))?;
+                spec.matches(&fd).then(|| ListenSocket {
+                    spec: spec.clone(),
+                    fd,
+                })
+            })
+            .collect();
+        if let Some(sockets) = from_store {
+            info!(service = %name, count = sockets.len(), "recovered the listening sockets from systemd's fd store");
+            return sockets;
+        }
+        let texts: Vec<String> = specs.iter().map(ListenSpec::text).collect();
+        for (_, record) in live {
+            if record.listen != texts {
+                continue;
+            }
+            match crate::sockets::recover(record.pid, specs) {
+                Ok(sockets) => {
+                    info!(service = %name, pid = record.pid, count = sockets.len(), "recovered the listening sockets from the running service");
+                    return sockets;
+                }
+                Err(e) => {
+                    warn!(service = %name, error = %e, "cannot recover the listening sockets from the running service")
+                }
+            }
+        }
+        Vec::new()
     }
 
     /// Accepts a command from the coordinator and runs it in the
@@ -282,7 +417,7 @@ impl Executor {
         for slot in slots {
             let mut st = slot.state.lock().await;
             // Dropping a supervisor ends its monitoring, not its process.
-            st.supervisor = None;
+            st.current = None;
             if let Some(m) = st.monitor.take() {
                 m.abort();
             }
@@ -502,75 +637,214 @@ impl Executor {
         let release_dir = self.inner.releases.release_dir(name, version);
         let spec = service::load(&release_dir, &self.inner.config.vars)
             .map_err(|e| format!("{name} {version}: {e}"))?;
-        let running = st
-            .supervisor
+        let run_dir = self.inner.releases.run_dir(name, version);
+        let health_gate = Gate {
+            min_healthy_time: gate.min_healthy_time,
+            healthy_deadline: gate.healthy_deadline,
+        };
+        let already = st
+            .current
             .as_ref()
-            .is_some_and(|s| s.version() == version && *s.alive().borrow());
-        let already = running && self.inner.releases.current(name).as_deref() == Some(version);
-        // The release replaced here, kept on disk for a rollback.
-        let mut previous: Option<String> = None;
+            .is_some_and(|c| c.version == version && c.is_alive())
+            && self.inner.releases.current(name).as_deref() == Some(version);
         if already {
             info!(service = %name, %version, "already current and running; checking health only");
-        } else {
-            if let Some(hook) = &spec.hooks.pre_start {
-                run_hook(hook, &release_dir, &spec, gate.healthy_deadline)
-                    .await
-                    .map_err(|e| format!("pre_start hook of {name} {version} failed: {e}"))?;
+            let mut alive = st
+                .current
+                .as_ref()
+                .map(Current::alive)
+                .ok_or("the service has no process")?;
+            let took = health::wait_healthy(
+                spec.health.as_ref(),
+                &release_dir,
+                &health_gate,
+                &mut alive,
+                cancel,
+            )
+            .await
+            .map_err(|e| format!("{name} {version}: {e}"))?;
+            info!(service = %name, %version, took = ?took, "healthy");
+            self.set_status(name, version, ServiceState::Running, true);
+            return Ok(());
+        }
+
+        run_hook(
+            name,
+            version,
+            "pre_start",
+            spec.hooks.pre_start.as_ref(),
+            &release_dir,
+            &spec,
+            &run_dir,
+        )
+        .await?;
+        if cancel.is_cancelled() {
+            return Err(format!(
+                "{name} {version}: cancelled by a rollback before the swap"
+            ));
+        }
+        let from = self.inner.releases.current(name);
+        let specs = listen_specs(&spec)?;
+        let native = spec.supervisor == SupervisorKind::Native;
+        let handoff = native
+            && !specs.is_empty()
+            && st
+                .current
+                .as_ref()
+                .is_some_and(|c| c.is_alive() && matches!(c.process, Runner::Native(_)));
+
+        if handoff {
+            // The new process starts beside the old one on the same
+            // sockets. Once it is ready the old one is told to stop and
+            // drains its requests while the new one takes the queue over:
+            // the sockets never close. A new process that dies or is not
+            // ready in time is stopped, and the old one never noticed.
+            let sockets = self.sockets_for(&mut st, name, &specs)?;
+            let mut new_spec = spec.clone();
+            let notify = match spec.ready {
+                Readiness::Notify => {
+                    let (path, socket) = notify_socket(&run_dir)?;
+                    new_spec
+                        .env
+                        .insert("NOTIFY_SOCKET".into(), path.display().to_string());
+                    Some(socket)
+                }
+                Readiness::Health => None,
+            };
+            self.swap(name, version)?;
+            let new = match Supervisor::start_listening(
+                name,
+                version,
+                &release_dir,
+                new_spec,
+                &run_dir,
+                self.inner.config.supervisor,
+                sockets,
+            ) {
+                Ok(sup) => sup,
+                Err(e) => {
+                    self.swap_back(name, from.as_deref());
+                    return Err(format!("cannot start {name} {version}: {e}"));
+                }
+            };
+            info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
+            let mut alive = new.alive();
+            let ready = wait_ready(
+                &spec,
+                &release_dir,
+                &mut alive,
+                cancel,
+                gate.healthy_deadline,
+                notify,
+            )
+            .await;
+            if let Err(e) = ready {
+                if let Err(stop) = new.stop().await {
+                    warn!(service = %name, error = %stop, "cannot stop the new process");
+                }
+                self.swap_back(name, from.as_deref());
+                return Err(format!("{name} {version}: {e}"));
             }
-            if cancel.is_cancelled() {
-                return Err(format!(
-                    "{name} {version}: cancelled by a rollback before the swap"
-                ));
+            if let Some(old) = st.current.take() {
+                if let Some(m) = st.monitor.take() {
+                    m.abort();
+                }
+                self.retire(name, old).await?;
             }
-            let from = self.inner.releases.current(name);
-            previous = from.clone();
-            self.inner
-                .releases
-                .swap(name, version)
-                .map_err(|e| format!("cannot swap {name} to {version}: {e}"))?;
-            self.set_status(name, version, ServiceState::Starting, false);
-            if let Some(m) = st.monitor.take() {
-                m.abort();
-            }
-            if let Some(old) = st.supervisor.take()
-                && let Err(e) = old.stop().await
-            {
-                warn!(service = %name, error = %e, "stopping the old process failed");
-            }
-            let run_dir = self.inner.releases.run_dir(name);
-            let sup = Supervisor::start(
+            self.install(
+                &mut st,
                 name,
                 version,
                 &release_dir,
                 spec.clone(),
-                &run_dir,
-                self.inner.config.supervisor,
-            )
-            .map_err(|e| format!("cannot start {name} {version}: {e}"))?;
-            info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
-            self.install(&mut st, name, version, spec.clone(), sup);
+                Runner::Native(new),
+            );
+        } else {
+            // Stop, then start: the service is down in between (without
+            // `listen` sockets, `pre_stop` is where to drain it).
+            if let Some(old) = st.current.take() {
+                if let Some(m) = st.monitor.take() {
+                    m.abort();
+                }
+                self.set_status(name, version, ServiceState::Starting, false);
+                self.retire(name, old).await?;
+            }
+            self.swap(name, version)?;
+            self.set_status(name, version, ServiceState::Starting, false);
+            let runner = match &spec.supervisor {
+                SupervisorKind::Systemd { unit } => {
+                    systemctl(&["restart", unit])
+                        .await
+                        .map_err(|e| format!("{name} {version}: {e}"))?;
+                    info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
+                    Runner::Systemd {
+                        unit: unit.clone(),
+                        alive: watch::channel(true).0,
+                    }
+                }
+                SupervisorKind::Native => {
+                    let sockets = self.sockets_for(&mut st, name, &specs)?;
+                    let sup = Supervisor::start_listening(
+                        name,
+                        version,
+                        &release_dir,
+                        spec.clone(),
+                        &run_dir,
+                        self.inner.config.supervisor,
+                        sockets,
+                    )
+                    .map_err(|e| format!("cannot start {name} {version}: {e}"))?;
+                    info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
+                    Runner::Native(sup)
+                }
+            };
+            self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
         }
+        // The health gate, on the new process alone.
         let mut alive = st
-            .supervisor
+            .current
             .as_ref()
-            .map(Supervisor::alive)
+            .map(Current::alive)
             .ok_or("the service has no process")?;
-        let result = health::wait_healthy(
+        let took = health::wait_healthy(
             spec.health.as_ref(),
             &release_dir,
-            &Gate {
-                min_healthy_time: gate.min_healthy_time,
-                healthy_deadline: gate.healthy_deadline,
-            },
+            &health_gate,
             &mut alive,
             cancel,
         )
-        .await;
-        let took = result.map_err(|e| format!("{name} {version}: {e}"))?;
+        .await
+        .map_err(|e| format!("{name} {version}: {e}"))?;
         info!(service = %name, %version, took = ?took, "healthy");
+        run_hook(
+            name,
+            version,
+            "post_start",
+            spec.hooks.post_start.as_ref(),
+            &release_dir,
+            &spec,
+            &run_dir,
+        )
+        .await?;
+        // Sockets the new release no longer declares are closed.
+        let keep: Vec<ListenSpec> = specs;
+        if st.sockets.iter().any(|s| !keep.contains(&s.spec)) {
+            let left: Vec<ListenSocket> = st
+                .sockets
+                .iter()
+                .filter(|s| keep.contains(&s.spec))
+                .filter_map(|s| {
+                    s.fd.try_clone().ok().map(|fd| ListenSocket {
+                        spec: s.spec.clone(),
+                        fd,
+                    })
+                })
+                .collect();
+            st.sockets = Arc::new(left);
+        }
         self.set_status(name, version, ServiceState::Running, true);
         let keep = self.inner.config.keep_releases;
-        let protect: Vec<&str> = previous.iter().map(String::as_str).collect();
+        let protect: Vec<&str> = from.iter().map(String::as_str).collect();
         match self.inner.releases.prune(name, keep, &protect) {
             Ok(removed) if !removed.is_empty() => {
                 info!(service = %name, removed = ?removed, "pruned old releases")
@@ -581,6 +855,103 @@ impl Executor {
         Ok(())
     }
 
+    fn swap(&self, name: &str, version: &str) -> Result<(), String> {
+        self.inner
+            .releases
+            .swap(name, version)
+            .map_err(|e| format!("cannot swap {name} to {version}: {e}"))
+    }
+
+    /// Points `current` back after a failed handoff.
+    fn swap_back(&self, name: &str, from: Option<&str>) {
+        if let Some(from) = from
+            && let Err(e) = self.inner.releases.swap(name, from)
+        {
+            error!(service = %name, %from, error = %e, "cannot point current back");
+        }
+    }
+
+    /// The sockets for `specs`: kept ones reused, new ones bound (and put
+    /// in systemd's fd store when the agent runs under systemd).
+    fn sockets_for(
+        &self,
+        st: &mut SlotState,
+        name: &str,
+        specs: &[ListenSpec],
+    ) -> Result<Arc<Vec<ListenSocket>>, String> {
+        if specs.iter().eq(st.sockets.iter().map(|s| &s.spec)) {
+            return Ok(st.sockets.clone());
+        }
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let existing = st.sockets.iter().find(|s| &s.spec == spec);
+            let fd = match existing {
+                Some(s) => {
+                    s.fd.try_clone()
+                        .map_err(|e| format!("cannot duplicate {}: {e}", spec.text()))?
+                }
+                None => {
+                    let fd = spec
+                        .bind()
+                        .map_err(|e| format!("cannot listen on {}: {e}", spec.text()))?;
+                    info!(service = %name, listen = %spec.text(), "listening on behalf of the service");
+                    if let Err(e) = self
+                        .inner
+                        .notifier
+                        .store_fds(&format!("{name}={}", spec.fd_name()), &[fd.as_fd()])
+                    {
+                        warn!(service = %name, error = %e, "cannot put the socket in systemd's fd store");
+                    }
+                    fd
+                }
+            };
+            out.push(ListenSocket {
+                spec: spec.clone(),
+                fd,
+            });
+        }
+        let sockets = Arc::new(out);
+        st.sockets = sockets.clone();
+        Ok(sockets)
+    }
+
+    /// Stops a release that is being replaced: `pre_stop`, its stop signal
+    /// and drain time (then SIGKILL), `post_stop`.
+    async fn retire(&self, name: &str, old: Current) -> Result<(), String> {
+        let run_dir = self.inner.releases.run_dir(name, &old.version);
+        run_hook(
+            name,
+            &old.version,
+            "pre_stop",
+            old.spec.hooks.pre_stop.as_ref(),
+            &old.release_dir,
+            &old.spec,
+            &run_dir,
+        )
+        .await?;
+        match old.process {
+            Runner::Native(sup) => sup
+                .stop()
+                .await
+                .map_err(|e| format!("cannot stop {name} {}: {e}", old.version))?,
+            Runner::Systemd { unit, .. } => {
+                // The unit is restarted with the new release right after;
+                // stopping it would only lengthen the gap.
+                debug!(service = %name, %unit, "leaving the unit to its restart");
+            }
+        }
+        run_hook(
+            name,
+            &old.version,
+            "post_stop",
+            old.spec.hooks.post_stop.as_ref(),
+            &old.release_dir,
+            &old.spec,
+            &run_dir,
+        )
+        .await
+    }
+
     async fn remove(&self, name: &str) -> Result<(), String> {
         let slot = self.slot(name);
         cancel_activations(&slot);
@@ -588,11 +959,19 @@ impl Executor {
         if let Some(m) = st.monitor.take() {
             m.abort();
         }
-        if let Some(sup) = st.supervisor.take() {
-            sup.stop()
-                .await
-                .map_err(|e| format!("cannot stop {name}: {e}"))?;
+        if let Some(old) = st.current.take() {
+            let unit = match &old.process {
+                Runner::Systemd { unit, .. } => Some(unit.clone()),
+                Runner::Native(_) => None,
+            };
+            self.retire(name, old).await?;
+            if let Some(unit) = unit {
+                systemctl(&["stop", &unit])
+                    .await
+                    .map_err(|e| format!("cannot stop {name}: {e}"))?;
+            }
         }
+        st.sockets = Arc::default();
         self.inner
             .releases
             .remove(name)
@@ -604,27 +983,45 @@ impl Executor {
         Ok(())
     }
 
-    /// Installs a supervisor in the slot and starts watching it: process
-    /// state and (between activations) the health check feed the
+    /// Installs a running release in the slot and starts watching it:
+    /// process state and (between activations) the health check feed the
     /// inventory.
     fn install(
         &self,
         st: &mut SlotState,
         name: &str,
         version: &str,
+        release_dir: &std::path::Path,
         spec: ServiceSpec,
-        sup: Supervisor,
+        process: Runner,
     ) {
-        let status = sup.status();
-        st.supervisor = Some(sup);
         if let Some(m) = st.monitor.take() {
             m.abort();
         }
-        let release_dir = self.inner.releases.release_dir(name, version);
+        let status = match &process {
+            Runner::Native(sup) => sup.status(),
+            // A unit is reported running; its health check tells the rest.
+            Runner::Systemd { .. } => {
+                watch::channel(crate::supervisor::ProcessStatus {
+                    state: ProcessState::Running { pid: 0 },
+                    restarts: 0,
+                    last_exit: None,
+                })
+                .1
+            }
+        };
+        let health = spec.health.clone();
+        st.current = Some(Current {
+            version: version.to_owned(),
+            release_dir: release_dir.to_owned(),
+            spec,
+            process,
+        });
         let this = self.clone();
-        let (name, version) = (name.to_owned(), version.to_owned());
+        let (name, version, release_dir) =
+            (name.to_owned(), version.to_owned(), release_dir.to_owned());
         st.monitor = Some(tokio::spawn(async move {
-            this.monitor(&name, &version, spec.health, release_dir, status)
+            this.monitor(&name, &version, health, release_dir, status)
                 .await;
         }));
     }
@@ -794,36 +1191,214 @@ fn accepted(id: &str) -> CommandUpdate {
     }
 }
 
-/// Runs a hook in the release directory with the service's environment.
+/// Runs a hook in the release directory with the service's environment,
+/// in its own process group (killed whole at the timeout). Its output is
+/// appended to the release's service log; on failure its last lines go
+/// into the error.
 async fn run_hook(
-    hook: &[String],
+    service_name: &str,
+    version: &str,
+    which: &str,
+    hook: Option<&Hook>,
     release_dir: &std::path::Path,
     spec: &ServiceSpec,
-    timeout: Duration,
+    run_dir: &std::path::Path,
 ) -> Result<(), String> {
-    let Some((program, args)) = hook.split_first() else {
+    let Some(hook) = hook else {
         return Ok(());
     };
+    let Some((program, args)) = hook.command.split_first() else {
+        return Ok(());
+    };
+    let fail = |why: String| format!("{which} hook of {service_name} {version} failed: {why}");
     let mut cmd = tokio::process::Command::new(service::resolve(release_dir, program));
     cmd.args(args)
         .envs(&spec.env)
+        .env("BATON_SERVICE", service_name)
+        .env("BATON_VERSION", version)
+        .env("BATON_HOOK", which)
         .current_dir(release_dir)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
-    let output = tokio::time::timeout(timeout, cmd.output())
-        .await
-        .map_err(|_| format!("timed out after {}", humantime::format_duration(timeout)))?
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    let pgid = child.id();
+    let result = tokio::time::timeout(hook.timeout, child.wait_with_output()).await;
+    let output = match result {
+        Ok(r) => r.map_err(|e| fail(e.to_string()))?,
+        Err(_) => {
+            // The whole group: a hook's children must not outlive it.
+            if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            append_log(run_dir, which, b"", b"(killed at its timeout)\n");
+            return Err(fail(format!(
+                "timed out after {}; killed with its process group",
+                humantime::format_duration(hook.timeout)
+            )));
+        }
+    };
+    append_log(run_dir, which, &output.stdout, &output.stderr);
     if output.status.success() {
+        return Ok(());
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+    Err(fail(format!(
+        "{}: {}",
+        crate::supervisor::describe_exit(output.status),
+        if last.is_empty() { "no output" } else { &last }
+    )))
+}
+
+/// Appends a hook's output to the service log of its release.
+fn append_log(run_dir: &std::path::Path, which: &str, stdout: &[u8], stderr: &[u8]) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(run_dir)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(crate::supervisor::LOG_FILE))?;
+        for line in String::from_utf8_lossy(stdout)
+            .lines()
+            .chain(String::from_utf8_lossy(stderr).lines())
+        {
+            writeln!(f, "[{which} hook] {line}")?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        warn!(error = %e, "cannot write a hook's output to the service log");
+    }
+}
+
+/// The `systemctl` to run: `BATON_SYSTEMCTL` or `systemctl` on the PATH.
+fn systemctl_program() -> String {
+    std::env::var("BATON_SYSTEMCTL").unwrap_or_else(|_| "systemctl".to_owned())
+}
+
+/// Runs `systemctl ARGS`.
+async fn systemctl(args: &[&str]) -> Result<(), String> {
+    let program = systemctl_program();
+    let out = tokio::process::Command::new(&program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
         Ok(())
     } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
         Err(format!(
-            "{} ({})",
-            crate::supervisor::describe_exit(output.status),
-            stderr.trim().lines().last().unwrap_or("no output")
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            crate::supervisor::describe_exit(out.status),
+            String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// Binds the datagram socket a new process announces `READY=1` on.
+fn notify_socket(run_dir: &std::path::Path) -> Result<(PathBuf, tokio::net::UnixDatagram), String> {
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
+    let path = run_dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let socket = tokio::net::UnixDatagram::bind(&path)
+        .map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    Ok((path, socket))
+}
+
+/// Waits until a process started beside the old one is ready to take the
+/// sockets over: `READY=1` on its notify socket (`ready = "notify"`), or
+/// else a first passing health check (which the old process may answer:
+/// the weaker choice, for services that cannot notify).
+async fn wait_ready(
+    spec: &ServiceSpec,
+    release_dir: &std::path::Path,
+    alive: &mut watch::Receiver<bool>,
+    cancel: &CancellationToken,
+    deadline: Duration,
+    notify: Option<tokio::net::UnixDatagram>,
+) -> Result<(), String> {
+    let mut for_check = alive.clone();
+    let ready = async {
+        match &notify {
+            Some(socket) => {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
+                    if String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .any(|l| l == "READY=1")
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            None => health::wait_healthy(
+                spec.health.as_ref(),
+                release_dir,
+                &Gate {
+                    min_healthy_time: Duration::ZERO,
+                    healthy_deadline: deadline,
+                },
+                &mut for_check,
+                cancel,
+            )
+            .await
+            .map(|_| ()),
+        }
+    };
+    tokio::select! {
+        r = ready => r,
+        () = cancel.cancelled() => Err("cancelled".into()),
+        _ = alive.wait_for(|a| !*a) => Err("the new process exited before it was ready".into()),
+        () = tokio::time::sleep(deadline) => Err(format!(
+            "not ready within {} (no READY=1 on its notify socket)",
+            humantime::format_duration(deadline)
+        )),
+    }
+}
+
+/// Parses a spec's `listen` entries.
+fn listen_specs(spec: &ServiceSpec) -> Result<Vec<ListenSpec>, String> {
+    spec.listen.iter().map(|l| ListenSpec::parse(l)).collect()
+}
+
+/// The descriptors systemd handed this agent from its fd store
+/// (`LISTEN_FDS`, named `<service>=<fd name>` in `LISTEN_FDNAMES`).
+fn stored_fds() -> HashMap<String, OwnedFd> {
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut out = HashMap::new();
+    let mut fds = listenfd::ListenFd::from_env();
+    for (i, name) in names.into_iter().enumerate() {
+        let fd: Option<OwnedFd> = match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => Some(l.into()),
+            _ => match fds.take_unix_listener(i) {
+                Ok(Some(l)) => Some(l.into()),
+                _ => None,
+            },
+        };
+        if let Some(fd) = fd {
+            out.insert(name, fd);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -833,17 +1408,16 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_failing_pre_start_hook_says_how_and_why() {
+    async fn hooks_fail_with_their_last_lines_and_die_whole_at_their_timeout() {
         let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
         let bin = dir.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
+        let pids = dir.path().join("pids");
         for (name, body) in [
-            ("ok", "#!/bin/sh\ntest \"$MODE\" = migrate\n"),
-            (
-                "fail",
-                "#!/bin/sh\necho 'schema 7 is newer than this release' >&2\nexit 3\n",
-            ),
-            ("hang", "#!/bin/sh\nexec sleep 30\n"),
+            ("ok", "#!/bin/sh\ntest \"$MODE\" = migrate && test \"$BATON_HOOK\" = pre_start\necho migrated\n".to_owned()),
+            ("fail", "#!/bin/sh\necho checking\necho 'schema 7 is newer than this release' >&2\nexit 3\n".to_owned()),
+            ("hang", format!("#!/bin/sh\nsleep 300 &\necho $! > {}\nexec sleep 300\n", pids.display())),
         ] {
             let path = bin.join(name);
             std::fs::write(&path, body).unwrap();
@@ -854,25 +1428,57 @@ mod tests {
             &BTreeMap::new(),
         )
         .unwrap();
-        let t = Duration::from_secs(10);
-        run_hook(&["bin/ok".into()], dir.path(), &spec, t)
-            .await
-            .unwrap();
-        let err = run_hook(&["bin/fail".into()], dir.path(), &spec, t)
-            .await
-            .unwrap_err();
+        let hook = |cmd: &str, ms: u64| Hook {
+            command: vec![cmd.to_owned()],
+            timeout: Duration::from_millis(ms),
+        };
+        let run_it = |h: Hook| {
+            let (dir, spec, run) = (dir.path().to_owned(), spec.clone(), run.clone());
+            async move { run_hook("api", "2.0.0", "pre_start", Some(&h), &dir, &spec, &run).await }
+        };
+        run_it(hook("bin/ok", 10_000)).await.unwrap();
+        let err = run_it(hook("bin/fail", 10_000)).await.unwrap_err();
+        assert_eq!(
+            err,
+            "pre_start hook of api 2.0.0 failed: exited with status 3: checking | schema 7 is newer than this release"
+        );
+        let log = std::fs::read_to_string(run.join("service.log")).unwrap();
+        assert!(log.contains("[pre_start hook] migrated"), "{log}");
+        assert!(log.contains("[pre_start hook] schema 7"), "{log}");
+
+        let err = run_it(hook("bin/hang", 300)).await.unwrap_err();
         assert!(
-            err.contains("3") && err.contains("schema 7 is newer than this release"),
+            err.contains("timed out after 300ms; killed with its process group"),
             "{err}"
         );
-        let err = run_hook(
-            &["bin/hang".into()],
-            dir.path(),
-            &spec,
-            Duration::from_millis(200),
-        )
-        .await
-        .unwrap_err();
-        assert!(err.contains("timed out after 200ms"), "{err}");
+        // The hook's background child died with it.
+        let child: i32 = std::fs::read_to_string(&pids)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while crate::supervisor::is_alive_record(&crate::supervisor::ProcessRecord {
+            pid: u32::try_from(child).unwrap(),
+            start_time: read_start(child),
+            version: String::new(),
+            release_dir: PathBuf::new(),
+            listen: vec![],
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook's child {child} survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Field 22 of /proc/<pid>/stat (0 once the process is gone).
+    fn read_start(pid: i32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|t| t.rsplit_once(')').map(|(_, r)| r.to_owned()))
+            .and_then(|r| r.split_whitespace().nth(19).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
     }
 }

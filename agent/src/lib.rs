@@ -10,6 +10,7 @@ pub mod health;
 pub mod journal;
 pub mod releases;
 pub mod service;
+pub mod sockets;
 pub mod supervisor;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -64,6 +65,10 @@ impl Agent {
     /// the agent stops.
     pub async fn run(self, shutdown: CancellationToken) {
         self.executor.recover().await;
+        let notify = baton_common::sdnotify::lifecycle(
+            "running; connecting to the coordinator".to_owned(),
+            shutdown.clone(),
+        );
         let inner = self.shutdown.clone();
         let stop = shutdown.clone();
         let forward = tokio::spawn(async move {
@@ -73,6 +78,7 @@ impl Agent {
         self.link.run(shutdown, self.executor.clone()).await;
         self.executor.close().await;
         forward.abort();
+        let _ = notify.await;
         tracing::info!("agent stopped");
     }
 }
@@ -92,8 +98,12 @@ pub async fn stop_services(
             continue;
         };
         let release_dir = releases.release_dir(&name, &version);
-        let run_dir = releases.run_dir(&name);
-        if let Some(record) = supervisor::read_process_file(&run_dir).map_err(|e| e.to_string())? {
+        for run_dir in releases.run_dirs(&name) {
+            let Some(record) =
+                supervisor::read_process_file(&run_dir).map_err(|e| e.to_string())?
+            else {
+                continue;
+            };
             // Stop what actually runs, which may be an older release.
             let spec = service::load(&record.release_dir, vars)
                 .or_else(|_| service::load(&release_dir, vars))

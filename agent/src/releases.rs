@@ -44,9 +44,24 @@ impl Releases {
         self.service_dir(name).join("releases").join(version)
     }
 
-    /// `services/<name>/run`: the process file and the service's log.
-    pub fn run_dir(&self, name: &str) -> PathBuf {
-        self.service_dir(name).join("run")
+    /// `services/<name>/run/<version>`: the process file and the log of
+    /// that release's process (two run side by side during a handoff).
+    pub fn run_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.service_dir(name).join("run").join(version)
+    }
+
+    /// Every existing run directory of a service.
+    pub fn run_dirs(&self, name: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.service_dir(name).join("run")) else {
+            return vec![];
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        dirs
     }
 
     /// Whether `version` of `name` is staged (complete and verified).

@@ -45,6 +45,23 @@ pub struct ServiceSpec {
     pub health: Option<HealthSpec>,
     /// Commands run around the service's lifecycle.
     pub hooks: Hooks,
+    /// Who runs the process: the agent, or systemd.
+    pub supervisor: SupervisorKind,
+    /// How a process started beside the old one during a socket handoff
+    /// says it is ready to take over.
+    pub ready: Readiness,
+}
+
+/// How a new process says it is ready (socket handoff only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// A first passing health check (default). The check reaches the
+    /// shared socket, so the old process may answer it: prefer `notify`.
+    #[default]
+    Health,
+    /// `READY=1` over `NOTIFY_SOCKET` (sd_notify), which the agent sets to
+    /// a socket of that one process.
+    Notify,
 }
 
 impl ServiceSpec {
@@ -56,12 +73,46 @@ impl ServiceSpec {
 }
 
 /// Commands run around the service's lifecycle, each in the release
-/// directory.
+/// directory with the service's environment; a failing one fails the
+/// activation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hooks {
-    /// Run before the service starts; the first element is the program,
-    /// relative to the release directory or absolute.
-    pub pre_start: Option<Vec<String>>,
+    /// Before the new release starts (before the swap).
+    pub pre_start: Option<Hook>,
+    /// After the new release turned healthy.
+    pub post_start: Option<Hook>,
+    /// Before this release's process is stopped (the place to drain it
+    /// from a load balancer when it has no `listen` sockets).
+    pub pre_stop: Option<Hook>,
+    /// After this release's process has stopped.
+    pub post_stop: Option<Hook>,
+}
+
+/// One hook: a command line and how long it may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// The program (relative to the release directory, or absolute) and
+    /// its arguments.
+    pub command: Vec<String>,
+    /// Killed, with its whole process group, after this long.
+    pub timeout: Duration,
+}
+
+/// The default time a hook may run.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who runs the service's process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SupervisorKind {
+    /// The agent itself (default).
+    #[default]
+    Native,
+    /// A systemd unit: the agent swaps the release and restarts the unit
+    /// with `systemctl`.
+    Systemd {
+        /// The unit, e.g. `web.service`.
+        unit: String,
+    },
 }
 
 /// How and how often to check a service's health.
@@ -187,9 +238,34 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
         Some(text) => parse_duration("stop_timeout", text)?,
     };
     let health = raw.health.as_ref().map(|h| health(h, vars)).transpose()?;
-    let pre_start = match &raw.hooks.pre_start {
-        None => None,
-        Some(command) => Some(command_line("hooks.pre_start", command, vars)?),
+    let hooks = hooks(&raw.hooks, vars)?;
+    let supervisor = match (raw.supervisor.as_deref(), &raw.unit) {
+        (None | Some("native"), None) => SupervisorKind::Native,
+        (Some("systemd"), Some(unit)) => {
+            let unit = substitute("unit", unit, vars)?;
+            if unit.is_empty() || unit.contains('/') || unit.chars().any(char::is_whitespace) {
+                return Err(invalid("unit", format!("{unit:?} is not a unit name")));
+            }
+            SupervisorKind::Systemd { unit }
+        }
+        (Some("systemd"), None) => {
+            return Err(invalid(
+                "unit",
+                "supervisor = \"systemd\" needs unit = \"name.service\"",
+            ));
+        }
+        (None | Some("native"), Some(_)) => {
+            return Err(invalid(
+                "unit",
+                "only applies with supervisor = \"systemd\"",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(invalid(
+                "supervisor",
+                format!("unknown supervisor {other:?} (expected \"native\" or \"systemd\")"),
+            ));
+        }
     };
     Ok(ServiceSpec {
         command: raw.command,
@@ -199,7 +275,18 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
         stop_signal,
         stop_timeout,
         health,
-        hooks: Hooks { pre_start },
+        hooks,
+        supervisor,
+        ready: match raw.ready.as_deref() {
+            None | Some("health") => Readiness::Health,
+            Some("notify") => Readiness::Notify,
+            Some(other) => {
+                return Err(invalid(
+                    "ready",
+                    format!("unknown readiness {other:?} (expected \"health\" or \"notify\")"),
+                ));
+            }
+        },
     })
 }
 
@@ -224,6 +311,9 @@ struct RawSpec {
     health: Option<RawHealth>,
     #[serde(default)]
     hooks: RawHooks,
+    supervisor: Option<String>,
+    unit: Option<String>,
+    ready: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -241,7 +331,90 @@ struct RawHealth {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHooks {
-    pre_start: Option<Vec<String>>,
+    /// The default timeout of every hook.
+    timeout: Option<String>,
+    pre_start: Option<toml::Value>,
+    post_start: Option<toml::Value>,
+    pre_stop: Option<toml::Value>,
+    post_stop: Option<toml::Value>,
+}
+
+/// A hook is `["prog", "arg"]` or `{ command = ["prog"], timeout = "30s" }`.
+fn hook(
+    field: &str,
+    value: &toml::Value,
+    default_timeout: Duration,
+    vars: &BTreeMap<String, String>,
+) -> Result<Hook, SpecError> {
+    let strings = |field: &str, v: &toml::Value| -> Result<Vec<String>, SpecError> {
+        v.as_array()
+            .and_then(|a| a.iter().map(|x| x.as_str().map(str::to_owned)).collect())
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    "expected an array of strings, e.g. [\"bin/migrate\", \"--check\"]",
+                )
+            })
+    };
+    match value {
+        toml::Value::Array(_) => Ok(Hook {
+            command: command_line(field, &strings(field, value)?, vars)?,
+            timeout: default_timeout,
+        }),
+        toml::Value::Table(t) => {
+            if let Some(k) = t
+                .keys()
+                .find(|k| !matches!(k.as_str(), "command" | "timeout"))
+            {
+                return Err(invalid(
+                    format!("{field}.{k}"),
+                    "unknown key (expected command or timeout)",
+                ));
+            }
+            let command = t
+                .get("command")
+                .ok_or_else(|| invalid(field, "a hook table needs command = [...]"))?;
+            let timeout = match t.get("timeout") {
+                None => default_timeout,
+                Some(toml::Value::String(text)) => {
+                    parse_duration(&format!("{field}.timeout"), text)?
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{field}.timeout"),
+                        "expected a duration like \"30s\"",
+                    ));
+                }
+            };
+            let f = format!("{field}.command");
+            Ok(Hook {
+                command: command_line(&f, &strings(&f, command)?, vars)?,
+                timeout,
+            })
+        }
+        _ => Err(invalid(
+            field,
+            "expected [\"program\", \"arg\"] or { command = [...], timeout = \"30s\" }",
+        )),
+    }
+}
+
+fn hooks(raw: &RawHooks, vars: &BTreeMap<String, String>) -> Result<Hooks, SpecError> {
+    let timeout = match &raw.timeout {
+        None => DEFAULT_HOOK_TIMEOUT,
+        Some(text) => parse_duration("hooks.timeout", text)?,
+    };
+    let one = |name: &str, v: &Option<toml::Value>| {
+        v.as_ref()
+            .map(|v| hook(&format!("hooks.{name}"), v, timeout, vars))
+            .transpose()
+    };
+    Ok(Hooks {
+        pre_start: one("pre_start", &raw.pre_start)?,
+        post_start: one("post_start", &raw.post_start)?,
+        pre_stop: one("pre_stop", &raw.pre_stop)?,
+        post_stop: one("post_stop", &raw.post_stop)?,
+    })
 }
 
 /// The keys of `[health]` that only some kinds take, and which kinds.
@@ -491,6 +664,8 @@ mod tests {
                 stop_timeout: Duration::from_secs(10),
                 health: None,
                 hooks: Hooks::default(),
+                supervisor: SupervisorKind::Native,
+                ready: Readiness::Health,
             }
         );
         assert_eq!(
@@ -538,8 +713,57 @@ pre_start = ["bin/migrate", "--check", "${port}"]
             })
         );
         assert_eq!(
-            spec.hooks.pre_start.as_deref(),
-            Some(&["bin/migrate".to_owned(), "--check".into(), "8080".into()][..])
+            spec.hooks.pre_start,
+            Some(Hook {
+                command: vec!["bin/migrate".to_owned(), "--check".into(), "8080".into()],
+                timeout: DEFAULT_HOOK_TIMEOUT,
+            })
+        );
+    }
+
+    #[test]
+    fn hooks_take_a_command_or_a_table_with_a_timeout() {
+        let spec = parse(
+            "command = \"x\"\n[hooks]\ntimeout = \"5s\"\npre_stop = [\"bin/drain\"]\npost_start = { command = [\"bin/warm\", \"${port}\"], timeout = \"2s\" }\n",
+            &vars(),
+        )
+        .unwrap();
+        assert_eq!(spec.hooks.pre_stop.unwrap().timeout, Duration::from_secs(5));
+        let post = spec.hooks.post_start.unwrap();
+        assert_eq!(post.command, vec!["bin/warm".to_owned(), "8080".into()]);
+        assert_eq!(post.timeout, Duration::from_secs(2));
+        assert!(spec.hooks.post_stop.is_none());
+        assert_eq!(
+            err("command = \"x\"\n[hooks]\npost_stop = { command = [\"a\"], after = \"1s\" }"),
+            "service.toml: hooks.post_stop.after: unknown key (expected command or timeout)"
+        );
+        assert_eq!(
+            err("command = \"x\"\n[hooks]\npost_stop = { timeout = \"1s\" }"),
+            "service.toml: hooks.post_stop: a hook table needs command = [...]"
+        );
+        assert!(err("command = \"x\"\n[hooks]\npre_stop = 3").contains("hooks.pre_stop: expected"));
+        assert!(err("command = \"x\"\n[hooks]\nwhen = [\"a\"]").contains("unknown field `when`"));
+    }
+
+    #[test]
+    fn a_service_may_be_a_systemd_unit() {
+        let spec = parse(
+            "command = \"x\"\nsupervisor = \"systemd\"\nunit = \"web-${port}.service\"",
+            &vars(),
+        )
+        .unwrap();
+        assert_eq!(
+            spec.supervisor,
+            SupervisorKind::Systemd {
+                unit: "web-8080.service".into()
+            }
+        );
+        assert!(err("command = \"x\"\nsupervisor = \"systemd\"").contains("needs unit"));
+        assert!(
+            err("command = \"x\"\nunit = \"a.service\"").contains("only applies with supervisor")
+        );
+        assert!(
+            err("command = \"x\"\nsupervisor = \"runit\"").contains("unknown supervisor \"runit\"")
         );
     }
 

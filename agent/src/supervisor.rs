@@ -35,7 +35,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use std::sync::Arc;
+
+use command_fds::{CommandFdExt, FdMapping};
+
 use crate::service::ServiceSpec;
+use crate::sockets::ListenSocket;
 
 /// The file in the run directory that records the running process.
 pub const PROCESS_FILE: &str = "process.json";
@@ -123,6 +128,10 @@ pub struct ProcessRecord {
     pub version: String,
     /// The release directory the process was started from.
     pub release_dir: PathBuf,
+    /// The `listen` entries handed to it as fds 3, 4, … (so the agent can
+    /// recover the sockets from it after a restart).
+    #[serde(default)]
+    pub listen: Vec<String>,
 }
 
 /// Why supervising failed.
@@ -201,6 +210,29 @@ impl Supervisor {
         run_dir: &Path,
         config: SupervisorConfig,
     ) -> Result<Self, SupervisorError> {
+        Self::start_listening(
+            name,
+            version,
+            release_dir,
+            spec,
+            run_dir,
+            config,
+            Arc::default(),
+        )
+    }
+
+    /// Like [`Supervisor::start`], handing `sockets` to the process (and to
+    /// every restart of it) as fds 3, 4, … with `LISTEN_FDS`, `LISTEN_PID`
+    /// and `LISTEN_FDNAMES` set, as systemd's socket activation does.
+    pub fn start_listening(
+        name: &str,
+        version: &str,
+        release_dir: &Path,
+        spec: ServiceSpec,
+        run_dir: &Path,
+        config: SupervisorConfig,
+        sockets: Arc<Vec<ListenSocket>>,
+    ) -> Result<Self, SupervisorError> {
         let ctx = Context {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -208,6 +240,7 @@ impl Supervisor {
             spec,
             run_dir: run_dir.to_owned(),
             config,
+            sockets,
         };
         std::fs::create_dir_all(run_dir)
             .map_err(io_error(format!("cannot create {}", run_dir.display())))?;
@@ -227,6 +260,19 @@ impl Supervisor {
         spec: ServiceSpec,
         run_dir: &Path,
         config: SupervisorConfig,
+    ) -> Result<Option<Self>, SupervisorError> {
+        Self::adopt_listening(name, release_dir, spec, run_dir, config, Arc::default())
+    }
+
+    /// Like [`Supervisor::adopt`]; a restart after a crash gets `sockets`
+    /// (recovered from the adopted process by the caller).
+    pub fn adopt_listening(
+        name: &str,
+        release_dir: &Path,
+        spec: ServiceSpec,
+        run_dir: &Path,
+        config: SupervisorConfig,
+        sockets: Arc<Vec<ListenSocket>>,
     ) -> Result<Option<Self>, SupervisorError> {
         let path = run_dir.join(PROCESS_FILE);
         let record = match read_process_file(run_dir) {
@@ -260,6 +306,7 @@ impl Supervisor {
             spec,
             run_dir: run_dir.to_owned(),
             config,
+            sockets,
         };
         let running = Running {
             process: Process::Adopted {
@@ -345,6 +392,8 @@ struct Context {
     spec: ServiceSpec,
     run_dir: PathBuf,
     config: SupervisorConfig,
+    /// Handed to every process as fds 3, 4, …
+    sockets: Arc<Vec<ListenSocket>>,
 }
 
 /// A process being supervised.
@@ -376,8 +425,58 @@ impl Context {
             .try_clone()
             .map_err(io_error(format!("cannot open {}", log_path.display())))?;
         let program = self.spec.program(&self.release_dir);
-        let mut child = tokio::process::Command::new(&program)
-            .args(&self.spec.args)
+        let mut command = if self.sockets.is_empty() {
+            let mut c = tokio::process::Command::new(&program);
+            c.args(&self.spec.args);
+            c
+        } else {
+            // LISTEN_PID must be the service's own pid, known only after
+            // the fork: a shell sets it to its own pid and execs the
+            // service, which keeps that pid (and the inherited fds).
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c")
+                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+                .arg(&program)
+                .args(&self.spec.args)
+                .env("LISTEN_FDS", self.sockets.len().to_string())
+                .env(
+                    "LISTEN_FDNAMES",
+                    self.sockets
+                        .iter()
+                        .map(|s| s.spec.fd_name())
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            let mut mappings = Vec::with_capacity(self.sockets.len());
+            for (i, socket) in self.sockets.iter().enumerate() {
+                mappings.push(FdMapping {
+                    parent_fd: socket
+                        .fd
+                        .try_clone()
+                        .map_err(io_error("cannot duplicate a listening socket".to_owned()))?,
+                    child_fd: 3 + i32::try_from(i).unwrap_or(i32::MAX - 3),
+                });
+            }
+            c.fd_mappings(mappings)
+                .map_err(|_| SupervisorError::Spawn {
+                    program: program.clone(),
+                    source: std::io::Error::other("two sockets mapped to one fd"),
+                })?;
+            c
+        };
+        if self.sockets.is_empty() {
+            // The agent's own socket activation (systemd's fd store) is not
+            // the service's.
+            command
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDNAMES");
+        }
+        let mut child = command
+            // The service manager's socket and watchdog are the agent's.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(&self.spec.env)
             .env("BATON_SERVICE", &self.name)
             .env("BATON_VERSION", &self.version)
@@ -410,6 +509,7 @@ impl Context {
             start_time,
             version: self.version.clone(),
             release_dir: self.release_dir.clone(),
+            listen: self.sockets.iter().map(|s| s.spec.clone().into()).collect(),
         };
         if let Err(e) = write_process_file(&self.run_dir, &record) {
             // An unrecorded service would be orphaned by the next agent
@@ -650,6 +750,12 @@ pub fn describe_exit(status: ExitStatus) -> String {
     format!("ended ({status})")
 }
 
+/// Whether the process a record names still runs (same pid, same start
+/// time, not a zombie).
+pub fn is_alive_record(record: &ProcessRecord) -> bool {
+    is_same_process(record.pid, record.start_time)
+}
+
 /// Reads `run_dir/process.json`; `None` if there is none.
 pub fn read_process_file(run_dir: &Path) -> Result<Option<ProcessRecord>, SupervisorError> {
     let path = run_dir.join(PROCESS_FILE);
@@ -792,6 +898,8 @@ mod tests {
             stop_timeout: Duration::from_secs(5),
             health: None,
             hooks: Default::default(),
+            supervisor: Default::default(),
+            ready: Default::default(),
         }
     }
 
@@ -901,6 +1009,7 @@ mod tests {
                 start_time: read_stat(pid).unwrap().start_time,
                 version: "1.0.0".into(),
                 release_dir: release.path().to_owned(),
+                listen: vec![],
             }
         );
 
@@ -1083,6 +1192,7 @@ mod tests {
             start_time: 1,
             version: "1.0.0".into(),
             release_dir: release.path().to_owned(),
+            listen: vec![],
         };
         write_process_file(run.path(), &record).unwrap();
         assert!(adopt().unwrap().is_none());

@@ -13,6 +13,7 @@ pub mod command;
 pub mod host;
 pub mod pki;
 pub mod process;
+pub mod sdnotify;
 pub mod time;
 pub mod tls;
 

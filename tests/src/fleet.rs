@@ -109,24 +109,43 @@ impl Fleet {
         self.env.baton(&self.batond.url(), &self.env.tls(), args)
     }
 
-    /// Writes a release directory of the demo service.
+    /// Writes a release directory of the demo service (with its socket
+    /// handed over by the agent).
     pub fn release_dir(&self, version: &str, broken: bool) -> PathBuf {
+        self.release_dir_with(version, broken, true, "")
+    }
+
+    /// A release directory of the demo service; `listen` says whether the
+    /// agent owns and hands over its socket; `extra` is appended to
+    /// `service.toml` (hooks, …).
+    pub fn release_dir_with(
+        &self,
+        version: &str,
+        broken: bool,
+        listen: bool,
+        extra: &str,
+    ) -> PathBuf {
         let dir = self.env.path(&format!("src-{version}"));
         std::fs::create_dir_all(&dir).unwrap();
         let broken = if broken { ", \"--broken\"" } else { "" };
+        let listen = if listen {
+            "listen = [\"tcp://127.0.0.1:${port}\"]\nready = \"notify\"\n"
+        } else {
+            ""
+        };
         std::fs::write(
             dir.join("service.toml"),
             format!(
                 r#"command = {:?}
 args = ["demo-service", "--listen", "127.0.0.1:${{port}}", "--version", "{version}"{broken}]
-stop_timeout = "5s"
+{listen}stop_timeout = "5s"
 
 [health]
 kind = "http"
 url = "http://127.0.0.1:${{port}}/healthz"
 interval = "200ms"
 timeout = "1s"
-"#,
+{extra}"#,
                 crate::bin("baton").display().to_string()
             ),
         )
@@ -230,19 +249,43 @@ timeout = "1s"
         self.env.path(&format!("agent-{host}"))
     }
 
-    /// The pid of the host's demo service, from its `process.json`.
+    /// The pid of the host's demo service (its current release's), from
+    /// its `process.json`.
     pub fn service_pid(&self, host: &str) -> Option<i32> {
-        let text =
-            std::fs::read_to_string(self.data_dir(host).join("services/demo/run/process.json"))
-                .ok()?;
+        let services = self.data_dir(host).join("services/demo");
+        let current = std::fs::read_link(services.join("current")).ok()?;
+        let version = current.file_name()?;
+        let text = std::fs::read_to_string(services.join("run").join(version).join("process.json"))
+            .ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
         i32::try_from(v["pid"].as_u64()?).ok()
     }
 
-    /// The host's demo service log.
+    /// Every pid recorded for the host's demo service (all releases).
+    pub fn service_pids(&self, host: &str) -> Vec<i32> {
+        let run = self.data_dir(host).join("services/demo/run");
+        let Ok(entries) = std::fs::read_dir(run) else {
+            return vec![];
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("process.json")).ok())
+            .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter_map(|v| i32::try_from(v["pid"].as_u64()?).ok())
+            .collect()
+    }
+
+    /// The host's demo service logs, all releases, concatenated.
     pub fn service_log(&self, host: &str) -> String {
-        std::fs::read_to_string(self.data_dir(host).join("services/demo/run/service.log"))
-            .unwrap_or_default()
+        let run = self.data_dir(host).join("services/demo/run");
+        let Ok(entries) = std::fs::read_dir(run) else {
+            return String::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        dirs.iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("service.log")).ok())
+            .collect()
     }
 
     /// Installs `version` on every host and waits for success.
@@ -267,7 +310,7 @@ impl Drop for Fleet {
         // Agents first, so nothing restarts the services we kill.
         self.agents.clear();
         for host in self.ports.keys() {
-            if let Some(pid) = self.service_pid(host) {
+            for pid in self.service_pids(host) {
                 // The service leads its own process group.
                 let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
             }

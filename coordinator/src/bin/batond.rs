@@ -53,8 +53,13 @@ fn main() -> ExitCode {
         // from it (useful with port 0).
         println!("listening on {}", coordinator.local_addr());
         let _ = std::io::stdout().flush();
+        let notify = baton_common::sdnotify::lifecycle(
+            format!("serving on {}", coordinator.local_addr()),
+            shutdown.clone(),
+        );
         let result = coordinator.run(shutdown).await;
         signals.abort();
+        let _ = notify.await;
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

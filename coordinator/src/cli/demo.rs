@@ -78,6 +78,8 @@ fn release(
         format!(
             r#"command = {exe:?}
 args = ["demo-service", "--listen", "127.0.0.1:${{port}}", "--version", "{version}"{broken_arg}]
+listen = ["tcp://127.0.0.1:${{port}}"]   # the agent owns the socket and hands it over
+ready = "notify"                       # READY=1 says the new process can take over
 stop_signal = "SIGTERM"
 stop_timeout = "5s"
 

@@ -1,11 +1,21 @@
-//! `baton demo-service` (hidden): the tiny HTTP service that `baton demo`
-//! and the tests roll out. `GET /` answers `demo-service <version>`,
-//! `GET /healthz` answers 200 — or 503 with `--broken`, which is how the
-//! demo's bad release fails its health check. HTTP/1.1 with keep-alive,
-//! stops on SIGTERM/SIGINT after finishing the requests in flight.
+//! `baton demo-service` (hidden): the tiny HTTP service that `baton demo`,
+//! the tests and the benchmarks roll out.
+//!
+//! - `GET /` answers `demo-service <version>`; `GET /healthz` answers 200,
+//!   or 503 with `--broken` (the demo's bad release); `GET /slow?ms=N`
+//!   answers after N milliseconds (a long request to drain).
+//! - It takes its listening socket from the systemd socket-activation
+//!   protocol when the agent hands one over (`LISTEN_FDS`, `LISTEN_PID`,
+//!   fd 3), and binds `--listen` itself otherwise.
+//! - On SIGTERM/SIGINT it drains: it stops accepting (the socket stays open
+//!   in the agent and the new process, so nothing is refused), finishes the
+//!   requests in flight, answers the next request on each keep-alive
+//!   connection with `Connection: close`, and exits when no connection is
+//!   left (or after `--drain-max`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,31 +26,52 @@ use super::CliError;
 /// Arguments of `baton demo-service`.
 #[derive(Debug, clap::Args)]
 pub struct DemoServiceArgs {
-    /// Where to listen.
+    /// Where to listen when no socket is handed over (`LISTEN_FDS`).
     #[arg(long, value_name = "ADDR")]
-    pub listen: SocketAddr,
+    pub listen: Option<SocketAddr>,
     /// The version to report.
     #[arg(long, value_name = "VERSION")]
     pub version: String,
     /// Fail every health check (a bad release).
     #[arg(long)]
     pub broken: bool,
+    /// The longest a drain may take before the remaining connections are
+    /// closed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_max: Duration,
 }
 
-/// Runs the service until SIGTERM or SIGINT.
+/// Runs the service until SIGTERM or SIGINT, then drains.
 pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
     let shutdown = CancellationToken::new();
     let signals = baton_common::process::cancel_on_signal(shutdown.clone())?;
     tokio::spawn(signals);
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| CliError(format!("cannot listen on {}: {e}", args.listen)))?;
+    let mut inherited = listenfd::ListenFd::from_env();
+    let (listener, how) = match inherited.take_tcp_listener(0) {
+        Ok(Some(std_listener)) => {
+            std_listener.set_nonblocking(true)?;
+            (TcpListener::from_std(std_listener)?, "an inherited socket")
+        }
+        _ => {
+            let addr = args.listen.ok_or_else(|| {
+                CliError("no socket handed over (LISTEN_FDS) and no --listen given".into())
+            })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
+            (l, "its own socket")
+        }
+    };
     println!(
-        "demo-service {} listening on {} (pid {})",
+        "demo-service {} listening on {} ({how}, pid {})",
         args.version,
-        args.listen,
+        listener.local_addr()?,
         std::process::id()
     );
+    // The agent's readiness signal during a socket handoff (a no-op when
+    // nobody listens).
+    let notifier = baton_common::sdnotify::Notifier::from_env();
+    notifier.ready(&format!("serving {}", args.version));
     let body = format!("demo-service {}\n", args.version);
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
@@ -55,19 +86,37 @@ pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
             }
         }
     }
+    // Stop accepting. With a handed-over socket the queue lives on in the
+    // agent and in the new process, which accepts from it meanwhile.
     drop(listener);
+    notifier.stopping();
+    println!(
+        "demo-service {} draining {} connection(s)",
+        args.version,
+        tasks.len()
+    );
     tasks.close();
-    tasks.wait().await;
+    if tokio::time::timeout(args.drain_max, tasks.wait())
+        .await
+        .is_err()
+    {
+        println!(
+            "demo-service {} drain cut short after {:?}",
+            args.version, args.drain_max
+        );
+    }
     println!("demo-service {} stopped", args.version);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves requests on one connection until it closes, an error, or
-/// shutdown between requests.
+/// Serves requests on one connection until the client closes it, an error,
+/// or — once draining — the first response (sent with `Connection: close`).
 async fn serve(mut stream: TcpStream, body: &str, broken: bool, shutdown: &CancellationToken) {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        // Read one request head.
+        // Read one request head. An idle keep-alive connection is kept
+        // open while draining: closing it could race a request the client
+        // is sending; its next request is answered and then it is closed.
         let end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -75,29 +124,40 @@ async fn serve(mut stream: TcpStream, body: &str, broken: bool, shutdown: &Cance
             if buf.len() > 16 * 1024 {
                 return;
             }
-            let mut chunk = [0u8; 2048];
-            let n = tokio::select! {
-                _ = shutdown.cancelled(), if buf.is_empty() => return,
-                r = stream.read(&mut chunk) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            let mut chunk = [0u8; 4096];
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_string();
         buf.drain(..end);
         let path = head.split_whitespace().nth(1).unwrap_or("/");
+        let (status, text) = if path == "/healthz" {
+            if broken {
+                ("503 Service Unavailable", "unhealthy\n".to_owned())
+            } else {
+                ("200 OK", "ok\n".to_owned())
+            }
+        } else if let Some(ms) = path
+            .strip_prefix("/slow?ms=")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+            ("200 OK", body.to_owned())
+        } else {
+            ("200 OK", body.to_owned())
+        };
         let close =
             head.to_ascii_lowercase().contains("connection: close") || shutdown.is_cancelled();
-        let (status, text) = match path {
-            "/healthz" if broken => ("503 Service Unavailable", "unhealthy\n"),
-            "/healthz" => ("200 OK", "ok\n"),
-            _ => ("200 OK", body),
-        };
         let response = format!(
             "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
             text.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
         if stream.write_all(response.as_bytes()).await.is_err() || close {
+            let _ = stream.shutdown().await;
             return;
         }
     }
