@@ -1011,6 +1011,20 @@ impl Executor {
             }
         };
         let health = spec.health.clone();
+        // Listed at once (the hello after a restart must carry it); the
+        // monitor refines state and health from here.
+        let state = match status.borrow().state {
+            ProcessState::Running { .. } => ServiceState::Running,
+            ProcessState::Restarting { .. } => ServiceState::Failed,
+            ProcessState::Stopped => ServiceState::Stopped,
+        };
+        let healthy = self
+            .inner
+            .inventory
+            .borrow()
+            .get(name)
+            .is_some_and(|s| s.version == version && s.healthy);
+        self.set_status(name, version, state, healthy);
         st.current = Some(Current {
             version: version.to_owned(),
             release_dir: release_dir.to_owned(),

@@ -208,7 +208,15 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
     let raw: RawSpec =
         toml::from_str(text).map_err(|e| SpecError::Syntax(describe_toml_error(text, &e)))?;
 
-    validate_program("command", &raw.command)?;
+    // A systemd unit names its own command; the agent's supervisor needs one.
+    let command = match (&raw.command, raw.supervisor.as_deref()) {
+        (Some(c), _) => {
+            validate_program("command", c)?;
+            c.clone()
+        }
+        (None, Some("systemd")) => String::new(),
+        (None, _) => return Err(SpecError::Syntax("missing field `command`".into())),
+    };
     let args = substitute_all("args", &raw.args, vars)?;
     let env = raw
         .env
@@ -268,7 +276,7 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
         }
     };
     Ok(ServiceSpec {
-        command: raw.command,
+        command,
         args,
         env,
         listen,
@@ -299,7 +307,7 @@ pub fn resolve(release_dir: &Path, program: &str) -> PathBuf {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSpec {
-    command: String,
+    command: Option<String>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]

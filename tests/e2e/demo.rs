@@ -27,8 +27,13 @@ fn the_demo_registers_three_agents_and_cleans_up() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("Rolling demo 2.0.0 out one host at a time: succeeded"),
+        stdout
+            .contains("Rolling demo 2.0.0 out one host at a time, under a request loop: succeeded"),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains(", failed: 0"),
+        "requests failed during the rollout:\n{stdout}"
     );
     assert!(
         stdout.contains("Trying the broken demo 3.0.0: rolled_back"),

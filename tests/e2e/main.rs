@@ -6,5 +6,7 @@
 mod config;
 mod demo;
 mod fleet;
+mod handoff;
 mod rollout;
 mod security;
+mod systemd;

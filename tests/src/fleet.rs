@@ -23,6 +23,8 @@ pub struct Fleet {
     pub ports: BTreeMap<String, u16>,
     /// The URL agents use (differs from `batond.url()` behind a proxy).
     pub agent_url: String,
+    /// Environment for the agents (set before starting them).
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// A free loopback port.
@@ -66,6 +68,7 @@ impl Fleet {
                 .map(|h| ((*h).to_owned(), free_port()))
                 .collect(),
             agent_url,
+            agent_env: vec![],
         };
         for h in hosts {
             fleet.start_agent(h);
@@ -89,6 +92,7 @@ impl Fleet {
             "--trusted-key".into(),
             self.env.path("release.pub").display().to_string(),
         ];
+        opts.env = self.agent_env.clone();
         let proc = start_agent(&self.env, &self.agent_url, opts);
         // Dropping the old handle (if any) kills that agent first.
         self.agents.insert(host.to_owned(), proc);
@@ -242,6 +246,20 @@ timeout = "1s"
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         Some(text.split("\r\n\r\n").nth(1)?.trim().to_owned())
+    }
+
+    /// The address of the host's demo service.
+    pub fn addr(&self, host: &str) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[host]))
+    }
+
+    /// Starts a rollout of `version` to every host with `extra` plan keys
+    /// and waits for it to end; returns the final status.
+    pub fn roll(&self, version: &str, extra: &str) -> Value {
+        let id = self.start_rollout(&format!(
+            "[[service]]\nname = \"demo\"\nversion = \"{version}\"\n{extra}"
+        ));
+        self.wait_done(&id, Duration::from_secs(90))
     }
 
     /// The host's agent data directory.

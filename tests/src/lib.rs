@@ -17,6 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 pub mod fleet;
+pub mod load;
 pub mod proxy;
 
 /// A generous bound for anything that should happen "soon": long enough for
@@ -279,6 +280,8 @@ pub struct AgentOpts<'a> {
     pub tls: &'a str,
     /// More flags (`--var`, `--trusted-key`, …).
     pub extra: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -288,6 +291,7 @@ impl<'a> AgentOpts<'a> {
             labels: &[],
             tls: "tls",
             extra: vec![],
+            env: vec![],
         }
     }
 }
@@ -310,6 +314,7 @@ pub fn start_agent(env: &TestEnv, url: &str, opts: AgentOpts<'_>) -> Proc {
         cmd.args(["--label", label]);
     }
     cmd.args(&opts.extra);
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     let log = env.path(&format!("agent-{}-{}.log", opts.host_id, unique()));
     Proc::spawn(
         &format!("baton-agent {}", opts.host_id),

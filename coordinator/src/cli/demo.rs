@@ -119,6 +119,44 @@ async fn ask(port: u16) -> String {
     }
 }
 
+/// Sends requests to every host's service in a loop (4 clients, a new
+/// connection each time) until `stop`; returns (answered, failed).
+async fn request_loop(ports: Vec<u16>, stop: CancellationToken) -> (u64, u64) {
+    let mut clients = JoinSet::new();
+    for c in 0..4 {
+        let (ports, stop) = (ports.clone(), stop.clone());
+        clients.spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = c;
+            while !stop.is_cancelled() {
+                let port = ports[i % ports.len()];
+                i += 1;
+                let one = async {
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+                        .await?;
+                    let mut text = String::new();
+                    s.read_to_string(&mut text).await?;
+                    Ok::<_, std::io::Error>(text.starts_with("HTTP/1.1 200"))
+                };
+                match tokio::time::timeout(Duration::from_secs(2), one).await {
+                    Ok(Ok(true)) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let mut total = (0, 0);
+    while let Some(r) = clients.join_next().await {
+        if let Ok((ok, failed)) = r {
+            total.0 += ok;
+            total.1 += failed;
+        }
+    }
+    total
+}
+
 struct Story<'a> {
     control: ControlServiceClient<Channel>,
     ports: &'a BTreeMap<String, u16>,
@@ -305,12 +343,27 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\nstrategy = \"all-at-once\"\nmin_healthy_time = \"1s\"\n",
             )
             .await?;
+        // Clients keep calling every host while 2.0.0 rolls out: each
+        // agent hands the listening socket to the new process, so not one
+        // request fails.
+        let load_stop = CancellationToken::new();
+        let load = tokio::spawn(request_loop(
+            ports.values().copied().collect(),
+            load_stop.clone(),
+        ));
         let upgrade = story
             .rollout(
-                "Rolling demo 2.0.0 out one host at a time",
+                "Rolling demo 2.0.0 out one host at a time, under a request loop",
                 "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"10s\"\n",
             )
-            .await?;
+            .await;
+        load_stop.cancel();
+        let (answered, failed) = load.await.unwrap_or((0, u64::MAX));
+        let upgrade = upgrade?;
+        println!("\n   the request loop: {answered} requests during the rollout, {failed} failed");
+        story.summary.push(format!(
+            "Requests during the 2.0.0 rollout: {answered}, failed: {failed}"
+        ));
         let broken = story
             .rollout(
                 "Trying the broken demo 3.0.0",
@@ -322,7 +375,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         for line in &story.summary {
             println!("   {line}");
         }
-        let ok = install == "succeeded" && upgrade == "succeeded" && broken == "rolled_back";
+        let ok = install == "succeeded"
+            && upgrade == "succeeded"
+            && broken == "rolled_back"
+            && failed == 0;
         if ok {
             println!(
                 "\n   3.0.0 never got past its first host: it failed the health gate and every host it touched is back on 2.0.0."

@@ -144,6 +144,8 @@ async fn serve(mut stream: TcpStream, body: &str, broken: bool, shutdown: &Cance
             .strip_prefix("/slow?ms=")
             .and_then(|v| v.parse::<u64>().ok())
         {
+            // Logged so a test knows the request is in flight here.
+            println!("{}: a slow request ({ms} ms) is in flight", body.trim());
             tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
             ("200 OK", body.to_owned())
         } else {
