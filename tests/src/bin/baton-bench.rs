@@ -14,6 +14,10 @@
 //!    the agent's own download code (stream, hash while writing to disk,
 //!    digest and size check) plus the signature check, against an
 //!    in-process coordinator. Target ≥ 500 MB/s.
+//! 3. **Zero-downtime upgrades**: `wrk` (installed from Debian packages
+//!    when missing) against a host's service while it is upgraded 20 times
+//!    in a row, with socket handoff and without (the baseline). Targets: 0
+//!    errors, p99 during swaps ≤ 2× steady state, no request over 1 s.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -188,6 +192,165 @@ fn fetch_throughput(rt: &tokio::runtime::Runtime) -> Vec<f64> {
     })
 }
 
+/// What one wrk run reported.
+#[derive(Debug, Default, Clone)]
+struct Wrk {
+    requests: u64,
+    socket_errors: u64,
+    non_2xx: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    seconds: f64,
+}
+
+/// `12.3us` / `4.5ms` / `1.2s` → milliseconds.
+fn wrk_ms(v: &str) -> f64 {
+    let num = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+    if let Some(x) = v.strip_suffix("us") {
+        num(x) / 1000.0
+    } else if let Some(x) = v.strip_suffix("ms") {
+        num(x)
+    } else if let Some(x) = v.strip_suffix('m') {
+        num(x) * 60_000.0
+    } else if let Some(x) = v.strip_suffix('s') {
+        num(x) * 1000.0
+    } else {
+        f64::NAN
+    }
+}
+
+fn parse_wrk(out: &str) -> Wrk {
+    let mut w = Wrk::default();
+    for line in out.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["Latency", _avg, _stdev, max, ..] => w.max_ms = wrk_ms(max),
+            ["50%", v] => w.p50_ms = wrk_ms(v),
+            ["99%", v] => w.p99_ms = wrk_ms(v),
+            [n, "requests", "in", secs, ..] => {
+                w.requests = n.parse().unwrap_or(0);
+                w.seconds = wrk_ms(secs.trim_end_matches(',')) / 1000.0;
+            }
+            ["Socket", "errors:", rest @ ..] => {
+                w.socket_errors = rest
+                    .iter()
+                    .filter_map(|x| x.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => w.non_2xx = n.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    w
+}
+
+/// Runs wrk against `addr` until `during` returns, then stops it with
+/// SIGINT (wrk then prints its report).
+fn wrk_while(addr: std::net::SocketAddr, during: impl FnOnce()) -> Wrk {
+    let child = Command::new("wrk")
+        .args(["-t2", "-c16", "-d600s", "--latency", "--timeout", "5s"])
+        .arg(format!("http://{addr}/"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot run wrk");
+    // Let wrk connect before the measured period; a benchmark, not a test.
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Installs wrk from Debian packages when missing.
+fn ensure_wrk() {
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        return;
+    }
+    eprintln!("installing wrk (apt-get install wrk)");
+    let sudo = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() != b"0");
+    let install = |update: bool| {
+        let mut c = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
+        if sudo {
+            c.arg("apt-get");
+        }
+        if update {
+            c.args(["update", "-qq"]);
+        } else {
+            c.args(["install", "-y", "--no-install-recommends", "wrk"]);
+        }
+        c.status().is_ok_and(|s| s.success())
+    };
+    if !install(false) {
+        assert!(install(true) && install(false), "cannot install wrk");
+    }
+}
+
+const SWAPS: usize = 20;
+
+struct HandoffResult {
+    steady: Wrk,
+    swaps: Wrk,
+    baseline: Wrk,
+    swap_seconds: f64,
+}
+
+/// wrk against one host while it is upgraded `SWAPS` times, with and
+/// without socket handoff, plus a steady-state run.
+fn handoff_under_load() -> HandoffResult {
+    let run = |listen: bool| -> (Wrk, Option<Wrk>, f64) {
+        let fleet = Fleet::start(&["h1"]);
+        for v in ["1.0.0", "2.0.0"] {
+            let dir = fleet.release_dir_with(v, false, listen, "");
+            let file = fleet.pack_with(&dir, v, &fleet.env.path("release.key"));
+            fleet.push(&file);
+        }
+        let plan = |v: &str, extra: &str| {
+            format!(
+                "[[service]]\nname = \"demo\"\nversion = \"{v}\"\nmin_healthy_time = \"200ms\"\n{extra}"
+            )
+        };
+        let id = fleet.start_rollout(&plan("1.0.0", "hosts = { role = \"web\" }\n"));
+        assert_eq!(fleet.wait_done(&id, SOON)["state"], "succeeded");
+        let addr = fleet.addr("h1");
+        let steady = listen.then(|| wrk_while(addr, || std::thread::sleep(Duration::from_secs(5))));
+        let mut took = 0.0;
+        let swaps = wrk_while(addr, || {
+            let t0 = Instant::now();
+            for i in 0..SWAPS {
+                let v = if i % 2 == 0 { "2.0.0" } else { "1.0.0" };
+                let id = fleet.start_rollout(&plan(v, ""));
+                let s = fleet.wait_done(&id, SOON);
+                assert_eq!(s["state"], "succeeded", "{s}");
+            }
+            took = t0.elapsed().as_secs_f64();
+        });
+        (swaps, steady, took)
+    };
+    eprintln!("  {SWAPS} upgrades with socket handoff under wrk");
+    let (swaps, steady, swap_seconds) = run(true);
+    eprintln!("  the same without listen (baseline)");
+    let (baseline, _, _) = run(false);
+    HandoffResult {
+        steady: steady.unwrap_or_default(),
+        swaps,
+        baseline,
+        swap_seconds,
+    }
+}
+
 fn main() {
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -222,6 +385,9 @@ fn main() {
     let r = rollout_overhead();
     eprintln!("fetch + verify: {} MB over loopback mTLS", PAYLOAD >> 20);
     let rates = fetch_throughput(&rt);
+    ensure_wrk();
+    eprintln!("zero-downtime upgrades under wrk");
+    let h = handoff_under_load();
 
     let ratios: Vec<f64> = r
         .runs
@@ -289,9 +455,58 @@ is {} MB of random bytes, so zstd cannot shrink it.\n\n\
             .collect::<Vec<_>>()
             .join(", "),
     );
+    let wrk_row = |name: &str, w: &Wrk| {
+        format!(
+            "| {name} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.1} |\n",
+            w.requests,
+            w.requests as f64 / w.seconds.max(1e-9),
+            w.socket_errors,
+            w.non_2xx,
+            w.p50_ms,
+            w.p99_ms,
+            w.max_ms
+        )
+    };
+    let errors = h.swaps.socket_errors + h.swaps.non_2xx;
+    let p99_ok = h.swaps.p99_ms <= 2.0 * h.steady.p99_ms;
+    let max_ok = h.swaps.max_ms < 1000.0;
+    let text = format!(
+        "{text}\n## Zero-downtime upgrades under load\n\n\
+`wrk -t2 -c16 --latency` (keep-alive, 16 connections) against one host's demo service while \
+it is upgraded {SWAPS} times in a row (1.0.0 ↔ 2.0.0, each a real rollout: staging, activation, \
+`min_healthy_time = 200ms`), {swaps:.1} s in all. With `listen` the agent hands the socket to each \
+new process and the old one drains; the baseline is the same run without `listen` \
+(stop, then start). Steady state is 5 s of the same load with no upgrade.\n\n\
+| target | result | |\n|---|---|---|\n\
+| 0 errors during {SWAPS} upgrades | {errors} | {} |\n\
+| p99 during swaps ≤ 2× steady state | {:.2} ms vs {:.2} ms | {} |\n\
+| no request slower than 1 s | max {:.1} ms | {} |\n\n\
+| run | requests | req/s | socket errors | non-2xx | p50 ms | p99 ms | max ms |\n\
+|---|---|---|---|---|---|---|---|\n{}{}{}",
+        verdict(errors == 0),
+        h.swaps.p99_ms,
+        h.steady.p99_ms,
+        verdict(p99_ok),
+        h.swaps.max_ms,
+        verdict(max_ok),
+        wrk_row("steady state (no upgrade)", &h.steady),
+        wrk_row(&format!("{SWAPS} upgrades, socket handoff"), &h.swaps),
+        wrk_row(
+            &format!("{SWAPS} upgrades, no `listen` (baseline)"),
+            &h.baseline
+        ),
+        swaps = h.swap_seconds,
+    );
     std::fs::write(&out, text).unwrap();
     eprintln!("wrote {}", out.display());
     println!(
         "rollout overhead ratio {ratio:.3} (target ≤ 1.10); fetch + verify {rate:.0} MB/s (target ≥ 500)"
+    );
+    println!(
+        "{SWAPS} upgrades under wrk: {errors} errors, p99 {:.2} ms (steady {:.2} ms), max {:.1} ms; baseline without listen: {} errors",
+        h.swaps.p99_ms,
+        h.steady.p99_ms,
+        h.swaps.max_ms,
+        h.baseline.socket_errors + h.baseline.non_2xx
     );
 }
