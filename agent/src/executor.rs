@@ -206,6 +206,16 @@ impl Executor {
                 error!(service = %name, error = %e, "cannot recover the service");
             }
         }
+        // Stored sockets no service claimed (one removed meanwhile, or a
+        // listen entry that changed): close them and tell systemd.
+        let unclaimed: Vec<String> = lock(&self.inner.stored)
+            .drain()
+            .map(|(name, _)| name)
+            .collect();
+        for name in unclaimed {
+            info!(fd = %name, "closing a stored socket no service claims");
+            self.inner.notifier.remove_fds(&name);
+        }
     }
 
     async fn recover_one(&self, name: &str) -> Result<(), String> {
@@ -253,6 +263,15 @@ impl Executor {
         }
         let specs = listen_specs(&spec)?;
         st.sockets = Arc::new(self.recover_sockets(name, &specs, &live));
+        if !specs.is_empty() && st.sockets.is_empty() {
+            if live.is_empty() {
+                // After a reboot nothing runs and nothing was stored: bind
+                // afresh before starting the service below.
+                self.sockets_for(&mut st, name, &specs)?;
+            } else {
+                error!(service = %name, "cannot recover the running service's sockets; its next activation will fail to bind them until it is restarted");
+            }
+        }
         let mut current = None;
         for (dir, record) in live {
             let rel = record.release_dir.clone();
@@ -649,21 +668,16 @@ impl Executor {
             && self.inner.releases.current(name).as_deref() == Some(version);
         if already {
             info!(service = %name, %version, "already current and running; checking health only");
-            let mut alive = st
-                .current
-                .as_ref()
-                .map(Current::alive)
-                .ok_or("the service has no process")?;
-            let took = health::wait_healthy(
-                spec.health.as_ref(),
+            gate_current(
+                &st,
+                name,
+                version,
+                &spec,
                 &release_dir,
                 &health_gate,
-                &mut alive,
                 cancel,
             )
-            .await
-            .map_err(|e| format!("{name} {version}: {e}"))?;
-            info!(service = %name, %version, took = ?took, "healthy");
+            .await?;
             self.set_status(name, version, ServiceState::Running, true);
             return Ok(());
         }
@@ -686,12 +700,17 @@ impl Executor {
         let from = self.inner.releases.current(name);
         let specs = listen_specs(&spec)?;
         let native = spec.supervisor == SupervisorKind::Native;
+        // A handoff needs the old process to hold exactly these sockets;
+        // otherwise (no listen before, or other addresses) it is replaced
+        // stop-then-start.
         let handoff = native
             && !specs.is_empty()
-            && st
-                .current
-                .as_ref()
-                .is_some_and(|c| c.is_alive() && matches!(c.process, Runner::Native(_)));
+            && st.current.as_ref().is_some_and(|c| {
+                c.is_alive()
+                    && matches!(c.process, Runner::Native(_))
+                    && c.spec.listen == spec.listen
+            })
+            && specs.iter().eq(st.sockets.iter().map(|s| &s.spec));
 
         if handoff {
             // The new process starts beside the old one on the same
@@ -699,14 +718,12 @@ impl Executor {
             // drains its requests while the new one takes the queue over:
             // the sockets never close. A new process that dies or is not
             // ready in time is stopped, and the old one never noticed.
-            let sockets = self.sockets_for(&mut st, name, &specs)?;
+            let sockets = st.sockets.clone();
             let mut new_spec = spec.clone();
             let notify = match spec.ready {
                 Readiness::Notify => {
-                    let (path, socket) = notify_socket(&run_dir)?;
-                    new_spec
-                        .env
-                        .insert("NOTIFY_SOCKET".into(), path.display().to_string());
+                    let (name, socket) = notify_socket()?;
+                    new_spec.env.insert("NOTIFY_SOCKET".into(), name);
                     Some(socket)
                 }
                 Readiness::Health => None,
@@ -729,27 +746,33 @@ impl Executor {
             };
             info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
             let mut alive = new.alive();
-            let ready = wait_ready(
+            let mut ready = wait_ready(
                 &spec,
                 &release_dir,
                 &mut alive,
                 cancel,
-                gate.healthy_deadline,
+                &health_gate,
                 notify,
             )
-            .await;
+            .await
+            .map_err(|e| format!("{name} {version}: {e}"));
+            // Still before anything is stopped: a failing pre_stop leaves
+            // the old process serving.
+            if ready.is_ok()
+                && let Some(old) = &st.current
+            {
+                ready = self.pre_stop(name, old).await;
+            }
             if let Err(e) = ready {
                 if let Err(stop) = new.stop().await {
                     warn!(service = %name, error = %stop, "cannot stop the new process");
                 }
                 self.swap_back(name, from.as_deref());
-                return Err(format!("{name} {version}: {e}"));
+                return Err(e);
             }
-            if let Some(old) = st.current.take() {
-                if let Some(m) = st.monitor.take() {
-                    m.abort();
-                }
-                self.retire(name, old).await?;
+            let old = st.current.take();
+            if let Some(m) = st.monitor.take() {
+                m.abort();
             }
             self.install(
                 &mut st,
@@ -759,63 +782,89 @@ impl Executor {
                 spec.clone(),
                 Runner::Native(new),
             );
+            if let Some(old) = old {
+                self.stop_old(name, old).await?;
+            }
         } else {
             // Stop, then start: the service is down in between (without
             // `listen` sockets, `pre_stop` is where to drain it).
-            if let Some(old) = st.current.take() {
-                if let Some(m) = st.monitor.take() {
-                    m.abort();
+            let old = match st.current.take() {
+                Some(old) => {
+                    if let Err(e) = self.pre_stop(name, &old).await {
+                        st.current = Some(old);
+                        return Err(e);
+                    }
+                    if let Some(m) = st.monitor.take() {
+                        m.abort();
+                    }
+                    self.set_status(name, version, ServiceState::Starting, false);
+                    let (version_old, spec_old, dir_old) = (
+                        old.version.clone(),
+                        old.spec.clone(),
+                        old.release_dir.clone(),
+                    );
+                    stop_process(name, old).await?;
+                    Some((version_old, spec_old, dir_old))
                 }
-                self.set_status(name, version, ServiceState::Starting, false);
-                self.retire(name, old).await?;
-            }
+                None => None,
+            };
+            // Sockets this release does not declare are let go before it
+            // starts (it may bind the address itself).
+            self.release_sockets(&mut st, name, &specs);
             self.swap(name, version)?;
             self.set_status(name, version, ServiceState::Starting, false);
-            let runner = match &spec.supervisor {
-                SupervisorKind::Systemd { unit } => {
-                    systemctl(&["restart", unit])
-                        .await
-                        .map_err(|e| format!("{name} {version}: {e}"))?;
-                    info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
-                    Runner::Systemd {
-                        unit: unit.clone(),
-                        alive: watch::channel(true).0,
-                    }
-                }
-                SupervisorKind::Native => {
-                    let sockets = self.sockets_for(&mut st, name, &specs)?;
-                    let sup = Supervisor::start_listening(
-                        name,
-                        version,
-                        &release_dir,
-                        spec.clone(),
-                        &run_dir,
-                        self.inner.config.supervisor,
-                        sockets,
-                    )
-                    .map_err(|e| format!("cannot start {name} {version}: {e}"))?;
-                    info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
-                    Runner::Native(sup)
+            let started = match &spec.supervisor {
+                SupervisorKind::Systemd { unit } => systemctl(&["restart", unit])
+                    .await
+                    .map(|()| {
+                        info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
+                        Runner::Systemd { unit: unit.clone(), alive: watch::channel(true).0 }
+                    }),
+                SupervisorKind::Native => self.sockets_for(&mut st, name, &specs).and_then(|sockets| {
+                    Supervisor::start_listening(name, version, &release_dir, spec.clone(), &run_dir, self.inner.config.supervisor, sockets)
+                        .map(|sup| {
+                            info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
+                            Runner::Native(sup)
+                        })
+                        .map_err(|e| e.to_string())
+                }),
+            };
+            let runner = match started {
+                Ok(r) => r,
+                Err(e) => {
+                    // Nothing runs: point current back so a restarted agent
+                    // does not start the release that failed; the rollback
+                    // starts the old one again.
+                    self.swap_back(name, from.as_deref());
+                    return Err(format!("cannot start {name} {version}: {e}"));
                 }
             };
             self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
+            if let Some((v, old_spec, dir)) = old {
+                let old_run = self.inner.releases.run_dir(name, &v);
+                run_hook(
+                    name,
+                    &v,
+                    "post_stop",
+                    old_spec.hooks.post_stop.as_ref(),
+                    &dir,
+                    &old_spec,
+                    &old_run,
+                )
+                .await?;
+            }
         }
         // The health gate, on the new process alone.
-        let mut alive = st
-            .current
-            .as_ref()
-            .map(Current::alive)
-            .ok_or("the service has no process")?;
-        let took = health::wait_healthy(
-            spec.health.as_ref(),
+        gate_current(
+            &st,
+            name,
+            version,
+            &spec,
             &release_dir,
             &health_gate,
-            &mut alive,
             cancel,
         )
-        .await
-        .map_err(|e| format!("{name} {version}: {e}"))?;
-        info!(service = %name, %version, took = ?took, "healthy");
+        .await?;
         run_hook(
             name,
             version,
@@ -827,21 +876,7 @@ impl Executor {
         )
         .await?;
         // Sockets the new release no longer declares are closed.
-        let keep: Vec<ListenSpec> = specs;
-        if st.sockets.iter().any(|s| !keep.contains(&s.spec)) {
-            let left: Vec<ListenSocket> = st
-                .sockets
-                .iter()
-                .filter(|s| keep.contains(&s.spec))
-                .filter_map(|s| {
-                    s.fd.try_clone().ok().map(|fd| ListenSocket {
-                        spec: s.spec.clone(),
-                        fd,
-                    })
-                })
-                .collect();
-            st.sockets = Arc::new(left);
-        }
+        self.release_sockets(&mut st, name, &specs);
         self.set_status(name, version, ServiceState::Running, true);
         let keep = self.inner.config.keep_releases;
         let protect: Vec<&str> = from.iter().map(String::as_str).collect();
@@ -883,6 +918,7 @@ impl Executor {
             return Ok(st.sockets.clone());
         }
         let mut out = Vec::with_capacity(specs.len());
+        let mut fresh = Vec::new();
         for spec in specs {
             let existing = st.sockets.iter().find(|s| &s.spec == spec);
             let fd = match existing {
@@ -895,13 +931,7 @@ impl Executor {
                         .bind()
                         .map_err(|e| format!("cannot listen on {}: {e}", spec.text()))?;
                     info!(service = %name, listen = %spec.text(), "listening on behalf of the service");
-                    if let Err(e) = self
-                        .inner
-                        .notifier
-                        .store_fds(&format!("{name}={}", spec.fd_name()), &[fd.as_fd()])
-                    {
-                        warn!(service = %name, error = %e, "cannot put the socket in systemd's fd store");
-                    }
+                    fresh.push(spec.clone());
                     fd
                 }
             };
@@ -910,14 +940,24 @@ impl Executor {
                 fd,
             });
         }
+        // Stored only once every socket is bound, so a failed bind leaves
+        // nothing behind in systemd's store.
+        for s in out.iter().filter(|s| fresh.contains(&s.spec)) {
+            if let Err(e) = self
+                .inner
+                .notifier
+                .store_fds(&format!("{name}={}", s.spec.fd_name()), &[s.fd.as_fd()])
+            {
+                warn!(service = %name, error = %e, "cannot put the socket in systemd's fd store");
+            }
+        }
         let sockets = Arc::new(out);
         st.sockets = sockets.clone();
         Ok(sockets)
     }
 
-    /// Stops a release that is being replaced: `pre_stop`, its stop signal
-    /// and drain time (then SIGKILL), `post_stop`.
-    async fn retire(&self, name: &str, old: Current) -> Result<(), String> {
+    /// The `pre_stop` hook of a release about to be stopped.
+    async fn pre_stop(&self, name: &str, old: &Current) -> Result<(), String> {
         let run_dir = self.inner.releases.run_dir(name, &old.version);
         run_hook(
             name,
@@ -928,28 +968,54 @@ impl Executor {
             &old.spec,
             &run_dir,
         )
-        .await?;
-        match old.process {
-            Runner::Native(sup) => sup
-                .stop()
-                .await
-                .map_err(|e| format!("cannot stop {name} {}: {e}", old.version))?,
-            Runner::Systemd { unit, .. } => {
-                // The unit is restarted with the new release right after;
-                // stopping it would only lengthen the gap.
-                debug!(service = %name, %unit, "leaving the unit to its restart");
-            }
-        }
+        .await
+    }
+
+    /// Stops a replaced release (stop signal, drain, SIGKILL), then runs
+    /// its `post_stop` hook. The process is stopped whatever the hook does.
+    async fn stop_old(&self, name: &str, old: Current) -> Result<(), String> {
+        let (version, spec, dir) = (
+            old.version.clone(),
+            old.spec.clone(),
+            old.release_dir.clone(),
+        );
+        stop_process(name, old).await?;
+        let run_dir = self.inner.releases.run_dir(name, &version);
         run_hook(
             name,
-            &old.version,
+            &version,
             "post_stop",
-            old.spec.hooks.post_stop.as_ref(),
-            &old.release_dir,
-            &old.spec,
+            spec.hooks.post_stop.as_ref(),
+            &dir,
+            &spec,
             &run_dir,
         )
         .await
+    }
+
+    /// Closes the sockets `specs` does not declare, and takes them out of
+    /// systemd's fd store.
+    fn release_sockets(&self, st: &mut SlotState, name: &str, specs: &[ListenSpec]) {
+        if st.sockets.iter().all(|s| specs.contains(&s.spec)) {
+            return;
+        }
+        let mut left = Vec::new();
+        for s in st.sockets.iter() {
+            if specs.contains(&s.spec) {
+                if let Ok(fd) = s.fd.try_clone() {
+                    left.push(ListenSocket {
+                        spec: s.spec.clone(),
+                        fd,
+                    });
+                }
+            } else {
+                info!(service = %name, listen = %s.spec.text(), "closing a socket the service no longer declares");
+                self.inner
+                    .notifier
+                    .remove_fds(&format!("{name}={}", s.spec.fd_name()));
+            }
+        }
+        st.sockets = Arc::new(left);
     }
 
     async fn remove(&self, name: &str) -> Result<(), String> {
@@ -964,14 +1030,15 @@ impl Executor {
                 Runner::Systemd { unit, .. } => Some(unit.clone()),
                 Runner::Native(_) => None,
             };
-            self.retire(name, old).await?;
+            self.pre_stop(name, &old).await?;
+            self.stop_old(name, old).await?;
             if let Some(unit) = unit {
                 systemctl(&["stop", &unit])
                     .await
                     .map_err(|e| format!("cannot stop {name}: {e}"))?;
             }
         }
-        st.sockets = Arc::default();
+        self.release_sockets(&mut st, name, &[]);
         self.inner
             .releases
             .remove(name)
@@ -1231,6 +1298,12 @@ async fn run_hook(
         .env("BATON_SERVICE", service_name)
         .env("BATON_VERSION", version)
         .env("BATON_HOOK", which)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
         .current_dir(release_dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -1308,6 +1381,11 @@ async fn systemctl(args: &[&str]) -> Result<(), String> {
     let program = systemctl_program();
     let out = tokio::process::Command::new(&program)
         .args(args)
+        // The agent's own notify socket and fds are not systemctl's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
         .stdin(std::process::Stdio::null())
         .output()
         .await
@@ -1324,15 +1402,60 @@ async fn systemctl(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Binds the datagram socket a new process announces `READY=1` on.
-fn notify_socket(run_dir: &std::path::Path) -> Result<(PathBuf, tokio::net::UnixDatagram), String> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
-    let path = run_dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let socket = tokio::net::UnixDatagram::bind(&path)
-        .map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
-    Ok((path, socket))
+/// The health gate on the slot's current process.
+async fn gate_current(
+    st: &SlotState,
+    name: &str,
+    version: &str,
+    spec: &ServiceSpec,
+    release_dir: &std::path::Path,
+    gate: &Gate,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let mut alive = st
+        .current
+        .as_ref()
+        .map(Current::alive)
+        .ok_or("the service has no process")?;
+    let took = health::wait_healthy(spec.health.as_ref(), release_dir, gate, &mut alive, cancel)
+        .await
+        .map_err(|e| format!("{name} {version}: {e}"))?;
+    info!(service = %name, %version, took = ?took, "healthy");
+    Ok(())
+}
+
+/// Stops a release's process (a unit is left to its restart or stop).
+async fn stop_process(name: &str, old: Current) -> Result<(), String> {
+    match old.process {
+        Runner::Native(sup) => sup
+            .stop()
+            .await
+            .map_err(|e| format!("cannot stop {name} {}: {e}", old.version)),
+        Runner::Systemd { unit, .. } => {
+            debug!(service = %name, %unit, "the unit is restarted or stopped by systemctl");
+            Ok(())
+        }
+    }
+}
+
+/// Binds the datagram socket a new process announces `READY=1` on, in the
+/// abstract namespace (no path length limit, nothing left on disk).
+fn notify_socket() -> Result<(String, tokio::net::UnixDatagram), String> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!(
+        "baton-ready-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| format!("cannot name a notify socket: {e}"))?;
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixDatagram::from_std(s)
+        })
+        .map_err(|e| format!("cannot bind a notify socket: {e}"))?;
+    Ok((format!("@{name}"), socket))
 }
 
 /// Waits until a process started beside the old one is ready to take the
@@ -1344,9 +1467,10 @@ async fn wait_ready(
     release_dir: &std::path::Path,
     alive: &mut watch::Receiver<bool>,
     cancel: &CancellationToken,
-    deadline: Duration,
+    gate: &Gate,
     notify: Option<tokio::net::UnixDatagram>,
 ) -> Result<(), String> {
+    let deadline = gate.healthy_deadline;
     let mut for_check = alive.clone();
     let ready = async {
         match &notify {
@@ -1365,10 +1489,10 @@ async fn wait_ready(
             None => health::wait_healthy(
                 spec.health.as_ref(),
                 release_dir,
-                &Gate {
-                    min_healthy_time: Duration::ZERO,
-                    healthy_deadline: deadline,
-                },
+                // The whole gate, while the old process still serves: the
+                // check may reach either process, so only its length (and
+                // the new process staying alive) says something.
+                gate,
                 &mut for_check,
                 cancel,
             )

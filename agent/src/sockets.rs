@@ -80,6 +80,13 @@ impl ListenSpec {
                 // more, or we would have recovered it) is replaced; any other
                 // file is not ours to delete.
                 if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    // Never take a socket someone still serves on.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{} is in use by another process", path.display()),
+                        ));
+                    }
                     std::fs::remove_file(path)?;
                 }
                 if let Some(parent) = path.parent() {
@@ -195,6 +202,9 @@ mod tests {
         // A stale socket file from an earlier run is replaced.
         let again = unix.bind().unwrap();
         assert!(unix.matches(&again));
+        // A live socket is never taken over.
+        let err = unix.bind().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
 
         assert!(
             ListenSpec::parse("udp://1.2.3.4:5")

@@ -111,6 +111,12 @@ impl Notifier {
         }))
     }
 
+    /// Takes the descriptors stored under `name` out of the manager's
+    /// file-descriptor store (`FDSTOREREMOVE=1`), so they are closed.
+    pub fn remove_fds(&self, name: &str) {
+        self.notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+    }
+
     /// Hands descriptors to the manager's file-descriptor store under
     /// `name` (`FDSTORE=1`, `FDNAME=name`, the descriptors as `SCM_RIGHTS`).
     /// systemd passes them back to the next run with `LISTEN_FDS` and

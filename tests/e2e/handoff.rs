@@ -148,3 +148,68 @@ fn a_failing_pre_start_hook_fails_the_host_and_the_old_version_keeps_serving() {
             .contains("demo-service 2.0.0 listening")
     );
 }
+
+#[test]
+fn a_failing_pre_stop_hook_leaves_the_old_process_serving() {
+    let fleet = Fleet::start(&["h1"]);
+    // 1.0.0 refuses to be stopped: its pre_stop hook fails.
+    let dir = fleet.release_dir_with(
+        "1.0.0",
+        false,
+        true,
+        "\n[hooks]\npre_stop = [\"/bin/sh\", \"-c\", \"echo still draining the load balancer >&2; exit 1\"]\n",
+    );
+    let file = fleet.pack_with(&dir, "1.0.0", &fleet.env.path("release.key"));
+    fleet.push(&file);
+    let s = fleet.roll("1.0.0", &format!("hosts = {{ role = \"web\" }}\n{QUICK}"));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    fleet.release("2.0.0", false);
+    let load = Load::start(fleet.addr("h1"), 4);
+    let s = fleet.roll("2.0.0", QUICK);
+    let stats = load.finish();
+    assert_eq!(s["state"], "rolled_back", "{s}");
+    let error = Fleet::hosts_of(&s)["h1"]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.contains("pre_stop hook of demo 1.0.0 failed") && error.contains("still draining"),
+        "{error}"
+    );
+    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
+    assert_eq!((stats.failed, stats.refused), (0, 0), "{stats:?}");
+    // 2.0.0 ran beside it and was stopped; 1.0.0 never was.
+    let log = fleet.service_log("h1");
+    assert!(log.contains("demo-service 2.0.0 listening"), "{log}");
+    assert!(!log.contains("demo-service 1.0.0 draining"), "{log}");
+}
+
+#[test]
+fn a_service_can_take_up_and_drop_listen_between_releases() {
+    let fleet = Fleet::start(&["h1"]);
+    for (v, listen) in [("1.0.0", false), ("2.0.0", true), ("3.0.0", false)] {
+        let dir = fleet.release_dir_with(v, false, listen, "");
+        let file = fleet.pack_with(&dir, v, &fleet.env.path("release.key"));
+        fleet.push(&file);
+    }
+    let s = fleet.roll("1.0.0", &format!("hosts = {{ role = \"web\" }}\n{QUICK}"));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    // The agent binds the address only after 1.0.0 (which bound it
+    // itself) stopped, and lets go of it before 3.0.0 binds it again.
+    for v in ["2.0.0", "3.0.0"] {
+        let s = fleet.roll(v, QUICK);
+        assert_eq!(s["state"], "succeeded", "{s}");
+        assert_eq!(fleet.get("h1"), Some(format!("demo-service {v}")));
+    }
+    let log = fleet.service_log("h1");
+    assert!(
+        log.contains("demo-service 2.0.0 listening on 127.0.0.1"),
+        "{log}"
+    );
+    assert!(log.contains("(an inherited socket"), "{log}");
+    assert!(
+        log.contains("demo-service 3.0.0 listening on 127.0.0.1")
+            && log.contains("(its own socket"),
+        "{log}"
+    );
+}
