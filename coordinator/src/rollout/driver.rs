@@ -17,7 +17,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::machine::{self, Action, Event, HostRun, Operator, Rollout, ServiceRun, State};
+use super::machine::{
+    self, Action, Event, HostRun, Operator, Rollout, ServiceRun, ServiceState, State,
+};
 use super::plan::{Plan, Strategy};
 use crate::artifacts::Artifacts;
 use crate::fleet::FleetHandle;
@@ -309,9 +311,9 @@ impl Driver {
         };
         let commands: Vec<_> = entry
             .rollout
-            .service
-            .hosts
+            .services
             .iter()
+            .flat_map(|s| s.hosts.iter())
             .filter(|(h, _)| self.connected.contains_key(*h))
             .filter_map(|(h, run)| Some((h.clone(), run.outstanding.clone()?)))
             .collect();
@@ -345,7 +347,7 @@ impl Driver {
         let ids: Vec<String> = self
             .active
             .iter()
-            .filter(|(_, a)| a.rollout.service.hosts.contains_key(host))
+            .filter(|(_, a)| a.rollout.services.iter().any(|s| s.hosts.contains_key(host)))
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -433,8 +435,10 @@ impl Driver {
     /// A stored rollout with its hosts' connections as they are now
     /// (connections are not stored).
     fn with_connected(&self, mut r: Rollout) -> Rollout {
-        for (id, h) in &mut r.service.hosts {
-            h.connected = self.connected.contains_key(id);
+        for s in &mut r.services {
+            for (id, h) in &mut s.hosts {
+                h.connected = self.connected.contains_key(id);
+            }
         }
         r
     }
@@ -476,11 +480,19 @@ impl Driver {
                 .list()
                 .await?
                 .into_iter()
-                .find(|o| o.service.name == r.service.name && o.created_at > r.created_at)
+                .find(|o| o.created_at > r.created_at && shared_service(o, &r).is_some())
             {
                 return Err(RolloutError::Conflict(format!(
                     "cannot roll back rollout {id}: the newer rollout {} changed service {} since",
-                    newer.id, r.service.name
+                    newer.id,
+                    shared_service(&newer, &r).unwrap_or_default()
+                )));
+            }
+            if let Some(other) = self.active.values().find(|a| shared_service(&a.rollout, &r).is_some()) {
+                return Err(RolloutError::Conflict(format!(
+                    "cannot roll back rollout {id}: rollout {} is changing service {}",
+                    other.rollout.id,
+                    shared_service(&other.rollout, &r).unwrap_or_default()
                 )));
             }
             let stored = serde_json::to_vec(&r).unwrap_or_default();
@@ -492,13 +504,14 @@ impl Driver {
                     stored,
                 },
             );
-            for host in self.connected.keys().cloned().collect::<Vec<_>>() {
-                if let Some(h) = self
-                    .active
-                    .get_mut(&id)
-                    .and_then(|a| a.rollout.service.hosts.get_mut(&host))
-                {
-                    h.connected = true;
+            let connected: Vec<HostId> = self.connected.keys().cloned().collect();
+            if let Some(a) = self.active.get_mut(&id) {
+                for s in &mut a.rollout.services {
+                    for host in &connected {
+                        if let Some(h) = s.hosts.get_mut(host) {
+                            h.connected = true;
+                        }
+                    }
                 }
             }
         }
@@ -516,161 +529,32 @@ impl Driver {
     }
 
     async fn start(&mut self, text: String) -> Result<Rollout, RolloutError> {
-        let plan = Plan::parse(&text).map_err(|e| RolloutError::Invalid(e.0))?;
-        let Some(svc) = plan.services.first() else {
-            return Err(RolloutError::Invalid("the plan names no service".into()));
-        };
-        let Some(artifact) = self
-            .artifacts
-            .get(&svc.name, &svc.version)
-            .await
-            .map_err(artifact_error)?
-        else {
-            let known: Vec<String> = self
-                .artifacts
-                .list()
-                .await
-                .map_err(artifact_error)?
-                .into_iter()
-                .filter(|a| a.name == svc.name)
-                .map(|a| a.version)
-                .collect();
-            return Err(RolloutError::Invalid(if known.is_empty() {
-                format!(
-                    "service {:?}: no artifact of this service has been pushed (baton artifact push)",
-                    svc.name
-                )
-            } else {
-                format!(
-                    "service {:?}: version {:?} has not been pushed; pushed versions: {}",
-                    svc.name,
-                    svc.version,
-                    known.join(", ")
-                )
-            }));
-        };
+        let rollout = self.resolve(text).await?;
         if let Some(other) = self
             .active
             .values()
-            .find(|a| a.rollout.service.name == svc.name)
+            .find(|a| shared_service(&a.rollout, &rollout).is_some())
         {
             return Err(RolloutError::Conflict(format!(
                 "rollout {} of service {} is still {}; wait for it, or abort it",
                 other.rollout.id,
-                svc.name,
+                shared_service(&other.rollout, &rollout).unwrap_or_default(),
                 other.rollout.state.as_str()
             )));
         }
-        let fleet = self.fleet.list().await.map_err(|_| RolloutError::Stopped)?;
-        let targets: Vec<&HostView> = match &svc.hosts {
-            Some(selector) => fleet
-                .iter()
-                .filter(|h| selector.iter().all(|(k, v)| h.labels.get(k) == Some(v)))
-                .collect(),
-            None => fleet
-                .iter()
-                .filter(|h| h.services.iter().any(|s| s.name == svc.name))
-                .collect(),
-        };
-        if targets.is_empty() {
-            return Err(RolloutError::Invalid(match &svc.hosts {
-                Some(_) => format!(
-                    "service {:?}: hosts = {{ {} }} matches no host among the {} registered",
-                    svc.name,
-                    svc.selector_text(),
-                    fleet.len()
-                ),
-                None => format!(
-                    "service {:?}: no host runs it yet; for a first install name the hosts with hosts = {{ label = \"value\" }}",
-                    svc.name
-                ),
-            }));
-        }
-        let n = targets.len();
-        let max_parallel = match svc.strategy {
-            Strategy::AllAtOnce => n,
-            _ => svc.max_parallel.of(n).clamp(1, n),
-        };
-        let min_healthy = match svc.min_healthy {
-            Some(a) => a.of(n),
-            None => n.saturating_sub(max_parallel),
-        };
-        if min_healthy >= n {
-            return Err(RolloutError::Invalid(format!(
-                "service {:?}: min_healthy = {} keeps all {n} hosts in service, so none could be replaced; lower it",
-                svc.name,
-                svc.min_healthy
-                    .map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
-            )));
-        }
-        let hosts: BTreeMap<HostId, HostRun> = targets
-            .iter()
-            .map(|h| {
-                let from = h
-                    .services
-                    .iter()
-                    .find(|s| s.name == svc.name)
-                    .map(|s| s.version.clone())
-                    .filter(|v| !v.is_empty());
-                (
-                    h.host_id.clone(),
-                    HostRun::new(
-                        from,
-                        svc.version.clone(),
-                        self.connected.contains_key(&h.host_id),
-                    ),
-                )
-            })
-            .collect();
-        let now = SystemTime::now();
-        let id = format!(
-            "r-{}-{:04x}",
-            baton_common::time::unix_millis(now),
-            fastrand::u16(..)
-        );
-        let rollout = Rollout {
-            id: id.clone(),
-            plan: text,
-            state: State::Pending,
-            resume_to: None,
-            auto_rollback: plan.auto_rollback,
-            progress_deadline: plan.progress_deadline,
-            service: ServiceRun {
-                name: svc.name.clone(),
-                version: svc.version.clone(),
-                digest: artifact.digest.clone(),
-                manifest: artifact.manifest.clone().into_bytes(),
-                signature: artifact.signature_bytes(),
-                max_parallel,
-                min_healthy,
-                max_failures: svc.max_failures,
-                gate: baton_common::command::HealthGate {
-                    min_healthy_time: svc.min_healthy_time,
-                    healthy_deadline: svc.healthy_deadline,
-                },
-                failures: 0,
-                hosts,
-            },
-            created_at: now,
-            updated_at: now,
-            progress_at: now,
-            error: None,
-            next_seq: 0,
-        };
+        let id = rollout.id.clone();
         let bytes = serde_json::to_vec(&rollout).map_err(|e| StoreError::Corrupt {
             key: key(&id),
             reason: e.to_string(),
         })?;
-        if !self
-            .store
-            .compare_and_swap(&key(&id), None, bytes.clone())
-            .await?
-        {
-            return Err(RolloutError::Conflict(format!(
-                "rollout id {id} is taken; retry"
-            )));
+        if !self.store.compare_and_swap(&key(&id), None, bytes.clone()).await? {
+            return Err(RolloutError::Conflict(format!("rollout id {id} is taken; retry")));
         }
-        info!(rollout = %id, service = %svc.name, version = %svc.version, hosts = n, max_parallel, min_healthy, "rollout started");
+        info!(
+            rollout = %id,
+            services = %rollout.services.iter().map(|s| format!("{}@{}", s.name, s.version)).collect::<Vec<_>>().join(","),
+            "rollout started"
+        );
         self.active.insert(
             id.clone(),
             Active {
@@ -681,4 +565,204 @@ impl Driver {
         );
         self.apply(&id, Event::Tick).await
     }
+
+    /// Resolves a plan against the stored artifacts and the fleet into a
+    /// rollout (not yet started): hosts, counts, steps, and every check that
+    /// can be made up front. Nothing is changed.
+    async fn resolve(&self, text: String) -> Result<Rollout, RolloutError> {
+        let plan = Plan::parse(&text).map_err(|e| RolloutError::Invalid(e.0))?;
+        let fleet = self.fleet.list().await.map_err(|_| RolloutError::Stopped)?;
+        let all_artifacts = self.artifacts.list().await.map_err(artifact_error)?;
+        let mut services = Vec::new();
+        for idx in plan.order() {
+            let svc = &plan.services[idx];
+            let artifact = self
+                .artifacts
+                .get(&svc.name, &svc.version)
+                .await
+                .map_err(artifact_error)?
+                .ok_or_else(|| {
+                    let known: Vec<&str> = all_artifacts
+                        .iter()
+                        .filter(|a| a.name == svc.name)
+                        .map(|a| a.version.as_str())
+                        .collect();
+                    RolloutError::Invalid(if known.is_empty() {
+                        format!(
+                            "service {:?}: no artifact of this service has been pushed (baton artifact push)",
+                            svc.name
+                        )
+                    } else {
+                        format!(
+                            "service {:?}: version {:?} has not been pushed; pushed versions: {}",
+                            svc.name,
+                            svc.version,
+                            known.join(", ")
+                        )
+                    })
+                })?;
+            let targets: Vec<&HostView> = match &svc.hosts {
+                Some(selector) => fleet
+                    .iter()
+                    .filter(|h| selector.iter().all(|(k, v)| h.labels.get(k) == Some(v)))
+                    .collect(),
+                None => fleet
+                    .iter()
+                    .filter(|h| h.services.iter().any(|s| s.name == svc.name))
+                    .collect(),
+            };
+            if targets.is_empty() {
+                return Err(RolloutError::Invalid(match &svc.hosts {
+                    Some(_) => format!(
+                        "service {:?}: hosts = {{ {} }} matches no host among the {} registered",
+                        svc.name,
+                        svc.selector_text(),
+                        fleet.len()
+                    ),
+                    None => format!(
+                        "service {:?}: no host runs it yet; for a first install name the hosts with hosts = {{ label = \"value\" }}",
+                        svc.name
+                    ),
+                }));
+            }
+            let n = targets.len();
+            let max_parallel = match svc.strategy {
+                Strategy::AllAtOnce => n,
+                _ => svc.max_parallel.of(n).clamp(1, n),
+            };
+            let min_healthy = match svc.min_healthy {
+                Some(a) => a.of(n),
+                None => n.saturating_sub(max_parallel),
+            };
+            if min_healthy >= n {
+                return Err(RolloutError::Invalid(format!(
+                    "service {:?}: min_healthy = {} keeps all {n} hosts in service, so none could be replaced; lower it",
+                    svc.name,
+                    svc.min_healthy.map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
+                )));
+            }
+            let mut steps: Vec<usize> = match (&svc.steps, svc.canary) {
+                (Some(list), _) => list.iter().map(|a| a.of(n).clamp(1, n)).collect(),
+                (None, Some(c)) => vec![c.of(n).clamp(1, n), n],
+                (None, None) => vec![n],
+            };
+            steps.dedup();
+            if steps.windows(2).any(|w| w[0] > w[1]) {
+                return Err(RolloutError::Invalid(format!(
+                    "service {:?}: steps must grow ({} hosts: {:?})",
+                    svc.name, n, steps
+                )));
+            }
+            if steps.last() != Some(&n) {
+                steps.push(n);
+            }
+            // Requirements that can never hold are refused now.
+            let mut outside = BTreeMap::new();
+            for (dep, req) in &svc.requires {
+                if let Some(d) = plan.services.iter().find(|o| &o.name == dep) {
+                    if !machine::satisfies(&d.version, req) {
+                        return Err(RolloutError::Invalid(format!(
+                            "service {:?} requires {dep} {req}, but this plan rolls {dep} out at {}",
+                            svc.name, d.version
+                        )));
+                    }
+                    if !svc.depends_on.contains(dep) {
+                        // Holds once every host of it runs the new version.
+                    }
+                } else {
+                    let running: Vec<(String, String)> = fleet
+                        .iter()
+                        .flat_map(|h| {
+                            h.services
+                                .iter()
+                                .filter(|s| &s.name == dep)
+                                .map(|s| (h.host_id.to_string(), s.version.clone()))
+                        })
+                        .collect();
+                    if running.is_empty() {
+                        return Err(RolloutError::Invalid(format!(
+                            "service {:?} requires {dep} {req}, but no host runs {dep} and this plan does not install it",
+                            svc.name
+                        )));
+                    }
+                    if let Some((host, v)) = running.iter().find(|(_, v)| !machine::satisfies(v, req)) {
+                        return Err(RolloutError::Invalid(format!(
+                            "service {:?} requires {dep} {req}, but {host} runs {dep} {v} and this plan does not upgrade it",
+                            svc.name
+                        )));
+                    }
+                    outside.insert(dep.clone(), running.into_iter().map(|(_, v)| v).collect());
+                }
+            }
+            let hosts: BTreeMap<HostId, HostRun> = targets
+                .iter()
+                .map(|h| {
+                    let from = h
+                        .services
+                        .iter()
+                        .find(|s| s.name == svc.name)
+                        .map(|s| s.version.clone())
+                        .filter(|v| !v.is_empty());
+                    (
+                        h.host_id.clone(),
+                        HostRun::new(from, svc.version.clone(), self.connected.contains_key(&h.host_id)),
+                    )
+                })
+                .collect();
+            services.push(ServiceRun {
+                name: svc.name.clone(),
+                version: svc.version.clone(),
+                digest: artifact.digest.clone(),
+                manifest: artifact.manifest.clone().into_bytes(),
+                signature: artifact.signature_bytes(),
+                depends_on: svc.depends_on.clone(),
+                requires: svc.requires.clone(),
+                outside,
+                max_parallel,
+                min_healthy,
+                max_failures: svc.max_failures,
+                gate: baton_common::command::HealthGate {
+                    min_healthy_time: svc.min_healthy_time,
+                    healthy_deadline: svc.healthy_deadline,
+                },
+                steps,
+                step: 0,
+                promote: svc.strategy == Strategy::Canary && !svc.auto_promote,
+                pause: svc.pause,
+                step_done_at: None,
+                failures: 0,
+                state: ServiceState::Waiting,
+                hosts,
+            });
+        }
+        let now = SystemTime::now();
+        Ok(Rollout {
+            id: format!(
+                "r-{}-{:04x}",
+                baton_common::time::unix_millis(now),
+                fastrand::u16(..)
+            ),
+            plan: text,
+            state: State::Pending,
+            resume_to: None,
+            auto_rollback: plan.auto_rollback,
+            progress_deadline: plan.progress_deadline,
+            max_parallel_services: plan.max_parallel_services.unwrap_or(usize::MAX),
+            services,
+            created_at: now,
+            updated_at: now,
+            progress_at: now,
+            error: None,
+            next_seq: 0,
+        })
+    }
+}
+
+/// A service two rollouts both change, if any.
+fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
+    a.services
+        .iter()
+        .find(|s| b.services.iter().any(|o| o.name == s.name))
+        .map(|s| s.name.clone())
+
 }

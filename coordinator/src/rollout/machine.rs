@@ -121,7 +121,7 @@ impl HostState {
     }
 }
 
-/// A rollout of one service.
+/// A rollout: one or more services, upgraded in dependency order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     /// `r-…`, unique, sorts by creation time.
@@ -137,19 +137,53 @@ pub struct Rollout {
     /// Fail when no host turns healthy for this long.
     #[serde(with = "humantime_serde")]
     pub progress_deadline: Duration,
-    /// The service being rolled out.
-    pub service: ServiceRun,
+    /// How many services may progress at once.
+    pub max_parallel_services: usize,
+    /// The services, in topological order (dependencies first).
+    pub services: Vec<ServiceRun>,
     /// When it was started.
     pub created_at: SystemTime,
     /// The last change.
     pub updated_at: SystemTime,
-    /// The last time a host turned healthy (or the rollout started or
-    /// resumed): the progress deadline counts from here.
+    /// The last time a host turned healthy (or the rollout started,
+    /// resumed or began rolling back): deadlines count from here.
     pub progress_at: SystemTime,
     /// Why it failed or was rolled back.
     pub error: Option<String>,
     /// The next command's sequence number.
     pub next_seq: u64,
+}
+
+/// Where one service of a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Waiting for its dependencies (or a free service slot).
+    Waiting,
+    /// Replacing hosts.
+    Progressing,
+    /// A step (the canary) is done; waiting for `promote`.
+    AwaitingPromotion,
+    /// Every host is done.
+    Succeeded,
+    /// Returning its hosts to their previous versions.
+    RollingBack,
+    /// Every host it touched is back.
+    RolledBack,
+}
+
+impl ServiceState {
+    /// The name shown in `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Progressing => "progressing",
+            Self::AwaitingPromotion => "awaiting_promotion",
+            Self::Succeeded => "succeeded",
+            Self::RollingBack => "rolling_back",
+            Self::RolledBack => "rolled_back",
+        }
+    }
 }
 
 /// One service's part of a rollout, resolved against the fleet.
@@ -165,6 +199,13 @@ pub struct ServiceRun {
     pub manifest: Vec<u8>,
     /// Its signature.
     pub signature: Vec<u8>,
+    /// Services of this plan that must succeed first.
+    pub depends_on: Vec<String>,
+    /// Version requirements (semver) on other services.
+    pub requires: BTreeMap<String, String>,
+    /// For required services outside the plan: the versions hosts ran when
+    /// the rollout started.
+    pub outside: BTreeMap<String, Vec<String>>,
     /// Hosts replaced at once.
     pub max_parallel: usize,
     /// Hosts that must stay in service.
@@ -173,8 +214,21 @@ pub struct ServiceRun {
     pub max_failures: u32,
     /// The health gate every activation waits for.
     pub gate: HealthGate,
+    /// Cumulative host counts per step (the last is every host).
+    pub steps: Vec<usize>,
+    /// The current step.
+    pub step: usize,
+    /// Wait for `promote` after each step but the last (canary).
+    pub promote: bool,
+    /// Wait this long between steps.
+    #[serde(with = "humantime_serde")]
+    pub pause: Option<Duration>,
+    /// When the current step completed (for `pause`).
+    pub step_done_at: Option<SystemTime>,
     /// Failures so far.
     pub failures: u32,
+    /// Where it is.
+    pub state: ServiceState,
     /// Every target host.
     pub hosts: BTreeMap<HostId, HostRun>,
 }
@@ -316,26 +370,29 @@ pub fn step(
     match event {
         Event::Operator(op) => operator(&mut r, *op, now, &mut actions)?,
         Event::Connected(host) => {
-            let fresh = r
-                .service
-                .hosts
-                .get(host)
-                .and_then(|h| h.outstanding.as_ref())
-                .map(|cmd| deadline_for(&r, &cmd.kind, now));
-            if let Some(h) = r.service.hosts.get_mut(host) {
-                h.connected = true;
-                if let (Some(cmd), Some(deadline)) = (&mut h.outstanding, fresh) {
-                    // Same id (the agent answers it from its journal if it
-                    // ran), fresh deadline: a host that was away for long
-                    // must still get its rollback.
-                    cmd.deadline = deadline;
-                    actions.push(Action::Send(host.clone(), cmd.clone()));
+            for si in 0..r.services.len() {
+                let fresh = r.services[si]
+                    .hosts
+                    .get(host)
+                    .and_then(|h| h.outstanding.as_ref())
+                    .map(|cmd| deadline_for(&r, &cmd.kind, now));
+                if let Some(h) = r.services[si].hosts.get_mut(host) {
+                    h.connected = true;
+                    if let (Some(cmd), Some(deadline)) = (&mut h.outstanding, fresh) {
+                        // Same id (the agent answers it from its journal if
+                        // it ran), fresh deadline: a host that was away for
+                        // long must still get its rollback.
+                        cmd.deadline = deadline;
+                        actions.push(Action::Send(host.clone(), cmd.clone()));
+                    }
                 }
             }
         }
         Event::Disconnected(host) => {
-            if let Some(h) = r.service.hosts.get_mut(host) {
-                h.connected = false;
+            for s in &mut r.services {
+                if let Some(h) = s.hosts.get_mut(host) {
+                    h.connected = false;
+                }
             }
         }
         Event::Update(host, update) => on_update(&mut r, host, update, now, &mut actions),
@@ -344,11 +401,13 @@ pub fn step(
     advance(&mut r, now, &mut actions);
     let moved = r.state != rollout.state
         || r.error != rollout.error
-        || r.service
-            .hosts
-            .iter()
-            .zip(&rollout.service.hosts)
-            .any(|((_, a), (_, b))| a.state != b.state || a.outstanding != b.outstanding);
+        || r.services.iter().zip(&rollout.services).any(|(a, b)| {
+            a.state != b.state
+                || a.step != b.step
+                || a.hosts.iter().zip(&b.hosts).any(|((_, x), (_, y))| {
+                    x.state != y.state || x.outstanding != y.outstanding
+                })
+        });
     if moved {
         r.updated_at = now;
     }
@@ -383,6 +442,24 @@ fn operator(
             }
             _ => return Err(refuse(r)),
         },
+        Operator::Promote => {
+            let waiting = r
+                .services
+                .iter()
+                .any(|s| s.state == ServiceState::AwaitingPromotion);
+            if r.state != State::AwaitingPromotion || !waiting {
+                return Err(refuse(r));
+            }
+            for s in &mut r.services {
+                if s.state == ServiceState::AwaitingPromotion {
+                    s.state = ServiceState::Progressing;
+                    s.step += 1;
+                    s.step_done_at = None;
+                }
+            }
+            r.state = State::Progressing;
+            r.progress_at = now;
+        }
         Operator::Abort => {
             if r.state.is_terminal() {
                 return Err(refuse(r));
@@ -390,17 +467,12 @@ fn operator(
             r.state = State::Aborted;
             r.resume_to = None;
             r.error = Some("aborted by an operator".into());
-            for h in r.service.hosts.values_mut() {
-                h.outstanding = None;
+            for s in &mut r.services {
+                for h in s.hosts.values_mut() {
+                    h.outstanding = None;
+                }
             }
         }
-        Operator::Promote => match r.state {
-            State::AwaitingPromotion => {
-                r.state = State::Progressing;
-                r.progress_at = now;
-            }
-            _ => return Err(refuse(r)),
-        },
         Operator::Rollback => {
             if matches!(r.state, State::RollingBack | State::RolledBack) {
                 return Err(refuse(r));
@@ -421,16 +493,22 @@ fn on_update(
     if r.state.is_terminal() {
         return;
     }
-    let Some(h) = r.service.hosts.get_mut(host) else {
+    // The service whose outstanding command on this host it answers; any
+    // other id is a superseded command (an activation a rollback cancelled).
+    let Some(si) = r.services.iter().position(|s| {
+        s.hosts
+            .get(host)
+            .and_then(|h| h.outstanding.as_ref())
+            .is_some_and(|c| c.id == update.command_id)
+    }) else {
         return;
     };
-    let Some(cmd) = &h.outstanding else {
+    let auto_rollback = r.auto_rollback;
+    let s = &mut r.services[si];
+    let Some(h) = s.hosts.get_mut(host) else {
         return;
     };
-    if cmd.id != update.command_id {
-        return; // A superseded command (an activation a rollback cancelled).
-    }
-    let kind = cmd.kind.name();
+    let kind = h.outstanding.as_ref().map_or("", |c| c.kind.name());
     let outcome = match update.phase {
         Phase::Accepted | Phase::Running => {
             h.progress = update.progress_percent;
@@ -456,11 +534,11 @@ fn on_update(
             h.state = HostState::Failed;
             h.finished_at = Some(now);
             h.error = Some(update.error.clone());
-            r.service.failures += 1;
+            s.failures += 1;
             // A failure within max_failures does not fail the rollout, but
             // the host must not stay on a version that failed it.
-            if r.auto_rollback && r.service.failures <= r.service.max_failures {
-                rollback_host(r, host, now, actions);
+            if auto_rollback && s.failures <= s.max_failures {
+                rollback_host(r, si, host, now, actions);
             }
         }
         ("rollback" | "remove", false) => {
@@ -487,46 +565,22 @@ fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime 
     }
 }
 
-/// Sends one touched host back to where it was.
-fn rollback_host(r: &mut Rollout, host: &HostId, now: SystemTime, actions: &mut Vec<Action>) {
-    let from = r
-        .service
-        .hosts
-        .get(host)
-        .and_then(|h| h.from_version.clone());
-    let kind = match from {
-        Some(version) => CommandKind::Rollback {
-            service: r.service.name.clone(),
-            version,
-            gate: r.service.gate,
-        },
-        None => CommandKind::Remove {
-            service: r.service.name.clone(),
-        },
-    };
-    let deadline = deadline_for(r, &kind, now);
-    send(r, host, kind, deadline, actions);
-    if let Some(h) = r.service.hosts.get_mut(host) {
-        h.state = HostState::RollingBack;
-        h.finished_at = None;
-    }
-}
-
-fn next_id(r: &mut Rollout) -> String {
-    r.next_seq += 1;
-    format!("{}/{}", r.id, r.next_seq)
-}
-
 fn send(
     r: &mut Rollout,
+    si: usize,
     host: &HostId,
     kind: CommandKind,
-    deadline: SystemTime,
     actions: &mut Vec<Action>,
+    now: SystemTime,
 ) {
-    let id = next_id(r);
-    let cmd = Command { id, deadline, kind };
-    if let Some(h) = r.service.hosts.get_mut(host) {
+    let deadline = deadline_for(r, &kind, now);
+    r.next_seq += 1;
+    let cmd = Command {
+        id: format!("{}/{}", r.id, r.next_seq),
+        deadline,
+        kind,
+    };
+    if let Some(h) = r.services[si].hosts.get_mut(host) {
         if h.connected {
             actions.push(Action::Send(host.clone(), cmd.clone()));
         }
@@ -535,53 +589,154 @@ fn send(
     }
 }
 
+/// Sends one touched host of service `si` back to where it was.
+fn rollback_host(
+    r: &mut Rollout,
+    si: usize,
+    host: &HostId,
+    now: SystemTime,
+    actions: &mut Vec<Action>,
+) {
+    let s = &r.services[si];
+    let from = s.hosts.get(host).and_then(|h| h.from_version.clone());
+    let kind = match from {
+        Some(version) => CommandKind::Rollback {
+            service: s.name.clone(),
+            version,
+            gate: s.gate,
+        },
+        None => CommandKind::Remove {
+            service: s.name.clone(),
+        },
+    };
+    send(r, si, host, kind, actions, now);
+    if let Some(h) = r.services[si].hosts.get_mut(host) {
+        h.state = HostState::RollingBack;
+        h.finished_at = None;
+    }
+}
+
+/// Whether `host` runs an activation or rollback for any service.
+fn host_busy(r: &Rollout, host: &HostId) -> bool {
+    r.services.iter().any(|s| {
+        s.hosts
+            .get(host)
+            .is_some_and(|h| matches!(h.state, HostState::Activating | HostState::RollingBack))
+    })
+}
+
+/// `host: error` for every failed host, for the rollout's error.
+fn failed_hosts(r: &Rollout) -> Vec<String> {
+    r.services
+        .iter()
+        .flat_map(|s| {
+            s.hosts
+                .iter()
+                .filter(|(_, h)| h.state == HostState::Failed)
+                .map(move |(id, h)| {
+                    format!("{} on {id}: {}", s.name, h.error.as_deref().unwrap_or("failed"))
+                })
+        })
+        .collect()
+}
+
+/// Parses a version for a requirement check (`2`, `2.1` and `2.1.0` all
+/// work; anything else never satisfies one).
+pub fn semver_of(v: &str) -> Option<semver::Version> {
+    semver::Version::parse(v).ok().or_else(|| {
+        let parts: Vec<&str> = v.split('.').collect();
+        let padded = match parts.len() {
+            1 => format!("{v}.0.0"),
+            2 => format!("{v}.0"),
+            _ => return None,
+        };
+        semver::Version::parse(&padded).ok()
+    })
+}
+
+/// Whether `version` satisfies the requirement `req` (semver).
+pub fn satisfies(version: &str, req: &str) -> bool {
+    match (semver_of(version), semver::VersionReq::parse(req)) {
+        (Some(v), Ok(r)) => r.matches(&v),
+        _ => false,
+    }
+}
+
+/// The first host (and version) that breaks one of service `si`'s
+/// requirements now, counting the versions this rollout installed.
+fn unmet_requirement(r: &Rollout, si: usize) -> Option<String> {
+    let s = &r.services[si];
+    for (dep, req) in &s.requires {
+        if let Some(d) = r.services.iter().find(|o| &o.name == dep) {
+            for (host, h) in &d.hosts {
+                let running = if h.state == HostState::Healthy {
+                    Some(h.to_version.as_str())
+                } else {
+                    h.from_version.as_deref()
+                };
+                if let Some(v) = running
+                    && !satisfies(v, req)
+                {
+                    return Some(format!("{} requires {dep} {req}, but {host} runs {dep} {v}", s.name));
+                }
+            }
+        } else if let Some(bad) = s
+            .outside
+            .get(dep)
+            .into_iter()
+            .flatten()
+            .find(|v| !satisfies(v, req))
+        {
+            return Some(format!("{} requires {dep} {req}, but a host runs {dep} {bad}", s.name));
+        }
+    }
+    None
+}
+
 /// Decides what happens next from where everything is now.
 fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     match r.state {
         State::Pending => {
             r.state = State::Staging;
-            let deadline = now + r.progress_deadline;
-            let hosts: Vec<HostId> = hosts_in(r, HostState::Pending);
-            for host in hosts {
-                let kind = CommandKind::Stage {
-                    service: r.service.name.clone(),
-                    version: r.service.version.clone(),
-                    manifest: r.service.manifest.clone(),
-                    signature: r.service.signature.clone(),
-                };
-                send(r, &host, kind, deadline, actions);
-                if let Some(h) = r.service.hosts.get_mut(&host) {
-                    h.state = HostState::Staging;
+            for si in 0..r.services.len() {
+                let hosts: Vec<HostId> = r.services[si]
+                    .hosts
+                    .iter()
+                    .filter(|(_, h)| h.state == HostState::Pending)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for host in hosts {
+                    let s = &r.services[si];
+                    let kind = CommandKind::Stage {
+                        service: s.name.clone(),
+                        version: s.version.clone(),
+                        manifest: s.manifest.clone(),
+                        signature: s.signature.clone(),
+                    };
+                    send(r, si, &host, kind, actions, now);
+                    if let Some(h) = r.services[si].hosts.get_mut(&host) {
+                        h.state = HostState::Staging;
+                    }
                 }
             }
             r.progress_at = now;
             advance(r, now, actions);
         }
         State::Staging => {
+            let all = r.services.iter().flat_map(|s| s.hosts.values());
+            let staging = all.clone().any(|h| h.state == HostState::Staging);
             let failed = failed_hosts(r);
-            let staging = r
-                .service
-                .hosts
-                .values()
-                .any(|h| h.state == HostState::Staging);
             if !failed.is_empty() && !staging {
                 // Every host has answered, so each one's error is on
                 // record. Nothing was swapped yet: nothing to undo.
-                for h in r.service.hosts.values_mut() {
-                    h.outstanding = None;
-                }
+                clear_outstanding(r);
                 r.state = State::Failed;
                 r.error = Some(format!(
                     "staging failed on {} host(s), nothing was activated: {}",
                     failed.len(),
                     failed.join("; ")
                 ));
-            } else if r
-                .service
-                .hosts
-                .values()
-                .all(|h| matches!(h.state, HostState::Staged | HostState::Healthy))
-            {
+            } else if failed.is_empty() && !staging {
                 r.state = State::Progressing;
                 r.progress_at = now;
                 advance(r, now, actions);
@@ -589,165 +744,198 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                 check_progress(r, now, actions);
             }
         }
-        State::Progressing => {
-            if r.service.failures > r.service.max_failures {
-                let failed = failed_hosts(r);
-                fail(
-                    r,
-                    format!(
-                        "{} host(s) failed, more than max_failures = {}: {}",
-                        r.service.failures,
-                        r.service.max_failures,
-                        failed.join("; ")
-                    ),
-                    now,
-                    actions,
+        State::Progressing | State::AwaitingPromotion => {
+            if let Some(s) = r.services.iter().find(|s| s.failures > s.max_failures) {
+                let why = format!(
+                    "{}: {} host(s) failed, more than max_failures = {}: {}",
+                    s.name,
+                    s.failures,
+                    s.max_failures,
+                    failed_hosts(r).join("; ")
                 );
+                fail(r, why, now, actions);
                 return;
             }
-            start_hosts(r, now, actions);
-            let done = r.service.hosts.values().all(|h| {
-                matches!(
-                    h.state,
-                    HostState::Healthy | HostState::Failed | HostState::RolledBack
-                )
-            });
-            if done {
-                r.state = State::Succeeded;
-            } else {
-                check_progress(r, now, actions);
+            // A service finishing lets its dependents start, a step
+            // finishing lets the next one start: settle all of it now.
+            for _ in 0..=r.services.len() * 4 + 2 {
+                let before: Vec<(ServiceState, usize)> =
+                    r.services.iter().map(|s| (s.state, s.step)).collect();
+                start_services(r, now, actions);
+                if r.state.is_terminal() || r.state == State::RollingBack {
+                    return;
+                }
+                for si in 0..r.services.len() {
+                    if r.services[si].state == ServiceState::Progressing {
+                        progress_service(r, si, now, actions);
+                    }
+                }
+                let after: Vec<(ServiceState, usize)> =
+                    r.services.iter().map(|s| (s.state, s.step)).collect();
+                if before == after {
+                    break;
+                }
             }
+            if r.services.iter().all(|s| s.state == ServiceState::Succeeded) {
+                r.state = State::Succeeded;
+                return;
+            }
+            r.state = if r
+                .services
+                .iter()
+                .any(|s| s.state == ServiceState::AwaitingPromotion)
+            {
+                State::AwaitingPromotion
+            } else {
+                State::Progressing
+            };
+            // Waiting for an operator is not a lack of progress.
+            if r.state == State::AwaitingPromotion {
+                r.progress_at = now;
+            }
+            check_progress(r, now, actions);
         }
         State::Paused => {
             // Hosts still activating finish; a failure among them is still
             // acted on, because it says the new version is bad.
-            if r.service.failures > r.service.max_failures {
-                r.resume_to = None;
-                fail(
-                    r,
-                    format!(
-                        "{} host(s) failed while paused, more than max_failures = {}",
-                        r.service.failures, r.service.max_failures
-                    ),
-                    now,
-                    actions,
+            if let Some(s) = r.services.iter().find(|s| s.failures > s.max_failures) {
+                let why = format!(
+                    "{}: {} host(s) failed while paused, more than max_failures = {}",
+                    s.name, s.failures, s.max_failures
                 );
+                r.resume_to = None;
+                fail(r, why, now, actions);
             }
         }
-        State::RollingBack => {
-            let busy: Vec<String> = r
-                .service
-                .hosts
-                .iter()
-                .filter(|(_, h)| h.state == HostState::RollingBack)
-                .map(|(id, _)| id.to_string())
-                .collect();
-            let stalled = now
-                .duration_since(r.progress_at)
-                .is_ok_and(|d| d >= r.progress_deadline);
-            if !busy.is_empty() && stalled {
-                // A host that never comes back must not hold the service
-                // (and every later rollout of it) forever.
-                for h in r.service.hosts.values_mut() {
-                    h.outstanding = None;
-                }
-                r.state = State::Failed;
-                r.error = Some(format!(
-                    "{}; then the rollback did not finish within progress_deadline {} on {}",
-                    r.error.as_deref().unwrap_or("rolling back"),
-                    humantime::format_duration(r.progress_deadline),
-                    busy.join(", ")
-                ));
-            } else if busy.is_empty() {
-                let failed: Vec<String> = r
-                    .service
-                    .hosts
-                    .iter()
-                    .filter(|(_, h)| {
-                        h.touched
-                            && h.state == HostState::Failed
-                            && h.error
-                                .as_deref()
-                                .is_some_and(|e| e.starts_with("rollback failed"))
-                    })
-                    .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("")))
-                    .collect();
-                if failed.is_empty() {
-                    r.state = State::RolledBack;
-                } else {
-                    r.state = State::Failed;
-                    r.error = Some(format!(
-                        "{}; then the rollback failed on {}",
-                        r.error.as_deref().unwrap_or("rolling back"),
-                        failed.join("; ")
-                    ));
-                }
-            }
-        }
-        State::AwaitingPromotion
-        | State::Succeeded
-        | State::Failed
-        | State::RolledBack
-        | State::Aborted => {}
+        State::RollingBack => roll_back_services(r, now, actions),
+        State::Succeeded | State::Failed | State::RolledBack | State::Aborted => {}
     }
 }
 
-/// `host: error` for every failed host, for the rollout's error.
-fn failed_hosts(r: &Rollout) -> Vec<String> {
-    r.service
-        .hosts
-        .iter()
-        .filter(|(_, h)| h.state == HostState::Failed)
-        .map(|(id, h)| format!("{id}: {}", h.error.as_deref().unwrap_or("failed")))
-        .collect()
+fn clear_outstanding(r: &mut Rollout) {
+    for s in &mut r.services {
+        for h in s.hosts.values_mut() {
+            h.outstanding = None;
+        }
+    }
 }
 
-fn hosts_in(r: &Rollout, state: HostState) -> Vec<HostId> {
-    r.service
-        .hosts
-        .iter()
-        .filter(|(_, h)| h.state == state)
-        .map(|(id, _)| id.clone())
-        .collect()
+/// Lets waiting services whose dependencies succeeded start, as many as
+/// `max_parallel_services` allows, once their requirements hold.
+fn start_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
+    for si in 0..r.services.len() {
+        let running = r
+            .services
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    ServiceState::Progressing | ServiceState::AwaitingPromotion
+                )
+            })
+            .count();
+        if running >= r.max_parallel_services {
+            return;
+        }
+        let s = &r.services[si];
+        if s.state != ServiceState::Waiting {
+            continue;
+        }
+        let deps_done = s.depends_on.iter().all(|d| {
+            r.services
+                .iter()
+                .any(|o| &o.name == d && o.state == ServiceState::Succeeded)
+        });
+        if !deps_done {
+            continue;
+        }
+        if let Some(unmet) = unmet_requirement(r, si) {
+            // A requirement on a service of this plan holds once that
+            // service is through; one on the rest of the fleet never will.
+            let fixable = r.services[si]
+                .requires
+                .keys()
+                .all(|d| r.services.iter().any(|o| &o.name == d));
+            if !fixable {
+                fail(r, unmet, now, actions);
+                return;
+            }
+            continue;
+        }
+        r.services[si].state = ServiceState::Progressing;
+    }
 }
 
-/// Starts as many staged hosts as the window and the floor allow.
-fn start_hosts(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
-    let activating = r
-        .service
+/// Starts hosts of one service within its window, floor and step, and
+/// moves it through its steps.
+fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut Vec<Action>) {
+    let s = &r.services[si];
+    let activating = s
         .hosts
         .values()
         .filter(|h| h.state == HostState::Activating)
         .count();
-    let in_service = r.service.hosts.values().filter(|h| h.in_service()).count();
-    let room = r
-        .service
+    let in_service = s.hosts.values().filter(|h| h.in_service()).count();
+    let started = s
+        .hosts
+        .values()
+        .filter(|h| !matches!(h.state, HostState::Pending | HostState::Staging | HostState::Staged))
+        .count();
+    let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
+    let room = s
         .max_parallel
         .saturating_sub(activating)
-        .min(in_service.saturating_sub(r.service.min_healthy));
-    // Connected hosts first: starting a disconnected one would only take
-    // a window slot until it returns.
-    let candidates: Vec<HostId> = r
-        .service
+        .min(in_service.saturating_sub(s.min_healthy))
+        .min(step_limit.saturating_sub(started));
+    let candidates: Vec<HostId> = s
         .hosts
         .iter()
-        .filter(|(_, h)| h.state == HostState::Staged && h.connected)
+        .filter(|(id, h)| h.state == HostState::Staged && h.connected && !host_busy(r, id))
         .map(|(id, _)| id.clone())
         .take(room)
         .collect();
-    let deadline = now + r.service.gate.healthy_deadline + COMMAND_SLACK;
     for host in candidates {
+        let s = &r.services[si];
         let kind = CommandKind::Activate {
-            service: r.service.name.clone(),
-            version: r.service.version.clone(),
-            gate: r.service.gate,
+            service: s.name.clone(),
+            version: s.version.clone(),
+            gate: s.gate,
         };
-        send(r, &host, kind, deadline, actions);
-        if let Some(h) = r.service.hosts.get_mut(&host) {
+        send(r, si, &host, kind, actions, now);
+        if let Some(h) = r.services[si].hosts.get_mut(&host) {
             h.state = HostState::Activating;
             h.touched = true;
             h.started_at = Some(now);
             h.finished_at = None;
+        }
+    }
+    let s = &mut r.services[si];
+    let settled = |h: &HostRun| {
+        matches!(
+            h.state,
+            HostState::Healthy | HostState::Failed | HostState::RolledBack
+        )
+    };
+    if s.hosts.values().all(settled) {
+        s.state = ServiceState::Succeeded;
+        return;
+    }
+    let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
+    let step_settled = s.hosts.values().filter(|h| settled(h)).count() >= step_limit
+        && !s.hosts.values().any(|h| {
+            matches!(h.state, HostState::Activating | HostState::RollingBack)
+        });
+    if step_settled && s.step + 1 < s.steps.len() {
+        if s.promote {
+            s.state = ServiceState::AwaitingPromotion;
+        } else if let Some(pause) = s.pause {
+            let done = *s.step_done_at.get_or_insert(now);
+            if now.duration_since(done).is_ok_and(|d| d >= pause) {
+                s.step += 1;
+                s.step_done_at = None;
+            }
+        } else {
+            s.step += 1;
         }
     }
 }
@@ -756,7 +944,12 @@ fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     let stalled = now
         .duration_since(r.progress_at)
         .is_ok_and(|d| d >= r.progress_deadline);
-    if stalled {
+    // A pause between steps is planned, not a stall.
+    let pausing = r
+        .services
+        .iter()
+        .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_some());
+    if stalled && !pausing {
         let what = if r.state == State::Staging {
             "staging did not finish"
         } else {
@@ -776,42 +969,155 @@ fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
 
 /// The rollout failed: roll back if asked to, else stop where it is.
 fn fail(r: &mut Rollout, why: String, now: SystemTime, actions: &mut Vec<Action>) {
-    if r.auto_rollback && r.service.hosts.values().any(|h| h.touched) {
+    let touched = r
+        .services
+        .iter()
+        .any(|s| s.hosts.values().any(|h| h.touched));
+    if r.auto_rollback && touched {
         begin_rollback(r, why, now, actions);
     } else {
-        for h in r.service.hosts.values_mut() {
-            h.outstanding = None;
-        }
+        clear_outstanding(r);
         r.state = State::Failed;
         r.error = Some(why);
     }
 }
 
-/// Sends every host this rollout swapped back to where it was.
+/// Starts the system-wide rollback: every service this rollout changed,
+/// in reverse dependency order.
 fn begin_rollback(r: &mut Rollout, why: String, now: SystemTime, actions: &mut Vec<Action>) {
     r.state = State::RollingBack;
     r.resume_to = None;
     r.error = Some(why);
     r.progress_at = now;
-    let touched: Vec<HostId> = r
-        .service
-        .hosts
-        .iter()
-        .filter(|(_, h)| {
-            h.touched && !matches!(h.state, HostState::RolledBack | HostState::RollingBack)
-        })
-        .map(|(id, _)| id.clone())
-        .collect();
-    for host in touched {
-        rollback_host(r, &host, now, actions);
-    }
-    // Untouched hosts keep what they run; their staged release is unused.
-    for h in r.service.hosts.values_mut() {
-        if !h.touched && h.outstanding.is_some() {
-            h.outstanding = None;
+    for s in &mut r.services {
+        // Untouched hosts keep what they run; a staged release is unused.
+        for h in s.hosts.values_mut() {
+            if !h.touched && h.outstanding.is_some() {
+                h.outstanding = None;
+                if h.state == HostState::Staging {
+                    h.state = HostState::Staged;
+                }
+            }
+        }
+        if s.state == ServiceState::AwaitingPromotion || s.state == ServiceState::Progressing {
+            s.state = ServiceState::Succeeded; // settled below by the rollback
         }
     }
     advance(r, now, actions);
+}
+
+/// Whether service `si` still has hosts this rollout must return.
+fn needs_rollback(s: &ServiceRun) -> bool {
+    s.hosts
+        .values()
+        .any(|h| h.touched && !matches!(h.state, HostState::RolledBack) && !rollback_failed(h))
+}
+
+fn rollback_failed(h: &HostRun) -> bool {
+    h.state == HostState::Failed
+        && h
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("rollback failed"))
+}
+
+/// One step of the system-wide rollback: a service goes back only after
+/// every service depending on it is back; each goes back in windows of its
+/// own `max_parallel`, one activation per host at a time.
+fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
+    for si in (0..r.services.len()).rev() {
+        let name = r.services[si].name.clone();
+        let dependents_back = r.services.iter().all(|o| {
+            !o.depends_on.contains(&name)
+                || (!needs_rollback(o)
+                    && !o.hosts.values().any(|h| h.state == HostState::RollingBack))
+        });
+        let s = &r.services[si];
+        let busy = s
+            .hosts
+            .values()
+            .filter(|h| h.state == HostState::RollingBack)
+            .count();
+        if !needs_rollback(s) && busy == 0 {
+            if s.hosts.values().any(|h| h.touched) {
+                r.services[si].state = ServiceState::RolledBack;
+            }
+            continue;
+        }
+        if !dependents_back {
+            continue;
+        }
+        let room = s.max_parallel.saturating_sub(busy);
+        let hosts: Vec<HostId> = s
+            .hosts
+            .iter()
+            .filter(|(id, h)| {
+                h.touched
+                    && !matches!(h.state, HostState::RolledBack | HostState::RollingBack)
+                    && !rollback_failed(h)
+                    && !r.services.iter().enumerate().any(|(oi, o)| {
+                        oi != si
+                            && o.hosts.get(*id).is_some_and(|x| {
+                                matches!(x.state, HostState::Activating | HostState::RollingBack)
+                            })
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .take(room)
+            .collect();
+        r.services[si].state = ServiceState::RollingBack;
+        for host in hosts {
+            rollback_host(r, si, &host, now, actions);
+        }
+    }
+    let busy: Vec<String> = r
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.hosts
+                .iter()
+                .filter(|(_, h)| h.state == HostState::RollingBack || (h.touched && !matches!(h.state, HostState::RolledBack) && !rollback_failed(h)))
+                .map(move |(id, _)| format!("{} on {id}", s.name))
+        })
+        .collect();
+    if busy.is_empty() {
+        let failed: Vec<String> = r
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.hosts
+                    .iter()
+                    .filter(|(_, h)| rollback_failed(h))
+                    .map(move |(id, h)| format!("{} on {id}: {}", s.name, h.error.as_deref().unwrap_or("")))
+            })
+            .collect();
+        if failed.is_empty() {
+            r.state = State::RolledBack;
+        } else {
+            r.state = State::Failed;
+            r.error = Some(format!(
+                "{}; then the rollback failed: {}",
+                r.error.as_deref().unwrap_or("rolling back"),
+                failed.join("; ")
+            ));
+        }
+        return;
+    }
+    let stalled = now
+        .duration_since(r.progress_at)
+        .is_ok_and(|d| d >= r.progress_deadline);
+    if stalled {
+        // A host that never comes back must not hold the services (and
+        // every later rollout of them) forever.
+        clear_outstanding(r);
+        r.state = State::Failed;
+        r.error = Some(format!(
+            "{}; then the rollback did not finish within progress_deadline {} on {}",
+            r.error.as_deref().unwrap_or("rolling back"),
+            humantime::format_duration(r.progress_deadline),
+            busy.join(", ")
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub struct Plan {
     /// Fail when no host turns healthy for this long.
     #[serde(with = "humantime_serde")]
     pub progress_deadline: Duration,
+    /// How many services may progress at once (`None`: no limit).
+    pub max_parallel_services: Option<usize>,
     /// The services, in file order.
     pub services: Vec<ServicePlan>,
 }
@@ -51,7 +53,12 @@ pub struct ServicePlan {
     /// Version requirements on other services.
     pub requires: BTreeMap<String, String>,
     /// Hosts in the canary step (strategy `canary`).
-    pub canary: Option<u32>,
+    pub canary: Option<Amount>,
+    /// Cumulative host counts per step, e.g. `["1", "25%", "100%"]`.
+    pub steps: Option<Vec<Amount>>,
+    /// Wait this long between steps.
+    #[serde(with = "humantime_serde")]
+    pub pause: Option<Duration>,
     /// Continue after the canary without an operator's `promote`.
     pub auto_promote: bool,
 }
@@ -110,6 +117,7 @@ const DEFAULT_HEALTHY_DEADLINE: Duration = Duration::from_secs(300);
 struct RawPlan {
     auto_rollback: Option<bool>,
     progress_deadline: Option<String>,
+    max_parallel_services: Option<i64>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -130,7 +138,9 @@ struct RawService {
     depends_on: Vec<String>,
     #[serde(default)]
     requires: BTreeMap<String, String>,
-    canary: Option<i64>,
+    canary: Option<toml::Value>,
+    steps: Option<Vec<toml::Value>>,
+    pause: Option<String>,
     auto_promote: Option<bool>,
 }
 
@@ -215,41 +225,102 @@ impl Plan {
                 }
             }
         }
+        let max_parallel_services = match raw.max_parallel_services {
+            None => None,
+            Some(n) if n >= 1 => usize::try_from(n).ok(),
+            Some(_) => {
+                return Err(PlanError("max_parallel_services: must be at least 1".into()));
+            }
+        };
         let plan = Self {
             auto_rollback: raw.auto_rollback.unwrap_or(true),
             progress_deadline,
+            max_parallel_services,
             services,
         };
-        plan.check_supported()?;
+        if let Some(cycle) = plan.cycle() {
+            return Err(PlanError(format!(
+                "depends_on has a cycle: {}",
+                cycle.join(" -> ")
+            )));
+        }
         Ok(plan)
     }
 
-    /// What the engine cannot run yet, refused up front rather than
-    /// half-executed.
-    fn check_supported(&self) -> Result<(), PlanError> {
-        if self.services.len() > 1 {
-            return Err(PlanError(format!(
-                "this plan names {} services; this batond runs one service per rollout \
-                 (start one rollout per service, in dependency order)",
-                self.services.len()
-            )));
-        }
-        for s in &self.services {
-            if s.strategy == Strategy::Canary {
-                return Err(PlanError(format!(
-                    "service {:?}: strategy \"canary\" is not supported by this batond yet; \
-                     use \"rolling\" with a small max_parallel",
-                    s.name
-                )));
+    /// A dependency cycle, as `a -> b -> a`, if there is one.
+    fn cycle(&self) -> Option<Vec<String>> {
+        fn visit<'a>(
+            plan: &'a Plan,
+            name: &'a str,
+            path: &mut Vec<&'a str>,
+            done: &mut std::collections::BTreeSet<&'a str>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|p| *p == name) {
+                let mut cycle: Vec<String> = path[at..].iter().map(|s| (*s).to_owned()).collect();
+                cycle.push(name.to_owned());
+                return Some(cycle);
             }
-            if !s.requires.is_empty() {
-                return Err(PlanError(format!(
-                    "service {:?}: requires is not supported by this batond yet",
-                    s.name
-                )));
+            if done.contains(name) {
+                return None;
+            }
+            path.push(name);
+            let svc = plan.services.iter().find(|s| s.name == name)?;
+            for dep in &svc.depends_on {
+                if let Some(c) = visit(plan, dep, path, done) {
+                    return Some(c);
+                }
+            }
+            path.pop();
+            done.insert(name);
+            None
+        }
+        let mut done = std::collections::BTreeSet::new();
+        self.services
+            .iter()
+            .find_map(|s| visit(self, &s.name, &mut Vec::new(), &mut done))
+    }
+
+    /// Service indices in dependency order (dependencies first; otherwise
+    /// file order).
+    pub fn order(&self) -> Vec<usize> {
+        let mut placed: Vec<usize> = Vec::with_capacity(self.services.len());
+        while placed.len() < self.services.len() {
+            let before = placed.len();
+            for (i, s) in self.services.iter().enumerate() {
+                let ready = !placed.contains(&i)
+                    && s.depends_on.iter().all(|d| {
+                        placed.iter().any(|p| &self.services[*p].name == d)
+                    });
+                if ready {
+                    placed.push(i);
+                }
+            }
+            if placed.len() == before {
+                break; // a cycle; refused by `parse`
             }
         }
-        Ok(())
+        placed
+    }
+
+    /// The services in waves: each wave depends only on earlier ones.
+    pub fn waves(&self) -> Vec<Vec<String>> {
+        let mut waves: Vec<Vec<String>> = Vec::new();
+        let mut done: Vec<&str> = Vec::new();
+        while done.len() < self.services.len() {
+            let wave: Vec<String> = self
+                .services
+                .iter()
+                .filter(|s| !done.contains(&s.name.as_str()))
+                .filter(|s| s.depends_on.iter().all(|d| done.contains(&d.as_str())))
+                .map(|s| s.name.clone())
+                .collect();
+            if wave.is_empty() {
+                break;
+            }
+            done.extend(self.services.iter().filter(|s| wave.contains(&s.name)).map(|s| s.name.as_str()));
+            waves.push(wave);
+        }
+        waves
     }
 }
 
@@ -285,12 +356,9 @@ impl ServicePlan {
             Some(n) => u32::try_from(n)
                 .map_err(|_| PlanError(format!("{}: must be 0 or more", at("max_failures"))))?,
         };
-        let canary = match (s.canary, strategy) {
+        let canary = match (&s.canary, strategy) {
             (None, _) => None,
-            (Some(n), Strategy::Canary) if n >= 1 => u32::try_from(n).ok(),
-            (Some(_), Strategy::Canary) => {
-                return Err(PlanError(format!("{}: must be at least 1", at("canary"))));
-            }
+            (Some(v), Strategy::Canary) => Some(amount(v, &at("canary"), false)?),
             (Some(_), _) => {
                 return Err(PlanError(format!(
                     "{}: only applies to strategy \"canary\"",
@@ -298,6 +366,53 @@ impl ServicePlan {
                 )));
             }
         };
+        if strategy == Strategy::Canary && canary.is_none() && s.steps.is_none() {
+            return Err(PlanError(format!(
+                "{}: strategy \"canary\" needs canary = N (or steps = [...])",
+                at("canary")
+            )));
+        }
+        let steps = match &s.steps {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(PlanError(format!("{}: name at least one step", at("steps"))));
+            }
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        // Steps may be written as strings: "1", "25%".
+                        let v = match v {
+                            toml::Value::String(t) if !t.ends_with('%') => t
+                                .parse::<i64>()
+                                .map(toml::Value::Integer)
+                                .unwrap_or_else(|_| v.clone()),
+                            other => other.clone(),
+                        };
+                        amount(&v, &at(&format!("steps[{i}]")), false)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if canary.is_some() && steps.is_some() {
+            return Err(PlanError(format!(
+                "{}: give canary = N or steps = [...], not both",
+                at("steps")
+            )));
+        }
+        let pause = s
+            .pause
+            .as_deref()
+            .map(|p| duration(Some(p), Duration::ZERO, &at("pause")))
+            .transpose()?;
+        for (dep, req) in &s.requires {
+            semver::VersionReq::parse(req).map_err(|e| {
+                PlanError(format!(
+                    "{}: {dep} = {req:?} is not a version requirement: {e}",
+                    at("requires")
+                ))
+            })?;
+        }
         if s.hosts.as_ref().is_some_and(BTreeMap::is_empty) {
             return Err(PlanError(format!(
                 "{}: an empty selector; name labels or leave hosts out",
@@ -325,6 +440,8 @@ impl ServicePlan {
             depends_on: s.depends_on,
             requires: s.requires,
             canary,
+            steps,
+            pause,
             auto_promote: s.auto_promote.unwrap_or(false),
         })
     }
@@ -427,11 +544,9 @@ max_failures = 1
     }
 
     #[test]
-    fn the_full_format_parses_but_what_is_not_supported_yet_is_refused() {
+    fn the_full_format_parses_and_bad_graphs_are_refused() {
         let two = r#"
-[[service]]
-name = "api"
-version = "2.0.0"
+max_parallel_services = 2
 
 [[service]]
 name = "web"
@@ -439,16 +554,41 @@ version = "3.1.0"
 depends_on = ["api"]
 requires = { api = ">=2.0" }
 strategy = "canary"
-canary = 1
+canary = "25%"
+auto_promote = true
+
+[[service]]
+name = "api"
+version = "2.0.0"
+steps = ["1", "50%", "100%"]
+pause = "30s"
 "#;
-        assert!(err(two).contains("names 2 services"));
-        let dangling = "[[service]]\nname = \"a\"\nversion = \"1\"\n[[service]]\nname = \"b\"\nversion = \"1\"\ndepends_on = [\"c\"]\n";
-        assert!(err(dangling).contains("depends_on names \"c\""));
-        let twice = "[[service]]\nname = \"a\"\nversion = \"1\"\n[[service]]\nname = \"a\"\nversion = \"2\"\n";
-        assert!(err(twice).contains("appears twice"));
-        let canary =
-            "[[service]]\nname = \"a\"\nversion = \"1\"\nstrategy = \"canary\"\ncanary = 1\n";
-        assert!(err(canary).contains("canary\" is not supported"));
+        let plan = Plan::parse(two).unwrap();
+        assert_eq!(plan.max_parallel_services, Some(2));
+        assert_eq!(plan.order(), vec![1, 0], "api before web");
+        assert_eq!(plan.waves(), vec![vec!["api".to_owned()], vec!["web".to_owned()]]);
+        assert_eq!(plan.services[0].canary, Some(Amount::Percent(25)));
+        assert_eq!(
+            plan.services[1].steps,
+            Some(vec![Amount::Count(1), Amount::Percent(50), Amount::Percent(100)])
+        );
+        assert_eq!(plan.services[1].pause, Some(Duration::from_secs(30)));
+
+        let svc = |name: &str, deps: &str| {
+            format!("[[service]]\nname = \"{name}\"\nversion = \"1\"\ndepends_on = [{deps}]\n")
+        };
+        let cycle = format!("{}{}{}", svc("a", "\"c\""), svc("b", "\"a\""), svc("c", "\"b\""));
+        assert_eq!(err(&cycle), "depends_on has a cycle: a -> c -> b -> a");
+        assert!(err(&svc("a", "\"a\"")).contains("cannot depend on itself"));
+        let dangling = format!("{}{}", svc("a", ""), svc("b", "\"c\""));
+        assert!(err(&dangling).contains("depends_on names \"c\""));
+        let twice = format!("{}{}", svc("a", ""), svc("a", ""));
+        assert!(err(&twice).contains("appears twice"));
+        let bad_req = "[[service]]\nname = \"a\"\nversion = \"1\"\nrequires = { b = \"newest\" }\n";
+        assert!(err(bad_req).contains("requires: b = \"newest\" is not a version requirement"));
+        let no_canary = "[[service]]\nname = \"a\"\nversion = \"1\"\nstrategy = \"canary\"\n";
+        assert!(err(no_canary).contains("needs canary = N"));
+        assert!(err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1\"\n").contains("at least 1"));
     }
 
     #[test]

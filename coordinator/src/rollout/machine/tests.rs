@@ -11,10 +11,38 @@ fn host(i: usize) -> HostId {
     HostId::try_from(format!("h{i}")).unwrap()
 }
 
-fn rollout(hosts: usize, max_parallel: usize, min_healthy: usize) -> Rollout {
-    let hosts = (0..hosts)
-        .map(|i| (host(i), HostRun::new(Some("1".into()), "2".into(), true)))
-        .collect();
+fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> ServiceRun {
+    ServiceRun {
+        name: name.into(),
+        version: "2".into(),
+        digest: "sha256:00".into(),
+        manifest: b"{}".to_vec(),
+        signature: vec![1],
+        depends_on: vec![],
+        requires: BTreeMap::new(),
+        outside: BTreeMap::new(),
+        max_parallel,
+        min_healthy,
+        max_failures: 0,
+        gate: HealthGate {
+            min_healthy_time: Duration::from_secs(1),
+            healthy_deadline: Duration::from_secs(30),
+        },
+        steps: vec![hosts.len()],
+        step: 0,
+        promote: false,
+        pause: None,
+        step_done_at: None,
+        failures: 0,
+        state: ServiceState::Waiting,
+        hosts: hosts
+            .iter()
+            .map(|i| (host(*i), HostRun::new(Some("1".into()), "2".into(), true)))
+            .collect(),
+    }
+}
+
+fn with_services(services: Vec<ServiceRun>) -> Rollout {
     Rollout {
         id: "r-1".into(),
         plan: String::new(),
@@ -22,28 +50,19 @@ fn rollout(hosts: usize, max_parallel: usize, min_healthy: usize) -> Rollout {
         resume_to: None,
         auto_rollback: true,
         progress_deadline: Duration::from_secs(600),
-        service: ServiceRun {
-            name: "api".into(),
-            version: "2".into(),
-            digest: "sha256:00".into(),
-            manifest: b"{}".to_vec(),
-            signature: vec![1],
-            max_parallel,
-            min_healthy,
-            max_failures: 0,
-            gate: HealthGate {
-                min_healthy_time: Duration::from_secs(1),
-                healthy_deadline: Duration::from_secs(30),
-            },
-            failures: 0,
-            hosts,
-        },
+        max_parallel_services: usize::MAX,
+        services,
         created_at: t(0),
         updated_at: t(0),
         progress_at: t(0),
         error: None,
         next_seq: 0,
     }
+}
+
+fn rollout(hosts: usize, max_parallel: usize, min_healthy: usize) -> Rollout {
+    let ids: Vec<usize> = (0..hosts).collect();
+    with_services(vec![svc("api", &ids, max_parallel, min_healthy)])
 }
 
 /// Feeds an event, asserting it is accepted.
@@ -54,7 +73,13 @@ fn feed(r: &mut Rollout, e: Event, now: SystemTime) -> Vec<Action> {
 }
 
 fn done(r: &Rollout, h: &HostId, outcome: Outcome) -> Event {
-    let id = r.service.hosts[h].outstanding.as_ref().unwrap().id.clone();
+    let id = r
+        .services
+        .iter()
+        .find_map(|s| s.hosts.get(h).and_then(|x| x.outstanding.as_ref()))
+        .unwrap()
+        .id
+        .clone();
     Event::Update(
         h.clone(),
         CommandUpdate::done(
@@ -77,9 +102,9 @@ fn kinds(actions: &[Action]) -> Vec<(String, &'static str)> {
 }
 
 fn stage_all(r: &mut Rollout) {
-    let hosts: Vec<HostId> = r.service.hosts.keys().cloned().collect();
+    let hosts: Vec<HostId> = r.services[0].hosts.keys().cloned().collect();
     for h in hosts {
-        if r.service.hosts[&h].state == HostState::Staging {
+        if r.services[0].hosts[&h].state == HostState::Staging {
             let e = done(r, &h, Outcome::Succeeded);
             feed(r, e, t(1));
         }
@@ -101,7 +126,7 @@ fn stages_everywhere_first_then_activates_in_windows() {
     stage_all(&mut r);
     assert_eq!(r.state, State::Progressing);
     let activating: Vec<_> = r
-        .service
+        .services[0]
         .hosts
         .iter()
         .filter(|(_, h)| h.state == HostState::Activating)
@@ -122,7 +147,7 @@ fn stages_everywhere_first_then_activates_in_windows() {
     }
     assert_eq!(r.state, State::Succeeded);
     assert!(
-        r.service
+        r.services[0]
             .hosts
             .values()
             .all(|h| h.state == HostState::Healthy && h.finished_at.is_some())
@@ -136,7 +161,7 @@ fn the_floor_limits_the_window() {
     feed(&mut r, Event::Tick, t(0));
     stage_all(&mut r);
     let active = r
-        .service
+        .services[0]
         .hosts
         .values()
         .filter(|h| h.state == HostState::Activating)
@@ -170,14 +195,14 @@ fn a_failure_rolls_back_only_the_touched_hosts() {
         CommandUpdate::done("r-1/6", Outcome::Succeeded, ""),
     );
     feed(&mut r, stale, t(6));
-    assert_eq!(r.service.hosts[&host(1)].state, HostState::RollingBack);
+    assert_eq!(r.services[0].hosts[&host(1)].state, HostState::RollingBack);
     for i in [0, 1] {
         let e = done(&r, &host(i), Outcome::Succeeded);
         feed(&mut r, e, t(7));
     }
     assert_eq!(r.state, State::RolledBack);
-    assert_eq!(r.service.hosts[&host(2)].state, HostState::Staged);
-    assert!(r.service.hosts[&host(2)].started_at.is_none());
+    assert_eq!(r.services[0].hosts[&host(2)].state, HostState::Staged);
+    assert!(r.services[0].hosts[&host(2)].started_at.is_none());
 }
 
 #[test]
@@ -194,7 +219,7 @@ fn without_auto_rollback_a_failure_just_fails() {
 #[test]
 fn max_failures_tolerates_that_many() {
     let mut r = rollout(3, 1, 0);
-    r.service.max_failures = 1;
+    r.services[0].max_failures = 1;
     feed(&mut r, Event::Tick, t(0));
     stage_all(&mut r);
     let e = done(&r, &host(0), Outcome::Failed);
@@ -213,7 +238,7 @@ fn max_failures_tolerates_that_many() {
     let e = done(&r, &host(0), Outcome::Succeeded);
     feed(&mut r, e, t(8));
     assert_eq!(r.state, State::Succeeded);
-    assert_eq!(r.service.hosts[&host(0)].state, HostState::RolledBack);
+    assert_eq!(r.services[0].hosts[&host(0)].state, HostState::RolledBack);
 }
 
 #[test]
@@ -243,7 +268,7 @@ fn a_staging_failure_fails_before_anything_is_touched() {
         r.error
     );
     assert!(
-        r.service
+        r.services[0]
             .hosts
             .values()
             .all(|h| !h.touched && h.outstanding.is_none())
@@ -294,7 +319,7 @@ fn a_rollback_that_cannot_finish_fails_after_the_progress_deadline() {
         r.error
             .as_deref()
             .unwrap()
-            .contains("rollback did not finish within progress_deadline 1m on h1"),
+            .contains("rollback did not finish within progress_deadline 1m on api on h1"),
         "{:?}",
         r.error
     );
@@ -309,7 +334,7 @@ fn pause_resume_abort() {
     assert_eq!(r.state, State::Paused);
     let e = done(&r, &host(0), Outcome::Succeeded);
     assert!(feed(&mut r, e, t(3)).is_empty(), "paused: no new host");
-    assert_eq!(r.service.hosts[&host(0)].state, HostState::Healthy);
+    assert_eq!(r.services[0].hosts[&host(0)].state, HostState::Healthy);
     assert!(step(&r, &Event::Operator(Operator::Pause), t(3)).is_err());
     let a = feed(&mut r, Event::Operator(Operator::Resume), t(1000));
     assert_eq!(r.state, State::Progressing);
@@ -327,7 +352,7 @@ fn pause_resume_abort() {
 #[test]
 fn a_first_install_rolls_back_by_removing() {
     let mut r = rollout(1, 1, 0);
-    r.service.hosts.get_mut(&host(0)).unwrap().from_version = None;
+    r.services[0].hosts.get_mut(&host(0)).unwrap().from_version = None;
     feed(&mut r, Event::Tick, t(0));
     stage_all(&mut r);
     let e = done(&r, &host(0), Outcome::Succeeded);
@@ -340,14 +365,14 @@ fn a_first_install_rolls_back_by_removing() {
 #[test]
 fn outstanding_commands_are_resent_with_the_same_id_on_reconnect() {
     let mut r = rollout(2, 1, 0);
-    r.service.hosts.get_mut(&host(1)).unwrap().connected = false;
+    r.services[0].hosts.get_mut(&host(1)).unwrap().connected = false;
     let a = feed(&mut r, Event::Tick, t(0));
     assert_eq!(
         kinds(&a),
         vec![("h0".into(), "stage")],
         "nothing sent to a disconnected host"
     );
-    let id = r.service.hosts[&host(1)]
+    let id = r.services[0].hosts[&host(1)]
         .outstanding
         .as_ref()
         .unwrap()
@@ -361,14 +386,14 @@ fn outstanding_commands_are_resent_with_the_same_id_on_reconnect() {
 #[test]
 fn hosts_already_on_the_target_are_left_alone() {
     let mut r = rollout(2, 1, 0);
-    *r.service.hosts.get_mut(&host(1)).unwrap() = HostRun::new(Some("2".into()), "2".into(), true);
+    *r.services[0].hosts.get_mut(&host(1)).unwrap() = HostRun::new(Some("2".into()), "2".into(), true);
     let a = feed(&mut r, Event::Tick, t(0));
     assert_eq!(kinds(&a), vec![("h0".into(), "stage")]);
     stage_all(&mut r);
     let e = done(&r, &host(0), Outcome::Succeeded);
     feed(&mut r, e, t(3));
     assert_eq!(r.state, State::Succeeded);
-    assert!(!r.service.hosts[&host(1)].touched);
+    assert!(!r.services[0].hosts[&host(1)].touched);
 }
 
 /// Random event sequences never break the invariants.
@@ -381,7 +406,7 @@ fn property_invariants_hold_under_random_events() {
         let floor = rng.usize(0..n);
         let mut r = rollout(n, window, floor);
         r.auto_rollback = rng.bool();
-        r.service.max_failures = rng.u32(0..2);
+        r.services[0].max_failures = rng.u32(0..2);
         let mut now = 0u64;
         let mut activations: BTreeMap<HostId, std::collections::BTreeSet<String>> = BTreeMap::new();
         for _ in 0..200 {
@@ -400,7 +425,7 @@ fn property_invariants_hold_under_random_events() {
                         Operator::Promote,
                     ][rng.usize(0..5)],
                 ),
-                _ => match &r.service.hosts[&h].outstanding {
+                _ => match &r.services[0].hosts[&h].outstanding {
                     Some(c) => Event::Update(
                         h.clone(),
                         CommandUpdate::done(
@@ -430,7 +455,7 @@ fn property_invariants_hold_under_random_events() {
             }
             for Action::Send(h, c) in &actions {
                 assert!(
-                    r.service.hosts[h].connected,
+                    r.services[0].hosts[h].connected,
                     "seed {seed}: sent to a disconnected host"
                 );
                 if c.kind.name() == "activate" {
@@ -442,13 +467,13 @@ fn property_invariants_hold_under_random_events() {
                 }
                 if matches!(c.kind.name(), "rollback" | "remove") {
                     assert!(
-                        r.service.hosts[h].touched,
+                        r.services[0].hosts[h].touched,
                         "seed {seed}: rolled back an untouched host"
                     );
                 }
             }
             let activating = r
-                .service
+                .services[0]
                 .hosts
                 .values()
                 .filter(|h| h.state == HostState::Activating)
@@ -459,10 +484,10 @@ fn property_invariants_hold_under_random_events() {
             );
             let started = actions.iter().any(|Action::Send(h, c)| {
                 c.kind.name() == "activate"
-                    && before.service.hosts[h].state != HostState::Activating
+                    && before.services[0].hosts[h].state != HostState::Activating
             });
             if started {
-                let in_service = r.service.hosts.values().filter(|h| h.in_service()).count();
+                let in_service = r.services[0].hosts.values().filter(|h| h.in_service()).count();
                 assert!(
                     in_service >= floor,
                     "seed {seed}: started a host below the floor"
@@ -470,7 +495,7 @@ fn property_invariants_hold_under_random_events() {
             }
             if r.state == State::Succeeded {
                 assert!(
-                    r.service
+                    r.services[0]
                         .hosts
                         .values()
                         .all(|h| matches!(h.state, HostState::Healthy | HostState::Failed))
@@ -482,6 +507,296 @@ fn property_invariants_hold_under_random_events() {
                     "seed {seed}: {:?} without a reason",
                     r.state
                 );
+            }
+        }
+    }
+}
+
+/// Answers every outstanding command of `kind` with `outcome`.
+fn answer(r: &mut Rollout, kind: &str, outcome: Outcome, now: SystemTime) -> Vec<Action> {
+    let mut all = Vec::new();
+    let pending: Vec<(HostId, String)> = r
+        .services
+        .iter()
+        .flat_map(|s| s.hosts.iter())
+        .filter_map(|(id, h)| {
+            let c = h.outstanding.as_ref()?;
+            (c.kind.name() == kind).then(|| (id.clone(), c.id.clone()))
+        })
+        .collect();
+    for (h, id) in pending {
+        let e = Event::Update(h, CommandUpdate::done(&id, outcome, if outcome == Outcome::Failed { "boom" } else { "" }));
+        all.extend(feed(r, e, now));
+    }
+    all
+}
+
+fn state_of(r: &Rollout, name: &str) -> ServiceState {
+    r.services.iter().find(|s| s.name == name).unwrap().state
+}
+
+/// db ← api ← web on separate hosts.
+fn system() -> Rollout {
+    let db = svc("db", &[0, 1], 1, 1);
+    let mut api = svc("api", &[2, 3], 1, 1);
+    api.depends_on = vec!["db".into()];
+    let mut web = svc("web", &[4, 5], 1, 1);
+    web.depends_on = vec!["api".into()];
+    web.requires = BTreeMap::from([("api".to_owned(), ">=2".to_owned())]);
+    with_services(vec![db, api, web])
+}
+
+#[test]
+fn services_go_in_dependency_order() {
+    let mut r = system();
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    assert_eq!(r.state, State::Progressing);
+    assert_eq!(state_of(&r, "db"), ServiceState::Progressing);
+    assert_eq!(state_of(&r, "api"), ServiceState::Waiting);
+    let mut order = Vec::new();
+    for i in 0..20 {
+        let a = answer(&mut r, "activate", Outcome::Succeeded, t(2 + i));
+        for Action::Send(h, _) in a {
+            order.push(h.to_string());
+        }
+        if r.state == State::Succeeded {
+            break;
+        }
+    }
+    assert_eq!(r.state, State::Succeeded);
+    // db's second host, then api's, then web's: never a dependent early.
+    assert_eq!(order, vec!["h1", "h2", "h3", "h4", "h5"]);
+}
+
+#[test]
+fn a_failing_dependent_rolls_the_system_back_in_reverse_order() {
+    let mut r = system();
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    for i in 0..4 {
+        answer(&mut r, "activate", Outcome::Succeeded, t(2 + i));
+    }
+    assert_eq!(state_of(&r, "web"), ServiceState::Progressing);
+    // web's first host fails: web goes back first, then api, then db.
+    let a = answer(&mut r, "activate", Outcome::Failed, t(10));
+    assert_eq!(r.state, State::RollingBack);
+    assert_eq!(kinds(&a), vec![("h4".into(), "rollback")]);
+    let a = answer(&mut r, "rollback", Outcome::Succeeded, t(11));
+    assert_eq!(kinds(&a), vec![("h2".into(), "rollback")], "api after web, one at a time");
+    let a = answer(&mut r, "rollback", Outcome::Succeeded, t(12));
+    assert_eq!(kinds(&a), vec![("h3".into(), "rollback")]);
+    let a = answer(&mut r, "rollback", Outcome::Succeeded, t(13));
+    assert_eq!(kinds(&a), vec![("h0".into(), "rollback")], "db last");
+    answer(&mut r, "rollback", Outcome::Succeeded, t(14));
+    answer(&mut r, "rollback", Outcome::Succeeded, t(15));
+    assert_eq!(r.state, State::RolledBack, "{:?}", r.error);
+    assert!(r.error.as_deref().unwrap().contains("web on h4: boom"));
+    for s in &r.services {
+        assert_eq!(s.state, ServiceState::RolledBack, "{}", s.name);
+    }
+    assert!(r.services[2].hosts[&host(5)].started_at.is_none(), "web stopped at its first host");
+}
+
+#[test]
+fn a_host_never_runs_two_activations_at_once() {
+    // Two independent services on the same two hosts.
+    let mut r = with_services(vec![svc("a", &[0, 1], 2, 0), svc("b", &[0, 1], 2, 0)]);
+    feed(&mut r, Event::Tick, t(0));
+    let a = answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    let hosts: Vec<String> = kinds(&a).into_iter().filter(|(_, k)| *k == "activate").map(|(h, _)| h).collect();
+    assert_eq!(hosts, vec!["h0", "h1"], "b waits for the hosts a is activating");
+    let a = answer(&mut r, "activate", Outcome::Succeeded, t(2));
+    assert_eq!(kinds(&a), vec![("h0".into(), "activate"), ("h1".into(), "activate")]);
+    answer(&mut r, "activate", Outcome::Succeeded, t(3));
+    assert_eq!(r.state, State::Succeeded);
+}
+
+#[test]
+fn a_canary_waits_for_promotion_unless_auto_promoted() {
+    let mut r = rollout(4, 2, 0);
+    r.services[0].steps = vec![1, 4];
+    r.services[0].promote = true;
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    answer(&mut r, "activate", Outcome::Succeeded, t(2));
+    assert_eq!(r.state, State::AwaitingPromotion);
+    let on_new = r.services[0].hosts.values().filter(|h| h.state == HostState::Healthy).count();
+    assert_eq!(on_new, 1);
+    // Waiting for an operator never times out.
+    feed(&mut r, Event::Tick, t(100_000));
+    assert_eq!(r.state, State::AwaitingPromotion);
+    let a = feed(&mut r, Event::Operator(Operator::Promote), t(100_001));
+    assert_eq!(a.len(), 2, "the rest at max_parallel");
+    answer(&mut r, "activate", Outcome::Succeeded, t(100_002));
+    let a = answer(&mut r, "activate", Outcome::Succeeded, t(100_003));
+    assert!(a.is_empty());
+    assert_eq!(r.state, State::Succeeded);
+
+    let mut auto = rollout(4, 2, 0);
+    auto.services[0].steps = vec![1, 4];
+    feed(&mut auto, Event::Tick, t(0));
+    answer(&mut auto, "stage", Outcome::Succeeded, t(1));
+    let a = answer(&mut auto, "activate", Outcome::Succeeded, t(2));
+    assert_eq!(a.len(), 2, "auto_promote continues at once");
+}
+
+#[test]
+fn steps_pause_between_them() {
+    let mut r = rollout(4, 4, 0);
+    r.services[0].steps = vec![1, 2, 4];
+    r.services[0].pause = Some(Duration::from_secs(30));
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    let a = answer(&mut r, "activate", Outcome::Succeeded, t(2));
+    assert!(a.is_empty(), "pausing after step 1");
+    assert!(feed(&mut r, Event::Tick, t(20)).is_empty());
+    let a = feed(&mut r, Event::Tick, t(33));
+    assert_eq!(a.len(), 1, "step 2: one more host");
+    answer(&mut r, "activate", Outcome::Succeeded, t(34));
+    let a = feed(&mut r, Event::Tick, t(70));
+    assert_eq!(a.len(), 2, "step 3: the rest");
+}
+
+#[test]
+fn a_requirement_outside_the_plan_that_breaks_fails_the_rollout() {
+    let mut r = rollout(2, 1, 0);
+    r.services[0].requires = BTreeMap::from([("db".to_owned(), ">=5".to_owned())]);
+    r.services[0].outside = BTreeMap::from([("db".to_owned(), vec!["4.2.0".to_owned()])]);
+    r.auto_rollback = false;
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    assert_eq!(r.state, State::Failed);
+    assert_eq!(r.error.as_deref(), Some("api requires db >=5, but a host runs db 4.2.0"));
+}
+
+/// Random systems: up to 8 services on random DAGs over up to 30 hosts with
+/// overlapping host sets, random failures, disconnects and operator
+/// actions; then everything is answered until the rollout ends.
+#[test]
+fn property_systems_keep_their_invariants_and_always_end() {
+    for seed in 0..150u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n_hosts = rng.usize(1..=30);
+        let n_svc = rng.usize(1..=8);
+        let mut services = Vec::new();
+        for i in 0..n_svc {
+            let mut ids: Vec<usize> = (0..n_hosts).filter(|_| rng.bool()).collect();
+            if ids.is_empty() {
+                ids.push(rng.usize(0..n_hosts));
+            }
+            let window = rng.usize(1..=ids.len());
+            let floor = rng.usize(0..ids.len());
+            let mut s = svc(&format!("s{i}"), &ids, window, floor);
+            s.depends_on = (0..i).filter(|_| rng.u8(0..4) == 0).map(|d| format!("s{d}")).collect();
+            s.max_failures = rng.u32(0..2);
+            if rng.u8(0..4) == 0 {
+                s.steps = vec![1.min(ids.len()), ids.len()];
+                s.promote = rng.bool();
+            }
+            services.push(s);
+        }
+        let mut r = with_services(services);
+        r.auto_rollback = rng.bool();
+        r.max_parallel_services = rng.usize(1..=3);
+        let hosts_of = |r: &Rollout| -> Vec<HostId> {
+            let mut all: Vec<HostId> = r.services.iter().flat_map(|s| s.hosts.keys().cloned()).collect();
+            all.sort();
+            all.dedup();
+            all
+        };
+        let all_hosts = hosts_of(&r);
+        let mut now = 0u64;
+        let mut activations: BTreeMap<(String, HostId), std::collections::BTreeSet<String>> = BTreeMap::new();
+        let mut check = |r: &Rollout, before: &Rollout, actions: &[Action], seed: u64| {
+            for Action::Send(h, c) in actions {
+                if c.kind.name() == "activate" {
+                    let svc = c.kind.service().unwrap().to_owned();
+                    let ids = activations.entry((svc, h.clone())).or_default();
+                    ids.insert(c.id.clone());
+                    assert_eq!(ids.len(), 1, "seed {seed}: {h} activated twice for one service");
+                }
+            }
+            for h in &all_hosts {
+                let busy = r
+                    .services
+                    .iter()
+                    .filter(|s| s.hosts.get(h).is_some_and(|x| matches!(x.state, HostState::Activating | HostState::RollingBack)))
+                    .count();
+                assert!(busy <= 1, "seed {seed}: {h} runs {busy} activations at once");
+            }
+            for (si, s) in r.services.iter().enumerate() {
+                let newly = actions.iter().any(|Action::Send(h, c)| {
+                    c.kind.name() == "activate"
+                        && c.kind.service() == Some(&s.name)
+                        && before.services[si].hosts[h].state != HostState::Activating
+                });
+                if newly {
+                    let in_service = s.hosts.values().filter(|h| h.in_service()).count();
+                    assert!(in_service >= s.min_healthy, "seed {seed}: {} below its floor", s.name);
+                    for d in &s.depends_on {
+                        let dep = r.services.iter().find(|o| &o.name == d).unwrap();
+                        assert_eq!(dep.state, ServiceState::Succeeded, "seed {seed}: {} before {d}", s.name);
+                    }
+                }
+            }
+        };
+        for _ in 0..300 {
+            now += rng.u64(0..30);
+            let h = all_hosts[rng.usize(0..all_hosts.len())].clone();
+            let event = match rng.u8(0..12) {
+                0 => Event::Disconnected(h.clone()),
+                1 | 2 => Event::Connected(h.clone()),
+                3 => Event::Tick,
+                4 => Event::Operator([Operator::Pause, Operator::Resume, Operator::Promote, Operator::Promote, Operator::Abort, Operator::Rollback][rng.usize(0..6)]),
+                _ => {
+                    let out: Vec<String> = r.services.iter().filter_map(|s| s.hosts.get(&h)?.outstanding.as_ref().map(|c| c.id.clone())).collect();
+                    match out.first() {
+                        Some(id) => Event::Update(h.clone(), CommandUpdate::done(id, if rng.u8(0..6) == 0 { Outcome::Failed } else { Outcome::Succeeded }, "x")),
+                        None => Event::Tick,
+                    }
+                }
+            };
+            let before = r.clone();
+            let Ok((next, actions)) = step(&r, &event, t(now)) else { continue };
+            r = next;
+            check(&r, &before, &actions, seed);
+        }
+        // Then the world behaves: every host connects, every command
+        // succeeds, promotions are granted. The rollout must end.
+        for h in &all_hosts {
+            let before = r.clone();
+            let (next, actions) = step(&r, &Event::Connected(h.clone()), t(now)).unwrap();
+            r = next;
+            check(&r, &before, &actions, seed);
+        }
+        if r.state == State::Paused {
+            r = step(&r, &Event::Operator(Operator::Resume), t(now)).unwrap().0;
+        }
+        for _ in 0..2000 {
+            if r.state.is_terminal() {
+                break;
+            }
+            now += 5;
+            let pending: Vec<(HostId, String)> = r.services.iter().flat_map(|s| s.hosts.iter()).filter_map(|(id, h)| Some((id.clone(), h.outstanding.as_ref()?.id.clone()))).collect();
+            let event = if let Some((h, id)) = pending.first() {
+                Event::Update(h.clone(), CommandUpdate::done(id, Outcome::Succeeded, ""))
+            } else if r.state == State::AwaitingPromotion {
+                Event::Operator(Operator::Promote)
+            } else {
+                Event::Tick
+            };
+            let before = r.clone();
+            let (next, actions) = step(&r, &event, t(now)).unwrap();
+            r = next;
+            check(&r, &before, &actions, seed);
+        }
+        assert!(r.state.is_terminal(), "seed {seed}: stuck in {:?}", r.state);
+        if r.state == State::RolledBack {
+            for s in &r.services {
+                for (id, h) in &s.hosts {
+                    assert!(!h.touched || h.state == HostState::RolledBack, "seed {seed}: {} on {id} not restored ({:?})", s.name, h.state);
+                }
             }
         }
     }
