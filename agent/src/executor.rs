@@ -67,6 +67,10 @@ struct Inner {
     journal: Journal,
     fetch: ArtifactServiceClient<Channel>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// One activation (or rollback) on this host at a time, whatever the
+    /// service or rollout: two restarts at once could together take more
+    /// of the host out of service than any one plan allows.
+    host: tokio::sync::Mutex<()>,
     /// One download per payload at a time (two stages of one artifact
     /// would append to the same partial file).
     downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -173,6 +177,7 @@ impl Executor {
                 journal,
                 fetch: ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20),
                 slots: Mutex::default(),
+                host: tokio::sync::Mutex::new(()),
                 downloads: Mutex::default(),
                 running: Mutex::default(),
                 updates: broadcast::channel(1024).0,
@@ -639,6 +644,12 @@ impl Executor {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let mut st = slot.state.lock().await;
+        let _one_per_host = tokio::select! {
+            guard = self.inner.host.lock() => guard,
+            () = cancel.cancelled() => {
+                return Err(format!("{name} {version}: cancelled by a rollback before it started"));
+            }
+        };
         if cancel.is_cancelled() {
             return Err(format!(
                 "{name} {version}: cancelled by a rollback before it started"

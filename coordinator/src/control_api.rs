@@ -244,6 +244,18 @@ impl ControlService for ControlApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
+    async fn plan_rollout(
+        &self,
+        request: Request<StartRolloutRequest>,
+    ) -> Result<Response<baton_proto::control::v1::RolloutPlan>, Status> {
+        let r = self
+            .rollouts
+            .plan(request.into_inner().plan)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(crate::rollout::dry_run(&r)))
+    }
+
     async fn control_rollout(
         &self,
         request: Request<ControlRolloutRequest>,

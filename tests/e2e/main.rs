@@ -9,4 +9,5 @@ mod fleet;
 mod handoff;
 mod rollout;
 mod security;
+mod system;
 mod systemd;

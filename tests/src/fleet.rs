@@ -25,6 +25,10 @@ pub struct Fleet {
     pub agent_url: String,
     /// Environment for the agents (set before starting them).
     pub agent_env: Vec<(String, String)>,
+    /// Labels per host (default `role=web`).
+    pub labels: BTreeMap<String, Vec<String>>,
+    /// Ports of named services per host, passed as `--var port_<svc>=N`.
+    pub svc_ports: BTreeMap<(String, String), u16>,
 }
 
 /// A free loopback port.
@@ -69,6 +73,8 @@ impl Fleet {
                 .collect(),
             agent_url,
             agent_env: vec![],
+            labels: BTreeMap::new(),
+            svc_ports: BTreeMap::new(),
         };
         for h in hosts {
             fleet.start_agent(h);
@@ -82,16 +88,123 @@ impl Fleet {
         self.agent_url = url;
     }
 
+    /// Starts agents with their own labels and a port for each named
+    /// service (`${port_<svc>}` in a service.toml), for multi-service plans.
+    pub fn start_labeled(hosts: &[(&str, &[&str])], services: &[&str]) -> Self {
+        let names: Vec<&str> = hosts.iter().map(|(h, _)| *h).collect();
+        let env = TestEnv::new(&names);
+        let out = crate::bin_command("baton")
+            .args(["artifact", "keygen", "--out"])
+            .arg(env.path("release"))
+            .output()
+            .unwrap();
+        ok(&out, "keygen");
+        let batond = Batond::start(&env, "batond", &[]);
+        let agent_url = batond.url();
+        let mut fleet = Self {
+            env,
+            batond,
+            agents: BTreeMap::new(),
+            ports: names
+                .iter()
+                .map(|h| ((*h).to_owned(), free_port()))
+                .collect(),
+            agent_url,
+            agent_env: vec![],
+            labels: hosts
+                .iter()
+                .map(|(h, l)| ((*h).to_owned(), l.iter().map(|x| (*x).to_owned()).collect()))
+                .collect(),
+            svc_ports: names
+                .iter()
+                .flat_map(|h| {
+                    services
+                        .iter()
+                        .map(move |s| (((*h).to_owned(), (*s).to_owned()), free_port()))
+                })
+                .collect(),
+        };
+        for h in names {
+            fleet.start_agent(h);
+        }
+        fleet.wait_connected();
+        fleet
+    }
+
+    /// Packs and pushes release `version` of the demo service as service
+    /// `svc` (listening on `${port_<svc>}`), with `extra` appended to its
+    /// service.toml.
+    pub fn service_release(&self, svc: &str, version: &str, broken: bool, extra: &str) -> String {
+        let dir = self.env.path(&format!("src-{svc}-{version}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let broken = if broken { ", \"--broken\"" } else { "" };
+        std::fs::write(
+            dir.join("service.toml"),
+            format!(
+                r#"command = {:?}
+args = ["demo-service", "--listen", "127.0.0.1:${{port_{svc}}}", "--version", "{svc} {version}"{broken}]
+listen = ["tcp://127.0.0.1:${{port_{svc}}}"]
+ready = "notify"
+stop_timeout = "5s"
+
+[health]
+kind = "http"
+url = "http://127.0.0.1:${{port_{svc}}}/healthz"
+interval = "200ms"
+timeout = "1s"
+{extra}"#,
+                crate::bin("baton").display().to_string()
+            ),
+        )
+        .unwrap();
+        let out_file = self.env.path(&format!("{svc}-{version}.baton"));
+        let out = crate::bin_command("baton")
+            .args(["artifact", "pack"])
+            .arg(&dir)
+            .args(["--name", svc, "--version", version, "--sign-key"])
+            .arg(self.env.path("release.key"))
+            .arg("--out")
+            .arg(&out_file)
+            .output()
+            .unwrap();
+        ok(&out, "artifact pack");
+        self.push(&out_file)
+    }
+
+    /// What `svc` on `host` answers on `/`.
+    pub fn get_svc(&self, host: &str, svc: &str) -> Option<String> {
+        let port = self.svc_ports[&(host.to_owned(), svc.to_owned())];
+        crate::load::get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            "/",
+            Duration::from_secs(5),
+        )
+        .ok()
+        .map(|(_, body)| body)
+    }
+
     /// Starts (or restarts) one host's agent.
     pub fn start_agent(&mut self, host: &str) {
+        let labels: Vec<String> = self
+            .labels
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| vec!["role=web".to_owned()]);
+        let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
         let mut opts = AgentOpts::new(host);
-        opts.labels = &["role=web"];
+        opts.labels = &label_refs;
         opts.extra = vec![
             "--var".into(),
             format!("port={}", self.ports[host]),
             "--trusted-key".into(),
             self.env.path("release.pub").display().to_string(),
         ];
+        for ((h, svc), port) in &self.svc_ports {
+            if h == host {
+                opts.extra.push("--var".into());
+                opts.extra.push(format!("port_{svc}={port}"));
+            }
+        }
         opts.env = self.agent_env.clone();
         let proc = start_agent(&self.env, &self.agent_url, opts);
         // Dropping the old handle (if any) kills that agent first.
@@ -328,7 +441,22 @@ impl Drop for Fleet {
         // Agents first, so nothing restarts the services we kill.
         self.agents.clear();
         for host in self.ports.keys() {
-            for pid in self.service_pids(host) {
+            let services = self.data_dir(host).join("services");
+            let pids: Vec<i32> = std::fs::read_dir(&services)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .flat_map(|svc| {
+                    std::fs::read_dir(svc.path().join("run"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                })
+                .filter_map(|run| std::fs::read_to_string(run.path().join("process.json")).ok())
+                .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+                .filter_map(|v| i32::try_from(v["pid"].as_u64()?).ok())
+                .collect();
+            for pid in pids {
                 // The service leads its own process group.
                 let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
             }

@@ -46,6 +46,15 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show what a plan would do — the waves of services, the batches of
+    /// hosts per service — without changing anything.
+    Plan {
+        /// The plan (TOML).
+        plan: PathBuf,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Where a rollout and each of its hosts are.
     Status {
         /// The rollout id.
@@ -113,6 +122,21 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
                 println!("{}", serde_json::json!({ "id": id }));
             } else {
                 println!("{id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::Plan { plan, json } => {
+            let text = std::fs::read_to_string(plan)
+                .map_err(|e| CliError(format!("cannot read the plan {}: {e}", plan.display())))?;
+            let p = client
+                .plan_rollout(StartRolloutRequest { plan: text })
+                .await
+                .map_err(|s| call_failed(&format!("plan {} refused", plan.display()), s))?
+                .into_inner();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&plan_json(&p))?);
+            } else {
+                print!("{}", plan_text(&p));
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -188,6 +212,67 @@ fn empty_null(s: &str) -> serde_json::Value {
     }
 }
 
+fn plan_json(p: &baton_proto::control::v1::RolloutPlan) -> serde_json::Value {
+    serde_json::json!({
+        "waves": p.waves.iter().map(|w| w.services.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "version": s.version,
+            "max_parallel": s.max_parallel,
+            "min_healthy": s.min_healthy,
+            "depends_on": s.depends_on,
+            "requires": s.requires,
+            "unchanged_hosts": s.unchanged_hosts,
+            "batches": s.batches.iter().map(|b| serde_json::json!({
+                "hosts": b.hosts,
+                "step": b.step,
+                "then_promote": b.then_promote,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    })
+}
+
+fn plan_text(p: &baton_proto::control::v1::RolloutPlan) -> String {
+    let mut out = String::new();
+    for (i, w) in p.waves.iter().enumerate() {
+        out.push_str(&format!("wave {}:\n", i + 1));
+        for s in &w.services {
+            out.push_str(&format!(
+                "  {} → {}  (max_parallel {}, min_healthy {})",
+                s.name, s.version, s.max_parallel, s.min_healthy
+            ));
+            if !s.depends_on.is_empty() {
+                out.push_str(&format!("  after {}", s.depends_on.join(", ")));
+            }
+            for (dep, req) in &s.requires {
+                out.push_str(&format!("  requires {dep} {req}"));
+            }
+            out.push('\n');
+            for (j, b) in s.batches.iter().enumerate() {
+                out.push_str(&format!(
+                    "    batch {} (step {}): {}{}\n",
+                    j + 1,
+                    b.step,
+                    b.hosts.join(", "),
+                    if b.then_promote {
+                        "  — then waits for `baton rollout promote`"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if !s.unchanged_hosts.is_empty() {
+                out.push_str(&format!(
+                    "    already on {}: {}\n",
+                    s.version,
+                    s.unchanged_hosts.join(", ")
+                ));
+            }
+        }
+    }
+    out.push_str("nothing was changed (a dry run)\n");
+    out
+}
+
 /// A rollout in the contract's JSON shape.
 pub fn to_json(r: &Rollout) -> serde_json::Value {
     serde_json::json!({
@@ -199,6 +284,10 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
         "services": r.services.iter().map(|s| serde_json::json!({
             "name": s.name,
             "version": s.version,
+            "state": s.state,
+            "step": s.step,
+            "steps": s.steps,
+            "depends_on": s.depends_on,
             "digest": s.digest,
             "hosts": s.hosts.iter().map(|h| serde_json::json!({
                 "host_id": h.host_id,
@@ -232,8 +321,17 @@ pub fn render(r: &Rollout, bars: bool) -> String {
     let mut out = String::new();
     for s in &r.services {
         out.push_str(&format!(
-            "rollout {}  {} → {}  {}\n",
-            r.id, s.name, s.version, r.state
+            "rollout {}  {} → {}  {}  [{}{}]\n",
+            r.id,
+            s.name,
+            s.version,
+            r.state,
+            s.state,
+            if s.steps.len() > 1 {
+                format!(", step {}/{}", s.step, s.steps.len())
+            } else {
+                String::new()
+            }
         ));
         for h in &s.hosts {
             let from = if h.from_version.is_empty() {
@@ -305,15 +403,21 @@ pub async fn watch(
                 writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
             }
             for s in &r.services {
+                let skey = format!("service {}", s.name);
+                if seen.get(&skey) != Some(&s.state) {
+                    writeln!(out, "{now} service {} {}", s.name, s.state)?;
+                    seen.insert(skey, s.state.clone());
+                }
                 for h in &s.hosts {
-                    if seen.get(&h.host_id) != Some(&h.state) {
+                    let key = format!("{}/{}", s.name, h.host_id);
+                    if seen.get(&key) != Some(&h.state) {
                         let error = if h.error.is_empty() {
                             String::new()
                         } else {
                             format!(": {}", h.error)
                         };
                         writeln!(out, "{now} {} {} {}{error}", h.host_id, h.state, s.name)?;
-                        seen.insert(h.host_id.clone(), h.state.clone());
+                        seen.insert(key, h.state.clone());
                     }
                 }
             }

@@ -67,6 +67,10 @@ enum Request {
         plan: String,
         reply: Reply<Rollout>,
     },
+    Plan {
+        plan: String,
+        reply: Reply<Rollout>,
+    },
     Get {
         id: String,
         reply: Reply<Rollout>,
@@ -104,6 +108,11 @@ impl Rollouts {
     /// Validates, persists and starts a plan.
     pub async fn start(&self, plan: String) -> Result<Rollout, RolloutError> {
         self.ask(|reply| Request::Start { plan, reply }).await
+    }
+
+    /// Resolves a plan as `start` would, without starting or storing it.
+    pub async fn plan(&self, plan: String) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Plan { plan, reply }).await
     }
 
     /// One rollout.
@@ -347,7 +356,12 @@ impl Driver {
         let ids: Vec<String> = self
             .active
             .iter()
-            .filter(|(_, a)| a.rollout.services.iter().any(|s| s.hosts.contains_key(host)))
+            .filter(|(_, a)| {
+                a.rollout
+                    .services
+                    .iter()
+                    .any(|s| s.hosts.contains_key(host))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -403,6 +417,9 @@ impl Driver {
         match req {
             Request::Start { plan, reply } => {
                 let _ = reply.send(self.start(plan).await);
+            }
+            Request::Plan { plan, reply } => {
+                let _ = reply.send(self.resolve(plan).await);
             }
             Request::Get { id, reply } => {
                 let r = match self.active.get(&id) {
@@ -488,7 +505,11 @@ impl Driver {
                     shared_service(&newer, &r).unwrap_or_default()
                 )));
             }
-            if let Some(other) = self.active.values().find(|a| shared_service(&a.rollout, &r).is_some()) {
+            if let Some(other) = self
+                .active
+                .values()
+                .find(|a| shared_service(&a.rollout, &r).is_some())
+            {
                 return Err(RolloutError::Conflict(format!(
                     "cannot roll back rollout {id}: rollout {} is changing service {}",
                     other.rollout.id,
@@ -547,8 +568,14 @@ impl Driver {
             key: key(&id),
             reason: e.to_string(),
         })?;
-        if !self.store.compare_and_swap(&key(&id), None, bytes.clone()).await? {
-            return Err(RolloutError::Conflict(format!("rollout id {id} is taken; retry")));
+        if !self
+            .store
+            .compare_and_swap(&key(&id), None, bytes.clone())
+            .await?
+        {
+            return Err(RolloutError::Conflict(format!(
+                "rollout id {id} is taken; retry"
+            )));
         }
         info!(
             rollout = %id,
@@ -638,7 +665,8 @@ impl Driver {
                 return Err(RolloutError::Invalid(format!(
                     "service {:?}: min_healthy = {} keeps all {n} hosts in service, so none could be replaced; lower it",
                     svc.name,
-                    svc.min_healthy.map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
+                    svc.min_healthy
+                        .map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
                 )));
             }
             let mut steps: Vec<usize> = match (&svc.steps, svc.canary) {
@@ -685,7 +713,9 @@ impl Driver {
                             svc.name
                         )));
                     }
-                    if let Some((host, v)) = running.iter().find(|(_, v)| !machine::satisfies(v, req)) {
+                    if let Some((host, v)) =
+                        running.iter().find(|(_, v)| !machine::satisfies(v, req))
+                    {
                         return Err(RolloutError::Invalid(format!(
                             "service {:?} requires {dep} {req}, but {host} runs {dep} {v} and this plan does not upgrade it",
                             svc.name
@@ -705,7 +735,11 @@ impl Driver {
                         .filter(|v| !v.is_empty());
                     (
                         h.host_id.clone(),
-                        HostRun::new(from, svc.version.clone(), self.connected.contains_key(&h.host_id)),
+                        HostRun::new(
+                            from,
+                            svc.version.clone(),
+                            self.connected.contains_key(&h.host_id),
+                        ),
                     )
                 })
                 .collect();
@@ -764,5 +798,4 @@ fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
         .iter()
         .find(|s| b.services.iter().any(|o| o.name == s.name))
         .map(|s| s.name.clone())
-
 }

@@ -404,9 +404,10 @@ pub fn step(
         || r.services.iter().zip(&rollout.services).any(|(a, b)| {
             a.state != b.state
                 || a.step != b.step
-                || a.hosts.iter().zip(&b.hosts).any(|((_, x), (_, y))| {
-                    x.state != y.state || x.outstanding != y.outstanding
-                })
+                || a.hosts
+                    .iter()
+                    .zip(&b.hosts)
+                    .any(|((_, x), (_, y))| x.state != y.state || x.outstanding != y.outstanding)
         });
     if moved {
         r.updated_at = now;
@@ -634,7 +635,11 @@ fn failed_hosts(r: &Rollout) -> Vec<String> {
                 .iter()
                 .filter(|(_, h)| h.state == HostState::Failed)
                 .map(move |(id, h)| {
-                    format!("{} on {id}: {}", s.name, h.error.as_deref().unwrap_or("failed"))
+                    format!(
+                        "{} on {id}: {}",
+                        s.name,
+                        h.error.as_deref().unwrap_or("failed")
+                    )
                 })
         })
         .collect()
@@ -677,7 +682,10 @@ fn unmet_requirement(r: &Rollout, si: usize) -> Option<String> {
                 if let Some(v) = running
                     && !satisfies(v, req)
                 {
-                    return Some(format!("{} requires {dep} {req}, but {host} runs {dep} {v}", s.name));
+                    return Some(format!(
+                        "{} requires {dep} {req}, but {host} runs {dep} {v}",
+                        s.name
+                    ));
                 }
             }
         } else if let Some(bad) = s
@@ -687,7 +695,10 @@ fn unmet_requirement(r: &Rollout, si: usize) -> Option<String> {
             .flatten()
             .find(|v| !satisfies(v, req))
         {
-            return Some(format!("{} requires {dep} {req}, but a host runs {dep} {bad}", s.name));
+            return Some(format!(
+                "{} requires {dep} {req}, but a host runs {dep} {bad}",
+                s.name
+            ));
         }
     }
     None
@@ -776,7 +787,10 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                     break;
                 }
             }
-            if r.services.iter().all(|s| s.state == ServiceState::Succeeded) {
+            if r.services
+                .iter()
+                .all(|s| s.state == ServiceState::Succeeded)
+            {
                 r.state = State::Succeeded;
                 return;
             }
@@ -879,7 +893,12 @@ fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut V
     let started = s
         .hosts
         .values()
-        .filter(|h| !matches!(h.state, HostState::Pending | HostState::Staging | HostState::Staged))
+        .filter(|h| {
+            !matches!(
+                h.state,
+                HostState::Pending | HostState::Staging | HostState::Staged
+            )
+        })
         .count();
     let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
     let room = s
@@ -922,9 +941,10 @@ fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut V
     }
     let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
     let step_settled = s.hosts.values().filter(|h| settled(h)).count() >= step_limit
-        && !s.hosts.values().any(|h| {
-            matches!(h.state, HostState::Activating | HostState::RollingBack)
-        });
+        && !s
+            .hosts
+            .values()
+            .any(|h| matches!(h.state, HostState::Activating | HostState::RollingBack));
     if step_settled && s.step + 1 < s.steps.len() {
         if s.promote {
             s.state = ServiceState::AwaitingPromotion;
@@ -1015,8 +1035,7 @@ fn needs_rollback(s: &ServiceRun) -> bool {
 
 fn rollback_failed(h: &HostRun) -> bool {
     h.state == HostState::Failed
-        && h
-            .error
+        && h.error
             .as_deref()
             .is_some_and(|e| e.starts_with("rollback failed"))
 }
@@ -1076,7 +1095,12 @@ fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action
         .flat_map(|s| {
             s.hosts
                 .iter()
-                .filter(|(_, h)| h.state == HostState::RollingBack || (h.touched && !matches!(h.state, HostState::RolledBack) && !rollback_failed(h)))
+                .filter(|(_, h)| {
+                    h.state == HostState::RollingBack
+                        || (h.touched
+                            && !matches!(h.state, HostState::RolledBack)
+                            && !rollback_failed(h))
+                })
                 .map(move |(id, _)| format!("{} on {id}", s.name))
         })
         .collect();
@@ -1088,7 +1112,9 @@ fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action
                 s.hosts
                     .iter()
                     .filter(|(_, h)| rollback_failed(h))
-                    .map(move |(id, h)| format!("{} on {id}: {}", s.name, h.error.as_deref().unwrap_or("")))
+                    .map(move |(id, h)| {
+                        format!("{} on {id}: {}", s.name, h.error.as_deref().unwrap_or(""))
+                    })
             })
             .collect();
         if failed.is_empty() {

@@ -26,7 +26,11 @@ impl From<&Rollout> for pb::Rollout {
                     digest: s.digest.clone(),
                     state: s.state.as_str().to_owned(),
                     step: u32::try_from(s.step + 1).unwrap_or(u32::MAX),
-                    steps: s.steps.iter().map(|n| u32::try_from(*n).unwrap_or(u32::MAX)).collect(),
+                    steps: s
+                        .steps
+                        .iter()
+                        .map(|n| u32::try_from(*n).unwrap_or(u32::MAX))
+                        .collect(),
                     depends_on: s.depends_on.clone(),
                     hosts: s
                         .hosts
@@ -50,6 +54,82 @@ impl From<&Rollout> for pb::Rollout {
             error: r.error.clone().unwrap_or_default(),
             plan: r.plan.clone(),
         }
+    }
+}
+
+/// What a resolved (not started) rollout would do: waves of services and
+/// the batches of each.
+pub fn dry_run(r: &Rollout) -> pb::RolloutPlan {
+    let mut waves: Vec<pb::PlanWave> = Vec::new();
+    let mut placed: Vec<&str> = Vec::new();
+    while placed.len() < r.services.len() {
+        let wave: Vec<&machine::ServiceRun> = r
+            .services
+            .iter()
+            .filter(|s| !placed.contains(&s.name.as_str()))
+            .filter(|s| s.depends_on.iter().all(|d| placed.contains(&d.as_str())))
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        placed.extend(wave.iter().map(|s| s.name.as_str()));
+        waves.push(pb::PlanWave {
+            services: wave.into_iter().map(plan_service).collect(),
+        });
+    }
+    pb::RolloutPlan { waves }
+}
+
+fn plan_service(s: &machine::ServiceRun) -> pb::PlanService {
+    let to_change: Vec<&baton_common::host::HostId> = s
+        .hosts
+        .iter()
+        .filter(|(_, h)| h.state != HostState::Healthy)
+        .map(|(id, _)| id)
+        .collect();
+    let unchanged = s.hosts.len() - to_change.len();
+    let batch = s
+        .max_parallel
+        .min(s.hosts.len().saturating_sub(s.min_healthy))
+        .max(1);
+    let mut batches = Vec::new();
+    let mut done = unchanged;
+    let mut next = to_change.into_iter().peekable();
+    for (i, limit) in s.steps.iter().enumerate() {
+        while done < *limit && next.peek().is_some() {
+            let hosts: Vec<String> = next
+                .by_ref()
+                .take(batch.min(limit - done))
+                .map(ToString::to_string)
+                .collect();
+            done += hosts.len();
+            batches.push(pb::PlanBatch {
+                hosts,
+                step: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                then_promote: false,
+            });
+        }
+        if s.promote
+            && i + 1 < s.steps.len()
+            && let Some(last) = batches.last_mut()
+        {
+            last.then_promote = true;
+        }
+    }
+    pb::PlanService {
+        name: s.name.clone(),
+        version: s.version.clone(),
+        max_parallel: u32::try_from(s.max_parallel).unwrap_or(u32::MAX),
+        min_healthy: u32::try_from(s.min_healthy).unwrap_or(u32::MAX),
+        batches,
+        depends_on: s.depends_on.clone(),
+        unchanged_hosts: s
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.state == HostState::Healthy)
+            .map(|(id, _)| id.to_string())
+            .collect(),
+        requires: s.requires.clone().into_iter().collect(),
     }
 }
 

@@ -229,7 +229,9 @@ impl Plan {
             None => None,
             Some(n) if n >= 1 => usize::try_from(n).ok(),
             Some(_) => {
-                return Err(PlanError("max_parallel_services: must be at least 1".into()));
+                return Err(PlanError(
+                    "max_parallel_services: must be at least 1".into(),
+                ));
             }
         };
         let plan = Self {
@@ -288,9 +290,9 @@ impl Plan {
             let before = placed.len();
             for (i, s) in self.services.iter().enumerate() {
                 let ready = !placed.contains(&i)
-                    && s.depends_on.iter().all(|d| {
-                        placed.iter().any(|p| &self.services[*p].name == d)
-                    });
+                    && s.depends_on
+                        .iter()
+                        .all(|d| placed.iter().any(|p| &self.services[*p].name == d));
                 if ready {
                     placed.push(i);
                 }
@@ -317,7 +319,12 @@ impl Plan {
             if wave.is_empty() {
                 break;
             }
-            done.extend(self.services.iter().filter(|s| wave.contains(&s.name)).map(|s| s.name.as_str()));
+            done.extend(
+                self.services
+                    .iter()
+                    .filter(|s| wave.contains(&s.name))
+                    .map(|s| s.name.as_str()),
+            );
             waves.push(wave);
         }
         waves
@@ -375,7 +382,10 @@ impl ServicePlan {
         let steps = match &s.steps {
             None => None,
             Some(list) if list.is_empty() => {
-                return Err(PlanError(format!("{}: name at least one step", at("steps"))));
+                return Err(PlanError(format!(
+                    "{}: name at least one step",
+                    at("steps")
+                )));
             }
             Some(list) => Some(
                 list.iter()
@@ -566,18 +576,30 @@ pause = "30s"
         let plan = Plan::parse(two).unwrap();
         assert_eq!(plan.max_parallel_services, Some(2));
         assert_eq!(plan.order(), vec![1, 0], "api before web");
-        assert_eq!(plan.waves(), vec![vec!["api".to_owned()], vec!["web".to_owned()]]);
+        assert_eq!(
+            plan.waves(),
+            vec![vec!["api".to_owned()], vec!["web".to_owned()]]
+        );
         assert_eq!(plan.services[0].canary, Some(Amount::Percent(25)));
         assert_eq!(
             plan.services[1].steps,
-            Some(vec![Amount::Count(1), Amount::Percent(50), Amount::Percent(100)])
+            Some(vec![
+                Amount::Count(1),
+                Amount::Percent(50),
+                Amount::Percent(100)
+            ])
         );
         assert_eq!(plan.services[1].pause, Some(Duration::from_secs(30)));
 
         let svc = |name: &str, deps: &str| {
             format!("[[service]]\nname = \"{name}\"\nversion = \"1\"\ndepends_on = [{deps}]\n")
         };
-        let cycle = format!("{}{}{}", svc("a", "\"c\""), svc("b", "\"a\""), svc("c", "\"b\""));
+        let cycle = format!(
+            "{}{}{}",
+            svc("a", "\"c\""),
+            svc("b", "\"a\""),
+            svc("c", "\"b\"")
+        );
         assert_eq!(err(&cycle), "depends_on has a cycle: a -> c -> b -> a");
         assert!(err(&svc("a", "\"a\"")).contains("cannot depend on itself"));
         let dangling = format!("{}{}", svc("a", ""), svc("b", "\"c\""));
@@ -588,7 +610,10 @@ pause = "30s"
         assert!(err(bad_req).contains("requires: b = \"newest\" is not a version requirement"));
         let no_canary = "[[service]]\nname = \"a\"\nversion = \"1\"\nstrategy = \"canary\"\n";
         assert!(err(no_canary).contains("needs canary = N"));
-        assert!(err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1\"\n").contains("at least 1"));
+        assert!(
+            err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1\"\n")
+                .contains("at least 1")
+        );
     }
 
     #[test]

@@ -125,8 +125,7 @@ fn stages_everywhere_first_then_activates_in_windows() {
     );
     stage_all(&mut r);
     assert_eq!(r.state, State::Progressing);
-    let activating: Vec<_> = r
-        .services[0]
+    let activating: Vec<_> = r.services[0]
         .hosts
         .iter()
         .filter(|(_, h)| h.state == HostState::Activating)
@@ -160,8 +159,7 @@ fn the_floor_limits_the_window() {
     let mut r = rollout(4, 3, 3);
     feed(&mut r, Event::Tick, t(0));
     stage_all(&mut r);
-    let active = r
-        .services[0]
+    let active = r.services[0]
         .hosts
         .values()
         .filter(|h| h.state == HostState::Activating)
@@ -386,7 +384,8 @@ fn outstanding_commands_are_resent_with_the_same_id_on_reconnect() {
 #[test]
 fn hosts_already_on_the_target_are_left_alone() {
     let mut r = rollout(2, 1, 0);
-    *r.services[0].hosts.get_mut(&host(1)).unwrap() = HostRun::new(Some("2".into()), "2".into(), true);
+    *r.services[0].hosts.get_mut(&host(1)).unwrap() =
+        HostRun::new(Some("2".into()), "2".into(), true);
     let a = feed(&mut r, Event::Tick, t(0));
     assert_eq!(kinds(&a), vec![("h0".into(), "stage")]);
     stage_all(&mut r);
@@ -472,8 +471,7 @@ fn property_invariants_hold_under_random_events() {
                     );
                 }
             }
-            let activating = r
-                .services[0]
+            let activating = r.services[0]
                 .hosts
                 .values()
                 .filter(|h| h.state == HostState::Activating)
@@ -487,7 +485,11 @@ fn property_invariants_hold_under_random_events() {
                     && before.services[0].hosts[h].state != HostState::Activating
             });
             if started {
-                let in_service = r.services[0].hosts.values().filter(|h| h.in_service()).count();
+                let in_service = r.services[0]
+                    .hosts
+                    .values()
+                    .filter(|h| h.in_service())
+                    .count();
                 assert!(
                     in_service >= floor,
                     "seed {seed}: started a host below the floor"
@@ -525,7 +527,18 @@ fn answer(r: &mut Rollout, kind: &str, outcome: Outcome, now: SystemTime) -> Vec
         })
         .collect();
     for (h, id) in pending {
-        let e = Event::Update(h, CommandUpdate::done(&id, outcome, if outcome == Outcome::Failed { "boom" } else { "" }));
+        let e = Event::Update(
+            h,
+            CommandUpdate::done(
+                &id,
+                outcome,
+                if outcome == Outcome::Failed {
+                    "boom"
+                } else {
+                    ""
+                },
+            ),
+        );
         all.extend(feed(r, e, now));
     }
     all
@@ -583,7 +596,11 @@ fn a_failing_dependent_rolls_the_system_back_in_reverse_order() {
     assert_eq!(r.state, State::RollingBack);
     assert_eq!(kinds(&a), vec![("h4".into(), "rollback")]);
     let a = answer(&mut r, "rollback", Outcome::Succeeded, t(11));
-    assert_eq!(kinds(&a), vec![("h2".into(), "rollback")], "api after web, one at a time");
+    assert_eq!(
+        kinds(&a),
+        vec![("h2".into(), "rollback")],
+        "api after web, one at a time"
+    );
     let a = answer(&mut r, "rollback", Outcome::Succeeded, t(12));
     assert_eq!(kinds(&a), vec![("h3".into(), "rollback")]);
     let a = answer(&mut r, "rollback", Outcome::Succeeded, t(13));
@@ -595,7 +612,10 @@ fn a_failing_dependent_rolls_the_system_back_in_reverse_order() {
     for s in &r.services {
         assert_eq!(s.state, ServiceState::RolledBack, "{}", s.name);
     }
-    assert!(r.services[2].hosts[&host(5)].started_at.is_none(), "web stopped at its first host");
+    assert!(
+        r.services[2].hosts[&host(5)].started_at.is_none(),
+        "web stopped at its first host"
+    );
 }
 
 #[test]
@@ -604,10 +624,21 @@ fn a_host_never_runs_two_activations_at_once() {
     let mut r = with_services(vec![svc("a", &[0, 1], 2, 0), svc("b", &[0, 1], 2, 0)]);
     feed(&mut r, Event::Tick, t(0));
     let a = answer(&mut r, "stage", Outcome::Succeeded, t(1));
-    let hosts: Vec<String> = kinds(&a).into_iter().filter(|(_, k)| *k == "activate").map(|(h, _)| h).collect();
-    assert_eq!(hosts, vec!["h0", "h1"], "b waits for the hosts a is activating");
+    let hosts: Vec<String> = kinds(&a)
+        .into_iter()
+        .filter(|(_, k)| *k == "activate")
+        .map(|(h, _)| h)
+        .collect();
+    assert_eq!(
+        hosts,
+        vec!["h0", "h1"],
+        "b waits for the hosts a is activating"
+    );
     let a = answer(&mut r, "activate", Outcome::Succeeded, t(2));
-    assert_eq!(kinds(&a), vec![("h0".into(), "activate"), ("h1".into(), "activate")]);
+    assert_eq!(
+        kinds(&a),
+        vec![("h0".into(), "activate"), ("h1".into(), "activate")]
+    );
     answer(&mut r, "activate", Outcome::Succeeded, t(3));
     assert_eq!(r.state, State::Succeeded);
 }
@@ -621,7 +652,11 @@ fn a_canary_waits_for_promotion_unless_auto_promoted() {
     answer(&mut r, "stage", Outcome::Succeeded, t(1));
     answer(&mut r, "activate", Outcome::Succeeded, t(2));
     assert_eq!(r.state, State::AwaitingPromotion);
-    let on_new = r.services[0].hosts.values().filter(|h| h.state == HostState::Healthy).count();
+    let on_new = r.services[0]
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Healthy)
+        .count();
     assert_eq!(on_new, 1);
     // Waiting for an operator never times out.
     feed(&mut r, Event::Tick, t(100_000));
@@ -667,7 +702,10 @@ fn a_requirement_outside_the_plan_that_breaks_fails_the_rollout() {
     feed(&mut r, Event::Tick, t(0));
     answer(&mut r, "stage", Outcome::Succeeded, t(1));
     assert_eq!(r.state, State::Failed);
-    assert_eq!(r.error.as_deref(), Some("api requires db >=5, but a host runs db 4.2.0"));
+    assert_eq!(
+        r.error.as_deref(),
+        Some("api requires db >=5, but a host runs db 4.2.0")
+    );
 }
 
 /// Random systems: up to 8 services on random DAGs over up to 30 hosts with
@@ -688,7 +726,10 @@ fn property_systems_keep_their_invariants_and_always_end() {
             let window = rng.usize(1..=ids.len());
             let floor = rng.usize(0..ids.len());
             let mut s = svc(&format!("s{i}"), &ids, window, floor);
-            s.depends_on = (0..i).filter(|_| rng.u8(0..4) == 0).map(|d| format!("s{d}")).collect();
+            s.depends_on = (0..i)
+                .filter(|_| rng.u8(0..4) == 0)
+                .map(|d| format!("s{d}"))
+                .collect();
             s.max_failures = rng.u32(0..2);
             if rng.u8(0..4) == 0 {
                 s.steps = vec![1.min(ids.len()), ids.len()];
@@ -700,30 +741,46 @@ fn property_systems_keep_their_invariants_and_always_end() {
         r.auto_rollback = rng.bool();
         r.max_parallel_services = rng.usize(1..=3);
         let hosts_of = |r: &Rollout| -> Vec<HostId> {
-            let mut all: Vec<HostId> = r.services.iter().flat_map(|s| s.hosts.keys().cloned()).collect();
+            let mut all: Vec<HostId> = r
+                .services
+                .iter()
+                .flat_map(|s| s.hosts.keys().cloned())
+                .collect();
             all.sort();
             all.dedup();
             all
         };
         let all_hosts = hosts_of(&r);
         let mut now = 0u64;
-        let mut activations: BTreeMap<(String, HostId), std::collections::BTreeSet<String>> = BTreeMap::new();
+        let mut activations: BTreeMap<(String, HostId), std::collections::BTreeSet<String>> =
+            BTreeMap::new();
         let mut check = |r: &Rollout, before: &Rollout, actions: &[Action], seed: u64| {
             for Action::Send(h, c) in actions {
                 if c.kind.name() == "activate" {
                     let svc = c.kind.service().unwrap().to_owned();
                     let ids = activations.entry((svc, h.clone())).or_default();
                     ids.insert(c.id.clone());
-                    assert_eq!(ids.len(), 1, "seed {seed}: {h} activated twice for one service");
+                    assert_eq!(
+                        ids.len(),
+                        1,
+                        "seed {seed}: {h} activated twice for one service"
+                    );
                 }
             }
             for h in &all_hosts {
                 let busy = r
                     .services
                     .iter()
-                    .filter(|s| s.hosts.get(h).is_some_and(|x| matches!(x.state, HostState::Activating | HostState::RollingBack)))
+                    .filter(|s| {
+                        s.hosts.get(h).is_some_and(|x| {
+                            matches!(x.state, HostState::Activating | HostState::RollingBack)
+                        })
+                    })
                     .count();
-                assert!(busy <= 1, "seed {seed}: {h} runs {busy} activations at once");
+                assert!(
+                    busy <= 1,
+                    "seed {seed}: {h} runs {busy} activations at once"
+                );
             }
             for (si, s) in r.services.iter().enumerate() {
                 let newly = actions.iter().any(|Action::Send(h, c)| {
@@ -733,10 +790,19 @@ fn property_systems_keep_their_invariants_and_always_end() {
                 });
                 if newly {
                     let in_service = s.hosts.values().filter(|h| h.in_service()).count();
-                    assert!(in_service >= s.min_healthy, "seed {seed}: {} below its floor", s.name);
+                    assert!(
+                        in_service >= s.min_healthy,
+                        "seed {seed}: {} below its floor",
+                        s.name
+                    );
                     for d in &s.depends_on {
                         let dep = r.services.iter().find(|o| &o.name == d).unwrap();
-                        assert_eq!(dep.state, ServiceState::Succeeded, "seed {seed}: {} before {d}", s.name);
+                        assert_eq!(
+                            dep.state,
+                            ServiceState::Succeeded,
+                            "seed {seed}: {} before {d}",
+                            s.name
+                        );
                     }
                 }
             }
@@ -748,17 +814,43 @@ fn property_systems_keep_their_invariants_and_always_end() {
                 0 => Event::Disconnected(h.clone()),
                 1 | 2 => Event::Connected(h.clone()),
                 3 => Event::Tick,
-                4 => Event::Operator([Operator::Pause, Operator::Resume, Operator::Promote, Operator::Promote, Operator::Abort, Operator::Rollback][rng.usize(0..6)]),
+                4 => Event::Operator(
+                    [
+                        Operator::Pause,
+                        Operator::Resume,
+                        Operator::Promote,
+                        Operator::Promote,
+                        Operator::Abort,
+                        Operator::Rollback,
+                    ][rng.usize(0..6)],
+                ),
                 _ => {
-                    let out: Vec<String> = r.services.iter().filter_map(|s| s.hosts.get(&h)?.outstanding.as_ref().map(|c| c.id.clone())).collect();
+                    let out: Vec<String> = r
+                        .services
+                        .iter()
+                        .filter_map(|s| s.hosts.get(&h)?.outstanding.as_ref().map(|c| c.id.clone()))
+                        .collect();
                     match out.first() {
-                        Some(id) => Event::Update(h.clone(), CommandUpdate::done(id, if rng.u8(0..6) == 0 { Outcome::Failed } else { Outcome::Succeeded }, "x")),
+                        Some(id) => Event::Update(
+                            h.clone(),
+                            CommandUpdate::done(
+                                id,
+                                if rng.u8(0..6) == 0 {
+                                    Outcome::Failed
+                                } else {
+                                    Outcome::Succeeded
+                                },
+                                "x",
+                            ),
+                        ),
                         None => Event::Tick,
                     }
                 }
             };
             let before = r.clone();
-            let Ok((next, actions)) = step(&r, &event, t(now)) else { continue };
+            let Ok((next, actions)) = step(&r, &event, t(now)) else {
+                continue;
+            };
             r = next;
             check(&r, &before, &actions, seed);
         }
@@ -771,14 +863,21 @@ fn property_systems_keep_their_invariants_and_always_end() {
             check(&r, &before, &actions, seed);
         }
         if r.state == State::Paused {
-            r = step(&r, &Event::Operator(Operator::Resume), t(now)).unwrap().0;
+            r = step(&r, &Event::Operator(Operator::Resume), t(now))
+                .unwrap()
+                .0;
         }
         for _ in 0..2000 {
             if r.state.is_terminal() {
                 break;
             }
             now += 5;
-            let pending: Vec<(HostId, String)> = r.services.iter().flat_map(|s| s.hosts.iter()).filter_map(|(id, h)| Some((id.clone(), h.outstanding.as_ref()?.id.clone()))).collect();
+            let pending: Vec<(HostId, String)> = r
+                .services
+                .iter()
+                .flat_map(|s| s.hosts.iter())
+                .filter_map(|(id, h)| Some((id.clone(), h.outstanding.as_ref()?.id.clone())))
+                .collect();
             let event = if let Some((h, id)) = pending.first() {
                 Event::Update(h.clone(), CommandUpdate::done(id, Outcome::Succeeded, ""))
             } else if r.state == State::AwaitingPromotion {
@@ -795,7 +894,12 @@ fn property_systems_keep_their_invariants_and_always_end() {
         if r.state == State::RolledBack {
             for s in &r.services {
                 for (id, h) in &s.hosts {
-                    assert!(!h.touched || h.state == HostState::RolledBack, "seed {seed}: {} on {id} not restored ({:?})", s.name, h.state);
+                    assert!(
+                        !h.touched || h.state == HostState::RolledBack,
+                        "seed {seed}: {} on {id} not restored ({:?})",
+                        s.name,
+                        h.state
+                    );
                 }
             }
         }
