@@ -285,6 +285,21 @@ fn a_canary_waits_for_promotion_and_auto_promote_does_not() {
         1,
         "{versions:?}"
     );
+    // Another rollout of web must wait; one of a disjoint service need not.
+    let again = fleet.try_start_rollout(canary);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("failed precondition")
+            && stderr.contains(&format!(
+                "rollout {id} of service web is still awaiting_promotion"
+            )),
+        "{stderr}"
+    );
+    fleet.service_release("api", "1.0.0", false, "");
+    let other = fleet.start_rollout(
+        "[[service]]\nname = \"api\"\nversion = \"1.0.0\"\nhosts = { role = \"api\" }\nmin_healthy_time = \"200ms\"\n",
+    );
+    assert_eq!(fleet.wait_done(&other, ROLLOUT)["state"], "succeeded");
     let out = fleet.baton(&["rollout", "promote", &id]);
     assert!(
         out.status.success(),

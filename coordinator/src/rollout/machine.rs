@@ -12,10 +12,15 @@
 //!  any non-terminal ── abort ──► aborted;   operator rollback ──► rolling_back
 //! ```
 //!
-//! Hosts are replaced in a sliding window: at most `max_parallel` activate
-//! at once, and one starts only if the hosts still in service stay at or
-//! above `min_healthy` (a host that is activating, failed or disconnected
-//! is out of service). Every command carries an id `<rollout>/<seq>`; the
+//! A rollout holds one or more services in topological order. A service
+//! starts once every service it depends on has succeeded (at most
+//! `max_parallel_services` at once) and its version requirements hold; its
+//! hosts are replaced in a sliding window: at most `max_parallel` activate
+//! at once, one starts only if the hosts still in service stay at or above
+//! `min_healthy` (a host that is activating, failed or disconnected is out
+//! of service), within the current step (canary: then `awaiting_promotion`),
+//! and never while the same host activates for another service. A failure
+//! rolls every changed service back, dependents first. Every command carries an id `<rollout>/<seq>`; the
 //! host remembers the one outstanding command, which is re-sent whenever
 //! the host reconnects (the agent answers a known id from its journal
 //! instead of running it again) and updates for any other id are ignored.
