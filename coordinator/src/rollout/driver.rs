@@ -189,7 +189,15 @@ pub async fn spawn(
 ) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
     let mut active = BTreeMap::new();
     for (k, v) in store.list("rollouts/").await? {
-        let rollout = decode(&k, &v)?;
+        let rollout = match decode(&k, &v) {
+            Ok(r) => r,
+            Err(e) => {
+                // A record from an older format must not keep the
+                // coordinator from starting; it is left in the store.
+                error!(key = %k, error = %e, "skipping a stored rollout that does not decode");
+                continue;
+            }
+        };
         if !rollout.state.is_terminal() {
             info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
             active.insert(
@@ -470,7 +478,10 @@ impl Driver {
     async fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
         let mut all = Vec::new();
         for (k, v) in self.store.list("rollouts/").await? {
-            let r = decode(&k, &v)?;
+            let Ok(r) = decode(&k, &v) else {
+                warn!(key = %k, "not listing a stored rollout that does not decode");
+                continue;
+            };
             all.push(match self.active.get(&r.id) {
                 Some(a) => a.rollout.clone(),
                 None => r,
@@ -669,10 +680,28 @@ impl Driver {
                         .map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
                 )));
             }
-            let mut steps: Vec<usize> = match (&svc.steps, svc.canary) {
-                (Some(list), _) => list.iter().map(|a| a.of(n).clamp(1, n)).collect(),
-                (None, Some(c)) => vec![c.of(n).clamp(1, n), n],
-                (None, None) => vec![n],
+            // Steps count the hosts this rollout changes; hosts already on
+            // the version are added to every step (they are done).
+            let unchanged = targets
+                .iter()
+                .filter(|h| {
+                    h.services
+                        .iter()
+                        .any(|s| s.name == svc.name && s.version == svc.version)
+                })
+                .count();
+            let m = n - unchanged;
+            let mut steps: Vec<usize> = if m == 0 {
+                vec![n]
+            } else {
+                match (&svc.steps, svc.canary) {
+                    (Some(list), _) => list
+                        .iter()
+                        .map(|a| unchanged + a.of(m).clamp(1, m))
+                        .collect(),
+                    (None, Some(c)) => vec![unchanged + c.of(m).clamp(1, m), n],
+                    (None, None) => vec![n],
+                }
             };
             steps.dedup();
             if steps.windows(2).any(|w| w[0] > w[1]) {
@@ -749,7 +778,8 @@ impl Driver {
                 digest: artifact.digest.clone(),
                 manifest: artifact.manifest.clone().into_bytes(),
                 signature: artifact.signature_bytes(),
-                depends_on: svc.depends_on.clone(),
+                // A requirement on a service of this plan orders it too.
+                depends_on: svc.after(&plan).into_iter().map(str::to_owned).collect(),
                 requires: svc.requires.clone(),
                 outside,
                 max_parallel,

@@ -510,6 +510,7 @@ fn on_update(
         return;
     };
     let auto_rollback = r.auto_rollback;
+    let rolling_back = r.state == State::RollingBack;
     let s = &mut r.services[si];
     let Some(h) = s.hosts.get_mut(host) else {
         return;
@@ -542,14 +543,16 @@ fn on_update(
             h.error = Some(update.error.clone());
             s.failures += 1;
             // A failure within max_failures does not fail the rollout, but
-            // the host must not stay on a version that failed it.
-            if auto_rollback && s.failures <= s.max_failures {
+            // the host must not stay on a version that failed it. (While
+            // the system rolls back, the rollback takes it in its turn.)
+            if auto_rollback && s.failures <= s.max_failures && !rolling_back {
                 rollback_host(r, si, host, now, actions);
             }
         }
         ("rollback" | "remove", false) => {
             h.state = HostState::RolledBack;
             h.finished_at = Some(now);
+            r.progress_at = now;
         }
         ("rollback" | "remove", true) => {
             h.state = HostState::Failed;
@@ -679,6 +682,9 @@ fn unmet_requirement(r: &Rollout, si: usize) -> Option<String> {
     for (dep, req) in &s.requires {
         if let Some(d) = r.services.iter().find(|o| &o.name == dep) {
             for (host, h) in &d.hosts {
+                if matches!(h.state, HostState::Failed | HostState::RolledBack) {
+                    continue; // a tolerated failure does not block dependents
+                }
                 let running = if h.state == HostState::Healthy {
                     Some(h.to_version.as_str())
                 } else {
@@ -782,8 +788,11 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                     return;
                 }
                 for si in 0..r.services.len() {
-                    if r.services[si].state == ServiceState::Progressing {
-                        progress_service(r, si, now, actions);
+                    if r.services[si].state == ServiceState::Progressing
+                        && let Some(why) = progress_service(r, si, now, actions)
+                    {
+                        fail(r, why, now, actions);
+                        return;
                     }
                 }
                 let after: Vec<(ServiceState, usize)> =
@@ -808,10 +817,6 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
             } else {
                 State::Progressing
             };
-            // Waiting for an operator is not a lack of progress.
-            if r.state == State::AwaitingPromotion {
-                r.progress_at = now;
-            }
             check_progress(r, now, actions);
         }
         State::Paused => {
@@ -887,7 +892,12 @@ fn start_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
 
 /// Starts hosts of one service within its window, floor and step, and
 /// moves it through its steps.
-fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut Vec<Action>) {
+fn progress_service(
+    r: &mut Rollout,
+    si: usize,
+    now: SystemTime,
+    actions: &mut Vec<Action>,
+) -> Option<String> {
     let s = &r.services[si];
     let activating = s
         .hosts
@@ -911,6 +921,27 @@ fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut V
         .saturating_sub(activating)
         .min(in_service.saturating_sub(s.min_healthy))
         .min(step_limit.saturating_sub(started));
+    // Hosts that failed (within max_failures) stay out of service. If they
+    // alone leave no room above the floor, waiting cannot help: say so
+    // now instead of at the progress deadline.
+    let usable = s
+        .hosts
+        .values()
+        .filter(|h| h.state != HostState::Failed)
+        .count();
+    let remaining = s.hosts.values().any(|h| h.state == HostState::Staged);
+    let in_flight = s
+        .hosts
+        .values()
+        .any(|h| matches!(h.state, HostState::Activating | HostState::RollingBack));
+    if remaining && !in_flight && usable <= s.min_healthy {
+        return Some(format!(
+            "{}: {} failed host(s) leave {usable} usable, and min_healthy = {} allows none of the rest to be replaced",
+            s.name,
+            s.hosts.len() - usable,
+            s.min_healthy
+        ));
+    }
     let candidates: Vec<HostId> = s
         .hosts
         .iter()
@@ -942,7 +973,7 @@ fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut V
     };
     if s.hosts.values().all(settled) {
         s.state = ServiceState::Succeeded;
-        return;
+        return None;
     }
     let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
     let step_settled = s.hosts.values().filter(|h| settled(h)).count() >= step_limit
@@ -958,23 +989,26 @@ fn progress_service(r: &mut Rollout, si: usize, now: SystemTime, actions: &mut V
             if now.duration_since(done).is_ok_and(|d| d >= pause) {
                 s.step += 1;
                 s.step_done_at = None;
+                r.progress_at = now;
             }
         } else {
             s.step += 1;
         }
     }
+    None
 }
 
 fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     let stalled = now
         .duration_since(r.progress_at)
         .is_ok_and(|d| d >= r.progress_deadline);
-    // A pause between steps is planned, not a stall.
-    let pausing = r
-        .services
-        .iter()
-        .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_some());
-    if stalled && !pausing {
+    // Waiting for a promote or in a planned pause is not a stall: the
+    // deadline only runs while some service has work in hand (or staging).
+    let working = r.state == State::Staging
+        || r.services
+            .iter()
+            .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_none());
+    if stalled && working {
         let what = if r.state == State::Staging {
             "staging did not finish"
         } else {
@@ -1024,11 +1058,46 @@ fn begin_rollback(r: &mut Rollout, why: String, now: SystemTime, actions: &mut V
                 }
             }
         }
-        if s.state == ServiceState::AwaitingPromotion || s.state == ServiceState::Progressing {
-            s.state = ServiceState::Succeeded; // settled below by the rollback
+        // A host left mid-activation or mid-rollback with no command (an
+        // abort, a rollback that timed out) is taken back again.
+        for h in s.hosts.values_mut() {
+            if h.touched
+                && h.outstanding.is_none()
+                && matches!(h.state, HostState::Activating | HostState::RollingBack)
+            {
+                h.state = HostState::Failed;
+                h.error = Some("interrupted; rolling back".into());
+            }
         }
+        let touched = s.hosts.values().any(|h| h.touched);
+        s.state = match (touched, s.state) {
+            (true, _) => ServiceState::RollingBack,
+            (false, ServiceState::Progressing | ServiceState::AwaitingPromotion) => {
+                ServiceState::Waiting
+            }
+            (false, other) => other,
+        };
     }
     advance(r, now, actions);
+}
+
+/// Whether `s` depends on the service `name`, directly or through others.
+fn depends_on_transitively(r: &Rollout, s: &ServiceRun, name: &str) -> bool {
+    let mut stack: Vec<&str> = s.depends_on.iter().map(String::as_str).collect();
+    let mut seen: Vec<&str> = Vec::new();
+    while let Some(d) = stack.pop() {
+        if d == name {
+            return true;
+        }
+        if seen.contains(&d) {
+            continue;
+        }
+        seen.push(d);
+        if let Some(o) = r.services.iter().find(|o| o.name == d) {
+            stack.extend(o.depends_on.iter().map(String::as_str));
+        }
+    }
+    false
 }
 
 /// Whether service `si` still has hosts this rollout must return.
@@ -1052,7 +1121,7 @@ fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action
     for si in (0..r.services.len()).rev() {
         let name = r.services[si].name.clone();
         let dependents_back = r.services.iter().all(|o| {
-            !o.depends_on.contains(&name)
+            !depends_on_transitively(r, o, &name)
                 || (!needs_rollback(o)
                     && !o.hosts.values().any(|h| h.state == HostState::RollingBack))
         });

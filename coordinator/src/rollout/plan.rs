@@ -267,7 +267,7 @@ impl Plan {
             }
             path.push(name);
             let svc = plan.services.iter().find(|s| s.name == name)?;
-            for dep in &svc.depends_on {
+            for dep in svc.after(plan) {
                 if let Some(c) = visit(plan, dep, path, done) {
                     return Some(c);
                 }
@@ -290,9 +290,9 @@ impl Plan {
             let before = placed.len();
             for (i, s) in self.services.iter().enumerate() {
                 let ready = !placed.contains(&i)
-                    && s.depends_on
+                    && s.after(self)
                         .iter()
-                        .all(|d| placed.iter().any(|p| &self.services[*p].name == d));
+                        .all(|d| placed.iter().any(|p| self.services[*p].name == *d));
                 if ready {
                     placed.push(i);
                 }
@@ -313,7 +313,7 @@ impl Plan {
                 .services
                 .iter()
                 .filter(|s| !done.contains(&s.name.as_str()))
-                .filter(|s| s.depends_on.iter().all(|d| done.contains(&d.as_str())))
+                .filter(|s| s.after(self).iter().all(|d| done.contains(d)))
                 .map(|s| s.name.clone())
                 .collect();
             if wave.is_empty() {
@@ -454,6 +454,18 @@ impl ServicePlan {
             pause,
             auto_promote: s.auto_promote.unwrap_or(false),
         })
+    }
+
+    /// The services of `plan` this one must come after: its `depends_on`
+    /// and the services of the plan it `requires` a version of.
+    pub fn after<'a>(&'a self, plan: &'a Plan) -> Vec<&'a str> {
+        let mut out: Vec<&str> = self.depends_on.iter().map(String::as_str).collect();
+        for dep in self.requires.keys() {
+            if plan.services.iter().any(|s| &s.name == dep) && !out.contains(&dep.as_str()) {
+                out.push(dep);
+            }
+        }
+        out
     }
 
     /// The label selector as `k=v,k=v`, for messages.
@@ -614,6 +626,11 @@ pause = "30s"
             err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1\"\n")
                 .contains("at least 1")
         );
+        // A requirement on a service of the plan orders it like depends_on.
+        let req = "[[service]]\nname = \"web\"\nversion = \"2\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2\"\n";
+        assert_eq!(Plan::parse(req).unwrap().order(), vec![1, 0]);
+        let req_cycle = "[[service]]\nname = \"web\"\nversion = \"2\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2\"\ndepends_on = [\"web\"]\n";
+        assert_eq!(err(req_cycle), "depends_on has a cycle: web -> api -> web");
     }
 
     #[test]

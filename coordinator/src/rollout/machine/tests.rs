@@ -905,3 +905,98 @@ fn property_systems_keep_their_invariants_and_always_end() {
         }
     }
 }
+
+#[test]
+fn a_long_rollback_keeps_its_deadline_alive_host_by_host() {
+    let mut r = rollout(4, 1, 0);
+    r.progress_deadline = Duration::from_secs(60);
+    r.services[0].max_parallel = 4;
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    answer(&mut r, "activate", Outcome::Succeeded, t(2));
+    // Roll the four hosts back one at a time, 50 s each: longer than one
+    // progress_deadline in all, never without progress for one.
+    r.services[0].max_parallel = 1;
+    feed(&mut r, Event::Operator(Operator::Rollback), t(10));
+    for i in 1..=4 {
+        feed(&mut r, Event::Tick, t(10 + 50 * i - 1));
+        assert_eq!(r.state, State::RollingBack, "{:?}", r.error);
+        answer(&mut r, "rollback", Outcome::Succeeded, t(10 + 50 * i));
+    }
+    assert_eq!(r.state, State::RolledBack, "{:?}", r.error);
+}
+
+#[test]
+fn a_pause_or_a_wait_for_promote_is_not_a_stall() {
+    let mut r = rollout(2, 2, 0);
+    r.progress_deadline = Duration::from_secs(60);
+    r.services[0].steps = vec![1, 2];
+    r.services[0].pause = Some(Duration::from_secs(600));
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    answer(&mut r, "activate", Outcome::Succeeded, t(2));
+    feed(&mut r, Event::Tick, t(300));
+    assert_eq!(r.state, State::Progressing, "{:?}", r.error);
+    let a = feed(&mut r, Event::Tick, t(603));
+    assert_eq!(a.len(), 1, "the pause ended; the deadline restarts");
+    assert_eq!(r.state, State::Progressing, "{:?}", r.error);
+
+    let mut c = rollout(2, 2, 0);
+    c.services[0].steps = vec![1, 2];
+    c.services[0].promote = true;
+    feed(&mut c, Event::Tick, t(0));
+    answer(&mut c, "stage", Outcome::Succeeded, t(1));
+    answer(&mut c, "activate", Outcome::Succeeded, t(2));
+    assert_eq!(c.state, State::AwaitingPromotion);
+    // Ticks while waiting change nothing (nothing to persist every 200 ms).
+    let (next, _) = step(&c, &Event::Tick, t(50_000)).unwrap();
+    assert_eq!(next, c);
+}
+
+#[test]
+fn failed_hosts_that_leave_no_room_fail_at_once_with_the_reason() {
+    // 4 hosts, one at a time, floor 3, one failure tolerated (no rollback).
+    let mut r = rollout(4, 1, 3);
+    r.auto_rollback = false;
+    r.services[0].max_failures = 1;
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    answer(&mut r, "activate", Outcome::Failed, t(2));
+    assert_eq!(r.state, State::Failed);
+    assert_eq!(
+        r.error.as_deref(),
+        Some(
+            "api: 1 failed host(s) leave 3 usable, and min_healthy = 3 allows none of the rest to be replaced"
+        )
+    );
+}
+
+#[test]
+fn rollback_waits_for_dependents_through_an_untouched_service() {
+    // a ← b ← c, where b is already on its target (nothing to undo).
+    let a = svc("a", &[0], 1, 0);
+    let mut b = svc("b", &[1], 1, 0);
+    b.depends_on = vec!["a".into()];
+    *b.hosts.get_mut(&host(1)).unwrap() = HostRun::new(Some("2".into()), "2".into(), true);
+    let mut c = svc("c", &[2], 1, 0);
+    c.depends_on = vec!["b".into()];
+    let mut r = with_services(vec![a, b, c]);
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    answer(&mut r, "activate", Outcome::Succeeded, t(2)); // a
+    let a2 = answer(&mut r, "activate", Outcome::Failed, t(3)); // c fails
+    assert_eq!(
+        kinds(&a2),
+        vec![("h2".into(), "rollback")],
+        "c first, a waits"
+    );
+    let a3 = answer(&mut r, "rollback", Outcome::Succeeded, t(4));
+    assert_eq!(kinds(&a3), vec![("h0".into(), "rollback")], "then a");
+    answer(&mut r, "rollback", Outcome::Succeeded, t(5));
+    assert_eq!(r.state, State::RolledBack);
+    assert_eq!(
+        state_of(&r, "b"),
+        ServiceState::Succeeded,
+        "b was never changed"
+    );
+}
