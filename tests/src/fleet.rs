@@ -54,33 +54,8 @@ impl Fleet {
     /// Starts `batond` and one agent per host, and waits until all are
     /// connected.
     pub fn start(hosts: &[&str]) -> Self {
-        let env = TestEnv::new(hosts);
-        let out = crate::bin_command("baton")
-            .args(["artifact", "keygen", "--out"])
-            .arg(env.path("release"))
-            .output()
-            .unwrap();
-        ok(&out, "keygen");
-        let batond = Batond::start(&env, "batond", &[]);
-        let agent_url = batond.url();
-        let mut fleet = Self {
-            env,
-            batond,
-            agents: BTreeMap::new(),
-            ports: hosts
-                .iter()
-                .map(|h| ((*h).to_owned(), free_port()))
-                .collect(),
-            agent_url,
-            agent_env: vec![],
-            labels: BTreeMap::new(),
-            svc_ports: BTreeMap::new(),
-        };
-        for h in hosts {
-            fleet.start_agent(h);
-        }
-        fleet.wait_connected();
-        fleet
+        let labeled: Vec<(&str, &[&str])> = hosts.iter().map(|h| (*h, &["role=web"][..])).collect();
+        Self::start_labeled(&labeled, &[])
     }
 
     /// Points the agents at another URL (a proxy); restart them after.
