@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod config;
+mod crash;
 mod demo;
 mod fleet;
 mod handoff;

@@ -442,7 +442,7 @@ fn a_failed_first_install_is_rolled_back_by_removing_the_service() {
     fleet.release("3.0.0", true);
     let id = fleet.start_rollout(&plan(
         "3.0.0",
-        "hosts = { role = \"web\" }\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"1s\"\n",
+        "hosts = { role = \"web\" }\nmin_healthy_time = \"1s\"\nhealthy_deadline = \"2s\"\n",
     ));
     let s = fleet.wait_done(&id, ROLLOUT);
     assert_eq!(s["state"], "rolled_back", "{s}");

@@ -66,3 +66,86 @@ fn pump(mut from: TcpStream, mut to: TcpStream, budget: u64, cut: &AtomicBool) {
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }
+
+/// A TCP proxy whose connections can be stalled (bytes held, connections
+/// kept open) and reset (every open connection shut down) at will, to
+/// inject network faults between agents and `batond`.
+pub struct FaultyProxy {
+    pub addr: SocketAddr,
+    stalled: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl FaultyProxy {
+    /// Forwards connections on a fresh loopback port to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let open: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (s, o) = (stalled.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                {
+                    let mut open = o.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let s = s.clone();
+                    std::thread::spawn(move || stalling_pump(from, to, &s));
+                }
+            }
+        });
+        Self {
+            addr,
+            stalled,
+            open,
+        }
+    }
+
+    /// Holds every byte in flight (new connections too) until `resume`.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets bytes flow again.
+    pub fn resume(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Shuts every open connection down (both peers see a reset or EOF).
+    pub fn reset(&self) {
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn stalling_pump(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        while stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}

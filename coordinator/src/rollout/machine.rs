@@ -263,6 +263,10 @@ pub struct HostRun {
     /// Progress of the outstanding command (not stored).
     #[serde(skip)]
     pub progress: u32,
+    /// Since when the agent has been away (not stored: after a restart it
+    /// counts from the first tick).
+    #[serde(skip)]
+    pub gone_since: Option<SystemTime>,
 }
 
 impl HostRun {
@@ -284,6 +288,7 @@ impl HostRun {
             outstanding: None,
             connected,
             progress: 0,
+            gone_since: None,
         }
     }
 
@@ -383,6 +388,7 @@ pub fn step(
                     .map(|cmd| deadline_for(&r, &cmd.kind, now));
                 if let Some(h) = r.services[si].hosts.get_mut(host) {
                     h.connected = true;
+                    h.gone_since = None;
                     if let (Some(cmd), Some(deadline)) = (&mut h.outstanding, fresh) {
                         // Same id (the agent answers it from its journal if
                         // it ran), fresh deadline: a host that was away for
@@ -397,11 +403,15 @@ pub fn step(
             for s in &mut r.services {
                 if let Some(h) = s.hosts.get_mut(host) {
                     h.connected = false;
+                    h.gone_since.get_or_insert(now);
                 }
             }
         }
         Event::Update(host, update) => on_update(&mut r, host, update, now, &mut actions),
         Event::Tick => {}
+    }
+    if !r.state.is_terminal() {
+        gone_hosts_fail(&mut r, now);
     }
     advance(&mut r, now, &mut actions);
     let moved = r.state != rollout.state
@@ -560,6 +570,33 @@ fn on_update(
             h.error = Some(format!("rollback failed: {}", update.error));
         }
         _ => {}
+    }
+}
+
+/// A host activating whose agent has been away longer than the service's
+/// `healthy_deadline` has failed: it counts against `max_failures` (and,
+/// being disconnected, against `min_healthy` all along). Its late answer,
+/// if it ever comes, is ignored; a rollback reaches it when it returns.
+fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
+    for s in &mut r.services {
+        let deadline = s.gate.healthy_deadline;
+        for h in s.hosts.values_mut() {
+            if h.connected {
+                continue;
+            }
+            let since = *h.gone_since.get_or_insert(now);
+            let gone = now.duration_since(since).unwrap_or_default();
+            if h.state == HostState::Activating && gone >= deadline {
+                h.state = HostState::Failed;
+                h.outstanding = None;
+                h.finished_at = Some(now);
+                h.error = Some(format!(
+                    "the host was gone for {}, longer than healthy_deadline",
+                    humantime::format_duration(gone)
+                ));
+                s.failures += 1;
+            }
+        }
     }
 }
 

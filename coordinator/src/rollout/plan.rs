@@ -429,17 +429,27 @@ impl ServicePlan {
                 at("hosts")
             )));
         }
+        let min_healthy_time = duration(
+            s.min_healthy_time.as_deref(),
+            DEFAULT_MIN_HEALTHY_TIME,
+            &at("min_healthy_time"),
+        )?;
+        let healthy_deadline = duration(
+            s.healthy_deadline.as_deref(),
+            DEFAULT_HEALTHY_DEADLINE,
+            &at("healthy_deadline"),
+        )?;
+        if healthy_deadline <= min_healthy_time {
+            return Err(PlanError(format!(
+                "{}: {} leaves no time to be healthy for min_healthy_time {}; make it longer",
+                at("healthy_deadline"),
+                humantime::format_duration(healthy_deadline),
+                humantime::format_duration(min_healthy_time)
+            )));
+        }
         Ok(Self {
-            min_healthy_time: duration(
-                s.min_healthy_time.as_deref(),
-                DEFAULT_MIN_HEALTHY_TIME,
-                &at("min_healthy_time"),
-            )?,
-            healthy_deadline: duration(
-                s.healthy_deadline.as_deref(),
-                DEFAULT_HEALTHY_DEADLINE,
-                &at("healthy_deadline"),
-            )?,
+            min_healthy_time,
+            healthy_deadline,
             name: s.name,
             version: s.version,
             hosts: s.hosts,
@@ -534,6 +544,12 @@ max_failures = 1
     #[test]
     fn bad_plans_get_precise_errors() {
         let svc = "[[service]]\nname = \"api\"\nversion = \"1\"\n";
+        assert!(
+            err(&format!(
+                "{svc}min_healthy_time = \"5s\"\nhealthy_deadline = \"3s\"\n"
+            ))
+            .contains("healthy_deadline: 3s leaves no time to be healthy for min_healthy_time 5s")
+        );
         assert!(err(&format!("{svc}colour = 1\n")).contains("unknown field `colour`"));
         assert!(err(&format!("bogus = 1\n{svc}")).contains("unknown field `bogus`"));
         assert!(

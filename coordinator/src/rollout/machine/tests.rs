@@ -1000,3 +1000,30 @@ fn rollback_waits_for_dependents_through_an_untouched_service() {
         "b was never changed"
     );
 }
+
+#[test]
+fn a_host_gone_longer_than_its_deadline_has_failed() {
+    let mut r = rollout(2, 1, 0);
+    feed(&mut r, Event::Tick, t(0));
+    answer(&mut r, "stage", Outcome::Succeeded, t(1));
+    assert_eq!(r.services[0].hosts[&host(0)].state, HostState::Activating);
+    feed(&mut r, Event::Disconnected(host(0)), t(2));
+    feed(&mut r, Event::Tick, t(20));
+    assert_eq!(
+        r.state,
+        State::Progressing,
+        "still within healthy_deadline (30s)"
+    );
+    feed(&mut r, Event::Tick, t(33));
+    let h = &r.services[0].hosts[&host(0)];
+    assert!(
+        h.error.as_deref().unwrap().contains("gone for 31s"),
+        "{:?}",
+        h.error
+    );
+    // max_failures = 0: the rollout rolls back; the gone host gets its
+    // rollback when it returns.
+    assert_eq!(r.state, State::RollingBack);
+    let a = feed(&mut r, Event::Connected(host(0)), t(40));
+    assert_eq!(kinds(&a), vec![("h0".into(), "rollback")]);
+}
