@@ -59,6 +59,12 @@ pub struct BatondArgs {
     /// bytes [default: 4294967296, 4 GiB].
     #[arg(long, value_name = "BYTES")]
     pub max_artifact_size: Option<u64>,
+
+    /// Where state lives: `embedded` (a redb file in the data dir, the
+    /// default) or `etcd://HOST:PORT[,HOST:PORT…]` (needs a batond built
+    /// with `--features etcd`).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
 }
 
 /// The config file: the same keys as the flags.
@@ -73,6 +79,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
     max_artifact_size: Option<u64>,
+    store: Option<String>,
 }
 
 /// A complete, checked configuration.
@@ -90,6 +97,45 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The largest payload accepted.
     pub max_artifact_size: u64,
+    /// Where state lives.
+    pub store: StoreConfig,
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreConfig {
+    /// A redb file in the data directory.
+    #[default]
+    Embedded,
+    /// An etcd cluster (`host:port` endpoints).
+    Etcd(Vec<String>),
+}
+
+impl StoreConfig {
+    /// Parses `embedded` or `etcd://HOST:PORT[,HOST:PORT…]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        let Some(list) = text.strip_prefix("etcd://") else {
+            return Err(format!(
+                "store {text:?} is neither \"embedded\" nor etcd://HOST:PORT[,HOST:PORT...]"
+            ));
+        };
+        let endpoints: Vec<String> = list.split(',').map(str::trim).map(str::to_owned).collect();
+        if let Some(bad) = endpoints.iter().find(|e| {
+            e.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        }) {
+            return Err(format!("store {text:?}: endpoint {bad:?} is not HOST:PORT"));
+        }
+        if !cfg!(feature = "etcd") {
+            return Err(format!(
+                "store {text:?}: this batond was built without etcd support; build it with `cargo build --release --features etcd` (needs protoc)"
+            ));
+        }
+        Ok(Self::Etcd(endpoints))
+    }
 }
 
 impl Config {
@@ -149,6 +195,13 @@ impl Config {
         if max_artifact_size == 0 {
             errors.push("max-artifact-size must be at least 1 byte".into());
         }
+        let store = match args.store.or(file.store) {
+            None => StoreConfig::Embedded,
+            Some(text) => StoreConfig::parse(&text).unwrap_or_else(|e| {
+                errors.push(e);
+                StoreConfig::Embedded
+            }),
+        };
 
         if errors.is_empty() {
             Ok(Self {
@@ -158,6 +211,7 @@ impl Config {
                 agent_timeout,
                 shutdown_grace,
                 max_artifact_size,
+                store,
             })
         } else {
             Err(ConfigErrors(errors))

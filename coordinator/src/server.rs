@@ -23,7 +23,7 @@ use crate::agent_api::{AgentApi, StreamTiming};
 use crate::artifact_api::ArtifactApi;
 use crate::artifacts::Artifacts;
 use crate::auth;
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::control_api::ControlApi;
 use crate::fleet::{self, FleetHandle};
 use crate::rollout;
@@ -112,7 +112,20 @@ impl Coordinator {
                 path: config.data_dir.display().to_string(),
                 source,
             })?;
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.data_dir.join("baton.redb"))?);
+        let store: Arc<dyn Store> = match &config.store {
+            StoreConfig::Embedded => {
+                Arc::new(RedbStore::open(&config.data_dir.join("baton.redb"))?)
+            }
+            #[cfg(feature = "etcd")]
+            StoreConfig::Etcd(endpoints) => {
+                Arc::new(crate::store::EtcdStore::connect(endpoints).await?)
+            }
+            #[cfg(not(feature = "etcd"))]
+            StoreConfig::Etcd(_) => {
+                // Refused by the configuration already.
+                return Err(StartError::Artifacts("etcd support is not built in".into()));
+            }
+        };
         let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)
             .map_err(|e| StartError::Artifacts(e.to_string()))?;
         let listener =

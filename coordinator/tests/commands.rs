@@ -27,6 +27,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         agent_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_secs(5),
         max_artifact_size: baton_coordinator::config::DEFAULT_MAX_ARTIFACT_SIZE,
+        store: Default::default(),
     })
     .await
     .unwrap();

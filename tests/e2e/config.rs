@@ -151,3 +151,40 @@ fn an_agent_refuses_a_bad_release_key_and_too_few_kept_releases() {
         data.display()
     );
 }
+
+#[test]
+fn a_bad_store_url_exits_64() {
+    let env = TestEnv::new(&[]);
+    let (code, err) = run(
+        "batond",
+        &[
+            "--data-dir".as_ref(),
+            env.path("d").as_os_str(),
+            "--tls-dir".as_ref(),
+            env.tls().as_os_str(),
+            "--store".as_ref(),
+            "zookeeper://127.0.0.1:2181".as_ref(),
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("neither \"embedded\" nor etcd://HOST:PORT"),
+        "{err}"
+    );
+    let (code, err) = run(
+        "batond",
+        &[
+            "--data-dir".as_ref(),
+            env.path("d").as_os_str(),
+            "--tls-dir".as_ref(),
+            env.tls().as_os_str(),
+            "--store".as_ref(),
+            "etcd://127.0.0.1".as_ref(),
+        ],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("endpoint \"127.0.0.1\" is not HOST:PORT"),
+        "{err}"
+    );
+}

@@ -232,6 +232,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         agent_timeout: crate::config::DEFAULT_AGENT_TIMEOUT,
         shutdown_grace: Duration::from_secs(5),
         max_artifact_size: crate::config::DEFAULT_MAX_ARTIFACT_SIZE,
+        store: Default::default(),
     })
     .await?;
     let url = format!("https://{}", coordinator.local_addr());

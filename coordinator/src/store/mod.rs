@@ -6,8 +6,12 @@
 //! Keys are UTF-8 paths (`hosts/web-01`); values are opaque bytes (the
 //! callers store JSON, which keeps the store readable when debugging).
 
+#[cfg(feature = "etcd")]
+mod etcd_store;
 mod redb_store;
 
+#[cfg(feature = "etcd")]
+pub use etcd_store::EtcdStore;
 pub use redb_store::RedbStore;
 
 use async_trait::async_trait;

@@ -143,6 +143,7 @@ fn fetch_throughput(rt: &tokio::runtime::Runtime) -> Vec<f64> {
                 agent_timeout: Duration::from_secs(10),
                 shutdown_grace: Duration::from_secs(5),
                 max_artifact_size: baton_coordinator::config::DEFAULT_MAX_ARTIFACT_SIZE,
+                store: Default::default(),
             })
             .await
             .unwrap();
