@@ -155,33 +155,26 @@ fn an_agent_refuses_a_bad_release_key_and_too_few_kept_releases() {
 #[test]
 fn a_bad_store_url_exits_64() {
     let env = TestEnv::new(&[]);
-    let (code, err) = run(
-        "batond",
-        &[
-            "--data-dir".as_ref(),
-            env.path("d").as_os_str(),
-            "--tls-dir".as_ref(),
-            env.tls().as_os_str(),
-            "--store".as_ref(),
-            "zookeeper://127.0.0.1:2181".as_ref(),
-        ],
-    );
+    let with_store = |store: &str| {
+        run(
+            "batond",
+            &[
+                "--data-dir".as_ref(),
+                env.path("d").as_os_str(),
+                "--tls-dir".as_ref(),
+                env.tls().as_os_str(),
+                "--store".as_ref(),
+                store.as_ref(),
+            ],
+        )
+    };
+    let (code, err) = with_store("zookeeper://127.0.0.1:2181");
     assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("neither \"embedded\" nor etcd://HOST:PORT"),
         "{err}"
     );
-    let (code, err) = run(
-        "batond",
-        &[
-            "--data-dir".as_ref(),
-            env.path("d").as_os_str(),
-            "--tls-dir".as_ref(),
-            env.tls().as_os_str(),
-            "--store".as_ref(),
-            "etcd://127.0.0.1".as_ref(),
-        ],
-    );
+    let (code, err) = with_store("etcd://127.0.0.1");
     assert_eq!(code, Some(64), "{err}");
     assert!(
         err.contains("endpoint \"127.0.0.1\" is not HOST:PORT"),
