@@ -15,30 +15,36 @@ use tokio_stream::StreamExt;
 
 use super::{Cli, CliError, call_failed};
 
+/// The long help of `baton rollout start`: an example plan. (A string,
+/// not a doc comment, so rustdoc does not take the plan for Rust code.)
+const START_HELP: &str = "Validate a plan file and start it; prints the rollout id.
+
+A plan names the service, the version (pushed with `baton artifact push`), the
+hosts and how carefully to proceed:
+
+    auto_rollback = true          # undo every touched host on failure
+    progress_deadline = \"10m\"
+
+    [[service]]
+    name = \"api\"
+    version = \"2.0.0\"
+    hosts = { role = \"api\" }      # absent: the hosts already running api
+    max_parallel = 2              # or \"25%\"
+    min_healthy = \"75%\"           # floor of healthy hosts, never crossed
+    min_healthy_time = \"2s\"
+    healthy_deadline = \"30s\"
+    max_failures = 0
+
+Several [[service]] tables make a system: depends_on, requires, canary and
+steps are explained in the README. A plan with a mistake is refused as a
+whole, with the reason, and nothing is started. `baton rollout plan PLAN`
+shows what it would do; follow a rollout with `baton rollout watch ID`.";
+
 /// `baton rollout …`
 #[derive(Debug, clap::Subcommand)]
 pub enum RolloutCommand {
     /// Validate a plan file and start it; prints the rollout id.
-    ///
-    /// A plan names the service, the version (pushed with `baton artifact
-    /// push`), the hosts and how carefully to proceed:
-    ///
-    ///     auto_rollback = true          # undo every touched host on failure
-    ///     progress_deadline = "10m"
-    ///
-    ///     [[service]]
-    ///     name = "api"
-    ///     version = "2.0.0"
-    ///     hosts = { role = "api" }      # absent: the hosts already running api
-    ///     max_parallel = 2              # or "25%"
-    ///     min_healthy = "75%"           # floor of healthy hosts, never crossed
-    ///     min_healthy_time = "2s"
-    ///     healthy_deadline = "30s"
-    ///     max_failures = 0
-    ///
-    /// A plan with a mistake is refused as a whole, with the reason, and
-    /// nothing is started. Follow the rollout with `baton rollout watch ID`.
-    #[command(verbatim_doc_comment)]
+    #[command(long_about = START_HELP)]
     Start {
         /// The plan (TOML; see the README for every key).
         plan: PathBuf,
