@@ -142,6 +142,8 @@ exit 0
 fn a_service_managed_by_systemd_is_swapped_restarted_and_rolled_back() {
     let mut fleet = Fleet::start(&["h1"]);
     let script = fake_systemctl(&fleet, "h1");
+    // Whatever happens, the stand-in's service is ours to stop.
+    let _stand_in = KillOnDrop(fleet.env.path("systemctl-h1.pid"));
     fleet.agent_env = vec![("BATON_SYSTEMCTL".into(), script.display().to_string())];
     fleet.start_agent("h1");
     fleet.wait_connected();
@@ -185,8 +187,19 @@ fn a_service_managed_by_systemd_is_swapped_restarted_and_rolled_back() {
         vec!["restart demo-h1.service"; 4],
         "{calls}"
     );
-    // The stand-in's service is ours to stop.
-    if let Ok(pid) = std::fs::read_to_string(fleet.env.path("systemctl-h1.pid")) {
-        let _ = kill(Pid::from_raw(pid.trim().parse().unwrap()), Signal::SIGKILL);
+}
+
+/// Kills the process whose pid a file holds, when dropped (also when the
+/// test fails).
+struct KillOnDrop(std::path::PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
