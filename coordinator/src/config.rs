@@ -139,6 +139,20 @@ impl StoreConfig {
 }
 
 impl Config {
+    /// A coordinator on a free loopback port with the defaults, for
+    /// running it in-process (the demo, tests, benchmarks).
+    pub fn loopback(data_dir: PathBuf, tls_dir: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            tls_dir,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
+            store: StoreConfig::Embedded,
+        }
+    }
+
     /// Builds the configuration from flags and, when `--config` is given,
     /// the file; collects every problem instead of stopping at the first.
     pub fn resolve(args: BatondArgs) -> Result<Self, ConfigErrors> {

@@ -121,9 +121,13 @@ impl Coordinator {
                 Arc::new(crate::store::EtcdStore::connect(endpoints).await?)
             }
             #[cfg(not(feature = "etcd"))]
-            StoreConfig::Etcd(_) => {
-                // Refused by the configuration already.
-                return Err(StartError::Artifacts("etcd support is not built in".into()));
+            StoreConfig::Etcd(endpoints) => {
+                // The configuration refuses this already; said again here
+                // for anyone building a Config by hand.
+                return Err(StartError::Store(StoreError::Open {
+                    path: format!("etcd://{}", endpoints.join(",")),
+                    reason: "this batond was built without the etcd feature".into(),
+                }));
             }
         };
         let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)

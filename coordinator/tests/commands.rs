@@ -20,17 +20,9 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
     let tls = dir.path().join("tls");
     let h1 = HostId::try_from("h1").unwrap();
     baton_common::pki::init(&tls, std::slice::from_ref(&h1)).unwrap();
-    let coordinator = Coordinator::bind(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("batond"),
-        tls_dir: tls.clone(),
-        agent_timeout: Duration::from_secs(10),
-        shutdown_grace: Duration::from_secs(5),
-        max_artifact_size: baton_coordinator::config::DEFAULT_MAX_ARTIFACT_SIZE,
-        store: Default::default(),
-    })
-    .await
-    .unwrap();
+    let coordinator = Coordinator::bind(Config::loopback(dir.path().join("batond"), tls.clone()))
+        .await
+        .unwrap();
     let url = format!("https://{}", coordinator.local_addr());
     let fleet = coordinator.fleet();
     let stop = CancellationToken::new();

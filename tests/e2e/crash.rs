@@ -21,7 +21,7 @@ fn starts(fleet: &Fleet, host: &str, version: &str) -> usize {
 /// timeout so stalls are noticed quickly.
 fn behind_proxy(hosts: &[&str]) -> (Fleet, FaultyProxy) {
     let labeled: Vec<(&str, &[&str])> = hosts.iter().map(|h| (*h, &["role=web"][..])).collect();
-    let mut fleet = Fleet::start_full(&labeled, &[], &["--agent-timeout", "1s"], None);
+    let mut fleet = Fleet::start_full(&labeled, &[], &["--agent-timeout", "1s"]);
     let proxy = FaultyProxy::start(fleet.batond.addr);
     fleet.set_agent_url(format!("https://{}", proxy.addr));
     for h in hosts {

@@ -66,18 +66,12 @@ impl Fleet {
     /// Starts agents with their own labels and a port for each named
     /// service (`${port_<svc>}` in a service.toml), for multi-service plans.
     pub fn start_labeled(hosts: &[(&str, &[&str])], services: &[&str]) -> Self {
-        Self::start_full(hosts, services, &[], None)
+        Self::start_full(hosts, services, &[])
     }
 
     /// The general constructor: labels, named services, extra `batond`
-    /// flags, and optionally agents that reach `batond` through a URL other
-    /// than its own (made from its address, e.g. a proxy in front of it).
-    pub fn start_full(
-        hosts: &[(&str, &[&str])],
-        services: &[&str],
-        batond_args: &[&str],
-        agent_url: Option<&dyn Fn(std::net::SocketAddr) -> String>,
-    ) -> Self {
+    /// flags. (Agents behind a proxy: `set_agent_url`, then restart them.)
+    pub fn start_full(hosts: &[(&str, &[&str])], services: &[&str], batond_args: &[&str]) -> Self {
         let names: Vec<&str> = hosts.iter().map(|(h, _)| *h).collect();
         let env = TestEnv::new(&names);
         let out = crate::bin_command("baton")
@@ -87,7 +81,7 @@ impl Fleet {
             .unwrap();
         ok(&out, "keygen");
         let batond = Batond::start(&env, "batond", batond_args);
-        let agent_url = agent_url.map_or_else(|| batond.url(), |f| f(batond.addr));
+        let agent_url = batond.url();
         let mut fleet = Self {
             env,
             batond,

@@ -225,16 +225,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let key = artifact::read_signing_key(&key_path)?;
     println!("  created a CA, mTLS certificates and an ed25519 release key");
 
-    let coordinator = Coordinator::bind(Config {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().join("batond"),
-        tls_dir: tls_dir.clone(),
-        agent_timeout: crate::config::DEFAULT_AGENT_TIMEOUT,
-        shutdown_grace: Duration::from_secs(5),
-        max_artifact_size: crate::config::DEFAULT_MAX_ARTIFACT_SIZE,
-        store: Default::default(),
-    })
-    .await?;
+    let coordinator =
+        Coordinator::bind(Config::loopback(dir.path().join("batond"), tls_dir.clone())).await?;
     let url = format!("https://{}", coordinator.local_addr());
     let coordinator_stop = CancellationToken::new();
     let coordinator_task = tokio::spawn(coordinator.run(coordinator_stop.clone()));

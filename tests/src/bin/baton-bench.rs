@@ -135,18 +135,11 @@ fn fetch_throughput(rt: &tokio::runtime::Runtime) -> Vec<f64> {
     let signed = artifact::pack(&src, "big", "1.0.0", &key, &file).unwrap();
 
     rt.block_on(async {
-        let coordinator =
-            baton_coordinator::server::Coordinator::bind(baton_coordinator::config::Config {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                data_dir: dir.path().join("batond"),
-                tls_dir: tls.clone(),
-                agent_timeout: Duration::from_secs(10),
-                shutdown_grace: Duration::from_secs(5),
-                max_artifact_size: baton_coordinator::config::DEFAULT_MAX_ARTIFACT_SIZE,
-                store: Default::default(),
-            })
-            .await
-            .unwrap();
+        let coordinator = baton_coordinator::server::Coordinator::bind(
+            baton_coordinator::config::Config::loopback(dir.path().join("batond"), tls.clone()),
+        )
+        .await
+        .unwrap();
         let url = format!("https://{}", coordinator.local_addr());
         let stop = CancellationToken::new();
         let server = tokio::spawn(coordinator.run(stop.clone()));
