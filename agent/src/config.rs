@@ -68,6 +68,11 @@ pub struct AgentArgs {
     /// included [default: 3].
     #[arg(long, value_name = "N")]
     pub keep_releases: Option<usize>,
+
+    /// Internal: watch an upgrade of this agent (started by the agent
+    /// itself, with --data-dir only).
+    #[arg(long, hide = true)]
+    pub upgrade_watchdog: bool,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

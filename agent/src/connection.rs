@@ -58,11 +58,15 @@ enum SessionError {
 pub struct Link {
     config: AgentConfig,
     endpoint: Endpoint,
+    /// The version the hello reports.
+    version: String,
+    /// Whether a session (welcomed) runs.
+    connected: tokio::sync::watch::Sender<bool>,
 }
 
 impl Link {
     /// Prepares the endpoint; fails on a malformed coordinator URL.
-    pub fn new(config: AgentConfig) -> Result<Self, String> {
+    pub fn new(config: AgentConfig, version: String) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(config.coordinator.clone())
             .map_err(|e| {
                 format!(
@@ -78,7 +82,12 @@ impl Link {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        Ok(Self { config, endpoint })
+        Ok(Self {
+            config,
+            endpoint,
+            version,
+            connected: tokio::sync::watch::channel(false).0,
+        })
     }
 
     /// A lazily connected channel to the coordinator for other services
@@ -87,12 +96,20 @@ impl Link {
         self.endpoint.connect_lazy()
     }
 
+    /// Whether the agent has a welcomed stream to the coordinator, now and
+    /// as it changes.
+    pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
     /// Runs until `shutdown` is cancelled, reconnecting whenever the stream
     /// is lost. Never gives up.
     pub async fn run(self, shutdown: CancellationToken, executor: Executor) {
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
         loop {
-            match self.session(&shutdown, &mut backoff, &executor).await {
+            let ended = self.session(&shutdown, &mut backoff, &executor).await;
+            self.connected.send_replace(false);
+            match ended {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Lost(reason)) => warn!(%reason, "lost the coordinator; reconnecting"),
                 Err(SessionError::Refused(status))
@@ -114,7 +131,7 @@ impl Link {
     fn hello(&self, services: Vec<ServiceStatus>) -> AgentMessage {
         let info = HostInfo {
             host_id: self.config.host_id.clone(),
-            agent_version: baton_common::VERSION.to_owned(),
+            agent_version: self.version.clone(),
             labels: self.config.labels.clone(),
             services,
         };
@@ -195,6 +212,7 @@ impl Link {
             "connected to the coordinator"
         );
         backoff.reset();
+        self.connected.send_replace(true);
 
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use baton_common::artifact::{self, Manifest, PayloadHasher, PublicKey, SignedManifest};
+use baton_common::artifact::{
+    self, AGENT_NAME, ArtifactKind, Manifest, PayloadHasher, PublicKey, SignedManifest,
+};
 use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
 use baton_common::host::{ServiceState, ServiceStatus};
 use baton_common::sdnotify::Notifier;
@@ -31,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use crate::health::{self, Gate};
 use crate::journal::Journal;
 use crate::releases::Releases;
+use crate::selfupgrade::SelfUpgrade;
 use crate::service::{self, HealthSpec, Hook, Readiness, ServiceSpec, SupervisorKind};
 use crate::sockets::{ListenSocket, ListenSpec};
 use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process_file};
@@ -53,6 +56,8 @@ pub struct ExecutorConfig {
     pub keep_releases: usize,
     /// Restart backoff and log cap.
     pub supervisor: SupervisorConfig,
+    /// The agent's own releases (commands for `baton-agent`).
+    pub me: SelfUpgrade,
 }
 
 /// Runs commands and owns the supervised services.
@@ -84,6 +89,9 @@ struct Inner {
     stored: Mutex<HashMap<String, OwnedFd>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// How the upgrade this process is the new agent of ended (`None`
+    /// while undecided, or when there is none).
+    trial: watch::Sender<Option<Result<(), String>>>,
 }
 
 /// One service's supervisor and the lock that serialises its operations.
@@ -186,6 +194,7 @@ impl Executor {
                 stored: Mutex::new(stored_fds()),
                 shutdown,
                 tasks: TaskTracker::new(),
+                trial: watch::channel(None).0,
                 config,
             }),
         })
@@ -501,6 +510,19 @@ impl Executor {
                 service,
                 version,
                 gate,
+            }
+            | CommandKind::Rollback {
+                service,
+                version,
+                gate,
+            } if service == AGENT_NAME => self.upgrade_self(&command.id, &version, gate).await,
+            CommandKind::Remove { service } if service == AGENT_NAME => {
+                Err("the agent cannot remove itself".into())
+            }
+            CommandKind::Activate {
+                service,
+                version,
+                gate,
             } => self.activate(&service, &version, gate, false).await,
             CommandKind::Rollback {
                 service,
@@ -520,17 +542,25 @@ impl Executor {
         signature: Vec<u8>,
     ) -> Result<(), String> {
         artifact::validate_version(version).map_err(|e| e.to_string())?;
-        if self.inner.releases.is_staged(name, version) {
+        let (releases, kind) = if name == AGENT_NAME {
+            (self.inner.config.me.releases(), ArtifactKind::Agent)
+        } else {
+            (&self.inner.releases, ArtifactKind::Service)
+        };
+        if releases.is_staged(name, version) {
             debug!(service = %name, %version, "already staged");
             return Ok(());
         }
         let signed = SignedManifest::parse(manifest, signature)
             .map_err(|e| format!("the artifact's manifest is invalid: {e}"))?;
         let m = &signed.manifest;
-        if m.name != name || m.version != version {
+        if m.name != name || m.version != version || m.kind != kind {
             return Err(format!(
-                "the manifest is for {} {}, not {name} {version}",
-                m.name, m.version
+                "the manifest is for {} {} {}, not {} {name} {version}",
+                m.kind.as_str(),
+                m.name,
+                m.version,
+                kind.as_str()
             ));
         }
         if self.inner.config.trusted_keys.is_empty() {
@@ -546,12 +576,12 @@ impl Executor {
             .or_default()
             .clone();
         let _one_at_a_time = gate.lock().await;
-        if self.inner.releases.is_staged(name, version) {
+        if releases.is_staged(name, version) {
             return Ok(());
         }
         let payload = self.download(id, m).await?;
         // Unpacking is blocking file work; keep it off the runtime.
-        let releases = self.inner.releases.clone();
+        let releases = releases.clone();
         let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
         let payload_path = payload.clone();
         let unpacked = tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -566,6 +596,19 @@ impl Executor {
                 &artifact::UnpackLimits::default(),
             )
             .map_err(|e| format!("cannot unpack {name_owned} {version_owned}: {e}"))?;
+            if kind == ArtifactKind::Agent {
+                use std::os::unix::fs::PermissionsExt;
+                let binary = dest.join(AGENT_NAME);
+                match std::fs::symlink_metadata(&binary) {
+                    Ok(m) if m.is_file() && m.permissions().mode() & 0o100 != 0 => {}
+                    _ => {
+                        let _ = std::fs::remove_dir_all(&dest);
+                        return Err(format!(
+                            "{name_owned} {version_owned} holds no executable baton-agent at its top"
+                        ));
+                    }
+                }
+            }
             releases
                 .commit_staged(&dest, &name_owned, &version_owned)
                 .map_err(|e| format!("cannot move the release into place: {e}"))
@@ -604,6 +647,77 @@ impl Executor {
         })
         .await?;
         Ok(path)
+    }
+
+    /// Activation or rollback of the agent itself (see
+    /// [`crate::selfupgrade`]): on success this process is replaced, and
+    /// the new agent answers the re-sent command.
+    async fn upgrade_self(&self, id: &str, version: &str, gate: HealthGate) -> Result<(), String> {
+        let me = self.inner.config.me.clone();
+        if let Some(trial) = me.trial() {
+            // This process is the new agent of an upgrade on trial: nothing
+            // else about the agent runs before that is decided.
+            let mut rx = self.inner.trial.subscribe();
+            let outcome = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|o| o.clone());
+            if trial.command_id == id {
+                return outcome.unwrap_or_else(|| Err("the agent is stopping".into()));
+            }
+        }
+        let _host = self.inner.host.lock().await;
+        if me.version() == version {
+            info!(%version, "the agent already runs this version");
+            return Ok(());
+        }
+        let (id, version) = (id.to_owned(), version.to_owned());
+        tokio::task::spawn_blocking(move || me.begin(&id, &version, gate))
+            .await
+            .map_err(|e| format!("the upgrade task failed: {e}"))?
+    }
+
+    /// When this process is the new agent of an upgrade on trial: once it
+    /// has been connected for the trial's `min_healthy_time`, asks the
+    /// watchdog to commit, then journals the activation as succeeded.
+    pub fn confirm_upgrade(&self, mut connected: watch::Receiver<bool>) {
+        let me = self.inner.config.me.clone();
+        let Some(trial) = me.trial().cloned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let healthy = async {
+                loop {
+                    connected.wait_for(|c| *c).await.ok()?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(trial.min_healthy_time) => return Some(()),
+                        lost = connected.wait_for(|c| !*c) => { lost.ok()?; }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = this.inner.shutdown.cancelled() => return,
+                h = healthy => if h.is_none() { return },
+            }
+            let result = tokio::task::spawn_blocking(move || me.confirm())
+                .await
+                .map_err(|e| format!("the confirmation task failed: {e}"))
+                .and_then(|r| r);
+            match &result {
+                Ok(()) => {
+                    let update = CommandUpdate::done(&trial.command_id, Outcome::Succeeded, "");
+                    if let Err(e) = this.inner.journal.record(&update) {
+                        error!(id = %trial.command_id, error = %e, "cannot journal the agent upgrade");
+                    }
+                    this.publish(update);
+                    this.inner.config.me.prune(this.inner.config.keep_releases);
+                }
+                Err(e) => error!(error = %e, "cannot confirm the agent upgrade"),
+            }
+            this.inner.trial.send_replace(Some(result));
+        });
     }
 
     /// Activation and rollback: make `version` current and running, then

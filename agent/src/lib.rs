@@ -9,6 +9,7 @@ pub mod executor;
 pub mod health;
 pub mod journal;
 pub mod releases;
+pub mod selfupgrade;
 pub mod service;
 pub mod sockets;
 pub mod supervisor;
@@ -26,10 +27,19 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Prepares an agent that runs inside another program (tests, `baton
+    /// demo`): like [`Agent::upgradable`], but it reports its build version
+    /// and cannot upgrade itself.
+    pub fn new(config: AgentConfig) -> Result<Self, String> {
+        let me = selfupgrade::SelfUpgrade::in_process(&config.data_dir);
+        Self::upgradable(config, me)
+    }
+
     /// Prepares the agent: creates its data directory with mode 0700 (and
     /// tightens an existing one), checks the coordinator URL and opens the
-    /// command journal and the release store.
-    pub fn new(config: AgentConfig) -> Result<Self, String> {
+    /// command journal and the release store. `me` comes from
+    /// [`selfupgrade::boot`].
+    pub fn upgradable(config: AgentConfig, me: selfupgrade::SelfUpgrade) -> Result<Self, String> {
         let dir = &config.data_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -40,7 +50,7 @@ impl Agent {
         let mut vars = config.vars.clone();
         vars.insert("BATON_HOST_ID".into(), config.host_id.to_string());
         let shutdown = CancellationToken::new();
-        let link = connection::Link::new(config.clone())?;
+        let link = connection::Link::new(config.clone(), me.version().to_owned())?;
         let executor = executor::Executor::new(
             executor::ExecutorConfig {
                 data_dir: config.data_dir.clone(),
@@ -48,6 +58,7 @@ impl Agent {
                 trusted_keys: config.trusted_keys.clone(),
                 keep_releases: config.keep_releases,
                 supervisor: supervisor::SupervisorConfig::default(),
+                me,
             },
             link.channel(),
             shutdown.clone(),
@@ -65,6 +76,7 @@ impl Agent {
     /// the agent stops.
     pub async fn run(self, shutdown: CancellationToken) {
         self.executor.recover().await;
+        self.executor.confirm_upgrade(self.link.connected());
         let notify = baton_common::sdnotify::lifecycle(
             "running; connecting to the coordinator".to_owned(),
             shutdown.clone(),

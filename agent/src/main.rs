@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use baton_agent::{Agent, AgentArgs, AgentConfig};
+use baton_agent::{Agent, AgentArgs, AgentConfig, selfupgrade};
 use baton_common::EXIT_CONFIG;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +12,15 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     baton_common::process::init_logging("info");
+    if args.upgrade_watchdog {
+        return match &args.data_dir {
+            Some(dir) => baton_agent::selfupgrade::watchdog(dir),
+            None => {
+                eprintln!("baton-agent: --upgrade-watchdog needs --data-dir");
+                ExitCode::from(EXIT_CONFIG as u8)
+            }
+        };
+    }
     let runtime = match baton_common::process::runtime("baton-agent") {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -19,9 +28,24 @@ fn main() -> ExitCode {
     // Inside the runtime: the agent's lazily connected download channel
     // registers with it.
     let agent = match runtime.block_on(async {
-        AgentConfig::resolve(args)
-            .map_err(|e| e.0)
-            .and_then(|c| Agent::new(c).map_err(|e| vec![e]))
+        let config = AgentConfig::resolve(args).map_err(|e| e.0)?;
+        // Before anything else: settle an upgrade of this agent, or run
+        // the release the host is on.
+        let me = match selfupgrade::boot(&config.data_dir).map_err(|e| vec![e])? {
+            selfupgrade::Boot::Run(me) => me,
+            selfupgrade::Boot::Exec(mut cmd) => {
+                use std::os::unix::process::CommandExt;
+                let program = cmd.get_program().to_owned();
+                let e = cmd.exec();
+                return Err(vec![format!("cannot execute {}: {e}", program.display())]);
+            }
+        };
+        // Which process is this host's agent: after an upgrade that was
+        // reverted outside systemd it is not the one first started.
+        let pidfile = config.data_dir.join("agent.pid");
+        std::fs::write(&pidfile, format!("{}\n", std::process::id()))
+            .map_err(|e| vec![format!("cannot write {}: {e}", pidfile.display())])?;
+        Agent::upgradable(config, me).map_err(|e| vec![e])
     }) {
         Ok(agent) => agent,
         Err(errors) => {

@@ -34,6 +34,12 @@ impl Releases {
         }
     }
 
+    /// A store of the same layout under `root` (the agent's own releases
+    /// live in `<data-dir>/agent`).
+    pub fn at(root: PathBuf) -> Self {
+        Self { root }
+    }
+
     /// `services/<name>`.
     pub fn service_dir(&self, name: &str) -> PathBuf {
         self.root.join(name)

@@ -701,6 +701,21 @@ async fn wait_exit(process: &mut Process) -> String {
             while is_same_process(*pid, *start_time) {
                 tokio::time::sleep(ADOPTED_POLL).await;
             }
+            // After the agent re-executed itself its services are still its
+            // children: reap the zombie (for anyone else's child this fails
+            // with ECHILD, which is fine).
+            if let Some(p) = i32::try_from(*pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                && let Ok(Some((_, status))) =
+                    rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG)
+            {
+                return match (status.exit_status(), status.terminating_signal()) {
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (_, Some(sig)) => format!("killed by signal {sig}"),
+                    _ => "exited".to_owned(),
+                };
+            }
             "exited (status unknown: the process was adopted, not started, by this agent)"
                 .to_owned()
         }
@@ -862,9 +877,17 @@ pub(crate) fn is_alive(pid: u32) -> bool {
     read_stat(pid).is_some_and(|s| is_live_state(s.state))
 }
 
+/// When the live (not zombie) process `pid` started, in clock ticks after
+/// boot: with the pid, what names a process for good.
+pub(crate) fn live_start_time(pid: u32) -> Option<u64> {
+    read_stat(pid)
+        .filter(|s| is_live_state(s.state))
+        .map(|s| s.start_time)
+}
+
 /// Whether `pid` is still the process that started at `start_time`, and
 /// not a zombie.
-fn is_same_process(pid: u32, start_time: u64) -> bool {
+pub(crate) fn is_same_process(pid: u32, start_time: u64) -> bool {
     read_stat(pid).is_some_and(|s| s.start_time == start_time && is_live_state(s.state))
 }
 

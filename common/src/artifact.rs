@@ -222,6 +222,12 @@ pub enum ArtifactError {
         /// The directory.
         dir: PathBuf,
     },
+    /// The directory to pack as an agent holds no agent binary.
+    #[error("{} has no executable regular file baton-agent at its top; it is not an agent release", dir.display())]
+    NoAgentBinary {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// The artifact would be written inside the directory being packed.
     #[error("cannot write the artifact {} inside the directory being packed, {}", out.display(), dir.display())]
     OutputInsideDir {
@@ -548,12 +554,58 @@ pub fn read_public_key(path: &Path) -> Result<PublicKey, ArtifactError> {
 // Manifest
 // ---------------------------------------------------------------------------
 
+/// The name every agent artifact carries, and no service may.
+pub const AGENT_NAME: &str = "baton-agent";
+
+/// What an artifact delivers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    /// A service release: `service.toml` and its files.
+    #[default]
+    Service,
+    /// A release of `baton-agent` itself: the binary `baton-agent` at the
+    /// top, which agents re-execute into (see the agent's `selfupgrade`).
+    Agent,
+}
+
+impl ArtifactKind {
+    /// `"service"` or `"agent"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Agent => "agent",
+        }
+    }
+
+    fn is_service(&self) -> bool {
+        *self == Self::Service
+    }
+}
+
+impl std::str::FromStr for ArtifactKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "service" => Ok(Self::Service),
+            "agent" => Ok(Self::Agent),
+            _ => Err(format!("unknown artifact kind {s:?} (service | agent)")),
+        }
+    }
+}
+
 /// What an artifact holds, signed by its maker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// The service name (see [`validate_name`]).
+    /// The service name (see [`validate_name`]); [`AGENT_NAME`] for an
+    /// agent artifact.
     pub name: String,
+    /// What the artifact delivers; absent means a service (so manifests
+    /// signed before kinds existed keep their meaning and bytes).
+    #[serde(default, skip_serializing_if = "ArtifactKind::is_service")]
+    pub kind: ArtifactKind,
     /// The release version (see [`validate_version`]).
     pub version: String,
     /// Lowercase hex SHA-256 of the payload exactly as stored (compressed).
@@ -571,6 +623,7 @@ impl Manifest {
     fn validate(&self) -> Result<(), ArtifactError> {
         validate_name(&self.name)?;
         validate_version(&self.version)?;
+        check_kind(&self.name, self.kind)?;
         if !is_lower_hex(&self.payload_sha256, 64) {
             return Err(ArtifactError::BadManifest {
                 reason: format!(
@@ -1123,14 +1176,22 @@ fn append_tree<W: Write>(
     }
 }
 
+/// Agent artifacts, and only they, are named [`AGENT_NAME`].
+fn check_kind(name: &str, kind: ArtifactKind) -> Result<(), ArtifactError> {
+    let reason = match kind {
+        ArtifactKind::Agent if name != AGENT_NAME => {
+            format!("an agent artifact must be named {AGENT_NAME}, not {name:?}")
+        }
+        ArtifactKind::Service if name == AGENT_NAME => format!(
+            "the name {AGENT_NAME} is reserved for agent artifacts (pack them with --kind agent)"
+        ),
+        _ => return Ok(()),
+    };
+    Err(ArtifactError::BadManifest { reason })
+}
+
 /// Packs the service directory `dir` into a signed artifact at `out`
-/// (replacing any file there) and returns its manifest.
-///
-/// The payload is a tar of the directory's contents with relative, sorted
-/// paths; regular files, directories and symlinks (kept as symlinks, and
-/// held to `unpack`'s rules); modes without set-uid, set-gid and sticky
-/// bits; owner 0 and time 0. It is zstd-compressed and hashed in one pass
-/// into a temporary file beside `out`.
+/// (replacing any file there) and returns its manifest. See [`pack_kind`].
 pub fn pack(
     dir: &Path,
     name: &str,
@@ -1138,11 +1199,42 @@ pub fn pack(
     key: &SigningKey,
     out: &Path,
 ) -> Result<SignedManifest, ArtifactError> {
+    pack_kind(dir, name, version, ArtifactKind::Service, key, out)
+}
+
+/// Packs `dir` as an artifact of `kind`: a service directory holds
+/// `service.toml`, an agent release the executable `baton-agent`.
+///
+/// The payload is a tar of the directory's contents with relative, sorted
+/// paths; regular files, directories and symlinks (kept as symlinks, and
+/// held to `unpack`'s rules); modes without set-uid, set-gid and sticky
+/// bits; owner 0 and time 0. It is zstd-compressed and hashed in one pass
+/// into a temporary file beside `out`.
+pub fn pack_kind(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    kind: ArtifactKind,
+    key: &SigningKey,
+    out: &Path,
+) -> Result<SignedManifest, ArtifactError> {
+    use std::os::unix::fs::PermissionsExt;
     validate_name(name)?;
     validate_version(version)?;
-    let service_toml = dir.join("service.toml");
-    match fs::symlink_metadata(&service_toml) {
-        Ok(meta) if meta.file_type().is_file() => {}
+    check_kind(name, kind)?;
+    let (marker, executable) = match kind {
+        ArtifactKind::Service => ("service.toml", false),
+        ArtifactKind::Agent => (AGENT_NAME, true),
+    };
+    match fs::symlink_metadata(dir.join(marker)) {
+        Ok(meta)
+            if meta.file_type().is_file()
+                && (!executable || meta.permissions().mode() & 0o100 != 0) => {}
+        _ if kind == ArtifactKind::Agent => {
+            return Err(ArtifactError::NoAgentBinary {
+                dir: dir.to_owned(),
+            });
+        }
         _ => {
             return Err(ArtifactError::NoServiceToml {
                 dir: dir.to_owned(),
@@ -1178,6 +1270,7 @@ pub fn pack(
 
     let manifest = Manifest {
         name: name.to_owned(),
+        kind,
         version: version.to_owned(),
         size: hasher.bytes(),
         payload_sha256: hasher.hex_digest(),
@@ -1879,6 +1972,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `evil`"), "{err}");
+    }
+
+    #[test]
+    fn agent_artifacts_hold_an_executable_and_carry_their_kind_signed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (key, public) = keys(tmp.path(), "k");
+        let dir = tmp.path().join("agent");
+        fs::create_dir(&dir).unwrap();
+        let out = tmp.path().join("a.art");
+        let agent = |name: &str| pack_kind(&dir, name, "2", ArtifactKind::Agent, &key, &out);
+        let err = agent(AGENT_NAME).unwrap_err().to_string();
+        assert!(
+            err.contains("no executable regular file baton-agent"),
+            "{err}"
+        );
+        fs::write(dir.join(AGENT_NAME), b"#!/bin/sh\n").unwrap();
+        let err = agent(AGENT_NAME).unwrap_err().to_string();
+        assert!(
+            err.contains("no executable regular file baton-agent"),
+            "{err}"
+        );
+        fs::set_permissions(dir.join(AGENT_NAME), fs::Permissions::from_mode(0o755)).unwrap();
+        let err = agent("api").unwrap_err().to_string();
+        assert!(err.contains("must be named baton-agent"), "{err}");
+        let signed = agent(AGENT_NAME).unwrap();
+        assert_eq!(signed.manifest.kind, ArtifactKind::Agent);
+        assert!(String::from_utf8_lossy(&signed.bytes).contains("\"kind\": \"agent\""));
+        let back = SignedManifest::parse(signed.bytes.clone(), signed.signature.clone()).unwrap();
+        back.verify(&[public]).unwrap();
+        assert_eq!(back.manifest.kind, ArtifactKind::Agent);
+
+        // A service may not take the agent's name, and a service manifest
+        // says nothing of kinds (its bytes are as before kinds existed).
+        let svc = service_dir(tmp.path());
+        let err = pack(&svc, AGENT_NAME, "1", &key, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved for agent artifacts"), "{err}");
+        let signed = pack(&svc, "api", "1", &key, &out).unwrap();
+        assert!(!String::from_utf8_lossy(&signed.bytes).contains("kind"));
     }
 
     #[test]

@@ -10,5 +10,6 @@ mod fleet;
 mod handoff;
 mod rollout;
 mod security;
+mod selfupgrade;
 mod system;
 mod systemd;

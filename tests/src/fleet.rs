@@ -417,11 +417,30 @@ timeout = "1s"
     }
 }
 
+/// The pid in an agent's `agent.pid`, if that process is still a
+/// `baton-agent` (a pid reused by anything else is left alone).
+pub fn agent_pid_file(data_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(data_dir.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains("baton-agent")
+        .then_some(pid)
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         // Agents first, so nothing restarts the services we kill.
         self.agents.clear();
         for host in self.ports.keys() {
+            // An agent that took over after a reverted self-upgrade is
+            // not one of our children.
+            if let Some(pid) = agent_pid_file(&self.data_dir(host)) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
             let services = self.data_dir(host).join("services");
             let pids: Vec<i32> = std::fs::read_dir(&services)
                 .into_iter()

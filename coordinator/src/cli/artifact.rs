@@ -26,13 +26,20 @@ pub enum ArtifactCommand {
         #[arg(long, value_name = "PREFIX")]
         out: PathBuf,
     },
-    /// Pack and sign a release directory (it must hold service.toml).
+    /// Pack and sign a release directory: a service's (it must hold
+    /// service.toml) or, with `--kind agent`, a new baton-agent's (it must
+    /// hold the executable `baton-agent`; roll it out with a plan naming
+    /// the service `baton-agent`).
     Pack {
         /// The release directory.
         dir: PathBuf,
-        /// The service's name.
+        /// The service's name (for `--kind agent` always `baton-agent`,
+        /// which may be left out).
         #[arg(long, value_name = "NAME")]
-        name: String,
+        name: Option<String>,
+        /// What the artifact delivers: `service` or `agent`.
+        #[arg(long, value_name = "KIND", default_value = "service")]
+        kind: artifact::ArtifactKind,
         /// The release's version.
         #[arg(long, value_name = "VERSION")]
         version: String,
@@ -69,12 +76,20 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
         ArtifactCommand::Pack {
             dir,
             name,
+            kind,
             version,
             sign_key,
             out,
         } => {
+            let name = match (name, kind) {
+                (Some(name), _) => name.as_str(),
+                (None, artifact::ArtifactKind::Agent) => artifact::AGENT_NAME,
+                (None, artifact::ArtifactKind::Service) => {
+                    return Err(CliError("--name is required for a service artifact".into()));
+                }
+            };
             let key = artifact::read_signing_key(sign_key)?;
-            let signed = artifact::pack(dir, name, version, &key, out)?;
+            let signed = artifact::pack_kind(dir, name, version, *kind, &key, out)?;
             println!(
                 "packed {} {} into {}: sha256:{} ({} bytes, key {})",
                 name,

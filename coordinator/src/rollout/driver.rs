@@ -646,7 +646,7 @@ impl Driver {
                     .collect(),
                 None => fleet
                     .iter()
-                    .filter(|h| h.services.iter().any(|s| s.name == svc.name))
+                    .filter(|h| running_version(h, &svc.name).is_some())
                     .collect(),
             };
             if targets.is_empty() {
@@ -684,11 +684,7 @@ impl Driver {
             // the version are added to every step (they are done).
             let unchanged = targets
                 .iter()
-                .filter(|h| {
-                    h.services
-                        .iter()
-                        .any(|s| s.name == svc.name && s.version == svc.version)
-                })
+                .filter(|h| running_version(h, &svc.name) == Some(svc.version.as_str()))
                 .count();
             let m = n - unchanged;
             let mut steps: Vec<usize> = if m == 0 {
@@ -729,11 +725,8 @@ impl Driver {
                 } else {
                     let running: Vec<(String, String)> = fleet
                         .iter()
-                        .flat_map(|h| {
-                            h.services
-                                .iter()
-                                .filter(|s| &s.name == dep)
-                                .map(|s| (h.host_id.to_string(), s.version.clone()))
+                        .filter_map(|h| {
+                            running_version(h, dep).map(|v| (h.host_id.to_string(), v.to_owned()))
                         })
                         .collect();
                     if running.is_empty() {
@@ -756,12 +749,9 @@ impl Driver {
             let hosts: BTreeMap<HostId, HostRun> = targets
                 .iter()
                 .map(|h| {
-                    let from = h
-                        .services
-                        .iter()
-                        .find(|s| s.name == svc.name)
-                        .map(|s| s.version.clone())
-                        .filter(|v| !v.is_empty());
+                    let from = running_version(h, &svc.name)
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned);
                     (
                         h.host_id.clone(),
                         HostRun::new(
@@ -819,6 +809,20 @@ impl Driver {
             error: None,
             next_seq: 0,
         })
+    }
+}
+
+/// The version of `service` a host runs; for `baton-agent` (artifacts of
+/// kind `agent`), the version of the host's agent, so the agent upgrades
+/// through the same plans and engine as any service.
+fn running_version<'a>(h: &'a HostView, service: &str) -> Option<&'a str> {
+    if service == baton_common::artifact::AGENT_NAME {
+        Some(h.agent_version.as_str()).filter(|v| !v.is_empty())
+    } else {
+        h.services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| s.version.as_str())
     }
 }
 

@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 /// Slack added to a health gate's deadline for the command deadline:
 /// hooks, stopping the old process and the swap itself.
 const COMMAND_SLACK: Duration = Duration::from_secs(120);
+/// How much longer than `healthy_deadline` a host upgrading its own agent
+/// may stay away before it counts as failed.
+const AGENT_RETURN_GRACE: Duration = Duration::from_secs(30);
 
 /// Where a rollout is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -579,7 +582,13 @@ fn on_update(
 /// if it ever comes, is ignored; a rollback reaches it when it returns.
 fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
     for s in &mut r.services {
-        let deadline = s.gate.healthy_deadline;
+        let mut deadline = s.gate.healthy_deadline;
+        if s.name == baton_common::artifact::AGENT_NAME {
+            // An agent upgrading itself leaves on purpose; its watchdog
+            // decides within healthy_deadline and the agent then running
+            // reconnects and reports.
+            deadline += AGENT_RETURN_GRACE;
+        }
         for h in s.hosts.values_mut() {
             if h.connected {
                 continue;
