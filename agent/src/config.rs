@@ -31,9 +31,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// The coordinator's URL, e.g. https://127.0.0.1:7443.
-    #[arg(long, value_name = "URL")]
-    pub coordinator: Option<String>,
+    /// The coordinator's URL, e.g. https://127.0.0.1:7443. With several
+    /// coordinators (HA on etcd), repeat the flag or separate URLs with
+    /// commas: the agent finds the leader.
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    pub coordinator: Vec<String>,
 
     /// This host's id; must match the host id in the agent certificate.
     #[arg(long, value_name = "ID")]
@@ -78,7 +80,7 @@ pub struct AgentArgs {
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
-    coordinator: Option<String>,
+    coordinator: Option<Urls>,
     host_id: Option<String>,
     data_dir: Option<PathBuf>,
     tls_dir: Option<PathBuf>,
@@ -93,11 +95,28 @@ struct FileConfig {
     keep_releases: Option<usize>,
 }
 
+/// `coordinator` in the file: one URL, comma-separated URLs, or a list.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum Urls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Urls {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => s.split(',').map(|u| u.trim().to_owned()).collect(),
+            Self::Many(v) => v,
+        }
+    }
+}
+
 /// A complete, checked agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The coordinator's URL.
-    pub coordinator: String,
+    /// The coordinators' URLs (one, or every one sharing an etcd store).
+    pub coordinators: Vec<String>,
     /// This host's id.
     pub host_id: HostId,
     /// The agent's state directory.
@@ -135,12 +154,18 @@ impl AgentConfig {
             None => format!("pass --{key} or set it in a --config file"),
         };
 
-        let coordinator = args.coordinator.or(file.coordinator).unwrap_or_else(|| {
+        let coordinators: Vec<String> = if args.coordinator.is_empty() {
+            file.coordinator.map(Urls::into_vec).unwrap_or_default()
+        } else {
+            args.coordinator
+        };
+        if coordinators.is_empty() {
             errors.push(format!("no coordinator URL: {}", hint("coordinator")));
-            String::new()
-        });
-        if !coordinator.is_empty() && !coordinator.starts_with("https://") {
-            errors.push(format!("coordinator URL {coordinator:?} must start with https:// (agents only speak mutual TLS)"));
+        }
+        for url in &coordinators {
+            if !url.starts_with("https://") {
+                errors.push(format!("coordinator URL {url:?} must start with https:// (agents only speak mutual TLS)"));
+            }
         }
         let host_id = match args.host_id.or(file.host_id) {
             None => {
@@ -210,7 +235,7 @@ impl AgentConfig {
 
         match (errors.is_empty(), host_id, tls) {
             (true, Some(host_id), Some(tls)) => Ok(Self {
-                coordinator,
+                coordinators,
                 host_id,
                 data_dir,
                 tls,
@@ -223,5 +248,53 @@ impl AgentConfig {
             }),
             _ => Err(ConfigErrors(errors)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_with_file(text: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, text).unwrap();
+        let args =
+            AgentArgs::try_parse_from(["baton-agent", "--config", file.to_str().unwrap()]).unwrap();
+        AgentConfig::resolve(args).unwrap_err().0
+    }
+
+    #[test]
+    fn several_coordinators_by_flag_or_file() {
+        let a = AgentArgs::try_parse_from([
+            "baton-agent",
+            "--coordinator",
+            "https://a:1,https://b:1",
+            "--coordinator",
+            "https://c:1",
+        ])
+        .unwrap();
+        assert_eq!(a.coordinator, ["https://a:1", "https://b:1", "https://c:1"]);
+        for text in [
+            "coordinator = [\"https://a:1\", \"http://b:1\"]\n",
+            "coordinator = \"https://a:1, http://b:1\"\n",
+        ] {
+            let errs = errors_with_file(text);
+            assert!(
+                errs.iter()
+                    .any(|e| e.contains("\"http://b:1\" must start with https://")),
+                "{errs:?}"
+            );
+            assert!(!errs.iter().any(|e| e.contains("a:1")), "{errs:?}");
+            assert!(
+                !errs.iter().any(|e| e.contains("no coordinator URL")),
+                "{errs:?}"
+            );
+        }
+        let errs = errors_with_file("host-id = \"h1\"\n");
+        assert!(
+            errs.iter().any(|e| e.contains("no coordinator URL")),
+            "{errs:?}"
+        );
     }
 }

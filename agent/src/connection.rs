@@ -57,43 +57,89 @@ enum SessionError {
 /// The connection loop of one agent.
 pub struct Link {
     config: AgentConfig,
-    endpoint: Endpoint,
+    /// One per coordinator URL: the configured ones, then leaders that
+    /// followers pointed to.
+    endpoints: Vec<(String, Endpoint)>,
+    /// The one the next session tries.
+    next: usize,
     /// The version the hello reports.
     version: String,
     /// Whether a session (welcomed) runs.
     connected: tokio::sync::watch::Sender<bool>,
+    /// Downloads go to the coordinator of the last session.
+    fetch: tokio::sync::watch::Sender<Channel>,
+    fetch_url: String,
+}
+
+/// The header in which a following coordinator names the leader.
+const LEADER_HEADER: &str = "baton-leader";
+
+fn endpoint(url: &str, config: &AgentConfig) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("coordinator URL {url:?} is invalid: {}", chain(&e)))?
+        .tls_config(config.tls.to_tonic())
+        .map_err(|e| format!("cannot set up TLS: {}", chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+/// The leader a following coordinator named in its refusal.
+fn leader_of(status: &tonic::Status) -> Option<String> {
+    (status.code() == tonic::Code::Unavailable)
+        .then(|| {
+            status
+                .metadata()
+                .get(LEADER_HEADER)?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+        .flatten()
 }
 
 impl Link {
-    /// Prepares the endpoint; fails on a malformed coordinator URL.
+    /// Prepares the endpoints; fails on a malformed coordinator URL.
     pub fn new(config: AgentConfig, version: String) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(config.coordinator.clone())
-            .map_err(|e| {
-                format!(
-                    "coordinator URL {:?} is invalid: {}",
-                    config.coordinator,
-                    chain(&e)
-                )
-            })?
-            .tls_config(config.tls.to_tonic())
-            .map_err(|e| format!("cannot set up TLS: {}", chain(&e)))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+        let endpoints = config
+            .coordinators
+            .iter()
+            .map(|url| Ok((url.clone(), endpoint(url, &config)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let (fetch_url, first) = endpoints.first().cloned().ok_or("no coordinator URL")?;
         Ok(Self {
             config,
-            endpoint,
+            endpoints,
+            next: 0,
             version,
             connected: tokio::sync::watch::channel(false).0,
+            fetch: tokio::sync::watch::channel(first.connect_lazy()).0,
+            fetch_url,
         })
     }
 
-    /// A lazily connected channel to the coordinator for other services
-    /// (artifact downloads); it reconnects by itself.
-    pub fn channel(&self) -> Channel {
-        self.endpoint.connect_lazy()
+    /// A lazily connected channel for other services (artifact downloads)
+    /// to the coordinator of the current session; it reconnects by itself.
+    pub fn channel(&self) -> tokio::sync::watch::Receiver<Channel> {
+        self.fetch.subscribe()
+    }
+
+    /// Makes `url` the next coordinator to try.
+    fn point_at(&mut self, url: &str) {
+        match self.endpoints.iter().position(|(u, _)| u == url) {
+            Some(i) => self.next = i,
+            None => match endpoint(url, &self.config) {
+                Ok(e) => {
+                    self.endpoints.push((url.to_owned(), e));
+                    self.next = self.endpoints.len() - 1;
+                }
+                Err(e) => {
+                    warn!(%url, error = %e, "a coordinator named a leader this agent cannot use")
+                }
+            },
+        }
     }
 
     /// Whether the agent has a welcomed stream to the coordinator, now and
@@ -104,7 +150,7 @@ impl Link {
 
     /// Runs until `shutdown` is cancelled, reconnecting whenever the stream
     /// is lost. Never gives up.
-    pub async fn run(self, shutdown: CancellationToken, executor: Executor) {
+    pub async fn run(mut self, shutdown: CancellationToken, executor: Executor) {
         let mut backoff = Backoff::new(self.config.reconnect_initial, self.config.reconnect_max);
         loop {
             let ended = self.session(&shutdown, &mut backoff, &executor).await;
@@ -112,6 +158,22 @@ impl Link {
             match ended {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Lost(reason)) => warn!(%reason, "lost the coordinator; reconnecting"),
+                Err(SessionError::Refused(status)) if leader_of(&status).is_some() => {
+                    let leader = leader_of(&status).unwrap_or_default();
+                    info!(%leader, "that coordinator follows; going to the leader");
+                    self.point_at(&leader);
+                }
+                Err(SessionError::Connect(e)) if self.endpoints.len() > 1 => {
+                    let (url, _) = &self.endpoints[self.next];
+                    warn!(coordinator = %url, error = %e, "cannot reach this coordinator; trying the next");
+                    self.next = (self.next + 1) % self.endpoints.len();
+                }
+                Err(SessionError::Refused(status))
+                    if self.endpoints.len() > 1 && status.code() == tonic::Code::Unavailable =>
+                {
+                    warn!(reason = %status.message(), "no leader yet; trying the next coordinator");
+                    self.next = (self.next + 1) % self.endpoints.len();
+                }
                 Err(SessionError::Refused(status))
                     if status.code() == tonic::Code::PermissionDenied =>
                 {
@@ -141,7 +203,7 @@ impl Link {
     }
 
     async fn session(
-        &self,
+        &mut self,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
         executor: &Executor,
@@ -152,8 +214,8 @@ impl Link {
         let services: Vec<ServiceStatus> =
             inventory.borrow_and_update().values().cloned().collect();
         let connect = async {
-            let channel: Channel = self
-                .endpoint
+            let channel: Channel = self.endpoints[self.next]
+                .1
                 .connect()
                 .await
                 .map_err(|e| SessionError::Connect(chain(&e)))?;
@@ -206,13 +268,18 @@ impl Link {
                 SessionError::Protocol("the welcome carries no usable silence timeout".into())
             })?;
         info!(
-            coordinator = %self.config.coordinator,
+            coordinator = %self.endpoints[self.next].0,
             version = %welcome.coordinator_version,
             heartbeat = %humantime::format_duration(heartbeat_every),
             "connected to the coordinator"
         );
         backoff.reset();
         self.connected.send_replace(true);
+        let (url, endpoint) = &self.endpoints[self.next];
+        if *url != self.fetch_url {
+            self.fetch_url.clone_from(url);
+            self.fetch.send_replace(endpoint.connect_lazy());
+        }
 
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);

@@ -70,7 +70,9 @@ struct Inner {
     config: ExecutorConfig,
     releases: Releases,
     journal: Journal,
-    fetch: ArtifactServiceClient<Channel>,
+    /// The coordinator to download from (the one the agent is connected
+    /// to, which with several coordinators is the leader).
+    fetch: watch::Receiver<Channel>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// One activation (or rollback) on this host at a time, whatever the
     /// service or rollout: two restarts at once could together take more
@@ -167,7 +169,7 @@ impl Executor {
     /// coordinator (for downloads). Call [`Executor::recover`] next.
     pub fn new(
         config: ExecutorConfig,
-        channel: Channel,
+        channel: watch::Receiver<Channel>,
         shutdown: CancellationToken,
     ) -> Result<Self, String> {
         let journal = Journal::open(&config.data_dir).map_err(|e| {
@@ -183,7 +185,7 @@ impl Executor {
             inner: Arc::new(Inner {
                 releases: Releases::new(&config.data_dir),
                 journal,
-                fetch: ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20),
+                fetch: channel,
                 slots: Mutex::default(),
                 host: tokio::sync::Mutex::new(()),
                 downloads: Mutex::default(),
@@ -634,7 +636,9 @@ impl Executor {
             .join("downloads")
             .join(format!("{}.partial", m.payload_sha256));
         let mut last_progress = Instant::now();
-        download(self.inner.fetch.clone(), m, &path, |offset| {
+        let client = ArtifactServiceClient::new(self.inner.fetch.borrow().clone())
+            .max_decoding_message_size(8 << 20);
+        download(client, m, &path, |offset| {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 self.publish(CommandUpdate {

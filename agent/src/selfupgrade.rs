@@ -64,6 +64,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const WATCH_EVERY: Duration = Duration::from_millis(20);
 /// How long the watchdog waits for a killed agent to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long the agent must look gone before the watchdog believes it:
+/// while a multi-threaded process executes a new program, its main thread
+/// shows as a zombie for a moment.
+const GONE_FOR: Duration = Duration::from_millis(500);
 
 /// `<data-dir>/agent/state.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -530,6 +534,7 @@ fn watch(data_dir: &Path) -> Result<ExitCode, String> {
     println!("{WATCHING}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let deadline = from_unix_millis(t.deadline);
+    let mut gone_since: Option<std::time::Instant> = None;
     let result = loop {
         if SystemTime::now() >= deadline {
             break Err(format!(
@@ -559,7 +564,13 @@ fn watch(data_dir: &Path) -> Result<ExitCode, String> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => warn!(error = %e, "the upgrade watchdog cannot accept"),
         }
-        if !is_same_process(t.agent_pid, t.agent_start) {
+        if is_same_process(t.agent_pid, t.agent_start) {
+            gone_since = None;
+        } else if gone_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed()
+            >= GONE_FOR
+        {
             break Err(format!(
                 "the new agent {} exited before it came back healthy",
                 t.version

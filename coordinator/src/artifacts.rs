@@ -245,18 +245,16 @@ impl Upload {
                     m.name, m.version, existing.digest
                 )));
             }
+            // Known, but its payload may be missing here (with several
+            // coordinators: pushed to one that died before it was copied).
+            let path = self.artifacts.blob_path(&digest)?;
+            if !path.is_file() {
+                persist(&self.file, self.tmp, &path)?;
+            }
             return Ok(existing);
         }
         let path = self.artifacts.blob_path(&digest)?;
-        self.file.sync_all().map_err(io("cannot sync the upload"))?;
-        self.tmp
-            .persist(&path)
-            .map_err(|e| ArtifactStoreError::Io {
-                what: format!("cannot move the upload to {}", path.display()),
-                source: e.error,
-            })?;
-        baton_common::artifact::fsync_dir(&self.artifacts.dir.join("sha256"))
-            .map_err(io("cannot sync the blob directory"))?;
+        persist(&self.file, self.tmp, &path)?;
         let value = serde_json::to_vec(&record).map_err(|e| {
             ArtifactStoreError::Invalid(format!("cannot encode the artifact record: {e}"))
         })?;
@@ -282,6 +280,76 @@ impl Upload {
         }
         Ok(record)
     }
+}
+
+/// A payload being copied from another coordinator (see
+/// [`Artifacts::copy_blob`]).
+pub struct BlobCopy {
+    path: PathBuf,
+    file: std::fs::File,
+    tmp: tempfile::TempPath,
+    hash: digest::Context,
+    expected: String,
+}
+
+impl Artifacts {
+    /// Whether the payload is stored here.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_ok_and(|p| p.is_file())
+    }
+
+    /// Starts storing the payload `digest` from another coordinator; it
+    /// appears only once [`BlobCopy::finish`] has checked its digest.
+    pub fn copy_blob(&self, digest: &str) -> Result<BlobCopy, ArtifactStoreError> {
+        let path = self.blob_path(digest)?;
+        let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
+            .map_err(io("cannot create a copy file"))?;
+        let (file, tmp) = tmp.into_parts();
+        Ok(BlobCopy {
+            path,
+            file,
+            tmp,
+            hash: digest::Context::new(&digest::SHA256),
+            expected: digest_hex(digest)?.to_owned(),
+        })
+    }
+}
+
+impl BlobCopy {
+    /// Appends bytes.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), ArtifactStoreError> {
+        self.hash.update(data);
+        self.file
+            .write_all(data)
+            .map_err(io("cannot write the copy"))
+    }
+
+    /// Checks the digest and moves the payload into place.
+    pub fn finish(self) -> Result<(), ArtifactStoreError> {
+        let got = hex(self.hash.finish().as_ref());
+        if got != self.expected {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "the copied payload's digest is sha256:{got}, not sha256:{}",
+                self.expected
+            )));
+        }
+        persist(&self.file, self.tmp, &self.path)
+    }
+}
+
+/// Moves a complete, synced payload file into place at `path`, durably.
+fn persist(
+    file: &std::fs::File,
+    tmp: tempfile::TempPath,
+    path: &Path,
+) -> Result<(), ArtifactStoreError> {
+    file.sync_all().map_err(io("cannot sync the payload"))?;
+    tmp.persist(path).map_err(|e| ArtifactStoreError::Io {
+        what: format!("cannot move the payload to {}", path.display()),
+        source: e.error,
+    })?;
+    let dir = path.parent().unwrap_or(path);
+    baton_common::artifact::fsync_dir(dir).map_err(io("cannot sync the blob directory"))
 }
 
 /// Lowercase hex.

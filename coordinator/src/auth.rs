@@ -38,6 +38,23 @@ pub fn require_agent(mut req: Request<()>) -> Result<Request<()>, Status> {
     }
 }
 
+/// Admits agents and other coordinators (copying payloads between
+/// coordinators that share an etcd store); for artifact downloads.
+pub fn require_agent_or_coordinator(mut req: Request<()>) -> Result<Request<()>, Status> {
+    match identify(&req)? {
+        peer @ (PeerIdentity::Agent(_) | PeerIdentity::Coordinator) => {
+            req.extensions_mut().insert(peer);
+            Ok(req)
+        }
+        other => {
+            warn!(peer = ?req.remote_addr(), identity = %other, "refused a certificate on artifact downloads");
+            Err(Status::permission_denied(format!(
+                "{other} may not download payloads: only agent and coordinator certificates may"
+            )))
+        }
+    }
+}
+
 /// Admits operator certificates only; for the Control API.
 pub fn require_operator(mut req: Request<()>) -> Result<Request<()>, Status> {
     match identify(&req)? {

@@ -65,6 +65,18 @@ pub struct BatondArgs {
     /// with `--features etcd`).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
+
+    /// With an etcd store: the URL agents and operators reach this batond
+    /// at, which followers hand out while it leads [default:
+    /// https://<listen address>].
+    #[arg(long, value_name = "URL")]
+    pub advertise_url: Option<String>,
+
+    /// With an etcd store: the leader's lease. A leader that cannot renew
+    /// it for this long stops leading, and another takes over
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
 }
 
 /// The config file: the same keys as the flags.
@@ -80,6 +92,9 @@ struct FileConfig {
     shutdown_grace: Option<Duration>,
     max_artifact_size: Option<u64>,
     store: Option<String>,
+    advertise_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    lease_ttl: Option<Duration>,
 }
 
 /// A complete, checked configuration.
@@ -99,7 +114,15 @@ pub struct Config {
     pub max_artifact_size: u64,
     /// Where state lives.
     pub store: StoreConfig,
+    /// The URL others reach this coordinator at (`None`: from the bound
+    /// address).
+    pub advertise_url: Option<String>,
+    /// The leader's lease with an etcd store.
+    pub lease_ttl: Duration,
 }
+
+/// The default leader lease with an etcd store.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// Where the coordinator keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -150,6 +173,8 @@ impl Config {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
             store: StoreConfig::Embedded,
+            advertise_url: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 
@@ -217,6 +242,33 @@ impl Config {
             }),
         };
 
+        let advertise_url = args.advertise_url.or(file.advertise_url);
+        if let Some(url) = &advertise_url
+            && (!url.starts_with("https://") || url.len() <= "https://".len())
+        {
+            errors.push(format!(
+                "advertise-url {url:?} must be an https:// URL (for example https://10.0.0.5:7443)"
+            ));
+        }
+        if advertise_url.is_none()
+            && listen.ip().is_unspecified()
+            && matches!(store, StoreConfig::Etcd(_))
+        {
+            errors.push(format!(
+                "listen address {listen} is not one others can reach: with an etcd store pass --advertise-url"
+            ));
+        }
+        let lease_ttl = args
+            .lease_ttl
+            .or(file.lease_ttl)
+            .unwrap_or(DEFAULT_LEASE_TTL);
+        if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
+            errors.push(format!(
+                "lease-ttl {} is out of range: it must be between 2s and 5m",
+                humantime::format_duration(lease_ttl)
+            ));
+        }
+
         if errors.is_empty() {
             Ok(Self {
                 listen,
@@ -226,6 +278,8 @@ impl Config {
                 shutdown_grace,
                 max_artifact_size,
                 store,
+                advertise_url,
+                lease_ttl,
             })
         } else {
             Err(ConfigErrors(errors))
@@ -259,6 +313,39 @@ mod tests {
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         // The bound: a silent agent is noticed within 15 s by default.
         assert!(DEFAULT_AGENT_TIMEOUT <= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn ha_flags_are_checked() {
+        let base = ["--data-dir", "/d", "--tls-dir", "/t"];
+        let with = |extra: &[&str]| {
+            let list: Vec<&str> = base.iter().chain(extra).copied().collect();
+            Config::resolve(args(&list))
+        };
+        let c = with(&[]).unwrap();
+        assert_eq!((c.advertise_url, c.lease_ttl), (None, DEFAULT_LEASE_TTL));
+        let errs = with(&["--advertise-url", "http://x:1", "--lease-ttl", "1s"])
+            .unwrap_err()
+            .0;
+        assert!(errs[0].contains("must be an https:// URL"), "{errs:?}");
+        assert!(errs[1].contains("lease-ttl 1s is out of range"), "{errs:?}");
+        if cfg!(feature = "etcd") {
+            // Nobody can reach 0.0.0.0: the leader's address must be told.
+            let errs = with(&["--listen", "0.0.0.0:7443", "--store", "etcd://e:2379"])
+                .unwrap_err()
+                .0;
+            assert!(errs[0].contains("pass --advertise-url"), "{errs:?}");
+            let c = with(&[
+                "--listen",
+                "0.0.0.0:7443",
+                "--store",
+                "etcd://e:2379",
+                "--advertise-url",
+                "https://10.0.0.5:7443",
+            ])
+            .unwrap();
+            assert_eq!(c.advertise_url.as_deref(), Some("https://10.0.0.5:7443"));
+        }
     }
 
     #[test]

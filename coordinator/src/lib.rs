@@ -15,6 +15,8 @@ pub mod cli;
 pub mod config;
 pub mod control_api;
 pub mod fleet;
+#[cfg(feature = "etcd")]
+pub mod ha;
 pub mod rollout;
 pub mod server;
 pub mod store;

@@ -11,8 +11,9 @@ use baton_common::tls::{ServerTls, TlsError};
 use baton_proto::agent::v1::agent_service_server::AgentServiceServer;
 use baton_proto::agent::v1::artifact_service_server::ArtifactServiceServer;
 use baton_proto::control::v1::control_service_server::ControlServiceServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
@@ -30,7 +31,7 @@ use crate::rollout;
 use crate::store::{RedbStore, Store, StoreError};
 
 /// The gRPC services whose health is reported.
-const SERVICES: &[&str] = &[
+pub(crate) const SERVICES: &[&str] = &[
     "baton.agent.v1.AgentService",
     "baton.agent.v1.ArtifactService",
     "baton.control.v1.ControlService",
@@ -85,6 +86,49 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
+    /// The artifact store could not be opened on taking the lead.
+    #[error("cannot open the artifact store: {0}")]
+    Artifacts(String),
+    /// This coordinator led, and stopped leading (its etcd lease ended or
+    /// a write was fenced off); it stopped so as to restart as a follower.
+    #[error("lost the leadership: another batond may lead now; restart this one to follow")]
+    LostLeadership,
+}
+
+/// Accepted connections from a shared listener until `stop`, so that the
+/// follower's server and then the leader's serve one port in turn.
+pub(crate) fn incoming(
+    listener: Arc<TcpListener>,
+    stop: CancellationToken,
+) -> ReceiverStream<std::io::Result<TcpStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => r.map(|(s, _)| s),
+            };
+            if tx.send(accepted).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// What the coordinator serves from.
+enum Backend {
+    /// State is open and this coordinator is the only one.
+    Ready {
+        fleet: FleetHandle,
+        fleet_task: tokio::task::JoinHandle<()>,
+        artifacts: Artifacts,
+        store: Arc<dyn Store>,
+    },
+    /// State is in etcd, shared with other coordinators: follow until
+    /// elected, then lead.
+    #[cfg(feature = "etcd")]
+    Ha(Box<crate::ha::Candidate>),
 }
 
 /// A coordinator that has loaded its configuration and bound its port,
@@ -92,10 +136,7 @@ pub enum ServeError {
 pub struct Coordinator {
     config: Config,
     tls: ServerTls,
-    fleet: FleetHandle,
-    fleet_task: tokio::task::JoinHandle<()>,
-    artifacts: Artifacts,
-    store: Arc<dyn Store>,
+    backend: Backend,
     listener: TcpListener,
 }
 
@@ -118,7 +159,33 @@ impl Coordinator {
             }
             #[cfg(feature = "etcd")]
             StoreConfig::Etcd(endpoints) => {
-                Arc::new(crate::store::EtcdStore::connect(endpoints).await?)
+                let etcd = crate::store::EtcdStore::connect(endpoints).await?;
+                let client_tls =
+                    baton_common::tls::ClientTls::load(&config.tls_dir, "coordinator")?;
+                let artifacts = Artifacts::open(
+                    &config.data_dir,
+                    Arc::new(etcd.clone()),
+                    config.max_artifact_size,
+                )
+                .map_err(|e| StartError::Artifacts(e.to_string()))?;
+                let listener = bind_listener(config.listen).await?;
+                let url = config
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{}", local_addr(&listener, config.listen)));
+                let candidate = crate::ha::Candidate {
+                    etcd,
+                    artifacts,
+                    url,
+                    ttl: config.lease_ttl,
+                    client_tls,
+                };
+                return Ok(Self {
+                    config,
+                    tls,
+                    backend: Backend::Ha(Box::new(candidate)),
+                    listener,
+                });
             }
             #[cfg(not(feature = "etcd"))]
             StoreConfig::Etcd(endpoints) => {
@@ -132,37 +199,37 @@ impl Coordinator {
         };
         let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)
             .map_err(|e| StartError::Artifacts(e.to_string()))?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind_listener(config.listen).await?;
         let (fleet, fleet_task) = fleet::spawn(store.clone()).await?;
         Ok(Self {
             config,
             tls,
-            fleet,
-            fleet_task,
-            artifacts,
-            store,
+            backend: Backend::Ready {
+                fleet,
+                fleet_task,
+                artifacts,
+                store,
+            },
             listener,
         })
     }
 
     /// A handle to the fleet registry, for embedding the coordinator
-    /// (tests, the demo). Drop every clone before the coordinator stops:
-    /// the registry's final flush waits for the last handle.
-    pub fn fleet(&self) -> FleetHandle {
-        self.fleet.clone()
+    /// (tests, the demo); `None` with an etcd store, where it exists only
+    /// while leading. Drop every clone before the coordinator stops: the
+    /// registry's final flush waits for the last handle.
+    pub fn fleet(&self) -> Option<FleetHandle> {
+        match &self.backend {
+            Backend::Ready { fleet, .. } => Some(fleet.clone()),
+            #[cfg(feature = "etcd")]
+            Backend::Ha(_) => None,
+        }
     }
 
     /// The address actually bound (differs from the configured one for
     /// port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        // A bound listener always has a local address.
-        self.listener.local_addr().unwrap_or(self.config.listen)
+        local_addr(&self.listener, self.config.listen)
     }
 
     /// Serves until `shutdown` is cancelled, then drains: open streams are
@@ -173,13 +240,70 @@ impl Coordinator {
         let grace = self.config.shutdown_grace;
         let timing = StreamTiming::from_timeout(self.config.agent_timeout);
         let tasks = TaskTracker::new();
-        let (fleet, fleet_task) = (self.fleet, self.fleet_task);
+        let listener = Arc::new(self.listener);
+        // Cancelled when a leader stops leading (never without etcd).
+        let lost = CancellationToken::new();
+        #[cfg(feature = "etcd")]
+        let mut leadership = None;
+        let (fleet, fleet_task, artifacts, store) = match self.backend {
+            Backend::Ready {
+                fleet,
+                fleet_task,
+                artifacts,
+                store,
+            } => (fleet, fleet_task, artifacts, store),
+            #[cfg(feature = "etcd")]
+            Backend::Ha(candidate) => {
+                let Some(led) = crate::ha::follow_then_lead(
+                    *candidate,
+                    &self.tls,
+                    listener.clone(),
+                    shutdown.clone(),
+                )
+                .await?
+                else {
+                    info!("batond stopped while following");
+                    return Ok(());
+                };
+                let store: Arc<dyn Store> = Arc::new(led.store.clone());
+                let artifacts = Artifacts::open(
+                    &self.config.data_dir,
+                    store.clone(),
+                    self.config.max_artifact_size,
+                )
+                .map_err(|e| ServeError::Artifacts(e.to_string()))?;
+                for missing in artifacts
+                    .list()
+                    .await
+                    .map_err(|e| ServeError::Artifacts(e.to_string()))?
+                    .into_iter()
+                    .filter(|a| !artifacts.has_blob(&a.digest))
+                {
+                    warn!(name = %missing.name, version = %missing.version, digest = %missing.digest, "this leader lacks the payload (its pusher died before it was copied); push the artifact again");
+                }
+                let (fleet, fleet_task) = fleet::spawn(store.clone()).await?;
+                let (watch_lost, stop) = (led.lost.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    watch_lost.cancelled().await;
+                    tracing::error!("lost the leadership; stopping");
+                    stop.cancel();
+                });
+                let forward = lost.clone();
+                let led_lost = led.lost.clone();
+                tokio::spawn(async move {
+                    led_lost.cancelled().await;
+                    forward.cancel();
+                });
+                leadership = Some(led);
+                (fleet, fleet_task, artifacts, store)
+            }
+        };
         // The driver stops on `shutdown` and then drops its fleet handle,
         // which the registry's final flush waits for.
         let (rollouts, rollout_task) = rollout::driver::spawn(
-            self.store.clone(),
+            store.clone(),
             fleet.clone(),
-            self.artifacts.clone(),
+            artifacts.clone(),
             shutdown.clone(),
         )
         .await?;
@@ -202,7 +326,7 @@ impl Coordinator {
         let control = ControlServiceServer::with_interceptor(
             ControlApi::new(
                 fleet.clone(),
-                self.artifacts.clone(),
+                artifacts.clone(),
                 rollouts,
                 shutdown.clone(),
                 tasks.clone(),
@@ -210,8 +334,8 @@ impl Coordinator {
             auth::require_operator,
         );
         let artifact_api = ArtifactServiceServer::with_interceptor(
-            ArtifactApi::new(self.artifacts.clone(), shutdown.clone(), tasks.clone()),
-            auth::require_agent,
+            ArtifactApi::new(artifacts.clone(), shutdown.clone(), tasks.clone()),
+            auth::require_agent_or_coordinator,
         );
         drop(fleet);
 
@@ -227,7 +351,7 @@ impl Coordinator {
             .add_service(agents)
             .add_service(control)
             .add_service(artifact_api)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), {
+            .serve_with_incoming_shutdown(incoming(listener, shutdown.clone()), {
                 let shutdown = shutdown.clone();
                 let health = health.clone();
                 async move {
@@ -263,7 +387,25 @@ impl Coordinator {
         if tokio::time::timeout(grace, fleet_task).await.is_err() {
             warn!("the fleet registry did not flush within the shutdown grace");
         }
+        if lost.is_cancelled() {
+            return Err(ServeError::LostLeadership);
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(led) = leadership {
+            led.resign().await;
+        }
         info!("batond stopped");
         served.map_err(ServeError::from)
     }
+}
+
+/// The address a listener bound (a bound listener always has one).
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}
+
+async fn bind_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
 }

@@ -24,7 +24,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         .await
         .unwrap();
     let url = format!("https://{}", coordinator.local_addr());
-    let fleet = coordinator.fleet();
+    let fleet = coordinator.fleet().expect("an embedded store");
     let stop = CancellationToken::new();
     let server = tokio::spawn(coordinator.run(stop.clone()));
 
@@ -40,7 +40,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
 
     let agent_stop = CancellationToken::new();
     let config = AgentConfig {
-        coordinator: url,
+        coordinators: vec![url],
         tls: ClientTls::load(&tls, "agent-h1").unwrap(),
         host_id: h1.clone(),
         data_dir: dir.path().join("agent"),

@@ -6,7 +6,10 @@
 mod config;
 mod crash;
 mod demo;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod fleet;
+mod ha;
 mod handoff;
 mod rollout;
 mod security;

@@ -29,6 +29,9 @@ pub struct Fleet {
     pub labels: BTreeMap<String, Vec<String>>,
     /// Ports of named services per host, passed as `--var port_<svc>=N`.
     pub svc_ports: BTreeMap<(String, String), u16>,
+    /// The `--coordinator` the CLI uses (default: `batond`'s URL); several
+    /// comma-separated with several coordinators.
+    pub cli_url: Option<String>,
 }
 
 /// A free loopback port.
@@ -104,6 +107,7 @@ impl Fleet {
                         .map(move |s| (((*h).to_owned(), (*s).to_owned()), free_port()))
                 })
                 .collect(),
+            cli_url: None,
         };
         for h in names {
             fleet.start_agent(h);
@@ -194,7 +198,7 @@ timeout = "1s"
 
     /// Waits until every agent is connected.
     pub fn wait_connected(&self) {
-        let url = self.batond.url();
+        let url = self.cli_url.clone().unwrap_or_else(|| self.batond.url());
         wait_until("every agent to connect", SOON, || {
             let hosts = self.env.hosts(&url);
             (hosts.len() == self.agents.len() && hosts.iter().all(|h| h["connected"] == true))
@@ -204,7 +208,8 @@ timeout = "1s"
 
     /// Runs `baton` against the coordinator.
     pub fn baton(&self, args: &[&str]) -> Output {
-        self.env.baton(&self.batond.url(), &self.env.tls(), args)
+        let url = self.cli_url.clone().unwrap_or_else(|| self.batond.url());
+        self.env.baton(&url, &self.env.tls(), args)
     }
 
     /// Writes a release directory of the demo service (with its socket

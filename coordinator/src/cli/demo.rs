@@ -254,7 +254,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         all_vars.insert("BATON_HOST_ID".into(), (*id).to_owned());
         agent_dirs.push((data_dir.clone(), all_vars));
         let config = AgentConfig {
-            coordinator: url.clone(),
+            coordinators: vec![url.clone()],
             tls: ClientTls::load(&tls_dir, &format!("agent-{host_id}"))?,
             host_id,
             data_dir,

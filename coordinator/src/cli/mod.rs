@@ -32,7 +32,8 @@ pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
 #[derive(Debug, Parser)]
 #[command(name = "baton", version, about, long_about = None)]
 pub struct Cli {
-    /// The coordinator's URL.
+    /// The coordinator's URL; with several coordinators (HA on etcd),
+    /// comma-separated URLs: the CLI finds the leader.
     #[arg(long, global = true, env = "BATON_COORDINATOR", default_value = DEFAULT_COORDINATOR, value_name = "URL")]
     pub coordinator: String,
 
@@ -141,13 +142,120 @@ pub async fn connect_control(
     connect_control_with(url, tls, Some(Duration::from_secs(30))).await
 }
 
+/// How long the CLI waits for coordinators to elect a leader.
+const ELECTION_WAIT: Duration = Duration::from_secs(30);
+
+/// How long connecting (TCP and TLS) and the role probe may take: a
+/// coordinator that is paused accepts TCP but never finishes TLS.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a coordinator says of its role.
+enum Role {
+    /// It leads (or has no notion of leading): use it.
+    Leads,
+    /// It follows; the leader, if one is elected.
+    Follows(Option<String>),
+    /// It did not answer in time.
+    Silent,
+}
+
+/// Asks a coordinator's health service whether it serves the Control API;
+/// a follower answers not serving, naming the leader in a header.
+async fn role(channel: Channel) -> Role {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = client.check(tonic_health::pb::HealthCheckRequest {
+        service: "baton.control.v1.ControlService".into(),
+    });
+    let Ok(check) = tokio::time::timeout(CONNECT_TIMEOUT, check).await else {
+        return Role::Silent;
+    };
+    match check {
+        Ok(r) if r.get_ref().status == ServingStatus::NotServing as i32 => Role::Follows(
+            r.metadata()
+                .get("baton-leader")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ),
+        Ok(_) => Role::Leads,
+        // A coordinator without a health service has no notion of leading.
+        Err(s) if s.code() == tonic::Code::Unimplemented => Role::Leads,
+        // A connection that broke (a coordinator switching from following
+        // to leading closes them): try again.
+        Err(_) => Role::Silent,
+    }
+}
+
 /// Opens a Control API connection with an optional per-call timeout
-/// (streams are not cut by it once their response has begun).
+/// (streams are not cut by it once their response has begun). `urls` may
+/// name several coordinators, comma-separated: the leader is found (a
+/// follower names it), waiting up to 30 s while none is elected.
 pub async fn connect_control_with(
-    url: &str,
+    urls: &str,
     tls: &ClientTls,
     timeout: Option<Duration>,
 ) -> Result<ControlServiceClient<Channel>, CliError> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let deadline = std::time::Instant::now() + ELECTION_WAIT;
+    // Connection failures are retried briefly (a coordinator that just
+    // took the lead restarts its connections); a pending election longer.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut last = None;
+        let mut electing = false;
+        for url in &list {
+            let channel = match connect_one(url, tls, timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match role(channel.clone()).await {
+                Role::Leads => return Ok(ControlServiceClient::new(channel)),
+                Role::Silent => {
+                    last = Some(CliError(format!(
+                        "the coordinator at {url} does not answer"
+                    )));
+                }
+                Role::Follows(Some(leader)) => {
+                    match connect_one(&leader, tls, timeout).await {
+                        Ok(c) if matches!(role(c.clone()).await, Role::Leads) => {
+                            return Ok(ControlServiceClient::new(c));
+                        }
+                        Ok(_) => electing = true,
+                        // A leader that died keeps its key until its
+                        // lease ends; then another is elected.
+                        Err(e) => {
+                            electing = true;
+                            last = Some(e);
+                        }
+                    }
+                }
+                Role::Follows(None) => electing = true,
+            }
+        }
+        if (!electing && attempts >= 3) || std::time::Instant::now() >= deadline {
+            return Err(last.unwrap_or_else(|| {
+                CliError(format!(
+                    "no coordinator among {urls} leads (they are electing one, or etcd is unreachable)"
+                ))
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn connect_one(
+    url: &str,
+    tls: &ClientTls,
+    timeout: Option<Duration>,
+) -> Result<Channel, CliError> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| {
             CliError(format!(
@@ -161,13 +269,17 @@ pub async fn connect_control_with(
     if let Some(t) = timeout {
         endpoint = endpoint.timeout(t);
     }
-    let channel = endpoint.connect().await.map_err(|e| {
-        CliError(format!(
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(CliError(format!(
             "cannot reach the coordinator at {url}: {}",
             error_chain(&e)
-        ))
-    })?;
-    Ok(ControlServiceClient::new(channel))
+        ))),
+        Err(_) => Err(CliError(format!(
+            "cannot reach the coordinator at {url}: no TLS handshake within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 /// Turns a failed call into a sentence that says what the coordinator said.

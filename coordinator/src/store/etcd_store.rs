@@ -19,6 +19,75 @@ pub struct EtcdStore {
     client: Client,
 }
 
+/// What makes a leader's writes its own: the leader key and the revision
+/// that created it. Another leader's key (or none) has another revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The key, without the `/baton/` prefix.
+    pub key: String,
+    /// Its `create_revision` when this coordinator created it.
+    pub revision: i64,
+}
+
+/// The leader's view of the store: every transaction also requires the
+/// leader key to be the one this coordinator created, so a former leader
+/// that wakes up after its lease ended writes nothing. A rejected write is
+/// [`StoreError::Fenced`] (and cancels `lost`).
+#[derive(Clone)]
+pub struct FencedStore {
+    inner: EtcdStore,
+    fence: Fence,
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl FencedStore {
+    /// Fences `inner`'s writes with `fence`; `lost` is cancelled on the
+    /// first write the fence rejects.
+    pub fn new(inner: EtcdStore, fence: Fence, lost: tokio_util::sync::CancellationToken) -> Self {
+        Self { inner, fence, lost }
+    }
+}
+
+#[async_trait]
+impl Store for FencedStore {
+    async fn get(&self, k: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(k).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        let fence = EtcdCompare::create_revision(
+            key(&self.fence.key),
+            CompareOp::Equal,
+            self.fence.revision,
+        );
+        if self.inner.txn_with(txn, Some(fence)).await? {
+            return Ok(true);
+        }
+        // Was it the fence or the caller's own compares?
+        let resp = self
+            .inner
+            .client
+            .kv_client()
+            .get(key(&self.fence.key), None)
+            .await
+            .map_err(backend("txn"))?;
+        let holds = resp
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == self.fence.revision);
+        if holds {
+            Ok(false)
+        } else {
+            self.lost.cancel();
+            Err(StoreError::Fenced)
+        }
+    }
+}
+
 fn backend(op: &'static str) -> impl Fn(etcd_client::Error) -> StoreError {
     move |e| StoreError::Backend {
         op,
@@ -85,7 +154,19 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
-        let compares: Vec<EtcdCompare> = txn
+        self.txn_with(txn, None).await
+    }
+}
+
+impl EtcdStore {
+    /// The etcd client, for leases and the election.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// A transaction with one more compare (the leader's fence).
+    async fn txn_with(&self, txn: Txn, extra: Option<EtcdCompare>) -> Result<bool, StoreError> {
+        let mut compares: Vec<EtcdCompare> = txn
             .compares
             .iter()
             .map(|c| match c {
@@ -93,6 +174,7 @@ impl Store for EtcdStore {
                 Compare::Equals(k, v) => EtcdCompare::value(key(k), CompareOp::Equal, v.clone()),
             })
             .collect();
+        compares.extend(extra);
         let ops: Vec<TxnOp> = txn
             .ops
             .iter()

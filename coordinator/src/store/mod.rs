@@ -11,7 +11,7 @@ mod etcd_store;
 mod redb_store;
 
 #[cfg(feature = "etcd")]
-pub use etcd_store::EtcdStore;
+pub use etcd_store::{EtcdStore, Fence, FencedStore};
 pub use redb_store::RedbStore;
 
 use async_trait::async_trait;
@@ -36,6 +36,11 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A write of a coordinator that no longer leads: its etcd lease ended
+    /// (it was paused or cut off), so another may lead and nothing it
+    /// writes is applied.
+    #[error("write rejected: this batond no longer leads (its etcd lease ended)")]
+    Fenced,
     /// A stored value does not decode.
     #[error("stored value at {key} is corrupt: {reason}")]
     Corrupt {
