@@ -128,6 +128,10 @@ impl Link {
 
     /// Makes `url` the next coordinator to try.
     fn point_at(&mut self, url: &str) {
+        if !url.starts_with("https://") {
+            warn!(%url, "a coordinator named a leader that is not an https:// URL; ignoring it");
+            return;
+        }
         match self.endpoints.iter().position(|(u, _)| u == url) {
             Some(i) => self.next = i,
             None => match endpoint(url, &self.config) {

@@ -636,8 +636,10 @@ impl Executor {
             .join("downloads")
             .join(format!("{}.partial", m.payload_sha256));
         let mut last_progress = Instant::now();
-        let client = ArtifactServiceClient::new(self.inner.fetch.borrow().clone())
-            .max_decoding_message_size(8 << 20);
+        let fetch = self.inner.fetch.clone();
+        let client = move || {
+            ArtifactServiceClient::new(fetch.borrow().clone()).max_decoding_message_size(8 << 20)
+        };
         download(client, m, &path, |offset| {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
@@ -675,6 +677,24 @@ impl Executor {
         if me.version() == version {
             info!(%version, "the agent already runs this version");
             return Ok(());
+        }
+        if self.inner.notifier.enabled() {
+            // Across the exec the new agent copies sockets back from the
+            // running services; systemd's fd store, which also holds them,
+            // is handed out only when the unit starts. A service that is
+            // down now would find its port taken by the store.
+            let slots: Vec<(String, Arc<Slot>)> = lock(&self.inner.slots)
+                .iter()
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect();
+            for (name, slot) in slots {
+                let st = slot.state.lock().await;
+                if !st.sockets.is_empty() && !st.current.as_ref().is_some_and(Current::is_alive) {
+                    return Err(format!(
+                        "service {name} is not running, and its sockets would not survive the agent's re-execution under systemd; upgrade the agent once it runs"
+                    ));
+                }
+            }
         }
         let (id, version) = (id.to_owned(), version.to_owned());
         tokio::task::spawn_blocking(move || me.begin(&id, &version, gate))
@@ -1270,13 +1290,13 @@ impl Executor {
     }
 }
 
-/// Downloads the payload `m` describes into `path` over `client`, hashing
+/// Downloads the payload `m` describes into `path` over `client()`, hashing
 /// as it arrives (no second pass) and resuming from the bytes already
 /// there — after a broken stream, or left by an earlier run. Fails (and
 /// deletes the file) when size or digest do not match the manifest.
 /// `progress` is called with the offset after every chunk.
 pub async fn download(
-    client: ArtifactServiceClient<Channel>,
+    client: impl Fn() -> ArtifactServiceClient<Channel>,
     m: &Manifest,
     path: &std::path::Path,
     mut progress: impl FnMut(u64),
@@ -1310,7 +1330,9 @@ pub async fn download(
     }
     let mut attempts = 0;
     while offset < m.size {
-        let mut client = client.clone();
+        // Asked anew each attempt: after a coordinator failover the agent
+        // downloads from the new leader.
+        let mut client = client();
         let result: Result<(), tonic::Status> = async {
             let mut stream = client
                 .fetch(pb::FetchRequest {

@@ -42,6 +42,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use baton_common::artifact::{AGENT_NAME, fsync_dir};
@@ -70,8 +71,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const GONE_FOR: Duration = Duration::from_millis(500);
 
 /// `<data-dir>/agent/state.json`.
+// Unknown fields are ignored, not refused: an older agent that a rollback
+// returns to must still start on a newer agent's state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct State {
     /// The agent release that runs; `None`: the binary installed on the
     /// host (`base`).
@@ -85,14 +87,12 @@ struct State {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Base {
     exe: PathBuf,
     version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Trial {
     command_id: String,
     /// The version being tried.
@@ -115,10 +115,12 @@ struct Trial {
     healthy_deadline: Duration,
     /// Whether the agent runs under systemd, which restarts it.
     systemd: bool,
+    /// The watchdog's pid and start time, once it runs.
+    #[serde(default)]
+    watchdog: Option<(u32, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Failed {
     command_id: String,
     reason: String,
@@ -141,6 +143,41 @@ pub struct TrialInfo {
     pub min_healthy_time: Duration,
 }
 
+/// The lock that makes one agent per data directory: held for the life of
+/// the process (released by the kernel at exit, and at exec, after which
+/// the new agent takes it again).
+#[derive(Clone)]
+struct DirLock(#[allow(dead_code)] Option<Arc<nix::fcntl::Flock<std::fs::File>>>);
+
+impl std::fmt::Debug for DirLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "held" } else { "none" })
+    }
+}
+
+/// Takes `<data-dir>/agent.lock`, or says who has it.
+fn lock_data_dir(data_dir: &Path) -> Result<DirLock, String> {
+    let path = data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DirLock(Some(Arc::new(lock)))),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(data_dir.join("agent.pid")).unwrap_or_default();
+            Err(format!(
+                "another baton-agent (pid {}) runs on {}; one agent per data directory",
+                pid.trim(),
+                data_dir.display()
+            ))
+        }
+        Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// The agent's view of its own releases.
 #[derive(Debug, Clone)]
 pub struct SelfUpgrade {
@@ -152,6 +189,7 @@ pub struct SelfUpgrade {
     /// another program cannot execute into a new binary).
     enabled: bool,
     trial: Option<TrialInfo>,
+    _lock: DirLock,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -248,6 +286,7 @@ impl SelfUpgrade {
             version: baton_common::VERSION.to_owned(),
             enabled: false,
             trial: None,
+            _lock: DirLock(None),
         }
     }
 
@@ -272,6 +311,12 @@ impl SelfUpgrade {
             ));
         }
         let exe = current_exe()?;
+        if exe.to_string_lossy().ends_with(" (deleted)") {
+            return Err(format!(
+                "this agent's binary {} was replaced while it runs; restart the agent, then upgrade it",
+                exe.display()
+            ));
+        }
         let base = match &state.base {
             Some(b) => b.clone(),
             None if state.current.is_none() => Base {
@@ -312,6 +357,7 @@ impl SelfUpgrade {
             min_healthy_time: gate.min_healthy_time,
             healthy_deadline: gate.healthy_deadline,
             systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            watchdog: None,
         });
         save(&self.dir, &state)?;
         let undo = |state: &mut State, why: String| {
@@ -321,7 +367,19 @@ impl SelfUpgrade {
                 Err(e) => format!("{why}; and {e}"),
             }
         };
-        if let Err(e) = self.start_watchdog(&exe) {
+        let mut watchdog = match self.start_watchdog(&exe) {
+            Ok(w) => w,
+            Err(e) => return Err(undo(&mut state, e)),
+        };
+        // Recorded, so the new agent knows whether the watchdog still
+        // decides (it must not commit on its own while it does).
+        let pid = watchdog.id();
+        if let Some(t) = state.trial.as_mut() {
+            t.watchdog = live_start_time(pid).map(|start| (pid, start));
+        }
+        if let Err(e) = save(&self.dir, &state) {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
             return Err(undo(&mut state, e));
         }
         info!(from = %self.version, to = %version, exe = %new_exe.display(), "re-executing into the new agent");
@@ -332,13 +390,14 @@ impl SelfUpgrade {
         // Still here: the exec failed. Stand the watchdog down first, so
         // it does not revert (and kill) this agent.
         let _ = UnixStream::connect(&sock).and_then(|mut s| s.write_all(b"abort\n"));
+        let _ = watchdog.wait();
         Err(undo(
             &mut state,
             format!("cannot execute {}: {e}", new_exe.display()),
         ))
     }
 
-    fn start_watchdog(&self, exe: &Path) -> Result<(), String> {
+    fn start_watchdog(&self, exe: &Path) -> Result<std::process::Child, String> {
         let mut child = Command::new(exe)
             .arg(WATCHDOG_FLAG)
             .arg("--data-dir")
@@ -353,7 +412,7 @@ impl SelfUpgrade {
             .take()
             .map(|out| BufReader::new(out).read_line(&mut line));
         if matches!(read, Some(Ok(_))) && line.trim() == WATCHING {
-            return Ok(());
+            return Ok(child);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -391,17 +450,26 @@ impl SelfUpgrade {
                 Ok(())
             }
             other => {
-                // No watchdog (it was killed, or never saw us): if the
-                // trial is still ours, nobody else will decide it.
                 let mut state = load(&self.dir)?;
                 match &state.trial {
+                    // The watchdog still runs: it decides (it may be
+                    // reverting right now).
+                    Some(t)
+                        if t.agent_pid == own_pid()
+                            && t.watchdog.is_some_and(|(p, s)| is_same_process(p, s)) =>
+                    {
+                        Err(format!("the upgrade watchdog did not confirm: {other:?}"))
+                    }
+                    // No watchdog any more (it was killed): if the trial
+                    // is still ours, nobody else will decide it.
                     Some(t) if t.agent_pid == own_pid() => {
                         warn!(answer = ?other, "the upgrade watchdog is gone; confirming the upgrade without it");
                         state.current = t.target.clone();
                         state.trial = None;
                         save(&self.dir, &state)
                     }
-                    _ if state.current.as_deref() == Some(self.version.as_str()) => Ok(()),
+                    // Decided: committed unless a failure was recorded.
+                    None if state.failed.is_none() => Ok(()),
                     _ => Err(format!("the upgrade watchdog did not confirm: {other:?}")),
                 }
             }
@@ -428,6 +496,7 @@ impl SelfUpgrade {
 pub fn boot(data_dir: &Path) -> Result<Boot, String> {
     let dir = data_dir.join("agent");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let lock = lock_data_dir(data_dir)?;
     let mut state = load(&dir)?;
     let me = own_pid();
     let mut trial = None;
@@ -484,6 +553,22 @@ pub fn boot(data_dir: &Path) -> Result<Boot, String> {
         && trial.is_some()
     {
         version = t.version.clone();
+    } else if state.current.is_none()
+        && state.trial.is_none()
+        && let Some(base) = &state.base
+        && (base.exe != exe || base.version != version)
+        && !exe.to_string_lossy().ends_with(" (deleted)")
+        && !exe.starts_with(&dir)
+    {
+        // Running the installed binary, which may have been upgraded by
+        // the host's package manager since: that is what a rollback to
+        // "the installed agent" means from now on.
+        info!(exe = %exe.display(), %version, "the installed agent changed");
+        state.base = Some(Base {
+            exe: exe.clone(),
+            version: version.clone(),
+        });
+        save(&dir, &state)?;
     } else if let Some(v) = &state.current {
         let binary = running(v);
         if same_file(&exe, &binary) {
@@ -502,6 +587,7 @@ pub fn boot(data_dir: &Path) -> Result<Boot, String> {
         version,
         enabled: true,
         trial,
+        _lock: lock,
     }))
 }
 
@@ -654,6 +740,7 @@ mod tests {
                 min_healthy_time: Duration::ZERO,
                 healthy_deadline: Duration::from_secs(1),
                 systemd: false,
+                watchdog: None,
             }),
             failed: None,
         };
@@ -674,6 +761,21 @@ mod tests {
                 .contains("before baton-agent 3.0.0 was confirmed"),
             "{done:?}"
         );
+    }
+
+    #[test]
+    fn one_agent_per_data_directory() {
+        let data = tempfile::tempdir().unwrap();
+        let Boot::Run(first) = boot(data.path()).unwrap() else {
+            panic!("expected to run")
+        };
+        std::fs::write(data.path().join("agent.pid"), "4242\n").unwrap();
+        let Err(e) = boot(data.path()) else {
+            panic!("a second agent on one data directory must be refused")
+        };
+        assert!(e.contains("another baton-agent (pid 4242)"), "{e}");
+        drop(first);
+        assert!(matches!(boot(data.path()), Ok(Boot::Run(_))));
     }
 
     #[test]

@@ -51,6 +51,8 @@ const POLL: Duration = Duration::from_millis(300);
 const COPY_EVERY: Duration = Duration::from_secs(1);
 /// A copy from the leader that stalls this long is abandoned (and retried).
 const STALL: Duration = Duration::from_secs(30);
+/// How long the follower's connections get to close once it leads.
+const FOLLOWER_DRAIN: Duration = Duration::from_secs(1);
 
 /// This coordinator leads: its fenced store, and the token cancelled when
 /// it stops leading.
@@ -64,6 +66,24 @@ pub struct Leadership {
 }
 
 impl Leadership {
+    /// Leads with the leader key created at `revision` under `lease`.
+    fn new(etcd: &EtcdStore, lease: Lease, revision: i64) -> Self {
+        let lost = lease.lost.clone();
+        Self {
+            store: FencedStore::new(
+                etcd.clone(),
+                Fence {
+                    key: LEADER_KEY.to_owned(),
+                    revision,
+                },
+                lost.clone(),
+            ),
+            lost,
+            client: etcd.client(),
+            lease,
+        }
+    }
+
     /// Gives the leadership up at once (on shutdown), so a follower takes
     /// over without waiting for the lease to expire.
     pub async fn resign(mut self) {
@@ -96,6 +116,8 @@ async fn grant(client: &etcd_client::Client, ttl: Duration) -> Result<Lease, etc
     let token = lost.clone();
     let keeper = tokio::spawn(async move {
         let every = ttl / 3;
+        // When the last renewal that etcd granted was *asked for*: the
+        // lease lasts at most TTL from then, whatever the answer's delay.
         let mut renewed = Instant::now();
         let mut stream = None;
         loop {
@@ -106,8 +128,12 @@ async fn grant(client: &etcd_client::Client, ttl: Duration) -> Result<Lease, etc
                 token.cancel();
                 return;
             }
+            let asked = Instant::now();
             if stream.is_none() {
-                stream = c.lease_keep_alive(id).await.ok();
+                stream = tokio::time::timeout(every, c.lease_keep_alive(id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
             }
             let Some((keeper, responses)) = stream.as_mut() else {
                 continue;
@@ -118,7 +144,7 @@ async fn grant(client: &etcd_client::Client, ttl: Duration) -> Result<Lease, etc
             })
             .await;
             match renewal {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
+                Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = asked,
                 Ok(Ok(Some(_))) => {
                     error!(lease = id, "etcd says the lease expired");
                     token.cancel();
@@ -195,11 +221,19 @@ pub async fn follow_then_lead(
         l = campaign(&etcd, &url, ttl, &leader_tx) => Some(l),
     };
     stop.cancel();
-    let _ = copier.await;
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.into()),
-        Err(e) => warn!(error = %e, "the follower's server task failed"),
+    // A copy may hang on a dead leader, and graceful shutdown waits for
+    // every connection: neither may delay taking the lead.
+    copier.abort();
+    let server_abort = server.abort_handle();
+    match tokio::time::timeout(FOLLOWER_DRAIN, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Err(e)) if e.is_cancelled() => {}
+        Ok(Err(e)) => warn!(error = %e, "the follower's server task failed"),
+        Err(_) => {
+            warn!("follower connections still open; closing them");
+            server_abort.abort();
+        }
     }
     Ok(led)
 }
@@ -237,29 +271,29 @@ async fn campaign(
                     let revision = resp.header().map_or(0, |h| h.revision());
                     info!(%url, revision, "leading");
                     leader_tx.send_replace(Some(url.to_owned()));
-                    let lost = lease.lost.clone();
-                    return Leadership {
-                        store: FencedStore::new(
-                            etcd.clone(),
-                            Fence {
-                                key: LEADER_KEY.to_owned(),
-                                revision,
-                            },
-                            lost.clone(),
-                        ),
-                        lost,
-                        client: client.clone(),
-                        lease,
-                    };
+                    return Leadership::new(etcd, lease, revision);
                 }
                 Ok(resp) => {
-                    let leader = resp.op_responses().into_iter().find_map(|r| match r {
-                        TxnOpResponse::Get(g) => g
-                            .kvs()
-                            .first()
-                            .and_then(|kv| kv.value_str().ok().map(str::to_owned)),
+                    let held = resp.op_responses().into_iter().find_map(|r| match r {
+                        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                            (
+                                kv.lease(),
+                                kv.create_revision(),
+                                kv.value_str().ok().map(str::to_owned),
+                            )
+                        }),
                         _ => None,
                     });
+                    // Our own key: an earlier attempt was applied though
+                    // its answer was lost (a timeout). We lead.
+                    if let Some((l, revision, _)) = &held
+                        && *l == lease.id
+                    {
+                        info!(%url, revision, "leading (the key was already ours)");
+                        leader_tx.send_replace(Some(url.to_owned()));
+                        return Leadership::new(etcd, lease, *revision);
+                    }
+                    let leader = held.and_then(|(_, _, v)| v);
                     leader_tx.send_if_modified(|l| {
                         if *l == leader {
                             return false;

@@ -191,8 +191,16 @@ timeout = "1s"
             }
         }
         opts.env = self.agent_env.clone();
+        // One agent per data directory (the agent locks it): the old one
+        // goes first, also one that took over after a reverted upgrade.
+        self.agents.remove(host);
+        if let Some(pid) = agent_pid_file(&self.data_dir(host)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            wait_until("the old agent to be gone", SOON, || {
+                agent_pid_file(&self.data_dir(host)).is_none().then_some(())
+            });
+        }
         let proc = start_agent(&self.env, &self.agent_url, opts);
-        // Dropping the old handle (if any) kills that agent first.
         self.agents.insert(host.to_owned(), proc);
     }
 

@@ -223,7 +223,7 @@ pub async fn connect_control_with(
                         "the coordinator at {url} does not answer"
                     )));
                 }
-                Role::Follows(Some(leader)) => {
+                Role::Follows(Some(leader)) if leader.starts_with("https://") => {
                     match connect_one(&leader, tls, timeout).await {
                         Ok(c) if matches!(role(c.clone()).await, Role::Leads) => {
                             return Ok(ControlServiceClient::new(c));
@@ -237,7 +237,7 @@ pub async fn connect_control_with(
                         }
                     }
                 }
-                Role::Follows(None) => electing = true,
+                Role::Follows(_) => electing = true,
             }
         }
         if (!electing && attempts >= 3) || std::time::Instant::now() >= deadline {

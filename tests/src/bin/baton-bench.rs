@@ -170,7 +170,7 @@ fn fetch_throughput(rt: &tokio::runtime::Runtime) -> Vec<f64> {
             let dest = dir.path().join(format!("download-{run}"));
             let t0 = Instant::now();
             signed.verify(&trusted).unwrap();
-            baton_agent::executor::download(client.clone(), &signed.manifest, &dest, |_| {})
+            baton_agent::executor::download(|| client.clone(), &signed.manifest, &dest, |_| {})
                 .await
                 .unwrap();
             let secs = t0.elapsed().as_secs_f64();
