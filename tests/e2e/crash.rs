@@ -87,7 +87,7 @@ fn batond_killed_while_staging_and_while_rolling_back_ends_every_rollout_right()
 }
 
 #[test]
-fn an_agent_killed_while_staging_and_while_health_checking_drops_no_request() {
+fn an_agent_killed_while_staging_swapping_and_health_checking_drops_no_request() {
     let (mut fleet, proxy) = behind_proxy(&["h1"]);
     fleet.install("1.0.0");
     fleet.release("2.0.0", false);
@@ -119,19 +119,43 @@ fn an_agent_killed_while_staging_and_while_health_checking_drops_no_request() {
     let s = fleet.wait_done(&id, std::time::Duration::from_secs(120));
     assert_eq!(s["state"], "succeeded", "{s}");
 
+    // Killed during the swap: `current` names 3.0.0, whose process has
+    // started beside 1.0.0 and is not ready yet (it starts slowly).
+    let dir = fleet.release_dir("3.0.0", false);
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    std::fs::write(
+        dir.join("service.toml"),
+        toml.replace("\"3.0.0\"", "\"3.0.0\", \"--ready-after\", \"2s\""),
+    )
+    .unwrap();
+    let file = fleet.pack_with(&dir, "3.0.0", &fleet.env.path("release.key"));
+    fleet.push(&file);
+    let id = fleet.start_rollout(&format!(
+        "[[service]]\nname = \"demo\"\nversion = \"3.0.0\"\n{QUICK}"
+    ));
+    wait_until("3.0.0 to start beside 1.0.0", SOON, || {
+        (starts(&fleet, "h1", "3.0.0") == 1).then_some(())
+    });
+    fleet.agents.get_mut("h1").unwrap().kill();
+    fleet.start_agent("h1");
+    let s = fleet.wait_done(&id, std::time::Duration::from_secs(120));
+    assert_eq!(s["state"], "succeeded", "{s}");
+
     let stats = load.finish();
     assert_eq!((stats.failed, stats.refused), (0, 0), "{stats:?}");
-    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
+    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 3.0.0"));
     assert_eq!(
         starts(&fleet, "h1", "1.0.0"),
         2,
         "1.0.0 started once per activation"
     );
     assert_eq!(starts(&fleet, "h1", "2.0.0"), 1);
-    // Exactly one process serves: the 2.0.0 one was stopped, after the
+    assert_eq!(starts(&fleet, "h1", "3.0.0"), 1);
+    // Exactly one process serves: each older one was stopped, after the
     // restarted agent found it beside the current release.
     let log = fleet.service_log("h1");
     assert!(log.contains("demo-service 2.0.0 stopped"), "{log}");
+    assert!(log.contains("demo-service 1.0.0 stopped"), "{log}");
 }
 
 #[test]

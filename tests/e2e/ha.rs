@@ -117,10 +117,13 @@ fn three_coordinators_on_etcd_survive_their_leader() {
     let mut leader = leader;
     let status = leader.proc.wait_exit(SOON);
     assert!(!status.success(), "{}", leader.proc.log_text());
+    let log = leader.proc.log_text();
+    assert!(log.contains("lost the leadership"), "{log}");
+    // Its registry still held the agents it had before the pause; marking
+    // them gone was its last write, and etcd refused it.
     assert!(
-        leader.proc.log_text().contains("lost the leadership"),
-        "{}",
-        leader.proc.log_text()
+        log.contains("write rejected: this batond no longer leads"),
+        "{log}"
     );
     // Nothing it did after waking undid the last leader's work.
     let list = fleet.baton(&["rollout", "list", "--json"]);

@@ -39,6 +39,10 @@ pub struct DemoServiceArgs {
     /// closed.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_max: Duration,
+    /// Start slowly: wait this long after taking the socket before
+    /// accepting and saying ready (connections queue meanwhile).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub ready_after: Duration,
 }
 
 /// Runs the service until SIGTERM or SIGINT, then drains.
@@ -68,6 +72,10 @@ pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
         listener.local_addr()?,
         std::process::id()
     );
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+        _ = tokio::time::sleep(args.ready_after) => {}
+    }
     // The agent's readiness signal during a socket handoff (a no-op when
     // nobody listens).
     let notifier = baton_common::sdnotify::Notifier::from_env();
