@@ -242,7 +242,8 @@ impl Coordinator {
         let tasks = TaskTracker::new();
         let listener = Arc::new(self.listener);
         // Cancelled when a leader stops leading (never without etcd).
-        let lost = CancellationToken::new();
+        #[cfg_attr(not(feature = "etcd"), allow(unused_mut))]
+        let mut lost = CancellationToken::new();
         #[cfg(feature = "etcd")]
         let mut leadership = None;
         let (fleet, fleet_task, artifacts, store) = match self.backend {
@@ -288,12 +289,7 @@ impl Coordinator {
                     tracing::error!("lost the leadership; stopping");
                     stop.cancel();
                 });
-                let forward = lost.clone();
-                let led_lost = led.lost.clone();
-                tokio::spawn(async move {
-                    led_lost.cancelled().await;
-                    forward.cancel();
-                });
+                lost = led.lost.clone();
                 leadership = Some(led);
                 (fleet, fleet_task, artifacts, store)
             }

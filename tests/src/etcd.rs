@@ -28,7 +28,7 @@ impl Etcd {
     /// `None`, with a printed reason, when no etcd is installed.
     pub fn start() -> Option<Self> {
         if Command::new("etcd").arg("--version").output().is_err() {
-            eprintln!("SKIPPED: no etcd binary on the PATH (apt-get install etcd-server)");
+            skip("no etcd binary on the PATH (apt-get install etcd-server)");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -84,10 +84,20 @@ pub fn batond_has_etcd() -> bool {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if stderr.contains("without etcd support") {
-        eprintln!(
-            "SKIPPED: batond was built without the etcd feature (cargo build --features etcd; .ci/run does)"
+        skip(
+            "batond was built without the etcd feature (cargo build --features etcd; .ci/run does)",
         );
         return false;
     }
     true
+}
+
+/// Says why an etcd test is skipped, or, when `BATON_REQUIRE_ETCD` is set
+/// (as `.ci/run` does), fails the test instead.
+fn skip(why: &str) {
+    assert!(
+        std::env::var_os("BATON_REQUIRE_ETCD").is_none(),
+        "BATON_REQUIRE_ETCD is set but {why}"
+    );
+    eprintln!("SKIPPED: {why}");
 }
