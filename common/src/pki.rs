@@ -44,6 +44,14 @@ pub enum PkiError {
         /// rcgen's error.
         source: rcgen::Error,
     },
+    /// An operator name that cannot be a file name and an identity.
+    #[error("operator name {name:?}: {reason}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// `ca.pem` exists without `ca-key.pem` (or the reverse).
     #[error("{} holds only half of a CA (ca.pem and ca-key.pem go together); use an empty directory", dir.display())]
     HalfCa {
@@ -148,6 +156,16 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
+/// Reads the CA (`ca.pem` and `ca-key.pem`) from `dir`.
+fn read_ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+    let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(gen_err("the CA key (reading ca-key.pem)"))?;
+    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(gen_err("the CA (reading ca.pem)"))
+}
+
 fn load_or_create_ca(
     dir: &Path,
     report: &mut InitReport,
@@ -156,12 +174,7 @@ fn load_or_create_ca(
     let key_path = dir.join("ca-key.pem");
     match (cert_path.exists(), key_path.exists()) {
         (true, true) => {
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key =
-                KeyPair::from_pem(&key_pem).map_err(gen_err("the CA key (reading ca-key.pem)"))?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-                .map_err(gen_err("the CA (reading ca.pem)"))?;
+            let issuer = read_ca_issuer(dir)?;
             report
                 .kept
                 .extend(["ca.pem".to_owned(), "ca-key.pem".to_owned()]);
@@ -219,6 +232,48 @@ fn issue(
     write_new(&cert_path, &cert.pem(), 0o644)?;
     report.written.extend([cert_name, key_name]);
     Ok(())
+}
+
+/// Issues an operator certificate `NAME.pem`/`NAME-key.pem` with `role`,
+/// signed by the CA in `dir` (which must hold `ca.pem` and `ca-key.pem`).
+/// Never replaces a file. Returns the two paths.
+pub fn issue_operator(
+    dir: &Path,
+    name: &str,
+    role: crate::tls::Role,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    crate::artifact::validate_name(name).map_err(|e| PkiError::BadName {
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let ca = read_ca_issuer(dir)?;
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    for path in [&cert, &key] {
+        if path.exists() {
+            return Err(PkiError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "exists; pick another name or remove it first",
+                ),
+            });
+        }
+    }
+    let mut report = InitReport::default();
+    issue(
+        dir,
+        name,
+        &Leaf::Operator {
+            name,
+            role: role.as_str(),
+        },
+        &ca,
+        &mut report,
+    )?;
+    Ok((cert, key))
 }
 
 /// Writes the dev PKI into `out` (created with mode 0700 when missing):

@@ -186,6 +186,49 @@ impl ClientTls {
     }
 }
 
+/// What an operator certificate allows on the Control API; each role can
+/// do what the ones before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads: hosts, artifacts, rollouts.
+    Viewer,
+    /// Changes: pushes artifacts, starts and steers rollouts.
+    Operator,
+    /// Everything: also the audit log, enrollment and keys.
+    Admin,
+}
+
+impl Role {
+    /// Every role, weakest first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// `viewer`, `operator` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?} (viewer | operator | admin)"))
+    }
+}
+
 /// Who is on the other end of a connection, as its certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {
@@ -195,7 +238,8 @@ pub enum PeerIdentity {
     Operator {
         /// The operator's name.
         name: String,
-        /// The role in the certificate (`admin` when none is given).
+        /// The role in the certificate, as written (empty when none is
+        /// given: such a certificate may call nothing).
         role: String,
     },
     /// Another coordinator.
@@ -248,7 +292,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     let role = uris
         .iter()
         .find_map(|u| u.strip_prefix(ROLE_URN))
-        .unwrap_or("admin");
+        .unwrap_or("");
     for uri in &uris {
         if let Some(id) = uri.strip_prefix(AGENT_URN) {
             return HostId::try_from(id)

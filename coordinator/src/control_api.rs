@@ -7,11 +7,11 @@ use std::pin::Pin;
 use baton_common::artifact::SignedManifest;
 use baton_common::host::HostId;
 use baton_proto::control::v1::{
-    Artifact, ControlRolloutRequest, GetHostRequest, GetRolloutRequest, Host, HostEvent,
-    ListArtifactsRequest, ListArtifactsResponse, ListHostsRequest, ListHostsResponse,
-    ListRolloutsRequest, ListRolloutsResponse, PushArtifactRequest, Rollout, RolloutAction,
-    StartRolloutRequest, StartRolloutResponse, WatchHostsRequest,
-    control_service_server::ControlService, push_artifact_request,
+    Artifact, AuditEntry, ControlRolloutRequest, GetHostRequest, GetRolloutRequest, Host,
+    HostEvent, ListArtifactsRequest, ListArtifactsResponse, ListAuditRequest, ListAuditResponse,
+    ListHostsRequest, ListHostsResponse, ListRolloutsRequest, ListRolloutsResponse,
+    PushArtifactRequest, Rollout, RolloutAction, StartRolloutRequest, StartRolloutResponse,
+    WatchHostsRequest, control_service_server::ControlService, push_artifact_request,
 };
 use tokio_stream::StreamExt;
 
@@ -35,6 +35,7 @@ pub struct ControlApi {
     fleet: FleetHandle,
     artifacts: Artifacts,
     rollouts: Rollouts,
+    audit: crate::audit::Audit,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -46,6 +47,7 @@ impl ControlApi {
         fleet: FleetHandle,
         artifacts: Artifacts,
         rollouts: Rollouts,
+        audit: crate::audit::Audit,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -53,6 +55,7 @@ impl ControlApi {
             fleet,
             artifacts,
             rollouts,
+            audit,
             shutdown,
             tasks,
         }
@@ -280,6 +283,36 @@ impl ControlService for ControlApi {
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(Rollout::from(&r)))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => crate::audit::DEFAULT_LIMIT,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let entries = self
+            .audit
+            .list(limit)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| AuditEntry {
+                    at: Some(baton_common::time::to_timestamp(
+                        baton_common::time::from_unix_millis(e.at),
+                    )),
+                    who: e.who,
+                    role: e.role,
+                    action: e.action,
+                    result: e.result,
+                    error: e.error,
+                })
+                .collect(),
+        }))
     }
 
     type WatchHostsStream = EventStream;

@@ -10,7 +10,9 @@
 pub mod agent_api;
 pub mod artifact_api;
 pub mod artifacts;
+pub mod audit;
 pub mod auth;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod control_api;

@@ -319,13 +319,20 @@ impl Coordinator {
             AgentApi::new(fleet.clone(), timing, shutdown.clone(), tasks.clone()),
             auth::require_agent,
         );
-        let control = ControlServiceServer::with_interceptor(
-            ControlApi::new(
-                fleet.clone(),
-                artifacts.clone(),
-                rollouts,
-                shutdown.clone(),
-                tasks.clone(),
+        let audit = crate::audit::Audit::new(store.clone());
+        // The interceptor admits operator certificates (and leaves the
+        // identity for the role check inside it).
+        let control = tonic::service::interceptor::InterceptedService::new(
+            crate::authz::Authorized::new(
+                ControlServiceServer::new(ControlApi::new(
+                    fleet.clone(),
+                    artifacts.clone(),
+                    rollouts,
+                    audit.clone(),
+                    shutdown.clone(),
+                    tasks.clone(),
+                )),
+                audit,
             ),
             auth::require_operator,
         );

@@ -1,6 +1,6 @@
 //! `baton certs`: the development PKI.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use baton_common::host::HostId;
@@ -23,11 +23,35 @@ pub enum CertsCommand {
         #[arg(long, value_name = "H1,H2,...", value_delimiter = ',')]
         agents: Vec<String>,
     },
+    /// Issue an operator certificate NAME.pem/NAME-key.pem signed by the CA
+    /// in --tls-dir, carrying a role: viewer (reads), operator (artifacts
+    /// and rollouts) or admin (everything). Use it with --cert/--key.
+    IssueOperator {
+        /// The operator's name (the identity in the audit log).
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long, value_name = "ROLE")]
+        role: baton_common::tls::Role,
+    },
 }
 
 /// Runs a certificate command.
-pub fn run(cmd: CertsCommand) -> Result<ExitCode, CliError> {
+pub fn run(tls_dir: Option<&Path>, cmd: CertsCommand) -> Result<ExitCode, CliError> {
     match cmd {
+        CertsCommand::IssueOperator { name, role } => {
+            let dir = tls_dir.ok_or_else(|| {
+                CliError(
+                    "no TLS directory (holding the CA): pass --tls-dir or set BATON_TLS_DIR".into(),
+                )
+            })?;
+            let (cert, key) = baton_common::pki::issue_operator(dir, &name, role)?;
+            println!(
+                "wrote {} and {} (role {role})",
+                cert.display(),
+                key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         CertsCommand::Init { out, agents } => {
             let ids = agents
                 .iter()

@@ -4,6 +4,7 @@
 //! on stdout and nothing else there.
 
 pub mod artifact;
+mod audit;
 mod certs;
 mod demo;
 mod demo_service;
@@ -41,6 +42,27 @@ pub struct Cli {
     #[arg(long, global = true, env = "BATON_TLS_DIR", value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
 
+    /// The operator certificate to use instead of `operator.pem` in the
+    /// TLS directory (its role decides what may be called); needs --key.
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    pub cert: Option<PathBuf>,
+
+    /// The key of --cert.
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    pub key: Option<PathBuf>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -60,6 +82,9 @@ pub enum Command {
     /// Roll a version out across the fleet and follow it.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// The audit log: every change and every refused call, newest first
+    /// (needs an admin certificate).
+    Audit(audit::AuditArgs),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
     Demo(demo::DemoArgs),
@@ -104,10 +129,11 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
-        Command::Certs(cmd) => certs::run(cmd),
+        Command::Certs(cmd) => certs::run(cli.tls_dir.as_deref(), cmd),
         Command::Hosts(ref args) => hosts::run(&cli, args).await,
         Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
+        Command::Audit(ref args) => audit::run(&cli, args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo_service::run(args).await,
     }
@@ -116,21 +142,28 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 impl Cli {
     /// Connects to the Control API with the operator certificate.
     pub async fn control(&self) -> Result<ControlServiceClient<Channel>, CliError> {
+        connect_control(&self.coordinator, &self.tls()?).await
+    }
+
+    /// The CA from the TLS directory and the operator certificate: `--cert`
+    /// and `--key` when given, else `operator.pem` there.
+    fn tls(&self) -> Result<ClientTls, CliError> {
         let dir = self.tls_dir.as_ref().ok_or_else(|| {
             CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
         })?;
-        let tls = ClientTls::load(dir, "operator")?;
-        connect_control(&self.coordinator, &tls).await
+        Ok(match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => ClientTls {
+                ca_pem: baton_common::tls::read_ca(&dir.join("ca.pem"))?,
+                identity: baton_common::tls::read_keyed_cert(cert, key)?,
+            },
+            _ => ClientTls::load(dir, "operator")?,
+        })
     }
 
     /// Like [`Cli::control`] without the per-call timeout, for uploads
     /// that take as long as they take.
     pub async fn control_without_timeout(&self) -> Result<ControlServiceClient<Channel>, CliError> {
-        let dir = self.tls_dir.as_ref().ok_or_else(|| {
-            CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
-        })?;
-        let tls = ClientTls::load(dir, "operator")?;
-        connect_control_with(&self.coordinator, &tls, None).await
+        connect_control_with(&self.coordinator, &self.tls()?, None).await
     }
 }
 

@@ -1,0 +1,224 @@
+//! Roles on the Control API: every RPC, read from the API's own
+//! descriptor, called with a viewer's, an operator's and an admin's
+//! certificate over real mTLS; each must be refused exactly when the role
+//! is below what `authz::TABLE` names. Changes, allowed or refused, land
+//! in the audit log.
+
+use baton_common::tls::{ClientTls, Role, read_ca, read_keyed_cert};
+use baton_coordinator::authz;
+use baton_tests::{Batond, TestEnv};
+use prost::Message;
+use tonic::Code;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+
+/// Every Control API method: name, client-streaming, server-streaming.
+fn methods() -> Vec<(String, bool, bool)> {
+    let fds = prost_types::FileDescriptorSet::decode(baton_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let service = fds
+        .file
+        .iter()
+        .flat_map(|f| &f.service)
+        .find(|s| s.name() == "ControlService")
+        .expect("the Control API is in the descriptor");
+    service
+        .method
+        .iter()
+        .map(|m| {
+            (
+                m.name().to_owned(),
+                m.client_streaming(),
+                m.server_streaming(),
+            )
+        })
+        .collect()
+}
+
+/// Calls `method` with an empty request; the status code it ends with.
+async fn call(
+    channel: Channel,
+    method: &str,
+    client_streaming: bool,
+    server_streaming: bool,
+) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        PathAndQuery::try_from(format!("/baton.control.v1.ControlService/{method}")).unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let once = || tonic::Request::new(tokio_stream::once(()));
+    let result = match (client_streaming, server_streaming) {
+        (false, false) => grpc
+            .unary(tonic::Request::new(()), path, codec)
+            .await
+            .map(drop),
+        (false, true) => grpc
+            .server_streaming(tonic::Request::new(()), path, codec)
+            .await
+            .map(drop),
+        (true, false) => grpc.client_streaming(once(), path, codec).await.map(drop),
+        (true, true) => grpc.streaming(once(), path, codec).await.map(drop),
+    };
+    match result {
+        Ok(()) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+fn issue(env: &TestEnv, name: &str, role: &str) {
+    let out = baton_tests::bin_command("baton")
+        .arg("--tls-dir")
+        .arg(env.tls())
+        .args(["certs", "issue-operator", name, "--role", role])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+async fn channel(env: &TestEnv, url: &str, name: &str) -> Channel {
+    let tls = ClientTls {
+        ca_pem: read_ca(&env.tls().join("ca.pem")).unwrap(),
+        identity: read_keyed_cert(
+            &env.tls().join(format!("{name}.pem")),
+            &env.tls().join(format!("{name}-key.pem")),
+        )
+        .unwrap(),
+    };
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls.to_tonic())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[test]
+fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_audited() {
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    for role in Role::ALL {
+        issue(&env, &format!("{role}1"), role.as_str());
+    }
+    let methods = methods();
+    // Deny by default: a call the table forgot is refused to everyone,
+    // and this says which.
+    for (m, ..) in &methods {
+        assert!(
+            authz::required(m).is_some(),
+            "{m} has no role in authz::TABLE"
+        );
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for role in Role::ALL {
+            let channel = channel(&env, &url, &format!("{role}1")).await;
+            for (m, cs, ss) in &methods {
+                let code = call(channel.clone(), m, *cs, *ss).await;
+                let allowed = role >= authz::required(m).unwrap();
+                assert_eq!(
+                    code == Code::PermissionDenied,
+                    !allowed,
+                    "{role} calling {m} ended with {code:?}"
+                );
+            }
+        }
+        // The admin reads the audit log: refused and allowed changes, not
+        // reads.
+        let admin = channel(&env, &url, "admin1").await;
+        let mut client =
+            baton_proto::control::v1::control_service_client::ControlServiceClient::new(admin);
+        let log = client
+            .list_audit(baton_proto::control::v1::ListAuditRequest { limit: 1000 })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        let has = |who: &str, action: &str, result: &str| {
+            log.iter()
+                .any(|e| e.who == who && e.action == action && e.result == result)
+        };
+        assert!(
+            has("operator viewer1", "StartRollout", "denied"),
+            "{log:#?}"
+        );
+        assert!(
+            has("operator viewer1", "PushArtifact", "denied"),
+            "{log:#?}"
+        );
+        assert!(has("operator operator1", "ListAudit", "denied"), "{log:#?}");
+        // Allowed, and failed on its empty plan.
+        assert!(
+            has("operator operator1", "StartRollout", "failed"),
+            "{log:#?}"
+        );
+        assert!(log.iter().all(|e| e.action != "ListHosts"), "{log:#?}");
+        assert!(log.iter().all(|e| e.at.is_some() && !e.role.is_empty()));
+    });
+
+    // The CLI with --cert/--key: a viewer is told why it may not.
+    let plan = env.path("plan.toml");
+    std::fs::write(&plan, "[[service]]\nname = \"x\"\nversion = \"1\"\n").unwrap();
+    let cert = env.tls().join("viewer1.pem");
+    let key = env.tls().join("viewer1-key.pem");
+    let out = env.baton(
+        &url,
+        &env.tls(),
+        &[
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "rollout",
+            "start",
+            plan.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "permission denied: role viewer may not call StartRollout: it needs operator"
+        ),
+        "{stderr}"
+    );
+    let out = env.baton(&url, &env.tls(), &["audit", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(log[0]["who"], "operator viewer1", "{log}");
+    assert_eq!(log[0]["action"], "StartRollout", "{log}");
+    assert_eq!(log[0]["result"], "denied", "{log}");
+}
+
+#[test]
+fn issuing_an_operator_certificate_needs_the_ca_and_never_overwrites() {
+    let env = TestEnv::new(&[]);
+    let run = |dir: &std::path::Path, name: &str, role: &str| {
+        baton_tests::bin_command("baton")
+            .arg("--tls-dir")
+            .arg(dir)
+            .args(["certs", "issue-operator", name, "--role", role])
+            .output()
+            .unwrap()
+    };
+    let out = run(&env.tls(), "ci", "root");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role \"root\""));
+    let out = run(&env.tls(), "ci", "operator");
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&env.tls(), "ci", "admin");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ci.pem: exists"),
+        "{out:?}"
+    );
+    let empty = env.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = run(&empty, "ci", "viewer");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ca-key.pem"),
+        "{out:?}"
+    );
+}
