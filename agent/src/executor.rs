@@ -512,12 +512,18 @@ impl Executor {
                 service,
                 version,
                 gate,
+                allow_downgrade,
+            } if service == AGENT_NAME => {
+                self.upgrade_self(&command.id, &version, gate, allow_downgrade)
+                    .await
             }
-            | CommandKind::Rollback {
+            CommandKind::Rollback {
                 service,
                 version,
                 gate,
-            } if service == AGENT_NAME => self.upgrade_self(&command.id, &version, gate).await,
+            } if service == AGENT_NAME => {
+                self.upgrade_self(&command.id, &version, gate, true).await
+            }
             CommandKind::Remove { service } if service == AGENT_NAME => {
                 Err("the agent cannot remove itself".into())
             }
@@ -525,7 +531,16 @@ impl Executor {
                 service,
                 version,
                 gate,
-            } => self.activate(&service, &version, gate, false).await,
+                allow_downgrade,
+            } => {
+                if !allow_downgrade
+                    && let Some(current) = self.inner.releases.current(&service)
+                    && artifact::is_downgrade(&current, &version)
+                {
+                    return Err(downgrade_refused(&service, &current, &version));
+                }
+                self.activate(&service, &version, gate, false).await
+            }
             CommandKind::Rollback {
                 service,
                 version,
@@ -553,6 +568,20 @@ impl Executor {
             debug!(service = %name, %version, "already staged");
             return Ok(());
         }
+        // A downgrade may only return to a release the host still has:
+        // nothing older is ever fetched (the rollback attack).
+        let running = if kind == ArtifactKind::Agent {
+            Some(self.inner.config.me.version().to_owned())
+        } else {
+            releases.current(name)
+        };
+        if let Some(current) = running
+            && artifact::is_downgrade(&current, version)
+        {
+            return Err(format!(
+                "refusing to stage {name} {version}: it is older than the {current} this host runs, and a downgrade may only return to a release the host still has"
+            ));
+        }
         let signed = SignedManifest::parse(manifest, signature)
             .map_err(|e| format!("the artifact's manifest is invalid: {e}"))?;
         let m = &signed.manifest;
@@ -572,6 +601,10 @@ impl Executor {
         }
         signed
             .verify(&self.inner.config.trusted_keys)
+            .map_err(|e| format!("refusing {name} {version}: {e}"))?;
+        // Judged once, at the start of staging: a rollout that takes
+        // longer than the time left does not fail halfway.
+        m.check_fresh(SystemTime::now())
             .map_err(|e| format!("refusing {name} {version}: {e}"))?;
         let gate = lock(&self.inner.downloads)
             .entry(m.payload_sha256.clone())
@@ -658,7 +691,13 @@ impl Executor {
     /// Activation or rollback of the agent itself (see
     /// [`crate::selfupgrade`]): on success this process is replaced, and
     /// the new agent answers the re-sent command.
-    async fn upgrade_self(&self, id: &str, version: &str, gate: HealthGate) -> Result<(), String> {
+    async fn upgrade_self(
+        &self,
+        id: &str,
+        version: &str,
+        gate: HealthGate,
+        allow_downgrade: bool,
+    ) -> Result<(), String> {
         let me = self.inner.config.me.clone();
         if let Some(trial) = me.trial() {
             // This process is the new agent of an upgrade on trial: nothing
@@ -677,6 +716,9 @@ impl Executor {
         if me.version() == version {
             info!(%version, "the agent already runs this version");
             return Ok(());
+        }
+        if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
+            return Err(downgrade_refused(AGENT_NAME, me.version(), version));
         }
         if self.inner.notifier.enabled() {
             // Across the exec the new agent copies sockets back from the
@@ -1408,6 +1450,12 @@ pub async fn download(
 }
 
 /// Cancels every activation of the slot, running or queued.
+fn downgrade_refused(name: &str, current: &str, version: &str) -> String {
+    format!(
+        "refusing to downgrade {name} from {current} to {version}: the plan must say allow_downgrade = true (and the host must still have {version})"
+    )
+}
+
 fn cancel_activations(slot: &Slot) {
     for (_, token) in lock(&slot.activations).drain(..) {
         token.cancel();

@@ -616,6 +616,36 @@ pub struct Manifest {
     pub created: String,
     /// The [`PublicKey::key_id`] of the signing key; empty if unsigned.
     pub key_id: String,
+    /// After this instant (RFC 3339, UTC) agents refuse to stage the
+    /// artifact, so a coordinator cannot serve a stale one forever (the
+    /// freeze attack). Absent only in manifests signed before expiry
+    /// existed, which agents refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// How long a packed artifact stays valid unless told otherwise.
+pub const DEFAULT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+impl Manifest {
+    /// When the manifest expires; `None` when it carries no expiry.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339(self.expires.as_deref()?).ok()
+    }
+
+    /// Whether agents may stage it at `now`: `Err` says why not.
+    pub fn check_fresh(&self, now: SystemTime) -> Result<(), String> {
+        match (&self.expires, self.expires_at()) {
+            (None, _) => {
+                Err("its manifest carries no expiry (pack it again with this baton)".into())
+            }
+            (Some(text), Some(at)) if at <= now => Err(format!(
+                "its manifest expired at {text} (sign a fresh one with baton artifact pack)"
+            )),
+            (Some(_), Some(_)) => Ok(()),
+            (Some(text), None) => Err(format!("its manifest's expiry {text:?} is not a time")),
+        }
+    }
 }
 
 impl Manifest {
@@ -624,6 +654,13 @@ impl Manifest {
         validate_name(&self.name)?;
         validate_version(&self.version)?;
         check_kind(&self.name, self.kind)?;
+        if let Some(text) = &self.expires
+            && self.expires_at().is_none()
+        {
+            return Err(ArtifactError::BadManifest {
+                reason: format!("expires {:?} is not an RFC 3339 time", shorten(text)),
+            });
+        }
         if !is_lower_hex(&self.payload_sha256, 64) {
             return Err(ArtifactError::BadManifest {
                 reason: format!(
@@ -1176,6 +1213,16 @@ fn append_tree<W: Write>(
     }
 }
 
+/// Whether going from version `from` to `to` goes down. Only versions
+/// that are both semantic versions are compared; others are never a
+/// downgrade (there is no order to judge).
+pub fn is_downgrade(from: &str, to: &str) -> bool {
+    match (semver::Version::parse(from), semver::Version::parse(to)) {
+        (Ok(from), Ok(to)) => to < from,
+        _ => false,
+    }
+}
+
 /// Agent artifacts, and only they, are named [`AGENT_NAME`].
 fn check_kind(name: &str, kind: ArtifactKind) -> Result<(), ArtifactError> {
     let reason = match kind {
@@ -1199,7 +1246,15 @@ pub fn pack(
     key: &SigningKey,
     out: &Path,
 ) -> Result<SignedManifest, ArtifactError> {
-    pack_kind(dir, name, version, ArtifactKind::Service, key, out)
+    pack_kind(
+        dir,
+        name,
+        version,
+        ArtifactKind::Service,
+        DEFAULT_EXPIRY,
+        key,
+        out,
+    )
 }
 
 /// Packs `dir` as an artifact of `kind`: a service directory holds
@@ -1215,6 +1270,7 @@ pub fn pack_kind(
     name: &str,
     version: &str,
     kind: ArtifactKind,
+    expires_in: std::time::Duration,
     key: &SigningKey,
     out: &Path,
 ) -> Result<SignedManifest, ArtifactError> {
@@ -1276,6 +1332,7 @@ pub fn pack_kind(
         payload_sha256: hasher.hex_digest(),
         created: crate::time::rfc3339(SystemTime::now()),
         key_id: key.public_key().key_id(),
+        expires: Some(crate::time::rfc3339(SystemTime::now() + expires_in)),
     };
     let signed = SignedManifest::sign(manifest, key)?;
     let mut reader = &payload.file;
@@ -1982,7 +2039,17 @@ mod tests {
         let dir = tmp.path().join("agent");
         fs::create_dir(&dir).unwrap();
         let out = tmp.path().join("a.art");
-        let agent = |name: &str| pack_kind(&dir, name, "2", ArtifactKind::Agent, &key, &out);
+        let agent = |name: &str| {
+            pack_kind(
+                &dir,
+                name,
+                "2",
+                ArtifactKind::Agent,
+                DEFAULT_EXPIRY,
+                &key,
+                &out,
+            )
+        };
         let err = agent(AGENT_NAME).unwrap_err().to_string();
         assert!(
             err.contains("no executable regular file baton-agent"),

@@ -47,6 +47,9 @@ pub enum CommandKind {
         version: String,
         /// The health gate.
         gate: HealthGate,
+        /// A lower version than the current one may be activated (the
+        /// plan's `allow_downgrade`), if the host still has it.
+        allow_downgrade: bool,
     },
     /// Return to a release the host ran before and wait until healthy.
     Rollback {
@@ -176,11 +179,13 @@ impl From<&Command> for pb::Command {
                     service,
                     version,
                     gate,
+                    allow_downgrade,
                 } => pb::command::Kind::Activate(pb::Activate {
                     service: service.clone(),
                     version: version.clone(),
                     min_healthy_time: Some(to_duration(gate.min_healthy_time)),
                     healthy_deadline: Some(to_duration(gate.healthy_deadline)),
+                    allow_downgrade: *allow_downgrade,
                 }),
                 CommandKind::Rollback {
                     service,
@@ -240,6 +245,7 @@ impl TryFrom<pb::Command> for Command {
                         "min_healthy_time and healthy_deadline are required",
                     )
                 })?,
+                allow_downgrade: k.allow_downgrade,
             },
             Some(pb::command::Kind::Rollback(k)) => CommandKind::Rollback {
                 service: k.service,

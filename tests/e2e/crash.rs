@@ -109,7 +109,7 @@ fn an_agent_killed_while_staging_swapping_and_health_checking_drops_no_request()
 
     // Killed while the new process is in its health gate.
     let id = fleet.start_rollout(
-        "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nmin_healthy_time = \"3s\"\n",
+        "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nmin_healthy_time = \"3s\"\nallow_downgrade = true\n",
     );
     wait_until("1.0.0 to start again beside 2.0.0", SOON, || {
         (starts(&fleet, "h1", "1.0.0") == 2).then_some(())

@@ -109,7 +109,7 @@ fn three_coordinators_on_etcd_survive_their_leader() {
     wait_until("the last batond to lead", Duration::from_secs(30), || {
         leads(&follower).then_some(())
     });
-    let s = fleet.roll("2.0.0", QUICK);
+    let s = fleet.roll("2.0.0", &format!("allow_downgrade = true\n{QUICK}"));
     assert_eq!(s["state"], "succeeded", "{s}");
     // Woken, the paused one finds its lease gone and stops leading: it
     // exits (to be restarted as a follower) and writes nothing.

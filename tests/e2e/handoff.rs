@@ -23,8 +23,10 @@ fn fleet_with_two_versions(listen: bool) -> Fleet {
     fleet
 }
 
+/// Rolls `version` out; back and forth between versions, so downgrades
+/// are allowed (both releases stay on the host).
 fn upgrade(fleet: &Fleet, version: &str) {
-    let s = fleet.roll(version, QUICK);
+    let s = fleet.roll(version, &format!("allow_downgrade = true\n{QUICK}"));
     assert_eq!(s["state"], "succeeded", "{s}");
 }
 

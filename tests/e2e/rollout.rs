@@ -21,6 +21,8 @@ fn time(v: &Value) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(t.unix_timestamp_nanos()).unwrap())
 }
 
+const QUICK: &str = "min_healthy_time = \"200ms\"\n";
+
 fn plan(version: &str, extra: &str) -> String {
     format!("[[service]]\nname = \"demo\"\nversion = \"{version}\"\n{extra}")
 }
@@ -146,10 +148,48 @@ fn a_tampered_artifact_never_activates_anywhere() {
     artifact::write_artifact(&path, &unsigned, &mut file).unwrap();
     fleet.push(&path);
 
+    // Signed by the right key, but expired (a replayed stale artifact).
+    let good = fleet.pack_with(&fleet.release_dir("6.0.5", false), "6.0.5", &key);
+    let (signed, mut file) = artifact::open_artifact(&good).unwrap();
+    let mut m = signed.manifest.clone();
+    m.expires = Some(baton_common::time::rfc3339(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(3600),
+    ));
+    let stale =
+        artifact::SignedManifest::sign(m, &artifact::read_signing_key(&key).unwrap()).unwrap();
+    let path = fleet.env.path("expired.baton");
+    artifact::write_artifact(&path, &stale, &mut file).unwrap();
+    fleet.push(&path);
+
+    // A compromised coordinator serving another payload under a good
+    // manifest (mix-and-match), or more bytes than it declares.
+    let blob = |digest: &str| {
+        fleet
+            .env
+            .path("batond/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let other = std::fs::read(blob(&fleet.release("6.0.0", false))).unwrap();
+    for (version, extra) in [("6.0.6", false), ("6.0.7", true)] {
+        let digest = fleet.release(version, false);
+        let mut bytes = std::fs::read(blob(&digest)).unwrap();
+        if extra {
+            bytes.extend_from_slice(b"and then some");
+        } else {
+            let len = bytes.len();
+            bytes = other.clone();
+            bytes.resize(len, 0);
+        }
+        std::fs::write(blob(&digest), bytes).unwrap();
+    }
+
     for (version, why) in [
         ("6.0.1", "signature"),
         ("6.0.2", "not among the 1 trusted keys"),
         ("6.0.3", "not signed"),
+        ("6.0.5", "expired at"),
+        ("6.0.6", "is corrupt: payload digest is"),
+        ("6.0.7", "longer than its manifest says"),
     ] {
         let id = fleet.start_rollout(&plan(version, "max_parallel = 2\n"));
         let s = fleet.wait_done(&id, ROLLOUT);
@@ -461,4 +501,49 @@ fn a_failed_first_install_is_rolled_back_by_removing_the_service() {
             .is_empty()
             .then_some(())
     });
+}
+
+#[test]
+fn a_downgrade_needs_allow_downgrade_and_a_release_the_host_still_has() {
+    let fleet = Fleet::start(&["h1"]);
+    fleet.install("1.0.0");
+    fleet.release("2.0.0", false);
+    let s = fleet.roll("2.0.0", QUICK);
+    assert_eq!(s["state"], "succeeded", "{s}");
+
+    // Refused when the plan is read, with nothing started.
+    let out = fleet.try_start_rollout(&plan("1.0.0", QUICK));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("h1 runs 2.0.0, newer than 1.0.0; to go back, say allow_downgrade = true"),
+        "{stderr}"
+    );
+    let list = fleet.baton(&["rollout", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+    // Said explicitly: back to 1.0.0, which h1 still has.
+    let s = fleet.roll("1.0.0", &format!("allow_downgrade = true\n{QUICK}"));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
+
+    // An older release h1 never had is refused by the agent itself, even
+    // when the plan allows downgrades: nothing older is ever fetched.
+    fleet.release("0.9.0", false);
+    let s = fleet.roll("0.9.0", &format!("allow_downgrade = true\n{QUICK}"));
+    assert_eq!(s["state"], "failed", "{s}");
+    let h1 = &Fleet::hosts_of(&s)["h1"];
+    let error = h1["error"].as_str().unwrap();
+    assert!(
+        error.contains("refusing to stage demo 0.9.0: it is older than the 1.0.0 this host runs"),
+        "{error}"
+    );
+    assert!(
+        !fleet
+            .data_dir("h1")
+            .join("services/demo/releases/0.9.0")
+            .exists()
+    );
+    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
 }

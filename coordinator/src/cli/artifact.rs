@@ -40,6 +40,10 @@ pub enum ArtifactCommand {
         /// What the artifact delivers: `service` or `agent`.
         #[arg(long, value_name = "KIND", default_value = "service")]
         kind: artifact::ArtifactKind,
+        /// How long agents will stage it; after that it must be signed
+        /// again (a stale artifact cannot be replayed forever).
+        #[arg(long, value_name = "DURATION", default_value = "365days", value_parser = humantime::parse_duration)]
+        expires_in: std::time::Duration,
         /// The release's version.
         #[arg(long, value_name = "VERSION")]
         version: String,
@@ -77,6 +81,7 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
             dir,
             name,
             kind,
+            expires_in,
             version,
             sign_key,
             out,
@@ -89,7 +94,7 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
                 }
             };
             let key = artifact::read_signing_key(sign_key)?;
-            let signed = artifact::pack_kind(dir, name, version, *kind, &key, out)?;
+            let signed = artifact::pack_kind(dir, name, version, *kind, *expires_in, &key, out)?;
             println!(
                 "packed {} {} into {}: sha256:{} ({} bytes, key {})",
                 name,

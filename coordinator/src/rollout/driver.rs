@@ -762,6 +762,19 @@ impl Driver {
                     )
                 })
                 .collect();
+            if !svc.allow_downgrade
+                && let Some((host, from)) = hosts.iter().find_map(|(id, h)| {
+                    h.from_version
+                        .as_deref()
+                        .filter(|f| baton_common::artifact::is_downgrade(f, &svc.version))
+                        .map(|f| (id, f))
+                })
+            {
+                return Err(RolloutError::Invalid(format!(
+                    "service {:?}: {host} runs {from}, newer than {}; to go back, say allow_downgrade = true (hosts return only to releases they still have)",
+                    svc.name, svc.version
+                )));
+            }
             services.push(ServiceRun {
                 name: svc.name.clone(),
                 version: svc.version.clone(),
@@ -786,6 +799,7 @@ impl Driver {
                 step_done_at: None,
                 failures: 0,
                 state: ServiceState::Waiting,
+                allow_downgrade: svc.allow_downgrade,
                 hosts,
             });
         }

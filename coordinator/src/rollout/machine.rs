@@ -239,6 +239,9 @@ pub struct ServiceRun {
     pub state: ServiceState,
     /// Every target host.
     pub hosts: BTreeMap<HostId, HostRun>,
+    /// The plan allows going to a lower version.
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// One host's part.
@@ -1001,6 +1004,7 @@ fn progress_service(
             service: s.name.clone(),
             version: s.version.clone(),
             gate: s.gate,
+            allow_downgrade: s.allow_downgrade,
         };
         send(r, si, &host, kind, actions, now);
         if let Some(h) = r.services[si].hosts.get_mut(&host) {

@@ -61,6 +61,9 @@ pub struct ServicePlan {
     pub pause: Option<Duration>,
     /// Continue after the canary without an operator's `promote`.
     pub auto_promote: bool,
+    /// Hosts may go to a lower version than they run (to a release they
+    /// still have); refused otherwise.
+    pub allow_downgrade: bool,
 }
 
 /// How hosts are replaced.
@@ -142,6 +145,7 @@ struct RawService {
     steps: Option<Vec<toml::Value>>,
     pause: Option<String>,
     auto_promote: Option<bool>,
+    allow_downgrade: Option<bool>,
 }
 
 fn duration(value: Option<&str>, default: Duration, at: &str) -> Result<Duration, PlanError> {
@@ -463,6 +467,7 @@ impl ServicePlan {
             steps,
             pause,
             auto_promote: s.auto_promote.unwrap_or(false),
+            allow_downgrade: s.allow_downgrade.unwrap_or(false),
         })
     }
 

@@ -35,6 +35,7 @@ fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> 
         step_done_at: None,
         failures: 0,
         state: ServiceState::Waiting,
+        allow_downgrade: false,
         hosts: hosts
             .iter()
             .map(|i| (host(*i), HostRun::new(Some("1".into()), "2".into(), true)))
