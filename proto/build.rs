@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // No generated `connect` constructor: it would clash with the
         // `AgentService.Connect` rpc. Clients are built from a `Channel`.
         .build_transport(false)
+        // Malformed messages are INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::StrictCodec")
         .compile_fds(fds)?;
     Ok(())
 }

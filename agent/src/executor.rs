@@ -42,6 +42,11 @@ use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Attempts to resume a broken download before staging fails.
 const FETCH_ATTEMPTS: u32 = 10;
+/// A download slower than [`MIN_FETCH_RATE`] over this long (or silent for
+/// this long) is broken off and resumed (the slow-retrieval attack).
+const FETCH_WINDOW: Duration = Duration::from_secs(30);
+/// Bytes per second a download must reach over [`FETCH_WINDOW`].
+const MIN_FETCH_RATE: u64 = 16 << 10;
 
 /// What the executor needs from the agent's configuration.
 #[derive(Debug, Clone)]
@@ -1383,7 +1388,17 @@ pub async fn download(
                 })
                 .await?
                 .into_inner();
-            while let Some(chunk) = stream.message().await? {
+            let mut window = (Instant::now(), offset);
+            loop {
+                let next = tokio::time::timeout(FETCH_WINDOW, stream.message())
+                    .await
+                    .map_err(|_| {
+                        tonic::Status::deadline_exceeded(format!(
+                            "nothing received for {}s",
+                            FETCH_WINDOW.as_secs()
+                        ))
+                    })?;
+                let Some(chunk) = next? else { break };
                 if chunk.offset != offset {
                     return Err(tonic::Status::data_loss(format!(
                         "chunk at offset {} where {offset} was expected",
@@ -1400,6 +1415,15 @@ pub async fn download(
                 hasher.update(&chunk.data);
                 offset += chunk.data.len() as u64;
                 progress(offset);
+                if window.0.elapsed() >= FETCH_WINDOW {
+                    let rate = (offset - window.1) / FETCH_WINDOW.as_secs();
+                    if rate < MIN_FETCH_RATE {
+                        return Err(tonic::Status::deadline_exceeded(format!(
+                            "the download ran at {rate} bytes/s, below {MIN_FETCH_RATE}"
+                        )));
+                    }
+                    window = (Instant::now(), offset);
+                }
             }
             Ok(())
         }

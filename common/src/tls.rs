@@ -149,8 +149,14 @@ impl ServerTls {
             ))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
             .client_auth_optional(false)
+            // A client that connects and never finishes the handshake
+            // holds nothing for long.
+            .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 }
+
+/// How long a client may take to complete the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The TLS material of a client: the CA that must have signed the server,
 /// and the client's own identity.

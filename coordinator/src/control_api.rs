@@ -75,6 +75,18 @@ pub fn artifact_status(e: ArtifactStoreError) -> Status {
     }
 }
 
+/// A plan no longer than [`crate::limits::MAX_PLAN_BYTES`].
+fn bounded_plan(plan: String) -> Result<String, Status> {
+    if plan.len() > crate::limits::MAX_PLAN_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the plan is {} bytes, above the limit of {}",
+            plan.len(),
+            crate::limits::MAX_PLAN_BYTES
+        )));
+    }
+    Ok(plan)
+}
+
 fn rollout_status(e: RolloutError) -> Status {
     match e {
         RolloutError::Invalid(m) => Status::invalid_argument(m),
@@ -183,7 +195,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<StartRolloutResponse>, Status> {
         let r = self
             .rollouts
-            .start(request.into_inner().plan)
+            .start(bounded_plan(request.into_inner().plan)?)
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(StartRolloutResponse { id: r.id }))
@@ -253,7 +265,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<baton_proto::control::v1::RolloutPlan>, Status> {
         let r = self
             .rollouts
-            .plan(request.into_inner().plan)
+            .plan(bounded_plan(request.into_inner().plan)?)
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(crate::rollout::dry_run(&r)))

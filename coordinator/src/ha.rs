@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
-use tonic::transport::{Endpoint, Server};
+use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
@@ -197,7 +197,7 @@ pub async fn follow_then_lead(
             .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
-    let server = Server::builder()
+    let server = crate::limits::server()
         .tls_config(tls.to_tonic())?
         .layer(FollowerLayer {
             leader: leader_rx.clone(),

@@ -19,6 +19,7 @@ pub mod control_api;
 pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;
+pub mod limits;
 pub mod rollout;
 pub mod server;
 pub mod store;

@@ -16,7 +16,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -315,14 +314,23 @@ impl Coordinator {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let agents = AgentServiceServer::with_interceptor(
-            AgentApi::new(fleet.clone(), timing, shutdown.clone(), tasks.clone()),
+        use crate::limits::{MAX_FETCH_REQUEST, MAX_MESSAGE};
+        use tonic::service::interceptor::InterceptedService;
+        let agents = InterceptedService::new(
+            AgentServiceServer::new(AgentApi::new(
+                fleet.clone(),
+                timing,
+                shutdown.clone(),
+                tasks.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
             auth::require_agent,
         );
         let audit = crate::audit::Audit::new(store.clone());
         // The interceptor admits operator certificates (and leaves the
         // identity for the role check inside it).
-        let control = tonic::service::interceptor::InterceptedService::new(
+        let control = InterceptedService::new(
             crate::authz::Authorized::new(
                 ControlServiceServer::new(ControlApi::new(
                     fleet.clone(),
@@ -331,13 +339,21 @@ impl Coordinator {
                     audit.clone(),
                     shutdown.clone(),
                     tasks.clone(),
-                )),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
                 audit,
             ),
             auth::require_operator,
         );
-        let artifact_api = ArtifactServiceServer::with_interceptor(
-            ArtifactApi::new(artifacts.clone(), shutdown.clone(), tasks.clone()),
+        let artifact_api = InterceptedService::new(
+            ArtifactServiceServer::new(ArtifactApi::new(
+                artifacts.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+            ))
+            .max_decoding_message_size(MAX_FETCH_REQUEST)
+            .max_encoding_message_size(MAX_MESSAGE),
             auth::require_agent_or_coordinator,
         );
         drop(fleet);
@@ -345,10 +361,11 @@ impl Coordinator {
         // HTTP/2 keepalive catches dead peers below the application's own
         // heartbeats (a vanished host whose socket never closes).
         let keepalive = timing.heartbeat_interval.max(Duration::from_secs(1));
-        let server = Server::builder()
+        let server = crate::limits::server()
             .tls_config(self.tls.to_tonic())?
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(timing.silence_timeout))
+            .layer(crate::limits::SizeStatusLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(agents)
@@ -407,8 +424,20 @@ fn local_addr(listener: &TcpListener, configured: SocketAddr) -> SocketAddr {
     listener.local_addr().unwrap_or(configured)
 }
 
+/// Connections the kernel queues before `batond` accepts them: a fleet of
+/// agents reconnects at once after a coordinator restart.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind_listener(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| StartError::Bind { addr, source })
 }

@@ -6,6 +6,8 @@
 
 #![allow(missing_docs, clippy::all)]
 
+pub mod codec;
+
 /// `baton.agent.v1`: the stream between `baton-agent` and `batond`.
 pub mod agent {
     /// Version 1 of the agent protocol.

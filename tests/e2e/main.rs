@@ -11,6 +11,7 @@ mod etcd;
 mod fleet;
 mod ha;
 mod handoff;
+mod limits;
 mod roles;
 mod rollout;
 mod security;

@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     baton_common::process::init_logging("info");
+    // Every agent holds a connection: use every descriptor allowed.
+    let open_files = baton_coordinator::limits::raise_open_files();
+    tracing::debug!(open_files, "open file limit");
     let config = match Config::resolve(args) {
         Ok(c) => c,
         Err(errors) => {

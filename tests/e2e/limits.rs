@@ -1,0 +1,235 @@
+//! Bad input on the wire: ten thousand idle connections, an oversized
+//! message, malformed protobuf, unknown and zero enum values, NUL bytes.
+//! Each gets a precise status, nothing is persisted, memory stays bounded
+//! and other clients are served throughout.
+
+use std::time::Instant;
+
+use baton_common::tls::{ClientTls, TLS_HANDSHAKE_TIMEOUT};
+use baton_proto::control::v1 as pb;
+use baton_proto::control::v1::control_service_client::ControlServiceClient;
+use baton_tests::{Batond, SOON, TestEnv, wait_until};
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+
+/// Sends raw bytes as a message; ignores the answer's content.
+#[derive(Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+async fn raw(channel: Channel, method: &str, body: Vec<u8>) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        PathAndQuery::try_from(format!("/baton.control.v1.ControlService/{method}")).unwrap();
+    match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+async fn channel(env: &TestEnv, url: &str) -> Channel {
+    let tls = ClientTls::load(&env.tls(), "operator").unwrap();
+    Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls.to_tonic())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn malformed_oversized_and_odd_messages_get_precise_statuses_and_change_nothing() {
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = channel(&env, &url).await;
+        // Not protobuf at all.
+        assert_eq!(
+            raw(ch.clone(), "GetHost", vec![0xff; 64]).await,
+            Code::InvalidArgument
+        );
+        // A field of the wrong wire type, and a truncated one.
+        assert_eq!(
+            raw(ch.clone(), "GetHost", vec![0x0a, 0x05, b'h']).await,
+            Code::InvalidArgument
+        );
+        let mut client = ControlServiceClient::new(ch.clone());
+        // 100 MB in one message.
+        let err = client
+            .get_host(pb::GetHostRequest {
+                host_id: "h".repeat(100 << 20),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+        // NUL bytes in names and plans.
+        let err = client
+            .get_host(pb::GetHostRequest {
+                host_id: "h\0st".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        let err = client
+            .start_rollout(pb::StartRolloutRequest {
+                plan: "[[service]]\nname = \"a\0b\"\nversion = \"1\"\n".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        // Zero and unknown enum values.
+        for action in [0, 99] {
+            let err = client
+                .control_rollout(pb::ControlRolloutRequest {
+                    id: "r-1".into(),
+                    action,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+            assert!(err.message().contains("unspecified or unknown"), "{err}");
+        }
+        // A plan over the size limit.
+        let err = client
+            .plan_rollout(pb::StartRolloutRequest {
+                plan: "#".repeat(2 << 20),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("above the limit"), "{err}");
+        // Nothing was persisted, and the server still serves.
+        let rollouts = client
+            .list_rollouts(pb::ListRolloutsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(rollouts.rollouts.is_empty());
+        let hosts = client
+            .list_hosts(pb::ListHostsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(hosts.hosts.is_empty());
+    });
+}
+
+#[test]
+fn ten_thousand_idle_connections_leave_memory_bounded_and_others_served() {
+    // Room for the connections on both ends (batond raises its own limit).
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 12_000 {
+        eprintln!("SKIPPED: the open-file hard limit ({hard}) is below 12,000");
+        return;
+    }
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    let pid = batond.proc.pid().as_raw();
+    let before = rss_kib(pid);
+
+    // Ten thousand connections that never say a word, opened in batches
+    // that batond has accepted before the next (so none waits on a full
+    // accept queue).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let base = fds();
+    let opened = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = Vec::with_capacity(10_000);
+    for _ in 0..10 {
+        idle.extend((0..1_000).map(|_| std::net::TcpStream::connect(batond.addr).unwrap()));
+        wait_until("batond to accept the batch", SOON, || {
+            (fds() >= base + idle.len()).then_some(())
+        });
+    }
+    // Others are served meanwhile.
+    let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let during = rss_kib(pid);
+    assert!(
+        during < before + 300 * 1024,
+        "10,000 idle connections took {} MiB",
+        (during - before) / 1024
+    );
+
+    // Each is dropped once it failed to handshake in time.
+    for s in &idle {
+        s.set_read_timeout(Some(SOON)).unwrap();
+    }
+    let mut buf = [0u8; 1];
+    for s in idle.iter().step_by(500) {
+        match std::io::Read::read(&mut &*s, &mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection was not closed: {other:?}"),
+        }
+    }
+    assert!(
+        opened.elapsed() >= TLS_HANDSHAKE_TIMEOUT,
+        "dropped before the handshake timeout"
+    );
+    drop(idle);
+    wait_until("batond to let go of the connections", SOON, || {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count();
+        (fds < 1_000).then_some(())
+    });
+    let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+}
