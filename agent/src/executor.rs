@@ -852,6 +852,14 @@ impl Executor {
         let release_dir = self.inner.releases.release_dir(name, version);
         let spec = service::load(&release_dir, &self.inner.config.vars)
             .map_err(|e| format!("{name} {version}: {e}"))?;
+        if let Some(r) = &spec.run_as {
+            self.open_release_to(name, &release_dir, r).map_err(|e| {
+                format!(
+                    "{name} {version}: cannot prepare the release for user {}: {e}",
+                    r.user
+                )
+            })?;
+        }
         let run_dir = self.inner.releases.run_dir(name, version);
         let health_gate = Gate {
             min_healthy_time: gate.min_healthy_time,
@@ -1082,6 +1090,58 @@ impl Executor {
             }
             Ok(_) => {}
             Err(e) => warn!(service = %name, error = %e, "cannot prune old releases"),
+        }
+        Ok(())
+    }
+
+    /// Lets a service that runs as its own user reach its release and
+    /// nothing else: the directories down to it are traversable but not
+    /// listable (0711; the agent's own state below them stays 0700), and
+    /// the release belongs to the agent and the service's group, which may
+    /// read it (and execute what the owner may) but write nothing.
+    fn open_release_to(
+        &self,
+        name: &str,
+        release_dir: &std::path::Path,
+        r: &service::RunAs,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let set = |path: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        };
+        let data = &self.inner.config.data_dir;
+        for private in ["commands", "downloads", "agent"] {
+            let dir = data.join(private);
+            if dir.is_dir() {
+                set(&dir, 0o700)?;
+            }
+        }
+        let service = self.inner.releases.service_dir(name);
+        for dir in [
+            data.clone(),
+            data.join("services"),
+            service.clone(),
+            service.join("releases"),
+        ] {
+            set(&dir, 0o711)?;
+        }
+        let mut stack = vec![release_dir.to_owned()];
+        while let Some(path) = stack.pop() {
+            let meta = std::fs::symlink_metadata(&path)?;
+            std::os::unix::fs::lchown(&path, None, Some(r.gid))?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let owner = meta.mode() & 0o700;
+            if meta.is_dir() {
+                set(&path, 0o750)?;
+                for entry in std::fs::read_dir(&path)? {
+                    stack.push(entry?.path());
+                }
+            } else {
+                // The group gets the owner's read and execute, never write.
+                set(&path, owner | ((owner >> 3) & 0o050))?;
+            }
         }
         Ok(())
     }
@@ -1533,6 +1593,9 @@ async fn run_hook(
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(r) = &spec.run_as {
+        r.apply(&mut cmd);
+    }
     let child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot run {program}: {e}")))?;

@@ -57,7 +57,9 @@ pub async fn check_once(spec: &HealthSpec, release_dir: &Path) -> Result<(), Str
         ),
         // The exec check handles its own timeout: the command must be killed,
         // not just abandoned.
-        Check::Exec { command } => return exec(command, release_dir, timeout).await,
+        Check::Exec { command, run_as } => {
+            return exec(command, run_as.as_ref(), release_dir, timeout).await;
+        }
     };
     result.unwrap_or_else(|_| Err(format!("{what} timed out after {}", fmt_duration(timeout))))
 }
@@ -252,12 +254,21 @@ async fn grpc_check(address: &str, service: &str, timeout: Duration) -> Result<(
 
 /// Runs the command in its own process group and kills the group if it
 /// outlives `timeout`, so a hung check leaves nothing behind.
-async fn exec(command: &[String], release_dir: &Path, timeout: Duration) -> Result<(), String> {
+async fn exec(
+    command: &[String],
+    run_as: Option<&crate::service::RunAs>,
+    release_dir: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
     let Some((program, args)) = command.split_first() else {
         return Err("exec: the command is empty".to_owned());
     };
     let what = format!("exec {program}");
-    let mut child = tokio::process::Command::new(resolve(release_dir, program))
+    let mut cmd = tokio::process::Command::new(resolve(release_dir, program));
+    if let Some(r) = run_as {
+        r.apply(&mut cmd);
+    }
+    let mut child = cmd
         .args(args)
         .current_dir(release_dir)
         .stdin(std::process::Stdio::null())
@@ -499,6 +510,7 @@ mod tests {
         let sh = |script: &str| {
             spec(Check::Exec {
                 command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                run_as: None,
             })
         };
         assert_eq!(check_once(&sh("test -e marker"), dir.path()).await, Ok(()));
@@ -508,6 +520,7 @@ mod tests {
         );
         let missing = spec(Check::Exec {
             command: vec!["bin/nope".into()],
+            run_as: None,
         });
         let error = check_once(&missing, dir.path()).await.unwrap_err();
         assert_eq!(

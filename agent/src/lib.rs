@@ -41,11 +41,20 @@ impl Agent {
     /// [`selfupgrade::boot`].
     pub fn upgradable(config: AgentConfig, me: selfupgrade::SelfUpgrade) -> Result<Self, String> {
         let dir = &config.data_dir;
+        // 0700, or 0711 once a service running as its own user needs to
+        // traverse it (see `Executor::open_release_to`); never more.
+        let mode = |m: u32| if m & 0o777 == 0o711 { 0o711 } else { 0o700 };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .and_then(|()| std::fs::metadata(dir))
+            .and_then(|m| {
+                std::fs::set_permissions(
+                    dir,
+                    std::fs::Permissions::from_mode(mode(m.permissions().mode())),
+                )
+            })
             .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
         let mut vars = config.vars.clone();
         vars.insert("BATON_HOST_ID".into(), config.host_id.to_string());

@@ -50,6 +50,70 @@ pub struct ServiceSpec {
     /// How a process started beside the old one during a socket handoff
     /// says it is ready to take over.
     pub ready: Readiness,
+    /// The user (and group) the process, its hooks and its exec health
+    /// checks run as; `None`: the agent's own.
+    pub run_as: Option<RunAs>,
+}
+
+/// An unprivileged identity for a service (`user`/`group` in
+/// `service.toml`), resolved on the host when the release is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user's name.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The group's name (the user's primary group unless `group` is given).
+    pub group: String,
+    /// Its gid.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Makes `cmd` run as this user and group (supplementary groups are
+    /// dropped when the agent runs as root).
+    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+        cmd.uid(self.uid).gid(self.gid);
+    }
+}
+
+/// Resolves `user`/`group` against the host's user database.
+fn run_as(
+    user: Option<&str>,
+    group: Option<&str>,
+    vars: &BTreeMap<String, String>,
+) -> Result<Option<RunAs>, SpecError> {
+    use nix::unistd::{Group, User};
+    let user = match (user, group) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => return Err(invalid("group", "only applies together with user")),
+        (Some(u), _) => substitute("user", u, vars)?,
+    };
+    let found = User::from_name(&user)
+        .map_err(|e| invalid("user", format!("cannot look up {user:?}: {e}")))?
+        .ok_or_else(|| invalid("user", format!("there is no user {user:?} on this host")))?;
+    let (group, gid) = match group {
+        Some(g) => {
+            let g = substitute("group", g, vars)?;
+            let found = Group::from_name(&g)
+                .map_err(|e| invalid("group", format!("cannot look up {g:?}: {e}")))?
+                .ok_or_else(|| invalid("group", format!("there is no group {g:?} on this host")))?;
+            (g, found.gid.as_raw())
+        }
+        None => {
+            let name = Group::from_gid(found.gid)
+                .ok()
+                .flatten()
+                .map_or_else(|| found.gid.to_string(), |g| g.name);
+            (name, found.gid.as_raw())
+        }
+    };
+    Ok(Some(RunAs {
+        user,
+        uid: found.uid.as_raw(),
+        group,
+        gid,
+    }))
 }
 
 /// How a new process says it is ready (socket handoff only).
@@ -144,6 +208,8 @@ pub enum Check {
         /// The program (relative to the release directory or absolute) and
         /// its arguments; never empty.
         command: Vec<String>,
+        /// Who runs it: the service's user, if it has one.
+        run_as: Option<RunAs>,
     },
     /// `grpc.health.v1.Health/Check` over plaintext HTTP/2 answers SERVING.
     Grpc {
@@ -245,7 +311,12 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
         None => DEFAULT_STOP_TIMEOUT,
         Some(text) => parse_duration("stop_timeout", text)?,
     };
-    let health = raw.health.as_ref().map(|h| health(h, vars)).transpose()?;
+    let run_as = run_as(raw.user.as_deref(), raw.group.as_deref(), vars)?;
+    let health = raw
+        .health
+        .as_ref()
+        .map(|h| health(h, vars, run_as.as_ref()))
+        .transpose()?;
     let hooks = hooks(&raw.hooks, vars)?;
     let supervisor = match (raw.supervisor.as_deref(), &raw.unit) {
         (None | Some("native"), None) => SupervisorKind::Native,
@@ -295,6 +366,7 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
                 ));
             }
         },
+        run_as,
     })
 }
 
@@ -322,6 +394,8 @@ struct RawSpec {
     supervisor: Option<String>,
     unit: Option<String>,
     ready: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -433,7 +507,11 @@ const KIND_KEYS: [(&str, &[&str]); 4] = [
     ("service", &["grpc"]),
 ];
 
-fn health(raw: &RawHealth, vars: &BTreeMap<String, String>) -> Result<HealthSpec, SpecError> {
+fn health(
+    raw: &RawHealth,
+    vars: &BTreeMap<String, String>,
+    run_as: Option<&RunAs>,
+) -> Result<HealthSpec, SpecError> {
     let kind = raw.kind.as_str();
     if !matches!(kind, "http" | "tcp" | "exec" | "grpc") {
         return Err(invalid(
@@ -501,6 +579,7 @@ fn health(raw: &RawHealth, vars: &BTreeMap<String, String>) -> Result<HealthSpec
                 .ok_or_else(|| invalid("health", "kind = \"exec\" requires `command`"))?;
             Check::Exec {
                 command: command_line("health.command", command, vars)?,
+                run_as: run_as.cloned(),
             }
         }
     };
@@ -674,6 +753,7 @@ mod tests {
                 hooks: Hooks::default(),
                 supervisor: SupervisorKind::Native,
                 ready: Readiness::Health,
+                run_as: None,
             }
         );
         assert_eq!(
@@ -797,7 +877,8 @@ pre_start = ["bin/migrate", "--check", "${port}"]
         assert_eq!(
             check("kind = \"exec\"\ncommand = [\"bin/check\", \"${port}\"]").check,
             Check::Exec {
-                command: vec!["bin/check".into(), "8080".into()]
+                command: vec!["bin/check".into(), "8080".into()],
+                run_as: None,
             }
         );
         assert_eq!(
@@ -839,6 +920,37 @@ pre_start = ["bin/migrate", "--check", "${port}"]
             err("command = \"x\"\nstop_signal = \"SIGFOO\""),
             "service.toml: stop_signal: unknown signal \"SIGFOO\" (expected a name such as SIGTERM or TERM)"
         );
+    }
+
+    #[test]
+    fn user_and_group_are_resolved_on_the_host() {
+        let spec = parse("command = \"x\"\nuser = \"root\"", &vars()).unwrap();
+        assert_eq!(
+            spec.run_as,
+            Some(RunAs {
+                user: "root".into(),
+                uid: 0,
+                group: "root".into(),
+                gid: 0
+            })
+        );
+        let err = parse("command = \"x\"\nuser = \"no-such-user-here\"", &vars()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("there is no user \"no-such-user-here\""),
+            "{err}"
+        );
+        let err = parse("command = \"x\"\ngroup = \"root\"", &vars()).unwrap_err();
+        assert!(
+            err.to_string().contains("only applies together with user"),
+            "{err}"
+        );
+        let err = parse(
+            "command = \"x\"\nuser = \"root\"\ngroup = \"no-such-group\"",
+            &vars(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("there is no group"), "{err}");
     }
 
     #[test]

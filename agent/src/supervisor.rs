@@ -472,6 +472,9 @@ impl Context {
                 .env_remove("LISTEN_PID")
                 .env_remove("LISTEN_FDNAMES");
         }
+        if let Some(r) = &self.spec.run_as {
+            r.apply(&mut command);
+        }
         let mut child = command
             // The service manager's socket and watchdog are the agent's.
             .env_remove("NOTIFY_SOCKET")
@@ -923,6 +926,7 @@ mod tests {
             hooks: Default::default(),
             supervisor: Default::default(),
             ready: Default::default(),
+            run_as: None,
         }
     }
 

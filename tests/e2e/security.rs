@@ -158,3 +158,84 @@ fn certificates_are_only_good_for_their_own_api() {
     );
     assert!(env.hosts(&url).is_empty());
 }
+
+/// Least privilege: `user = "nobody"` in service.toml. The service, its
+/// hooks and checks run as that user; its release belongs to root with the
+/// service's group, readable but not writable by it.
+#[test]
+fn a_service_runs_as_its_own_user_and_cannot_change_its_release() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: starting a service as another user needs the agent to run as root");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("SKIPPED: this host has no user nobody");
+        return;
+    };
+    let fleet = baton_tests::fleet::Fleet::start(&["h1"]);
+    // nobody must reach its release below the test's private temp dir.
+    std::fs::set_permissions(
+        fleet.env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    // Somewhere nobody may write, to say who ran the hook.
+    let out = fleet.env.path("hook-out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let dir = fleet.release_dir_with(
+        "1.0.0",
+        false,
+        true,
+        &format!(
+            "\n[hooks]\npre_start = [\"/bin/sh\", \"-c\", \"id -u > {}/uid\"]\n",
+            out.display()
+        ),
+    );
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    std::fs::write(
+        dir.join("service.toml"),
+        format!("user = \"nobody\"\n{toml}"),
+    )
+    .unwrap();
+    let file = fleet.pack_with(&dir, "1.0.0", &fleet.env.path("release.key"));
+    fleet.push(&file);
+    let id = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\nmin_healthy_time = \"200ms\"\n",
+    );
+    let s = fleet.wait_done(&id, SOON);
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
+
+    // The process runs as nobody.
+    let pid = fleet.service_pid("h1").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace()
+            .skip(1)
+            .all(|u| u == nobody.uid.to_string()),
+        "{uid}"
+    );
+    // So did its hook.
+    let hook_uid = std::fs::read_to_string(out.join("uid")).unwrap();
+    assert_eq!(hook_uid.trim(), nobody.uid.to_string());
+    // The release: root's, the service's group, no write for it.
+    let release = fleet.data_dir("h1").join("services/demo/releases/1.0.0");
+    let meta = std::fs::metadata(release.join("service.toml")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, nobody.gid.as_raw()));
+    assert_eq!(meta.mode() & 0o077, 0o040, "{:o}", meta.mode());
+    let touched = std::process::Command::new("/bin/sh")
+        .args(["-c", "touch service.toml || exit 3; touch new-file"])
+        .current_dir(&release)
+        .uid(nobody.uid.as_raw())
+        .gid(nobody.gid.as_raw())
+        .status()
+        .unwrap();
+    assert!(!touched.success(), "nobody could write its release");
+    // The agent's own state stays closed to it.
+    let journal = std::fs::metadata(fleet.data_dir("h1").join("commands")).unwrap();
+    assert_eq!(journal.mode() & 0o777, 0o700);
+}
