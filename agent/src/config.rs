@@ -71,6 +71,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N")]
     pub keep_releases: Option<usize>,
 
+    /// A one-time token from `baton enroll create`: when the TLS directory
+    /// holds `ca.pem` but no certificate for this host yet, the agent
+    /// generates its key and gets its certificate with it.
+    #[arg(long, value_name = "TOKEN", env = "BATON_ENROLL_TOKEN")]
+    pub enroll_token: Option<String>,
+
     /// Internal: watch an upgrade of this agent (started by the agent
     /// itself, with --data-dir only).
     #[arg(long, hide = true)]
@@ -123,6 +129,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The agent's TLS material.
     pub tls: ClientTls,
+    /// Where it came from, and where a renewed certificate goes (`None`:
+    /// no renewal, for agents run inside another program).
+    pub tls_dir: Option<PathBuf>,
     /// The host's labels.
     pub labels: Labels,
     /// Variables for service.toml.
@@ -138,6 +147,45 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// What to enroll with, when `--enroll-token` is given and the TLS
+    /// directory has no certificate for this host yet.
+    pub fn enrollment(
+        args: &AgentArgs,
+    ) -> Result<Option<crate::enroll::EnrollTarget>, ConfigErrors> {
+        let Some(token) = args.enroll_token.clone() else {
+            return Ok(None);
+        };
+        let file: FileConfig = match &args.config {
+            Some(path) => {
+                baton_common::process::read_toml(path).map_err(|e| ConfigErrors(vec![e]))?
+            }
+            None => FileConfig::default(),
+        };
+        let host = args.host_id.clone().or(file.host_id);
+        let tls_dir = args.tls_dir.clone().or(file.tls_dir);
+        let coordinators = if args.coordinator.is_empty() {
+            file.coordinator.map(Urls::into_vec).unwrap_or_default()
+        } else {
+            args.coordinator.clone()
+        };
+        let (Some(host), Some(tls_dir)) = (host, tls_dir) else {
+            return Err(ConfigErrors(vec![
+                "--enroll-token needs --host-id and --tls-dir (holding ca.pem)".into(),
+            ]));
+        };
+        let host_id = HostId::try_from(host.as_str())
+            .map_err(|e| ConfigErrors(vec![format!("host id {}", e.reason)]))?;
+        if tls_dir.join(format!("agent-{host_id}.pem")).exists() {
+            return Ok(None);
+        }
+        Ok(Some(crate::enroll::EnrollTarget {
+            coordinators,
+            host_id,
+            tls_dir,
+            token,
+        }))
+    }
+
     /// Builds and checks the configuration, reading the TLS files; reports
     /// every problem at once.
     pub fn resolve(args: AgentArgs) -> Result<Self, ConfigErrors> {
@@ -239,6 +287,7 @@ impl AgentConfig {
                 host_id,
                 data_dir,
                 tls,
+                tls_dir,
                 labels,
                 vars,
                 trusted_keys,

@@ -7,6 +7,7 @@
 //! stream closes, breaks, or stays silent for the coordinator's
 //! `silence_timeout` (also right after the agent was frozen and thawed).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_common::backoff::Backoff;
@@ -66,18 +67,71 @@ pub struct Link {
     version: String,
     /// Whether a session (welcomed) runs.
     connected: tokio::sync::watch::Sender<bool>,
-    /// Downloads go to the coordinator of the last session.
-    fetch: tokio::sync::watch::Sender<Channel>,
-    fetch_url: String,
+    /// The certificate in use, and the download channel.
+    creds: Credentials,
+    /// The credentials' generation `endpoints` were built with.
+    built_for: u64,
+}
+
+/// The agent's TLS identity, replaced when its certificate is renewed, and
+/// the download channel to the coordinator of the current session, which
+/// follows both.
+#[derive(Clone)]
+pub struct Credentials {
+    tls: Arc<std::sync::RwLock<(u64, baton_common::tls::ClientTls)>>,
+    fetch: Arc<tokio::sync::watch::Sender<Channel>>,
+    url: Arc<std::sync::Mutex<String>>,
+}
+
+impl Credentials {
+    /// The identity in use.
+    pub fn current(&self) -> baton_common::tls::ClientTls {
+        self.tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
+    /// The download channel of the current session (mutual TLS to the
+    /// coordinator the agent is connected to).
+    pub fn channel(&self) -> Channel {
+        self.fetch.borrow().clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
+    /// Uses `tls` from now on: new connections present it, and downloads
+    /// get a channel that does.
+    pub fn replace(&self, tls: baton_common::tls::ClientTls) {
+        let url = self
+            .url
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Ok(e) = endpoint(&url, &tls) {
+            self.fetch.send_replace(e.connect_lazy());
+        }
+        let mut slot = self
+            .tls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = (slot.0 + 1, tls);
+    }
 }
 
 /// The header in which a following coordinator names the leader.
 const LEADER_HEADER: &str = "baton-leader";
 
-fn endpoint(url: &str, config: &AgentConfig) -> Result<Endpoint, String> {
+fn endpoint(url: &str, tls: &baton_common::tls::ClientTls) -> Result<Endpoint, String> {
     Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("coordinator URL {url:?} is invalid: {}", chain(&e)))?
-        .tls_config(config.tls.to_tonic())
+        .tls_config(tls.to_tonic())
         .map_err(|e| format!("cannot set up TLS: {}", chain(&e)))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
@@ -106,24 +160,34 @@ impl Link {
         let endpoints = config
             .coordinators
             .iter()
-            .map(|url| Ok((url.clone(), endpoint(url, &config)?)))
+            .map(|url| Ok((url.clone(), endpoint(url, &config.tls)?)))
             .collect::<Result<Vec<_>, String>>()?;
         let (fetch_url, first) = endpoints.first().cloned().ok_or("no coordinator URL")?;
+        let creds = Credentials {
+            tls: Arc::new(std::sync::RwLock::new((0, config.tls.clone()))),
+            fetch: Arc::new(tokio::sync::watch::channel(first.connect_lazy()).0),
+            url: Arc::new(std::sync::Mutex::new(fetch_url)),
+        };
         Ok(Self {
             config,
             endpoints,
             next: 0,
             version,
             connected: tokio::sync::watch::channel(false).0,
-            fetch: tokio::sync::watch::channel(first.connect_lazy()).0,
-            fetch_url,
+            creds,
+            built_for: 0,
         })
     }
 
     /// A lazily connected channel for other services (artifact downloads)
     /// to the coordinator of the current session; it reconnects by itself.
     pub fn channel(&self) -> tokio::sync::watch::Receiver<Channel> {
-        self.fetch.subscribe()
+        self.creds.fetch.subscribe()
+    }
+
+    /// The identity the link presents, for renewing it.
+    pub fn credentials(&self) -> Credentials {
+        self.creds.clone()
     }
 
     /// Makes `url` the next coordinator to try.
@@ -134,7 +198,7 @@ impl Link {
         }
         match self.endpoints.iter().position(|(u, _)| u == url) {
             Some(i) => self.next = i,
-            None => match endpoint(url, &self.config) {
+            None => match endpoint(url, &self.creds.current()) {
                 Ok(e) => {
                     self.endpoints.push((url.to_owned(), e));
                     self.next = self.endpoints.len() - 1;
@@ -212,6 +276,17 @@ impl Link {
         backoff: &mut Backoff,
         executor: &Executor,
     ) -> Result<Ended, SessionError> {
+        // A renewed certificate: every endpoint presents the new one.
+        let generation = self.creds.generation();
+        if generation != self.built_for {
+            let tls = self.creds.current();
+            for (url, e) in &mut self.endpoints {
+                if let Ok(fresh) = endpoint(url, &tls) {
+                    *e = fresh;
+                }
+            }
+            self.built_for = generation;
+        }
         // Subscribed before the hello, so nothing between the two is missed.
         let mut updates = executor.updates();
         let mut inventory = executor.inventory();
@@ -279,10 +354,17 @@ impl Link {
         );
         backoff.reset();
         self.connected.send_replace(true);
-        let (url, endpoint) = &self.endpoints[self.next];
-        if *url != self.fetch_url {
-            self.fetch_url.clone_from(url);
-            self.fetch.send_replace(endpoint.connect_lazy());
+        {
+            let (url, endpoint) = &self.endpoints[self.next];
+            let mut current = self
+                .creds
+                .url
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *current != *url {
+                current.clone_from(url);
+                self.creds.fetch.send_replace(endpoint.connect_lazy());
+            }
         }
 
         let mut heartbeat =

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod enroll;
 pub mod executor;
 pub mod health;
 pub mod journal;
@@ -22,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 /// A configured agent, ready to run.
 pub struct Agent {
     link: connection::Link,
+    tls_dir: Option<std::path::PathBuf>,
+    host_id: baton_common::host::HostId,
     executor: executor::Executor,
     shutdown: CancellationToken,
 }
@@ -73,6 +76,8 @@ impl Agent {
             shutdown.clone(),
         )?;
         Ok(Self {
+            tls_dir: config.tls_dir.clone(),
+            host_id: config.host_id.clone(),
             link,
             executor,
             shutdown,
@@ -86,6 +91,14 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         self.executor.recover().await;
         self.executor.confirm_upgrade(self.link.connected());
+        if let Some(dir) = self.tls_dir.clone() {
+            tokio::spawn(enroll::renew_forever(
+                dir,
+                self.host_id.clone(),
+                self.link.credentials(),
+                shutdown.clone(),
+            ));
+        }
         let notify = baton_common::sdnotify::lifecycle(
             "running; connecting to the coordinator".to_owned(),
             shutdown.clone(),

@@ -28,6 +28,12 @@ fn main() -> ExitCode {
     // Inside the runtime: the agent's lazily connected download channel
     // registers with it.
     let agent = match runtime.block_on(async {
+        // A new host: get a certificate with the one-time token first.
+        if let Some(target) = AgentConfig::enrollment(&args).map_err(|e| e.0)? {
+            baton_agent::enroll::enroll(&target)
+                .await
+                .map_err(|e| vec![e])?;
+        }
         let config = AgentConfig::resolve(args).map_err(|e| e.0)?;
         // Before anything else: settle an upgrade of this agent, or run
         // the release the host is on.

@@ -234,6 +234,61 @@ fn issue(
     Ok(())
 }
 
+/// A new agent key and a request to certify it: `(key PEM, CSR PEM)`. The
+/// request carries no identity: the CA that signs it decides that.
+pub fn agent_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(gen_err("an agent key"))?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(gen_err("a certificate request"))?;
+    let pem = csr.pem().map_err(gen_err("a certificate request"))?;
+    Ok((key.serialize_pem(), pem))
+}
+
+/// The fleet CA, able to sign (its key is at hand).
+pub struct Ca(Issuer<'static, KeyPair>);
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca")
+    }
+}
+
+impl Ca {
+    /// The CA in `dir` when `ca-key.pem` is there; `None` otherwise.
+    pub fn load(dir: &Path) -> Result<Option<Self>, PkiError> {
+        if !dir.join("ca-key.pem").exists() {
+            return Ok(None);
+        }
+        read_ca_issuer(dir).map(|i| Some(Self(i)))
+    }
+
+    /// Signs `csr_pem` as the agent certificate of `host`, valid for
+    /// `lifetime`. Only the public key is taken from the request: the
+    /// identity, usages and validity are the CA's choice.
+    pub fn sign_agent(
+        &self,
+        csr_pem: &str,
+        host: &HostId,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(gen_err("the certificate request"))?;
+        let mut params = leaf_params(&Leaf::Agent(host))?;
+        // Slack for clocks a little behind, small against the lifetime
+        // (agents renew at two thirds of not_before..not_after).
+        let now = time::OffsetDateTime::now_utc();
+        let slack = (lifetime / 6).min(Duration::from_secs(3600));
+        params.not_before = now - slack;
+        params.not_after = now + lifetime;
+        csr.params = params;
+        Ok(csr
+            .signed_by(&self.0)
+            .map_err(gen_err(host.as_str()))?
+            .pem())
+    }
+}
+
 /// Issues an operator certificate `NAME.pem`/`NAME-key.pem` with `role`,
 /// signed by the CA in `dir` (which must hold `ca.pem` and `ca-key.pem`).
 /// Never replaces a file. Returns the two paths.

@@ -148,7 +148,10 @@ impl ServerTls {
                 &self.identity.key_pem,
             ))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(false)
+            // Optional at the TLS layer only so that a new host can enroll
+            // (the token is its credential): every other service refuses
+            // a connection without a certificate in its interceptor.
+            .client_auth_optional(true)
             // A client that connects and never finishes the handshake
             // holds nothing for long.
             .timeout(TLS_HANDSHAKE_TIMEOUT)
@@ -276,6 +279,21 @@ pub enum IdentityError {
     /// The identity is there but malformed.
     #[error("the certificate's Baton identity is invalid: {0}")]
     Invalid(String),
+}
+
+/// The validity of the first certificate in `cert_pem`: (not before, not
+/// after).
+pub fn cert_validity(cert_pem: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        Some(
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(t.timestamp()).ok()?),
+        )
+    };
+    let v = cert.validity();
+    Some((at(v.not_before)?, at(v.not_after)?))
 }
 
 /// Reads the Baton identity from a DER certificate.

@@ -33,6 +33,7 @@ pub const TABLE: &[(&str, Role)] = &[
     ("StartRollout", Role::Operator),
     ("ControlRollout", Role::Operator),
     ("ListAudit", Role::Admin),
+    ("CreateEnrollment", Role::Admin),
 ];
 
 /// The role `method` (the RPC's name) needs; `None`: nobody may call it.

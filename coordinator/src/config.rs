@@ -72,6 +72,11 @@ pub struct BatondArgs {
     #[arg(long, value_name = "URL")]
     pub advertise_url: Option<String>,
 
+    /// How long the agent certificates this coordinator signs (enrollment,
+    /// renewal) are valid; agents renew at two thirds [default: 30days].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub agent_cert_lifetime: Option<Duration>,
+
     /// With an etcd store: the leader's lease. A leader that cannot renew
     /// it for this long stops leading, and another takes over
     /// [default: 10s].
@@ -95,6 +100,8 @@ struct FileConfig {
     advertise_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
     lease_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    agent_cert_lifetime: Option<Duration>,
 }
 
 /// A complete, checked configuration.
@@ -119,7 +126,12 @@ pub struct Config {
     pub advertise_url: Option<String>,
     /// The leader's lease with an etcd store.
     pub lease_ttl: Duration,
+    /// Validity of the agent certificates this coordinator signs.
+    pub agent_cert_lifetime: Duration,
 }
+
+/// The default validity of agent certificates the coordinator signs.
+pub const DEFAULT_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The default leader lease with an etcd store.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
@@ -175,6 +187,7 @@ impl Config {
             store: StoreConfig::Embedded,
             advertise_url: None,
             lease_ttl: DEFAULT_LEASE_TTL,
+            agent_cert_lifetime: DEFAULT_AGENT_CERT_LIFETIME,
         }
     }
 
@@ -269,6 +282,14 @@ impl Config {
             ));
         }
 
+        let agent_cert_lifetime = args
+            .agent_cert_lifetime
+            .or(file.agent_cert_lifetime)
+            .unwrap_or(DEFAULT_AGENT_CERT_LIFETIME);
+        if agent_cert_lifetime < Duration::from_secs(5) {
+            errors.push("agent-cert-lifetime must be at least 5s".to_owned());
+        }
+
         if errors.is_empty() {
             Ok(Self {
                 listen,
@@ -280,6 +301,7 @@ impl Config {
                 store,
                 advertise_url,
                 lease_ttl,
+                agent_cert_lifetime,
             })
         } else {
             Err(ConfigErrors(errors))

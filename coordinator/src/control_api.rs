@@ -36,6 +36,7 @@ pub struct ControlApi {
     artifacts: Artifacts,
     rollouts: Rollouts,
     audit: crate::audit::Audit,
+    enrollment: crate::enroll::Enrollment,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -48,6 +49,7 @@ impl ControlApi {
         artifacts: Artifacts,
         rollouts: Rollouts,
         audit: crate::audit::Audit,
+        enrollment: crate::enroll::Enrollment,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -56,6 +58,7 @@ impl ControlApi {
             artifacts,
             rollouts,
             audit,
+            enrollment,
             shutdown,
             tasks,
         }
@@ -295,6 +298,34 @@ impl ControlService for ControlApi {
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(Rollout::from(&r)))
+    }
+
+    async fn create_enrollment(
+        &self,
+        request: Request<baton_proto::control::v1::CreateEnrollmentRequest>,
+    ) -> Result<Response<baton_proto::control::v1::CreateEnrollmentResponse>, Status> {
+        let by = match request
+            .extensions()
+            .get::<baton_common::tls::PeerIdentity>()
+        {
+            Some(p) => p.to_string(),
+            None => "an unidentified caller".to_owned(),
+        };
+        let req = request.into_inner();
+        let host = HostId::try_from(req.host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        let ttl = req
+            .ttl
+            .as_ref()
+            .and_then(baton_common::time::from_duration)
+            .ok_or_else(|| Status::invalid_argument("ttl is required"))?;
+        let (token, expires) = self.enrollment.create(&host, ttl, &by).await?;
+        Ok(Response::new(
+            baton_proto::control::v1::CreateEnrollmentResponse {
+                token,
+                expires_at: Some(baton_common::time::to_timestamp(expires)),
+            },
+        ))
     }
 
     async fn list_audit(

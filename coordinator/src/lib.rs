@@ -16,6 +16,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod control_api;
+pub mod enroll;
 pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;

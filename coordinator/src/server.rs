@@ -328,6 +328,22 @@ impl Coordinator {
             auth::require_agent,
         );
         let audit = crate::audit::Audit::new(store.clone());
+        let ca = baton_common::pki::Ca::load(&self.config.tls_dir)
+            .map_err(|e| ServeError::Artifacts(format!("cannot read the fleet CA: {e}")))?;
+        if ca.is_none() {
+            info!("no ca-key.pem in the TLS directory: enrollment and certificate renewal are off");
+        }
+        let enrollment = crate::enroll::Enrollment::new(
+            store.clone(),
+            ca,
+            self.config.agent_cert_lifetime,
+            audit.clone(),
+        );
+        let enroll_api =
+            baton_proto::agent::v1::enrollment_service_server::EnrollmentServiceServer::new(
+                crate::enroll::EnrollmentApi(enrollment.clone()),
+            )
+            .max_decoding_message_size(MAX_FETCH_REQUEST);
         // The interceptor admits operator certificates (and leaves the
         // identity for the role check inside it).
         let control = InterceptedService::new(
@@ -337,6 +353,7 @@ impl Coordinator {
                     artifacts.clone(),
                     rollouts,
                     audit.clone(),
+                    enrollment,
                     shutdown.clone(),
                     tasks.clone(),
                 ))
@@ -371,6 +388,7 @@ impl Coordinator {
             .add_service(agents)
             .add_service(control)
             .add_service(artifact_api)
+            .add_service(enroll_api)
             .serve_with_incoming_shutdown(incoming(listener, shutdown.clone()), {
                 let shutdown = shutdown.clone();
                 let health = health.clone();

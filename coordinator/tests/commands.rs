@@ -42,6 +42,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
     let config = AgentConfig {
         coordinators: vec![url],
         tls: ClientTls::load(&tls, "agent-h1").unwrap(),
+        tls_dir: None,
         host_id: h1.clone(),
         data_dir: dir.path().join("agent"),
         labels: Default::default(),

@@ -6,6 +6,7 @@
 mod config;
 mod crash;
 mod demo;
+mod enroll;
 #[cfg(feature = "etcd")]
 mod etcd;
 mod fleet;

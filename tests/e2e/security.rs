@@ -239,3 +239,62 @@ fn a_service_runs_as_its_own_user_and_cannot_change_its_release() {
     let journal = std::fs::metadata(fleet.data_dir("h1").join("commands")).unwrap();
     assert_eq!(journal.mode() & 0o777, 0o700);
 }
+
+/// Without a client certificate a connection gets through TLS (a new host
+/// must reach enrollment), and then only enrollment answers: every other
+/// service says a certificate is required.
+#[test]
+fn without_a_certificate_only_enrollment_answers() {
+    use baton_proto::agent::v1 as agent;
+    use baton_proto::control::v1 as control;
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let ca = std::fs::read(env.tls().join("ca.pem")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(batond.url())
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let err = control::control_service_client::ControlServiceClient::new(channel.clone())
+            .list_hosts(control::ListHostsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        assert!(
+            err.message().contains("a client certificate is required"),
+            "{err}"
+        );
+        let err = agent::artifact_service_client::ArtifactServiceClient::new(channel.clone())
+            .fetch(agent::FetchRequest {
+                digest: format!("sha256:{}", "0".repeat(64)),
+                offset: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+        let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel.clone())
+            .renew(agent::RenewRequest {
+                csr_pem: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
+            .enroll(agent::EnrollRequest {
+                token: "bt1-guess".into(),
+                host_id: "h1".into(),
+                csr_pem: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.message().contains("unknown enrollment token"), "{err}");
+    });
+}

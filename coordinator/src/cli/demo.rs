@@ -256,6 +256,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         let config = AgentConfig {
             coordinators: vec![url.clone()],
             tls: ClientTls::load(&tls_dir, &format!("agent-{host_id}"))?,
+            tls_dir: None,
             host_id,
             data_dir,
             labels: [

@@ -8,6 +8,7 @@ mod audit;
 mod certs;
 mod demo;
 mod demo_service;
+mod enroll;
 mod hosts;
 pub mod rollout;
 
@@ -85,6 +86,9 @@ pub enum Command {
     /// The audit log: every change and every refused call, newest first
     /// (needs an admin certificate).
     Audit(audit::AuditArgs),
+    /// Enroll new hosts with one-time tokens (needs an admin certificate).
+    #[command(subcommand)]
+    Enroll(enroll::EnrollCommand),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
     Demo(demo::DemoArgs),
@@ -134,6 +138,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Audit(ref args) => audit::run(&cli, args).await,
+        Command::Enroll(ref cmd) => enroll::run(&cli, cmd).await,
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo_service::run(args).await,
     }

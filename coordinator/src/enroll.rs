@@ -1,0 +1,271 @@
+//! Enrollment: one-time tokens with which new hosts get their first
+//! certificate (`baton enroll create`, `baton-agent --enroll-token`), and
+//! renewals before certificates expire. The coordinator signs with the
+//! fleet CA's key (`ca-key.pem` in its TLS directory); the identity in a
+//! certificate is always the coordinator's choice, never the request's.
+//!
+//! Tokens are stored by their SHA-256 (`enroll/<hex>`), never in clear;
+//! a use is a transaction that marks the token used and records the host
+//! as enrolled (`enrolled/<host>`) together, so a token works once and a
+//! host id cannot be taken over.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_common::host::HostId;
+use baton_common::pki::Ca;
+use baton_common::time::{from_unix_millis, rfc3339, to_timestamp, unix_millis};
+use baton_common::tls::{PeerIdentity, identity_from_der};
+use baton_proto::agent::v1::{
+    Certificate, EnrollRequest, RenewRequest, enrollment_service_server::EnrollmentService,
+};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::audit::Audit;
+use crate::store::{Compare, Op, Store, Txn};
+
+/// The longest a token may be good for.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Token {
+    host_id: String,
+    /// Unix milliseconds.
+    expires: u64,
+    used: bool,
+    created_by: String,
+}
+
+fn token_key(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    format!("enroll/{}", crate::artifacts::hex(digest.as_ref()))
+}
+
+fn enrolled_key(host: &HostId) -> String {
+    format!("enrolled/{host}")
+}
+
+/// Issues tokens and certificates.
+#[derive(Clone)]
+pub struct Enrollment {
+    store: Arc<dyn Store>,
+    ca: Option<Arc<Ca>>,
+    lifetime: Duration,
+    audit: Audit,
+}
+
+impl Enrollment {
+    /// Signs with `ca` (enrollment is off without one), certificates valid
+    /// for `lifetime`.
+    pub fn new(store: Arc<dyn Store>, ca: Option<Ca>, lifetime: Duration, audit: Audit) -> Self {
+        Self {
+            store,
+            ca: ca.map(Arc::new),
+            lifetime,
+            audit,
+        }
+    }
+
+    fn ca(&self) -> Result<&Ca, Status> {
+        self.ca.as_deref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator cannot sign certificates: put the fleet CA's key (ca-key.pem) in its TLS directory",
+            )
+        })
+    }
+
+    async fn enrolled(&self, host: &HostId) -> Result<bool, Status> {
+        let store = |e: crate::store::StoreError| Status::internal(e.to_string());
+        Ok(self
+            .store
+            .get(&enrolled_key(host))
+            .await
+            .map_err(store)?
+            .is_some()
+            || self
+                .store
+                .get(&format!("hosts/{host}"))
+                .await
+                .map_err(store)?
+                .is_some())
+    }
+
+    /// A token for `host`, good for `ttl`.
+    pub async fn create(
+        &self,
+        host: &HostId,
+        ttl: Duration,
+        by: &str,
+    ) -> Result<(String, SystemTime), Status> {
+        self.ca()?;
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl {} is out of range: between 1s and 24h",
+                humantime::format_duration(ttl)
+            )));
+        }
+        if self.enrolled(host).await? {
+            return Err(Status::failed_precondition(format!(
+                "host {host} is already enrolled; a host id cannot be taken over"
+            )));
+        }
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| Status::internal("no randomness for a token"))?;
+        let token = format!("bt1-{}", crate::artifacts::hex(&secret));
+        let expires = SystemTime::now() + ttl;
+        let record = Token {
+            host_id: host.to_string(),
+            expires: unix_millis(expires),
+            used: false,
+            created_by: by.to_owned(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
+        self.store
+            .put(&token_key(&token), value)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        info!(%host, expires = %rfc3339(expires), %by, "enrollment token created");
+        Ok((token, expires))
+    }
+
+    /// Spends `token` on a certificate for `host_id`.
+    async fn enroll(&self, req: &EnrollRequest) -> Result<Certificate, Status> {
+        let ca = self.ca()?;
+        let host = HostId::try_from(req.host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        let key = token_key(&req.token);
+        let raw = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::permission_denied("unknown enrollment token"))?;
+        let token: Token =
+            serde_json::from_slice(&raw).map_err(|e| Status::internal(e.to_string()))?;
+        if token.used {
+            return Err(Status::permission_denied(
+                "this enrollment token was already used",
+            ));
+        }
+        if from_unix_millis(token.expires) <= SystemTime::now() {
+            return Err(Status::permission_denied(format!(
+                "this enrollment token expired at {}",
+                rfc3339(from_unix_millis(token.expires))
+            )));
+        }
+        if token.host_id != host.as_str() {
+            return Err(Status::permission_denied(format!(
+                "this enrollment token is for host {}, not {host}",
+                token.host_id
+            )));
+        }
+        if self.enrolled(&host).await? {
+            return Err(Status::permission_denied(format!(
+                "host {host} is already enrolled; a host id cannot be taken over"
+            )));
+        }
+        let cert = self.sign(ca, &req.csr_pem, &host)?;
+        let used = serde_json::to_vec(&Token {
+            used: true,
+            ..token
+        })
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let claimed = self
+            .store
+            .txn(Txn {
+                compares: vec![
+                    Compare::Equals(key.clone(), raw),
+                    Compare::Absent(enrolled_key(&host)),
+                ],
+                ops: vec![
+                    Op::Put(key, used),
+                    Op::Put(enrolled_key(&host), rfc3339(SystemTime::now()).into_bytes()),
+                ],
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if !claimed {
+            return Err(Status::permission_denied(
+                "this enrollment token was used at the same moment by another request",
+            ));
+        }
+        info!(%host, "host enrolled");
+        Ok(cert)
+    }
+
+    fn sign(&self, ca: &Ca, csr: &str, host: &HostId) -> Result<Certificate, Status> {
+        let cert_pem = ca
+            .sign_agent(csr, host, self.lifetime)
+            .map_err(|e| Status::invalid_argument(format!("cannot sign the request: {e}")))?;
+        Ok(Certificate {
+            cert_pem,
+            not_after: Some(to_timestamp(SystemTime::now() + self.lifetime)),
+        })
+    }
+}
+
+/// `baton.agent.v1.EnrollmentService`.
+pub struct EnrollmentApi(pub Enrollment);
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentApi {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<Certificate>, Status> {
+        let from = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
+        let req = request.into_inner();
+        let who = format!("an enrollment for {:?} from {from}", req.host_id);
+        let result = self.0.enroll(&req).await;
+        let (outcome, error) = match &result {
+            Ok(_) => ("ok", String::new()),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                ("denied", s.message().to_owned())
+            }
+            Err(s) => ("failed", s.message().to_owned()),
+        };
+        if let Err(s) = &result {
+            warn!(%who, reason = %s.message(), "refused an enrollment");
+        }
+        self.0
+            .audit
+            .record(&who, "", "Enroll", outcome, &error)
+            .await;
+        result.map(Response::new)
+    }
+
+    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<Certificate>, Status> {
+        let peer = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| identity_from_der(c.as_ref())));
+        let host = match peer {
+            Some(Ok(PeerIdentity::Agent(host))) => host,
+            _ => {
+                return Err(Status::permission_denied(
+                    "only an agent may renew, and only its own certificate",
+                ));
+            }
+        };
+        let ca = self.0.ca()?;
+        let result = self.0.sign(ca, &request.into_inner().csr_pem, &host);
+        let error = result
+            .as_ref()
+            .err()
+            .map(|s| s.message().to_owned())
+            .unwrap_or_default();
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.0
+            .audit
+            .record(&format!("agent {host}"), "", "Renew", outcome, &error)
+            .await;
+        if result.is_ok() {
+            info!(%host, "agent certificate renewed");
+        }
+        result.map(Response::new)
+    }
+}
