@@ -9,7 +9,7 @@ use tonic::{Request, Status};
 use tracing::warn;
 
 /// Reads the caller's identity from its client certificate.
-fn identify(req: &Request<()>) -> Result<PeerIdentity, Status> {
+pub(crate) fn identify(req: &Request<()>) -> Result<PeerIdentity, Status> {
     let certs = req
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;

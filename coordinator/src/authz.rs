@@ -4,9 +4,9 @@
 //! that change something — anything above `viewer` — are written to the
 //! [`Audit`] log, allowed or refused.
 //!
-//! [`Authorized`] wraps the generated service, inside the interceptor that
-//! admits operator certificates only (which leaves the caller's
-//! [`PeerIdentity`] in the request's extensions).
+//! [`Authorized`] wraps the generated service and the interceptor that
+//! admits operator certificates only, so that a refused caller of any kind
+//! (no certificate, an agent's) is audited too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -89,11 +89,13 @@ impl<S: NamedService> NamedService for Authorized<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
-impl<S, B> Service<http::Request<B>> for Authorized<S>
+impl<S, B, RB> Service<http::Request<B>> for Authorized<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    RB: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -111,22 +113,38 @@ where
             .next()
             .unwrap_or_default()
             .to_owned();
-        let (who, role) = caller(req.extensions().get::<PeerIdentity>());
+        let probe = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::new(),
+            req.extensions().clone(),
+            (),
+        );
+        let peer = crate::auth::identify(&probe);
+        let (who, role) = caller(peer.as_ref().ok());
         // Unknown calls count as changes: refusing them is worth a record.
         let changes = required(&method).is_none_or(|r| r > Role::Viewer);
         let audit = self.audit.clone();
-        if let Err(why) = decide(&method, &role) {
+        let refusal = match &peer {
+            Err(status) => Some(status.clone()),
+            Ok(PeerIdentity::Operator { .. }) => decide(&method, &role)
+                .err()
+                .map(tonic::Status::permission_denied),
+            Ok(other) => Some(tonic::Status::permission_denied(format!(
+                "{other} may not call the Control API: only operator certificates may"
+            ))),
+        };
+        if let Some(status) = refusal {
+            let why = status.message().to_owned();
             warn!(%who, %role, %method, reason = %why, "refused a Control API call");
             return Box::pin(async move {
                 if changes {
                     audit.record(&who, &role, &method, "denied", &why).await;
                 }
-                Ok(tonic::Status::permission_denied(why).into_http())
+                Ok(status.into_http())
             });
         }
         let call = self.inner.call(req);
         Box::pin(async move {
-            let response = call.await?;
+            let response = call.await?.map(tonic::body::Body::new);
             if changes {
                 // A failure before any response is a trailers-only answer:
                 // its status is in the headers.

@@ -344,10 +344,10 @@ impl Coordinator {
                 crate::enroll::EnrollmentApi(enrollment.clone()),
             )
             .max_decoding_message_size(MAX_FETCH_REQUEST);
-        // The interceptor admits operator certificates (and leaves the
-        // identity for the role check inside it).
-        let control = InterceptedService::new(
-            crate::authz::Authorized::new(
+        // Roles and the audit log around everything, so that callers the
+        // operator-only interceptor would refuse are audited too.
+        let control = crate::authz::Authorized::new(
+            InterceptedService::new(
                 ControlServiceServer::new(ControlApi::new(
                     fleet.clone(),
                     artifacts.clone(),
@@ -359,9 +359,9 @@ impl Coordinator {
                 ))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-                audit,
+                auth::require_operator,
             ),
-            auth::require_operator,
+            audit,
         );
         let artifact_api = InterceptedService::new(
             ArtifactServiceServer::new(ArtifactApi::new(

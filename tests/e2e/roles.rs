@@ -95,7 +95,7 @@ async fn channel(env: &TestEnv, url: &str, name: &str) -> Channel {
 
 #[test]
 fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_audited() {
-    let env = TestEnv::new(&[]);
+    let env = TestEnv::new(&["h1"]);
     let batond = Batond::start(&env, "batond", &[]);
     let url = batond.url();
     for role in Role::ALL {
@@ -124,6 +124,13 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
                 );
             }
         }
+        // An agent's certificate is no operator's, and the attempt is
+        // audited like any other.
+        let agent = channel(&env, &url, "agent-h1").await;
+        assert_eq!(
+            call(agent, "StartRollout", false, false).await,
+            Code::PermissionDenied
+        );
         // The admin reads the audit log: refused and allowed changes, not
         // reads.
         let admin = channel(&env, &url, "admin1").await;
@@ -143,6 +150,7 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
             has("operator viewer1", "StartRollout", "denied"),
             "{log:#?}"
         );
+        assert!(has("agent h1", "StartRollout", "denied"), "{log:#?}");
         assert!(
             has("operator viewer1", "PushArtifact", "denied"),
             "{log:#?}"
@@ -154,7 +162,10 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
             "{log:#?}"
         );
         assert!(log.iter().all(|e| e.action != "ListHosts"), "{log:#?}");
-        assert!(log.iter().all(|e| e.at.is_some() && !e.role.is_empty()));
+        assert!(
+            log.iter()
+                .all(|e| e.at.is_some() && (e.who.starts_with("agent ") || !e.role.is_empty()))
+        );
     });
 
     // The CLI with --cert/--key: a viewer is told why it may not.
