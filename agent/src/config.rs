@@ -152,6 +152,14 @@ impl AgentConfig {
     pub fn enrollment(
         args: &AgentArgs,
     ) -> Result<Option<crate::enroll::EnrollTarget>, ConfigErrors> {
+        // A renewal a crash interrupted is finished first.
+        if let (Some(dir), Some(host)) = (&args.tls_dir, &args.host_id)
+            && let Ok(host) = HostId::try_from(host.as_str())
+        {
+            crate::enroll::finish_renewal(dir, &host).map_err(|e| {
+                ConfigErrors(vec![format!("cannot finish a certificate renewal: {e}")])
+            })?;
+        }
         let Some(token) = args.enroll_token.clone() else {
             return Ok(None);
         };

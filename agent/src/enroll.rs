@@ -42,6 +42,30 @@ fn paths(dir: &Path, host: &HostId) -> (PathBuf, PathBuf) {
     )
 }
 
+fn pending(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Completes a renewal a crash interrupted between its two renames (the
+/// new certificate waits beside the new key): run before the TLS files
+/// are read.
+pub fn finish_renewal(tls_dir: &Path, host: &HostId) -> std::io::Result<()> {
+    let (cert_path, key_path) = paths(tls_dir, host);
+    let (cert_new, key_new) = (pending(&cert_path), pending(&key_path));
+    if !cert_new.exists() {
+        let _ = std::fs::remove_file(&key_new);
+        return Ok(());
+    }
+    if key_new.exists() {
+        std::fs::rename(&key_new, &key_path)?;
+    }
+    std::fs::rename(&cert_new, &cert_path)?;
+    info!("finished a certificate renewal interrupted by a restart");
+    Ok(())
+}
+
 /// Writes `contents` to `path` atomically, with `mode`.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -61,7 +85,20 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> 
 /// directory.
 pub async fn enroll(target: &EnrollTarget) -> Result<(), String> {
     let ca = read_ca(&target.tls_dir.join("ca.pem")).map_err(|e| e.to_string())?;
-    let (key_pem, csr_pem) = baton_common::pki::agent_csr().map_err(|e| e.to_string())?;
+    // The key is kept before asking: a retry after a lost answer (or a
+    // crash) asks again for the same key, which the coordinator answers
+    // with the same certificate.
+    let (cert_path, key_path) = paths(&target.tls_dir, &target.host_id);
+    let key_pem = match std::fs::read_to_string(&key_path) {
+        Ok(pem) => pem,
+        Err(_) => {
+            let (pem, _) = baton_common::pki::agent_csr().map_err(|e| e.to_string())?;
+            write_atomic(&key_path, pem.as_bytes(), 0o600)
+                .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+            pem
+        }
+    };
+    let csr_pem = baton_common::pki::csr_for(&key_pem).map_err(|e| e.to_string())?;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
     let mut urls: Vec<String> = target.coordinators.clone();
     let mut last = String::from("no coordinator URL");
@@ -95,11 +132,7 @@ pub async fn enroll(target: &EnrollTarget) -> Result<(), String> {
             .await;
         match answer {
             Ok(cert) => {
-                let (cert_path, key_path) = paths(&target.tls_dir, &target.host_id);
-                write_atomic(&key_path, key_pem.as_bytes(), 0o600)
-                    .and_then(|()| {
-                        write_atomic(&cert_path, cert.into_inner().cert_pem.as_bytes(), 0o644)
-                    })
+                write_atomic(&cert_path, cert.into_inner().cert_pem.as_bytes(), 0o644)
                     .map_err(|e| format!("cannot write the certificate: {e}"))?;
                 info!(host = %target.host_id, coordinator = %url, "enrolled");
                 return Ok(());
@@ -172,8 +205,13 @@ async fn renew(tls_dir: &Path, host: &HostId, creds: &Credentials) -> Result<Sys
         .map_err(|s| s.message().to_owned())?
         .into_inner();
     let (cert_path, key_path) = paths(tls_dir, host);
-    write_atomic(&key_path, key_pem.as_bytes(), 0o600)
-        .and_then(|()| write_atomic(&cert_path, cert.cert_pem.as_bytes(), 0o644))
+    // Both new files first, then the key, then the certificate: a crash
+    // between the two renames is finished by `finish_renewal` at start.
+    let (cert_new, key_new) = (pending(&cert_path), pending(&key_path));
+    write_atomic(&key_new, key_pem.as_bytes(), 0o600)
+        .and_then(|()| write_atomic(&cert_new, cert.cert_pem.as_bytes(), 0o644))
+        .and_then(|()| std::fs::rename(&key_new, &key_path))
+        .and_then(|()| std::fs::rename(&cert_new, &cert_path))
         .map_err(|e| format!("cannot write the certificate: {e}"))?;
     let identity = read_keyed_cert(&cert_path, &key_path).map_err(|e| e.to_string())?;
     let until =

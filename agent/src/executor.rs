@@ -1116,14 +1116,23 @@ impl Executor {
                 set(&dir, 0o700)?;
             }
         }
-        let service = self.inner.releases.service_dir(name);
-        for dir in [
-            data.clone(),
-            data.join("services"),
-            service.clone(),
-            service.join("releases"),
-        ] {
+        // Traversable down to the services; every other service's
+        // directory closed (0700, or its own group's 0710); this one's open
+        // to its group only.
+        for dir in [data.clone(), data.join("services")] {
             set(&dir, 0o711)?;
+        }
+        let service = self.inner.releases.service_dir(name);
+        for entry in std::fs::read_dir(data.join("services"))? {
+            let other = entry?.path();
+            let meta = std::fs::symlink_metadata(&other)?;
+            if other != service && meta.is_dir() && meta.mode() & 0o007 != 0 {
+                set(&other, 0o700)?;
+            }
+        }
+        for dir in [service.clone(), service.join("releases")] {
+            std::os::unix::fs::lchown(&dir, None, Some(r.gid))?;
+            set(&dir, 0o710)?;
         }
         let mut stack = vec![release_dir.to_owned()];
         while let Some(path) = stack.pop() {
@@ -1441,12 +1450,18 @@ pub async fn download(
         // downloads from the new leader.
         let mut client = client();
         let result: Result<(), tonic::Status> = async {
-            let mut stream = client
-                .fetch(pb::FetchRequest {
-                    digest: digest.clone(),
-                    offset,
-                })
-                .await?
+            let answer = client.fetch(pb::FetchRequest {
+                digest: digest.clone(),
+                offset,
+            });
+            let mut stream = tokio::time::timeout(FETCH_WINDOW, answer)
+                .await
+                .map_err(|_| {
+                    tonic::Status::deadline_exceeded(format!(
+                        "no answer for {}s",
+                        FETCH_WINDOW.as_secs()
+                    ))
+                })??
                 .into_inner();
             let mut window = (Instant::now(), offset);
             loop {
@@ -1476,7 +1491,8 @@ pub async fn download(
                 offset += chunk.data.len() as u64;
                 progress(offset);
                 if window.0.elapsed() >= FETCH_WINDOW {
-                    let rate = (offset - window.1) / FETCH_WINDOW.as_secs();
+                    let secs = window.0.elapsed().as_secs().max(1);
+                    let rate = (offset - window.1) / secs;
                     if rate < MIN_FETCH_RATE {
                         return Err(tonic::Status::deadline_exceeded(format!(
                             "the download ran at {rate} bytes/s, below {MIN_FETCH_RATE}"
@@ -1533,13 +1549,13 @@ pub async fn download(
     Ok(())
 }
 
-/// Cancels every activation of the slot, running or queued.
 fn downgrade_refused(name: &str, current: &str, version: &str) -> String {
     format!(
         "refusing to downgrade {name} from {current} to {version}: the plan must say allow_downgrade = true (and the host must still have {version})"
     )
 }
 
+/// Cancels every activation of the slot, running or queued.
 fn cancel_activations(slot: &Slot) {
     for (_, token) in lock(&slot.activations).drain(..) {
         token.cancel();
@@ -1587,6 +1603,7 @@ async fn run_hook(
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDNAMES")
+        .env_remove("BATON_ENROLL_TOKEN")
         .current_dir(release_dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

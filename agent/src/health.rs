@@ -269,6 +269,7 @@ async fn exec(
         r.apply(&mut cmd);
     }
     let mut child = cmd
+        .env_remove("BATON_ENROLL_TOKEN")
         .args(args)
         .current_dir(release_dir)
         .stdin(std::process::Stdio::null())

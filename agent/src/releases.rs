@@ -102,7 +102,10 @@ impl Releases {
     /// (same file system, so the final rename is atomic).
     pub fn staging_dir(&self, name: &str, version: &str) -> io::Result<PathBuf> {
         let releases = self.service_dir(name).join("releases");
-        std::fs::create_dir_all(&releases)?;
+        // Private: a service running as its own user is let into its own
+        // directory only (see `Executor::open_release_to`).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&releases)?;
         Ok(releases.join(format!(".staging-{version}-{:08x}", fastrand::u32(..))))
     }
 

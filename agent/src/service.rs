@@ -312,6 +312,12 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
         Some(text) => parse_duration("stop_timeout", text)?,
     };
     let run_as = run_as(raw.user.as_deref(), raw.group.as_deref(), vars)?;
+    if run_as.is_some() && raw.supervisor.as_deref() == Some("systemd") {
+        return Err(invalid(
+            "user",
+            "does not apply with supervisor = \"systemd\": set User= in the unit",
+        ));
+    }
     let health = raw
         .health
         .as_ref()

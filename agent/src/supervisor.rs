@@ -480,6 +480,8 @@ impl Context {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
+            // The agent's secrets are not the service's.
+            .env_remove("BATON_ENROLL_TOKEN")
             .envs(&self.spec.env)
             .env("BATON_SERVICE", &self.name)
             .env("BATON_VERSION", &self.version)

@@ -1506,7 +1506,9 @@ impl Unpacker<'_> {
         if mode & 0o2000 != 0 {
             return Err(refuse("it has the set-gid bit".to_owned()));
         }
-        let mode = mode & 0o777;
+        // Nobody but the owner (the agent) may ever change a release:
+        // group and world write bits are dropped.
+        let mode = mode & 0o755;
         let path = self.prepare_parents(&rel, &name)?;
         match kind {
             tar::EntryType::Directory => self.directory(&rel, &path, mode, &name),
@@ -2386,5 +2388,29 @@ mod tests {
         assert_eq!(mode, 0o555);
         // Let the temp dir clean up.
         fs::set_permissions(dest.join("ro"), Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn unpack_drops_group_and_world_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("dest");
+        let open_dir = Raw {
+            kind: tar::EntryType::Directory,
+            mode: 0o777,
+            data: b"",
+            ..file(b"open/")
+        };
+        let open_file = Raw {
+            mode: 0o666,
+            ..file(b"open/file")
+        };
+        unpack(
+            &payload(&[open_dir, open_file])[..],
+            &dest,
+            &UnpackLimits::default(),
+        )
+        .unwrap();
+        let mode = |p: &str| fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("open"), mode("open/file")), (0o755, 0o644));
     }
 }

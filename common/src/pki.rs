@@ -238,11 +238,26 @@ fn issue(
 /// request carries no identity: the CA that signs it decides that.
 pub fn agent_csr() -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(gen_err("an agent key"))?;
-    let csr = CertificateParams::default()
+    let key_pem = key.serialize_pem();
+    Ok((key_pem.clone(), csr_for(&key_pem)?))
+}
+
+/// A request to certify the key `key_pem` (PEM).
+pub fn csr_for(key_pem: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(gen_err("the agent key"))?;
+    CertificateParams::default()
         .serialize_request(&key)
-        .map_err(gen_err("a certificate request"))?;
-    let pem = csr.pem().map_err(gen_err("a certificate request"))?;
-    Ok((key.serialize_pem(), pem))
+        .and_then(|csr| csr.pem())
+        .map_err(gen_err("a certificate request"))
+}
+
+/// The public key a request asks to certify (DER), after checking its
+/// signature.
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rcgen::PublicKeyData;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(gen_err("the certificate request"))?;
+    Ok(csr.public_key.der_bytes().to_vec())
 }
 
 /// The fleet CA, able to sign (its key is at hand).

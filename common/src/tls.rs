@@ -296,6 +296,15 @@ pub fn cert_validity(cert_pem: &[u8]) -> Option<(std::time::SystemTime, std::tim
     Some((at(v.not_before)?, at(v.not_after)?))
 }
 
+/// Reads the Baton identity from the first certificate in `cert_pem`.
+pub fn identity_from_pem(cert_pem: &[u8]) -> Result<PeerIdentity, IdentityError> {
+    let der = CertificateDer::pem_slice_iter(cert_pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| IdentityError::Unparseable("no PEM certificate".into()))?;
+    identity_from_der(&der)
+}
+
 /// Reads the Baton identity from a DER certificate.
 pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)

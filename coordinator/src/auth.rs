@@ -1,7 +1,9 @@
-//! Who may call what. Every connection is mutual TLS with a client
-//! certificate from the fleet's CA (enforced by the TLS layer); these
-//! interceptors then read the Baton identity from the certificate and admit
-//! agents only to the agent stream and operators only to the Control API.
+//! Who may call what. Every connection is TLS against the fleet's CA; a
+//! client certificate, when presented, must be the CA's (the TLS layer
+//! checks), and is optional there only so that a new host can reach
+//! enrollment. These interceptors then require one, read its Baton
+//! identity, and admit agents only to the agent stream and operators only
+//! to the Control API.
 //! The identity is left in the request's extensions for the handlers.
 
 use baton_common::tls::{PeerIdentity, identity_from_der};

@@ -106,13 +106,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = req
+        let method: String = req
             .uri()
             .path()
             .rsplit('/')
             .next()
             .unwrap_or_default()
-            .to_owned();
+            .chars()
+            .take(64)
+            .collect();
         let probe = tonic::Request::from_parts(
             tonic::metadata::MetadataMap::new(),
             req.extensions().clone(),
@@ -121,7 +123,9 @@ where
         let peer = crate::auth::identify(&probe);
         let (who, role) = caller(peer.as_ref().ok());
         // Unknown calls count as changes: refusing them is worth a record.
-        let changes = required(&method).is_none_or(|r| r > Role::Viewer);
+        // Only callers with a Baton certificate are recorded: anyone else
+        // could fill the store (they are logged).
+        let changes = required(&method).is_none_or(|r| r > Role::Viewer) && peer.is_ok();
         let audit = self.audit.clone();
         let refusal = match &peer {
             Err(status) => Some(status.clone()),
@@ -135,17 +139,23 @@ where
         if let Some(status) = refusal {
             let why = status.message().to_owned();
             warn!(%who, %role, %method, reason = %why, "refused a Control API call");
-            return Box::pin(async move {
-                if changes {
+            if changes {
+                // Spawned: a caller that resets the stream cannot skip it.
+                tokio::spawn(async move {
                     audit.record(&who, &role, &method, "denied", &why).await;
-                }
-                Ok(status.into_http())
-            });
+                });
+            }
+            return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         let call = self.inner.call(req);
-        Box::pin(async move {
+        if !changes {
+            return Box::pin(async move { Ok(call.await?.map(tonic::body::Body::new)) });
+        }
+        // A change runs to its end, and is recorded, even if the caller
+        // goes away meanwhile.
+        let done = tokio::spawn(async move {
             let response = call.await?.map(tonic::body::Body::new);
-            if changes {
+            {
                 // A failure before any response is a trailers-only answer:
                 // its status is in the headers.
                 let (result, error) = match tonic::Status::from_header_map(response.headers()) {
@@ -157,6 +167,12 @@ where
                 audit.record(&who, &role, &method, result, &error).await;
             }
             Ok(response)
+        });
+        Box::pin(async move {
+            match done.await {
+                Ok(result) => result,
+                Err(e) => Ok(tonic::Status::internal(format!("the call failed: {e}")).into_http()),
+            }
         })
     }
 }

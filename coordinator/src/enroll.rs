@@ -26,6 +26,8 @@ use tracing::{info, warn};
 use crate::audit::Audit;
 use crate::store::{Compare, Op, Store, Txn};
 
+const UNKNOWN_TOKEN: &str = "unknown enrollment token";
+
 /// The longest a token may be good for.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -36,6 +38,13 @@ struct Token {
     expires: u64,
     used: bool,
     created_by: String,
+    /// Once used: the key certified (hex of its DER) and the certificate,
+    /// so a retry with the same key (an answer lost on the way) gets it
+    /// again rather than a refusal.
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    cert_pem: Option<String>,
 }
 
 fn token_key(token: &str) -> String {
@@ -121,6 +130,8 @@ impl Enrollment {
             expires: unix_millis(expires),
             used: false,
             created_by: by.to_owned(),
+            key: None,
+            cert_pem: None,
         };
         let value = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
         self.store
@@ -142,10 +153,24 @@ impl Enrollment {
             .get(&key)
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::permission_denied("unknown enrollment token"))?;
+            .ok_or_else(|| Status::permission_denied(UNKNOWN_TOKEN))?;
         let token: Token =
             serde_json::from_slice(&raw).map_err(|e| Status::internal(e.to_string()))?;
+        let key_hex = baton_common::pki::csr_public_key(&req.csr_pem)
+            .map(|k| crate::artifacts::hex(&k))
+            .map_err(|e| Status::invalid_argument(format!("cannot read the request: {e}")))?;
         if token.used {
+            if let (Some(k), Some(cert)) = (&token.key, &token.cert_pem)
+                && *k == key_hex
+                && token.host_id == host.as_str()
+            {
+                info!(%host, "enrollment retried with the same key; answering again");
+                return Ok(Certificate {
+                    cert_pem: cert.clone(),
+                    not_after: baton_common::tls::cert_validity(cert.as_bytes())
+                        .map(|(_, until)| to_timestamp(until)),
+                });
+            }
             return Err(Status::permission_denied(
                 "this enrollment token was already used",
             ));
@@ -170,6 +195,8 @@ impl Enrollment {
         let cert = self.sign(ca, &req.csr_pem, &host)?;
         let used = serde_json::to_vec(&Token {
             used: true,
+            key: Some(key_hex),
+            cert_pem: Some(cert.cert_pem.clone()),
             ..token
         })
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -220,7 +247,8 @@ impl EnrollmentService for EnrollmentApi {
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
         let req = request.into_inner();
-        let who = format!("an enrollment for {:?} from {from}", req.host_id);
+        let host: String = req.host_id.chars().take(128).collect();
+        let who = format!("an enrollment for {host:?} from {from}");
         let result = self.0.enroll(&req).await;
         let (outcome, error) = match &result {
             Ok(_) => ("ok", String::new()),
@@ -232,10 +260,13 @@ impl EnrollmentService for EnrollmentApi {
         if let Err(s) = &result {
             warn!(%who, reason = %s.message(), "refused an enrollment");
         }
-        self.0
-            .audit
-            .record(&who, "", "Enroll", outcome, &error)
-            .await;
+        // Guesses with no real token are logged, not stored: anyone may
+        // call this, and the store must not be theirs to fill.
+        let known = !matches!(&result, Err(s) if s.message() == UNKNOWN_TOKEN);
+        if known {
+            let audit = self.0.audit.clone();
+            tokio::spawn(async move { audit.record(&who, "", "Enroll", outcome, &error).await });
+        }
         result.map(Response::new)
     }
 
@@ -252,7 +283,14 @@ impl EnrollmentService for EnrollmentApi {
             }
         };
         let ca = self.0.ca()?;
-        let result = self.0.sign(ca, &request.into_inner().csr_pem, &host);
+        // Only hosts this fleet knows (enrolled, or registered) renew.
+        let result = match self.0.enrolled(&host).await {
+            Ok(true) => self.0.sign(ca, &request.into_inner().csr_pem, &host),
+            Ok(false) => Err(Status::permission_denied(format!(
+                "host {host} is not enrolled here"
+            ))),
+            Err(e) => Err(e),
+        };
         let error = result
             .as_ref()
             .err()
@@ -267,5 +305,70 @@ impl EnrollmentService for EnrollmentApi {
             info!(%host, "agent certificate renewed");
         }
         result.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    async fn enrollment(dir: &std::path::Path) -> Enrollment {
+        baton_common::pki::init(&dir.join("tls"), &[]).unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("db")).unwrap());
+        let ca = Ca::load(&dir.join("tls")).unwrap();
+        Enrollment::new(
+            store.clone(),
+            ca,
+            Duration::from_secs(600),
+            Audit::new(store),
+        )
+    }
+
+    fn request(token: &str, host: &str, key_pem: &str) -> EnrollRequest {
+        EnrollRequest {
+            token: token.into(),
+            host_id: host.into(),
+            csr_pem: baton_common::pki::csr_for(key_pem).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_works_once_for_its_host_and_a_lost_answer_can_be_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = enrollment(dir.path()).await;
+        let h1 = HostId::try_from("h1").unwrap();
+        let (token, _) = e
+            .create(&h1, Duration::from_secs(60), "test")
+            .await
+            .unwrap();
+        let (key, _) = baton_common::pki::agent_csr().unwrap();
+
+        let err = e.enroll(&request(&token, "h2", &key)).await.unwrap_err();
+        assert!(err.message().contains("is for host h1, not h2"), "{err}");
+        let first = e.enroll(&request(&token, "h1", &key)).await.unwrap();
+        assert_eq!(
+            baton_common::tls::identity_from_pem(first.cert_pem.as_bytes()).unwrap(),
+            PeerIdentity::Agent(h1.clone())
+        );
+        // The same key again (the answer was lost): the same certificate.
+        let again = e.enroll(&request(&token, "h1", &key)).await.unwrap();
+        assert_eq!(again.cert_pem, first.cert_pem);
+        // Another key with the spent token: refused.
+        let (other, _) = baton_common::pki::agent_csr().unwrap();
+        let err = e.enroll(&request(&token, "h1", &other)).await.unwrap_err();
+        assert!(err.message().contains("already used"), "{err}");
+        // h1 cannot be taken over with a new token either.
+        let err = e
+            .create(&h1, Duration::from_secs(60), "test")
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("already enrolled"), "{err}");
+        // Guessing gets nothing.
+        let err = e
+            .enroll(&request("bt1-nope", "h3", &other))
+            .await
+            .unwrap_err();
+        assert_eq!(err.message(), UNKNOWN_TOKEN);
     }
 }

@@ -6,7 +6,7 @@
 
 use baton_common::tls::{ClientTls, Role, read_ca, read_keyed_cert};
 use baton_coordinator::authz;
-use baton_tests::{Batond, TestEnv};
+use baton_tests::{Batond, SOON, TestEnv, wait_until};
 use prost::Message;
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -136,12 +136,21 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
         let admin = channel(&env, &url, "admin1").await;
         let mut client =
             baton_proto::control::v1::control_service_client::ControlServiceClient::new(admin);
-        let log = client
-            .list_audit(baton_proto::control::v1::ListAuditRequest { limit: 1000 })
-            .await
-            .unwrap()
-            .into_inner()
-            .entries;
+        // Refusals are recorded in the background: wait (bounded) for
+        // the last one.
+        let deadline = std::time::Instant::now() + SOON;
+        let log = loop {
+            let log = client
+                .list_audit(baton_proto::control::v1::ListAuditRequest { limit: 1000 })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries;
+            if log.iter().any(|e| e.who == "agent h1") || std::time::Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let has = |who: &str, action: &str, result: &str| {
             log.iter()
                 .any(|e| e.who == who && e.action == action && e.result == result)
@@ -194,9 +203,12 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
         ),
         "{stderr}"
     );
-    let out = env.baton(&url, &env.tls(), &["audit", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let log = wait_until("the refusal in the audit log", SOON, || {
+        let out = env.baton(&url, &env.tls(), &["audit", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (log[0]["who"] == "operator viewer1").then_some(log)
+    });
     assert_eq!(log[0]["who"], "operator viewer1", "{log}");
     assert_eq!(log[0]["action"], "StartRollout", "{log}");
     assert_eq!(log[0]["result"], "denied", "{log}");

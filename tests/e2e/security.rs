@@ -202,6 +202,10 @@ fn a_service_runs_as_its_own_user_and_cannot_change_its_release() {
     .unwrap();
     let file = fleet.pack_with(&dir, "1.0.0", &fleet.env.path("release.key"));
     fleet.push(&file);
+    // Another service's directory, as older agents left it (0755).
+    let other = fleet.data_dir("h1").join("services/other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let id = fleet.start_rollout(
         "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\nmin_healthy_time = \"200ms\"\n",
     );
@@ -235,6 +239,13 @@ fn a_service_runs_as_its_own_user_and_cannot_change_its_release() {
         .status()
         .unwrap();
     assert!(!touched.success(), "nobody could write its release");
+    // Its own directory is open to its group only; the others are closed.
+    let own = std::fs::metadata(fleet.data_dir("h1").join("services/demo")).unwrap();
+    assert_eq!(
+        (own.mode() & 0o777, own.gid()),
+        (0o710, nobody.gid.as_raw())
+    );
+    assert_eq!(std::fs::metadata(&other).unwrap().mode() & 0o777, 0o700);
     // The agent's own state stays closed to it.
     let journal = std::fs::metadata(fleet.data_dir("h1").join("commands")).unwrap();
     assert_eq!(journal.mode() & 0o777, 0o700);
@@ -297,4 +308,9 @@ fn without_a_certificate_only_enrollment_answers() {
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         assert!(err.message().contains("unknown enrollment token"), "{err}");
     });
+    // None of it is in the audit log: strangers cannot fill the store.
+    let out = env.baton(&batond.url(), &env.tls(), &["audit", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(log, serde_json::json!([]), "{log}");
 }
