@@ -8,19 +8,24 @@ use std::time::{Duration, Instant};
 use baton_coordinator::store::{EtcdStore, conformance};
 use baton_tests::etcd::Etcd;
 
-#[tokio::test]
-async fn the_etcd_store_behaves_like_the_embedded_one() {
-    let Some(etcd) = Etcd::start() else { return };
+/// A store on `etcd`, once it answers (bounded).
+async fn connect(etcd: &Etcd) -> EtcdStore {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let store = loop {
+    loop {
         match EtcdStore::connect(std::slice::from_ref(&etcd.client)).await {
-            Ok(s) => break s,
+            Ok(s) => return s,
             Err(e) => {
                 assert!(Instant::now() < deadline, "etcd did not come up: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn the_etcd_store_behaves_like_the_embedded_one() {
+    let Some(etcd) = Etcd::start() else { return };
+    let store = connect(&etcd).await;
     conformance::check(&store).await;
 }
 
@@ -32,16 +37,7 @@ async fn the_etcd_store_behaves_like_the_embedded_one() {
 async fn a_fenced_store_writes_nothing_once_its_lease_is_gone() {
     use baton_coordinator::store::{Fence, FencedStore, Store, StoreError};
     let Some(etcd) = Etcd::start() else { return };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let store = loop {
-        match EtcdStore::connect(std::slice::from_ref(&etcd.client)).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "etcd did not come up: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let store = connect(&etcd).await;
     let mut client = store.client();
     let lease = client.lease_grant(30, None).await.unwrap().id();
     let put = client

@@ -5,14 +5,14 @@
 
 use std::time::Instant;
 
-use baton_common::tls::{ClientTls, TLS_HANDSHAKE_TIMEOUT};
+use baton_common::tls::TLS_HANDSHAKE_TIMEOUT;
 use baton_proto::control::v1 as pb;
 use baton_proto::control::v1::control_service_client::ControlServiceClient;
 use baton_tests::{Batond, SOON, TestEnv, wait_until};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Sends raw bytes as a message; ignores the answer's content.
 #[derive(Default)]
@@ -65,17 +65,6 @@ async fn raw(channel: Channel, method: &str, body: Vec<u8>) -> Code {
     }
 }
 
-async fn channel(env: &TestEnv, url: &str) -> Channel {
-    let tls = ClientTls::load(&env.tls(), "operator").unwrap();
-    Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls.to_tonic())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -92,7 +81,7 @@ fn malformed_oversized_and_odd_messages_get_precise_statuses_and_change_nothing(
     let url = batond.url();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let ch = channel(&env, &url).await;
+        let ch = env.channel(&url, "operator").await;
         // Not protobuf at all.
         assert_eq!(
             raw(ch.clone(), "GetHost", vec![0xff; 64]).await,

@@ -4,13 +4,13 @@
 //! is below what `authz::TABLE` names. Changes, allowed or refused, land
 //! in the audit log.
 
-use baton_common::tls::{ClientTls, Role, read_ca, read_keyed_cert};
+use baton_common::tls::Role;
 use baton_coordinator::authz;
 use baton_tests::{Batond, SOON, TestEnv, wait_until};
 use prost::Message;
 use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Every Control API method: name, client-streaming, server-streaming.
 fn methods() -> Vec<(String, bool, bool)> {
@@ -75,24 +75,6 @@ fn issue(env: &TestEnv, name: &str, role: &str) {
     assert!(out.status.success(), "{out:?}");
 }
 
-async fn channel(env: &TestEnv, url: &str, name: &str) -> Channel {
-    let tls = ClientTls {
-        ca_pem: read_ca(&env.tls().join("ca.pem")).unwrap(),
-        identity: read_keyed_cert(
-            &env.tls().join(format!("{name}.pem")),
-            &env.tls().join(format!("{name}-key.pem")),
-        )
-        .unwrap(),
-    };
-    Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .tls_config(tls.to_tonic())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 #[test]
 fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_audited() {
     let env = TestEnv::new(&["h1"]);
@@ -113,7 +95,7 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         for role in Role::ALL {
-            let channel = channel(&env, &url, &format!("{role}1")).await;
+            let channel = env.channel(&url, &format!("{role}1")).await;
             for (m, cs, ss) in &methods {
                 let code = call(channel.clone(), m, *cs, *ss).await;
                 let allowed = role >= authz::required(m).unwrap();
@@ -126,14 +108,14 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
         }
         // An agent's certificate is no operator's, and the attempt is
         // audited like any other.
-        let agent = channel(&env, &url, "agent-h1").await;
+        let agent = env.channel(&url, "agent-h1").await;
         assert_eq!(
             call(agent, "StartRollout", false, false).await,
             Code::PermissionDenied
         );
         // The admin reads the audit log: refused and allowed changes, not
         // reads.
-        let admin = channel(&env, &url, "admin1").await;
+        let admin = env.channel(&url, "admin1").await;
         let mut client =
             baton_proto::control::v1::control_service_client::ControlServiceClient::new(admin);
         // Refusals are recorded in the background: wait (bounded) for

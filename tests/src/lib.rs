@@ -130,6 +130,19 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// A gRPC channel to `url` with `ca.pem` and the certificate pair
+    /// `name` (`operator`, `agent-h1`, …) from the env's TLS directory.
+    pub async fn channel(&self, url: &str, name: &str) -> tonic::transport::Channel {
+        let tls = baton_common::tls::ClientTls::load(&self.tls(), name).unwrap();
+        tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .tls_config(tls.to_tonic())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// `baton hosts --json` with the operator certificate, parsed.
     pub fn hosts(&self, url: &str) -> Vec<serde_json::Value> {
         let out = self.baton(url, &self.tls(), &["hosts", "--json"]);
