@@ -85,6 +85,9 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
+    /// The fleet CA's key is there but unreadable.
+    #[error("cannot read the fleet CA (for enrollment): {0}")]
+    Ca(String),
     /// The artifact store could not be opened on taking the lead.
     #[error("cannot open the artifact store: {0}")]
     Artifacts(String),
@@ -329,7 +332,7 @@ impl Coordinator {
         );
         let audit = crate::audit::Audit::new(store.clone());
         let ca = baton_common::pki::Ca::load(&self.config.tls_dir)
-            .map_err(|e| ServeError::Artifacts(format!("cannot read the fleet CA: {e}")))?;
+            .map_err(|e| ServeError::Ca(e.to_string()))?;
         if ca.is_none() {
             info!("no ca-key.pem in the TLS directory: enrollment and certificate renewal are off");
         }
