@@ -7,6 +7,22 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// The buffer every call starts with, for encoding and for decoding (a
+/// heartbeat is about 20 bytes, a hello with a few services 300); it
+/// grows in steps of this size for a larger message. tonic's default is
+/// 8 KiB each way, allocated eagerly per call: for a coordinator holding
+/// 10,000 agent streams that is 160 MiB of buffers for messages that are
+/// mostly under 200 bytes (heartbeats, pings, command updates).
+pub const BUFFER_SIZE: usize = 256;
+
+/// Above this many bytes of ready messages a streaming call yields to the
+/// runtime (tonic's default).
+const YIELD_THRESHOLD: usize = 32 << 10;
+
+fn buffer_settings() -> BufferSettings {
+    BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+}
+
 /// [`ProstCodec`] with malformed messages refused as `INVALID_ARGUMENT`.
 #[derive(Debug)]
 pub struct StrictCodec<T, U>(ProstCodec<T, U>);
@@ -28,11 +44,11 @@ where
     type Decoder = StrictDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        ProstEncoder::new(buffer_settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        StrictDecoder(self.0.decoder())
+        StrictDecoder(ProstDecoder::new(buffer_settings()))
     }
 }
 
