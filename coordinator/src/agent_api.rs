@@ -17,13 +17,14 @@ use baton_proto::agent::v1::{
     agent_service_server::AgentService, coordinator_message,
 };
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::fleet::{AgentSender, FleetHandle, Session};
+use crate::fleet::{AgentSender, FleetHandle, Outbound, Session};
 
 /// Messages buffered towards one agent; senders wait when it is full.
 const OUTBOUND_BUFFER: usize = 32;
@@ -77,8 +78,8 @@ impl AgentApi {
     }
 }
 
-fn message(kind: coordinator_message::Kind) -> Result<CoordinatorMessage, Status> {
-    Ok(CoordinatorMessage { kind: Some(kind) })
+fn message(kind: coordinator_message::Kind) -> Outbound {
+    Ok(Box::new(CoordinatorMessage { kind: Some(kind) }))
 }
 
 #[tonic::async_trait]
@@ -161,7 +162,9 @@ impl AgentService for AgentApi {
             shutdown: self.shutdown.clone(),
         };
         self.tasks.spawn(stream.run());
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|item| item.map(|m| *m).map_err(|s| *s)),
+        )))
     }
 }
 
@@ -180,7 +183,9 @@ impl SessionTask {
     async fn run(mut self) {
         let reason = self.pump().await;
         // Tell the agent why, when it is still listening; it reconnects.
-        let _ = self.tx.try_send(Err(Status::unavailable(reason.clone())));
+        let _ = self
+            .tx
+            .try_send(Err(Box::new(Status::unavailable(reason.clone()))));
         self.fleet
             .disconnect(self.host, self.session.id, reason)
             .await;

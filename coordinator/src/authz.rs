@@ -29,6 +29,8 @@ pub const TABLE: &[(&str, Role)] = &[
     ("ListRollouts", Role::Viewer),
     ("WatchRollout", Role::Viewer),
     ("PlanRollout", Role::Viewer),
+    // Sends a command (a no-op) to every selected agent.
+    ("PingHosts", Role::Operator),
     ("PushArtifact", Role::Operator),
     ("StartRollout", Role::Operator),
     ("ControlRollout", Role::Operator),

@@ -5,13 +5,15 @@
 use std::pin::Pin;
 
 use baton_common::artifact::SignedManifest;
-use baton_common::host::HostId;
+use baton_common::host::{HostId, Labels, validate_labels};
+use baton_common::time::{from_duration, to_duration};
 use baton_proto::control::v1::{
     Artifact, AuditEntry, ControlRolloutRequest, GetHostRequest, GetRolloutRequest, Host,
-    HostEvent, ListArtifactsRequest, ListArtifactsResponse, ListAuditRequest, ListAuditResponse,
-    ListHostsRequest, ListHostsResponse, ListRolloutsRequest, ListRolloutsResponse,
-    PushArtifactRequest, Rollout, RolloutAction, StartRolloutRequest, StartRolloutResponse,
-    WatchHostsRequest, control_service_server::ControlService, push_artifact_request,
+    HostEvent, HostPing, ListArtifactsRequest, ListArtifactsResponse, ListAuditRequest,
+    ListAuditResponse, ListHostsRequest, ListHostsResponse, ListRolloutsRequest,
+    ListRolloutsResponse, PingHostsRequest, PingHostsResponse, PushArtifactRequest, Rollout,
+    RolloutAction, StartRolloutRequest, StartRolloutResponse, WatchHostsRequest,
+    control_service_server::ControlService, push_artifact_request,
 };
 use tokio_stream::StreamExt;
 
@@ -25,6 +27,11 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::fleet::{FleetHandle, FleetStopped};
+
+/// How long `PingHosts` waits when the request does not say.
+const DEFAULT_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest `PingHosts` waits.
+const MAX_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Events buffered per watcher; a slow watcher back-pressures its own task
 /// only, which then skips ahead with a fresh snapshot.
@@ -355,6 +362,38 @@ impl ControlService for ControlApi {
                     error: e.error,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn ping_hosts(
+        &self,
+        request: Request<PingHostsRequest>,
+    ) -> Result<Response<PingHostsResponse>, Status> {
+        let request = request.into_inner();
+        let labels: Labels = request.labels.into_iter().collect();
+        validate_labels(&labels).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let timeout = match request.timeout {
+            None => DEFAULT_PING_TIMEOUT,
+            Some(d) => from_duration(&d)
+                .filter(|d| !d.is_zero() && *d <= MAX_PING_TIMEOUT)
+                .ok_or_else(|| {
+                    Status::invalid_argument("timeout: must be above zero and at most 5m")
+                })?,
+        };
+        let report = crate::ping::ping(&self.fleet, labels, timeout)
+            .await
+            .map_err(stopped)?;
+        Ok(Response::new(PingHostsResponse {
+            hosts: report
+                .hosts
+                .into_iter()
+                .map(|h| HostPing {
+                    host_id: h.host.to_string(),
+                    answered_after: h.answered_after.map(to_duration),
+                    error: h.error.unwrap_or_default(),
+                })
+                .collect(),
+            elapsed: Some(to_duration(report.elapsed)),
         }))
     }
 

@@ -47,8 +47,14 @@ const UPDATE_BUFFER: usize = 16 * 1024;
 
 const HOST_PREFIX: &str = "hosts/";
 
+/// One item of an agent's outbound stream: a message, or the status that
+/// ends the stream. Both are boxed because every stream's channel
+/// allocates a block of 32 slots up front: unboxed (about 150 bytes a
+/// slot) that is 5 KiB per connected agent, boxed it is half a KiB.
+pub type Outbound = Result<Box<CoordinatorMessage>, Box<tonic::Status>>;
+
 /// The sending half of an agent's outbound stream.
-pub type AgentSender = mpsc::Sender<Result<CoordinatorMessage, tonic::Status>>;
+pub type AgentSender = mpsc::Sender<Outbound>;
 
 /// One accepted agent stream, as the registry hands it back to its handler.
 #[derive(Debug, Clone)]
@@ -135,6 +141,10 @@ enum Command {
     Sender {
         host: HostId,
         reply: oneshot::Sender<Option<AgentSender>>,
+    },
+    Senders {
+        labels: Labels,
+        reply: oneshot::Sender<Vec<(HostId, Option<AgentSender>)>>,
     },
 }
 
@@ -250,9 +260,19 @@ impl FleetHandle {
         };
         // A closed channel means the stream ended after we looked it up.
         sender
-            .send(Ok(msg))
+            .send(Ok(Box::new(msg)))
             .await
             .map_err(|_| SendError::NotConnected(host))
+    }
+
+    /// Every host whose labels include all of `labels` (all hosts when it
+    /// is empty), sorted, with the sender of its live stream if it has one:
+    /// one question to the registry however large the fleet.
+    pub async fn senders(
+        &self,
+        labels: Labels,
+    ) -> Result<Vec<(HostId, Option<AgentSender>)>, FleetStopped> {
+        self.ask(|reply| Command::Senders { labels, reply }).await
     }
 
     /// Every command update from every agent, from now on. A subscriber
@@ -460,6 +480,20 @@ impl Actor {
             }
             Command::Watch { reply } => {
                 self.reply(reply, (self.snapshot(), self.changes.subscribe()))
+            }
+            Command::Senders { labels, reply } => {
+                let mut hosts: Vec<_> = self
+                    .hosts
+                    .iter()
+                    .filter(|(_, e)| {
+                        labels
+                            .iter()
+                            .all(|(k, v)| e.record.labels.get(k) == Some(v))
+                    })
+                    .map(|(id, e)| (id.clone(), e.live.as_ref().map(|l| l.sender.clone())))
+                    .collect();
+                hosts.sort_by(|a, b| a.0.cmp(&b.0));
+                let _ = reply.send(hosts);
             }
             Command::Sender { host, reply } => {
                 let sender = self

@@ -21,6 +21,7 @@ pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;
 pub mod limits;
+pub mod ping;
 pub mod rollout;
 pub mod server;
 pub mod store;

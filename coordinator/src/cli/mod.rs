@@ -10,6 +10,7 @@ mod demo;
 mod demo_service;
 mod enroll;
 mod hosts;
+mod ping;
 pub mod rollout;
 
 use std::path::PathBuf;
@@ -77,6 +78,10 @@ pub enum Command {
     Certs(certs::CertsCommand),
     /// List the fleet's hosts: connected or not, labels, services.
     Hosts(hosts::HostsArgs),
+    /// Send a no-op through every connected agent's stream at once and
+    /// time the answers: is the whole fleet listening? Exit 1 when a
+    /// selected host did not answer (needs an operator certificate).
+    Ping(ping::PingArgs),
     /// Signed release artifacts: keys, packing, upload, listing.
     #[command(subcommand)]
     Artifact(artifact::ArtifactCommand),
@@ -135,6 +140,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Certs(cmd) => certs::run(cli.tls_dir.as_deref(), cmd),
         Command::Hosts(ref args) => hosts::run(&cli, args).await,
+        Command::Ping(ref args) => ping::run(&cli, args).await,
         Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Audit(ref args) => audit::run(&cli, args).await,

@@ -1,0 +1,151 @@
+//! A no-op command down every selected agent's stream at once, timed
+//! until every answer is back: how an operator checks that the whole fleet
+//! answers (`baton ping`), and what the fan-out benchmark measures.
+//!
+//! The hosts come from one question to the registry; each command goes
+//! straight into its stream's channel (a full channel gets its own task,
+//! so one slow agent does not hold up the rest); the answers arrive on the
+//! registry's command-update broadcast, subscribed to before the first
+//! command leaves.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use baton_common::command::{Command, CommandKind, Outcome, Phase};
+use baton_common::host::{HostId, Labels};
+use baton_proto::agent::v1::{CoordinatorMessage, coordinator_message};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{debug, warn};
+
+use crate::fleet::{FleetHandle, FleetStopped};
+
+const CLOSED: &str = "its stream closed before the ping was sent";
+
+/// One host's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPing {
+    /// The host.
+    pub host: HostId,
+    /// From the start of the fan-out until its answer, if it answered.
+    pub answered_after: Option<Duration>,
+    /// Why there is no successful answer.
+    pub error: Option<String>,
+}
+
+/// What a ping found.
+#[derive(Debug, Clone)]
+pub struct PingReport {
+    /// Every selected host, sorted by host id.
+    pub hosts: Vec<HostPing>,
+    /// From the first command until the last answer or the timeout.
+    pub elapsed: Duration,
+}
+
+/// Pings every host whose labels include `labels`, waiting at most
+/// `timeout` for the answers.
+pub async fn ping(
+    fleet: &FleetHandle,
+    labels: Labels,
+    timeout: Duration,
+) -> Result<PingReport, FleetStopped> {
+    let mut updates = fleet.command_updates();
+    let targets = fleet.senders(labels).await?;
+    let started = Instant::now();
+    let give_up = tokio::time::Instant::from_std(started) + timeout;
+    let deadline = SystemTime::now() + timeout;
+    let nonce = fastrand::u64(..);
+    let mut hosts = Vec::with_capacity(targets.len());
+    let mut waiting = HashMap::with_capacity(targets.len());
+    let mut queued = tokio::task::JoinSet::new();
+    for (i, (host, sender)) in targets.into_iter().enumerate() {
+        let Some(sender) = sender else {
+            hosts.push(HostPing {
+                host,
+                answered_after: None,
+                error: Some("not connected".into()),
+            });
+            continue;
+        };
+        let id = format!("ping-{nonce:016x}-{i}");
+        let message = Box::new(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Command(
+                (&Command {
+                    id: id.clone(),
+                    deadline,
+                    kind: CommandKind::Noop,
+                })
+                    .into(),
+            )),
+        });
+        let index = hosts.len();
+        let mut error = None;
+        match sender.try_send(Ok(message)) {
+            Ok(()) => {
+                waiting.insert(id, index);
+            }
+            Err(TrySendError::Full(message)) => {
+                waiting.insert(id, index);
+                queued.spawn(async move {
+                    let sent = tokio::time::timeout_at(give_up, sender.send(message)).await;
+                    (index, matches!(sent, Ok(Ok(()))))
+                });
+            }
+            Err(TrySendError::Closed(_)) => error = Some(CLOSED.to_owned()),
+        }
+        hosts.push(HostPing {
+            host,
+            answered_after: None,
+            error,
+        });
+    }
+    debug!(hosts = hosts.len(), "pings sent");
+
+    let mut lost = 0u64;
+    while !waiting.is_empty() {
+        tokio::select! {
+            Some(Ok((index, false))) = queued.join_next(), if !queued.is_empty() => {
+                waiting.retain(|_, i| *i != index);
+                hosts[index].error = Some(CLOSED.into());
+            }
+            next = tokio::time::timeout_at(give_up, updates.recv()) => match next {
+                Err(_) => break,
+                Ok(Err(RecvError::Lagged(n))) => lost += n,
+                Ok(Err(RecvError::Closed)) => return Err(FleetStopped),
+                Ok(Ok((host, update))) => {
+                    let Phase::Done(outcome) = update.phase else {
+                        continue;
+                    };
+                    let Some(index) = waiting.remove(&update.command_id) else {
+                        continue;
+                    };
+                    // An answer from another host than the one asked is
+                    // not an answer.
+                    if hosts[index].host != host {
+                        waiting.insert(update.command_id, index);
+                        continue;
+                    }
+                    hosts[index].answered_after = Some(started.elapsed());
+                    if outcome == Outcome::Failed {
+                        hosts[index].error = Some(update.error);
+                    }
+                }
+            },
+        }
+    }
+    let elapsed = started.elapsed();
+    queued.abort_all();
+    if lost > 0 {
+        warn!(
+            lost,
+            "a ping fell behind the command updates; hosts whose answers were lost count as silent"
+        );
+    }
+    for index in waiting.into_values() {
+        hosts[index].error = Some(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ));
+    }
+    Ok(PingReport { hosts, elapsed })
+}
