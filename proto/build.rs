@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         // Malformed messages are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::codec::StrictCodec")
+        // Payload chunks are slices of the receive buffer, not copies.
+        .bytes(".baton.agent.v1.FetchChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -128,7 +128,14 @@ impl Credentials {
 /// The header in which a following coordinator names the leader.
 const LEADER_HEADER: &str = "baton-leader";
 
-fn endpoint(url: &str, tls: &baton_common::tls::ClientTls) -> Result<Endpoint, String> {
+/// How the agent reaches a coordinator, for its stream and its downloads.
+///
+/// Downloads set the HTTP/2 sizes: a payload comes as 1 MiB chunks, so the
+/// coordinator may send frames of up to 1 MiB (rather than 16 KiB, a
+/// frame header and a wake-up per 16 KiB) and have 16 MiB in flight
+/// before it waits for the agent to catch up; the windows only bound what
+/// the coordinator may send, nothing is allocated ahead.
+pub fn endpoint(url: &str, tls: &baton_common::tls::ClientTls) -> Result<Endpoint, String> {
     Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|e| format!("coordinator URL {url:?} is invalid: {}", chain(&e)))?
         .tls_config(tls.to_tonic())
@@ -137,8 +144,16 @@ fn endpoint(url: &str, tls: &baton_common::tls::ClientTls) -> Result<Endpoint, S
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .max_frame_size(DOWNLOAD_FRAME)
+        .initial_stream_window_size(DOWNLOAD_WINDOW)
+        .initial_connection_window_size(DOWNLOAD_WINDOW))
 }
+
+/// The largest HTTP/2 frame the coordinator may send the agent.
+const DOWNLOAD_FRAME: u32 = 1 << 20;
+/// How much the coordinator may send ahead of the agent's reading.
+const DOWNLOAD_WINDOW: u32 = 16 << 20;
 
 /// The leader a following coordinator named in its refusal.
 fn leader_of(status: &tonic::Status) -> Option<String> {

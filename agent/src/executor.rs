@@ -42,6 +42,8 @@ use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Attempts to resume a broken download before staging fails.
 const FETCH_ATTEMPTS: u32 = 10;
+/// Payload chunks (1 MiB each) received ahead of the disk and the hash.
+const WRITE_AHEAD: usize = 8;
 /// A download slower than [`MIN_FETCH_RATE`] over this long (or silent for
 /// this long) is broken off and resumed (the slow-retrieval attack).
 const FETCH_WINDOW: Duration = Duration::from_secs(30);
@@ -1444,8 +1446,32 @@ pub async fn download(
             hasher.update(&buf[..n]);
         }
     }
+    // Disk and hash work run on threads of their own, overlapping the
+    // network and each other: while one chunk is written and another
+    // hashed, the next ones are received and decrypted, so staging runs at
+    // the pace of its slowest step (SHA-256) rather than of all the steps
+    // one after another. Chunks are shared, not copied.
+    let (chunks, mut inbox) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+    let (to_hash, mut hash_inbox) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+    let writing = path.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(data) = inbox.blocking_recv() {
+            file.write_all(&data)
+                .map_err(|e| format!("cannot write {}: {e}", writing.display()))?;
+        }
+        Ok::<_, String>(file)
+    });
+    let hashing = tokio::task::spawn_blocking(move || {
+        while let Some(data) = hash_inbox.blocking_recv() {
+            hasher.update(&data);
+        }
+        hasher
+    });
     let mut attempts = 0;
     while offset < m.size {
+        if chunks.is_closed() {
+            break;
+        }
         // Asked anew each attempt: after a coordinator failover the agent
         // downloads from the new leader.
         let mut client = client();
@@ -1485,10 +1511,14 @@ pub async fn download(
                         "the payload is longer than its manifest says",
                     ));
                 }
-                file.write_all(&chunk.data)
-                    .map_err(|e| tonic::Status::internal(format!("cannot write: {e}")))?;
-                hasher.update(&chunk.data);
-                offset += chunk.data.len() as u64;
+                let len = chunk.data.len() as u64;
+                if to_hash.send(chunk.data.clone()).await.is_err()
+                    || chunks.send(chunk.data).await.is_err()
+                {
+                    // The writer failed; its error is what counts.
+                    return Ok(());
+                }
+                offset += len;
                 progress(offset);
                 if window.0.elapsed() >= FETCH_WINDOW {
                     let secs = window.0.elapsed().as_secs().max(1);
@@ -1505,6 +1535,7 @@ pub async fn download(
         }
         .await;
         match result {
+            Ok(()) if chunks.is_closed() => break,
             Ok(()) if offset < m.size => {
                 return Err(format!(
                     "the coordinator ended the download of {digest} at {offset} of {} bytes",
@@ -1538,6 +1569,13 @@ pub async fn download(
             }
         }
     }
+    drop((chunks, to_hash));
+    let file = writer
+        .await
+        .map_err(|e| format!("the download writer failed: {e}"))??;
+    let hasher = hashing
+        .await
+        .map_err(|e| format!("the download hasher failed: {e}"))?;
     file.sync_all().map_err(|e| e.to_string())?;
     if let Err(e) = hasher.finish(m) {
         let _ = std::fs::remove_file(&path);

@@ -5,7 +5,9 @@ use std::io::SeekFrom;
 use std::pin::Pin;
 
 use baton_proto::agent::v1::{FetchChunk, FetchRequest, artifact_service_server::ArtifactService};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use std::io::Read as _;
+
+use tokio::io::AsyncSeekExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -73,28 +75,29 @@ impl ArtifactService for ArtifactApi {
         debug!(digest = %req.digest, offset = req.offset, size, "serving a payload");
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
+        let mut file = file.into_std().await;
+        // A plain thread reads ahead of the network: one read per chunk
+        // straight into the memory the chunk then owns (no zeroing, no
+        // copy out of an async file's own buffer).
+        self.tasks.spawn_blocking(move || {
             let mut offset = req.offset;
-            let send = async {
-                while offset < size {
-                    let want = usize::try_from(size - offset).unwrap_or(CHUNK).min(CHUNK);
-                    let mut data = vec![0; want];
-                    if let Err(e) = file.read_exact(&mut data).await {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("read failed: {e}"))))
-                            .await;
-                        return;
-                    }
-                    let chunk = FetchChunk { offset, data, size };
-                    offset += want as u64;
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return;
-                    }
+            while offset < size && !shutdown.is_cancelled() {
+                let want = usize::try_from(size - offset).unwrap_or(CHUNK).min(CHUNK);
+                let mut data = Vec::with_capacity(want);
+                let item = match (&mut file).take(want as u64).read_to_end(&mut data) {
+                    Ok(n) if n == want => Ok(FetchChunk {
+                        offset,
+                        data: data.into(),
+                        size,
+                    }),
+                    Ok(_) => Err(Status::internal("read failed: the file ended early")),
+                    Err(e) => Err(Status::internal(format!("read failed: {e}"))),
+                };
+                let failed = item.is_err();
+                offset += want as u64;
+                if tx.blocking_send(item).is_err() || failed {
+                    return;
                 }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = send => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
