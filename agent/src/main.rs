@@ -6,6 +6,9 @@ use baton_agent::{Agent, AgentArgs, AgentConfig, selfupgrade};
 use baton_common::EXIT_CONFIG;
 use tokio_util::sync::CancellationToken;
 
+/// The agent's async worker threads.
+const AGENT_WORKERS: usize = 2;
+
 fn main() -> ExitCode {
     let args = match baton_common::process::parse_args::<AgentArgs>() {
         Ok(args) => args,
@@ -21,7 +24,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match baton_common::process::runtime("baton-agent") {
+    // Two workers whatever the host: the agent's work is waiting (on its
+    // stream, processes and health checks); downloads hash and write on
+    // threads of their own. A worker per core would make the agent's
+    // memory grow with the host it runs on.
+    let runtime = match baton_common::process::runtime_with("baton-agent", Some(AGENT_WORKERS)) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

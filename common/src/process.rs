@@ -70,10 +70,24 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
     })
 }
 
-/// A multi-threaded tokio runtime; on failure prints why, prefixed with
-/// the program's name.
+/// A multi-threaded tokio runtime, one worker per core; on failure prints
+/// why, prefixed with the program's name.
 pub fn runtime(program: &str) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
-    tokio::runtime::Runtime::new().map_err(|e| {
+    runtime_with(program, None)
+}
+
+/// A multi-threaded tokio runtime with at most `workers` worker threads
+/// (`None`: one per core).
+pub fn runtime_with(
+    program: &str,
+    workers: Option<usize>,
+) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        builder.worker_threads(n.min(cores).max(1));
+    }
+    builder.enable_all().build().map_err(|e| {
         eprintln!("{program}: cannot start the async runtime: {e}");
         std::process::ExitCode::FAILURE
     })
