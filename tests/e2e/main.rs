@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod bench;
 mod config;
 mod crash;
 mod demo;
@@ -13,6 +14,7 @@ mod fleet;
 mod ha;
 mod handoff;
 mod limits;
+mod ping;
 mod roles;
 mod rollout;
 mod security;

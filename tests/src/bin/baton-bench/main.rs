@@ -1,0 +1,282 @@
+//! `baton-bench`: Baton's performance, measured on this machine with the
+//! real binaries, one scenario at a time or all of them.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! target/release/baton-bench memory --agents 10000
+//! target/release/baton-bench all --markdown BENCHMARKS.md
+//! ```
+//!
+//! Each scenario prints one JSON document on stdout: `scenario`,
+//! `parameters`, `figures`, `targets` (each figure's bound), `met`, the
+//! `command` that reproduces it and the `machine` it ran on. Progress goes
+//! to stderr. `all` prints `{"machine", "results": [...]}` and, with
+//! `--markdown FILE`, writes the report (`BENCHMARKS.md` is written so,
+//! never by hand: `.ci/bench` regenerates it).
+//!
+//! Fleet-scale scenarios run `batond` and `baton-sim` (the fleet
+//! simulator, see `baton-sim --help`) as two processes, so each has its
+//! own 20,000 open files; both raise their soft limit to the hard one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+mod realfleet;
+mod report;
+mod scale;
+mod transfer;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+/// Baton's benchmarks; each prints one JSON document.
+#[derive(Parser, Debug)]
+#[command(name = "baton-bench")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Scenario {
+    /// batond's resident memory idle and with N agents connected; figure
+    /// `bytes_per_agent` (target ≤ 32 KiB at 10,000).
+    Memory {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// How long the agents heartbeat before memory is read.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// A no-op to every agent and every answer back (`PingHosts`);
+    /// figures `p50_ms`, `p100_ms` (target: all within 500 ms at 10,000).
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// batond restarted under N connected agents; figure `all_back_ms`
+    /// (target ≤ 10 s at 10,000, none gives up).
+    Reconnect {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+    },
+    /// A real rollout over simulated hosts; figure `overhead_ratio` =
+    /// actual ÷ (batches × (activation delay + min_healthy_time)) (target
+    /// ≤ 1.05 at 100 hosts, 10 at a time).
+    Rollout {
+        #[arg(long, default_value_t = 100)]
+        hosts: usize,
+        #[arg(long, default_value_t = 10)]
+        max_parallel: usize,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        min_healthy_time: Duration,
+        /// The simulated activation's own time, before its health gate.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        activation_delay: Duration,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// A signed artifact staged by K agents at once; figures
+    /// `verify_mb_per_s` (per agent: download + hash + signature check;
+    /// target ≥ 1,500) and `coordinator_egress_ratio`.
+    Artifact {
+        #[arg(long, default_value_t = 200)]
+        size_mb: usize,
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// One real agent, connected and idle; figures `rss_mb` (target ≤ 10)
+    /// and `cpu_percent` (target ≤ 0.1).
+    AgentIdle {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// The rollout overhead on 12 real agents running the demo service.
+    RolloutAgents,
+    /// 20 upgrades of one host under wrk, with socket handoff and without:
+    /// failed requests and latency.
+    Handoff,
+    /// Every scenario at its target size (about five minutes here).
+    All {
+        /// Agents for memory, fanout and reconnect.
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Simulated hosts for rollout.
+        #[arg(long, default_value_t = 100)]
+        hosts: usize,
+        /// Artifact size.
+        #[arg(long, default_value_t = 200)]
+        size_mb: usize,
+        /// How long the agents heartbeat before batond's memory is read.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+        /// How long the idle agent is watched, in seconds.
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        /// Leave out the scenarios on real agents (rollout-agents, handoff).
+        #[arg(long)]
+        simulated_only: bool,
+        /// Write the report here (Markdown).
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<std::path::PathBuf>,
+    },
+}
+
+/// Whether each figure is within its target.
+fn met(doc: &Value) -> bool {
+    doc["targets"].as_object().is_none_or(|targets| {
+        targets.iter().all(|(name, bound)| {
+            let Some(v) = doc["figures"][name].as_f64() else {
+                return false;
+            };
+            bound["max"].as_f64().is_none_or(|m| v <= m)
+                && bound["min"].as_f64().is_none_or(|m| v >= m)
+        })
+    })
+}
+
+fn command_line(s: &Scenario) -> String {
+    let d = |d: &Duration| humantime::format_duration(*d).to_string();
+    match s {
+        Scenario::Memory { agents, settle } => {
+            format!(
+                "baton-bench memory --agents {agents} --settle {}",
+                d(settle)
+            )
+        }
+        Scenario::Fanout { agents, runs } => {
+            format!("baton-bench fanout --agents {agents} --runs {runs}")
+        }
+        Scenario::Reconnect { agents } => format!("baton-bench reconnect --agents {agents}"),
+        Scenario::Rollout {
+            hosts,
+            max_parallel,
+            min_healthy_time,
+            activation_delay,
+            runs,
+        } => format!(
+            "baton-bench rollout --hosts {hosts} --max-parallel {max_parallel} --min-healthy-time {} --activation-delay {} --runs {runs}",
+            d(min_healthy_time),
+            d(activation_delay)
+        ),
+        Scenario::Artifact {
+            size_mb,
+            agents,
+            runs,
+        } => format!("baton-bench artifact --size-mb {size_mb} --agents {agents} --runs {runs}"),
+        Scenario::AgentIdle { seconds } => {
+            format!("baton-bench agent-idle --seconds {seconds}")
+        }
+        Scenario::RolloutAgents => "baton-bench rollout-agents".into(),
+        Scenario::Handoff => "baton-bench handoff".into(),
+        Scenario::All { .. } => "baton-bench all".into(),
+    }
+}
+
+fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
+    eprintln!("== {}", command_line(s));
+    let mut doc = match s.clone() {
+        Scenario::Memory { agents, settle } => scale::memory(rt, agents, settle),
+        Scenario::Fanout { agents, runs } => scale::fanout(rt, agents, runs),
+        Scenario::Reconnect { agents } => scale::reconnect(rt, agents),
+        Scenario::Rollout {
+            hosts,
+            max_parallel,
+            min_healthy_time,
+            activation_delay,
+            runs,
+        } => scale::rollout(
+            rt,
+            hosts,
+            max_parallel,
+            min_healthy_time,
+            activation_delay,
+            runs,
+        ),
+        Scenario::Artifact {
+            size_mb,
+            agents,
+            runs,
+        } => transfer::artifact(rt, size_mb, agents, runs),
+        Scenario::AgentIdle { seconds } => transfer::agent_idle(rt, Duration::from_secs(seconds)),
+        Scenario::RolloutAgents => realfleet::rollout_agents(),
+        Scenario::Handoff => realfleet::handoff(),
+        Scenario::All { .. } => unreachable!("all is not one scenario"),
+    };
+    doc["met"] = met(&doc).into();
+    doc["command"] = command_line(s).into();
+    doc["machine"] = machine.clone();
+    eprintln!("   {}", doc["figures"]);
+    doc
+}
+
+fn main() {
+    let args = Args::parse();
+    for name in ["baton", "batond", "baton-agent", "baton-sim"] {
+        let path = baton_tests::bin_dir().join(name);
+        if !path.exists() {
+            eprintln!(
+                "baton-bench: {} is missing; run `cargo build --release --workspace` first",
+                path.display()
+            );
+            std::process::exit(1);
+        }
+    }
+    let machine = common::machine();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let Scenario::All {
+        agents,
+        hosts,
+        size_mb,
+        settle,
+        idle_seconds,
+        simulated_only,
+        markdown,
+    } = args.scenario
+    else {
+        let doc = run(&rt, &args.scenario, &machine);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+        return;
+    };
+    let mut scenarios = vec![
+        Scenario::Memory { agents, settle },
+        Scenario::Fanout { agents, runs: 5 },
+        Scenario::Reconnect { agents },
+        Scenario::Rollout {
+            hosts,
+            max_parallel: 10,
+            min_healthy_time: Duration::from_secs(1),
+            activation_delay: Duration::from_millis(50),
+            runs: 3,
+        },
+        Scenario::Artifact {
+            size_mb,
+            agents: 1,
+            runs: 3,
+        },
+        Scenario::Artifact {
+            size_mb,
+            agents: 4,
+            runs: 1,
+        },
+        Scenario::AgentIdle {
+            seconds: idle_seconds,
+        },
+    ];
+    if !simulated_only {
+        scenarios.extend([Scenario::RolloutAgents, Scenario::Handoff]);
+    }
+    let results: Vec<Value> = scenarios.iter().map(|s| run(&rt, s, &machine)).collect();
+    if let Some(path) = markdown {
+        std::fs::write(&path, report::markdown(&machine, &results)).unwrap();
+        eprintln!("wrote {}", path.display());
+    }
+    let doc = serde_json::json!({"machine": machine, "results": results});
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap());
+}

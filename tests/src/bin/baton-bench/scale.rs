@@ -1,0 +1,234 @@
+//! The fleet-scale scenarios: one real `batond` process and `baton-sim`
+//! (a process of its own) holding N real mTLS agent streams.
+
+use std::time::{Duration, Instant};
+
+use baton_common::artifact;
+use baton_proto::control::v1::{PingHostsRequest, StartRolloutRequest};
+use serde_json::{Value, json};
+
+use crate::common::{Coordinator, Sim, connected, median, ms, rss_bytes, unix_ms, watch_to_end};
+
+/// How long a large fleet may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Starts the simulator and waits until `batond` itself counts every
+/// agent connected; returns the time from the simulator's first connection
+/// attempt until the last agent was welcomed.
+fn connect_fleet(rt: &tokio::runtime::Runtime, c: &Coordinator, sim: &mut Sim) -> Duration {
+    let t0 = Instant::now();
+    sim.wait_all_connected(CONNECT_TIMEOUT);
+    let took = t0.elapsed();
+    rt.block_on(async {
+        let mut control = c.control().await;
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            let n = connected(&mut control).await;
+            if n == sim.agents {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batond counts {n} of {} agents connected",
+                sim.agents
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    took
+}
+
+/// `memory`: `batond`'s resident memory idle, then with N agents
+/// connected and heartbeating for `settle`.
+pub fn memory(rt: &tokio::runtime::Runtime, agents: usize, settle: Duration) -> Value {
+    let c = Coordinator::start(&[]);
+    // Idle, after its start-up work.
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = rss_bytes(c.pid());
+    let mut sim = Sim::start(&c, agents, &[]);
+    let connect = connect_fleet(rt, &c, &mut sim);
+    // Heartbeats flow meanwhile (every agent sends one every few seconds).
+    std::thread::sleep(settle);
+    let loaded = rss_bytes(c.pid());
+    let per_agent = (loaded.saturating_sub(idle)) as f64 / agents as f64;
+    json!({
+        "scenario": "memory",
+        "parameters": {"agents": agents, "settle_s": settle.as_secs_f64()},
+        "figures": {
+            "bytes_per_agent": per_agent.round(),
+            "rss_idle_mb": idle as f64 / 1e6,
+            "rss_loaded_mb": loaded as f64 / 1e6,
+            "connect_all_ms": ms(connect),
+        },
+        "targets": {"bytes_per_agent": {"max": 32768}},
+    })
+}
+
+/// `fanout`: `PingHosts` to N agents, `runs` times.
+pub fn fanout(rt: &tokio::runtime::Runtime, agents: usize, runs: usize) -> Value {
+    let c = Coordinator::start(&[]);
+    let mut sim = Sim::start(&c, agents, &[]);
+    connect_fleet(rt, &c, &mut sim);
+    let (p50s, p100s) = rt.block_on(async {
+        let mut control = c.control().await;
+        let (mut p50s, mut p100s) = (vec![], vec![]);
+        for run in 0..runs {
+            let answer = control
+                .ping_hosts(PingHostsRequest {
+                    labels: Default::default(),
+                    timeout: Some(baton_common::time::to_duration(Duration::from_secs(60))),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut times: Vec<f64> = answer
+                .hosts
+                .iter()
+                .map(|h| {
+                    assert!(h.error.is_empty(), "{}: {}", h.host_id, h.error);
+                    let d = h
+                        .answered_after
+                        .as_ref()
+                        .and_then(baton_common::time::from_duration)
+                        .unwrap();
+                    ms(d)
+                })
+                .collect();
+            assert_eq!(times.len(), agents, "every agent answers");
+            times.sort_by(f64::total_cmp);
+            let p50 = times[(times.len() - 1) / 2];
+            let p100 = times[times.len() - 1];
+            eprintln!("  run {run}: p50 {p50:.1} ms, all {p100:.1} ms");
+            p50s.push(p50);
+            p100s.push(p100);
+        }
+        (p50s, p100s)
+    });
+    json!({
+        "scenario": "fanout",
+        "parameters": {"agents": agents, "runs": runs},
+        "figures": {
+            "p50_ms": median(p50s.clone()),
+            "p100_ms": median(p100s.clone()),
+            "p100_ms_worst": p100s.iter().copied().fold(0.0, f64::max),
+            "runs_p100_ms": p100s,
+        },
+        "targets": {"p100_ms": {"max": 500.0}},
+    })
+}
+
+/// `reconnect`: `batond` stopped (SIGTERM) and started again with N agents
+/// connected; how long until every agent is back.
+pub fn reconnect(rt: &tokio::runtime::Runtime, agents: usize) -> Value {
+    let mut c = Coordinator::start(&[]);
+    let mut sim = Sim::start(&c, agents, &[]);
+    connect_fleet(rt, &c, &mut sim);
+    let (stop, spawned) = c.restart();
+    let listening = unix_ms();
+    let back = sim.wait_all_connected(Duration::from_secs(120));
+    // batond agrees, and nobody gave up (the simulator never does; an
+    // agent that is not back is counted here).
+    let (missing, seen) = rt.block_on(async {
+        let mut control = c.control().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = connected(&mut control).await;
+            if n == agents || Instant::now() > deadline {
+                break (agents - n, n);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let status = sim.wait_event("status", Duration::from_secs(10));
+    json!({
+        "scenario": "reconnect",
+        "parameters": {"agents": agents, "reconnect_initial_ms": 100, "reconnect_max_ms": 5000},
+        "figures": {
+            "all_back_ms": back.saturating_sub(spawned) as f64,
+            "restart_to_listening_ms": listening.saturating_sub(spawned) as f64,
+            "graceful_stop_ms": ms(stop),
+            "gave_up": missing,
+            "connected_after": seen,
+            "failed_attempts": status["failed_attempts"],
+        },
+        "targets": {"all_back_ms": {"max": 10000.0}, "gave_up": {"max": 0}},
+    })
+}
+
+/// `rollout`: a real rollout of the `demo` service over N simulated hosts.
+pub fn rollout(
+    rt: &tokio::runtime::Runtime,
+    hosts: usize,
+    max_parallel: usize,
+    min_healthy: Duration,
+    activation_delay: Duration,
+    runs: usize,
+) -> Value {
+    let c = Coordinator::start(&[]);
+    let delay = format!("{}ms", activation_delay.as_millis());
+    let mut sim = Sim::start(&c, hosts, &["--activation-delay", &delay]);
+    connect_fleet(rt, &c, &mut sim);
+    let batches = hosts.div_ceil(max_parallel);
+    let ideal = (activation_delay + min_healthy) * u32::try_from(batches).unwrap();
+    let dir = c.env.path("release");
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::write(dir.join("src/service.toml"), "command = \"bin/demo\"\n").unwrap();
+    let (key_path, _) = artifact::keygen(&dir.join("release")).unwrap();
+    let key = artifact::read_signing_key(&key_path).unwrap();
+    let actual: Vec<Duration> = rt.block_on(async {
+        let mut control = c.control().await;
+        let mut actual = vec![];
+        for run in 0..runs {
+            let version = format!("2.0.{run}");
+            let file = dir.join(format!("demo-{version}.baton"));
+            artifact::pack(&dir.join("src"), "demo", &version, &key, &file).unwrap();
+            let (signed, payload) = artifact::open_artifact(&file).unwrap();
+            baton_coordinator::cli::artifact::push_with(&mut control, signed, payload)
+                .await
+                .unwrap();
+            let plan = format!(
+                "[[service]]\nname = \"demo\"\nversion = \"{version}\"\nmax_parallel = {max_parallel}\nmin_healthy_time = \"{}ms\"\n",
+                min_healthy.as_millis()
+            );
+            let t0 = Instant::now();
+            let id = control
+                .start_rollout(StartRolloutRequest { plan })
+                .await
+                .unwrap()
+                .into_inner()
+                .id;
+            let state = watch_to_end(&mut control, &id).await;
+            let took = t0.elapsed();
+            assert_eq!(state, "succeeded", "rollout {id}");
+            eprintln!(
+                "  rollout {version}: {:.3} s, ratio {:.3}",
+                took.as_secs_f64(),
+                took.as_secs_f64() / ideal.as_secs_f64()
+            );
+            actual.push(took);
+        }
+        actual
+    });
+    let ratios: Vec<f64> = actual
+        .iter()
+        .map(|d| d.as_secs_f64() / ideal.as_secs_f64())
+        .collect();
+    json!({
+        "scenario": "rollout",
+        "parameters": {
+            "hosts": hosts,
+            "max_parallel": max_parallel,
+            "min_healthy_time_ms": min_healthy.as_millis(),
+            "activation_delay_ms": activation_delay.as_millis(),
+            "runs": runs,
+        },
+        "figures": {
+            "overhead_ratio": median(ratios.clone()),
+            "batches": batches,
+            "ideal_s": ideal.as_secs_f64(),
+            "actual_s": actual.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+            "ratios": ratios,
+        },
+        "targets": {"overhead_ratio": {"max": 1.05}},
+    })
+}
