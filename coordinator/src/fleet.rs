@@ -169,6 +169,49 @@ pub struct FleetStopped;
 pub struct FleetHandle {
     tx: mpsc::Sender<Command>,
     updates: broadcast::Sender<(HostId, CommandUpdate)>,
+    pings: Pings,
+}
+
+/// Pings in flight by their nonce, each with where its answers go.
+type Pings = Arc<std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<(HostId, CommandUpdate)>>>>;
+
+/// The prefix of a ping's command ids: `ping-<nonce, 16 hex digits>-<n>`.
+pub const PING_PREFIX: &str = "ping-";
+
+/// The answers to one ping in flight; it stops receiving them when
+/// dropped.
+pub struct PingAnswers {
+    nonce: u64,
+    answers: mpsc::UnboundedReceiver<(HostId, CommandUpdate)>,
+    pings: Pings,
+}
+
+impl PingAnswers {
+    /// The id of this ping's command to the `n`th host.
+    pub fn command_id(&self, n: usize) -> String {
+        format!("{PING_PREFIX}{:016x}-{n}", self.nonce)
+    }
+
+    /// The next final answer, with the host that sent it.
+    pub async fn recv(&mut self) -> Option<(HostId, CommandUpdate)> {
+        self.answers.recv().await
+    }
+}
+
+impl Drop for PingAnswers {
+    fn drop(&mut self) {
+        lock(&self.pings).remove(&self.nonce);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The nonce of a ping's command id.
+fn ping_nonce(command_id: &str) -> Option<u64> {
+    let rest = command_id.strip_prefix(PING_PREFIX)?;
+    u64::from_str_radix(rest.get(..16)?, 16).ok()
 }
 
 impl FleetHandle {
@@ -282,8 +325,39 @@ impl FleetHandle {
         self.updates.subscribe()
     }
 
-    /// Publishes an agent's command update to the subscribers.
+    /// Registers a ping: its commands' answers go to it alone, never
+    /// through the command-update broadcast, so that pinging 10,000 hosts
+    /// can neither lose answers to a lagging broadcast nor push a
+    /// rollout's subscriber into lagging.
+    pub fn ping_answers(&self) -> PingAnswers {
+        let (tx, answers) = mpsc::unbounded_channel();
+        let mut pings = lock(&self.pings);
+        let nonce = loop {
+            let n = fastrand::u64(..);
+            if !pings.contains_key(&n) {
+                break n;
+            }
+        };
+        pings.insert(nonce, tx);
+        drop(pings);
+        PingAnswers {
+            nonce,
+            answers,
+            pings: self.pings.clone(),
+        }
+    }
+
+    /// Publishes an agent's command update to the subscribers (a ping's
+    /// final answer to its ping only; a ping's other updates to nobody).
     pub fn publish_update(&self, host: HostId, update: CommandUpdate) {
+        if let Some(nonce) = ping_nonce(&update.command_id) {
+            if matches!(update.phase, baton_common::command::Phase::Done(_))
+                && let Some(to) = lock(&self.pings).get(&nonce)
+            {
+                let _ = to.send((host, update));
+            }
+            return;
+        }
         // No subscriber is not an error.
         let _ = self.updates.send((host, update));
     }
@@ -341,6 +415,7 @@ pub async fn spawn(
         FleetHandle {
             tx,
             updates: broadcast::channel(UPDATE_BUFFER).0,
+            pings: Pings::default(),
         },
         task,
     ))

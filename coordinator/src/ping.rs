@@ -4,9 +4,10 @@
 //!
 //! The hosts come from one question to the registry; each command goes
 //! straight into its stream's channel (a full channel gets its own task,
-//! so one slow agent does not hold up the rest); the answers arrive on the
-//! registry's command-update broadcast, subscribed to before the first
-//! command leaves.
+//! so one slow agent does not hold up the rest); the answers come back on
+//! a channel of this ping's own (`FleetHandle::ping_answers`), registered
+//! before the first command leaves and never shared with the rollouts'
+//! command-update broadcast.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,13 +15,13 @@ use std::time::{Duration, Instant, SystemTime};
 use baton_common::command::{Command, CommandKind, Outcome, Phase};
 use baton_common::host::{HostId, Labels};
 use baton_proto::agent::v1::{CoordinatorMessage, coordinator_message};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc::error::TrySendError;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::fleet::{FleetHandle, FleetStopped};
 
 const CLOSED: &str = "its stream closed before the ping was sent";
+const FULL: &str = "its stream stayed full until the timeout: the agent is not reading";
 
 /// One host's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +50,11 @@ pub async fn ping(
     labels: Labels,
     timeout: Duration,
 ) -> Result<PingReport, FleetStopped> {
-    let mut updates = fleet.command_updates();
+    let mut answers = fleet.ping_answers();
     let targets = fleet.senders(labels).await?;
     let started = Instant::now();
     let give_up = tokio::time::Instant::from_std(started) + timeout;
     let deadline = SystemTime::now() + timeout;
-    let nonce = fastrand::u64(..);
     let mut hosts = Vec::with_capacity(targets.len());
     let mut waiting = HashMap::with_capacity(targets.len());
     let mut queued = tokio::task::JoinSet::new();
@@ -67,7 +67,7 @@ pub async fn ping(
             });
             continue;
         };
-        let id = format!("ping-{nonce:016x}-{i}");
+        let id = answers.command_id(i);
         let message = Box::new(CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Command(
                 (&Command {
@@ -87,8 +87,12 @@ pub async fn ping(
             Err(TrySendError::Full(message)) => {
                 waiting.insert(id, index);
                 queued.spawn(async move {
-                    let sent = tokio::time::timeout_at(give_up, sender.send(message)).await;
-                    (index, matches!(sent, Ok(Ok(()))))
+                    let sent = match tokio::time::timeout_at(give_up, sender.send(message)).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(_)) => Some(CLOSED),
+                        Err(_) => Some(FULL),
+                    };
+                    (index, sent)
                 });
             }
             Err(TrySendError::Closed(_)) => error = Some(CLOSED.to_owned()),
@@ -101,18 +105,16 @@ pub async fn ping(
     }
     debug!(hosts = hosts.len(), "pings sent");
 
-    let mut lost = 0u64;
     while !waiting.is_empty() {
         tokio::select! {
-            Some(Ok((index, false))) = queued.join_next(), if !queued.is_empty() => {
+            Some(Ok((index, Some(why)))) = queued.join_next(), if !queued.is_empty() => {
                 waiting.retain(|_, i| *i != index);
-                hosts[index].error = Some(CLOSED.into());
+                hosts[index].error = Some(why.into());
             }
-            next = tokio::time::timeout_at(give_up, updates.recv()) => match next {
+            next = tokio::time::timeout_at(give_up, answers.recv()) => match next {
                 Err(_) => break,
-                Ok(Err(RecvError::Lagged(n))) => lost += n,
-                Ok(Err(RecvError::Closed)) => return Err(FleetStopped),
-                Ok(Ok((host, update))) => {
+                Ok(None) => return Err(FleetStopped),
+                Ok(Some((host, update))) => {
                     let Phase::Done(outcome) = update.phase else {
                         continue;
                     };
@@ -135,12 +137,6 @@ pub async fn ping(
     }
     let elapsed = started.elapsed();
     queued.abort_all();
-    if lost > 0 {
-        warn!(
-            lost,
-            "a ping fell behind the command updates; hosts whose answers were lost count as silent"
-        );
-    }
     for index in waiting.into_values() {
         hosts[index].error = Some(format!(
             "no answer within {}",

@@ -32,13 +32,17 @@ fn ms(d: Duration) -> f64 {
 /// Runs `baton ping`: exit 0 when every selected host answered, 1
 /// otherwise.
 pub async fn run(cli: &Cli, args: &PingArgs) -> Result<ExitCode, CliError> {
+    let mut request = tonic::Request::new(PingHostsRequest {
+        labels: args.labels.iter().cloned().collect(),
+        timeout: Some(to_duration(args.timeout)),
+    });
+    // The call lasts up to the ping's own timeout, beyond the CLI's usual
+    // 30 s per call; a margin covers answering.
+    request.set_timeout(args.timeout + Duration::from_secs(30));
     let response = cli
-        .control()
+        .control_without_timeout()
         .await?
-        .ping_hosts(PingHostsRequest {
-            labels: args.labels.iter().cloned().collect(),
-            timeout: Some(to_duration(args.timeout)),
-        })
+        .ping_hosts(request)
         .await
         .map_err(|s| call_failed("pinging the fleet failed", s))?
         .into_inner();
