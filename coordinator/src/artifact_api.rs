@@ -75,28 +75,49 @@ impl ArtifactService for ArtifactApi {
         debug!(digest = %req.digest, offset = req.offset, size, "serving a payload");
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let shutdown = self.shutdown.clone();
-        let mut file = file.into_std().await;
-        // A plain thread reads ahead of the network: one read per chunk
-        // straight into the memory the chunk then owns (no zeroing, no
-        // copy out of an async file's own buffer).
-        self.tasks.spawn_blocking(move || {
+        let file = file.into_std().await;
+        self.tasks.spawn(async move {
             let mut offset = req.offset;
-            while offset < size && !shutdown.is_cancelled() {
+            let mut file = Some(file);
+            while offset < size {
                 let want = usize::try_from(size - offset).unwrap_or(CHUNK).min(CHUNK);
-                let mut data = Vec::with_capacity(want);
-                let item = match (&mut file).take(want as u64).read_to_end(&mut data) {
-                    Ok(n) if n == want => Ok(FetchChunk {
-                        offset,
-                        data: data.into(),
-                        size,
-                    }),
-                    Ok(_) => Err(Status::internal("read failed: the file ended early")),
+                let Some(mut reading) = file.take() else {
+                    return;
+                };
+                // Each read runs on the blocking pool straight into the
+                // memory the chunk is then sent from (no zeroing, no copy
+                // out of an async file's buffer); waiting for the agent to
+                // take the chunk holds no thread.
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut data = Vec::with_capacity(want);
+                    let n = (&mut reading).take(want as u64).read_to_end(&mut data);
+                    (reading, n, data)
+                });
+                let item = match read.await {
+                    Ok((reading, Ok(n), data)) if n == want => {
+                        file = Some(reading);
+                        Ok(FetchChunk {
+                            offset,
+                            data: data.into(),
+                            size,
+                        })
+                    }
+                    Ok((_, Ok(_), _)) => Err(Status::internal("read failed: the file ended early")),
+                    Ok((_, Err(e), _)) => Err(Status::internal(format!("read failed: {e}"))),
                     Err(e) => Err(Status::internal(format!("read failed: {e}"))),
                 };
                 let failed = item.is_err();
                 offset += want as u64;
-                if tx.blocking_send(item).is_err() || failed {
-                    return;
+                tokio::select! {
+                    sent = tx.send(item) => if sent.is_err() || failed { return },
+                    () = shutdown.cancelled() => {
+                        // Retryable: the agent resumes from its offset at
+                        // the next coordinator.
+                        let _ = tx.try_send(Err(Status::unavailable(
+                            "the coordinator is shutting down; resume the download",
+                        )));
+                        return;
+                    }
                 }
             }
         });

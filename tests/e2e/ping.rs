@@ -37,6 +37,18 @@ fn every_agent_answers_a_ping_and_a_missing_one_is_named() {
     }
     assert!(doc["p100_ms"].as_f64().unwrap() >= doc["p50_ms"].as_f64().unwrap());
 
+    // A no-op is answered, never journaled: pinging costs a host no disk.
+    let journal = |host: &str| {
+        std::fs::read_dir(fleet.data_dir(host).join("commands"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = journal("h1");
+    for _ in 0..3 {
+        assert!(ping(&fleet, &[]).0);
+    }
+    assert_eq!(journal("h1"), before, "pings were journaled");
+
     let (ok, doc) = ping(&fleet, &["--label", "role=db"]);
     assert!(ok, "{doc}");
     assert_eq!(doc["hosts"].as_array().unwrap().len(), 1, "{doc}");
