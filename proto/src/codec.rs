@@ -8,8 +8,8 @@ use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// The buffer every call starts with, for encoding and for decoding (a
-/// heartbeat is about 20 bytes, a hello with a few services 300); it
-/// grows in steps of this size for a larger message. tonic's default is
+/// heartbeat is about 20 bytes, a hello with a few services 300); a
+/// larger message makes it grow to fit. tonic's default is
 /// 8 KiB each way, allocated eagerly per call: for a coordinator holding
 /// 10,000 agent streams that is 160 MiB of buffers for messages that are
 /// mostly under 200 bytes (heartbeats, pings, command updates).

@@ -85,8 +85,9 @@ struct Args {
     /// The cap on reconnect delays.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     reconnect_max: Duration,
-    /// Connection attempts in flight at once, so that the first connect of
-    /// a large fleet is not a single burst of handshakes.
+    /// First connection attempts in flight at once, so that starting a
+    /// large fleet is not a single burst of handshakes. Reconnects are not
+    /// held back: real agents are not coordinated either.
     #[arg(long, default_value_t = 512)]
     connect_concurrency: usize,
     /// How often a status line is printed.
@@ -386,13 +387,18 @@ impl SimAgent {
                 std::process::exit(2);
             }
         };
+        let mut welcomed_once = false;
         loop {
-            let session = {
-                let _slot = shared.connect_slots.acquire().await;
-                self.open(&endpoint).await
+            let slot = if welcomed_once {
+                None
+            } else {
+                shared.connect_slots.acquire().await.ok()
             };
+            let session = self.open(&endpoint).await;
+            drop(slot);
             match session {
                 Ok((tx, inbound, silence, heartbeat)) => {
+                    welcomed_once = true;
                     shared.up();
                     backoff.reset();
                     self.session(

@@ -264,16 +264,30 @@ impl Sim {
 
     /// Waits for the next line of `event`; returns it.
     pub fn wait_event(&mut self, event: &str, timeout: Duration) -> Value {
+        self.next_event(event, timeout, |_| true)
+            .unwrap_or_else(|| {
+                panic!(
+                    "baton-sim did not report {event} within {}",
+                    humantime::format_duration(timeout)
+                )
+            })
+    }
+
+    /// The next line of `event` that `pick` accepts, if one comes within
+    /// `timeout`.
+    pub fn next_event(
+        &mut self,
+        event: &str,
+        timeout: Duration,
+        pick: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(v) if v["event"] == event => return v,
+                Ok(v) if v["event"] == event && pick(&v) => return Some(v),
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "baton-sim did not report {event} within {}",
-                    humantime::format_duration(timeout)
-                ),
+                Err(_) => return None,
             }
         }
     }

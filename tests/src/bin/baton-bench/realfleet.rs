@@ -22,7 +22,7 @@ fn process_start() -> Duration {
     for _ in 0..5 {
         let port = baton_tests::fleet::free_port();
         let t0 = Instant::now();
-        let mut child = Command::new(bin("baton"))
+        let child = Command::new(bin("baton"))
             .args([
                 "demo-service",
                 "--listen",
@@ -33,13 +33,13 @@ fn process_start() -> Duration {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Killed however this ends.
+        let _child = KillOnDrop(Some(child));
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(t0.elapsed() < SOON, "the demo service did not start");
             std::thread::sleep(Duration::from_micros(200));
         }
         samples.push(t0.elapsed());
-        child.kill().unwrap();
-        child.wait().unwrap();
     }
     samples.sort();
     samples[samples.len() / 2]
@@ -147,7 +147,8 @@ fn wrk_while(addr: std::net::SocketAddr, during: impl FnOnce()) -> Wrk {
         .expect("cannot run wrk");
     // Killed if `during` panics, rather than left loading the machine.
     let mut guard = KillOnDrop(Some(child));
-    // Let wrk connect before the measured period; a benchmark, not a test.
+    // wrk connects before the upgrades start; its figures include these
+    // 300 ms of plain load too. A benchmark, not a test.
     std::thread::sleep(Duration::from_millis(300));
     during();
     let child = guard.0.take().unwrap();

@@ -113,7 +113,7 @@ pub fn fanout(rt: &tokio::runtime::Runtime, agents: usize, runs: usize) -> Value
             "p100_ms_worst": p100s.iter().copied().fold(0.0, f64::max),
             "runs_p100_ms": p100s,
         },
-        "targets": {"p100_ms": {"max": 500.0}},
+        "targets": {"p100_ms": {"max": 500.0}, "p100_ms_worst": {"max": 500.0}},
     })
 }
 
@@ -125,9 +125,17 @@ pub fn reconnect(rt: &tokio::runtime::Runtime, agents: usize) -> Value {
     connect_fleet(rt, &c, &mut sim);
     let (stop, spawned) = c.restart();
     let listening = unix_ms();
-    let back = sim.wait_all_connected(Duration::from_secs(120));
-    // batond agrees, and nobody gave up (the simulator never does; an
-    // agent that is not back is counted here).
+    // The first time the whole fleet is connected after the new batond
+    // started (an earlier line may still be queued).
+    let back = sim
+        .next_event("all_connected", Duration::from_secs(120), |v| {
+            v["unix_ms"]
+                .as_u64()
+                .is_some_and(|t| u128::from(t) > spawned)
+        })
+        .and_then(|v| v["unix_ms"].as_u64())
+        .map(u128::from);
+    // batond agrees; agents still missing a minute on count as given up.
     let (missing, seen) = rt.block_on(async {
         let mut control = c.control().await;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -144,7 +152,9 @@ pub fn reconnect(rt: &tokio::runtime::Runtime, agents: usize) -> Value {
         "scenario": "reconnect",
         "parameters": {"agents": agents, "reconnect_initial_ms": 100, "reconnect_max_ms": 5000},
         "figures": {
-            "all_back_ms": back.saturating_sub(spawned) as f64,
+            // Not back within two minutes: the figure says so, far above
+            // its target.
+            "all_back_ms": back.map_or(120_000.0, |b| b.saturating_sub(spawned) as f64),
             "restart_to_listening_ms": listening.saturating_sub(spawned) as f64,
             "graceful_stop_ms": ms(stop),
             "gave_up": missing,
