@@ -90,6 +90,19 @@ fn every_scenario_runs_small_and_reports_every_figure() {
     assert!(get("artifact", "coordinator_egress_ratio") >= 1.0);
 
     let text = std::fs::read_to_string(&report).unwrap();
+    // The report renders again from the JSON alone, identically.
+    let json = dir.path().join("all.json");
+    std::fs::write(&json, &out.stdout).unwrap();
+    let again = dir.path().join("again.md");
+    let rendered = Command::new(bin("baton-bench"))
+        .args(["render", "--json"])
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), text);
     for heading in [
         "## Summary",
         "## Coordinator memory per agent",

@@ -103,6 +103,16 @@ enum Scenario {
     /// 20 upgrades of one host under wrk, with socket handoff and without:
     /// failed requests and latency.
     Handoff,
+    /// Renders the report from the JSON `all` printed, without measuring
+    /// again (after a change to the report's text).
+    Render {
+        /// The JSON document `all` printed (`BENCHMARKS.json`).
+        #[arg(long, value_name = "FILE")]
+        json: std::path::PathBuf,
+        /// Write the report here (Markdown).
+        #[arg(long, value_name = "FILE")]
+        markdown: std::path::PathBuf,
+    },
     /// Every scenario at its target size (about five minutes here).
     All {
         /// Agents for memory, fanout and reconnect.
@@ -176,6 +186,7 @@ fn command_line(s: &Scenario) -> String {
         }
         Scenario::RolloutAgents => "baton-bench rollout-agents".into(),
         Scenario::Handoff => "baton-bench handoff".into(),
+        Scenario::Render { .. } => "baton-bench render".into(),
         Scenario::All { .. } => "baton-bench all".into(),
     }
 }
@@ -208,7 +219,9 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
         Scenario::AgentIdle { seconds } => transfer::agent_idle(rt, Duration::from_secs(seconds)),
         Scenario::RolloutAgents => realfleet::rollout_agents(),
         Scenario::Handoff => realfleet::handoff(),
-        Scenario::All { .. } => unreachable!("all is not one scenario"),
+        Scenario::All { .. } | Scenario::Render { .. } => {
+            unreachable!("not one scenario")
+        }
     };
     doc["met"] = met(&doc).into();
     doc["command"] = command_line(s).into();
@@ -219,6 +232,19 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
 
 fn main() {
     let args = Args::parse();
+    if let Scenario::Render { json, markdown } = &args.scenario {
+        let doc: Value = std::fs::read(json)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                eprintln!("baton-bench: cannot read {}: {e}", json.display());
+                std::process::exit(1);
+            });
+        let results = doc["results"].as_array().cloned().unwrap_or_default();
+        std::fs::write(markdown, report::markdown(&doc["machine"], &results)).unwrap();
+        eprintln!("wrote {}", markdown.display());
+        return;
+    }
     for name in ["baton", "batond", "baton-agent", "baton-sim"] {
         let path = baton_tests::bin_dir().join(name);
         if !path.exists() {

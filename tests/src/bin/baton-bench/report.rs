@@ -97,8 +97,9 @@ on two shared cores needs the non-hash work under about 0.8 ns per byte: kernel 
         scenario: "agent-idle",
         title: "An idle agent's cost to its host",
         what: "One real `baton-agent`, connected to `batond` and idle (heartbeats only) for `seconds`: \
-its resident memory at the end and its CPU time over the period (each thread's from \
-`/proc/PID/task/TID/schedstat`, in nanoseconds; `/proc/PID/stat` counts in 10 ms ticks). \
+its resident memory at the end and its CPU time over the period: the larger of the threads' own \
+count (`/proc/PID/task/TID/schedstat`, in nanoseconds) and the process's (`/proc/PID/stat`, in \
+10 ms ticks, which also counts threads that ended meanwhile) — an upper bound. \
 `rss_anon_mb` is the part that is the agent's own (heap and stacks); the rest is the binary's \
 code, shared with every other process running it.",
         when_missed: "",
@@ -160,7 +161,9 @@ Measured by `baton-bench` (`tests/src/bin/baton-bench/`) with release builds on 
 simulator `baton-sim` and the benchmark are separate processes sharing those cores.\n\n\
 Regenerate this file with:\n\n```sh\nbash .ci/bench\n```\n\n\
 (`cargo build --release --workspace && target/release/baton-bench all --markdown BENCHMARKS.md`). \
-Each scenario also runs alone and prints one JSON document; its command is given below.\n\n\
+Each scenario also runs alone and prints one JSON document; its command is given below. \
+The measurements are kept in `BENCHMARKS.json`; `baton-bench render --json BENCHMARKS.json --markdown \
+BENCHMARKS.md` renders this file again from them.\n\n\
 ## Summary\n\n| scenario | figure | result | target | |\n|---|---|---|---|---|\n",
         machine["cores"],
         machine["cpu"].as_str().unwrap_or("?"),
