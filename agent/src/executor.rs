@@ -42,6 +42,8 @@ use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Attempts to resume a broken download before staging fails.
 const FETCH_ATTEMPTS: u32 = 10;
+/// Why a command that came too late was not run.
+const LATE: &str = "the command arrived after its deadline";
 /// Payload chunks (1 MiB each) received ahead of the disk and the hash.
 const WRITE_AHEAD: usize = 8;
 /// A download slower than [`MIN_FETCH_RATE`] over this long (or silent for
@@ -411,11 +413,7 @@ impl Executor {
         // not cost every host two fsyncs and a file per ping).
         if command.kind == CommandKind::Noop {
             let update = if command.deadline < SystemTime::now() {
-                CommandUpdate::done(
-                    &command.id,
-                    Outcome::Failed,
-                    "the command arrived after its deadline",
-                )
+                CommandUpdate::done(&command.id, Outcome::Failed, LATE)
             } else {
                 CommandUpdate::done(&command.id, Outcome::Succeeded, "")
             };
@@ -512,7 +510,7 @@ impl Executor {
 
     async fn run(&self, command: Command) -> Result<(), String> {
         if command.deadline < SystemTime::now() {
-            return Err("the command arrived after its deadline".into());
+            return Err(LATE.into());
         }
         self.publish(accepted(&command.id));
         let kind = command.kind;
@@ -521,6 +519,7 @@ impl Executor {
                 .map_err(|e| format!("invalid service name {service:?}: {e}"))?;
         }
         match kind {
+            // Answered in `submit`, never run.
             CommandKind::Noop => Ok(()),
             CommandKind::Stage {
                 service,
