@@ -27,7 +27,7 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 pub struct AgentArgs {
     /// A TOML file with any of the keys below (`coordinator`, `host-id`,
     /// `data-dir`, `tls-dir`, `labels`, `vars`, `trusted-keys`,
-    /// `reconnect-max`); flags win over it (labels and vars are merged).
+    /// `reconnect-max`, `keep-releases`, `metrics-listen`); flags win over it (labels and vars are merged).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -77,6 +77,12 @@ pub struct AgentArgs {
     #[arg(long, value_name = "TOKEN", env = "BATON_ENROLL_TOKEN")]
     pub enroll_token: Option<String>,
 
+    /// Serve the agent's Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9101 (plain HTTP: keep it on loopback or a private
+    /// network). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     /// Internal: watch an upgrade of this agent (started by the agent
     /// itself, with --data-dir only).
     #[arg(long, hide = true)]
@@ -99,6 +105,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     reconnect_max: Option<Duration>,
     keep_releases: Option<usize>,
+    metrics_listen: Option<String>,
 }
 
 /// `coordinator` in the file: one URL, comma-separated URLs, or a list.
@@ -142,6 +149,8 @@ pub struct AgentConfig {
     pub keep_releases: usize,
     /// The first reconnect delay.
     pub reconnect_initial: Duration,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The cap on reconnect delays.
     pub reconnect_max: Duration,
 }
@@ -289,6 +298,19 @@ impl AgentConfig {
             errors.push("reconnect-max must be at least 100ms".to_owned());
         }
 
+        let metrics_listen = args
+            .metrics_listen
+            .or(file.metrics_listen)
+            .and_then(|text| {
+                text.parse::<std::net::SocketAddr>()
+                    .map_err(|_| {
+                        errors.push(format!(
+                            "metrics-listen {text:?} is not IP:PORT (for example 127.0.0.1:9101)"
+                        ))
+                    })
+                    .ok()
+            });
+
         match (errors.is_empty(), host_id, tls) {
             (true, Some(host_id), Some(tls)) => Ok(Self {
                 coordinators,
@@ -302,6 +324,7 @@ impl AgentConfig {
                 keep_releases,
                 reconnect_initial: Duration::from_millis(100),
                 reconnect_max,
+                metrics_listen,
             }),
             _ => Err(ConfigErrors(errors)),
         }

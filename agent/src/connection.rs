@@ -368,6 +368,11 @@ impl Link {
             "connected to the coordinator"
         );
         backoff.reset();
+        let metrics = &crate::metrics::METRICS;
+        if metrics.connects.get() > 0 {
+            metrics.reconnects.inc();
+        }
+        metrics.connects.inc();
         self.connected.send_replace(true);
         {
             let (url, endpoint) = &self.endpoints[self.next];

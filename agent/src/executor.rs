@@ -438,9 +438,11 @@ impl Executor {
         self.inner.tasks.spawn(async move {
             let id = command.id.clone();
             let kind = command.kind.name();
+            let started = std::time::Instant::now();
+            let health_wait = crate::metrics::HealthWait::default();
             let outcome = tokio::select! {
                 _ = this.inner.shutdown.cancelled() => None,
-                r = this.run(command) => Some(r),
+                r = crate::metrics::HEALTH_WAIT.scope(health_wait.clone(), this.run(command)) => Some(r),
             };
             let Some(result) = outcome else {
                 // Not journaled: the coordinator re-sends it after the
@@ -448,10 +450,18 @@ impl Executor {
                 lock(&this.inner.running).remove(&id);
                 return;
             };
-            let update = match &result {
+            let mut update = match &result {
                 Ok(()) => CommandUpdate::done(&id, Outcome::Succeeded, ""),
                 Err(e) => CommandUpdate::done(&id, Outcome::Failed, e.clone()),
             };
+            update.health_wait = health_wait.get();
+            let metrics = &crate::metrics::METRICS;
+            metrics
+                .commands
+                .inc(&[kind, if result.is_ok() { "succeeded" } else { "failed" }]);
+            if matches!(kind, "activate" | "rollback") {
+                metrics.activation.observe(started.elapsed());
+            }
             match &result {
                 Ok(()) => info!(%id, kind, "command succeeded"),
                 Err(e) => warn!(%id, kind, error = %e, "command failed"),
@@ -703,6 +713,7 @@ impl Executor {
                     phase: Phase::Running,
                     progress_percent: u32::try_from(offset * 100 / m.size.max(1)).unwrap_or(100),
                     error: String::new(),
+                    health_wait: None,
                 });
             }
         })
@@ -1408,7 +1419,13 @@ impl Executor {
             };
             let healthy = if state == ServiceState::Running {
                 match &health {
-                    Some(h) => health::check_once(h, &release_dir).await.is_ok(),
+                    Some(h) => {
+                        let passed = health::check_once(h, &release_dir).await.is_ok();
+                        if !passed {
+                            crate::metrics::METRICS.health_check_failures.inc();
+                        }
+                        passed
+                    }
                     None => true,
                 }
             } else {
@@ -1667,6 +1684,7 @@ fn accepted(id: &str) -> CommandUpdate {
         command_id: id.to_owned(),
         phase: Phase::Accepted,
         progress_percent: 0,
+        health_wait: None,
         error: String::new(),
     }
 }

@@ -79,6 +79,22 @@ pub async fn wait_healthy(
     cancel: &CancellationToken,
 ) -> Result<Duration, String> {
     let start = Instant::now();
+    let result = gate_loop(spec, release_dir, gate, alive, cancel).await;
+    let took = start.elapsed();
+    crate::metrics::METRICS.health_wait.observe(took);
+    // Outside a command (the tests) there is nobody to tell.
+    let _ = crate::metrics::HEALTH_WAIT.try_with(|w| w.set(took));
+    result
+}
+
+async fn gate_loop(
+    spec: Option<&HealthSpec>,
+    release_dir: &Path,
+    gate: &Gate,
+    alive: &mut watch::Receiver<bool>,
+    cancel: &CancellationToken,
+) -> Result<Duration, String> {
+    let start = Instant::now();
     let deadline = start + gate.healthy_deadline;
     // Without a spec, a "check" always passes and only the process's
     // liveness (watched below) and the clock matter.
@@ -132,6 +148,7 @@ pub async fn wait_healthy(
                 retry = FIRST_RETRY.min(interval);
             }
             Err(error) => {
+                crate::metrics::METRICS.health_check_failures.inc();
                 tracing::debug!(%error, "health check failed");
                 last_error = error;
                 first_pass = None;

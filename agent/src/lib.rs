@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod executor;
 pub mod health;
 pub mod journal;
+pub mod metrics;
 pub mod releases;
 pub mod selfupgrade;
 pub mod service;
@@ -82,6 +83,12 @@ impl Agent {
             executor,
             shutdown,
         })
+    }
+
+    /// Whether the agent holds a stream to a coordinator, now and on
+    /// every change.
+    pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.link.connected()
     }
 
     /// Runs until `shutdown` is cancelled: first picks up the services a

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     };
     // Inside the runtime: the agent's lazily connected download channel
     // registers with it.
-    let agent = match runtime.block_on(async {
+    let (agent, metrics) = match runtime.block_on(async {
         // A new host: get a certificate with the one-time token first.
         if let Some(target) = AgentConfig::enrollment(&args).map_err(|e| e.0)? {
             baton_agent::enroll::enroll(&target)
@@ -42,6 +42,15 @@ fn main() -> ExitCode {
                 .map_err(|e| vec![e])?;
         }
         let config = AgentConfig::resolve(args).map_err(|e| e.0)?;
+        // Bound before anything runs, so a taken port is a start-up error.
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                baton_common::metrics::bind(addr)
+                    .await
+                    .map_err(|e| vec![format!("cannot serve metrics on {addr}: {e}")])?,
+            ),
+            None => None,
+        };
         // Before anything else: settle an upgrade of this agent, or run
         // the release the host is on.
         let me = match selfupgrade::boot(&config.data_dir).map_err(|e| vec![e])? {
@@ -58,9 +67,10 @@ fn main() -> ExitCode {
         let pidfile = config.data_dir.join("agent.pid");
         std::fs::write(&pidfile, format!("{}\n", std::process::id()))
             .map_err(|e| vec![format!("cannot write {}: {e}", pidfile.display())])?;
-        Agent::upgradable(config, me).map_err(|e| vec![e])
+        let agent = Agent::upgradable(config, me).map_err(|e| vec![e])?;
+        Ok((agent, metrics))
     }) {
-        Ok(agent) => agent,
+        Ok(started) => started,
         Err(errors) => {
             for e in errors {
                 eprintln!("baton-agent: {e}");
@@ -77,6 +87,22 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(listener) = metrics {
+            let addr = listener
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string());
+            tracing::info!(%addr, "serving metrics at /metrics");
+            let connected = agent.connected();
+            let render = move || {
+                let up = *connected.borrow();
+                async move { baton_agent::metrics::render(up) }
+            };
+            tokio::spawn(baton_common::metrics::serve(
+                listener,
+                render,
+                shutdown.clone(),
+            ));
+        }
         agent.run(shutdown).await;
         signals.abort();
         ExitCode::SUCCESS

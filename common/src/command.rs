@@ -133,6 +133,8 @@ pub struct CommandUpdate {
     pub progress_percent: u32,
     /// Why it failed, when it did.
     pub error: String,
+    /// How long a finished activation's health gate took.
+    pub health_wait: Option<Duration>,
 }
 
 impl CommandUpdate {
@@ -143,6 +145,7 @@ impl CommandUpdate {
             phase: Phase::Done(outcome),
             progress_percent: 100,
             error: error.into(),
+            health_wait: None,
         }
     }
 }
@@ -299,6 +302,7 @@ impl From<&CommandUpdate> for pb::CommandUpdate {
             progress_percent: u.progress_percent,
             outcome: outcome.into(),
             error: u.error.clone(),
+            health_wait: u.health_wait.map(to_duration),
         }
     }
 }
@@ -352,6 +356,8 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             phase,
             progress_percent: u.progress_percent,
             error: u.error,
+            // An unusable duration is dropped: it only feeds a metric.
+            health_wait: u.health_wait.as_ref().and_then(from_duration),
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod artifact;
 pub mod backoff;
 pub mod command;
 pub mod host;
+pub mod metrics;
 pub mod pki;
 pub mod process;
 pub mod sdnotify;

@@ -50,6 +50,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         trusted_keys: vec![],
         keep_releases: 3,
         reconnect_initial: Duration::from_millis(50),
+        metrics_listen: None,
         reconnect_max: Duration::from_millis(500),
     };
     let agent = tokio::spawn(Agent::new(config).unwrap().run(agent_stop.clone()));

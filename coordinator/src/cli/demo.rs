@@ -268,6 +268,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             trusted_keys: vec![artifact::read_public_key(&pub_path)?],
             keep_releases: baton_agent::config::DEFAULT_KEEP_RELEASES,
             reconnect_initial: Duration::from_millis(100),
+            metrics_listen: None,
             reconnect_max: Duration::from_secs(2),
         };
         agents.spawn(Agent::new(config)?.run(agents_stop.clone()));

@@ -192,6 +192,8 @@ fn done(id: &str, result: &Result<(), String>) -> pb::CommandUpdate {
             Err(_) => pb::CommandOutcome::Failed as i32,
         },
         error: result.as_ref().err().cloned().unwrap_or_default(),
+        // No health gate runs on a simulated host.
+        health_wait: None,
     }
 }
 

@@ -1,0 +1,95 @@
+//! The agent's own Prometheus metrics (`baton-agent --metrics-listen`):
+//! whether it is connected, its reconnects, the commands it ran, how long
+//! activations and health waits took, and failed health checks.
+//!
+//! One agent runs per process, so the counters are process-wide.
+
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use baton_common::metrics::{Counter, CounterVec, Exposition, Histogram};
+
+/// The agent's counters.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Streams opened to a coordinator.
+    pub connects: Counter,
+    /// Streams opened after an earlier one was lost.
+    pub reconnects: Counter,
+    /// Commands finished, by kind and result.
+    pub commands: CounterVec,
+    /// Whole activations (hooks, swap, restart, health gate).
+    pub activation: Histogram,
+    /// Health gates, from the new process's start to healthy (or giving up).
+    pub health_wait: Histogram,
+    /// Health checks that did not pass (during a gate or while running).
+    pub health_check_failures: Counter,
+}
+
+/// This process's metrics.
+pub static METRICS: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::default);
+
+/// The text-format document; `connected` is the stream's state now.
+pub fn render(connected: bool) -> String {
+    let m = &*METRICS;
+    let mut e = Exposition::default();
+    e.gauge(
+        "baton_agent_connected",
+        "Whether the agent holds a stream to a coordinator (1) or not (0).",
+        if connected { 1.0 } else { 0.0 },
+    );
+    e.counter(
+        "baton_agent_stream_connects_total",
+        "Streams opened to a coordinator.",
+        &m.connects,
+    );
+    e.counter(
+        "baton_agent_stream_reconnects_total",
+        "Streams opened after an earlier stream of this process was lost.",
+        &m.reconnects,
+    );
+    e.counter_vec(
+        "baton_agent_commands_total",
+        "Commands from the coordinator that finished, by kind and result.",
+        &["kind", "result"],
+        &m.commands,
+    );
+    e.histogram(
+        "baton_agent_activation_duration_seconds",
+        "Activations and rollbacks, from the command's start to its end.",
+        &m.activation,
+    );
+    e.histogram(
+        "baton_agent_health_wait_duration_seconds",
+        "Health gates, from the start of waiting to healthy or giving up.",
+        &m.health_wait,
+    );
+    e.counter(
+        "baton_agent_health_check_failures_total",
+        "Health checks that did not pass, during a gate or while running.",
+        &m.health_check_failures,
+    );
+    e.finish()
+}
+
+/// The time the current command spent in health gates (the last gate, when
+/// it ran several), reported with its outcome.
+#[derive(Debug, Clone, Default)]
+pub struct HealthWait(Arc<Mutex<Option<Duration>>>);
+
+impl HealthWait {
+    /// Records a gate's duration.
+    pub fn set(&self, took: Duration) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(took);
+    }
+
+    /// The last gate's duration, if a gate ran.
+    pub fn get(&self) -> Option<Duration> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+tokio::task_local! {
+    /// The running command's health wait, set by the health gate.
+    pub static HEALTH_WAIT: HealthWait;
+}

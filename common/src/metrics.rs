@@ -1,0 +1,286 @@
+//! Prometheus metrics without a registry crate: counters and histograms on
+//! atomics, written out in the text exposition format (version 0.0.4) by
+//! [`Exposition`], and served over plain HTTP by [`serve`].
+//!
+//! Names follow Prometheus conventions: a `baton_` prefix, `_total` for
+//! counters, `_seconds` for durations, base units only.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// The content type of the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Bucket bounds (seconds) for activations and health waits: from a
+/// fast restart to the default health deadline and beyond.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters told apart by the values of their labels (the names are
+/// given when written out).
+#[derive(Debug, Default)]
+pub struct CounterVec(Mutex<BTreeMap<Vec<String>, u64>>);
+
+impl CounterVec {
+    /// A family whose listed label values show as 0 before they happen
+    /// (so a rate over them exists from the first scrape).
+    pub fn with_values(values: &[&[&str]]) -> Self {
+        Self(Mutex::new(
+            values
+                .iter()
+                .map(|v| (v.iter().map(|s| (*s).to_owned()).collect(), 0))
+                .collect(),
+        ))
+    }
+
+    /// Adds one to the counter of these label values.
+    pub fn inc(&self, values: &[&str]) {
+        let key: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(key).or_default() += 1;
+    }
+
+    /// Every combination of label values and its count, in label order.
+    pub fn values(&self) -> Vec<(Vec<String>, u64)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// A distribution of durations over fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending, in seconds).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// How many observations there were.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new(DURATION_BUCKETS)
+    }
+}
+
+/// A text-format document being written: one `# HELP`/`# TYPE` header per
+/// metric, then its samples.
+#[derive(Debug, Default)]
+pub struct Exposition(String);
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Exposition {
+    fn header(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// A gauge without labels.
+    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.header(name, help, "gauge");
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    /// A gauge with one label, one sample per value.
+    pub fn gauge_vec(&mut self, name: &str, help: &str, label: &str, samples: &[(String, f64)]) {
+        self.header(name, help, "gauge");
+        for (v, n) in samples {
+            let _ = writeln!(self.0, "{name}{{{label}=\"{}\"}} {n}", escape(v));
+        }
+    }
+
+    /// A counter without labels.
+    pub fn counter(&mut self, name: &str, help: &str, c: &Counter) {
+        self.header(name, help, "counter");
+        let _ = writeln!(self.0, "{name} {}", c.get());
+    }
+
+    /// A counter family; `labels` names the label values in order.
+    pub fn counter_vec(&mut self, name: &str, help: &str, labels: &[&str], c: &CounterVec) {
+        self.header(name, help, "counter");
+        for (values, n) in c.values() {
+            let pairs: Vec<String> = labels
+                .iter()
+                .zip(&values)
+                .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
+                .collect();
+            let _ = writeln!(self.0, "{name}{{{}}} {n}", pairs.join(","));
+        }
+    }
+
+    /// A histogram: cumulative buckets, sum and count.
+    pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.header(name, help, "histogram");
+        let mut cumulative = 0;
+        for (i, c) in h.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = h
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), ToString::to_string);
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(self.0, "{name}_sum {sum}");
+        let _ = writeln!(self.0, "{name}_count {cumulative}");
+    }
+
+    /// The document.
+    pub fn finish(self) -> String {
+        self.0
+    }
+}
+
+/// Binds `addr` for an HTTP endpoint, before anything is served, so that a
+/// taken port is reported at start-up.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` (anything else is 404) on `listener` until
+/// `shutdown`, rendering the document afresh for every scrape.
+pub async fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    render: F,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let app = router(render);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The `/metrics` route, to merge into a larger router.
+pub fn router<F, Fut, S>(render: F) -> axum::Router<S>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                    render().await,
+                )
+            }
+        }),
+    )
+}
+
+/// The value of one sample in a scraped document (`name` with its labels
+/// exactly as written, e.g. `baton_hosts_connected` or
+/// `baton_rollouts{state="succeeded"}`), for tests and tools.
+pub fn sample(document: &str, name: &str) -> Option<f64> {
+    document
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_is_written_as_prometheus_reads_it() {
+        let c = Counter::default();
+        c.inc();
+        c.inc();
+        let v = CounterVec::with_values(&[&["failed"], &["healthy"]]);
+        v.inc(&["healthy"]);
+        let h = Histogram::new(&[0.1, 1.0]);
+        h.observe(Duration::from_millis(50));
+        h.observe(Duration::from_millis(500));
+        h.observe(Duration::from_secs(5));
+        let mut e = Exposition::default();
+        e.counter("baton_x_total", "X.", &c);
+        e.counter_vec("baton_y_total", "Y.", &["result"], &v);
+        e.gauge_vec("baton_z", "Z.", "state", &[("a\"b".into(), 3.0)]);
+        e.histogram("baton_d_seconds", "D.", &h);
+        let text = e.finish();
+        assert!(text.contains("# TYPE baton_x_total counter\nbaton_x_total 2\n"));
+        assert_eq!(sample(&text, "baton_y_total{result=\"failed\"}"), Some(0.0));
+        assert_eq!(
+            sample(&text, "baton_y_total{result=\"healthy\"}"),
+            Some(1.0)
+        );
+        assert!(text.contains("baton_z{state=\"a\\\"b\"} 3"));
+        assert_eq!(
+            sample(&text, "baton_d_seconds_bucket{le=\"0.1\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "baton_d_seconds_bucket{le=\"1\"}"), Some(2.0));
+        assert_eq!(
+            sample(&text, "baton_d_seconds_bucket{le=\"+Inf\"}"),
+            Some(3.0)
+        );
+        assert_eq!(sample(&text, "baton_d_seconds_count"), Some(3.0));
+        assert_eq!(sample(&text, "baton_d_seconds_sum"), Some(5.55));
+        assert_eq!(h.count(), 3);
+    }
+}
