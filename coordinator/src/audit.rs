@@ -67,6 +67,11 @@ impl Audit {
         }
     }
 
+    /// The store the log is kept in (shared with other small records).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
     /// Appends an entry stamped now. A failed write is logged, not
     /// returned: the call it records has happened either way.
     pub async fn record(&self, who: &str, role: &str, action: &str, result: &str, error: &str) {

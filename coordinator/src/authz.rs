@@ -29,6 +29,10 @@ pub const TABLE: &[(&str, Role)] = &[
     ("ListRollouts", Role::Viewer),
     ("WatchRollout", Role::Viewer),
     ("PlanRollout", Role::Viewer),
+    ("ListRolloutEvents", Role::Viewer),
+    ("GetHostHistory", Role::Viewer),
+    // A token for at most the caller's own role (checked by the handler).
+    ("CreateDashboardToken", Role::Viewer),
     // Sends a command (a no-op) to every selected agent.
     ("PingHosts", Role::Operator),
     ("PushArtifact", Role::Operator),

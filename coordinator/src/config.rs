@@ -27,7 +27,8 @@ pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 4 << 30;
 #[command(name = "batond", version, about, long_about = None)]
 pub struct BatondArgs {
     /// A TOML file with any of the keys below (`listen`, `data-dir`,
-    /// `tls-dir`, `agent-timeout`, `shutdown-grace`, `max-artifact-size`);
+    /// `tls-dir`, `agent-timeout`, `shutdown-grace`, `max-artifact-size`,
+    /// `store`, `metrics-listen`, `http-listen`, …);
     /// flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -82,6 +83,18 @@ pub struct BatondArgs {
     /// [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<Duration>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9100. Plain HTTP; off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
+    /// Serve the web dashboard at http://ADDR/, e.g. 127.0.0.1:7080.
+    /// Plain HTTP and readable without signing in: keep it on loopback
+    /// (reach it through an SSH tunnel) unless a proxy in front adds TLS
+    /// and access control. Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
 }
 
 /// The config file: the same keys as the flags.
@@ -102,6 +115,8 @@ struct FileConfig {
     lease_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     agent_cert_lifetime: Option<Duration>,
+    metrics_listen: Option<String>,
+    http_listen: Option<String>,
 }
 
 /// A complete, checked configuration.
@@ -128,6 +143,10 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Validity of the agent certificates this coordinator signs.
     pub agent_cert_lifetime: Duration,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the web dashboard (`None`: nowhere).
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// The default validity of agent certificates the coordinator signs.
@@ -188,6 +207,8 @@ impl Config {
             advertise_url: None,
             lease_ttl: DEFAULT_LEASE_TTL,
             agent_cert_lifetime: DEFAULT_AGENT_CERT_LIFETIME,
+            metrics_listen: None,
+            http_listen: None,
         }
     }
 
@@ -290,6 +311,22 @@ impl Config {
             errors.push("agent-cert-lifetime must be at least 5s".to_owned());
         }
 
+        let mut http_addr = |flag: &str, text: Option<String>| {
+            let text = text?;
+            text.parse::<SocketAddr>()
+                .map_err(|_| {
+                    errors.push(format!(
+                        "{flag} {text:?} is not IP:PORT (for example 127.0.0.1:7080)"
+                    ))
+                })
+                .ok()
+        };
+        let metrics_listen = http_addr(
+            "metrics-listen",
+            args.metrics_listen.or(file.metrics_listen),
+        );
+        let http_listen = http_addr("http-listen", args.http_listen.or(file.http_listen));
+
         if errors.is_empty() {
             Ok(Self {
                 listen,
@@ -302,6 +339,8 @@ impl Config {
                 advertise_url,
                 lease_ttl,
                 agent_cert_lifetime,
+                metrics_listen,
+                http_listen,
             })
         } else {
             Err(ConfigErrors(errors))

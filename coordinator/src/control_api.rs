@@ -7,6 +7,9 @@ use std::pin::Pin;
 use baton_common::artifact::SignedManifest;
 use baton_common::host::{HostId, Labels, validate_labels};
 use baton_common::time::{from_duration, to_duration};
+use baton_common::time::{from_unix_millis, to_timestamp};
+use baton_common::tls::Role;
+use baton_proto::control::v1 as pb;
 use baton_proto::control::v1::{
     Artifact, AuditEntry, ControlRolloutRequest, GetHostRequest, GetRolloutRequest, Host,
     HostEvent, HostPing, ListArtifactsRequest, ListArtifactsResponse, ListAuditRequest,
@@ -69,6 +72,19 @@ impl ControlApi {
             shutdown,
             tasks,
         }
+    }
+}
+
+/// The caller as histories and the audit log name it, e.g.
+/// `operator alice`.
+fn caller_name<T>(request: &Request<T>) -> String {
+    match request
+        .extensions()
+        .get::<baton_common::tls::PeerIdentity>()
+    {
+        Some(baton_common::tls::PeerIdentity::Operator { name, .. }) => format!("operator {name}"),
+        Some(other) => other.to_string(),
+        None => "an unidentified caller".to_owned(),
     }
 }
 
@@ -203,9 +219,10 @@ impl ControlService for ControlApi {
         &self,
         request: Request<StartRolloutRequest>,
     ) -> Result<Response<StartRolloutResponse>, Status> {
+        let who = caller_name(&request);
         let r = self
             .rollouts
-            .start(bounded_plan(request.into_inner().plan)?)
+            .start(bounded_plan(request.into_inner().plan)?, who)
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(StartRolloutResponse { id: r.id }))
@@ -285,6 +302,7 @@ impl ControlService for ControlApi {
         &self,
         request: Request<ControlRolloutRequest>,
     ) -> Result<Response<Rollout>, Status> {
+        let who = caller_name(&request);
         let req = request.into_inner();
         let op = match RolloutAction::try_from(req.action) {
             Ok(RolloutAction::Pause) => Operator::Pause,
@@ -301,10 +319,139 @@ impl ControlService for ControlApi {
         };
         let r = self
             .rollouts
-            .control(req.id, op)
+            .control(req.id, op, who)
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(Rollout::from(&r)))
+    }
+
+    async fn list_rollout_events(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<pb::ListRolloutEventsResponse>, Status> {
+        let events = self
+            .rollouts
+            .events(request.into_inner().id)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(pb::ListRolloutEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::RolloutEvent {
+                    seq: e.seq,
+                    at: Some(to_timestamp(from_unix_millis(e.at))),
+                    kind: e.kind.as_str().to_owned(),
+                    service: e.service,
+                    host: e.host,
+                    from: e.from,
+                    to: e.to,
+                    who: e.who,
+                    message: e.message,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_host_history(
+        &self,
+        request: Request<GetHostRequest>,
+    ) -> Result<Response<pb::HostHistory>, Status> {
+        let host = HostId::try_from(request.into_inner().host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        if self
+            .fleet
+            .get(host.clone())
+            .await
+            .map_err(stopped)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no host {host} has ever registered"
+            )));
+        }
+        let all = self.rollouts.list().await.map_err(rollout_status)?;
+        Ok(Response::new(pb::HostHistory {
+            host_id: host.to_string(),
+            activations: crate::rollout::host_history(&all, &host)
+                .into_iter()
+                .map(|a| pb::HostActivation {
+                    rollout_id: a.rollout_id,
+                    service: a.service,
+                    from_version: a.from_version.unwrap_or_default(),
+                    to_version: a.to_version,
+                    state: a.state.as_str().to_owned(),
+                    started_at: a.started_at.map(to_timestamp),
+                    finished_at: a.finished_at.map(to_timestamp),
+                    error: a.error.unwrap_or_default(),
+                    rollout_state: a.rollout_state.as_str().to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_dashboard_token(
+        &self,
+        request: Request<pb::CreateDashboardTokenRequest>,
+    ) -> Result<Response<pb::CreateDashboardTokenResponse>, Status> {
+        let who = caller_name(&request);
+        let have = match request
+            .extensions()
+            .get::<baton_common::tls::PeerIdentity>()
+        {
+            Some(baton_common::tls::PeerIdentity::Operator { role, .. }) => {
+                role.parse::<Role>().ok()
+            }
+            _ => None,
+        };
+        let req = request.into_inner();
+        let want = req.role.parse::<Role>().map_err(|_| {
+            Status::invalid_argument(format!(
+                "role {:?} is not viewer, operator or admin",
+                req.role
+            ))
+        })?;
+        if have.is_none_or(|have| have < want) {
+            let why = format!(
+                "a {} token needs a certificate with that role; yours has {}",
+                want,
+                have.map_or("none", Role::as_str)
+            );
+            self.audit
+                .record(
+                    &who,
+                    have.map_or("", Role::as_str),
+                    "CreateDashboardToken",
+                    "denied",
+                    &why,
+                )
+                .await;
+            return Err(Status::permission_denied(why));
+        }
+        let ttl = match req.ttl.as_ref() {
+            None => crate::web::tokens::DEFAULT_TTL,
+            Some(d) => from_duration(d)
+                .filter(|d| !d.is_zero() && *d <= crate::web::tokens::MAX_TTL)
+                .ok_or_else(|| {
+                    Status::invalid_argument("ttl: must be above zero and at most 7 days")
+                })?,
+        };
+        let (token, expires) = crate::web::tokens::create(self.audit.store(), want, &who, ttl)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.audit
+            .record(
+                &who,
+                have.map_or("", Role::as_str),
+                "CreateDashboardToken",
+                "ok",
+                "",
+            )
+            .await;
+        Ok(Response::new(pb::CreateDashboardTokenResponse {
+            token,
+            expires_at: Some(to_timestamp(expires)),
+            role: want.as_str().to_owned(),
+        }))
     }
 
     async fn create_enrollment(

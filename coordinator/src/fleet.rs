@@ -382,6 +382,7 @@ struct Actor {
     deferred: Vec<Box<dyn FnOnce() + Send>>,
     changes: broadcast::Sender<HostView>,
     next_session: u64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Loads the registry from the store and starts its actor. The actor ends
@@ -389,6 +390,15 @@ struct Actor {
 /// returned task to know the registry is persisted.
 pub async fn spawn(
     store: Arc<dyn Store>,
+) -> Result<(FleetHandle, tokio::task::JoinHandle<()>), StoreError> {
+    spawn_with(store, Arc::default()).await
+}
+
+/// [`spawn`], counting connects, reconnects and health-check failures in
+/// `metrics`.
+pub async fn spawn_with(
+    store: Arc<dyn Store>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(FleetHandle, tokio::task::JoinHandle<()>), StoreError> {
     let mut hosts = HashMap::new();
     for (key, value) in store.list(HOST_PREFIX).await? {
@@ -409,6 +419,7 @@ pub async fn spawn(
         deferred: Vec::new(),
         changes: broadcast::channel(WATCH_BUFFER).0,
         next_session: 1,
+        metrics,
     };
     let task = tokio::spawn(actor.run(rx));
     Ok((
@@ -495,6 +506,10 @@ impl Actor {
                 }
                 let r = &mut entry.record;
                 let is_new = r.agent_version.is_empty();
+                self.metrics.connects.inc();
+                if !is_new {
+                    self.metrics.reconnects.inc();
+                }
                 let identity_changed = is_new
                     || r.labels != info.labels
                     || r.services != info.services
@@ -527,9 +542,24 @@ impl Actor {
                 session,
                 services,
             } => {
+                let metrics = self.metrics.clone();
                 if let Some(entry) = self.current(&host, session) {
                     entry.record.last_seen_ms = unix_millis(now);
                     if entry.record.services != services {
+                        let turned_unhealthy = services
+                            .iter()
+                            .filter(|new| {
+                                !new.healthy
+                                    && entry.record.services.iter().any(|old| {
+                                        old.name == new.name
+                                            && old.version == new.version
+                                            && old.healthy
+                                    })
+                            })
+                            .count();
+                        for _ in 0..turned_unhealthy {
+                            metrics.health_check_failures.inc();
+                        }
                         entry.record.services = services;
                         self.urgent = true;
                         self.changed(&host);

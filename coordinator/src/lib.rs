@@ -21,7 +21,9 @@ pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;
 pub mod limits;
+pub mod metrics;
 pub mod ping;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod web;

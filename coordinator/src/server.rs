@@ -140,6 +140,34 @@ pub struct Coordinator {
     tls: ServerTls,
     backend: Backend,
     listener: TcpListener,
+    web: WebListeners,
+}
+
+/// The plain-HTTP endpoints, bound with the main port so that a taken
+/// address fails the start.
+struct WebListeners {
+    metrics: Option<TcpListener>,
+    dashboard: Option<TcpListener>,
+    counters: Arc<crate::metrics::Metrics>,
+}
+
+impl WebListeners {
+    async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |addr: Option<SocketAddr>| async move {
+            match addr {
+                None => Ok(None),
+                Some(addr) => TcpListener::bind(addr)
+                    .await
+                    .map(Some)
+                    .map_err(|source| StartError::Bind { addr, source }),
+            }
+        };
+        Ok(Self {
+            metrics: bind(config.metrics_listen).await?,
+            dashboard: bind(config.http_listen).await?,
+            counters: Arc::default(),
+        })
+    }
 }
 
 impl Coordinator {
@@ -175,6 +203,7 @@ impl Coordinator {
                     .advertise_url
                     .clone()
                     .unwrap_or_else(|| format!("https://{}", local_addr(&listener, config.listen)));
+                let web = WebListeners::bind(&config).await?;
                 let candidate = crate::ha::Candidate {
                     etcd,
                     artifacts,
@@ -187,6 +216,7 @@ impl Coordinator {
                     tls,
                     backend: Backend::Ha(Box::new(candidate)),
                     listener,
+                    web,
                 });
             }
             #[cfg(not(feature = "etcd"))]
@@ -202,7 +232,8 @@ impl Coordinator {
         let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)
             .map_err(|e| StartError::Artifacts(e.to_string()))?;
         let listener = bind_listener(config.listen).await?;
-        let (fleet, fleet_task) = fleet::spawn(store.clone()).await?;
+        let web = WebListeners::bind(&config).await?;
+        let (fleet, fleet_task) = fleet::spawn_with(store.clone(), web.counters.clone()).await?;
         Ok(Self {
             config,
             tls,
@@ -213,6 +244,7 @@ impl Coordinator {
                 store,
             },
             listener,
+            web,
         })
     }
 
@@ -232,6 +264,19 @@ impl Coordinator {
     /// port 0).
     pub fn local_addr(&self) -> SocketAddr {
         local_addr(&self.listener, self.config.listen)
+    }
+
+    /// Where the metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.web.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the dashboard is served, when it is.
+    pub fn dashboard_addr(&self) -> Option<SocketAddr> {
+        self.web
+            .dashboard
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` is cancelled, then drains: open streams are
@@ -284,7 +329,8 @@ impl Coordinator {
                 {
                     warn!(name = %missing.name, version = %missing.version, digest = %missing.digest, "this leader lacks the payload (its pusher died before it was copied); push the artifact again");
                 }
-                let (fleet, fleet_task) = fleet::spawn(store.clone()).await?;
+                let (fleet, fleet_task) =
+                    fleet::spawn_with(store.clone(), self.web.counters.clone()).await?;
                 let (watch_lost, stop) = (led.lost.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     watch_lost.cancelled().await;
@@ -298,11 +344,12 @@ impl Coordinator {
         };
         // The driver stops on `shutdown` and then drops its fleet handle,
         // which the registry's final flush waits for.
-        let (rollouts, rollout_task) = rollout::driver::spawn(
+        let (rollouts, rollout_task) = rollout::driver::spawn_with(
             store.clone(),
             fleet.clone(),
             artifacts.clone(),
             shutdown.clone(),
+            self.web.counters.clone(),
         )
         .await?;
 
@@ -331,6 +378,39 @@ impl Coordinator {
             auth::require_agent,
         );
         let audit = crate::audit::Audit::new(store.clone());
+        let mut web_tasks = Vec::new();
+        if let Some(listener) = self.web.metrics {
+            let (counters, fleet, rollouts) =
+                (self.web.counters.clone(), fleet.clone(), rollouts.clone());
+            let render = move || {
+                let (counters, fleet, rollouts) =
+                    (counters.clone(), fleet.clone(), rollouts.clone());
+                async move { counters.render(&fleet, &rollouts).await }
+            };
+            info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
+            web_tasks.push(tokio::spawn(baton_common::metrics::serve(
+                listener,
+                render,
+                shutdown.clone(),
+            )));
+        }
+        if let Some(listener) = self.web.dashboard {
+            let addr = listener.local_addr().ok();
+            if addr.is_some_and(|a| !a.ip().is_loopback()) {
+                warn!(addr = ?addr, "the dashboard is reachable from other machines over plain HTTP, and anyone reaching it can read the fleet");
+            }
+            info!(addr = ?addr, "serving the dashboard");
+            web_tasks.push(tokio::spawn(crate::web::serve(
+                listener,
+                crate::web::Dashboard {
+                    fleet: fleet.clone(),
+                    rollouts: rollouts.clone(),
+                    store: store.clone(),
+                    audit: audit.clone(),
+                    shutdown: shutdown.clone(),
+                },
+            )));
+        }
         let ca = baton_common::pki::Ca::load(&self.config.tls_dir)
             .map_err(|e| ServeError::Ca(e.to_string()))?;
         if ca.is_none() {
@@ -422,6 +502,11 @@ impl Coordinator {
         // Dropping the server drops the services' registry handles; the
         // registry then flushes and ends.
         drop(server);
+        for task in web_tasks {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                warn!("an HTTP endpoint did not stop within the shutdown grace");
+            }
+        }
         if tokio::time::timeout(grace, rollout_task).await.is_err() {
             warn!("the rollout driver did not stop within the shutdown grace");
         }

@@ -14,6 +14,7 @@ mod fleet;
 mod ha;
 mod handoff;
 mod limits;
+mod observe;
 mod ping;
 mod roles;
 mod rollout;

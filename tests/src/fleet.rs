@@ -32,6 +32,8 @@ pub struct Fleet {
     /// The `--coordinator` the CLI uses (default: `batond`'s URL); several
     /// comma-separated with several coordinators.
     pub cli_url: Option<String>,
+    /// More flags for every agent started from now on.
+    pub agent_extra: Vec<String>,
 }
 
 /// A free loopback port.
@@ -108,6 +110,7 @@ impl Fleet {
                 })
                 .collect(),
             cli_url: None,
+            agent_extra: vec![],
         };
         for h in names {
             fleet.start_agent(h);
@@ -190,6 +193,7 @@ timeout = "1s"
                 opts.extra.push(format!("port_{svc}={port}"));
             }
         }
+        opts.extra.extend(self.agent_extra.iter().cloned());
         opts.env = self.agent_env.clone();
         // One agent per data directory (the agent locks it): the old one
         // goes first, also one that took over after a reverted upgrade.

@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 
 pub mod etcd;
 pub mod fleet;
+pub mod http;
 pub mod load;
 pub mod proxy;
 
@@ -242,6 +243,10 @@ impl Drop for Proc {
 pub struct Batond {
     pub proc: Proc,
     pub addr: SocketAddr,
+    /// The dashboard's address, when started with `--http-listen`.
+    pub dashboard: Option<SocketAddr>,
+    /// The metrics' address, when started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Batond {
@@ -275,9 +280,31 @@ impl Batond {
         let addr = line
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        // The HTTP endpoints follow, one line each, in this order.
+        let next = |flag: &str, prefix: &str| -> Option<SocketAddr> {
+            if !extra.contains(&flag) {
+                return None;
+            }
+            let line = rx
+                .recv_timeout(SOON)
+                .unwrap_or_else(|_| panic!("batond printed no {prefix:?} line"));
+            let rest = line
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"));
+            Some(
+                rest.trim_end_matches("/metrics")
+                    .trim_end_matches('/')
+                    .parse()
+                    .unwrap(),
+            )
+        };
+        let dashboard = next("--http-listen", "dashboard on http://");
+        let metrics = next("--metrics-listen", "metrics on http://");
         Self {
             addr: addr.parse().unwrap(),
             proc,
+            dashboard,
+            metrics,
         }
     }
 

@@ -52,9 +52,16 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        // The one line on stdout: scripts and tests read the bound address
-        // from it (useful with port 0).
+        // The first line on stdout: scripts and tests read the bound
+        // address from it (useful with port 0).
         println!("listening on {}", coordinator.local_addr());
+        // Then, when served, the plain-HTTP endpoints, one line each.
+        if let Some(addr) = coordinator.dashboard_addr() {
+            println!("dashboard on http://{addr}/");
+        }
+        if let Some(addr) = coordinator.metrics_addr() {
+            println!("metrics on http://{addr}/metrics");
+        }
         let _ = std::io::stdout().flush();
         let notify = baton_common::sdnotify::lifecycle(
             format!("serving on {}", coordinator.local_addr()),

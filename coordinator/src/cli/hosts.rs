@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use baton_common::host::HostView;
+use baton_common::time::from_timestamp;
 use baton_common::time::rfc3339;
-use baton_proto::control::v1::ListHostsRequest;
 use baton_proto::control::v1::control_service_client::ControlServiceClient;
+use baton_proto::control::v1::{GetHostRequest, HostActivation, ListHostsRequest};
 use tonic::transport::Channel;
 
 use super::{Cli, CliError, call_failed};
@@ -13,7 +14,15 @@ use super::{Cli, CliError, call_failed};
 /// Arguments of `baton hosts`.
 #[derive(Debug, clap::Args)]
 pub struct HostsArgs {
-    /// Print one JSON document (an array of hosts) instead of a table.
+    /// Show only this host.
+    #[arg(value_name = "HOST")]
+    pub host: Option<String>,
+    /// With HOST: the activations rollouts made on it, newest first
+    /// (rollout, service, versions, result, when).
+    #[arg(long, requires = "host")]
+    pub history: bool,
+    /// Print one JSON document (an array of hosts; with `--history`, of
+    /// activations) instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -21,6 +30,26 @@ pub struct HostsArgs {
 /// Runs `baton hosts`.
 pub async fn run(cli: &Cli, args: &HostsArgs) -> Result<ExitCode, CliError> {
     let mut client = cli.control().await?;
+    if let Some(host) = &args.host {
+        if args.history {
+            return history(&mut client, host, args.json).await;
+        }
+        let h = client
+            .get_host(GetHostRequest {
+                host_id: host.clone(),
+            })
+            .await
+            .map_err(|s| call_failed(&format!("getting host {host} failed"), s))?
+            .into_inner();
+        let h = HostView::try_from(h)
+            .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&to_json(&h))?);
+        } else {
+            print!("{}", table(std::slice::from_ref(&h)));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let hosts = fetch(&mut client).await?;
     if args.json {
         let doc = serde_json::Value::Array(hosts.iter().map(to_json).collect());
@@ -108,19 +137,7 @@ pub fn table(hosts: &[HostView]) -> String {
             or_dash(services),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = align(&rows);
     if hosts.is_empty() {
         out.push_str("(no host has registered yet)\n");
     }
@@ -129,4 +146,96 @@ pub fn table(hosts: &[HostView]) -> String {
 
 fn or_dash(s: String) -> String {
     if s.is_empty() { "-".into() } else { s }
+}
+
+/// `baton hosts HOST --history`.
+async fn history(
+    client: &mut ControlServiceClient<Channel>,
+    host: &str,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let all = client
+        .get_host_history(GetHostRequest {
+            host_id: host.to_owned(),
+        })
+        .await
+        .map_err(|s| call_failed(&format!("getting the history of {host} failed"), s))?
+        .into_inner()
+        .activations;
+    let at = |t: Option<&prost_types::Timestamp>| t.and_then(from_timestamp).map(rfc3339);
+    if json {
+        let doc: Vec<serde_json::Value> = all
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "rollout_id": a.rollout_id,
+                    "rollout_state": a.rollout_state,
+                    "service": a.service,
+                    "from_version": a.from_version,
+                    "to_version": a.to_version,
+                    "state": a.state,
+                    "started_at": at(a.started_at.as_ref()),
+                    "finished_at": at(a.finished_at.as_ref()),
+                    "error": a.error,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", history_table(host, &all));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn history_table(host: &str, all: &[HostActivation]) -> String {
+    if all.is_empty() {
+        return format!("no rollout has changed {host} yet\n");
+    }
+    let at = |t: Option<&prost_types::Timestamp>| {
+        t.and_then(from_timestamp)
+            .map_or_else(|| "-".to_owned(), rfc3339)
+    };
+    let mut rows = vec![[
+        "ROLLOUT".to_owned(),
+        "SERVICE".into(),
+        "VERSION".into(),
+        "RESULT".into(),
+        "STARTED".into(),
+        "FINISHED".into(),
+        "ERROR".into(),
+    ]];
+    for a in all {
+        let from = if a.from_version.is_empty() {
+            "(none)"
+        } else {
+            &a.from_version
+        };
+        rows.push([
+            a.rollout_id.clone(),
+            a.service.clone(),
+            format!("{from} -> {}", a.to_version),
+            a.state.clone(),
+            at(a.started_at.as_ref()),
+            at(a.finished_at.as_ref()),
+            or_dash(a.error.clone()),
+        ]);
+    }
+    align(&rows)
+}
+
+fn align<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

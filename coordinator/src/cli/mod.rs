@@ -6,10 +6,11 @@
 pub mod artifact;
 mod audit;
 mod certs;
+mod dashboard;
 mod demo;
 mod demo_service;
 mod enroll;
-mod hosts;
+pub(crate) mod hosts;
 mod ping;
 pub mod rollout;
 
@@ -94,6 +95,9 @@ pub enum Command {
     /// Enroll new hosts with one-time tokens (needs an admin certificate).
     #[command(subcommand)]
     Enroll(enroll::EnrollCommand),
+    /// Sign-in tokens for the web dashboard (`batond --http-listen`).
+    #[command(subcommand)]
+    Dashboard(dashboard::DashboardCommand),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
     Demo(demo::DemoArgs),
@@ -145,6 +149,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Audit(ref args) => audit::run(&cli, args).await,
         Command::Enroll(ref cmd) => enroll::run(&cli, cmd).await,
+        Command::Dashboard(ref cmd) => dashboard::run(&cli, cmd).await,
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo_service::run(args).await,
     }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use baton_common::time::{from_timestamp, rfc3339_millis};
 use baton_proto::control::v1::{
     ControlRolloutRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutAction,
-    StartRolloutRequest,
+    RolloutEvent, StartRolloutRequest,
 };
 use tokio_stream::StreamExt;
 
@@ -105,6 +105,16 @@ pub enum RolloutCommand {
         /// The rollout id.
         id: String,
     },
+    /// A rollout's history, oldest first: its start and who started it,
+    /// every change of its state, of a service and of a host, and every
+    /// operator action with who took it.
+    Events {
+        /// The rollout id.
+        id: String,
+        /// Print one JSON document (an array of events).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a rollout command.
@@ -191,6 +201,23 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             return Ok(ExitCode::SUCCESS);
         }
         RolloutCommand::Watch { id } => return watch(&mut client, id).await,
+        RolloutCommand::Events { id, json } => {
+            let events = client
+                .list_rollout_events(GetRolloutRequest { id: id.clone() })
+                .await
+                .map_err(|s| call_failed("getting the rollout's events failed", s))?
+                .into_inner()
+                .events;
+            if *json {
+                let doc: Vec<_> = events.iter().map(event_json).collect();
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                for e in &events {
+                    println!("{}", event_line(e));
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         RolloutCommand::Pause { id } => control(id, RolloutAction::Pause),
         RolloutCommand::Resume { id } => control(id, RolloutAction::Resume),
         RolloutCommand::Abort { id } => control(id, RolloutAction::Abort),
@@ -453,4 +480,46 @@ pub async fn watch(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One event in the contract's JSON shape.
+fn event_json(e: &RolloutEvent) -> serde_json::Value {
+    serde_json::json!({
+        "seq": e.seq,
+        "at": time_text(e.at.as_ref()),
+        "kind": e.kind,
+        "service": e.service,
+        "host": e.host,
+        "from": e.from,
+        "to": e.to,
+        "who": e.who,
+        "message": e.message,
+    })
+}
+
+/// One event as a line: `seq time what change (who) details`.
+fn event_line(e: &RolloutEvent) -> String {
+    let what = [e.kind.as_str(), e.service.as_str(), e.host.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let change = match (e.from.is_empty(), e.to.is_empty()) {
+        (false, false) => format!("{} -> {}", e.from, e.to),
+        (true, false) => e.to.clone(),
+        _ => String::new(),
+    };
+    let mut line = format!(
+        "{:>4}  {}  {what:<24} {change}",
+        e.seq,
+        time_text(e.at.as_ref()).unwrap_or_default()
+    );
+    if !e.who.is_empty() {
+        line.push_str(&format!("  by {}", e.who));
+    }
+    if !e.message.is_empty() {
+        line.push_str(&format!("  {}", e.message));
+    }
+    line.trim_end().to_owned()
 }

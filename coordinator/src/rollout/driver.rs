@@ -17,13 +17,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::events;
 use super::machine::{
     self, Action, Event, HostRun, Operator, Rollout, ServiceRun, ServiceState, State,
 };
 use super::plan::{Plan, Strategy};
 use crate::artifacts::Artifacts;
 use crate::fleet::FleetHandle;
-use crate::store::{Store, StoreError};
+use crate::store::{Compare, Op, Store, StoreError, Txn};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(200);
@@ -65,6 +66,7 @@ type Reply<T> = oneshot::Sender<Result<T, RolloutError>>;
 enum Request {
     Start {
         plan: String,
+        who: String,
         reply: Reply<Rollout>,
     },
     Plan {
@@ -85,7 +87,12 @@ enum Request {
     Control {
         id: String,
         op: Operator,
+        who: String,
         reply: Reply<Rollout>,
+    },
+    Events {
+        id: String,
+        reply: Reply<Vec<events::RolloutEvent>>,
     },
 }
 
@@ -93,6 +100,7 @@ enum Request {
 #[derive(Clone)]
 pub struct Rollouts {
     tx: mpsc::Sender<Request>,
+    changes: watch::Receiver<u64>,
 }
 
 impl Rollouts {
@@ -105,9 +113,10 @@ impl Rollouts {
         rx.await.map_err(|_| RolloutError::Stopped)?
     }
 
-    /// Validates, persists and starts a plan.
-    pub async fn start(&self, plan: String) -> Result<Rollout, RolloutError> {
-        self.ask(|reply| Request::Start { plan, reply }).await
+    /// Validates, persists and starts a plan on behalf of `who` (as the
+    /// event history names them, e.g. `operator alice`).
+    pub async fn start(&self, plan: String, who: String) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Start { plan, who, reply }).await
     }
 
     /// Resolves a plan as `start` would, without starting or storing it.
@@ -131,9 +140,26 @@ impl Rollouts {
         self.ask(|reply| Request::Watch { id, reply }).await
     }
 
-    /// An operator action.
-    pub async fn control(&self, id: String, op: Operator) -> Result<Rollout, RolloutError> {
-        self.ask(|reply| Request::Control { id, op, reply }).await
+    /// An operator action, by `who` (recorded in the event history).
+    pub async fn control(
+        &self,
+        id: String,
+        op: Operator,
+        who: String,
+    ) -> Result<Rollout, RolloutError> {
+        self.ask(|reply| Request::Control { id, op, who, reply })
+            .await
+    }
+
+    /// A rollout's event history, in order.
+    pub async fn events(&self, id: String) -> Result<Vec<events::RolloutEvent>, RolloutError> {
+        self.ask(|reply| Request::Events { id, reply }).await
+    }
+
+    /// A counter that moves whenever any rollout changes (started,
+    /// stepped, finished): for views that redraw on change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 }
 
@@ -142,6 +168,8 @@ struct Active {
     /// What the store holds, to skip writes that change nothing durable.
     stored: Vec<u8>,
     watch: watch::Sender<Rollout>,
+    /// The sequence number of its next event.
+    next_event: u64,
 }
 
 struct Driver {
@@ -155,6 +183,9 @@ struct Driver {
     /// is lost, so their outstanding commands are re-sent on the next tick
     /// and the agents answer them again from their journals.
     resend: HashSet<String>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Moves on every change of any rollout.
+    changed: watch::Sender<u64>,
 }
 
 fn artifact_error(e: crate::artifacts::ArtifactStoreError) -> RolloutError {
@@ -187,6 +218,17 @@ pub async fn spawn(
     artifacts: Artifacts,
     shutdown: CancellationToken,
 ) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
+    spawn_with(store, fleet, artifacts, shutdown, Arc::default()).await
+}
+
+/// [`spawn`], counting host activations in `metrics`.
+pub async fn spawn_with(
+    store: Arc<dyn Store>,
+    fleet: FleetHandle,
+    artifacts: Artifacts,
+    shutdown: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
     let mut active = BTreeMap::new();
     for (k, v) in store.list("rollouts/").await? {
         let rollout = match decode(&k, &v) {
@@ -200,17 +242,20 @@ pub async fn spawn(
         };
         if !rollout.state.is_terminal() {
             info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
+            let next_event = events::next_seq(store.as_ref(), &rollout.id).await?;
             active.insert(
                 rollout.id.clone(),
                 Active {
                     watch: watch::channel(rollout.clone()).0,
                     rollout,
                     stored: v,
+                    next_event,
                 },
             );
         }
     }
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (changed, changes) = watch::channel(0);
     let driver = Driver {
         store,
         fleet,
@@ -218,9 +263,11 @@ pub async fn spawn(
         active,
         connected: HashMap::new(),
         resend: HashSet::new(),
+        metrics,
+        changed,
     };
     let task = tokio::spawn(driver.run(rx, shutdown));
-    Ok((Rollouts { tx }, task))
+    Ok((Rollouts { tx, changes }, task))
 }
 
 impl Driver {
@@ -241,6 +288,9 @@ impl Driver {
                 },
                 u = updates.recv() => match u {
                     Ok((host, update)) => {
+                        if let (Some(took), baton_common::command::Phase::Done(_)) = (update.health_wait, update.phase) {
+                            self.metrics.health_wait.observe(took);
+                        }
                         let Some((id, _)) = update.command_id.split_once('/') else { continue };
                         let id = id.to_owned();
                         self.apply(&id, Event::Update(host, update)).await.ok();
@@ -379,17 +429,46 @@ impl Driver {
 
     /// One step: compute, persist, publish, act.
     async fn apply(&mut self, id: &str, event: Event) -> Result<Rollout, RolloutError> {
+        self.apply_by(id, event, None).await
+    }
+
+    /// One step, with the operator who asked for it (when one did): the
+    /// new state and its events are persisted together.
+    async fn apply_by(
+        &mut self,
+        id: &str,
+        event: Event,
+        who: Option<&str>,
+    ) -> Result<Rollout, RolloutError> {
         let entry = self
             .active
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
-        let (next, actions) = machine::step(&entry.rollout, &event, SystemTime::now())?;
+        let now = SystemTime::now();
+        let (next, actions) = machine::step(&entry.rollout, &event, now)?;
         let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
             key: key(id),
             reason: e.to_string(),
         })?;
-        if bytes != entry.stored {
-            if let Err(e) = self.store.put(&key(id), bytes.clone()).await {
+        let mut history = Vec::new();
+        if let (Event::Operator(op), Some(who)) = (&event, who) {
+            history.push(events::operator(op.as_str(), who, now));
+        }
+        history.extend(events::diff(&entry.rollout, &next, now));
+        events::number(&mut history, entry.next_event);
+        if bytes != entry.stored || !history.is_empty() {
+            let mut ops = vec![Op::Put(key(id), bytes.clone())];
+            if !history.is_empty() {
+                ops.push(Op::Put(
+                    events::key(id, entry.next_event),
+                    serde_json::to_vec(&history).unwrap_or_default(),
+                ));
+            }
+            let write = self.store.txn(Txn {
+                compares: vec![],
+                ops,
+            });
+            if let Err(e) = write.await {
                 // Not persisted, so not acted on: the old state stands and
                 // the next event retries.
                 // The event is lost, so ask the agents again.
@@ -398,6 +477,8 @@ impl Driver {
                 return Err(e.into());
             }
             entry.stored = bytes;
+            entry.next_event += history.len() as u64;
+            count_activations(&self.metrics, &next, &history);
         }
         if next.state != entry.rollout.state {
             match &next.error {
@@ -410,6 +491,7 @@ impl Driver {
         if entry.rollout != next {
             entry.rollout = next.clone();
             entry.watch.send_replace(next.clone());
+            self.changed.send_modify(|n| *n += 1);
         }
         if next.state.is_terminal() {
             // Dropping the sender ends every watch after its last value.
@@ -423,8 +505,8 @@ impl Driver {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::Start { plan, reply } => {
-                let _ = reply.send(self.start(plan).await);
+            Request::Start { plan, who, reply } => {
+                let _ = reply.send(self.start(plan, &who).await);
             }
             Request::Plan { plan, reply } => {
                 let _ = reply.send(self.resolve(plan).await);
@@ -451,8 +533,21 @@ impl Driver {
                 };
                 let _ = reply.send(r);
             }
-            Request::Control { id, op, reply } => {
-                let _ = reply.send(self.control(id, op).await);
+            Request::Control { id, op, who, reply } => {
+                let _ = reply.send(self.control(id, op, &who).await);
+            }
+            Request::Events { id, reply } => {
+                let r = match self.active.contains_key(&id) {
+                    true => Ok(()),
+                    false => self.load(&id).await.map(drop),
+                };
+                let r = match r {
+                    Ok(()) => events::load(self.store.as_ref(), &id)
+                        .await
+                        .map_err(RolloutError::from),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
             }
         }
     }
@@ -491,7 +586,12 @@ impl Driver {
         Ok(all)
     }
 
-    async fn control(&mut self, id: String, op: Operator) -> Result<Rollout, RolloutError> {
+    async fn control(
+        &mut self,
+        id: String,
+        op: Operator,
+        who: &str,
+    ) -> Result<Rollout, RolloutError> {
         if !self.active.contains_key(&id) {
             let r = self.load(&id).await?;
             if op != Operator::Rollback {
@@ -528,12 +628,14 @@ impl Driver {
                 )));
             }
             let stored = serde_json::to_vec(&r).unwrap_or_default();
+            let next_event = events::next_seq(self.store.as_ref(), &id).await?;
             self.active.insert(
                 id.clone(),
                 Active {
                     watch: watch::channel(r.clone()).0,
                     rollout: r,
                     stored,
+                    next_event,
                 },
             );
             let connected: Vec<HostId> = self.connected.keys().cloned().collect();
@@ -547,7 +649,7 @@ impl Driver {
                 }
             }
         }
-        let result = self.apply(&id, Event::Operator(op)).await;
+        let result = self.apply_by(&id, Event::Operator(op), Some(who)).await;
         if result.is_err()
             && self
                 .active
@@ -556,11 +658,11 @@ impl Driver {
         {
             self.active.remove(&id);
         }
-        info!(rollout = %id, action = op.as_str(), ok = result.is_ok(), "operator action");
+        info!(rollout = %id, action = op.as_str(), %who, ok = result.is_ok(), "operator action");
         result
     }
 
-    async fn start(&mut self, text: String) -> Result<Rollout, RolloutError> {
+    async fn start(&mut self, text: String, who: &str) -> Result<Rollout, RolloutError> {
         let rollout = self.resolve(text).await?;
         if let Some(other) = self
             .active
@@ -579,11 +681,19 @@ impl Driver {
             key: key(&id),
             reason: e.to_string(),
         })?;
-        if !self
-            .store
-            .compare_and_swap(&key(&id), None, bytes.clone())
-            .await?
-        {
+        let mut history = events::started(&rollout, who, rollout.created_at);
+        events::number(&mut history, 0);
+        let created = Txn {
+            compares: vec![Compare::Absent(key(&id))],
+            ops: vec![
+                Op::Put(key(&id), bytes.clone()),
+                Op::Put(
+                    events::key(&id, 0),
+                    serde_json::to_vec(&history).unwrap_or_default(),
+                ),
+            ],
+        };
+        if !self.store.txn(created).await? {
             return Err(RolloutError::Conflict(format!(
                 "rollout id {id} is taken; retry"
             )));
@@ -599,8 +709,10 @@ impl Driver {
                 watch: watch::channel(rollout.clone()).0,
                 rollout,
                 stored: bytes,
+                next_event: history.len() as u64,
             },
         );
+        self.changed.send_modify(|n| *n += 1);
         self.apply(&id, Event::Tick).await
     }
 
@@ -846,4 +958,33 @@ fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
         .iter()
         .find(|s| b.services.iter().any(|o| o.name == s.name))
         .map(|s| s.name.clone())
+}
+
+/// Counts the host activations and rollbacks a step ended, and how long
+/// each activation took (`rollout` is the state after the step).
+fn count_activations(
+    metrics: &crate::metrics::Metrics,
+    rollout: &Rollout,
+    history: &[events::RolloutEvent],
+) {
+    for e in history.iter().filter(|e| e.kind == events::Kind::Host) {
+        let result = match e.to.as_str() {
+            "healthy" if e.from == "activating" => "healthy",
+            "failed" => "failed",
+            "rolled_back" => "rolled_back",
+            _ => continue,
+        };
+        metrics.activations.inc(&[result]);
+        if e.from == "activating" {
+            let took = rollout
+                .services
+                .iter()
+                .find(|s| s.name == e.service)
+                .and_then(|s| s.hosts.iter().find(|(id, _)| id.to_string() == e.host))
+                .and_then(|(_, h)| h.finished_at?.duration_since(h.started_at?).ok());
+            if let Some(took) = took {
+                metrics.activation.observe(took);
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! on it ([`driver`]).
 
 pub mod driver;
+pub mod events;
 pub mod machine;
 pub mod plan;
 
@@ -136,4 +137,58 @@ fn plan_service(s: &machine::ServiceRun) -> pb::PlanService {
 /// Whether a rollout state name (as on the wire) is terminal.
 pub fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
+}
+
+/// One service of one rollout on one host: what `baton hosts HOST
+/// --history` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    /// The rollout.
+    pub rollout_id: String,
+    /// The rollout's state.
+    pub rollout_state: State,
+    /// The service.
+    pub service: String,
+    /// The version before (`None`: a first install).
+    pub from_version: Option<String>,
+    /// The target version.
+    pub to_version: String,
+    /// The host's state in the rollout.
+    pub state: HostState,
+    /// When its activation began.
+    pub started_at: Option<std::time::SystemTime>,
+    /// When its activation (or rollback) ended.
+    pub finished_at: Option<std::time::SystemTime>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// What the rollouts in `all` (newest first) did on `host`: every service
+/// that changed it or tried to; hosts a rollout left alone (already on the
+/// version, or never reached) are not listed.
+pub fn host_history(all: &[Rollout], host: &baton_common::host::HostId) -> Vec<Activation> {
+    let mut out = Vec::new();
+    for r in all {
+        for s in &r.services {
+            let Some(h) = s.hosts.get(host) else { continue };
+            let acted = h.started_at.is_some()
+                || h.touched
+                || !matches!(h.state, HostState::Pending | HostState::Healthy);
+            if !acted {
+                continue;
+            }
+            out.push(Activation {
+                rollout_id: r.id.clone(),
+                rollout_state: r.state,
+                service: s.name.clone(),
+                from_version: h.from_version.clone(),
+                to_version: h.to_version.clone(),
+                state: h.state,
+                started_at: h.started_at,
+                finished_at: h.finished_at,
+                error: h.error.clone(),
+            });
+        }
+    }
+    out
 }

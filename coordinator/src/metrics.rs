@@ -1,0 +1,130 @@
+//! `batond`'s Prometheus metrics (`batond --metrics-listen ADDR`, also at
+//! `/metrics` of the dashboard): hosts connected and disconnected,
+//! rollouts by state, host activations by result, activation and
+//! health-wait durations, health-check failures and stream reconnects.
+//!
+//! Counters live here and are bumped by the registry and the rollout
+//! driver; gauges are read from them at every scrape.
+
+use std::sync::Arc;
+
+use baton_common::metrics::{Counter, CounterVec, Exposition, Histogram};
+
+use crate::fleet::FleetHandle;
+use crate::rollout::{Rollouts, State};
+
+/// Every rollout state, so that each shows (as 0 when none is in it).
+const ROLLOUT_STATES: &[State] = &[
+    State::Pending,
+    State::Staging,
+    State::Progressing,
+    State::AwaitingPromotion,
+    State::Paused,
+    State::RollingBack,
+    State::Succeeded,
+    State::Failed,
+    State::RolledBack,
+    State::Aborted,
+];
+
+/// The coordinator's counters, shared by the registry and the driver.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Agent streams accepted.
+    pub connects: Counter,
+    /// Agent streams accepted from hosts that were registered before
+    /// (a reconnect after a lost stream, an agent or coordinator restart).
+    pub reconnects: Counter,
+    /// Hosts' activations (and rollbacks) that ended, by result:
+    /// `healthy`, `failed`, `rolled_back`.
+    pub activations: CounterVec,
+    /// From a host's activation start to its end (healthy or failed).
+    pub activation: Histogram,
+    /// From the swap's end to healthy: the part of an activation spent
+    /// in the health gate, as the agents report it.
+    pub health_wait: Histogram,
+    /// A running service's health check turned from passing to failing,
+    /// as reported in a host's inventory.
+    pub health_check_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connects: Counter::default(),
+            reconnects: Counter::default(),
+            activations: CounterVec::with_values(&[&["failed"], &["healthy"], &["rolled_back"]]),
+            activation: Histogram::default(),
+            health_wait: Histogram::default(),
+            health_check_failures: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// The text-format document, with the gauges read now from the
+    /// registry and the driver (a stopped one leaves its gauges out).
+    pub async fn render(self: &Arc<Self>, fleet: &FleetHandle, rollouts: &Rollouts) -> String {
+        let mut e = Exposition::default();
+        if let Ok(hosts) = fleet.list().await {
+            let up = hosts.iter().filter(|h| h.connected).count();
+            e.gauge(
+                "baton_hosts_connected",
+                "Registered hosts whose agent holds a stream now.",
+                up as f64,
+            );
+            e.gauge(
+                "baton_hosts_disconnected",
+                "Registered hosts whose agent does not hold a stream now.",
+                (hosts.len() - up) as f64,
+            );
+        }
+        if let Ok(all) = rollouts.list().await {
+            let samples: Vec<(String, f64)> = ROLLOUT_STATES
+                .iter()
+                .map(|s| {
+                    let n = all.iter().filter(|r| r.state == *s).count();
+                    (s.as_str().to_owned(), n as f64)
+                })
+                .collect();
+            e.gauge_vec(
+                "baton_rollouts",
+                "Rollouts by state (every rollout in the store).",
+                "state",
+                &samples,
+            );
+        }
+        e.counter_vec(
+            "baton_host_activations_total",
+            "Host activations and rollbacks that ended, by result.",
+            &["result"],
+            &self.activations,
+        );
+        e.histogram(
+            "baton_host_activation_duration_seconds",
+            "Host activations, from the command's start to healthy or failed.",
+            &self.activation,
+        );
+        e.histogram(
+            "baton_health_wait_duration_seconds",
+            "Time activations spent in the health gate, as agents report it.",
+            &self.health_wait,
+        );
+        e.counter(
+            "baton_health_check_failures_total",
+            "Running services whose health check turned from passing to failing.",
+            &self.health_check_failures,
+        );
+        e.counter(
+            "baton_stream_connects_total",
+            "Agent streams accepted.",
+            &self.connects,
+        );
+        e.counter(
+            "baton_stream_reconnects_total",
+            "Agent streams accepted from hosts registered before.",
+            &self.reconnects,
+        );
+        e.finish()
+    }
+}

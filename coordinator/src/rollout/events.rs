@@ -1,0 +1,207 @@
+//! A rollout's event history: every change of the rollout's state, of a
+//! service's state or step, of a host's state, and every operator action
+//! with who took it, in order.
+//!
+//! The driver derives the events of a step by comparing the rollout before
+//! and after it ([`diff`]) and writes them in the same store transaction as
+//! the new state, one key per step (`events/<rollout>/<first seq>`), so the
+//! history never disagrees with the state and a step's events stay one
+//! write however many hosts it moved (etcd limits the operations of a
+//! transaction).
+
+use std::time::SystemTime;
+
+use baton_common::time::unix_millis;
+use serde::{Deserialize, Serialize};
+
+use super::machine::Rollout;
+use crate::store::{Store, StoreError};
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The rollout was started, or its state changed.
+    Rollout,
+    /// A service's state or step changed.
+    Service,
+    /// A host's state changed.
+    Host,
+    /// An operator acted on the rollout.
+    Operator,
+}
+
+impl Kind {
+    /// The name in JSON and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rollout => "rollout",
+            Self::Service => "service",
+            Self::Host => "host",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    /// Its place in the rollout's history, from 0, without gaps.
+    pub seq: u64,
+    /// When it happened, Unix milliseconds.
+    pub at: u64,
+    /// What it is about.
+    pub kind: Kind,
+    /// The service (service and host events).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    /// The host (host events).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// The state before (empty when there was none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from: String,
+    /// The state after, or the operator's action.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub to: String,
+    /// Who acted (operator events and the start).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub who: String,
+    /// Details: versions, the step, an error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// The key prefix of a rollout's events.
+pub fn prefix(rollout: &str) -> String {
+    format!("events/{rollout}/")
+}
+
+/// The key of the events of one step, by the sequence number of its first.
+pub fn key(rollout: &str, first_seq: u64) -> String {
+    format!("events/{rollout}/{first_seq:012}")
+}
+
+/// Every event of a rollout, in order.
+pub async fn load(store: &dyn Store, rollout: &str) -> Result<Vec<RolloutEvent>, StoreError> {
+    let mut all = Vec::new();
+    for (k, v) in store.list(&prefix(rollout)).await? {
+        let batch: Vec<RolloutEvent> =
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: k.clone(),
+                reason: e.to_string(),
+            })?;
+        all.extend(batch);
+    }
+    Ok(all)
+}
+
+/// The sequence number the next event of a rollout gets.
+pub async fn next_seq(store: &dyn Store, rollout: &str) -> Result<u64, StoreError> {
+    Ok(load(store, rollout).await?.last().map_or(0, |e| e.seq + 1))
+}
+
+/// A new event, numbered later.
+fn event(kind: Kind, at: u64) -> RolloutEvent {
+    RolloutEvent {
+        seq: 0,
+        at,
+        kind,
+        service: String::new(),
+        host: String::new(),
+        from: String::new(),
+        to: String::new(),
+        who: String::new(),
+        message: String::new(),
+    }
+}
+
+/// The events of a rollout's start.
+pub fn started(r: &Rollout, who: &str, now: SystemTime) -> Vec<RolloutEvent> {
+    let mut e = event(Kind::Rollout, unix_millis(now));
+    e.to = r.state.as_str().to_owned();
+    e.who = who.to_owned();
+    e.message = format!(
+        "started: {}",
+        r.services
+            .iter()
+            .map(|s| format!("{} {} on {} hosts", s.name, s.version, s.hosts.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    vec![e]
+}
+
+/// An operator's action.
+pub fn operator(action: &str, who: &str, now: SystemTime) -> RolloutEvent {
+    let mut e = event(Kind::Operator, unix_millis(now));
+    e.to = action.to_owned();
+    e.who = who.to_owned();
+    e
+}
+
+/// What changed from `old` to `new`: the rollout's state first, then each
+/// service's state and step, then its hosts' states, in plan order.
+pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> {
+    let at = unix_millis(now);
+    let mut out = Vec::new();
+    if old.state != new.state {
+        let mut e = event(Kind::Rollout, at);
+        e.from = old.state.as_str().to_owned();
+        e.to = new.state.as_str().to_owned();
+        if old.error != new.error {
+            e.message = new.error.clone().unwrap_or_default();
+        }
+        out.push(e);
+    }
+    for (before, after) in old.services.iter().zip(&new.services) {
+        if before.state != after.state {
+            let mut e = event(Kind::Service, at);
+            e.service = after.name.clone();
+            e.from = before.state.as_str().to_owned();
+            e.to = after.state.as_str().to_owned();
+            out.push(e);
+        }
+        if before.step != after.step {
+            let mut e = event(Kind::Service, at);
+            e.service = after.name.clone();
+            e.message = format!(
+                "step {} of {}: up to {} hosts",
+                after.step + 1,
+                after.steps.len(),
+                after.steps.get(after.step).copied().unwrap_or_default()
+            );
+            out.push(e);
+        }
+        for (id, h) in &after.hosts {
+            let Some(was) = before.hosts.get(id) else {
+                continue;
+            };
+            if was.state == h.state {
+                continue;
+            }
+            let mut e = event(Kind::Host, at);
+            e.service = after.name.clone();
+            e.host = id.to_string();
+            e.from = was.state.as_str().to_owned();
+            e.to = h.state.as_str().to_owned();
+            e.message = match &h.error {
+                Some(err) if was.error.as_ref() != Some(err) => err.clone(),
+                _ => format!(
+                    "{} → {}",
+                    h.from_version.as_deref().unwrap_or("(none)"),
+                    h.to_version
+                ),
+            };
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Numbers `events` from `first`.
+pub fn number(events: &mut [RolloutEvent], first: u64) {
+    for (i, e) in events.iter_mut().enumerate() {
+        e.seq = first + i as u64;
+    }
+}

@@ -1,0 +1,325 @@
+// The Baton dashboard: one page, routed by the URL's fragment
+// (#/fleet, #/rollouts, #/rollouts/ID, #/hosts/ID), redrawn from
+// /api/state whenever the coordinator sends a `state` event on /api/live.
+// Every text is set with textContent: nothing from the fleet becomes HTML.
+'use strict';
+
+let state = null; // the body of /api/state
+let detail = null; // the body of /api/rollouts/ID on a rollout's page
+let source = null; // the EventSource
+let filter = ''; // the fleet page's label filter
+
+const TERMINAL = ['succeeded', 'failed', 'rolled_back', 'aborted'];
+const ACTIONS = [
+  ['pause', 'Pause', (s) => ['pending', 'staging', 'progressing', 'awaiting_promotion'].includes(s)],
+  ['resume', 'Resume', (s) => s === 'paused'],
+  ['promote', 'Promote', (s) => s === 'awaiting_promotion'],
+  ['abort', 'Abort', (s) => !TERMINAL.includes(s)],
+  ['rollback', 'Roll back', (s) => !['rolling_back', 'rolled_back'].includes(s)],
+];
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === 'class') e.className = v;
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const badge = (s) => el('span', { class: 'badge s-' + s, 'data-state': s }, s.replace(/_/g, ' '));
+const bar = (done, total) =>
+  el('div', { class: 'bar' }, el('span', { style: 'width:' + (total ? Math.round((100 * done) / total) : 0) + '%' }));
+const when = (t) => (t ? new Date(t).toLocaleTimeString() : '');
+
+function route() {
+  const parts = (location.hash || '#/fleet').slice(2).split('/');
+  return { page: parts[0] || 'fleet', id: parts.slice(1).join('/') };
+}
+
+function flash(text, isError) {
+  const f = document.getElementById('flash');
+  f.textContent = text;
+  f.className = isError ? 'error' : '';
+  f.hidden = !text;
+}
+
+async function call(method, url, body) {
+  const init = { method, headers: {}, credentials: 'same-origin' };
+  if (method !== 'GET') init.headers['X-Baton-Action'] = '1';
+  if (body !== undefined) {
+    init.headers['Content-Type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(url, init);
+  const json = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(json.error || r.status + ' ' + r.statusText);
+  return json;
+}
+
+// ---- pages ---------------------------------------------------------------
+
+function fleetPage() {
+  const hosts = state.hosts;
+  const services = [...new Set(hosts.flatMap((h) => h.services.map((s) => s.name)))].sort();
+  const wanted = filter
+    .split(/\s+/)
+    .filter(Boolean)
+    .map((p) => p.split('='));
+  const shown = hosts.filter((h) => wanted.every(([k, v]) => (v === undefined ? k in h.labels : h.labels[k] === v)));
+  const up = hosts.filter((h) => h.connected).length;
+  const input = el('input', {
+    id: 'filter',
+    placeholder: 'filter by label: role=api zone=b',
+    value: filter,
+    oninput: (e) => {
+      filter = e.target.value;
+      render();
+      const again = document.getElementById('filter');
+      again.focus();
+      again.setSelectionRange(filter.length, filter.length);
+    },
+  });
+  return [
+    el('h1', {}, 'Fleet'),
+    el('div', { class: 'toolbar' }, input, el('span', { class: 'muted', id: 'fleet-count' },
+      `${shown.length} of ${hosts.length} hosts · ${up} connected`)),
+    el('table', { id: 'fleet' },
+      el('thead', {}, el('tr', {}, el('th', {}, 'Host'), el('th', {}, 'Agent'), el('th', {}, 'Labels'),
+        services.map((s) => el('th', {}, s)))),
+      el('tbody', {}, shown.map((h) =>
+        el('tr', { 'data-host': h.host_id, 'data-connected': h.connected },
+          el('td', {}, el('a', { href: '#/hosts/' + h.host_id }, h.host_id), ' ',
+            badge(h.connected ? 'connected' : 'disconnected')),
+          el('td', { class: 'ver' }, h.agent_version),
+          el('td', {}, Object.entries(h.labels).map(([k, v]) => el('span', { class: 'label' }, k + '=' + v))),
+          services.map((name) => {
+            const s = h.services.find((x) => x.name === name);
+            if (!s) return el('td', { class: 'muted' }, '—');
+            return el('td', { 'data-service': name, 'data-version': s.version, 'data-healthy': s.healthy },
+              el('span', { class: 'ver' + (s.healthy ? '' : ' unhealthy') }, s.version), ' ',
+              badge(s.healthy ? s.state : s.state === 'running' ? 'unhealthy' : s.state));
+          })))),
+    ),
+  ];
+}
+
+function rolloutsPage() {
+  return [
+    el('h1', {}, 'Rollouts'),
+    state.rollouts.length === 0
+      ? el('p', { class: 'muted' }, 'No rollout yet. Start one with baton rollout start PLAN.')
+      : el('table', { id: 'rollouts' },
+        el('thead', {}, el('tr', {}, ['Rollout', 'State', 'Services', 'Started', 'Updated'].map((t) => el('th', {}, t)))),
+        el('tbody', {}, state.rollouts.map((r) =>
+          el('tr', { 'data-rollout': r.id, 'data-state': r.state },
+            el('td', {}, el('a', { href: '#/rollouts/' + r.id }, r.id)),
+            el('td', {}, badge(r.state), r.error ? el('div', { class: 'error-text' }, r.error) : null),
+            el('td', {}, r.services.map((s) => el('div', {},
+              s.name + ' ', el('span', { class: 'ver' }, s.version), ` · ${s.done}/${s.hosts} `, bar(s.done, s.hosts)))),
+            el('td', {}, when(r.created_at)),
+            el('td', {}, when(r.updated_at)))))),
+  ];
+}
+
+function actionButtons(r) {
+  const session = state.session;
+  const can = session && session.can_act;
+  const row = el('div', { class: 'actions', id: 'actions' });
+  for (const [action, label, applies] of ACTIONS) {
+    row.append(el('button', {
+      type: 'button',
+      'data-action': action,
+      class: action === 'abort' || action === 'rollback' ? 'danger' : null,
+      disabled: !can || !applies(r.state),
+      title: can ? null : 'sign in with an operator token to act',
+      onclick: () => act(r.id, action, label),
+    }, label));
+  }
+  if (!can) row.append(el('span', { class: 'muted' }, session ? `signed in as ${session.role}: read-only` : 'read-only: sign in to act'));
+  return row;
+}
+
+async function act(id, action, label) {
+  if ((action === 'abort' || action === 'rollback') && !confirm(`${label} rollout ${id}?`)) return;
+  try {
+    detail = Object.assign({}, detail, await call('POST', `/api/rollouts/${encodeURIComponent(id)}/${action}`));
+    flash(`${label}: rollout ${id} is ${detail.state.replace(/_/g, ' ')}`);
+    await loadDetail(id);
+  } catch (e) {
+    flash(`${label} failed: ${e.message}`, true);
+  }
+}
+
+function rolloutPage(id) {
+  if (!detail || detail.id !== id) return [el('h1', {}, 'Rollout ' + id), el('p', { class: 'muted' }, 'Loading…')];
+  const r = detail;
+  const byName = Object.fromEntries(r.services.map((s) => [s.name, s]));
+  const graph = el('div', { class: 'graph', id: 'graph' }, r.waves.map((names, i) =>
+    el('div', { class: 'wave' }, el('div', { class: 'wave-title' }, 'wave ' + (i + 1)), names.map((n) => {
+      const s = byName[n];
+      const done = s.hosts.filter((h) => h.state === 'healthy').length;
+      return el('div', { class: 'svc s-' + s.state, 'data-service': s.name },
+        el('div', { class: 'name' }, s.name, ' ', el('span', { class: 'ver' }, s.version)),
+        el('div', {}, badge(s.state), ` step ${s.step}/${s.steps.length}`),
+        el('div', { class: 'muted' }, `${done}/${s.hosts.length} hosts healthy`),
+        bar(done, s.hosts.length),
+        s.depends_on.length ? el('div', { class: 'muted' }, 'after ' + s.depends_on.join(', ')) : null);
+    }))));
+  const services = r.services.map((s) => {
+    const inFlight = s.hosts.filter((h) => ['staging', 'activating', 'rolling_back'].includes(h.state));
+    return el('section', { 'data-service': s.name },
+      el('h2', {}, `${s.name} → ${s.version} `, badge(s.state)),
+      el('div', { class: 'steps' }, s.steps.map((n, i) => el('span', {
+        class: 'step' + (i + 1 < s.step ? ' done' : i + 1 === s.step ? ' current' : ''),
+      }, `step ${i + 1}: ${n} hosts`)),
+      el('span', { class: 'muted' }, ` · at most ${s.max_parallel} at once, ${s.min_healthy} kept healthy`),
+      inFlight.length ? el('span', { class: 'muted', 'data-batch': '' }, ' · in flight: ' + inFlight.map((h) => h.host_id).join(', ')) : null),
+      el('table', { class: 'hosts' },
+        el('thead', {}, el('tr', {}, ['Host', 'State', 'Version', 'Progress', 'Started', 'Finished', 'Error'].map((t) => el('th', {}, t)))),
+        el('tbody', {}, s.hosts.map((h) => el('tr', { 'data-host': h.host_id, 'data-state': h.state },
+          el('td', {}, el('a', { href: '#/hosts/' + h.host_id }, h.host_id), h.connected ? '' : ' (disconnected)'),
+          el('td', {}, badge(h.state)),
+          el('td', { class: 'ver' }, `${h.from_version || '(none)'} → ${h.to_version}`),
+          el('td', {}, ['staging', 'activating', 'rolling_back'].includes(h.state) ? h.progress_percent + '%' : '',
+            bar(h.state === 'healthy' || h.state === 'rolled_back' ? 100 : h.progress_percent, 100)),
+          el('td', {}, when(h.started_at)),
+          el('td', {}, when(h.finished_at)),
+          el('td', { class: 'error-text' }, h.error))))));
+  });
+  const events = el('table', { id: 'events' },
+    el('thead', {}, el('tr', {}, ['#', 'At', 'What', 'Change', 'Who', 'Details'].map((t) => el('th', {}, t)))),
+    el('tbody', {}, r.events.slice(-300).map((e) => el('tr', { 'data-seq': e.seq },
+      el('td', {}, e.seq),
+      el('td', {}, when(e.at)),
+      el('td', {}, [e.kind, e.service, e.host].filter(Boolean).join(' ')),
+      el('td', {}, e.from ? e.from + ' → ' : '', e.to || ''),
+      el('td', {}, e.who || ''),
+      el('td', {}, e.message || '')))));
+  return [
+    el('h1', {}, 'Rollout ', el('span', { class: 'ver' }, r.id), ' ', el('span', { id: 'rollout-state', 'data-state': r.state }, badge(r.state))),
+    r.error ? el('p', { class: 'error-text', id: 'rollout-error' }, r.error) : null,
+    actionButtons(r),
+    el('h2', {}, 'Services'),
+    graph,
+    services,
+    el('h2', {}, 'Events'),
+    events,
+  ];
+}
+
+async function hostPage(id) {
+  const host = state.hosts.find((h) => h.host_id === id);
+  const page = [el('h1', {}, 'Host ' + id)];
+  if (!host) return page.concat(el('p', { class: 'muted' }, 'No such host.'));
+  page.push(el('p', {}, badge(host.connected ? 'connected' : 'disconnected'), ` agent ${host.agent_version} · ${host.peer_address} · last seen ${when(host.last_seen)}`));
+  let history = [];
+  try {
+    history = await call('GET', '/api/hosts/' + encodeURIComponent(id) + '/history');
+  } catch (e) {
+    flash(e.message, true);
+  }
+  page.push(el('h2', {}, 'Activations'), el('table', { id: 'history' },
+    el('thead', {}, el('tr', {}, ['Rollout', 'Service', 'Version', 'State', 'Started', 'Finished', 'Error'].map((t) => el('th', {}, t)))),
+    el('tbody', {}, history.map((a) => el('tr', {},
+      el('td', {}, el('a', { href: '#/rollouts/' + a.rollout_id }, a.rollout_id)),
+      el('td', {}, a.service),
+      el('td', { class: 'ver' }, `${a.from_version || '(none)'} → ${a.to_version}`),
+      el('td', {}, badge(a.state)),
+      el('td', {}, when(a.started_at)),
+      el('td', {}, when(a.finished_at)),
+      el('td', { class: 'error-text' }, a.error))))));
+  return page;
+}
+
+// ---- drawing and data --------------------------------------------------
+
+let drawing = Promise.resolve();
+
+function render() {
+  drawing = drawing.then(draw, draw);
+  return drawing;
+}
+
+async function draw() {
+  if (!state) return;
+  const { page, id } = route();
+  for (const n of ['fleet', 'rollouts']) {
+    document.getElementById('nav-' + n).classList.toggle('active', page === n || (n === 'rollouts' && page === 'rollouts' && id));
+  }
+  const s = state.session;
+  document.getElementById('login').hidden = !!s;
+  document.getElementById('signed-in').hidden = !s;
+  document.getElementById('who').textContent = s ? `${s.who} · ${s.role}` : '';
+  let content;
+  if (page === 'rollouts' && id) content = rolloutPage(id);
+  else if (page === 'rollouts') content = rolloutsPage();
+  else if (page === 'hosts' && id) content = await hostPage(id);
+  else content = fleetPage();
+  document.getElementById('page').replaceChildren(...content.flat().filter(Boolean));
+}
+
+async function loadDetail(id) {
+  try {
+    detail = await call('GET', '/api/rollouts/' + encodeURIComponent(id));
+  } catch (e) {
+    detail = null;
+    flash(e.message, true);
+  }
+  await render();
+}
+
+function onState(body) {
+  state = body;
+  const { page, id } = route();
+  if (page === 'rollouts' && id) loadDetail(id);
+  else render();
+}
+
+function connect() {
+  if (source) source.close();
+  source = new EventSource('/api/live');
+  const live = document.getElementById('live');
+  source.addEventListener('open', () => {
+    live.textContent = 'live';
+    live.className = 'live on';
+  });
+  source.addEventListener('error', () => {
+    live.textContent = 'reconnecting…';
+    live.className = 'live off';
+  });
+  source.addEventListener('state', (e) => onState(JSON.parse(e.data)));
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  document.getElementById('login').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const token = document.getElementById('token');
+    try {
+      await call('POST', '/api/login', { token: token.value });
+      token.value = '';
+      flash('Signed in.');
+      connect();
+    } catch (err) {
+      flash('Sign-in failed: ' + err.message, true);
+    }
+  });
+  document.getElementById('sign-out').addEventListener('click', async () => {
+    await call('POST', '/api/logout').catch(() => {});
+    flash('Signed out.');
+    connect();
+  });
+  window.addEventListener('hashchange', () => {
+    flash('');
+    const { page, id } = route();
+    if (page === 'rollouts' && id) loadDetail(id);
+    else render();
+  });
+  connect();
+});
