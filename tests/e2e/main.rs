@@ -6,6 +6,7 @@
 mod bench;
 mod config;
 mod crash;
+mod dashboard;
 mod demo;
 mod enroll;
 #[cfg(feature = "etcd")]

@@ -34,8 +34,13 @@ function el(tag, attrs, ...children) {
 }
 
 const badge = (s) => el('span', { class: 'badge s-' + s, 'data-state': s }, s.replace(/_/g, ' '));
-const bar = (done, total) =>
-  el('div', { class: 'bar' }, el('span', { style: 'width:' + (total ? Math.round((100 * done) / total) : 0) + '%' }));
+// Widths through the CSSOM: the Content-Security-Policy forbids style
+// attributes.
+function bar(done, total) {
+  const fill = el('span');
+  fill.style.width = (total ? Math.round((100 * done) / total) : 0) + '%';
+  return el('div', { class: 'bar' }, fill);
+}
 const when = (t) => (t ? new Date(t).toLocaleTimeString() : '');
 
 function route() {
@@ -188,7 +193,8 @@ function rolloutPage(id) {
           el('td', {}, badge(h.state)),
           el('td', { class: 'ver' }, `${h.from_version || '(none)'} → ${h.to_version}`),
           el('td', {}, ['staging', 'activating', 'rolling_back'].includes(h.state) ? h.progress_percent + '%' : '',
-            bar(h.state === 'healthy' || h.state === 'rolled_back' ? 100 : h.progress_percent, 100)),
+            bar(['healthy', 'rolled_back'].includes(h.state) ? 100
+              : ['staging', 'activating', 'rolling_back'].includes(h.state) ? h.progress_percent : 0, 100)),
           el('td', {}, when(h.started_at)),
           el('td', {}, when(h.finished_at)),
           el('td', { class: 'error-text' }, h.error))))));
@@ -256,7 +262,7 @@ async function draw() {
   const s = state.session;
   document.getElementById('login').hidden = !!s;
   document.getElementById('signed-in').hidden = !s;
-  document.getElementById('who').textContent = s ? `${s.who} · ${s.role}` : '';
+  document.getElementById('who').textContent = s ? `${s.who} (${s.role})` : '';
   let content;
   if (page === 'rollouts' && id) content = rolloutPage(id);
   else if (page === 'rollouts') content = rolloutsPage();
