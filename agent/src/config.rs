@@ -77,9 +77,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "TOKEN", env = "BATON_ENROLL_TOKEN")]
     pub enroll_token: Option<String>,
 
-    /// Serve the agent's Prometheus metrics at http://ADDR/metrics, e.g.
-    /// 127.0.0.1:9101 (plain HTTP: keep it on loopback or a private
-    /// network). Off unless given.
+    /// Serve the agent's Prometheus metrics at http://ADDR/metrics:
+    /// IP:PORT, or a port alone for 127.0.0.1:PORT (plain HTTP: keep it on
+    /// loopback or a private network). Off unless given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
@@ -302,12 +302,8 @@ impl AgentConfig {
             .metrics_listen
             .or(file.metrics_listen)
             .and_then(|text| {
-                text.parse::<std::net::SocketAddr>()
-                    .map_err(|_| {
-                        errors.push(format!(
-                            "metrics-listen {text:?} is not IP:PORT (for example 127.0.0.1:9101)"
-                        ))
-                    })
+                baton_common::metrics::parse_listen(&text)
+                    .map_err(|e| errors.push(format!("metrics-listen: {e}")))
                     .ok()
             });
 

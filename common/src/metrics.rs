@@ -188,6 +188,18 @@ impl Exposition {
     }
 }
 
+/// Parses the address of an HTTP endpoint: `IP:PORT`, or a port alone for
+/// loopback (`9100` is `127.0.0.1:9100`): what is not told otherwise stays
+/// on this machine.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("{text:?} is neither IP:PORT nor a port (for example 127.0.0.1:9100 or 9100)")
+    })
+}
+
 /// Binds `addr` for an HTTP endpoint, before anything is served, so that a
 /// taken port is reported at start-up.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -245,6 +257,21 @@ pub fn sample(document: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_alone_means_loopback() {
+        assert_eq!(parse_listen("9100").unwrap().to_string(), "127.0.0.1:9100");
+        assert_eq!(
+            parse_listen("0.0.0.0:80").unwrap().to_string(),
+            "0.0.0.0:80"
+        );
+        assert_eq!(parse_listen("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert!(
+            parse_listen("localhost:80")
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
 
     #[test]
     fn the_text_format_is_written_as_prometheus_reads_it() {

@@ -84,15 +84,16 @@ pub struct BatondArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<Duration>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics, e.g.
-    /// 127.0.0.1:9100. Plain HTTP; off unless given.
+    /// Serve Prometheus metrics at http://ADDR/metrics: IP:PORT, or a
+    /// port alone for 127.0.0.1:PORT. Plain HTTP; off unless given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
-    /// Serve the web dashboard at http://ADDR/, e.g. 127.0.0.1:7080.
-    /// Plain HTTP and readable without signing in: keep it on loopback
-    /// (reach it through an SSH tunnel) unless a proxy in front adds TLS
-    /// and access control. Off unless given.
+    /// Serve the web dashboard at http://ADDR/: IP:PORT, or a port alone
+    /// for 127.0.0.1:PORT (e.g. `--http-listen 7080`). Plain HTTP and
+    /// readable without signing in: keep it on loopback (reach it through
+    /// an SSH tunnel) unless a proxy in front adds TLS and access control.
+    /// Off unless given.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
 }
@@ -312,13 +313,8 @@ impl Config {
         }
 
         let mut http_addr = |flag: &str, text: Option<String>| {
-            let text = text?;
-            text.parse::<SocketAddr>()
-                .map_err(|_| {
-                    errors.push(format!(
-                        "{flag} {text:?} is not IP:PORT (for example 127.0.0.1:7080)"
-                    ))
-                })
+            baton_common::metrics::parse_listen(&text?)
+                .map_err(|e| errors.push(format!("{flag}: {e}")))
                 .ok()
         };
         let metrics_listen = http_addr(
@@ -407,6 +403,28 @@ mod tests {
             .unwrap();
             assert_eq!(c.advertise_url.as_deref(), Some("https://10.0.0.5:7443"));
         }
+    }
+
+    #[test]
+    fn http_endpoints_default_to_loopback_and_bad_ones_are_named() {
+        let base = ["--data-dir", "/d", "--tls-dir", "/t"];
+        let c = Config::resolve(args(&[&base[..], &["--http-listen", "7080"]].concat())).unwrap();
+        assert_eq!(c.http_listen.unwrap().to_string(), "127.0.0.1:7080");
+        assert_eq!(c.metrics_listen, None);
+        let errs = Config::resolve(args(
+            &[
+                &base[..],
+                &["--metrics-listen", "web:80", "--http-listen", "x"],
+            ]
+            .concat(),
+        ))
+        .unwrap_err()
+        .0;
+        assert!(
+            errs[0].starts_with("metrics-listen: \"web:80\""),
+            "{errs:?}"
+        );
+        assert!(errs[1].starts_with("http-listen: \"x\""), "{errs:?}");
     }
 
     #[test]

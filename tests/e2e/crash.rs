@@ -54,6 +54,24 @@ fn batond_killed_while_staging_and_while_rolling_back_ends_every_rollout_right()
     proxy.resume();
     let s = fleet.wait_done(&id, std::time::Duration::from_secs(120));
     assert_eq!(s["state"], "succeeded", "{s}");
+    // The history survived the kill: numbered on without a gap, every
+    // host's steps once each.
+    let out = fleet.baton(&["rollout", "events", &id, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let events = events.as_array().unwrap();
+    assert!(
+        events.iter().enumerate().all(|(i, e)| e["seq"] == i as u64),
+        "{events:?}"
+    );
+    for h in ["h1", "h2", "h3"] {
+        let healthy = events
+            .iter()
+            .filter(|e| e["host"] == h && e["to"] == "healthy")
+            .count();
+        assert_eq!(healthy, 1, "{h}: {events:?}");
+    }
+    assert_eq!(events.last().unwrap()["to"], "succeeded");
     for h in ["h1", "h2", "h3"] {
         assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
         assert_eq!(

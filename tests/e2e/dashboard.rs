@@ -20,6 +20,10 @@ fn rows_on(version: &str) -> String {
 #[test]
 fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator() {
     let Some(chromium) = cdp::find() else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_CHROMIUM").is_none(),
+            "BATON_REQUIRE_CHROMIUM is set but no chromium is on the PATH"
+        );
         eprintln!(
             "skipping: no chromium on the PATH (bash .ci/run installs Debian's; or set BATON_CHROMIUM)"
         );

@@ -234,6 +234,9 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
     );
     assert_eq!(top["state"], "healthy");
     assert!(top["finished_at"].as_str().is_some());
+    let one = json(&fleet.baton(&["hosts", "h1", "--json"]), "hosts h1");
+    assert_eq!(one["host_id"], "h1");
+    assert_eq!(one["services"][0]["version"], "2.0.0");
     let out = fleet.baton(&["hosts", "nope", "--history"]);
     assert!(!out.status.success());
     assert!(

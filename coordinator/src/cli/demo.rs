@@ -225,12 +225,17 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let key = artifact::read_signing_key(&key_path)?;
     println!("  created a CA, mTLS certificates and an ed25519 release key");
 
-    let coordinator =
-        Coordinator::bind(Config::loopback(dir.path().join("batond"), tls_dir.clone())).await?;
+    let mut config = Config::loopback(dir.path().join("batond"), tls_dir.clone());
+    config.http_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let coordinator = Coordinator::bind(config).await?;
     let url = format!("https://{}", coordinator.local_addr());
+    let dashboard = coordinator
+        .dashboard_addr()
+        .map(|a| format!("http://{a}/"))
+        .unwrap_or_default();
     let coordinator_stop = CancellationToken::new();
     let coordinator_task = tokio::spawn(coordinator.run(coordinator_stop.clone()));
-    println!("  batond listening on {url}");
+    println!("  batond listening on {url}; its dashboard at {dashboard}");
 
     let mut control =
         connect_control_with(&url, &ClientTls::load(&tls_dir, "operator")?, None).await?;
@@ -397,7 +402,11 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     };
     if args.keep_running && matches!(outcome, Ok(ExitCode::SUCCESS)) {
         println!(
-            "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} rollout list`.",
+            "\nThe fleet keeps running: try `baton --coordinator {url} --tls-dir {} rollout list`,",
+            tls_dir.display()
+        );
+        println!(
+            "or open {dashboard} and sign in with the token `baton --coordinator {url} --tls-dir {} dashboard token --role operator` prints.",
             tls_dir.display()
         );
         println!("Press Ctrl-C to stop.");

@@ -1,6 +1,7 @@
 //! A rollout's event history: every change of the rollout's state, of a
 //! service's state or step, of a host's state, and every operator action
-//! with who took it, in order.
+//! with who took it, in order (within one step, causes first: the host
+//! that turned healthy before the rollout that therefore succeeded).
 //!
 //! The driver derives the events of a step by comparing the rollout before
 //! and after it ([`diff`]) and writes them in the same store transaction as
@@ -14,7 +15,7 @@ use std::time::SystemTime;
 use baton_common::time::unix_millis;
 use serde::{Deserialize, Serialize};
 
-use super::machine::Rollout;
+use super::machine::{HostState, Rollout};
 use crate::store::{Store, StoreError};
 
 /// What an event is about.
@@ -140,21 +141,38 @@ pub fn operator(action: &str, who: &str, now: SystemTime) -> RolloutEvent {
     e
 }
 
-/// What changed from `old` to `new`: the rollout's state first, then each
-/// service's state and step, then its hosts' states, in plan order.
+/// What changed from `old` to `new`, causes before their effects: each
+/// service's hosts, then the service's state and step (in plan order),
+/// then the rollout's state.
 pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> {
     let at = unix_millis(now);
     let mut out = Vec::new();
-    if old.state != new.state {
-        let mut e = event(Kind::Rollout, at);
-        e.from = old.state.as_str().to_owned();
-        e.to = new.state.as_str().to_owned();
-        if old.error != new.error {
-            e.message = new.error.clone().unwrap_or_default();
-        }
-        out.push(e);
-    }
     for (before, after) in old.services.iter().zip(&new.services) {
+        for (id, h) in &after.hosts {
+            let Some(was) = before.hosts.get(id) else {
+                continue;
+            };
+            if was.state == h.state {
+                continue;
+            }
+            let message = match &h.error {
+                Some(err) if was.error.as_ref() != Some(err) => err.clone(),
+                _ => format!(
+                    "{} → {}",
+                    h.from_version.as_deref().unwrap_or("(none)"),
+                    h.to_version
+                ),
+            };
+            for (from, to) in path(was.state, h.state) {
+                let mut e = event(Kind::Host, at);
+                e.service = after.name.clone();
+                e.host = id.to_string();
+                e.from = from.as_str().to_owned();
+                e.to = to.as_str().to_owned();
+                e.message = message.clone();
+                out.push(e);
+            }
+        }
         if before.state != after.state {
             let mut e = event(Kind::Service, at);
             e.service = after.name.clone();
@@ -173,30 +191,36 @@ pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> 
             );
             out.push(e);
         }
-        for (id, h) in &after.hosts {
-            let Some(was) = before.hosts.get(id) else {
-                continue;
-            };
-            if was.state == h.state {
-                continue;
-            }
-            let mut e = event(Kind::Host, at);
-            e.service = after.name.clone();
-            e.host = id.to_string();
-            e.from = was.state.as_str().to_owned();
-            e.to = h.state.as_str().to_owned();
-            e.message = match &h.error {
-                Some(err) if was.error.as_ref() != Some(err) => err.clone(),
-                _ => format!(
-                    "{} → {}",
-                    h.from_version.as_deref().unwrap_or("(none)"),
-                    h.to_version
-                ),
-            };
-            out.push(e);
+    }
+    if old.state != new.state {
+        let mut e = event(Kind::Rollout, at);
+        e.from = old.state.as_str().to_owned();
+        e.to = new.state.as_str().to_owned();
+        if old.error != new.error {
+            e.message = new.error.clone().unwrap_or_default();
         }
+        out.push(e);
     }
     out
+}
+
+/// The steps from `from` to `to`: a host that went through states in
+/// one step of the machine (the last host to stage starts activating at
+/// once) gets each of the forward path's steps, so every host's history
+/// reads the same; any other change is one step.
+fn path(from: HostState, to: HostState) -> Vec<(HostState, HostState)> {
+    const FORWARD: [HostState; 5] = [
+        HostState::Pending,
+        HostState::Staging,
+        HostState::Staged,
+        HostState::Activating,
+        HostState::Healthy,
+    ];
+    let place = |s| FORWARD.iter().position(|f| *f == s);
+    match (place(from), place(to)) {
+        (Some(a), Some(b)) if a < b => FORWARD[a..=b].windows(2).map(|w| (w[0], w[1])).collect(),
+        _ => vec![(from, to)],
+    }
 }
 
 /// Numbers `events` from `first`.

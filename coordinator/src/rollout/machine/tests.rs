@@ -917,3 +917,87 @@ fn a_host_gone_longer_than_its_deadline_has_failed() {
     let a = feed(&mut r, Event::Connected(host(0)), t(40));
     assert_eq!(kinds(&a), vec![("h0".into(), "rollback")]);
 }
+
+/// The history the driver writes is what `events::diff` finds between
+/// consecutive states: a whole rollout gives every host its four steps in
+/// order and ends with the rollout's success.
+#[test]
+fn the_event_history_of_a_rollout_is_complete_and_ordered() {
+    use crate::rollout::events::{self, Kind};
+    let mut r = rollout(3, 1, 2);
+    let mut history = events::started(&r, "operator alice", t(0));
+    let mut step_to = |r: &mut Rollout, e: Event, now: SystemTime| {
+        let before = r.clone();
+        let actions = feed(r, e, now);
+        history.extend(events::diff(&before, r, now));
+        actions
+    };
+    step_to(&mut r, Event::Tick, t(0));
+    for i in 0..3 {
+        let e = done(&r, &host(i), Outcome::Succeeded);
+        step_to(&mut r, e, t(1));
+    }
+    for (i, now) in [(0, 2), (1, 3), (2, 4)] {
+        let e = done(&r, &host(i), Outcome::Succeeded);
+        step_to(&mut r, e, t(now));
+    }
+    assert_eq!(r.state, State::Succeeded);
+    events::number(&mut history, 0);
+    assert!(history.iter().enumerate().all(|(i, e)| e.seq == i as u64));
+    assert!(history.windows(2).all(|w| w[0].at <= w[1].at));
+    assert_eq!(history[0].who, "operator alice");
+    let states: Vec<&str> = history
+        .iter()
+        .filter(|e| e.kind == Kind::Rollout)
+        .map(|e| e.to.as_str())
+        .collect();
+    assert_eq!(states, ["pending", "staging", "progressing", "succeeded"]);
+    for i in 0..3 {
+        let id = host(i).to_string();
+        let steps: Vec<(&str, &str)> = history
+            .iter()
+            .filter(|e| e.kind == Kind::Host && e.host == id)
+            .map(|e| (e.from.as_str(), e.to.as_str()))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("pending", "staging"),
+                ("staging", "staged"),
+                ("staged", "activating"),
+                ("activating", "healthy")
+            ],
+            "{id}"
+        );
+    }
+    let service: Vec<&str> = history
+        .iter()
+        .filter(|e| e.kind == Kind::Service && !e.to.is_empty())
+        .map(|e| e.to.as_str())
+        .collect();
+    assert_eq!(service, ["progressing", "succeeded"]);
+    // A failure's reason travels with the host's event.
+    let mut r = rollout(2, 1, 1);
+    feed(&mut r, Event::Tick, t(0));
+    for i in 0..2 {
+        let e = done(&r, &host(i), Outcome::Succeeded);
+        feed(&mut r, e, t(1));
+    }
+    let before = r.clone();
+    let failing = r.services[0]
+        .hosts
+        .iter()
+        .find(|(_, h)| h.state == HostState::Activating)
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let e = done(&r, &failing, Outcome::Failed);
+    feed(&mut r, e, t(2));
+    let failed = events::diff(&before, &r, t(2));
+    // (With auto_rollback it goes straight on to rolling back.)
+    let host_event = failed
+        .iter()
+        .find(|e| e.kind == Kind::Host && e.host == failing.to_string())
+        .unwrap();
+    assert_eq!(host_event.from, "activating");
+    assert!(host_event.message.contains("boom"), "{host_event:?}");
+}
