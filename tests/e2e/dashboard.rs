@@ -25,7 +25,7 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
             "BATON_REQUIRE_CHROMIUM is set but no chromium is on the PATH"
         );
         eprintln!(
-            "skipping: no chromium on the PATH (bash .ci/run installs Debian's; or set BATON_CHROMIUM)"
+            "SKIPPED: no chromium on the PATH (bash .ci/run installs Debian's; or set BATON_CHROMIUM)"
         );
         return;
     };
