@@ -46,21 +46,33 @@ impl CuttingProxy {
 }
 
 /// Copies `from` → `to`; once `budget` bytes passed and no connection was
-/// cut yet, cuts this one.
+/// cut yet, cuts this one: the far end gets every byte passed so far and
+/// then an end of stream (FIN), never a reset that would discard what it
+/// has not read yet. A side whose peer is gone is drained until it closes,
+/// for the same reason.
 fn pump(mut from: TcpStream, mut to: TcpStream, budget: u64, cut: &AtomicBool) {
     let mut buf = vec![0; 64 * 1024];
     let mut passed = 0u64;
+    let mut sink = false;
+    // Bounded: a peer that never closes ends the draining after this.
+    let _ = from.set_read_timeout(Some(std::time::Duration::from_secs(30)));
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if sink {
+            continue;
+        }
         if to.write_all(&buf[..n]).is_err() {
-            break;
+            sink = true;
+            continue;
         }
         passed += n as u64;
         if passed >= budget && !cut.swap(true, Ordering::SeqCst) {
-            break;
+            let _ = to.shutdown(Shutdown::Write);
+            let _ = from.shutdown(Shutdown::Both);
+            return;
         }
     }
     let _ = from.shutdown(Shutdown::Both);
