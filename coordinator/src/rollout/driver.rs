@@ -183,6 +183,11 @@ struct Driver {
     /// is lost, so their outstanding commands are re-sent on the next tick
     /// and the agents answer them again from their journals.
     resend: HashSet<String>,
+    /// Rollouts not running, decoded from the store at the first listing
+    /// and kept since: they change only through this driver, and listing
+    /// (the dashboard on every change, each metrics scrape) must not
+    /// decode the whole history inside the actor every time.
+    finished: Option<BTreeMap<String, Rollout>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Moves on every change of any rollout.
     changed: watch::Sender<u64>,
@@ -263,6 +268,7 @@ pub async fn spawn_with(
         active,
         connected: HashMap::new(),
         resend: HashSet::new(),
+        finished: None,
         metrics,
         changed,
     };
@@ -496,6 +502,9 @@ impl Driver {
         if next.state.is_terminal() {
             // Dropping the sender ends every watch after its last value.
             self.active.remove(id);
+            if let Some(finished) = &mut self.finished {
+                finished.insert(id.to_owned(), next.clone());
+            }
         }
         for Action::Send(host, command) in actions {
             self.deliver(id, host, command).await;
@@ -570,18 +579,28 @@ impl Driver {
         }
     }
 
-    async fn list(&self) -> Result<Vec<Rollout>, RolloutError> {
-        let mut all = Vec::new();
-        for (k, v) in self.store.list("rollouts/").await? {
-            let Ok(r) = decode(&k, &v) else {
-                warn!(key = %k, "not listing a stored rollout that does not decode");
-                continue;
-            };
-            all.push(match self.active.get(&r.id) {
-                Some(a) => a.rollout.clone(),
-                None => r,
-            });
+    async fn list(&mut self) -> Result<Vec<Rollout>, RolloutError> {
+        if self.finished.is_none() {
+            let mut finished = BTreeMap::new();
+            for (k, v) in self.store.list("rollouts/").await? {
+                let Ok(r) = decode(&k, &v) else {
+                    warn!(key = %k, "not listing a stored rollout that does not decode");
+                    continue;
+                };
+                if !self.active.contains_key(&r.id) {
+                    finished.insert(r.id.clone(), r);
+                }
+            }
+            self.finished = Some(finished);
         }
+        let mut all: Vec<Rollout> = self.active.values().map(|a| a.rollout.clone()).collect();
+        all.extend(
+            self.finished
+                .iter()
+                .flat_map(BTreeMap::values)
+                .filter(|r| !self.active.contains_key(&r.id))
+                .cloned(),
+        );
         all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         Ok(all)
     }
