@@ -1907,7 +1907,7 @@ async fn wait_ready(
                     }
                 }
             }
-            None => health::wait_healthy(
+            None => health::wait_passing(
                 spec.health.as_ref(),
                 release_dir,
                 // The whole gate, while the old process still serves: the

@@ -79,15 +79,23 @@ pub async fn wait_healthy(
     cancel: &CancellationToken,
 ) -> Result<Duration, String> {
     let start = Instant::now();
-    let result = gate_loop(spec, release_dir, gate, alive, cancel).await;
+    let result = wait_passing(spec, release_dir, gate, alive, cancel).await;
     let took = start.elapsed();
-    crate::metrics::METRICS.health_wait.observe(took);
+    let metrics = &crate::metrics::METRICS;
+    metrics.health_wait.observe(took);
+    // A gate that gave up is one failure, however many checks a starting
+    // process failed before it could answer.
+    if result.as_ref().is_err_and(|e| e != "cancelled") {
+        metrics.health_check_failures.inc();
+    }
     // Outside a command (the tests) there is nobody to tell.
     let _ = crate::metrics::HEALTH_WAIT.try_with(|w| w.set(took));
     result
 }
 
-async fn gate_loop(
+/// [`wait_healthy`] without recording it: for readiness before a socket
+/// handover, which is not the health gate.
+pub async fn wait_passing(
     spec: Option<&HealthSpec>,
     release_dir: &Path,
     gate: &Gate,
@@ -148,7 +156,6 @@ async fn gate_loop(
                 retry = FIRST_RETRY.min(interval);
             }
             Err(error) => {
-                crate::metrics::METRICS.health_check_failures.inc();
                 tracing::debug!(%error, "health check failed");
                 last_error = error;
                 first_pass = None;

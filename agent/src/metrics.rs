@@ -10,7 +10,7 @@ use std::time::Duration;
 use baton_common::metrics::{Counter, CounterVec, Exposition, Histogram};
 
 /// The agent's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentMetrics {
     /// Streams opened to a coordinator.
     pub connects: Counter,
@@ -22,8 +22,32 @@ pub struct AgentMetrics {
     pub activation: Histogram,
     /// Health gates, from the new process's start to healthy (or giving up).
     pub health_wait: Histogram,
-    /// Health checks that did not pass (during a gate or while running).
+    /// Health gates that gave up, and checks of a running service that
+    /// did not pass.
     pub health_check_failures: Counter,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            connects: Counter::default(),
+            reconnects: Counter::default(),
+            // Every kind and result from the first scrape, at 0.
+            commands: CounterVec::with_values(&[
+                &["activate", "failed"],
+                &["activate", "succeeded"],
+                &["remove", "failed"],
+                &["remove", "succeeded"],
+                &["rollback", "failed"],
+                &["rollback", "succeeded"],
+                &["stage", "failed"],
+                &["stage", "succeeded"],
+            ]),
+            activation: Histogram::default(),
+            health_wait: Histogram::default(),
+            health_check_failures: Counter::default(),
+        }
+    }
 }
 
 /// This process's metrics.
@@ -66,7 +90,7 @@ pub fn render(connected: bool) -> String {
     );
     e.counter(
         "baton_agent_health_check_failures_total",
-        "Health checks that did not pass, during a gate or while running.",
+        "Health gates that gave up, and checks of a running service that did not pass.",
         &m.health_check_failures,
     );
     e.finish()

@@ -36,6 +36,11 @@ const DEFAULT_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// The longest `PingHosts` waits.
 const MAX_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Events a `ListRolloutEvents` page holds when the request does not say.
+const DEFAULT_EVENTS_PAGE: usize = 1000;
+/// The most a page holds (about 2 MB, under the message limit).
+const MAX_EVENTS_PAGE: usize = 10_000;
+
 /// Events buffered per watcher; a slow watcher back-pressures its own task
 /// only, which then skips ahead with a fresh snapshot.
 const WATCH_OUTBOUND: usize = 64;
@@ -327,14 +332,25 @@ impl ControlService for ControlApi {
 
     async fn list_rollout_events(
         &self,
-        request: Request<GetRolloutRequest>,
+        request: Request<pb::ListRolloutEventsRequest>,
     ) -> Result<Response<pb::ListRolloutEventsResponse>, Status> {
-        let events = self
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_EVENTS_PAGE,
+            n => usize::try_from(n)
+                .unwrap_or(MAX_EVENTS_PAGE)
+                .min(MAX_EVENTS_PAGE),
+        };
+        // One more than asked tells whether there are more.
+        let mut events = self
             .rollouts
-            .events(request.into_inner().id)
+            .events(&req.id, req.since, limit + 1)
             .await
             .map_err(rollout_status)?;
+        let more = events.len() > limit;
+        events.truncate(limit);
         Ok(Response::new(pb::ListRolloutEventsResponse {
+            more,
             events: events
                 .into_iter()
                 .map(|e| pb::RolloutEvent {

@@ -1,5 +1,4 @@
-//! `batond`'s Prometheus metrics (`batond --metrics-listen ADDR`, also at
-//! `/metrics` of the dashboard): hosts connected and disconnected,
+//! `batond`'s Prometheus metrics (`batond --metrics-listen ADDR`): hosts connected and disconnected,
 //! rollouts by state, host activations by result, activation and
 //! health-wait durations, health-check failures and stream reconnects.
 //!
@@ -63,9 +62,19 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The text-format document, with the gauges read now from the
-    /// registry and the driver (a stopped one leaves its gauges out).
-    pub async fn render(self: &Arc<Self>, fleet: &FleetHandle, rollouts: &Rollouts) -> String {
+    /// registry and the driver of a serving coordinator (`None` while it
+    /// follows another; a stopped one leaves its gauges out).
+    pub async fn render(self: &Arc<Self>, serving: Option<(&FleetHandle, &Rollouts)>) -> String {
         let mut e = Exposition::default();
+        e.gauge(
+            "baton_coordinator_leading",
+            "1 while this batond serves the fleet (alone, or leading); 0 while it follows another.",
+            if serving.is_some() { 1.0 } else { 0.0 },
+        );
+        let Some((fleet, rollouts)) = serving else {
+            self.counters(&mut e);
+            return e.finish();
+        };
         if let Ok(hosts) = fleet.list().await {
             let up = hosts.iter().filter(|h| h.connected).count();
             e.gauge(
@@ -94,6 +103,11 @@ impl Metrics {
                 &samples,
             );
         }
+        self.counters(&mut e);
+        e.finish()
+    }
+
+    fn counters(&self, e: &mut Exposition) {
         e.counter_vec(
             "baton_host_activations_total",
             "Host activations and rollbacks that ended, by result.",
@@ -125,6 +139,5 @@ impl Metrics {
             "Agent streams accepted from hosts registered before.",
             &self.reconnects,
         );
-        e.finish()
     }
 }

@@ -302,14 +302,45 @@ impl Coordinator {
             } => (fleet, fleet_task, artifacts, store),
             #[cfg(feature = "etcd")]
             Backend::Ha(candidate) => {
-                let Some(led) = crate::ha::follow_then_lead(
+                // While following, the HTTP endpoints answer too: metrics
+                // without the fleet's gauges, the dashboard pointing at
+                // the leader. They hand their ports over when this leads.
+                let following = shutdown.child_token();
+                let mut follower_tasks = Vec::new();
+                if let Some(listener) = self.web.metrics.as_ref().and_then(dup_listener) {
+                    let counters = self.web.counters.clone();
+                    let render = move || {
+                        let counters = counters.clone();
+                        async move { counters.render(None).await }
+                    };
+                    follower_tasks.push(tokio::spawn(baton_common::metrics::serve(
+                        listener,
+                        render,
+                        following.clone(),
+                    )));
+                }
+                if let Some(listener) = self.web.dashboard.as_ref().and_then(dup_listener) {
+                    let stop = following.clone();
+                    follower_tasks.push(tokio::spawn(async move {
+                        axum::serve(listener, crate::web::follower_router())
+                            .with_graceful_shutdown(async move { stop.cancelled().await })
+                            .await
+                    }));
+                }
+                let led = crate::ha::follow_then_lead(
                     *candidate,
                     &self.tls,
                     listener.clone(),
                     shutdown.clone(),
                 )
-                .await?
-                else {
+                .await;
+                following.cancel();
+                for mut task in follower_tasks {
+                    if tokio::time::timeout(grace, &mut task).await.is_err() {
+                        task.abort();
+                    }
+                }
+                let Some(led) = led? else {
                     info!("batond stopped while following");
                     return Ok(());
                 };
@@ -385,7 +416,7 @@ impl Coordinator {
             let render = move || {
                 let (counters, fleet, rollouts) =
                     (counters.clone(), fleet.clone(), rollouts.clone());
-                async move { counters.render(&fleet, &rollouts).await }
+                async move { counters.render(Some((&fleet, &rollouts))).await }
             };
             info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
             web_tasks.push(tokio::spawn(baton_common::metrics::serve(
@@ -408,6 +439,7 @@ impl Coordinator {
                     store: store.clone(),
                     audit: audit.clone(),
                     shutdown: shutdown.clone(),
+                    live: Arc::new(tokio::sync::Semaphore::new(crate::web::MAX_LIVE)),
                 },
             )));
         }
@@ -502,9 +534,13 @@ impl Coordinator {
         // Dropping the server drops the services' registry handles; the
         // registry then flushes and ends.
         drop(server);
-        for task in web_tasks {
-            if tokio::time::timeout(grace, task).await.is_err() {
-                warn!("an HTTP endpoint did not stop within the shutdown grace");
+        // They hold registry handles: one that hangs on a stuck client is
+        // stopped, so that the registry's final flush still happens.
+        for mut task in web_tasks {
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                warn!("an HTTP endpoint did not stop within the shutdown grace; closing it");
+                task.abort();
+                let _ = task.await;
             }
         }
         if tokio::time::timeout(grace, rollout_task).await.is_err() {
@@ -523,6 +559,25 @@ impl Coordinator {
         info!("batond stopped");
         served.map_err(ServeError::from)
     }
+}
+
+/// A second handle on a bound listener (the follower's servers use it
+/// while the original waits for the leader's).
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+fn dup_listener(listener: &TcpListener) -> Option<TcpListener> {
+    let dup = socket_dup(listener)
+        .map_err(|e| warn!(error = %e, "cannot share an HTTP listener while following"))
+        .ok()?;
+    TcpListener::from_std(dup).ok()
+}
+
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+fn socket_dup(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = listener.as_fd().try_clone_to_owned()?;
+    let std = std::net::TcpListener::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(std)
 }
 
 /// The address a listener bound (a bound listener always has one).

@@ -67,9 +67,9 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
         &format!("{} === 3", rows_on("1.0.0")),
     );
 
-    // One host at a time, each held 2 s in its health gate.
+    // One host at a time, each held 3 s in its health gate.
     let id = fleet.start_rollout(
-        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"2s\"\nhealthy_deadline = \"60s\"\n",
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"3s\"\nhealthy_deadline = \"60s\"\n",
     );
     page.navigate(&format!("http://{web}/#/rollouts"));
     page.wait_for(
@@ -85,17 +85,12 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
         "the rollout to progress",
         "document.querySelector('#rollout-state').dataset.state === 'progressing'",
     );
-    // Hosts change under our eyes (server-sent events, no reload).
-    page.wait_for(
-        "a host to turn healthy on 2.0.0",
-        "document.querySelectorAll('section[data-service=\"demo\"] tr[data-host][data-state=\"healthy\"]').length >= 1",
-    );
     assert!(
         page.eval("document.querySelector('button[data-action=\"pause\"]').disabled") == true,
         "the buttons are inert until an operator signs in"
     );
 
-    // Sign in as an operator and press Pause.
+    // Sign in as an operator (while the first host activates).
     let out = fleet.baton(&["dashboard", "token", "--role", "operator"]);
     assert!(out.status.success(), "{out:?}");
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
@@ -104,6 +99,12 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
     page.wait_for(
         "the signed-in operator",
         "document.getElementById('who').textContent.includes('operator')",
+    );
+    // Hosts change under our eyes (server-sent events, no reload); then
+    // Pause is pressed with the mouse.
+    page.wait_for(
+        "a host to turn healthy on 2.0.0",
+        "document.querySelectorAll('section[data-service=\"demo\"] tr[data-host][data-state=\"healthy\"]').length >= 1",
     );
     page.click("button[data-action=\"pause\"]");
     page.wait_for(

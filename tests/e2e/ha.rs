@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use baton_common::metrics::sample;
 use baton_tests::etcd::{Etcd, batond_has_etcd};
 use baton_tests::fleet::Fleet;
 use baton_tests::{Batond, SOON, wait_until};
@@ -49,8 +50,29 @@ fn three_coordinators_on_etcd_survive_their_leader() {
     wait_until("the first batond to lead", SOON, || {
         leads(&fleet.batond).then_some(())
     });
-    let b2 = Batond::start(&fleet.env, "batond2", &args);
-    let b3 = Batond::start(&fleet.env, "batond3", &args);
+    // The others also serve metrics and the dashboard: while following,
+    // metrics without the fleet and a dashboard that points at the leader.
+    let web = [
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
+    let with_web: Vec<&str> = args.iter().chain(&web).copied().collect();
+    let b2 = Batond::start(&fleet.env, "batond2", &with_web);
+    let b3 = Batond::start(&fleet.env, "batond3", &with_web);
+    for b in [&b2, &b3] {
+        let doc = baton_tests::http::scrape(b.metrics.unwrap());
+        assert_eq!(
+            sample(&doc, "baton_coordinator_leading"),
+            Some(0.0),
+            "{doc}"
+        );
+        assert_eq!(sample(&doc, "baton_hosts_connected"), None, "{doc}");
+        let page = baton_tests::http::get(b.dashboard.unwrap(), "/api/state");
+        assert_eq!(page.status, 503, "{}", page.body);
+        assert!(page.body.contains("follows another"), "{}", page.body);
+    }
     // A follower answers with where the leader is: the CLI given only a
     // follower's URL ends up at the leader.
     let out = fleet
@@ -98,6 +120,27 @@ fn three_coordinators_on_etcd_survive_their_leader() {
     }
     let (leader, follower) = if leads(&b2) { (b2, b3) } else { (b3, b2) };
     assert!(leads(&leader), "a new leader was elected");
+    // The new leader took its HTTP ports over: the fleet's gauges and the
+    // dashboard are there, and the rollout's history runs on without a
+    // gap across the two leaders.
+    wait_until("the new leader's metrics", SOON, || {
+        let doc = baton_tests::http::scrape(leader.metrics.unwrap());
+        (sample(&doc, "baton_coordinator_leading") == Some(1.0)
+            && sample(&doc, "baton_hosts_connected") == Some(3.0))
+        .then_some(())
+    });
+    let state = baton_tests::http::get(leader.dashboard.unwrap(), "/api/state");
+    assert_eq!(state.status, 200, "{}", state.body);
+    assert_eq!(state.json()["hosts"].as_array().unwrap().len(), 3);
+    let out = fleet.baton(&["rollout", "events", &id, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let events = events.as_array().unwrap();
+    assert!(
+        events.iter().enumerate().all(|(i, e)| e["seq"] == i as u64),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["to"], "succeeded");
 
     // 3.0.0 was pushed through the dead coordinator: the new leader serves
     // it from its copy.

@@ -243,6 +243,55 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
         String::from_utf8_lossy(&out.stderr).contains("no host nope"),
         "{out:?}"
     );
+
+    // A version that never turns healthy: its first host fails (and is
+    // rolled back with the rollout), which the counters and the history
+    // say.
+    let before = scrape(metrics);
+    fleet.release("3.0.0", true);
+    let id = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"3.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"500ms\"\nhealthy_deadline = \"2s\"\n",
+    );
+    let done = fleet.wait_done(&id, Duration::from_secs(90));
+    assert_eq!(done["state"], "rolled_back", "{done}");
+    let after = scrape(metrics);
+    let moved = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        moved("baton_host_activations_total{result=\"failed\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved("baton_host_activations_total{result=\"rolled_back\"}"),
+        1.0
+    );
+    assert_eq!(
+        moved("baton_host_activations_total{result=\"healthy\"}"),
+        0.0
+    );
+    assert_eq!(moved("baton_host_activation_duration_seconds_count"), 1.0);
+    assert_eq!(moved("baton_rollouts{state=\"rolled_back\"}"), 1.0);
+    let events = json(
+        &fleet.baton(&["rollout", "events", &id, "--json"]),
+        "events",
+    );
+    let failed: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "host" && e["from"] != "pending" && e["from"] != "staging")
+        .map(|e| (e["from"].as_str().unwrap(), e["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            ("staged", "activating"),
+            ("activating", "failed"),
+            ("failed", "rolling_back"),
+            ("rolling_back", "rolled_back")
+        ],
+        "{events}"
+    );
 }
 
 #[test]

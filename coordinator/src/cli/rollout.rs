@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use baton_common::time::{from_timestamp, rfc3339_millis};
 use baton_proto::control::v1::{
-    ControlRolloutRequest, GetRolloutRequest, ListRolloutsRequest, Rollout, RolloutAction,
-    RolloutEvent, StartRolloutRequest,
+    ControlRolloutRequest, GetRolloutRequest, ListRolloutEventsRequest, ListRolloutsRequest,
+    Rollout, RolloutAction, RolloutEvent, StartRolloutRequest,
 };
 use tokio_stream::StreamExt;
 
@@ -202,12 +202,22 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
         }
         RolloutCommand::Watch { id } => return watch(&mut client, id).await,
         RolloutCommand::Events { id, json } => {
-            let events = client
-                .list_rollout_events(GetRolloutRequest { id: id.clone() })
-                .await
-                .map_err(|s| call_failed("getting the rollout's events failed", s))?
-                .into_inner()
-                .events;
+            let mut events = Vec::new();
+            loop {
+                let page = client
+                    .list_rollout_events(ListRolloutEventsRequest {
+                        id: id.clone(),
+                        since: events.last().map_or(0, |e: &RolloutEvent| e.seq + 1),
+                        limit: 0,
+                    })
+                    .await
+                    .map_err(|s| call_failed("getting the rollout's events failed", s))?
+                    .into_inner();
+                events.extend(page.events);
+                if !page.more {
+                    break;
+                }
+            }
             if *json {
                 let doc: Vec<_> = events.iter().map(event_json).collect();
                 println!("{}", serde_json::to_string_pretty(&doc)?);

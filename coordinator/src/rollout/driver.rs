@@ -90,10 +90,6 @@ enum Request {
         who: String,
         reply: Reply<Rollout>,
     },
-    Events {
-        id: String,
-        reply: Reply<Vec<events::RolloutEvent>>,
-    },
 }
 
 /// A handle to the driver.
@@ -101,6 +97,9 @@ enum Request {
 pub struct Rollouts {
     tx: mpsc::Sender<Request>,
     changes: watch::Receiver<u64>,
+    /// Histories are read here, outside the driver: a long one must not
+    /// hold up the rollouts it drives.
+    store: Arc<dyn Store>,
 }
 
 impl Rollouts {
@@ -151,9 +150,19 @@ impl Rollouts {
             .await
     }
 
-    /// A rollout's event history, in order.
-    pub async fn events(&self, id: String) -> Result<Vec<events::RolloutEvent>, RolloutError> {
-        self.ask(|reply| Request::Events { id, reply }).await
+    /// A rollout's events from `since` on (by `seq`), at most `limit`, in
+    /// order; NotFound for an unknown rollout. (Every step's events are
+    /// stored with its state, so what is read is consistent.)
+    pub async fn events(
+        &self,
+        id: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<events::RolloutEvent>, RolloutError> {
+        if self.store.get(&key(id)).await?.is_none() {
+            return Err(RolloutError::NotFound(id.to_owned()));
+        }
+        Ok(events::load(self.store.as_ref(), id, since, limit).await?)
     }
 
     /// A counter that moves whenever any rollout changes (started,
@@ -272,8 +281,13 @@ pub async fn spawn_with(
         metrics,
         changed,
     };
+    let handle = Rollouts {
+        tx,
+        changes,
+        store: driver.store.clone(),
+    };
     let task = tokio::spawn(driver.run(rx, shutdown));
-    Ok((Rollouts { tx, changes }, task))
+    Ok((handle, task))
 }
 
 impl Driver {
@@ -484,7 +498,7 @@ impl Driver {
             }
             entry.stored = bytes;
             entry.next_event += history.len() as u64;
-            count_activations(&self.metrics, &next, &history);
+            count_activations(&self.metrics, &entry.rollout, &history, now);
         }
         if next.state != entry.rollout.state {
             match &next.error {
@@ -544,19 +558,6 @@ impl Driver {
             }
             Request::Control { id, op, who, reply } => {
                 let _ = reply.send(self.control(id, op, &who).await);
-            }
-            Request::Events { id, reply } => {
-                let r = match self.active.contains_key(&id) {
-                    true => Ok(()),
-                    false => self.load(&id).await.map(drop),
-                };
-                let r = match r {
-                    Ok(()) => events::load(self.store.as_ref(), &id)
-                        .await
-                        .map_err(RolloutError::from),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(r);
             }
         }
     }
@@ -980,28 +981,29 @@ fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
 }
 
 /// Counts the host activations and rollbacks a step ended, and how long
-/// each activation took (`rollout` is the state after the step).
+/// each activation took (`before` is the state before the step).
 fn count_activations(
     metrics: &crate::metrics::Metrics,
-    rollout: &Rollout,
+    before: &Rollout,
     history: &[events::RolloutEvent],
+    now: SystemTime,
 ) {
     for e in history.iter().filter(|e| e.kind == events::Kind::Host) {
-        let result = match e.to.as_str() {
-            "healthy" if e.from == "activating" => "healthy",
-            "failed" => "failed",
-            "rolled_back" => "rolled_back",
+        let result = match (e.from.as_str(), e.to.as_str()) {
+            ("activating", "healthy") => "healthy",
+            ("activating" | "rolling_back", "failed") => "failed",
+            ("rolling_back", "rolled_back") => "rolled_back",
             _ => continue,
         };
         metrics.activations.inc(&[result]);
         if e.from == "activating" {
-            let took = rollout
+            let started = before
                 .services
                 .iter()
                 .find(|s| s.name == e.service)
-                .and_then(|s| s.hosts.iter().find(|(id, _)| id.to_string() == e.host))
-                .and_then(|(_, h)| h.finished_at?.duration_since(h.started_at?).ok());
-            if let Some(took) = took {
+                .and_then(|s| s.hosts.iter().find(|(id, _)| id.as_str() == e.host))
+                .and_then(|(_, h)| h.started_at);
+            if let Some(took) = started.and_then(|t| now.duration_since(t).ok()) {
                 metrics.activation.observe(took);
             }
         }

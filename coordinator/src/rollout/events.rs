@@ -30,6 +30,9 @@ pub enum Kind {
     Host,
     /// An operator acted on the rollout.
     Operator,
+    /// A kind a newer `batond` wrote (read back after a downgrade).
+    #[serde(other)]
+    Other,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             Self::Service => "service",
             Self::Host => "host",
             Self::Operator => "operator",
+            Self::Other => "other",
         }
     }
 }
@@ -83,23 +87,47 @@ pub fn key(rollout: &str, first_seq: u64) -> String {
     format!("events/{rollout}/{first_seq:012}")
 }
 
-/// Every event of a rollout, in order.
-pub async fn load(store: &dyn Store, rollout: &str) -> Result<Vec<RolloutEvent>, StoreError> {
+/// The events of a rollout from `since` on (by `seq`), at most `limit`,
+/// in order. A record that does not decode is skipped with a warning: a
+/// damaged history must not hide the rest of it.
+pub async fn load(
+    store: &dyn Store,
+    rollout: &str,
+    since: u64,
+    limit: usize,
+) -> Result<Vec<RolloutEvent>, StoreError> {
     let mut all = Vec::new();
     for (k, v) in store.list(&prefix(rollout)).await? {
-        let batch: Vec<RolloutEvent> =
-            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                key: k.clone(),
-                reason: e.to_string(),
-            })?;
-        all.extend(batch);
+        match serde_json::from_slice::<Vec<RolloutEvent>>(&v) {
+            Ok(batch) => all.extend(batch.into_iter().filter(|e| e.seq >= since)),
+            Err(e) => {
+                tracing::warn!(key = %k, error = %e, "skipping rollout events that do not decode")
+            }
+        }
+        if all.len() >= limit {
+            all.truncate(limit);
+            break;
+        }
     }
     Ok(all)
 }
 
-/// The sequence number the next event of a rollout gets.
+/// The sequence number the next event of a rollout gets: past the last
+/// record's events (or, when that one does not decode, past its first).
 pub async fn next_seq(store: &dyn Store, rollout: &str) -> Result<u64, StoreError> {
-    Ok(load(store, rollout).await?.last().map_or(0, |e| e.seq + 1))
+    let records = store.list(&prefix(rollout)).await?;
+    let Some((k, v)) = records.last() else {
+        return Ok(0);
+    };
+    let first: u64 = k
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok(match serde_json::from_slice::<Vec<RolloutEvent>>(v) {
+        Ok(batch) => batch.last().map_or(first, |e| e.seq) + 1,
+        Err(_) => first + 1,
+    })
 }
 
 /// A new event, numbered later.
@@ -163,7 +191,18 @@ pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> 
                     h.to_version
                 ),
             };
-            for (from, to) in path(was.state, h.state) {
+            // A failure rolled back in the same step (auto_rollback) went
+            // through `failed` on its way: the history says so.
+            let failed_on_the_way = h.error.is_some()
+                && h.error != was.error
+                && matches!(was.state, HostState::Activating | HostState::Staging)
+                && matches!(h.state, HostState::RollingBack | HostState::RolledBack);
+            let steps = if failed_on_the_way {
+                vec![(was.state, HostState::Failed), (HostState::Failed, h.state)]
+            } else {
+                path(was.state, h.state)
+            };
+            for (from, to) in steps {
                 let mut e = event(Kind::Host, at);
                 e.service = after.name.clone();
                 e.host = id.to_string();

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +47,13 @@ pub const ACTION_HEADER: &str = "x-baton-action";
 /// The least time between two live updates to one browser: bursts of
 /// changes (a batch of hosts turning healthy) are sent as one.
 const COALESCE: Duration = Duration::from_millis(150);
+/// Live streams served at once; more are refused (each costs a snapshot
+/// of the fleet and the rollouts on every change).
+pub const MAX_LIVE: usize = 64;
+/// Events a rollout's page gets on its first load (the newest).
+const EVENTS_TAIL: usize = 300;
+/// Events a rollout's page gets at most per later load.
+const EVENTS_PAGE: usize = 1000;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -65,6 +72,8 @@ pub struct Dashboard {
     pub audit: Audit,
     /// Ends live streams on shutdown.
     pub shutdown: CancellationToken,
+    /// Live streams left to serve.
+    pub live: Arc<tokio::sync::Semaphore>,
 }
 
 /// The dashboard's routes.
@@ -81,6 +90,17 @@ pub fn router(dashboard: Dashboard) -> axum::Router {
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .with_state(dashboard)
+}
+
+/// What a coordinator that follows another (with an etcd store) serves on
+/// the dashboard's address until it leads: the page says where to look.
+pub fn follower_router() -> axum::Router {
+    axum::Router::new().fallback(|| async {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this batond follows another (etcd store): open the dashboard of the leading batond",
+        )
+    })
 }
 
 /// Serves the dashboard on `listener` until `shutdown`.
@@ -141,7 +161,36 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
+/// Whether the request named the dashboard by an IP address or
+/// `localhost`. A page of another site can reach a dashboard on loopback
+/// by a DNS name it re-points at 127.0.0.1 (DNS rebinding); such a name
+/// is never one of these, and carries no session cookie.
+fn host_is_address(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 impl Dashboard {
+    /// The session of a request that may read: any request naming the
+    /// dashboard by address, and one naming it otherwise (behind a proxy,
+    /// or a rebinding attack) only when signed in.
+    async fn reader(&self, headers: &HeaderMap) -> Result<Option<tokens::Session>, Response> {
+        let session = self.session(headers).await;
+        if session.is_none() && !host_is_address(headers) {
+            return Err(problem(
+                StatusCode::UNAUTHORIZED,
+                "reached by a host name: sign in with a token from `baton dashboard token` to read",
+            ));
+        }
+        Ok(session)
+    }
+
     async fn session(&self, headers: &HeaderMap) -> Option<tokens::Session> {
         let token = cookie_token(headers)?;
         match tokens::check(self.store.as_ref(), &token).await {
@@ -267,19 +316,44 @@ fn rollout_error(e: RolloutError) -> Response {
 }
 
 async fn state(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
-    let session = d.session(&headers).await;
+    let session = match d.reader(&headers).await {
+        Ok(s) => s,
+        Err(refused) => return refused,
+    };
     match d.snapshot(session.as_ref()).await {
         Ok(v) => api(StatusCode::OK, v),
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
 
-async fn rollout(State(d): State<Dashboard>, Path(id): Path<String>) -> Response {
+#[derive(serde::Deserialize)]
+struct Since {
+    since: Option<u64>,
+}
+
+/// One rollout with its events: the newest [`EVENTS_TAIL`], or with
+/// `?since=SEQ` those from SEQ on (the page asks for what is new).
+async fn rollout(
+    State(d): State<Dashboard>,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = d.reader(&headers).await {
+        return refused;
+    }
     let r = match d.rollouts.get(id.clone()).await {
         Ok(r) => r,
         Err(e) => return rollout_error(e),
     };
-    let events = match d.rollouts.events(id).await {
+    let events = match q.since {
+        Some(since) => d.rollouts.events(&id, since, EVENTS_PAGE).await,
+        None => d.rollouts.events(&id, 0, usize::MAX).await.map(|mut all| {
+            all.drain(..all.len().saturating_sub(EVENTS_TAIL));
+            all
+        }),
+    };
+    let events = match events {
         Ok(e) => e,
         Err(e) => return rollout_error(e),
     };
@@ -288,7 +362,14 @@ async fn rollout(State(d): State<Dashboard>, Path(id): Path<String>) -> Response
     api(StatusCode::OK, body)
 }
 
-async fn history(State(d): State<Dashboard>, Path(id): Path<String>) -> Response {
+async fn history(
+    State(d): State<Dashboard>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = d.reader(&headers).await {
+        return refused;
+    }
     let Ok(host) = baton_common::host::HostId::try_from(id.as_str()) else {
         return problem(StatusCode::BAD_REQUEST, format!("{id:?} is not a host id"));
     };
@@ -322,7 +403,16 @@ async fn history(State(d): State<Dashboard>, Path(id): Path<String>) -> Response
 /// after every change of the fleet or of a rollout, at most one per
 /// [`COALESCE`].
 async fn live(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
-    let session = d.session(&headers).await;
+    let session = match d.reader(&headers).await {
+        Ok(s) => s,
+        Err(refused) => return refused,
+    };
+    let Ok(permit) = d.live.clone().try_acquire_owned() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_LIVE} dashboards are open already; close one"),
+        );
+    };
     let Ok((_, mut hosts)) = d.fleet.watch().await else {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -332,17 +422,17 @@ async fn live(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
     let mut rollouts = d.rollouts.changes();
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(4);
     tokio::spawn(async move {
+        let _permit = permit;
         loop {
             let body = match d.snapshot(session.as_ref()).await {
                 Ok(v) => v.to_string(),
                 Err(_) => return,
             };
-            if tx
-                .send(Ok(SseEvent::default().event("state").data(body)))
-                .await
-                .is_err()
-            {
-                return;
+            // A browser that stopped reading must not keep this task (and
+            // the registry handle it holds) past shutdown.
+            tokio::select! {
+                r = tx.send(Ok(SseEvent::default().event("state").data(body))) => if r.is_err() { return },
+                _ = d.shutdown.cancelled() => return,
             }
             tokio::select! {
                 _ = d.shutdown.cancelled() => return,
@@ -373,15 +463,9 @@ async fn login(State(d): State<Dashboard>, Json(body): Json<Login>) -> Response 
     let session = match tokens::check(d.store.as_ref(), token).await {
         Ok(Some(s)) => s,
         Ok(None) => {
-            d.audit
-                .record(
-                    "dashboard",
-                    "",
-                    "DashboardLogin",
-                    "denied",
-                    "unknown or expired token",
-                )
-                .await;
+            // Logged, not audited: anyone reaching the page could fill
+            // the audit log (and push real entries out of it).
+            warn!("dashboard sign-in refused: unknown or expired token");
             return problem(
                 StatusCode::UNAUTHORIZED,
                 "unknown or expired token; make one with `baton dashboard token --role operator`",
@@ -406,7 +490,14 @@ async fn login(State(d): State<Dashboard>, Json(body): Json<Login>) -> Response 
     response
 }
 
-async fn logout() -> Response {
+/// Signs out: the token stops working (everywhere it was used) and the
+/// cookie is cleared.
+async fn logout(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie_token(&headers)
+        && let Err(e) = tokens::revoke(d.store.as_ref(), &token).await
+    {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
     let mut response = api(StatusCode::OK, json!({ "session": null }));
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -440,9 +531,8 @@ async fn act(
         );
     }
     let Some(session) = d.session(&headers).await else {
-        d.audit
-            .record("dashboard", "", "ControlRollout", "denied", "not signed in")
-            .await;
+        // Logged, not audited (see `login`).
+        warn!(%action, "dashboard action refused: not signed in");
         return problem(
             StatusCode::UNAUTHORIZED,
             "sign in with a token from `baton dashboard token --role operator` to act",
@@ -498,6 +588,22 @@ mod tests {
         );
         assert_eq!(cookie_token(&h).as_deref(), Some("btd1-ab"));
         assert_eq!(cookie_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_addresses_and_localhost_read_without_a_session() {
+        let host = |h: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_static(h));
+            host_is_address(&m)
+        };
+        assert!(host("127.0.0.1:7080"));
+        assert!(host("localhost:7080"));
+        assert!(host("[::1]:7080"));
+        assert!(host("10.0.0.5"));
+        assert!(!host("attacker.example:7080"));
+        assert!(!host("localhost.attacker.example"));
+        assert!(!host_is_address(&HeaderMap::new()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use baton_common::time::{from_unix_millis, unix_millis};
 use baton_common::tls::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Op, Store, StoreError, Txn};
 
 /// How long a token signs in when the request does not say.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(12 * 3600);
@@ -62,19 +62,44 @@ pub async fn create(
         },
     )?;
     let token = format!("{PREFIX}{}", crate::artifacts::hex(&secret));
-    let expires = SystemTime::now() + ttl;
+    let now = SystemTime::now();
+    let expires = now + ttl;
+    // Expired tokens are forgotten as new ones are made.
+    let mut ops = Vec::new();
+    for (k, v) in store.list("dashboard-tokens/").await? {
+        let expired = serde_json::from_slice::<Record>(&v)
+            .map_or(true, |r| from_unix_millis(r.expires) <= now);
+        if expired {
+            ops.push(Op::Delete(k));
+        }
+    }
     let record = Record {
         role: role.as_str().to_owned(),
         who: who.to_owned(),
         expires: unix_millis(expires),
     };
+    ops.push(Op::Put(
+        key(&token),
+        serde_json::to_vec(&record).unwrap_or_default(),
+    ));
     store
-        .put(
-            &key(&token),
-            serde_json::to_vec(&record).unwrap_or_default(),
-        )
+        .txn(Txn {
+            compares: vec![],
+            ops,
+        })
         .await?;
     Ok((token, expires))
+}
+
+/// Makes a token stop working (signing out).
+pub async fn revoke(store: &dyn Store, token: &str) -> Result<(), StoreError> {
+    store
+        .txn(Txn {
+            compares: vec![],
+            ops: vec![Op::Delete(key(token))],
+        })
+        .await
+        .map(drop)
 }
 
 /// The session a token signs in, if it is known and unexpired.
@@ -130,5 +155,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(check(&store, &old).await.unwrap(), None);
+        // The expired one is forgotten when the next is made; a revoked
+        // one stops working.
+        let (newer, _) = create(&store, Role::Viewer, "y", DEFAULT_TTL)
+            .await
+            .unwrap();
+        assert_eq!(store.list("dashboard-tokens/").await.unwrap().len(), 2);
+        revoke(&store, &newer).await.unwrap();
+        assert_eq!(check(&store, &newer).await.unwrap(), None);
+        assert!(check(&store, &token).await.unwrap().is_some());
     }
 }

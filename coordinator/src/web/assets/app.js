@@ -86,9 +86,6 @@ function fleetPage() {
     oninput: (e) => {
       filter = e.target.value;
       render();
-      const again = document.getElementById('filter');
-      again.focus();
-      again.setSelectionRange(filter.length, filter.length);
     },
   });
   return [
@@ -154,7 +151,8 @@ function actionButtons(r) {
 async function act(id, action, label) {
   if ((action === 'abort' || action === 'rollback') && !confirm(`${label} rollout ${id}?`)) return;
   try {
-    detail = Object.assign({}, detail, await call('POST', `/api/rollouts/${encodeURIComponent(id)}/${action}`));
+    const after = await call('POST', `/api/rollouts/${encodeURIComponent(id)}/${action}`);
+    detail = Object.assign({}, detail, after, { events: detail ? detail.events : [] });
     flash(`${label}: rollout ${id} is ${detail.state.replace(/_/g, ' ')}`);
     await loadDetail(id);
   } catch (e) {
@@ -247,8 +245,16 @@ async function hostPage(id) {
 // ---- drawing and data --------------------------------------------------
 
 let drawing = Promise.resolve();
+// A redraw between a button's press and its release would lose the click:
+// while the mouse is down, redraws wait for it to come up.
+let pressed = false;
+let deferred = false;
 
 function render() {
+  if (pressed) {
+    deferred = true;
+    return drawing;
+  }
   drawing = drawing.then(draw, draw);
   return drawing;
 }
@@ -268,13 +274,32 @@ async function draw() {
   else if (page === 'rollouts') content = rolloutsPage();
   else if (page === 'hosts' && id) content = await hostPage(id);
   else content = fleetPage();
+  // Typing in the filter goes on through a redraw.
+  const focused = document.activeElement && document.activeElement.id === 'filter'
+    ? [document.activeElement.selectionStart, document.activeElement.selectionEnd] : null;
   document.getElementById('page').replaceChildren(...content.flat().filter(Boolean));
+  const filterInput = document.getElementById('filter');
+  if (focused && filterInput) {
+    filterInput.focus();
+    filterInput.setSelectionRange(focused[0], focused[1]);
+  }
 }
 
+// Only the newest request's answer is drawn; a page that has the rollout
+// asks only for the events it has not seen.
+let detailRequest = 0;
+
 async function loadDetail(id) {
+  const mine = ++detailRequest;
+  const have = detail && detail.id === id && detail.events.length ? detail.events : null;
+  const url = '/api/rollouts/' + encodeURIComponent(id) + (have ? '?since=' + (have[have.length - 1].seq + 1) : '');
   try {
-    detail = await call('GET', '/api/rollouts/' + encodeURIComponent(id));
+    const next = await call('GET', url);
+    if (mine !== detailRequest) return;
+    if (have) next.events = have.concat(next.events).slice(-300);
+    detail = next;
   } catch (e) {
+    if (mine !== detailRequest) return;
     detail = null;
     flash(e.message, true);
   }
@@ -302,6 +327,18 @@ function connect() {
   });
   source.addEventListener('state', (e) => onState(JSON.parse(e.data)));
 }
+
+document.addEventListener('mousedown', () => {
+  pressed = true;
+});
+document.addEventListener('mouseup', () => {
+  pressed = false;
+  if (deferred) {
+    deferred = false;
+    // After the click's own handler.
+    setTimeout(render, 0);
+  }
+});
 
 document.addEventListener('DOMContentLoaded', () => {
   document.getElementById('login').addEventListener('submit', async (e) => {
