@@ -208,6 +208,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 
 /// Serves `GET /metrics` (anything else is 404) on `listener` until
 /// `shutdown`, rendering the document afresh for every scrape.
+///
+/// A scrape endpoint needs one request per connection and no more, so
+/// this is a small HTTP/1.1 responder of its own (`Connection: close`)
+/// rather than a web framework: the agent serves it too, and must stay
+/// small in memory.
 pub async fn serve<F, Fut>(
     listener: tokio::net::TcpListener,
     render: F,
@@ -217,31 +222,105 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = String> + Send + 'static,
 {
-    let app = router(render);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of descriptors, a connection reset before accept: the
+                // next one may work.
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        tasks.spawn(async move {
+            // A client that says nothing is not waited for.
+            let answered = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, render)).await;
+            if let Ok(Err(e)) = answered {
+                tracing::debug!(error = %e, "metrics: a scrape failed");
+            }
+        });
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, tasks.wait()).await;
+    Ok(())
 }
 
-/// The `/metrics` route, to merge into a larger router.
-pub fn router<F, Fut, S>(render: F) -> axum::Router<S>
+/// How long one scrape may take, from connect to the last byte.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+
+async fn answer<F, Fut>(mut stream: tokio::net::TcpStream, render: F) -> std::io::Result<()>
 where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = String> + Send + 'static,
-    S: Clone + Send + Sync + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
 {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-                    render().await,
-                )
-            }
-        }),
-    )
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = render().await;
+            let body = if method == "HEAD" {
+                String::new()
+            } else {
+                body
+            };
+            respond(&mut stream, "200 OK", CONTENT_TYPE, &body).await
+        }
+        ("GET" | "HEAD", _) => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                "metrics are at /metrics\n",
+            )
+            .await
+        }
+        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
+    }?;
+    stream.shutdown().await
+}
+
+async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await
 }
 
 /// The value of one sample in a scraped document (`name` with its labels
@@ -257,6 +336,38 @@ pub fn sample(document: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_endpoint_answers_a_scrape_and_nothing_else() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            || async { "baton_x 1\n".to_owned() },
+            stop.clone(),
+        ));
+        let ask = |request: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains(CONTENT_TYPE) && ok.ends_with("\r\n\r\nbaton_x 1\n"),
+            "{ok}"
+        );
+        let missing = ask("GET / HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let post = ask("POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 
     #[test]
     fn a_port_alone_means_loopback() {
