@@ -148,14 +148,7 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
     );
 
     // The history: complete, numbered without gaps, in time order.
-    let events = json(
-        &fleet.baton(&["rollout", "events", &id, "--json"]),
-        "events",
-    );
-    let events = events.as_array().unwrap();
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(e["seq"], i as u64, "{e}");
-    }
+    let events = fleet.events(&id);
     let at: Vec<&str> = events.iter().map(|e| e["at"].as_str().unwrap()).collect();
     assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
     let first = &events[0];
@@ -271,13 +264,8 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
     );
     assert_eq!(moved("baton_host_activation_duration_seconds_count"), 1.0);
     assert_eq!(moved("baton_rollouts{state=\"rolled_back\"}"), 1.0);
-    let events = json(
-        &fleet.baton(&["rollout", "events", &id, "--json"]),
-        "events",
-    );
+    let events = fleet.events(&id);
     let failed: Vec<(&str, &str)> = events
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|e| e["kind"] == "host" && e["from"] != "pending" && e["from"] != "staging")
         .map(|e| (e["from"].as_str().unwrap(), e["to"].as_str().unwrap()))
@@ -290,7 +278,7 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
             ("failed", "rolling_back"),
             ("rolling_back", "rolled_back")
         ],
-        "{events}"
+        "{events:?}"
     );
 }
 

@@ -317,6 +317,19 @@ timeout = "1s"
         serde_json::from_str(&ok(&out, "rollout status")).unwrap()
     }
 
+    /// `baton rollout events ID --json`, checked to be numbered from 0
+    /// without a gap.
+    pub fn events(&self, id: &str) -> Vec<Value> {
+        let out = self.baton(&["rollout", "events", id, "--json"]);
+        let doc: Value = serde_json::from_str(&ok(&out, "rollout events")).unwrap();
+        let events = doc.as_array().unwrap().clone();
+        assert!(
+            events.iter().enumerate().all(|(i, e)| e["seq"] == i as u64),
+            "the history has a gap: {events:?}"
+        );
+        events
+    }
+
     /// Waits until the rollout is in a terminal state and returns it.
     pub fn wait_done(&self, id: &str, timeout: Duration) -> Value {
         wait_until(&format!("rollout {id} to end"), timeout, || {

@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use baton_common::time::{from_timestamp, rfc3339, to_duration};
+use baton_common::time::to_duration;
 use baton_proto::control::v1::CreateDashboardTokenRequest;
 
-use super::{Cli, CliError, call_failed};
+use super::{Cli, CliError, call_failed, timestamp_text};
 
 /// Dashboard commands.
 #[derive(Debug, clap::Subcommand)]
@@ -42,12 +42,7 @@ pub async fn run(cli: &Cli, cmd: &DashboardCommand) -> Result<ExitCode, CliError
         .await
         .map_err(|s| call_failed("creating the dashboard token failed", s))?
         .into_inner();
-    let expires = created
-        .expires_at
-        .as_ref()
-        .and_then(from_timestamp)
-        .map(rfc3339)
-        .unwrap_or_default();
+    let expires = timestamp_text(created.expires_at.as_ref());
     if *json {
         println!(
             "{}",

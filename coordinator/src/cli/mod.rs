@@ -331,6 +331,13 @@ async fn connect_one(
     }
 }
 
+/// A timestamp from the Control API as RFC 3339 (empty when unset).
+pub fn timestamp_text(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(baton_common::time::from_timestamp)
+        .map(baton_common::time::rfc3339)
+        .unwrap_or_default()
+}
+
 /// Turns a failed call into a sentence that says what the coordinator said.
 pub fn call_failed(what: &str, status: tonic::Status) -> CliError {
     let detail = match std::error::Error::source(&status) {

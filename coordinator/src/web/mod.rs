@@ -231,24 +231,39 @@ fn host_json(h: &HostView) -> Value {
     crate::cli::hosts::to_json(h)
 }
 
-fn rollout_summary(r: &Rollout) -> Value {
+/// What every view of a rollout starts with.
+fn rollout_head(r: &Rollout) -> Value {
     json!({
         "id": r.id,
         "state": r.state.as_str(),
         "created_at": rfc3339(r.created_at),
         "updated_at": rfc3339(r.updated_at),
         "error": r.error.clone().unwrap_or_default(),
-        "services": r.services.iter().map(|s| {
-            let done = s.hosts.values().filter(|h| h.state == crate::rollout::HostState::Healthy).count();
-            json!({
-                "name": s.name,
-                "version": s.version,
-                "state": s.state.as_str(),
-                "hosts": s.hosts.len(),
-                "done": done,
-            })
-        }).collect::<Vec<_>>(),
     })
+}
+
+fn rollout_summary(r: &Rollout) -> Value {
+    let mut v = rollout_head(r);
+    v["services"] = json!(
+        r.services
+            .iter()
+            .map(|s| {
+                let done = s
+                    .hosts
+                    .values()
+                    .filter(|h| h.state == crate::rollout::HostState::Healthy)
+                    .count();
+                json!({
+                    "name": s.name,
+                    "version": s.version,
+                    "state": s.state.as_str(),
+                    "hosts": s.hosts.len(),
+                    "done": done,
+                })
+            })
+            .collect::<Vec<_>>()
+    );
+    v
 }
 
 /// One rollout in full: services in dependency waves, steps and hosts.
@@ -271,37 +286,37 @@ fn rollout_json(r: &Rollout) -> Value {
     for s in &r.services {
         by_wave[wave_of[s.name.as_str()]].push(&s.name);
     }
-    json!({
-        "id": r.id,
-        "state": r.state.as_str(),
-        "created_at": rfc3339(r.created_at),
-        "updated_at": rfc3339(r.updated_at),
-        "error": r.error.clone().unwrap_or_default(),
-        "plan": r.plan,
-        "waves": by_wave,
-        "services": r.services.iter().map(|s| json!({
-            "name": s.name,
-            "version": s.version,
-            "state": s.state.as_str(),
-            "wave": wave_of[s.name.as_str()] + 1,
-            "depends_on": s.depends_on,
-            "step": s.step + 1,
-            "steps": s.steps,
-            "max_parallel": s.max_parallel,
-            "min_healthy": s.min_healthy,
-            "hosts": s.hosts.iter().map(|(id, h)| json!({
-                "host_id": id.to_string(),
-                "state": h.state.as_str(),
-                "from_version": h.from_version.clone().unwrap_or_default(),
-                "to_version": h.to_version,
-                "progress_percent": h.progress,
-                "connected": h.connected,
-                "started_at": h.started_at.map(rfc3339),
-                "finished_at": h.finished_at.map(rfc3339),
-                "error": h.error.clone().unwrap_or_default(),
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
+    let mut v = rollout_head(r);
+    v["plan"] = json!(r.plan);
+    v["waves"] = json!(by_wave);
+    v["services"] = json!(
+        r.services
+            .iter()
+            .map(|s| json!({
+                "name": s.name,
+                "version": s.version,
+                "state": s.state.as_str(),
+                "wave": wave_of[s.name.as_str()] + 1,
+                "depends_on": s.depends_on,
+                "step": s.step + 1,
+                "steps": s.steps,
+                "max_parallel": s.max_parallel,
+                "min_healthy": s.min_healthy,
+                "hosts": s.hosts.iter().map(|(id, h)| json!({
+                    "host_id": id.to_string(),
+                    "state": h.state.as_str(),
+                    "from_version": h.from_version.clone().unwrap_or_default(),
+                    "to_version": h.to_version,
+                    "progress_percent": h.progress,
+                    "connected": h.connected,
+                    "started_at": h.started_at.map(rfc3339),
+                    "finished_at": h.finished_at.map(rfc3339),
+                    "error": h.error.clone().unwrap_or_default(),
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    );
+    v
 }
 
 fn rollout_error(e: RolloutError) -> Response {
