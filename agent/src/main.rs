@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         // Bound before anything runs, so a taken port is a start-up error.
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
-                baton_common::metrics::bind(addr)
+                tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| vec![format!("cannot serve metrics on {addr}: {e}")])?,
             ),

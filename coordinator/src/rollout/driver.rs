@@ -1001,8 +1001,8 @@ fn count_activations(
                 .services
                 .iter()
                 .find(|s| s.name == e.service)
-                .and_then(|s| s.hosts.iter().find(|(id, _)| id.as_str() == e.host))
-                .and_then(|(_, h)| h.started_at);
+                .and_then(|s| s.hosts.get(&HostId::try_from(e.host.as_str()).ok()?))
+                .and_then(|h| h.started_at);
             if let Some(took) = started.and_then(|t| now.duration_since(t).ok()) {
                 metrics.activation.observe(took);
             }
