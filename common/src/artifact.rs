@@ -351,15 +351,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
     to_hex(digest::digest(&digest::SHA256, data).as_ref())
 }
 
-/// Shortens untrusted text for an error message, so a hostile 64 KiB name
-/// does not flood the log.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 80;
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
+use crate::text::shorten;
 
 // ---------------------------------------------------------------------------
 // Keys

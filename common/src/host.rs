@@ -122,18 +122,15 @@ pub fn validate_labels(labels: &Labels) -> Result<(), InvalidField> {
         ));
     }
     for (k, v) in labels {
-        validate_name(&k.replace('/', "-")).map_err(|reason| {
-            InvalidField::new(format!("labels[{k:?}]"), format!("key {reason}"))
-        })?;
+        let field = || format!("labels[{}]", crate::text::quote(k));
+        validate_name(&k.replace('/', "-"))
+            .map_err(|reason| InvalidField::new(field(), format!("key {reason}")))?;
         if v.len() > MAX_LABEL_VALUE_LEN {
-            return Err(InvalidField::new(
-                format!("labels[{k:?}]"),
-                "value is longer than 256 bytes",
-            ));
+            return Err(InvalidField::new(field(), "value is longer than 256 bytes"));
         }
         if v.chars().any(char::is_control) {
             return Err(InvalidField::new(
-                format!("labels[{k:?}]"),
+                field(),
                 "value contains a control character",
             ));
         }
@@ -145,7 +142,7 @@ pub fn validate_labels(labels: &Labels) -> Result<(), InvalidField> {
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
+        _ => Err(format!("{} is not KEY=VALUE", crate::text::quote(s))),
     }
 }
 

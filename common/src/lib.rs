@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pki;
 pub mod process;
 pub mod sdnotify;
+pub mod text;
 pub mod time;
 pub mod tls;
 

@@ -55,7 +55,48 @@ pub fn unix_millis(t: SystemTime) -> u64 {
 
 /// The inverse of [`unix_millis`].
 pub fn from_unix_millis(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+    later(UNIX_EPOCH, Duration::from_millis(ms))
+}
+
+/// The latest time Baton's arithmetic produces: about 34,800 years after
+/// the epoch, beyond any deadline and well within what `SystemTime`,
+/// protobuf timestamps and the store hold.
+pub fn far_future() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1 << 40)
+}
+
+/// `t + d`, or [`far_future`] when that would overflow or pass it: a
+/// deadline computed from any input never panics.
+pub fn later(t: SystemTime, d: Duration) -> SystemTime {
+    t.checked_add(d)
+        .filter(|at| *at <= far_future())
+        .unwrap_or_else(far_future)
+}
+
+/// Parses a humantime duration (`500ms`, `2s`, `5m`) that must lie within
+/// `min..=max`. Errors quote a short prefix of the text and name the bound.
+pub fn parse_bounded(text: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration {}: {e}", crate::text::quote(text)))?;
+    if d < min {
+        return Err(if min <= Duration::from_nanos(1) {
+            "must be longer than zero".to_owned()
+        } else {
+            format!(
+                "{} is shorter than the minimum of {}",
+                humantime::format_duration(d),
+                humantime::format_duration(min)
+            )
+        });
+    }
+    if d > max {
+        return Err(format!(
+            "{} is longer than the maximum of {}",
+            crate::text::shorten(&humantime::format_duration(d).to_string()),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -71,6 +112,32 @@ mod tests {
             rfc3339(UNIX_EPOCH + Duration::from_secs(86_400)),
             "1970-01-02T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn arithmetic_saturates_and_bounds_are_enforced() {
+        let now = SystemTime::now();
+        assert_eq!(later(now, Duration::MAX), far_future());
+        assert_eq!(later(far_future(), Duration::from_secs(1)), far_future());
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert_eq!(from_unix_millis(u64::MAX), far_future());
+        let (min, max) = (Duration::from_millis(1), Duration::from_secs(3600));
+        assert_eq!(parse_bounded("2s", min, max), Ok(Duration::from_secs(2)));
+        assert_eq!(
+            parse_bounded("0s", min, max).unwrap_err(),
+            "must be longer than zero"
+        );
+        assert!(
+            parse_bounded("300000000000y", min, max)
+                .unwrap_err()
+                .contains("longer than the maximum of 1h")
+        );
+        let junk = "9".repeat(100_000);
+        let err = parse_bounded(&junk, min, max).unwrap_err();
+        assert!(err.len() < 300, "{err}");
     }
 
     #[test]

@@ -18,10 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::events;
-use super::machine::{
-    self, Action, Event, HostRun, Operator, Rollout, ServiceRun, ServiceState, State,
-};
-use super::plan::{Plan, Strategy};
+use super::machine::{self, Action, Event, Operator, Rollout, State};
+use super::plan::Plan;
+use super::resolve;
 use crate::artifacts::Artifacts;
 use crate::fleet::FleetHandle;
 use crate::store::{Compare, Op, Store, StoreError, Txn};
@@ -65,12 +64,8 @@ type Reply<T> = oneshot::Sender<Result<T, RolloutError>>;
 
 enum Request {
     Start {
-        plan: String,
+        rollout: Box<Rollout>,
         who: String,
-        reply: Reply<Rollout>,
-    },
-    Plan {
-        plan: String,
         reply: Reply<Rollout>,
     },
     Get {
@@ -100,6 +95,10 @@ pub struct Rollouts {
     /// Histories are read here, outside the driver: a long one must not
     /// hold up the rollouts it drives.
     store: Arc<dyn Store>,
+    /// Plans are resolved against these in the caller's task, outside the
+    /// driver: a large plan costs its own request, not running rollouts.
+    fleet: FleetHandle,
+    artifacts: Artifacts,
 }
 
 impl Rollouts {
@@ -115,12 +114,33 @@ impl Rollouts {
     /// Validates, persists and starts a plan on behalf of `who` (as the
     /// event history names them, e.g. `operator alice`).
     pub async fn start(&self, plan: String, who: String) -> Result<Rollout, RolloutError> {
-        self.ask(|reply| Request::Start { plan, who, reply }).await
+        let rollout = Box::new(self.plan(plan).await?);
+        self.ask(|reply| Request::Start {
+            rollout,
+            who,
+            reply,
+        })
+        .await
     }
 
     /// Resolves a plan as `start` would, without starting or storing it.
-    pub async fn plan(&self, plan: String) -> Result<Rollout, RolloutError> {
-        self.ask(|reply| Request::Plan { plan, reply }).await
+    /// Parsing and resolving run here, on a blocking thread, never in the
+    /// driver.
+    pub async fn plan(&self, text: String) -> Result<Rollout, RolloutError> {
+        let (text, plan) = tokio::task::spawn_blocking(move || {
+            let plan = Plan::parse(&text);
+            (text, plan)
+        })
+        .await
+        .map_err(|_| RolloutError::Stopped)?;
+        let plan = plan.map_err(|e| RolloutError::Invalid(e.0))?;
+        let facts = resolve::gather(&plan, &self.fleet, &self.artifacts).await?;
+        let now = SystemTime::now();
+        tokio::task::spawn_blocking(move || {
+            resolve::resolve(text, &plan, &facts, resolve::new_id(now), now)
+        })
+        .await
+        .map_err(|_| RolloutError::Stopped)?
     }
 
     /// One rollout.
@@ -202,16 +222,6 @@ struct Driver {
     changed: watch::Sender<u64>,
 }
 
-fn artifact_error(e: crate::artifacts::ArtifactStoreError) -> RolloutError {
-    match e {
-        crate::artifacts::ArtifactStoreError::Store(e) => RolloutError::Store(e),
-        other => RolloutError::Store(StoreError::Backend {
-            op: "artifact lookup",
-            reason: other.to_string(),
-        }),
-    }
-}
-
 fn key(id: &str) -> String {
     format!("rollouts/{id}")
 }
@@ -285,6 +295,8 @@ pub async fn spawn_with(
         tx,
         changes,
         store: driver.store.clone(),
+        fleet: driver.fleet.clone(),
+        artifacts: driver.artifacts.clone(),
     };
     let task = tokio::spawn(driver.run(rx, shutdown));
     Ok((handle, task))
@@ -465,23 +477,36 @@ impl Driver {
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
         let now = SystemTime::now();
-        let (next, actions) = machine::step(&entry.rollout, &event, now)?;
-        let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
-            key: key(id),
-            reason: e.to_string(),
-        })?;
-        let mut history = Vec::new();
-        if let (Event::Operator(op), Some(who)) = (&event, who) {
-            history.push(events::operator(op.as_str(), who, now));
-        }
-        history.extend(events::diff(&entry.rollout, &next, now));
-        events::number(&mut history, entry.next_event);
+        // One rollout must never take the driver (and every other rollout)
+        // down: a step that panics fails that rollout where it stands, and
+        // the failure is stored, so a restart does not replay it.
+        let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            compute(entry, &event, who, id, now)
+        }));
+        let (next, actions, bytes, history) = match computed {
+            Ok(result) => result?,
+            Err(panic) => {
+                let why = panic_text(panic.as_ref());
+                error!(rollout = %id, error = %why, "stepping the rollout failed unexpectedly; failing it where it stands");
+                let next = machine::faulted(&entry.rollout, &why, now);
+                let mut history = events::diff(&entry.rollout, &next, now);
+                events::number(&mut history, entry.next_event);
+                let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
+                    key: key(id),
+                    reason: e.to_string(),
+                })?;
+                (next, Vec::new(), bytes, history)
+            }
+        };
         if bytes != entry.stored || !history.is_empty() {
             let mut ops = vec![Op::Put(key(id), bytes.clone())];
             if !history.is_empty() {
                 ops.push(Op::Put(
                     events::key(id, entry.next_event),
-                    serde_json::to_vec(&history).unwrap_or_default(),
+                    serde_json::to_vec(&history).map_err(|e| StoreError::Corrupt {
+                        key: events::key(id, entry.next_event),
+                        reason: e.to_string(),
+                    })?,
                 ));
             }
             let write = self.store.txn(Txn {
@@ -528,11 +553,12 @@ impl Driver {
 
     async fn handle(&mut self, req: Request) {
         match req {
-            Request::Start { plan, who, reply } => {
-                let _ = reply.send(self.start(plan, &who).await);
-            }
-            Request::Plan { plan, reply } => {
-                let _ = reply.send(self.resolve(plan).await);
+            Request::Start {
+                rollout,
+                who,
+                reply,
+            } => {
+                let _ = reply.send(self.start(*rollout, &who).await);
             }
             Request::Get { id, reply } => {
                 let r = match self.active.get(&id) {
@@ -647,7 +673,10 @@ impl Driver {
                     shared_service(&other.rollout, &r).unwrap_or_default()
                 )));
             }
-            let stored = serde_json::to_vec(&r).unwrap_or_default();
+            let stored = serde_json::to_vec(&r).map_err(|e| StoreError::Corrupt {
+                key: key(&id),
+                reason: e.to_string(),
+            })?;
             let next_event = events::next_seq(self.store.as_ref(), &id).await?;
             self.active.insert(
                 id.clone(),
@@ -682,8 +711,13 @@ impl Driver {
         result
     }
 
-    async fn start(&mut self, text: String, who: &str) -> Result<Rollout, RolloutError> {
-        let rollout = self.resolve(text).await?;
+    async fn start(&mut self, mut rollout: Rollout, who: &str) -> Result<Rollout, RolloutError> {
+        // Connections may have changed since the plan was resolved.
+        for s in &mut rollout.services {
+            for (id, h) in &mut s.hosts {
+                h.connected = self.connected.contains_key(id);
+            }
+        }
         if let Some(other) = self
             .active
             .values()
@@ -709,7 +743,10 @@ impl Driver {
                 Op::Put(key(&id), bytes.clone()),
                 Op::Put(
                     events::key(&id, 0),
-                    serde_json::to_vec(&history).unwrap_or_default(),
+                    serde_json::to_vec(&history).map_err(|e| StoreError::Corrupt {
+                        key: events::key(&id, 0),
+                        reason: e.to_string(),
+                    })?,
                 ),
             ],
         };
@@ -735,241 +772,41 @@ impl Driver {
         self.changed.send_modify(|n| *n += 1);
         self.apply(&id, Event::Tick).await
     }
-
-    /// Resolves a plan against the stored artifacts and the fleet into a
-    /// rollout (not yet started): hosts, counts, steps, and every check that
-    /// can be made up front. Nothing is changed.
-    async fn resolve(&self, text: String) -> Result<Rollout, RolloutError> {
-        let plan = Plan::parse(&text).map_err(|e| RolloutError::Invalid(e.0))?;
-        let fleet = self.fleet.list().await.map_err(|_| RolloutError::Stopped)?;
-        let all_artifacts = self.artifacts.list().await.map_err(artifact_error)?;
-        let mut services = Vec::new();
-        for idx in plan.order() {
-            let svc = &plan.services[idx];
-            let artifact = self
-                .artifacts
-                .get(&svc.name, &svc.version)
-                .await
-                .map_err(artifact_error)?
-                .ok_or_else(|| {
-                    let known: Vec<&str> = all_artifacts
-                        .iter()
-                        .filter(|a| a.name == svc.name)
-                        .map(|a| a.version.as_str())
-                        .collect();
-                    RolloutError::Invalid(if known.is_empty() {
-                        format!(
-                            "service {:?}: no artifact of this service has been pushed (baton artifact push)",
-                            svc.name
-                        )
-                    } else {
-                        format!(
-                            "service {:?}: version {:?} has not been pushed; pushed versions: {}",
-                            svc.name,
-                            svc.version,
-                            known.join(", ")
-                        )
-                    })
-                })?;
-            let targets: Vec<&HostView> = match &svc.hosts {
-                Some(selector) => fleet
-                    .iter()
-                    .filter(|h| selector.iter().all(|(k, v)| h.labels.get(k) == Some(v)))
-                    .collect(),
-                None => fleet
-                    .iter()
-                    .filter(|h| running_version(h, &svc.name).is_some())
-                    .collect(),
-            };
-            if targets.is_empty() {
-                return Err(RolloutError::Invalid(match &svc.hosts {
-                    Some(_) => format!(
-                        "service {:?}: hosts = {{ {} }} matches no host among the {} registered",
-                        svc.name,
-                        svc.selector_text(),
-                        fleet.len()
-                    ),
-                    None => format!(
-                        "service {:?}: no host runs it yet; for a first install name the hosts with hosts = {{ label = \"value\" }}",
-                        svc.name
-                    ),
-                }));
-            }
-            let n = targets.len();
-            let max_parallel = match svc.strategy {
-                Strategy::AllAtOnce => n,
-                _ => svc.max_parallel.of(n).clamp(1, n),
-            };
-            let min_healthy = match svc.min_healthy {
-                Some(a) => a.of(n),
-                None => n.saturating_sub(max_parallel),
-            };
-            if min_healthy >= n {
-                return Err(RolloutError::Invalid(format!(
-                    "service {:?}: min_healthy = {} keeps all {n} hosts in service, so none could be replaced; lower it",
-                    svc.name,
-                    svc.min_healthy
-                        .map_or_else(|| min_healthy.to_string(), |a| a.to_string()),
-                )));
-            }
-            // Steps count the hosts this rollout changes; hosts already on
-            // the version are added to every step (they are done).
-            let unchanged = targets
-                .iter()
-                .filter(|h| running_version(h, &svc.name) == Some(svc.version.as_str()))
-                .count();
-            let m = n - unchanged;
-            let mut steps: Vec<usize> = if m == 0 {
-                vec![n]
-            } else {
-                match (&svc.steps, svc.canary) {
-                    (Some(list), _) => list
-                        .iter()
-                        .map(|a| unchanged + a.of(m).clamp(1, m))
-                        .collect(),
-                    (None, Some(c)) => vec![unchanged + c.of(m).clamp(1, m), n],
-                    (None, None) => vec![n],
-                }
-            };
-            steps.dedup();
-            if steps.windows(2).any(|w| w[0] > w[1]) {
-                return Err(RolloutError::Invalid(format!(
-                    "service {:?}: steps must grow ({} hosts: {:?})",
-                    svc.name, n, steps
-                )));
-            }
-            if steps.last() != Some(&n) {
-                steps.push(n);
-            }
-            // Requirements that can never hold are refused now.
-            let mut outside = BTreeMap::new();
-            for (dep, req) in &svc.requires {
-                if let Some(d) = plan.services.iter().find(|o| &o.name == dep) {
-                    if !machine::satisfies(&d.version, req) {
-                        return Err(RolloutError::Invalid(format!(
-                            "service {:?} requires {dep} {req}, but this plan rolls {dep} out at {}",
-                            svc.name, d.version
-                        )));
-                    }
-                    if !svc.depends_on.contains(dep) {
-                        // Holds once every host of it runs the new version.
-                    }
-                } else {
-                    let running: Vec<(String, String)> = fleet
-                        .iter()
-                        .filter_map(|h| {
-                            running_version(h, dep).map(|v| (h.host_id.to_string(), v.to_owned()))
-                        })
-                        .collect();
-                    if running.is_empty() {
-                        return Err(RolloutError::Invalid(format!(
-                            "service {:?} requires {dep} {req}, but no host runs {dep} and this plan does not install it",
-                            svc.name
-                        )));
-                    }
-                    if let Some((host, v)) =
-                        running.iter().find(|(_, v)| !machine::satisfies(v, req))
-                    {
-                        return Err(RolloutError::Invalid(format!(
-                            "service {:?} requires {dep} {req}, but {host} runs {dep} {v} and this plan does not upgrade it",
-                            svc.name
-                        )));
-                    }
-                    outside.insert(dep.clone(), running.into_iter().map(|(_, v)| v).collect());
-                }
-            }
-            let hosts: BTreeMap<HostId, HostRun> = targets
-                .iter()
-                .map(|h| {
-                    let from = running_version(h, &svc.name)
-                        .filter(|v| !v.is_empty())
-                        .map(str::to_owned);
-                    (
-                        h.host_id.clone(),
-                        HostRun::new(
-                            from,
-                            svc.version.clone(),
-                            self.connected.contains_key(&h.host_id),
-                        ),
-                    )
-                })
-                .collect();
-            if !svc.allow_downgrade
-                && let Some((host, from)) = hosts.iter().find_map(|(id, h)| {
-                    h.from_version
-                        .as_deref()
-                        .filter(|f| baton_common::artifact::is_downgrade(f, &svc.version))
-                        .map(|f| (id, f))
-                })
-            {
-                return Err(RolloutError::Invalid(format!(
-                    "service {:?}: {host} runs {from}, newer than {}; to go back, say allow_downgrade = true (hosts return only to releases they still have)",
-                    svc.name, svc.version
-                )));
-            }
-            services.push(ServiceRun {
-                name: svc.name.clone(),
-                version: svc.version.clone(),
-                digest: artifact.digest.clone(),
-                manifest: artifact.manifest.clone().into_bytes(),
-                signature: artifact.signature_bytes(),
-                // A requirement on a service of this plan orders it too.
-                depends_on: svc.after(&plan).into_iter().map(str::to_owned).collect(),
-                requires: svc.requires.clone(),
-                outside,
-                max_parallel,
-                min_healthy,
-                max_failures: svc.max_failures,
-                gate: baton_common::command::HealthGate {
-                    min_healthy_time: svc.min_healthy_time,
-                    healthy_deadline: svc.healthy_deadline,
-                },
-                steps,
-                step: 0,
-                promote: svc.strategy == Strategy::Canary && !svc.auto_promote,
-                pause: svc.pause,
-                step_done_at: None,
-                failures: 0,
-                state: ServiceState::Waiting,
-                allow_downgrade: svc.allow_downgrade,
-                hosts,
-            });
-        }
-        let now = SystemTime::now();
-        Ok(Rollout {
-            id: format!(
-                "r-{}-{:04x}",
-                baton_common::time::unix_millis(now),
-                fastrand::u16(..)
-            ),
-            plan: text,
-            state: State::Pending,
-            resume_to: None,
-            auto_rollback: plan.auto_rollback,
-            progress_deadline: plan.progress_deadline,
-            max_parallel_services: plan.max_parallel_services.unwrap_or(usize::MAX),
-            services,
-            created_at: now,
-            updated_at: now,
-            progress_at: now,
-            error: None,
-            next_seq: 0,
-        })
-    }
 }
 
-/// The version of `service` a host runs; for `baton-agent` (artifacts of
-/// kind `agent`), the version of the host's agent, so the agent upgrades
-/// through the same plans and engine as any service.
-fn running_version<'a>(h: &'a HostView, service: &str) -> Option<&'a str> {
-    if service == baton_common::artifact::AGENT_NAME {
-        Some(h.agent_version.as_str()).filter(|v| !v.is_empty())
-    } else {
-        h.services
-            .iter()
-            .find(|s| s.name == service)
-            .map(|s| s.version.as_str())
+/// What one step of a rollout yields: the next state, the commands it
+/// asks for, its stored form and its events (numbered).
+type Stepped = (Rollout, Vec<Action>, Vec<u8>, Vec<events::RolloutEvent>);
+
+/// Steps a rollout and prepares what the driver persists; pure.
+fn compute(
+    entry: &Active,
+    event: &Event,
+    who: Option<&str>,
+    id: &str,
+    now: SystemTime,
+) -> Result<Stepped, RolloutError> {
+    let (next, actions) = machine::step(&entry.rollout, event, now)?;
+    let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
+        key: key(id),
+        reason: e.to_string(),
+    })?;
+    let mut history = Vec::new();
+    if let (Event::Operator(op), Some(who)) = (event, who) {
+        history.push(events::operator(op.as_str(), who, now));
     }
+    history.extend(events::diff(&entry.rollout, &next, now));
+    events::number(&mut history, entry.next_event);
+    Ok((next, actions, bytes, history))
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// A service two rollouts both change, if any.
@@ -1009,3 +846,6 @@ fn count_activations(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime};
 
 use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
 use baton_common::host::HostId;
+use baton_common::time::later;
 use serde::{Deserialize, Serialize};
 
 /// Slack added to a health gate's deadline for the command deadline:
@@ -375,12 +376,21 @@ pub struct Refused {
     pub state: &'static str,
 }
 
+/// A plan text starting with this makes [`step`] panic, in tests only: the
+/// driver's containment of faults is tested with it.
+#[cfg(test)]
+pub(crate) const INJECT_PANIC: &str = "# inject a panic";
+
 /// Advances `rollout` by one event.
 pub fn step(
     rollout: &Rollout,
     event: &Event,
     now: SystemTime,
 ) -> Result<(Rollout, Vec<Action>), Refused> {
+    #[cfg(test)]
+    if rollout.plan.starts_with(INJECT_PANIC) {
+        panic!("a fault injected by a test");
+    }
     let mut r = rollout.clone();
     let mut actions = Vec::new();
     match event {
@@ -557,7 +567,7 @@ fn on_update(
             h.state = HostState::Failed;
             h.finished_at = Some(now);
             h.error = Some(update.error.clone());
-            s.failures += 1;
+            s.failures = s.failures.saturating_add(1);
             // A failure within max_failures does not fail the rollout, but
             // the host must not stay on a version that failed it. (While
             // the system rolls back, the rollback takes it in its turn.)
@@ -590,7 +600,7 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
             // An agent upgrading itself leaves on purpose; its watchdog
             // decides within healthy_deadline and the agent then running
             // reconnects and reports.
-            deadline += AGENT_RETURN_GRACE;
+            deadline = deadline.saturating_add(AGENT_RETURN_GRACE);
         }
         for h in s.hosts.values_mut() {
             if h.connected {
@@ -606,7 +616,7 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
                     "the host was gone for {}, longer than healthy_deadline",
                     humantime::format_duration(gone)
                 ));
-                s.failures += 1;
+                s.failures = s.failures.saturating_add(1);
             }
         }
     }
@@ -615,10 +625,10 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
 /// When a command sent now must have finished.
 fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime {
     match kind {
-        CommandKind::Stage { .. } => now + r.progress_deadline,
-        CommandKind::Noop | CommandKind::Remove { .. } => now + COMMAND_SLACK,
+        CommandKind::Stage { .. } => later(now, r.progress_deadline),
+        CommandKind::Noop | CommandKind::Remove { .. } => later(now, COMMAND_SLACK),
         CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
-            now + gate.healthy_deadline + COMMAND_SLACK
+            later(now, gate.healthy_deadline.saturating_add(COMMAND_SLACK))
         }
     }
 }
@@ -632,7 +642,7 @@ fn send(
     now: SystemTime,
 ) {
     let deadline = deadline_for(r, &kind, now);
-    r.next_seq += 1;
+    r.next_seq = r.next_seq.saturating_add(1);
     let cmd = Command {
         id: format!("{}/{}", r.id, r.next_seq),
         deadline,
@@ -1089,6 +1099,23 @@ fn fail(r: &mut Rollout, why: String, now: SystemTime, actions: &mut Vec<Action>
         r.state = State::Failed;
         r.error = Some(why);
     }
+}
+
+/// The rollout as it stands, failed because stepping it went wrong in an
+/// unexpected way (`why`): no command is sent, nothing is rolled back
+/// automatically (an operator can still roll it back), and the record is
+/// kept so that a restart does not step it into the same fault again.
+pub fn faulted(rollout: &Rollout, why: &str, now: SystemTime) -> Rollout {
+    let mut r = rollout.clone();
+    clear_outstanding(&mut r);
+    r.state = State::Failed;
+    r.resume_to = None;
+    r.updated_at = now;
+    r.error = Some(format!(
+        "stopped by an internal error, hosts left as they are (please report it): {}",
+        baton_common::text::prefix(why, 300)
+    ));
+    r
 }
 
 /// Starts the system-wide rollback: every service this rollout changed,

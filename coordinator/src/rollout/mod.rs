@@ -4,8 +4,10 @@
 
 pub mod driver;
 pub mod events;
+pub mod graph;
 pub mod machine;
 pub mod plan;
+pub mod resolve;
 
 use baton_common::time::to_timestamp;
 use baton_proto::control::v1 as pb;
@@ -61,24 +63,24 @@ impl From<&Rollout> for pb::Rollout {
 /// What a resolved (not started) rollout would do: waves of services and
 /// the batches of each.
 pub fn dry_run(r: &Rollout) -> pb::RolloutPlan {
-    let mut waves: Vec<pb::PlanWave> = Vec::new();
-    let mut placed: Vec<&str> = Vec::new();
-    while placed.len() < r.services.len() {
-        let wave: Vec<&machine::ServiceRun> = r
-            .services
-            .iter()
-            .filter(|s| !placed.contains(&s.name.as_str()))
-            .filter(|s| s.depends_on.iter().all(|d| placed.contains(&d.as_str())))
-            .collect();
-        if wave.is_empty() {
-            break;
-        }
-        placed.extend(wave.iter().map(|s| s.name.as_str()));
-        waves.push(pb::PlanWave {
-            services: wave.into_iter().map(plan_service).collect(),
-        });
-    }
+    let waves = graph::waves(&service_graph(r))
+        .into_iter()
+        .map(|wave| pb::PlanWave {
+            services: wave
+                .into_iter()
+                .map(|i| plan_service(&r.services[i]))
+                .collect(),
+        })
+        .collect();
     pb::RolloutPlan { waves }
+}
+
+/// The dependency graph of a rollout's services, by index.
+pub fn service_graph(r: &Rollout) -> Vec<Vec<usize>> {
+    let names: Vec<&str> = r.services.iter().map(|s| s.name.as_str()).collect();
+    graph::build(&names, |i| {
+        r.services[i].depends_on.iter().map(String::as_str)
+    })
 }
 
 fn plan_service(s: &machine::ServiceRun) -> pb::PlanService {

@@ -4,12 +4,39 @@
 //! are errors that name the service and key. [`Plan::parse`] checks the
 //! file on its own; the driver then resolves it against the stored
 //! artifacts and the fleet (which hosts, which counts).
+//!
+//! Every size and duration has a maximum ([`MAX_SERVICES`] and the other
+//! constants here, documented in the README), enforced before anything else
+//! looks at the plan; the graph work is linear ([`super::graph`]); errors
+//! quote at most a short prefix of what was written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use baton_common::host::{Labels, validate_name};
+use baton_common::host::{Labels, validate_labels, validate_name};
+use baton_common::text::quote;
 use serde::{Deserialize, Serialize};
+
+use super::graph;
+
+/// The most services one plan may name.
+pub const MAX_SERVICES: usize = 256;
+/// The most dependencies (`depends_on` and `requires` entries) in one plan.
+pub const MAX_EDGES: usize = 4096;
+/// The most labels one `hosts` selector may match on.
+pub const MAX_SELECTOR_LABELS: usize = 16;
+/// The most `steps` one service may have.
+pub const MAX_STEPS: usize = 100;
+/// The longest version requirement (`requires = { api = ">=2.0" }`).
+pub const MAX_REQUIREMENT_CHARS: usize = 128;
+/// The longest `progress_deadline`.
+pub const MAX_PROGRESS_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The longest `healthy_deadline` (and so `min_healthy_time`).
+pub const MAX_HEALTHY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// The longest `pause` between steps.
+pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most `max_failures` one service may tolerate.
+pub const MAX_FAILURES: u32 = 1_000_000;
 
 /// A parsed, self-consistent plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,23 +175,50 @@ struct RawService {
     allow_downgrade: Option<bool>,
 }
 
-fn duration(value: Option<&str>, default: Duration, at: &str) -> Result<Duration, PlanError> {
+fn duration(
+    value: Option<&str>,
+    default: Duration,
+    max: Duration,
+    at: &str,
+) -> Result<Duration, PlanError> {
     let Some(text) = value else {
         return Ok(default);
     };
-    let d = humantime::parse_duration(text)
-        .map_err(|e| PlanError(format!("{at}: invalid duration {text:?}: {e}")))?;
-    if d.is_zero() {
-        return Err(PlanError(format!("{at}: must be longer than zero")));
-    }
-    Ok(d)
+    baton_common::time::parse_bounded(text, Duration::from_nanos(1), max)
+        .map_err(|e| PlanError(format!("{at}: {e}")))
+}
+
+/// A TOML parse error as a line and column, the parser's message, and a
+/// short excerpt of the line (never the whole input).
+fn syntax_error(text: &str, e: &toml::de::Error) -> PlanError {
+    let Some(span) = e.span() else {
+        return PlanError(format!(
+            "the plan is not valid: {}",
+            baton_common::text::prefix(e.message(), 300)
+        ));
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let excerpt = text
+        .get(line_start..)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("");
+    PlanError(format!(
+        "the plan is not valid: line {line}, column {column}: {} (the line: {})",
+        baton_common::text::prefix(e.message(), 300),
+        quote(excerpt)
+    ))
 }
 
 /// Parses `3` or `"25%"`; `zero_ok` says whether 0 / 0% is allowed.
 fn amount(value: &toml::Value, at: &str, zero_ok: bool) -> Result<Amount, PlanError> {
     let bad = || {
         PlanError(format!(
-            "{at}: expected a host count like 2 or a percentage like \"25%\", found {value}"
+            "{at}: expected a host count like 2 or a percentage like \"25%\", found {}",
+            baton_common::text::shorten(&value.to_string())
         ))
     };
     let a = match value {
@@ -173,7 +227,7 @@ fn amount(value: &toml::Value, at: &str, zero_ok: bool) -> Result<Amount, PlanEr
             let digits = s.trim().strip_suffix('%').ok_or_else(bad)?;
             let p: u32 = digits.trim().parse().map_err(|_| bad())?;
             if p > 100 {
-                return Err(PlanError(format!("{at}: {s} is more than 100%")));
+                return Err(PlanError(format!("{at}: {p}% is more than 100%")));
             }
             Amount::Percent(p)
         }
@@ -188,11 +242,11 @@ fn amount(value: &toml::Value, at: &str, zero_ok: bool) -> Result<Amount, PlanEr
 impl Plan {
     /// Parses and checks a plan file's text.
     pub fn parse(text: &str) -> Result<Self, PlanError> {
-        let raw: RawPlan = toml::from_str(text)
-            .map_err(|e| PlanError(format!("the plan is not valid: {}", e.to_string().trim())))?;
+        let raw: RawPlan = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let progress_deadline = duration(
             raw.progress_deadline.as_deref(),
             DEFAULT_PROGRESS_DEADLINE,
+            MAX_PROGRESS_DEADLINE,
             "progress_deadline",
         )?;
         if raw.service.is_empty() {
@@ -200,18 +254,36 @@ impl Plan {
                 "the plan names no service: add a [[service]] table".into(),
             ));
         }
+        if raw.service.len() > MAX_SERVICES {
+            return Err(PlanError(format!(
+                "the plan names {} services, more than the limit of {MAX_SERVICES}; split it into several rollouts",
+                raw.service.len()
+            )));
+        }
+        let edges: usize = raw
+            .service
+            .iter()
+            .map(|s| s.depends_on.len() + s.requires.len())
+            .sum();
+        if edges > MAX_EDGES {
+            return Err(PlanError(format!(
+                "the plan has {edges} depends_on and requires entries, more than the limit of {MAX_EDGES}"
+            )));
+        }
         let mut services = Vec::with_capacity(raw.service.len());
         for (i, s) in raw.service.into_iter().enumerate() {
             services.push(ServicePlan::check(s, i)?);
         }
-        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        for (i, s) in services.iter().enumerate() {
-            if names[..i].contains(&s.name.as_str()) {
+        let mut names: HashSet<&str> = HashSet::with_capacity(services.len());
+        for s in &services {
+            if !names.insert(s.name.as_str()) {
                 return Err(PlanError(format!(
                     "service {:?} appears twice in the plan",
                     s.name
                 )));
             }
+        }
+        for s in &services {
             for dep in s.depends_on.iter().chain(s.requires.keys()) {
                 if dep == &s.name {
                     return Err(PlanError(format!(
@@ -221,10 +293,11 @@ impl Plan {
                 }
             }
             for dep in &s.depends_on {
-                if !names.contains(&dep.as_str()) {
+                if !names.contains(dep.as_str()) {
                     return Err(PlanError(format!(
-                        "service {:?}: depends_on names {dep:?}, which is not in the plan",
-                        s.name
+                        "service {:?}: depends_on names {}, which is not in the plan",
+                        s.name,
+                        quote(dep)
                     )));
                 }
             }
@@ -244,94 +317,57 @@ impl Plan {
             max_parallel_services,
             services,
         };
-        if let Some(cycle) = plan.cycle() {
-            return Err(PlanError(format!(
-                "depends_on has a cycle: {}",
-                cycle.join(" -> ")
-            )));
+        if let Some(cycle) = graph::cycle(&plan.graph()) {
+            let names: Vec<&str> = cycle
+                .iter()
+                .map(|i| plan.services[*i].name.as_str())
+                .collect();
+            // A ring of hundreds is named by its start and its length.
+            let shown = if names.len() > 12 {
+                format!(
+                    "{} -> … ({} services in all) … -> {}",
+                    names[..6].join(" -> "),
+                    names.len() - 1,
+                    names[names.len() - 6..].join(" -> ")
+                )
+            } else {
+                names.join(" -> ")
+            };
+            return Err(PlanError(format!("depends_on has a cycle: {shown}")));
         }
         Ok(plan)
     }
 
-    /// A dependency cycle, as `a -> b -> a`, if there is one.
-    fn cycle(&self) -> Option<Vec<String>> {
-        fn visit<'a>(
-            plan: &'a Plan,
-            name: &'a str,
-            path: &mut Vec<&'a str>,
-            done: &mut std::collections::BTreeSet<&'a str>,
-        ) -> Option<Vec<String>> {
-            if let Some(at) = path.iter().position(|p| *p == name) {
-                let mut cycle: Vec<String> = path[at..].iter().map(|s| (*s).to_owned()).collect();
-                cycle.push(name.to_owned());
-                return Some(cycle);
-            }
-            if done.contains(name) {
-                return None;
-            }
-            path.push(name);
-            let svc = plan.services.iter().find(|s| s.name == name)?;
-            for dep in svc.after(plan) {
-                if let Some(c) = visit(plan, dep, path, done) {
-                    return Some(c);
-                }
-            }
-            path.pop();
-            done.insert(name);
-            None
-        }
-        let mut done = std::collections::BTreeSet::new();
-        self.services
-            .iter()
-            .find_map(|s| visit(self, &s.name, &mut Vec::new(), &mut done))
+    /// The dependency graph by service index: what each service must come
+    /// after (its `depends_on`, then the services of the plan it
+    /// `requires` a version of).
+    pub fn graph(&self) -> Vec<Vec<usize>> {
+        let names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+        graph::build(&names, |i| {
+            let s = &self.services[i];
+            s.depends_on
+                .iter()
+                .chain(s.requires.keys())
+                .map(String::as_str)
+        })
     }
 
-    /// Service indices in dependency order (dependencies first; otherwise
-    /// file order).
+    /// Service indices in dependency order: dependencies first; among the
+    /// services free to go, file order.
     pub fn order(&self) -> Vec<usize> {
-        let mut placed: Vec<usize> = Vec::with_capacity(self.services.len());
-        while placed.len() < self.services.len() {
-            let before = placed.len();
-            for (i, s) in self.services.iter().enumerate() {
-                let ready = !placed.contains(&i)
-                    && s.after(self)
-                        .iter()
-                        .all(|d| placed.iter().any(|p| self.services[*p].name == *d));
-                if ready {
-                    placed.push(i);
-                }
-            }
-            if placed.len() == before {
-                break; // a cycle; refused by `parse`
-            }
-        }
-        placed
+        graph::order(&self.graph())
     }
 
     /// The services in waves: each wave depends only on earlier ones.
     pub fn waves(&self) -> Vec<Vec<String>> {
-        let mut waves: Vec<Vec<String>> = Vec::new();
-        let mut done: Vec<&str> = Vec::new();
-        while done.len() < self.services.len() {
-            let wave: Vec<String> = self
-                .services
-                .iter()
-                .filter(|s| !done.contains(&s.name.as_str()))
-                .filter(|s| s.after(self).iter().all(|d| done.contains(d)))
-                .map(|s| s.name.clone())
-                .collect();
-            if wave.is_empty() {
-                break;
-            }
-            done.extend(
-                self.services
-                    .iter()
-                    .filter(|s| wave.contains(&s.name))
-                    .map(|s| s.name.as_str()),
-            );
-            waves.push(wave);
-        }
-        waves
+        graph::waves(&self.graph())
+            .into_iter()
+            .map(|wave| {
+                wave.into_iter()
+                    .map(|i| self.services[i].name.clone())
+                    .collect()
+            })
+            .collect()
     }
 }
 
@@ -348,8 +384,9 @@ impl ServicePlan {
             "all-at-once" => Strategy::AllAtOnce,
             other => {
                 return Err(PlanError(format!(
-                    "{}: unknown strategy {other:?}; expected \"rolling\", \"canary\" or \"all-at-once\"",
-                    at("strategy")
+                    "{}: unknown strategy {}; expected \"rolling\", \"canary\" or \"all-at-once\"",
+                    at("strategy"),
+                    quote(other)
                 )));
             }
         };
@@ -364,8 +401,21 @@ impl ServicePlan {
             .transpose()?;
         let max_failures = match s.max_failures {
             None => 0,
+            Some(n) if n < 0 => {
+                return Err(PlanError(format!(
+                    "{}: must be 0 or more",
+                    at("max_failures")
+                )));
+            }
             Some(n) => u32::try_from(n)
-                .map_err(|_| PlanError(format!("{}: must be 0 or more", at("max_failures"))))?,
+                .ok()
+                .filter(|n| *n <= MAX_FAILURES)
+                .ok_or_else(|| {
+                    PlanError(format!(
+                        "{}: {n} is more than the limit of {MAX_FAILURES}",
+                        at("max_failures")
+                    ))
+                })?,
         };
         let canary = match (&s.canary, strategy) {
             (None, _) => None,
@@ -389,6 +439,13 @@ impl ServicePlan {
                 return Err(PlanError(format!(
                     "{}: name at least one step",
                     at("steps")
+                )));
+            }
+            Some(list) if list.len() > MAX_STEPS => {
+                return Err(PlanError(format!(
+                    "{}: {} steps, more than the limit of {MAX_STEPS}",
+                    at("steps"),
+                    list.len()
                 )));
             }
             Some(list) => Some(
@@ -417,30 +474,54 @@ impl ServicePlan {
         let pause = s
             .pause
             .as_deref()
-            .map(|p| duration(Some(p), Duration::ZERO, &at("pause")))
+            .map(|p| duration(Some(p), Duration::ZERO, MAX_PAUSE, &at("pause")))
             .transpose()?;
+        for dep in &s.depends_on {
+            validate_name(dep).map_err(|e| PlanError(format!("{}: {e}", at("depends_on"))))?;
+        }
         for (dep, req) in &s.requires {
+            validate_name(dep).map_err(|e| PlanError(format!("{}: {e}", at("requires"))))?;
+            if req.chars().count() > MAX_REQUIREMENT_CHARS {
+                return Err(PlanError(format!(
+                    "{}: the requirement on {dep} is longer than {MAX_REQUIREMENT_CHARS} characters",
+                    at("requires")
+                )));
+            }
             semver::VersionReq::parse(req).map_err(|e| {
                 PlanError(format!(
-                    "{}: {dep} = {req:?} is not a version requirement: {e}",
-                    at("requires")
+                    "{}: {dep} = {} is not a version requirement: {e}",
+                    at("requires"),
+                    quote(req)
                 ))
             })?;
         }
-        if s.hosts.as_ref().is_some_and(BTreeMap::is_empty) {
-            return Err(PlanError(format!(
-                "{}: an empty selector; name labels or leave hosts out",
-                at("hosts")
-            )));
+        if let Some(selector) = &s.hosts {
+            if selector.is_empty() {
+                return Err(PlanError(format!(
+                    "{}: an empty selector; name labels or leave hosts out",
+                    at("hosts")
+                )));
+            }
+            if selector.len() > MAX_SELECTOR_LABELS {
+                return Err(PlanError(format!(
+                    "{}: {} labels, more than the limit of {MAX_SELECTOR_LABELS}",
+                    at("hosts"),
+                    selector.len()
+                )));
+            }
+            validate_labels(selector)
+                .map_err(|e| PlanError(format!("{}: {}: {}", at("hosts"), e.field, e.reason)))?;
         }
         let min_healthy_time = duration(
             s.min_healthy_time.as_deref(),
             DEFAULT_MIN_HEALTHY_TIME,
+            MAX_HEALTHY_DEADLINE,
             &at("min_healthy_time"),
         )?;
         let healthy_deadline = duration(
             s.healthy_deadline.as_deref(),
             DEFAULT_HEALTHY_DEADLINE,
+            MAX_HEALTHY_DEADLINE,
             &at("healthy_deadline"),
         )?;
         if healthy_deadline <= min_healthy_time {
@@ -469,18 +550,6 @@ impl ServicePlan {
             auto_promote: s.auto_promote.unwrap_or(false),
             allow_downgrade: s.allow_downgrade.unwrap_or(false),
         })
-    }
-
-    /// The services of `plan` this one must come after: its `depends_on`
-    /// and the services of the plan it `requires` a version of.
-    pub fn after<'a>(&'a self, plan: &'a Plan) -> Vec<&'a str> {
-        let mut out: Vec<&str> = self.depends_on.iter().map(String::as_str).collect();
-        for dep in self.requires.keys() {
-            if plan.services.iter().any(|s| &s.name == dep) && !out.contains(&dep.as_str()) {
-                out.push(dep);
-            }
-        }
-        out
     }
 
     /// The label selector as `k=v,k=v`, for messages.
@@ -652,6 +721,96 @@ pause = "30s"
         assert_eq!(Plan::parse(req).unwrap().order(), vec![1, 0]);
         let req_cycle = "[[service]]\nname = \"web\"\nversion = \"2\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2\"\ndepends_on = [\"web\"]\n";
         assert_eq!(err(req_cycle), "depends_on has a cycle: web -> api -> web");
+    }
+
+    /// `n` services, each depending on the next; `ring` closes the chain.
+    fn chain(n: usize, ring: bool) -> String {
+        let mut text = String::new();
+        for i in 0..n {
+            let dep = if i + 1 < n {
+                format!("\"s{}\"", i + 1)
+            } else if ring {
+                "\"s0\"".to_owned()
+            } else {
+                String::new()
+            };
+            text.push_str(&format!(
+                "[[service]]\nname = \"s{i}\"\nversion = \"1.0.0\"\ndepends_on = [{dep}]\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn huge_plans_rings_and_chains_are_answered_at_once_with_a_precise_error() {
+        for ring in [false, true] {
+            let started = std::time::Instant::now();
+            let e = err(&chain(10_000, ring));
+            assert!(
+                e.contains("10000 services, more than the limit of 256"),
+                "{e}"
+            );
+            // Linear work: a regression to the old cubic ordering, or a
+            // recursive cycle check, would not finish (or overflow) here.
+            assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        }
+        // At the limit, a chain orders and a ring is named briefly.
+        let plan = Plan::parse(&chain(MAX_SERVICES, false)).unwrap();
+        assert_eq!(plan.order().first(), Some(&(MAX_SERVICES - 1)));
+        assert_eq!(plan.waves().len(), MAX_SERVICES);
+        let e = err(&chain(MAX_SERVICES, true));
+        assert!(
+            e.starts_with("depends_on has a cycle: s0 -> s1 -> s2"),
+            "{e}"
+        );
+        assert!(e.contains("(256 services in all)") && e.len() < 200, "{e}");
+    }
+
+    #[test]
+    fn durations_and_counts_have_maximums() {
+        let svc = "[[service]]\nname = \"api\"\nversion = \"1.0.0\"\n";
+        let e = err(&format!("{svc}healthy_deadline = \"300000000000y\"\n"));
+        assert!(
+            e.contains("healthy_deadline: ") && e.contains("maximum of 1day"),
+            "{e}"
+        );
+        let e = err(&format!("progress_deadline = \"8days\"\n{svc}"));
+        assert!(e.contains("maximum of 7days"), "{e}");
+        assert!(err(&format!("{svc}pause = \"1year\"\n")).contains("maximum of 7days"));
+        assert!(err(&format!("{svc}max_failures = 99999999999\n")).contains("limit of 1000000"));
+        let steps: Vec<String> = (0..101).map(|_| "\"1\"".to_owned()).collect();
+        assert!(err(&format!("{svc}steps = [{}]\n", steps.join(","))).contains("limit of 100"));
+        let labels: Vec<String> = (0..17).map(|i| format!("k{i} = \"v\"")).collect();
+        assert!(
+            err(&format!("{svc}hosts = {{ {} }}\n", labels.join(", "))).contains("limit of 16")
+        );
+        let e = err(&format!(
+            "{svc}requires = {{ db = \"{}\" }}\n",
+            ">".repeat(200)
+        ));
+        assert!(e.contains("longer than 128 characters"), "{e}");
+    }
+
+    #[test]
+    fn errors_quote_a_short_prefix_of_the_input() {
+        let svc = "[[service]]\nname = \"api\"\nversion = \"1.0.0\"\n";
+        let long = "x".repeat(400_000);
+        for text in [
+            format!("{svc}strategy = \"{long}\"\n"),
+            format!("{svc}healthy_deadline = \"{long}\"\n"),
+            format!("{svc}max_parallel = \"{long}\"\n"),
+            format!("{svc}depends_on = [\"{long}\"]\n"),
+            format!("{svc}hosts = {{ {long} = \"v\" }}\n"),
+            format!("{svc}requires = {{ db = \"{long}\" }}\n"),
+            // A syntax error on a 400 KB line.
+            format!("{svc}oops = {long}\n"),
+            format!("[[service]]\nname = \"{long}\"\nversion = \"1\"\n"),
+        ] {
+            let e = err(&text);
+            assert!(e.len() < 600, "{} bytes: {}", e.len(), &e[..200]);
+        }
+        let e = err(&format!("{svc}oops = {long}\n"));
+        assert!(e.contains("line 4, column 8"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,6 @@
 
 pub mod tokens;
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -268,35 +267,29 @@ fn rollout_summary(r: &Rollout) -> Value {
 
 /// One rollout in full: services in dependency waves, steps and hosts.
 fn rollout_json(r: &Rollout) -> Value {
-    let mut wave_of: BTreeMap<&str, usize> = BTreeMap::new();
-    // Services are stored in topological order: a service's wave is one
-    // past the latest of its dependencies'.
-    for s in &r.services {
-        let w = s
-            .depends_on
-            .iter()
-            .filter_map(|d| wave_of.get(d.as_str()))
-            .map(|w| w + 1)
-            .max()
-            .unwrap_or(0);
-        wave_of.insert(&s.name, w);
+    let waves = crate::rollout::graph::waves(&crate::rollout::service_graph(r));
+    let mut wave_of = vec![0; r.services.len()];
+    for (w, wave) in waves.iter().enumerate() {
+        for &i in wave {
+            wave_of[i] = w;
+        }
     }
-    let waves = wave_of.values().copied().max().map_or(0, |m| m + 1);
-    let mut by_wave: Vec<Vec<&str>> = vec![Vec::new(); waves];
-    for s in &r.services {
-        by_wave[wave_of[s.name.as_str()]].push(&s.name);
-    }
+    let by_wave: Vec<Vec<&str>> = waves
+        .iter()
+        .map(|wave| wave.iter().map(|i| r.services[*i].name.as_str()).collect())
+        .collect();
     let mut v = rollout_head(r);
     v["plan"] = json!(r.plan);
     v["waves"] = json!(by_wave);
     v["services"] = json!(
         r.services
             .iter()
-            .map(|s| json!({
+            .enumerate()
+            .map(|(i, s)| json!({
                 "name": s.name,
                 "version": s.version,
                 "state": s.state.as_str(),
-                "wave": wave_of[s.name.as_str()] + 1,
+                "wave": wave_of.get(i).copied().unwrap_or(0) + 1,
                 "depends_on": s.depends_on,
                 "step": s.step + 1,
                 "steps": s.steps,

@@ -1,0 +1,131 @@
+//! The driver against a real store and registry, in-process.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_common::host::{HostId, HostView};
+
+use super::*;
+use crate::artifacts::ArtifactRecord;
+use crate::rollout::machine::INJECT_PANIC;
+use crate::rollout::plan::Plan;
+use crate::rollout::resolve::{Facts, resolve};
+use crate::store::RedbStore;
+
+/// A rollout of `service` 2.0.0 over one host running 1.0.0, resolved from
+/// `plan` (which may carry the fault marker in a comment).
+fn rollout(id: &str, service: &str, comment: &str) -> Rollout {
+    let text = format!(
+        "{comment}\n[[service]]\nname = \"{service}\"\nversion = \"2.0.0\"\nmin_healthy = 0\n"
+    );
+    let plan = Plan::parse(&text).unwrap();
+    let now = SystemTime::now();
+    let host = HostView {
+        host_id: HostId::try_from("h1").unwrap(),
+        connected: false,
+        labels: Default::default(),
+        services: vec![baton_common::host::ServiceStatus {
+            name: service.into(),
+            version: "1.0.0".into(),
+            state: baton_common::host::ServiceState::Running,
+            healthy: true,
+        }],
+        agent_version: "0.1.0".into(),
+        first_seen: now,
+        last_seen: now,
+        peer_address: String::new(),
+        session: 0,
+    };
+    let mut facts = Facts {
+        fleet: vec![host],
+        ..Facts::default()
+    };
+    facts.artifacts.insert(
+        (service.to_owned(), "2.0.0".to_owned()),
+        ArtifactRecord {
+            name: service.into(),
+            version: "2.0.0".into(),
+            digest: "sha256:00".into(),
+            size: 1,
+            created: String::new(),
+            key_id: String::new(),
+            manifest: "{}".into(),
+            signature: String::new(),
+        },
+    );
+    resolve(text, &plan, &facts, id.to_owned(), now).unwrap()
+}
+
+async fn start(
+    dir: &std::path::Path,
+    store: Arc<dyn Store>,
+) -> (Rollouts, CancellationToken, tokio::task::JoinHandle<()>) {
+    let (fleet, _fleet_task) = crate::fleet::spawn(store.clone()).await.unwrap();
+    let artifacts = Artifacts::open(dir, store.clone(), 1 << 20).unwrap();
+    let stop = CancellationToken::new();
+    let (rollouts, task) = spawn(store, fleet, artifacts, stop.clone()).await.unwrap();
+    (rollouts, stop, task)
+}
+
+async fn until(rollouts: &Rollouts, id: &str, what: impl Fn(&Rollout) -> bool) -> Rollout {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = rollouts.get(id.to_owned()).await.unwrap();
+        if what(&r) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id}: {:?}",
+            r.state
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rollout_whose_step_panics_is_failed_and_kept_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("db")).unwrap());
+    // Two unfinished rollouts, as a previous run left them: one whose step
+    // panics, one ordinary.
+    for r in [
+        rollout("r-1-bad", "web", INJECT_PANIC),
+        rollout("r-2-good", "api", ""),
+    ] {
+        store
+            .put(&key(&r.id), serde_json::to_vec(&r).unwrap())
+            .await
+            .unwrap();
+    }
+    let (rollouts, stop, task) = start(dir.path(), store.clone()).await;
+    let bad = until(&rollouts, "r-1-bad", |r| r.state.is_terminal()).await;
+    assert_eq!(bad.state, State::Failed);
+    let why = bad.error.unwrap();
+    assert!(
+        why.contains("internal error") && why.contains("a fault injected by a test"),
+        "{why}"
+    );
+    // The driver lives on: the other rollout was stepped (its host was
+    // sent the stage command), and requests are answered.
+    let good = until(&rollouts, "r-2-good", |r| r.state == State::Staging).await;
+    assert!(
+        good.services[0]
+            .hosts
+            .values()
+            .all(|h| h.outstanding.is_some())
+    );
+    assert_eq!(rollouts.list().await.unwrap().len(), 2);
+    stop.cancel();
+    task.await.unwrap();
+
+    // The failure was stored: a restart does not step it into the fault
+    // again, and its history says what happened.
+    let (rollouts, stop, task) = start(dir.path(), store.clone()).await;
+    let again = rollouts.get("r-1-bad".into()).await.unwrap();
+    assert_eq!(again.state, State::Failed);
+    let history = rollouts.events("r-1-bad", 0, 100).await.unwrap();
+    assert!(history.iter().any(|e| e.to == "failed"), "{history:?}");
+    stop.cancel();
+    task.await.unwrap();
+}
