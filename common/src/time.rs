@@ -128,6 +128,10 @@ mod tests {
         assert_eq!(parse_bounded("2s", min, max), Ok(Duration::from_secs(2)));
         assert_eq!(
             parse_bounded("0s", min, max).unwrap_err(),
+            "0s is shorter than the minimum of 1ms"
+        );
+        assert_eq!(
+            parse_bounded("0s", Duration::from_nanos(1), max).unwrap_err(),
             "must be longer than zero"
         );
         assert!(
