@@ -16,6 +16,10 @@ pub const DEFAULT_KEEP_RELEASES: usize = 3;
 
 /// The default cap on the delay between reconnect attempts.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The longest `--reconnect-max`.
+pub const MAX_RECONNECT_MAX: Duration = Duration::from_secs(600);
+/// The most releases `--keep-releases` may keep per service.
+pub const MAX_KEEP_RELEASES: usize = 1000;
 
 /// `baton-agent`: the Baton host agent.
 ///
@@ -290,12 +294,20 @@ impl AgentConfig {
                 "keep-releases {keep_releases} is too small: at least 2 (the current release and the one to roll back to)"
             ));
         }
+        if keep_releases > MAX_KEEP_RELEASES {
+            errors.push(format!(
+                "keep-releases {keep_releases} is too large: at most {MAX_KEEP_RELEASES}"
+            ));
+        }
         let reconnect_max = args
             .reconnect_max
             .or(file.reconnect_max)
             .unwrap_or(DEFAULT_RECONNECT_MAX);
-        if reconnect_max < Duration::from_millis(100) {
-            errors.push("reconnect-max must be at least 100ms".to_owned());
+        if reconnect_max < Duration::from_millis(100) || reconnect_max > MAX_RECONNECT_MAX {
+            errors.push(format!(
+                "reconnect-max {} is out of range: it must be between 100ms and 10m",
+                baton_common::text::shorten(&humantime::format_duration(reconnect_max).to_string())
+            ));
         }
 
         let metrics_listen = args

@@ -24,6 +24,12 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default health-check `interval` and `timeout`.
 pub const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// The longest `stop_timeout` (drain time before SIGKILL).
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The longest timeout of a hook.
+pub const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The longest `health.interval` and `health.timeout`.
+pub const MAX_CHECK_PERIOD: Duration = Duration::from_secs(300);
 
 /// A service as `service.toml` defines it, variables substituted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +315,7 @@ pub fn parse(text: &str, vars: &BTreeMap<String, String>) -> Result<ServiceSpec,
     };
     let stop_timeout = match &raw.stop_timeout {
         None => DEFAULT_STOP_TIMEOUT,
-        Some(text) => parse_duration("stop_timeout", text)?,
+        Some(text) => parse_duration("stop_timeout", text, MAX_STOP_TIMEOUT)?,
     };
     let run_as = run_as(raw.user.as_deref(), raw.group.as_deref(), vars)?;
     if run_as.is_some() && raw.supervisor.as_deref() == Some("systemd") {
@@ -465,7 +471,7 @@ fn hook(
             let timeout = match t.get("timeout") {
                 None => default_timeout,
                 Some(toml::Value::String(text)) => {
-                    parse_duration(&format!("{field}.timeout"), text)?
+                    parse_duration(&format!("{field}.timeout"), text, MAX_HOOK_TIMEOUT)?
                 }
                 Some(_) => {
                     return Err(invalid(
@@ -490,7 +496,7 @@ fn hook(
 fn hooks(raw: &RawHooks, vars: &BTreeMap<String, String>) -> Result<Hooks, SpecError> {
     let timeout = match &raw.timeout {
         None => DEFAULT_HOOK_TIMEOUT,
-        Some(text) => parse_duration("hooks.timeout", text)?,
+        Some(text) => parse_duration("hooks.timeout", text, MAX_HOOK_TIMEOUT)?,
     };
     let one = |name: &str, v: &Option<toml::Value>| {
         v.as_ref()
@@ -593,7 +599,7 @@ fn health(
         let field = format!("health.{key}");
         match value {
             None => Ok(DEFAULT_CHECK_PERIOD),
-            Some(text) => match parse_duration(&field, text)? {
+            Some(text) => match parse_duration(&field, text, MAX_CHECK_PERIOD)? {
                 d if d.is_zero() => Err(invalid(field, "must be longer than zero")),
                 d => Ok(d),
             },
@@ -655,9 +661,10 @@ fn validate_address(field: &str, address: &str) -> Result<(), SpecError> {
     }
 }
 
-fn parse_duration(field: &str, text: &str) -> Result<Duration, SpecError> {
-    humantime::parse_duration(text)
-        .map_err(|e| invalid(field, format!("invalid duration {text:?}: {e}")))
+/// Parses a duration of at most `max` (zero allowed: callers that need
+/// more say so).
+fn parse_duration(field: &str, text: &str, max: Duration) -> Result<Duration, SpecError> {
+    baton_common::time::parse_bounded(text, Duration::ZERO, max).map_err(|e| invalid(field, e))
 }
 
 /// Accepts `SIGTERM`, `TERM` and the same in lower case.

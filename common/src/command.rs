@@ -10,6 +10,12 @@ use crate::time::{from_duration, from_timestamp, to_duration, to_timestamp};
 
 /// The longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 128;
+/// The longest `healthy_deadline` (and so `min_healthy_time`) of a health
+/// gate, in plans and on the wire.
+pub const MAX_HEALTHY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// The longest error text an update carries; longer ones are cut (the
+/// start says what failed; a hook's full output stays in the host's log).
+pub const MAX_UPDATE_ERROR_CHARS: usize = 4096;
 
 /// Work for an agent.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -245,7 +251,7 @@ impl TryFrom<pb::Command> for Command {
                 gate: gate(k.min_healthy_time, k.healthy_deadline).ok_or_else(|| {
                     fail(
                         "command.activate",
-                        "min_healthy_time and healthy_deadline are required",
+                        "min_healthy_time and healthy_deadline are required, the deadline at most 24h and not shorter",
                     )
                 })?,
                 allow_downgrade: k.allow_downgrade,
@@ -256,7 +262,7 @@ impl TryFrom<pb::Command> for Command {
                 gate: gate(k.min_healthy_time, k.healthy_deadline).ok_or_else(|| {
                     fail(
                         "command.rollback",
-                        "min_healthy_time and healthy_deadline are required",
+                        "min_healthy_time and healthy_deadline are required, the deadline at most 24h and not shorter",
                     )
                 })?,
             },
@@ -276,14 +282,19 @@ impl TryFrom<pb::Command> for Command {
     }
 }
 
+/// A health gate from the wire: both durations present, the deadline at
+/// most [`MAX_HEALTHY_DEADLINE`] and longer than `min_healthy_time`.
 fn gate(
     min_healthy_time: Option<prost_types::Duration>,
     healthy_deadline: Option<prost_types::Duration>,
 ) -> Option<HealthGate> {
-    Some(HealthGate {
+    let gate = HealthGate {
         min_healthy_time: from_duration(&min_healthy_time?)?,
         healthy_deadline: from_duration(&healthy_deadline?)?,
-    })
+    };
+    (gate.healthy_deadline <= MAX_HEALTHY_DEADLINE
+        && gate.min_healthy_time <= gate.healthy_deadline)
+        .then_some(gate)
 }
 
 impl From<&CommandUpdate> for pb::CommandUpdate {
@@ -355,7 +366,7 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             command_id: u.command_id,
             phase,
             progress_percent: u.progress_percent,
-            error: u.error,
+            error: crate::text::prefix(&u.error, MAX_UPDATE_ERROR_CHARS),
             // An unusable duration is dropped: it only feeds a metric.
             health_wait: u.health_wait.as_ref().and_then(from_duration),
         })

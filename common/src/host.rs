@@ -111,6 +111,9 @@ pub const MAX_LABEL_VALUE_LEN: usize = 256;
 /// The most labels one host may carry.
 pub const MAX_LABELS: usize = 64;
 
+/// The most services one host may report (in a hello or an inventory).
+pub const MAX_SERVICES_PER_HOST: usize = 1000;
+
 /// Checks a set of labels: at most [`MAX_LABELS`], keys are names (see
 /// [`validate_name`], `/` also allowed), values are printable and at most
 /// [`MAX_LABEL_VALUE_LEN`] bytes.
@@ -275,6 +278,25 @@ pub fn services_from_agent(
     list: Vec<agent_pb::ServiceStatus>,
     field: &str,
 ) -> Result<Vec<ServiceStatus>, InvalidField> {
+    if list.len() > MAX_SERVICES_PER_HOST {
+        return Err(InvalidField::new(
+            field,
+            format!(
+                "{} services, the limit is {MAX_SERVICES_PER_HOST} per host",
+                list.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    if let Some(twice) = list.iter().find(|s| !seen.insert(s.name.as_str())) {
+        return Err(InvalidField::new(
+            field,
+            format!(
+                "service {} is listed twice",
+                crate::text::quote(&twice.name)
+            ),
+        ));
+    }
     list.into_iter()
         .enumerate()
         .map(|(i, s)| {

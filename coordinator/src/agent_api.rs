@@ -181,34 +181,41 @@ struct SessionTask {
 
 impl SessionTask {
     async fn run(mut self) {
-        let reason = self.pump().await;
-        // Tell the agent why, when it is still listening; it reconnects.
-        let _ = self
-            .tx
-            .try_send(Err(Box::new(Status::unavailable(reason.clone()))));
+        let ended = self.pump().await;
+        let reason = ended.message().to_owned();
+        // Tell the agent why, when it is still listening; it reconnects
+        // (after a protocol error, with a precise code).
+        let _ = self.tx.try_send(Err(Box::new(ended)));
         self.fleet
             .disconnect(self.host, self.session.id, reason)
             .await;
     }
 
-    /// Handles inbound messages; returns why the stream ended.
-    async fn pump(&mut self) -> String {
+    /// Handles inbound messages; returns why the stream ended, as the
+    /// status the agent is told: `UNAVAILABLE` when it should simply come
+    /// back, `INVALID_ARGUMENT` when it broke the protocol.
+    async fn pump(&mut self) -> Status {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return "the coordinator is shutting down".into(),
-                _ = self.session.replaced.cancelled() => return "replaced by a newer stream of the same host".into(),
+                _ = self.shutdown.cancelled() => return Status::unavailable("the coordinator is shutting down"),
+                _ = self.session.replaced.cancelled() => return Status::unavailable("replaced by a newer stream of the same host"),
                 next = tokio::time::timeout(self.timing.silence_timeout, self.inbound.message()) => next,
             };
             let msg = match next {
                 Err(_) => {
-                    return format!(
+                    return Status::unavailable(format!(
                         "no message for {}",
                         humantime::format_duration(self.timing.silence_timeout)
-                    );
+                    ));
                 }
-                Ok(Err(status)) => return format!("the stream broke: {}", status.message()),
-                Ok(Ok(None)) => return "the agent closed its stream".into(),
+                Ok(Err(status)) => {
+                    return Status::unavailable(format!(
+                        "the stream broke: {}",
+                        baton_common::text::prefix(status.message(), 300)
+                    ));
+                }
+                Ok(Ok(None)) => return Status::unavailable("the agent closed its stream"),
                 Ok(Ok(Some(msg))) => msg,
             };
             match msg.kind {
@@ -231,7 +238,7 @@ impl SessionTask {
                         }
                         Err(e) => {
                             warn!(host = %self.host, error = %e, "ending a stream that sent an invalid inventory");
-                            return format!("invalid inventory: {e}");
+                            return Status::invalid_argument(format!("invalid inventory: {e}"));
                         }
                     }
                 }
@@ -243,12 +250,17 @@ impl SessionTask {
                         }
                         Err(e) => {
                             warn!(host = %self.host, error = %e, "ending a stream that sent an invalid command update");
-                            return format!("invalid command update: {e}");
+                            return Status::invalid_argument(format!(
+                                "invalid command update: {e}"
+                            ));
                         }
                     }
                 }
                 Some(agent_message::Kind::Hello(_)) => {
-                    return "a second hello on one stream".into();
+                    warn!(host = %self.host, "ending a stream that sent a second hello");
+                    return Status::invalid_argument(
+                        "a second hello on one stream: a stream starts with one hello, then heartbeats, inventories and command updates",
+                    );
                 }
                 None => {
                     debug!(host = %self.host, "ignoring an agent message of a kind this coordinator does not know")

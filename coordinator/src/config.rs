@@ -155,6 +155,12 @@ pub const DEFAULT_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 
 
 /// The default leader lease with an etcd store.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// The longest `--shutdown-grace`.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
+/// The longest `--agent-cert-lifetime`: five years.
+pub const MAX_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+/// The largest `--max-artifact-size`: 64 GiB.
+pub const MAX_ARTIFACT_SIZE_LIMIT: u64 = 64 << 30;
 
 /// Where the coordinator keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -254,20 +260,30 @@ impl Config {
         if agent_timeout < Duration::from_millis(300) || agent_timeout > Duration::from_secs(3600) {
             errors.push(format!(
                 "agent-timeout {} is out of range: it must be between 300ms and 1h",
-                humantime::format_duration(agent_timeout)
+                baton_common::text::shorten(&humantime::format_duration(agent_timeout).to_string())
             ));
         }
         let shutdown_grace = args
             .shutdown_grace
             .or(file.shutdown_grace)
             .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        if shutdown_grace > MAX_SHUTDOWN_GRACE {
+            errors.push(format!(
+                "shutdown-grace {} is out of range: it must be at most 10m",
+                baton_common::text::shorten(
+                    &humantime::format_duration(shutdown_grace).to_string()
+                )
+            ));
+        }
 
         let max_artifact_size = args
             .max_artifact_size
             .or(file.max_artifact_size)
             .unwrap_or(DEFAULT_MAX_ARTIFACT_SIZE);
-        if max_artifact_size == 0 {
-            errors.push("max-artifact-size must be at least 1 byte".into());
+        if max_artifact_size == 0 || max_artifact_size > MAX_ARTIFACT_SIZE_LIMIT {
+            errors.push(format!(
+                "max-artifact-size {max_artifact_size} is out of range: it must be between 1 byte and {MAX_ARTIFACT_SIZE_LIMIT} (64 GiB)"
+            ));
         }
         let store = match args.store.or(file.store) {
             None => StoreConfig::Embedded,
@@ -300,7 +316,7 @@ impl Config {
         if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
             errors.push(format!(
                 "lease-ttl {} is out of range: it must be between 2s and 5m",
-                humantime::format_duration(lease_ttl)
+                baton_common::text::shorten(&humantime::format_duration(lease_ttl).to_string())
             ));
         }
 
@@ -308,8 +324,15 @@ impl Config {
             .agent_cert_lifetime
             .or(file.agent_cert_lifetime)
             .unwrap_or(DEFAULT_AGENT_CERT_LIFETIME);
-        if agent_cert_lifetime < Duration::from_secs(5) {
-            errors.push("agent-cert-lifetime must be at least 5s".to_owned());
+        if agent_cert_lifetime < Duration::from_secs(5)
+            || agent_cert_lifetime > MAX_AGENT_CERT_LIFETIME
+        {
+            errors.push(format!(
+                "agent-cert-lifetime {} is out of range: it must be between 5s and 1825days (5 years)",
+                baton_common::text::shorten(
+                    &humantime::format_duration(agent_cert_lifetime).to_string()
+                )
+            ));
         }
 
         let mut http_addr = |flag: &str, text: Option<String>| {

@@ -43,26 +43,66 @@ pub fn raise_open_files() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-/// Tower layer: a message above the size limit is `RESOURCE_EXHAUSTED`, as
-/// gRPC specifies, where tonic says `OUT_OF_RANGE`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SizeStatusLayer;
+/// The longest `grpc-message` sent: a status quotes at most this much of
+/// anything (a plan error on a 400 KB line once reached clients as an
+/// HTTP/2 protocol error, its header over their limit).
+pub const MAX_STATUS_MESSAGE: usize = 2000;
 
-impl<S> tower::Layer<S> for SizeStatusLayer {
-    type Service = SizeStatus<S>;
+/// `status` as sent: a message above the size limit is
+/// `RESOURCE_EXHAUSTED` (as gRPC specifies, where tonic says
+/// `OUT_OF_RANGE`), and every message is cut to [`MAX_STATUS_MESSAGE`].
+/// `None` when it goes out as it is.
+fn rewrite(status: &tonic::Status) -> Option<tonic::Status> {
+    let long = status.message().len() > MAX_STATUS_MESSAGE;
+    let size = status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large");
+    if !long && !size {
+        return None;
+    }
+    let code = if size {
+        tonic::Code::ResourceExhausted
+    } else {
+        status.code()
+    };
+    Some(tonic::Status::new(
+        code,
+        baton_common::text::prefix(status.message(), MAX_STATUS_MESSAGE),
+    ))
+}
 
-    fn layer(&self, inner: S) -> SizeStatus<S> {
-        SizeStatus(inner)
+/// Rewrites the status in `headers` (a trailers-only answer, or the
+/// trailers of a stream) when [`rewrite`] says so.
+fn rewrite_headers(headers: &mut http::HeaderMap) {
+    if let Some(new) = tonic::Status::from_header_map(headers)
+        .as_ref()
+        .and_then(rewrite)
+    {
+        headers.remove("grpc-message");
+        // A status whose message cannot be encoded keeps no message.
+        let _ = new.add_header(headers);
     }
 }
 
-/// See [`SizeStatusLayer`].
+/// Tower layer applying [`rewrite`] to every answer, in its headers and in
+/// its trailers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusLayer;
+
+impl<S> tower::Layer<S> for StatusLayer {
+    type Service = StatusRewrite<S>;
+
+    fn layer(&self, inner: S) -> StatusRewrite<S> {
+        StatusRewrite(inner)
+    }
+}
+
+/// See [`StatusLayer`].
 #[derive(Debug, Clone)]
-pub struct SizeStatus<S>(S);
+pub struct StatusRewrite<S>(S);
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
-impl<S, B> Service<http::Request<B>> for SizeStatus<S>
+impl<S, B> Service<http::Request<B>> for StatusRewrite<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
@@ -80,15 +120,71 @@ where
         let call = self.0.call(req);
         Box::pin(async move {
             let response = call.await?;
-            match tonic::Status::from_header_map(response.headers()) {
-                Some(s)
-                    if s.code() == tonic::Code::OutOfRange
-                        && s.message().contains("message length too large") =>
-                {
-                    Ok(tonic::Status::resource_exhausted(s.message().to_owned()).into_http())
-                }
-                _ => Ok(response),
-            }
+            let (mut parts, body) = response.into_parts();
+            rewrite_headers(&mut parts.headers);
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(Trailers(body)),
+            ))
         })
+    }
+}
+
+/// A response body whose trailers go through [`rewrite_headers`].
+struct Trailers(tonic::body::Body);
+
+impl http_body::Body for Trailers {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        rewrite_headers(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(data) => data,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_and_size_errors_are_resource_exhausted() {
+        assert!(rewrite(&tonic::Status::invalid_argument("short")).is_none());
+        let long = rewrite(&tonic::Status::invalid_argument("x".repeat(400_000))).unwrap();
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        assert!(long.message().len() <= MAX_STATUS_MESSAGE + 3);
+        let size = rewrite(&tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5 bytes, the limit is: 4 bytes",
+        ))
+        .unwrap();
+        assert_eq!(size.code(), tonic::Code::ResourceExhausted);
+        let mut headers = http::HeaderMap::new();
+        tonic::Status::not_found("é".repeat(100_000))
+            .add_header(&mut headers)
+            .unwrap();
+        rewrite_headers(&mut headers);
+        let back = tonic::Status::from_header_map(&headers).unwrap();
+        assert_eq!(back.code(), tonic::Code::NotFound);
+        assert_eq!(back.message().chars().count(), MAX_STATUS_MESSAGE + 1);
     }
 }

@@ -497,7 +497,7 @@ impl Coordinator {
             .tls_config(self.tls.to_tonic())?
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(timing.silence_timeout))
-            .layer(crate::limits::SizeStatusLayer)
+            .layer(crate::limits::StatusLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(agents)

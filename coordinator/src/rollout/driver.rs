@@ -145,6 +145,7 @@ impl Rollouts {
 
     /// One rollout.
     pub async fn get(&self, id: String) -> Result<Rollout, RolloutError> {
+        check_id(&id)?;
         self.ask(|reply| Request::Get { id, reply }).await
     }
 
@@ -156,6 +157,7 @@ impl Rollouts {
     /// The rollout now and after every change; the sender is dropped once
     /// it is terminal.
     pub async fn watch(&self, id: String) -> Result<watch::Receiver<Rollout>, RolloutError> {
+        check_id(&id)?;
         self.ask(|reply| Request::Watch { id, reply }).await
     }
 
@@ -166,6 +168,7 @@ impl Rollouts {
         op: Operator,
         who: String,
     ) -> Result<Rollout, RolloutError> {
+        check_id(&id)?;
         self.ask(|reply| Request::Control { id, op, who, reply })
             .await
     }
@@ -179,6 +182,7 @@ impl Rollouts {
         since: u64,
         limit: usize,
     ) -> Result<Vec<events::RolloutEvent>, RolloutError> {
+        check_id(id)?;
         if self.store.get(&key(id)).await?.is_none() {
             return Err(RolloutError::NotFound(id.to_owned()));
         }
@@ -220,6 +224,28 @@ struct Driver {
     metrics: Arc<crate::metrics::Metrics>,
     /// Moves on every change of any rollout.
     changed: watch::Sender<u64>,
+}
+
+/// The longest rollout id accepted (ours are about 22 characters).
+pub const MAX_ID_CHARS: usize = 64;
+
+/// A rollout id is 1–64 characters of `[A-Za-z0-9._-]`: anything else
+/// (NUL bytes, slashes that would reach other store keys, a megabyte) is
+/// refused as invalid rather than looked up.
+pub fn check_id(id: &str) -> Result<(), RolloutError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RolloutError::Invalid(format!(
+            "{} is not a rollout id: ids are 1 to {MAX_ID_CHARS} letters, digits, '.', '_' or '-' (see baton rollout list)",
+            baton_common::text::quote(id)
+        )))
+    }
 }
 
 fn key(id: &str) -> String {

@@ -32,7 +32,7 @@ pub const MAX_REQUIREMENT_CHARS: usize = 128;
 /// The longest `progress_deadline`.
 pub const MAX_PROGRESS_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The longest `healthy_deadline` (and so `min_healthy_time`).
-pub const MAX_HEALTHY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+pub use baton_common::command::MAX_HEALTHY_DEADLINE;
 /// The longest `pause` between steps.
 pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The most `max_failures` one service may tolerate.
