@@ -425,19 +425,54 @@ impl Context {
             .try_clone()
             .map_err(io_error(format!("cannot open {}", log_path.display())))?;
         let program = self.spec.program(&self.release_dir);
-        let mut command = if self.sockets.is_empty() {
-            let mut c = tokio::process::Command::new(&program);
-            c.args(&self.spec.args);
-            c
+        // The shell below would only say so after the fork: a program that
+        // is not there, or not a file, is reported precisely now.
+        match std::fs::metadata(&program) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(SupervisorError::Spawn {
+                    program: program.clone(),
+                    source: std::io::Error::other("not a file"),
+                });
+            }
+            Err(source) => {
+                return Err(SupervisorError::Spawn {
+                    program: program.clone(),
+                    source,
+                });
+            }
+        }
+        // The process waits at a gate until it is recorded: a shell reads
+        // "go" from a pipe on its stdin, which the agent writes only once
+        // `process.json` is durable, then execs the service (keeping its
+        // pid). An agent killed in between closes the pipe unwritten, and
+        // the shell exits without running the service, so no process is
+        // ever left running that a restarted agent cannot find.
+        let (gate, go) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+            SupervisorError::Spawn {
+                program: program.clone(),
+                source: std::io::Error::from(e),
+            }
+        })?;
+        let listen = if self.sockets.is_empty() {
+            ""
         } else {
             // LISTEN_PID must be the service's own pid, known only after
-            // the fork: a shell sets it to its own pid and execs the
+            // the fork: the shell sets it to its own and execs the
             // service, which keeps that pid (and the inherited fds).
-            let mut c = tokio::process::Command::new("/bin/sh");
-            c.arg("-c")
-                .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
-                .arg(&program)
-                .args(&self.spec.args)
+            "LISTEN_PID=$$; export LISTEN_PID; "
+        };
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "read -r go && [ \"$go\" = go ] || exit 125; exec </dev/null; {listen}exec \"$0\" \"$@\""
+            ))
+            .arg(&program)
+            .args(&self.spec.args)
+            .stdin(Stdio::from(gate));
+        if !self.sockets.is_empty() {
+            command
                 .env("LISTEN_FDS", self.sockets.len().to_string())
                 .env(
                     "LISTEN_FDNAMES",
@@ -457,13 +492,13 @@ impl Context {
                     child_fd: 3 + i32::try_from(i).unwrap_or(i32::MAX - 3),
                 });
             }
-            c.fd_mappings(mappings)
+            command
+                .fd_mappings(mappings)
                 .map_err(|_| SupervisorError::Spawn {
                     program: program.clone(),
                     source: std::io::Error::other("two sockets mapped to one fd"),
                 })?;
-            c
-        };
+        }
         if self.sockets.is_empty() {
             // The agent's own socket activation (systemd's fd store) is not
             // the service's.
@@ -486,7 +521,6 @@ impl Context {
             .env("BATON_SERVICE", &self.name)
             .env("BATON_VERSION", &self.version)
             .current_dir(&self.release_dir)
-            .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             // Its own group: a Ctrl-C or SIGTERM aimed at the agent's group
@@ -518,11 +552,15 @@ impl Context {
         };
         if let Err(e) = write_process_file(&self.run_dir, &record) {
             // An unrecorded service would be orphaned by the next agent
-            // restart; better not to run it at all.
+            // restart; it never passes its gate (and is killed anyway).
+            drop(go);
             kill_group(pid, Signal::SIGKILL);
             let _ = child.start_kill();
             return Err(e);
         }
+        // Recorded: let it run. A failed write means the shell is gone
+        // already; the monitor sees it exit.
+        let _ = std::fs::File::from(go).write_all(b"go\n");
         Ok(Running {
             process: Process::Child(child),
             pid,

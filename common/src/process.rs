@@ -5,9 +5,13 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (falling back
-/// to `default`, e.g. `"info"`). Calling it twice is harmless.
+/// to `default`, e.g. `"info"`). Calling it twice is harmless. By default
+/// the HTTP/2 library says only errors: its warnings name each abusive
+/// peer's stream (a rapid reset, say) and would let any client fill the
+/// log; Baton logs what it refuses itself, at most once a second.
 pub fn init_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},h2=error")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

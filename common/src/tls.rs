@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::host::HostId;
 
@@ -139,22 +139,45 @@ impl ServerTls {
         })
     }
 
-    /// tonic's server configuration: client certificates are required and
-    /// must chain to the CA.
-    pub fn to_tonic(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                &self.identity.cert_pem,
-                &self.identity.key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            // Optional at the TLS layer only so that a new host can enroll
-            // (the token is its credential): every other service refuses
-            // a connection without a certificate in its interceptor.
-            .client_auth_optional(true)
-            // A client that connects and never finishes the handshake
-            // holds nothing for long.
-            .timeout(TLS_HANDSHAKE_TIMEOUT)
+    /// The rustls configuration `batond` accepts connections with (it runs
+    /// the handshake itself, to bound it and to route connections by
+    /// whether they carry a certificate): TLS 1.2 and 1.3 with ring, HTTP/2
+    /// by ALPN, and client certificates that must chain to the CA when
+    /// presented — optional only so that a new host can enroll.
+    pub fn rustls_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        let invalid = |what: &'static str, reason: String| TlsError::Invalid {
+            what,
+            path: PathBuf::from("(the coordinator's TLS directory)"),
+            reason,
+        };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem).flatten() {
+            roots
+                .add(cert)
+                .map_err(|e| invalid("CA certificate", e.to_string()))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| invalid("CA certificate", e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&self.identity.cert_pem)
+                .flatten()
+                .collect();
+        let key = PrivateKeyDer::from_pem_slice(&self.identity.key_pem)
+            .map_err(|e| invalid("private key", e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("certificate", e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("certificate", e.to_string()))?;
+        config.alpn_protocols.push(b"h2".to_vec());
+        Ok(std::sync::Arc::new(config))
     }
 }
 

@@ -72,3 +72,57 @@ pub fn require_operator(mut req: Request<()>) -> Result<Request<()>, Status> {
         }
     }
 }
+
+/// What a connection without a client certificate may call: enrollment
+/// (a new host's token is its credential). Anything else is answered
+/// `UNAUTHENTICATED` before its body is read.
+#[derive(Debug, Clone)]
+pub struct AnonymousGate<S>(pub S);
+
+/// The one gRPC service open to clients without a certificate.
+const ENROLLMENT_PATH: &str = "/baton.agent.v1.EnrollmentService/";
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for AnonymousGate<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if req.uri().path().starts_with(ENROLLMENT_PATH) {
+            return Box::pin(self.0.call(req));
+        }
+        let status = Status::unauthenticated(
+            "a client certificate is required: without one, only enrollment answers",
+        );
+        Box::pin(std::future::ready(Ok(status.into_http())))
+    }
+}
+
+/// Tower layer for [`AnonymousGate`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnonymousGateLayer;
+
+impl<S> tower::Layer<S> for AnonymousGateLayer {
+    type Service = AnonymousGate<S>;
+
+    fn layer(&self, inner: S) -> AnonymousGate<S> {
+        AnonymousGate(inner)
+    }
+}

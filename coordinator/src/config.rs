@@ -96,6 +96,17 @@ pub struct BatondArgs {
     /// Off unless given.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
+
+    /// How long the audit log keeps the changes it records (refused and
+    /// failed calls are kept apart and cannot push them out)
+    /// [default: 365days; at most 3650days].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub audit_max_age: Option<Duration>,
+
+    /// How many changes the audit log keeps at most, the newest
+    /// [default: 20000; at most 1000000].
+    #[arg(long, value_name = "COUNT")]
+    pub audit_max_entries: Option<usize>,
 }
 
 /// The config file: the same keys as the flags.
@@ -118,6 +129,9 @@ struct FileConfig {
     agent_cert_lifetime: Option<Duration>,
     metrics_listen: Option<String>,
     http_listen: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    audit_max_age: Option<Duration>,
+    audit_max_entries: Option<usize>,
 }
 
 /// A complete, checked configuration.
@@ -148,6 +162,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve the web dashboard (`None`: nowhere).
     pub http_listen: Option<SocketAddr>,
+    /// How long, and how many, changes the audit log keeps.
+    pub audit_retention: crate::audit::Retention,
 }
 
 /// The default validity of agent certificates the coordinator signs.
@@ -216,6 +232,7 @@ impl Config {
             agent_cert_lifetime: DEFAULT_AGENT_CERT_LIFETIME,
             metrics_listen: None,
             http_listen: None,
+            audit_retention: crate::audit::DEFAULT_RETENTION,
         }
     }
 
@@ -346,6 +363,37 @@ impl Config {
         );
         let http_listen = http_addr("http-listen", args.http_listen.or(file.http_listen));
 
+        let defaults = crate::audit::DEFAULT_RETENTION;
+        let audit_retention = crate::audit::Retention {
+            max_age: args
+                .audit_max_age
+                .or(file.audit_max_age)
+                .unwrap_or(defaults.max_age),
+            max_entries: args
+                .audit_max_entries
+                .or(file.audit_max_entries)
+                .unwrap_or(defaults.max_entries),
+        };
+        if audit_retention.max_age < Duration::from_secs(3600)
+            || audit_retention.max_age > crate::audit::MAX_RETENTION_AGE
+        {
+            errors.push(format!(
+                "audit-max-age {} is out of range: it must be between 1h and 3650days",
+                baton_common::text::shorten(
+                    &humantime::format_duration(audit_retention.max_age).to_string()
+                )
+            ));
+        }
+        if audit_retention.max_entries < 100
+            || audit_retention.max_entries > crate::audit::MAX_RETENTION_ENTRIES
+        {
+            errors.push(format!(
+                "audit-max-entries {} is out of range: it must be between 100 and {}",
+                audit_retention.max_entries,
+                crate::audit::MAX_RETENTION_ENTRIES
+            ));
+        }
+
         if errors.is_empty() {
             Ok(Self {
                 listen,
@@ -360,6 +408,7 @@ impl Config {
                 agent_cert_lifetime,
                 metrics_listen,
                 http_listen,
+                audit_retention,
             })
         } else {
             Err(ConfigErrors(errors))

@@ -523,6 +523,7 @@ impl ControlService for ControlApi {
                     action: e.action,
                     result: e.result,
                     error: e.error,
+                    count: e.count,
                 })
                 .collect(),
         }))

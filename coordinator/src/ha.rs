@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_common::tls::{ClientTls, ServerTls};
+use baton_common::tls::ClientTls;
 use baton_proto::agent::v1::FetchRequest;
 use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -38,7 +38,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
 use crate::artifacts::Artifacts;
-use crate::server::{SERVICES, ServeError, incoming};
+use crate::server::{SERVICES, ServeError};
 use crate::store::{EtcdStore, Fence, FencedStore};
 
 /// The leader key, under `/baton/`.
@@ -178,7 +178,7 @@ pub struct Candidate {
 /// leader) until this coordinator leads; `None` if `shutdown` comes first.
 pub async fn follow_then_lead(
     me: Candidate,
-    tls: &ServerTls,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
     listener: Arc<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<Option<Leadership>, ServeError> {
@@ -197,17 +197,24 @@ pub async fn follow_then_lead(
             .set_service_status(*name, ServingStatus::NotServing)
             .await;
     }
-    let server = crate::limits::server()
-        .tls_config(tls.to_tonic())?
+    let split = crate::listener::accept(listener, tls, stop.clone());
+    let follower = crate::limits::server()
+        .layer(FollowerLayer {
+            leader: leader_rx.clone(),
+        })
+        .add_service(health_service.clone())
+        .serve_with_incoming_shutdown(split.certified, stop.clone().cancelled_owned());
+    // A host enrolling meanwhile is told where the leader is, too.
+    let anonymous = crate::limits::anonymous_server()
         .layer(FollowerLayer {
             leader: leader_rx.clone(),
         })
         .add_service(health_service)
-        .serve_with_incoming_shutdown(
-            incoming(listener, stop.clone()),
-            stop.clone().cancelled_owned(),
-        );
-    let server = tokio::spawn(server);
+        .serve_with_incoming_shutdown(split.anonymous, stop.clone().cancelled_owned());
+    let server = tokio::spawn(async move {
+        let (served, _) = tokio::join!(follower, anonymous);
+        served
+    });
     let copier = tokio::spawn(copy_payloads(
         artifacts,
         leader_rx,

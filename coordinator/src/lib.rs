@@ -21,6 +21,7 @@ pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod ping;
 pub mod rollout;

@@ -23,6 +23,32 @@ pub const MAX_PENDING_RESETS: usize = 64;
 /// The largest plan text `StartRollout`/`PlanRollout` accept.
 pub const MAX_PLAN_BYTES: usize = 1 << 20;
 
+/// Streams a connection without a client certificate may have open.
+pub const ANONYMOUS_STREAMS: u32 = 4;
+/// The largest message a client without a certificate may send
+/// (an enrollment: a token, a host id and a certificate request).
+pub const MAX_ANONYMOUS_MESSAGE: usize = 16 << 10;
+/// The largest header list a client without a certificate may send.
+pub const MAX_ANONYMOUS_HEADER_LIST: u32 = 8 << 10;
+/// HTTP/2 flow-control windows of a connection without a certificate: all
+/// its streams together never have more than this in flight.
+pub const ANONYMOUS_WINDOW: u32 = 64 << 10;
+/// How long one call without a certificate may take.
+pub const ANONYMOUS_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The server for clients without a certificate (see
+/// [`crate::listener`]): few streams, small headers, messages and
+/// windows, a timeout on every call.
+pub fn anonymous_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(ANONYMOUS_STREAMS))
+        .http2_max_header_list_size(Some(MAX_ANONYMOUS_HEADER_LIST))
+        .http2_max_pending_accept_reset_streams(Some(8))
+        .initial_stream_window_size(Some(ANONYMOUS_WINDOW))
+        .initial_connection_window_size(Some(ANONYMOUS_WINDOW))
+        .timeout(ANONYMOUS_REQUEST_TIMEOUT)
+}
+
 /// A server builder with the connection limits set.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

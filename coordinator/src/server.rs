@@ -11,9 +11,7 @@ use baton_common::tls::{ServerTls, TlsError};
 use baton_proto::agent::v1::agent_service_server::AgentServiceServer;
 use baton_proto::agent::v1::artifact_service_server::ArtifactServiceServer;
 use baton_proto::control::v1::control_service_server::ControlServiceServer;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
@@ -97,27 +95,6 @@ pub enum ServeError {
     LostLeadership,
 }
 
-/// Accepted connections from a shared listener until `stop`, so that the
-/// follower's server and then the leader's serve one port in turn.
-pub(crate) fn incoming(
-    listener: Arc<TcpListener>,
-    stop: CancellationToken,
-) -> ReceiverStream<std::io::Result<TcpStream>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = listener.accept() => r.map(|(s, _)| s),
-            };
-            if tx.send(accepted).await.is_err() {
-                return;
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
 /// What the coordinator serves from.
 enum Backend {
     /// State is open and this coordinator is the only one.
@@ -137,7 +114,8 @@ enum Backend {
 /// ready to run.
 pub struct Coordinator {
     config: Config,
-    tls: ServerTls,
+    /// The TLS configuration connections are accepted with.
+    rustls: Arc<tokio_rustls::rustls::ServerConfig>,
     backend: Backend,
     listener: TcpListener,
     web: WebListeners,
@@ -175,6 +153,7 @@ impl Coordinator {
     /// fails before anything is served.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let tls = ServerTls::load_coordinator(&config.tls_dir)?;
+        let rustls = tls.rustls_config()?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -213,7 +192,7 @@ impl Coordinator {
                 };
                 return Ok(Self {
                     config,
-                    tls,
+                    rustls,
                     backend: Backend::Ha(Box::new(candidate)),
                     listener,
                     web,
@@ -236,7 +215,7 @@ impl Coordinator {
         let (fleet, fleet_task) = fleet::spawn_with(store.clone(), web.counters.clone()).await?;
         Ok(Self {
             config,
-            tls,
+            rustls,
             backend: Backend::Ready {
                 fleet,
                 fleet_task,
@@ -329,7 +308,7 @@ impl Coordinator {
                 }
                 let led = crate::ha::follow_then_lead(
                     *candidate,
-                    &self.tls,
+                    self.rustls.clone(),
                     listener.clone(),
                     shutdown.clone(),
                 )
@@ -408,7 +387,7 @@ impl Coordinator {
             .max_encoding_message_size(MAX_MESSAGE),
             auth::require_agent,
         );
-        let audit = crate::audit::Audit::new(store.clone());
+        let audit = crate::audit::Audit::with_retention(store.clone(), self.config.audit_retention);
         let mut web_tasks = Vec::new();
         if let Some(listener) = self.web.metrics {
             let (counters, fleet, rollouts) =
@@ -459,6 +438,14 @@ impl Coordinator {
                 crate::enroll::EnrollmentApi(enrollment.clone()),
             )
             .max_decoding_message_size(MAX_FETCH_REQUEST);
+        // The same service for clients without a certificate, with their
+        // smaller limits.
+        let anonymous_enroll_api =
+            baton_proto::agent::v1::enrollment_service_server::EnrollmentServiceServer::new(
+                crate::enroll::EnrollmentApi(enrollment.clone()),
+            )
+            .max_decoding_message_size(crate::limits::MAX_ANONYMOUS_MESSAGE)
+            .max_encoding_message_size(MAX_FETCH_REQUEST);
         // Roles and the audit log around everything, so that callers the
         // operator-only interceptor would refuse are audited too.
         let control = crate::authz::Authorized::new(
@@ -493,8 +480,13 @@ impl Coordinator {
         // HTTP/2 keepalive catches dead peers below the application's own
         // heartbeats (a vanished host whose socket never closes).
         let keepalive = timing.heartbeat_interval.max(Duration::from_secs(1));
+        let split = crate::listener::accept(listener, self.rustls.clone(), shutdown.clone());
+        let anonymous = crate::limits::anonymous_server()
+            .layer(crate::limits::StatusLayer)
+            .layer(auth::AnonymousGateLayer)
+            .add_service(anonymous_enroll_api)
+            .serve_with_incoming_shutdown(split.anonymous, shutdown.clone().cancelled_owned());
         let server = crate::limits::server()
-            .tls_config(self.tls.to_tonic())?
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(timing.silence_timeout))
             .layer(crate::limits::StatusLayer)
@@ -504,7 +496,7 @@ impl Coordinator {
             .add_service(control)
             .add_service(artifact_api)
             .add_service(enroll_api)
-            .serve_with_incoming_shutdown(incoming(listener, shutdown.clone()), {
+            .serve_with_incoming_shutdown(split.certified, {
                 let shutdown = shutdown.clone();
                 let health = health.clone();
                 async move {
@@ -518,7 +510,15 @@ impl Coordinator {
             });
         info!(%addr, agent_timeout = %humantime::format_duration(timing.silence_timeout), "batond serving");
 
-        let mut server = Box::pin(server);
+        // Both servers end together: the certified one's result is what
+        // counts (the anonymous one only ever serves enrollment).
+        let mut server = Box::pin(async move {
+            let (served, anonymous) = tokio::join!(server, anonymous);
+            if let Err(e) = anonymous {
+                warn!(error = %e, "the server for clients without a certificate failed");
+            }
+            served
+        });
         let served = tokio::select! {
             r = &mut server => r,
             _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -222,3 +222,125 @@ fn ten_thousand_idle_connections_leave_memory_bounded_and_others_served() {
     let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Everything a client without a certificate can hold at once — idle
+/// sockets, handshakes that stop halfway, HTTP/2 connections with half-sent
+/// messages on every stream, rapid resets, huge headers — from many
+/// addresses: `batond` stays within 64 MiB more memory, and a certified
+/// operator and a new host enrolling are served throughout.
+#[test]
+fn clients_without_a_certificate_hold_at_most_64_mib_while_others_are_served() {
+    use baton_tests::abuse;
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 8_000 {
+        eprintln!("SKIPPED: the open-file hard limit ({hard}) is below 8,000");
+        return;
+    }
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let (addr, url, pid) = (batond.addr, batond.url(), batond.proc.pid().as_raw());
+    let ca = std::fs::read(env.tls().join("ca.pem")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let before = rss_kib(pid);
+    let held = rt.block_on(async {
+        let mut sockets = Vec::new();
+        // 3,000 connections that never say a word, from 30 addresses.
+        for i in 0..3_000 {
+            sockets.push(
+                abuse::connect_from(abuse::attacker(i % 30), addr)
+                    .await
+                    .unwrap(),
+            );
+        }
+        // 1,500 handshakes that stop after the ClientHello, from 10
+        // addresses: more than may run at once from one address.
+        for i in 0..1_500 {
+            sockets.push(abuse::stalled_handshake(abuse::attacker(100 + i % 10), addr, &ca).await);
+        }
+        // HTTP/2 without a certificate from 10 addresses, 20 connections
+        // each (8 per address get through), each trying 50 streams that
+        // announce a 16,000-byte message and send half of it.
+        let mut streams = Vec::new();
+        let mut admitted = 0;
+        for i in 0..200 {
+            let Some(send) = abuse::anonymous_h2(abuse::attacker(200 + i % 10), addr, &ca).await
+            else {
+                continue;
+            };
+            let open = abuse::half_sent_messages(send, 50, 16_000, 8_000).await;
+            if !open.is_empty() {
+                admitted += 1;
+            }
+            streams.push(open);
+        }
+        // Rapid resets and 100 KB of headers, from two more addresses.
+        for i in 0..8 {
+            if let Some(send) = abuse::anonymous_h2(abuse::attacker(300), addr, &ca).await {
+                abuse::rapid_resets(send, if i < 4 { 5_000 } else { 0 }).await;
+            }
+            if let Some(send) = abuse::anonymous_h2(abuse::attacker(301), addr, &ca).await {
+                abuse::huge_headers(send, 100_000).await;
+            }
+        }
+        (sockets, streams, admitted)
+    });
+    let during = rss_kib(pid);
+    eprintln!(
+        "batond: {} MiB before, {} MiB with the attackers connected ({} HTTP/2 connections without a certificate opened streams)",
+        before / 1024,
+        during / 1024,
+        held.2
+    );
+    assert!(
+        during < before + 64 * 1024,
+        "clients without a certificate took {} MiB",
+        (during - before) / 1024
+    );
+    // Per address, no more than 8 connections without a certificate are
+    // served at once.
+    let answered = rt.block_on(async {
+        let mut connections = Vec::new();
+        for _ in 0..20 {
+            connections.extend(abuse::anonymous_h2(abuse::attacker(400), addr, &ca).await);
+        }
+        let mut answered = 0;
+        for send in &connections {
+            answered += usize::from(abuse::enroll_answers(send).await);
+        }
+        answered
+    });
+    assert_eq!(
+        answered, 8,
+        "answered on {answered} of 20 connections from one address"
+    );
+    // A certified operator is served…
+    let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    // …and so is a new host enrolling (its token is wrong: the answer
+    // says so, which means enrollment answered).
+    rt.block_on(async {
+        use baton_proto::agent::v1 as agent;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
+            .enroll(agent::EnrollRequest {
+                token: "bt1-guess".into(),
+                host_id: "h1".into(),
+                csr_pem: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    });
+    drop(held);
+}

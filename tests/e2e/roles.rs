@@ -227,3 +227,87 @@ fn issuing_an_operator_certificate_needs_the_ca_and_never_overwrites() {
         "{out:?}"
     );
 }
+
+/// A viewer (or any certificate) hammering calls it may not make cannot
+/// flush the audit log: its refusals are recorded one by one up to a rate
+/// and counted beyond it, in a log of their own, and an admin's change
+/// stays.
+#[test]
+fn a_flood_of_refused_calls_is_counted_and_never_pushes_an_admins_change_out() {
+    use baton_proto::control::v1 as pb;
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    issue(&env, "mallory", "viewer");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut admin = pb::control_service_client::ControlServiceClient::new(
+            env.channel(&url, "operator").await,
+        );
+        admin
+            .create_enrollment(pb::CreateEnrollmentRequest {
+                host_id: "web-09".into(),
+                ttl: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .unwrap();
+        // More refusals than the old log kept in all (5,000), as fast as
+        // eight streams can make them.
+        let viewer = env.channel(&url, "mallory").await;
+        let flood = 6_000;
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let viewer = viewer.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..flood / 8 {
+                    assert_eq!(
+                        call(viewer.clone(), "StartRollout", false, false).await,
+                        Code::PermissionDenied
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Every refusal is accounted for, in few entries; the admin's
+        // change is still there.
+        let deadline = std::time::Instant::now() + SOON;
+        let log = loop {
+            let log = admin
+                .list_audit(pb::ListAuditRequest { limit: 10_000 })
+                .await
+                .unwrap()
+                .into_inner()
+                .entries;
+            let counted: u64 = log
+                .iter()
+                .filter(|e| e.who == "operator mallory" && e.result == "denied")
+                .map(|e| e.count.max(1))
+                .sum();
+            if counted == flood || std::time::Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let mallory: Vec<_> = log.iter().filter(|e| e.who == "operator mallory").collect();
+        let counted: u64 = mallory.iter().map(|e| e.count.max(1)).sum();
+        assert_eq!(counted, flood, "{mallory:#?}");
+        assert!(mallory.len() < 50, "{} entries", mallory.len());
+        assert!(
+            mallory
+                .iter()
+                .any(|e| e.count > 1 && e.error.contains("StartRollout denied")),
+            "{mallory:#?}"
+        );
+        assert!(
+            log.iter().any(|e| e.who == "operator operator"
+                && e.action == "CreateEnrollment"
+                && e.result == "ok"),
+            "{log:#?}"
+        );
+    });
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub mod abuse;
 pub mod cdp;
 pub mod etcd;
 pub mod fleet;

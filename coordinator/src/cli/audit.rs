@@ -46,6 +46,7 @@ pub async fn run(cli: &Cli, args: &AuditArgs) -> Result<ExitCode, CliError> {
                     "action": e.action,
                     "result": e.result,
                     "error": e.error,
+                    "count": e.count.max(1),
                 })
             })
             .collect();
@@ -64,8 +65,13 @@ pub async fn run(cli: &Cli, args: &AuditArgs) -> Result<ExitCode, CliError> {
             } else {
                 format!(": {}", e.error)
             };
+            let times = if e.count > 1 {
+                format!(" ×{}", e.count)
+            } else {
+                String::new()
+            };
             println!(
-                "{}  {} ({role})  {}  {}{error}",
+                "{}  {} ({role})  {}  {}{times}{error}",
                 at(e),
                 e.who,
                 e.action,
