@@ -58,22 +58,26 @@ pub struct AgentApi {
     timing: StreamTiming,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    audit: crate::audit::Audit,
 }
 
 impl AgentApi {
     /// A service registering hosts in `fleet`; its stream tasks are tracked
     /// by `tasks` and end when `shutdown` is cancelled.
+    /// Takeovers of a host's stream are written to `audit`.
     pub fn new(
         fleet: FleetHandle,
         timing: StreamTiming,
         shutdown: CancellationToken,
         tasks: TaskTracker,
+        audit: crate::audit::Audit,
     ) -> Self {
         Self {
             fleet,
             timing,
             shutdown,
             tasks,
+            audit,
         }
     }
 }
@@ -147,11 +151,30 @@ impl AgentService for AgentApi {
         // The channel is new and empty: this cannot be full.
         let _ = tx.try_send(message(coordinator_message::Kind::Welcome(welcome)));
         let host = info.host_id.clone();
-        let session = self
+        let who = format!("agent {host}");
+        let session = match self
             .fleet
-            .connect(info, peer_address, tx.clone())
+            .connect(info, peer_address.clone(), tx.clone())
             .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        {
+            Ok(session) => session,
+            Err(crate::fleet::ConnectError::Stopped) => {
+                return Err(Status::unavailable("the coordinator is shutting down"));
+            }
+            Err(crate::fleet::ConnectError::Conflict(why)) => {
+                self.audit.record(&who, "", "Connect", "denied", &why).await;
+                return Err(Status::resource_exhausted(why));
+            }
+        };
+        if let Some(t) = &session.took_over {
+            let what = format!(
+                "a new stream from {peer_address} took over the live stream from {} ({} in the last {})",
+                t.from,
+                t.recent,
+                humantime::format_duration(crate::fleet::TAKEOVER_WINDOW)
+            );
+            self.audit.record(&who, "", "Connect", "ok", &what).await;
+        }
         let stream = SessionTask {
             host,
             session,

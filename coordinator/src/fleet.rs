@@ -63,6 +63,36 @@ pub struct Session {
     pub id: u64,
     /// Cancelled when a newer stream of the same host replaces this one.
     pub replaced: CancellationToken,
+    /// The live stream this one replaced, if it did.
+    pub took_over: Option<Takeover>,
+}
+
+/// A newer stream of a host replaces its live one at most this many times
+/// within [`TAKEOVER_WINDOW`]; more are refused. A lost stream the
+/// coordinator has not noticed yet is replaced once; two agents sharing one
+/// certificate would take it from each other without end.
+pub const MAX_TAKEOVERS: usize = 3;
+/// See [`MAX_TAKEOVERS`].
+pub const TAKEOVER_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Why a stream was not registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The registry has stopped.
+    #[error("the coordinator is shutting down")]
+    Stopped,
+    /// The host's live stream was taken over too often lately.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// What a registered stream replaced, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// Where the replaced stream came from.
+    pub from: String,
+    /// Takeovers of this host within [`TAKEOVER_WINDOW`], this one included.
+    pub recent: usize,
 }
 
 /// The registry's record of a host, as persisted.
@@ -88,6 +118,8 @@ struct Live {
 struct Entry {
     record: HostRecord,
     live: Option<Live>,
+    /// When newer streams replaced a live one, within the window.
+    takeovers: std::collections::VecDeque<std::time::Instant>,
 }
 
 impl Entry {
@@ -112,7 +144,7 @@ enum Command {
         info: HostInfo,
         peer_address: String,
         sender: AgentSender,
-        reply: oneshot::Sender<Session>,
+        reply: oneshot::Sender<Result<Session, ConnectError>>,
     },
     Seen {
         host: HostId,
@@ -237,7 +269,7 @@ impl FleetHandle {
         info: HostInfo,
         peer_address: String,
         sender: AgentSender,
-    ) -> Result<Session, FleetStopped> {
+    ) -> Result<Session, ConnectError> {
         self.ask(|reply| Command::Connect {
             info,
             peer_address,
@@ -245,6 +277,7 @@ impl FleetHandle {
             reply,
         })
         .await
+        .map_err(|_| ConnectError::Stopped)?
     }
 
     /// Records that a host's stream delivered a message.
@@ -407,7 +440,14 @@ pub async fn spawn_with(
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
-        hosts.insert(record.host_id.clone(), Entry { record, live: None });
+        hosts.insert(
+            record.host_id.clone(),
+            Entry {
+                record,
+                live: None,
+                takeovers: std::collections::VecDeque::new(),
+            },
+        );
     }
     info!(hosts = hosts.len(), "fleet registry loaded");
     let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
@@ -478,6 +518,38 @@ impl Actor {
                 sender,
                 reply,
             } => {
+                let id = info.host_id.clone();
+                let now_ms = unix_millis(now);
+                let took_over = match self.hosts.get_mut(&id) {
+                    Some(entry) if entry.live.is_some() => {
+                        let instant = std::time::Instant::now();
+                        while entry
+                            .takeovers
+                            .front()
+                            .is_some_and(|t| instant.duration_since(*t) >= TAKEOVER_WINDOW)
+                        {
+                            entry.takeovers.pop_front();
+                        }
+                        if entry.takeovers.len() >= MAX_TAKEOVERS {
+                            self.metrics.takeovers_refused.inc();
+                            let why = format!(
+                                "host {id} already has a live stream, from {}, and newer streams took it over {} times in the last {}: are two agents using one certificate? Refusing this one, from {peer_address}",
+                                entry.record.peer_address,
+                                entry.takeovers.len(),
+                                humantime::format_duration(TAKEOVER_WINDOW)
+                            );
+                            warn!(host = %id, peer = %peer_address, "{why}");
+                            self.reply(reply, Err(ConnectError::Conflict(why)));
+                            return;
+                        }
+                        entry.takeovers.push_back(instant);
+                        Some(Takeover {
+                            from: entry.record.peer_address.clone(),
+                            recent: entry.takeovers.len(),
+                        })
+                    }
+                    _ => None,
+                };
                 let session = self.next_session;
                 self.next_session += 1;
                 let replaced = CancellationToken::new();
@@ -486,8 +558,6 @@ impl Actor {
                     replaced: replaced.clone(),
                     sender,
                 };
-                let id = info.host_id.clone();
-                let now_ms = unix_millis(now);
                 let entry = self.hosts.entry(id.clone()).or_insert_with(|| Entry {
                     record: HostRecord {
                         host_id: id.clone(),
@@ -499,9 +569,13 @@ impl Actor {
                         peer_address: String::new(),
                     },
                     live: None,
+                    takeovers: std::collections::VecDeque::new(),
                 });
                 if let Some(old) = entry.live.replace(live) {
-                    info!(host = %id, old_session = old.session, "a new stream replaces the host's previous one");
+                    if let Some(t) = &took_over {
+                        warn!(host = %id, old_session = old.session, from = %t.from, to = %peer_address, recent = t.recent, "a new stream takes the host's live stream over");
+                    }
+                    self.metrics.takeovers.inc();
                     old.replaced.cancel();
                 }
                 let r = &mut entry.record;
@@ -526,10 +600,11 @@ impl Actor {
                 // ends and a disconnect for this session follows.
                 self.reply(
                     reply,
-                    Session {
+                    Ok(Session {
                         id: session,
                         replaced,
-                    },
+                        took_over,
+                    }),
                 );
             }
             Command::Seen { host, session } => {

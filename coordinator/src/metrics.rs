@@ -45,6 +45,11 @@ pub struct Metrics {
     /// A running service's health check turned from passing to failing,
     /// as reported in a host's inventory.
     pub health_check_failures: Counter,
+    /// A newer stream of a host replaced its live one.
+    pub takeovers: Counter,
+    /// A newer stream was refused: the host's stream was taken over too
+    /// often (two agents with one certificate).
+    pub takeovers_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -56,6 +61,8 @@ impl Default for Metrics {
             activation: Histogram::default(),
             health_wait: Histogram::default(),
             health_check_failures: Counter::default(),
+            takeovers: Counter::default(),
+            takeovers_refused: Counter::default(),
         }
     }
 }
@@ -138,6 +145,16 @@ impl Metrics {
             "baton_stream_reconnects_total",
             "Agent streams accepted from hosts registered before.",
             &self.reconnects,
+        );
+        e.counter(
+            "baton_stream_takeovers_total",
+            "Agent streams that replaced a live stream of the same host.",
+            &self.takeovers,
+        );
+        e.counter(
+            "baton_stream_takeovers_refused_total",
+            "Agent streams refused because the host's stream was taken over too often (two agents with one certificate).",
+            &self.takeovers_refused,
         );
     }
 }

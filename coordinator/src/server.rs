@@ -376,18 +376,19 @@ impl Coordinator {
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         use crate::limits::{MAX_FETCH_REQUEST, MAX_MESSAGE};
         use tonic::service::interceptor::InterceptedService;
+        let audit = crate::audit::Audit::with_retention(store.clone(), self.config.audit_retention);
         let agents = InterceptedService::new(
             AgentServiceServer::new(AgentApi::new(
                 fleet.clone(),
                 timing,
                 shutdown.clone(),
                 tasks.clone(),
+                audit.clone(),
             ))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
             auth::require_agent,
         );
-        let audit = crate::audit::Audit::with_retention(store.clone(), self.config.audit_retention);
         let mut web_tasks = Vec::new();
         if let Some(listener) = self.web.metrics {
             let (counters, fleet, rollouts) =
@@ -418,7 +419,7 @@ impl Coordinator {
                     store: store.clone(),
                     audit: audit.clone(),
                     shutdown: shutdown.clone(),
-                    live: Arc::new(tokio::sync::Semaphore::new(crate::web::MAX_LIVE)),
+                    live: Arc::default(),
                 },
             )));
         }

@@ -344,3 +344,79 @@ fn clients_without_a_certificate_hold_at_most_64_mib_while_others_are_served() {
     });
     drop(held);
 }
+
+/// Opens `/api/live` from `from` and returns the status and, for a stream,
+/// the socket to hold it open.
+fn open_live(
+    web: std::net::SocketAddr,
+    from: std::net::Ipv4Addr,
+    cookie: Option<&str>,
+) -> (u16, std::net::TcpStream) {
+    use std::io::{BufRead, Write};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt
+        .block_on(baton_tests::abuse::connect_from(from, web))
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    let mut stream = stream;
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: baton_session={c}\r\n"));
+    write!(
+        stream,
+        "GET /api/live HTTP/1.1\r\nHost: {web}\r\n{cookie}Accept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut line)
+        .unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, stream)
+}
+
+/// Readers of the dashboard who did not sign in have a pool of their own,
+/// counted per address: however many open it, a signed-in operator still
+/// gets a live view.
+#[test]
+fn dashboard_readers_without_a_sign_in_cannot_lock_operators_out() {
+    use baton_coordinator::web::{MAX_ANONYMOUS_LIVE, MAX_ANONYMOUS_LIVE_PER_ADDRESS};
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &["--http-listen", "127.0.0.1:0"]);
+    let web = batond.dashboard.unwrap();
+    let mut held = Vec::new();
+    // One address: only its share.
+    let mut ok = 0;
+    for _ in 0..10 {
+        let (status, s) = open_live(web, std::net::Ipv4Addr::new(127, 2, 0, 1), None);
+        ok += usize::from(status == 200);
+        held.push(s);
+    }
+    assert_eq!(ok, MAX_ANONYMOUS_LIVE_PER_ADDRESS);
+    // Many addresses: the pool, and no more.
+    for i in 0..100u8 {
+        let (status, s) = open_live(web, std::net::Ipv4Addr::new(127, 2, 1, i), None);
+        ok += usize::from(status == 200);
+        held.push(s);
+    }
+    assert_eq!(ok, MAX_ANONYMOUS_LIVE);
+    // A signed-in reader is served all the same.
+    let out = env.baton(
+        &batond.url(),
+        &env.tls(),
+        &["dashboard", "token", "--role", "viewer", "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let token: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (status, _stream) = open_live(web, std::net::Ipv4Addr::LOCALHOST, token["token"].as_str());
+    assert_eq!(status, 200);
+    // A slot is given back when its reader leaves.
+    drop(held);
+    wait_until("a slot to be free again", SOON, || {
+        (open_live(web, std::net::Ipv4Addr::new(127, 2, 0, 1), None).0 == 200).then_some(())
+    });
+}

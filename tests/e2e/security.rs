@@ -314,3 +314,86 @@ fn without_a_certificate_only_enrollment_answers() {
     let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(log, serde_json::json!([]), "{log}");
 }
+
+/// The value of a counter in a Prometheus text document.
+fn counter(doc: &str, name: &str) -> f64 {
+    doc.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{doc}"))
+}
+
+/// Two agents sharing one host certificate: the newer stream wins, but
+/// only a few times in a while; the conflict is told in the audit log, the
+/// metrics and the coordinator's log, and the host's labels stop flipping.
+#[test]
+fn two_agents_with_one_certificate_take_the_stream_over_a_bounded_number_of_times() {
+    use baton_coordinator::fleet::MAX_TAKEOVERS;
+    let env = TestEnv::new(&["h1"]);
+    let batond = Batond::start(&env, "batond", &["--metrics-listen", "127.0.0.1:0"]);
+    let url = batond.url();
+    let metrics = batond.metrics.unwrap();
+    let scrape = || {
+        baton_tests::http::request(metrics, "GET", "/metrics", &[], "")
+            .unwrap()
+            .body
+    };
+    let mut first = AgentOpts::new("h1");
+    first.labels = &["side=a"];
+    let _a = start_agent(&env, &url, first);
+    wait_until("h1 to connect", SOON, || {
+        let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("\"side\": \"a\"")
+            .then_some(())
+    });
+    // A second agent with the same certificate, elsewhere on disk.
+    let mut twin = std::process::Command::new(baton_tests::bin("baton-agent"));
+    twin.args(["--coordinator", &url, "--host-id", "h1", "--data-dir"])
+        .arg(env.path("twin"))
+        .arg("--tls-dir")
+        .arg(env.tls())
+        .args(["--reconnect-max", "200ms", "--label", "side=b"]);
+    let _b = baton_tests::Proc::spawn(
+        "twin agent h1",
+        twin,
+        env.path("twin.log"),
+        std::process::Stdio::null(),
+    );
+    // Both keep trying (reconnecting within 200 ms to 1 s): refusals pile
+    // up while takeovers stay at the limit.
+    wait_until("several refused takeovers", SOON, || {
+        (counter(&scrape(), "baton_stream_takeovers_refused_total") >= 10.0).then_some(())
+    });
+    let doc = scrape();
+    let takeovers = counter(&doc, "baton_stream_takeovers_total");
+    assert!(
+        (1.0..=MAX_TAKEOVERS as f64).contains(&takeovers),
+        "{takeovers} takeovers"
+    );
+    let out = env.baton(&url, &env.tls(), &["audit", "--json", "--limit", "1000"]);
+    assert!(out.status.success(), "{out:?}");
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = log.as_array().unwrap();
+    let took: Vec<_> = entries
+        .iter()
+        .filter(|e| e["who"] == "agent h1" && e["action"] == "Connect" && e["result"] == "ok")
+        .collect();
+    assert_eq!(took.len() as f64, takeovers, "{log:#}");
+    assert!(
+        took.iter().all(|e| e["error"]
+            .as_str()
+            .unwrap()
+            .contains("took over the live stream")),
+        "{log:#}"
+    );
+    assert!(
+        entries.iter().any(|e| e["who"] == "agent h1"
+            && e["result"] == "denied"
+            && e["error"]
+                .as_str()
+                .unwrap()
+                .contains("are two agents using one certificate")),
+        "{log:#}"
+    );
+}

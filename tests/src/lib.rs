@@ -180,7 +180,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: PathBuf, stdout: Stdio) -> Self {
+    /// Starts `cmd`, its stderr into `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf, stdout: Stdio) -> Self {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdin(Stdio::null())
             .stdout(stdout)

@@ -46,9 +46,97 @@ pub const ACTION_HEADER: &str = "x-baton-action";
 /// The least time between two live updates to one browser: bursts of
 /// changes (a batch of hosts turning healthy) are sent as one.
 const COALESCE: Duration = Duration::from_millis(150);
-/// Live streams served at once; more are refused (each costs a snapshot
-/// of the fleet and the rollouts on every change).
+/// Live streams served at once to signed-in readers; more are refused
+/// (each costs a snapshot of the fleet and the rollouts on every change).
 pub const MAX_LIVE: usize = 64;
+/// Live streams served at once to readers who did not sign in: a pool of
+/// their own, so that they can never lock signed-in operators out.
+pub const MAX_ANONYMOUS_LIVE: usize = 32;
+/// Live streams served at once to readers who did not sign in, from one
+/// address.
+pub const MAX_ANONYMOUS_LIVE_PER_ADDRESS: usize = 4;
+
+/// Who may hold a live stream: one pool for signed-in readers, one for the
+/// others (also counted per address).
+pub struct LiveSlots {
+    signed_in: Arc<tokio::sync::Semaphore>,
+    anonymous: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Default for LiveSlots {
+    fn default() -> Self {
+        Self {
+            signed_in: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE)),
+            anonymous: Arc::new(tokio::sync::Semaphore::new(MAX_ANONYMOUS_LIVE)),
+            per_address: Arc::default(),
+        }
+    }
+}
+
+/// A held live stream slot, given back when dropped.
+struct LiveSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    address: Option<(
+        std::net::IpAddr,
+        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    )>,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        if let Some((ip, map)) = &self.address {
+            let mut map = map
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = map.get_mut(ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+impl LiveSlots {
+    /// A slot for a reader, or why there is none.
+    fn take(&self, signed_in: bool, peer: std::net::IpAddr) -> Result<LiveSlot, String> {
+        if signed_in {
+            return self
+                .signed_in
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| LiveSlot {
+                    _permit: permit,
+                    address: None,
+                })
+                .map_err(|_| {
+                    format!("{MAX_LIVE} signed-in dashboards are open already; close one")
+                });
+        }
+        let permit = self.anonymous.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "{MAX_ANONYMOUS_LIVE} dashboards without a sign-in are open already; close one, or sign in"
+            )
+        })?;
+        let mut map = self
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(peer).or_insert(0);
+        if *n >= MAX_ANONYMOUS_LIVE_PER_ADDRESS {
+            return Err(format!(
+                "{MAX_ANONYMOUS_LIVE_PER_ADDRESS} dashboards without a sign-in are open from {peer} already; close one, or sign in"
+            ));
+        }
+        *n += 1;
+        Ok(LiveSlot {
+            _permit: permit,
+            address: Some((peer, self.per_address.clone())),
+        })
+    }
+}
 /// Events a rollout's page gets on its first load (the newest).
 const EVENTS_TAIL: usize = 300;
 /// Events a rollout's page gets at most per later load.
@@ -72,7 +160,7 @@ pub struct Dashboard {
     /// Ends live streams on shutdown.
     pub shutdown: CancellationToken,
     /// Live streams left to serve.
-    pub live: Arc<tokio::sync::Semaphore>,
+    pub live: Arc<LiveSlots>,
 }
 
 /// The dashboard's routes.
@@ -105,9 +193,12 @@ pub fn follower_router() -> axum::Router {
 /// Serves the dashboard on `listener` until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, dashboard: Dashboard) -> std::io::Result<()> {
     let shutdown = dashboard.shutdown.clone();
-    axum::serve(listener, router(dashboard))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(dashboard).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -410,16 +501,18 @@ async fn history(
 /// Server-sent events: a `state` event (the body of `/api/state`) now and
 /// after every change of the fleet or of a rollout, at most one per
 /// [`COALESCE`].
-async fn live(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+async fn live(
+    State(d): State<Dashboard>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     let session = match d.reader(&headers).await {
         Ok(s) => s,
         Err(refused) => return refused,
     };
-    let Ok(permit) = d.live.clone().try_acquire_owned() else {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{MAX_LIVE} dashboards are open already; close one"),
-        );
+    let permit = match d.live.take(session.is_some(), peer.ip()) {
+        Ok(p) => p,
+        Err(why) => return problem(StatusCode::SERVICE_UNAVAILABLE, why),
     };
     let Ok((_, mut hosts)) = d.fleet.watch().await else {
         return problem(
