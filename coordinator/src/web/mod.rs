@@ -56,12 +56,15 @@ pub const MAX_ANONYMOUS_LIVE: usize = 32;
 /// address.
 pub const MAX_ANONYMOUS_LIVE_PER_ADDRESS: usize = 4;
 
+/// Live streams per address of readers who did not sign in.
+type PerAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
 /// Who may hold a live stream: one pool for signed-in readers, one for the
 /// others (also counted per address).
 pub struct LiveSlots {
     signed_in: Arc<tokio::sync::Semaphore>,
     anonymous: Arc<tokio::sync::Semaphore>,
-    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    per_address: PerAddress,
 }
 
 impl Default for LiveSlots {
@@ -77,10 +80,7 @@ impl Default for LiveSlots {
 /// A held live stream slot, given back when dropped.
 struct LiveSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    address: Option<(
-        std::net::IpAddr,
-        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-    )>,
+    address: Option<(std::net::IpAddr, PerAddress)>,
 }
 
 impl Drop for LiveSlot {
