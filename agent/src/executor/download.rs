@@ -1,0 +1,284 @@
+//! Downloading a payload from the coordinator: resumable, hashed as it
+//! arrives, cut off when it dribbles, and never leaving behind a partial
+//! file that would block the next attempt.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use baton_common::artifact::{Manifest, PayloadHasher};
+use baton_proto::agent::v1 as pb;
+use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+/// Attempts to resume a broken download before staging fails.
+const FETCH_ATTEMPTS: u32 = 10;
+/// Payload chunks (1 MiB each) received ahead of the disk and the hash.
+const WRITE_AHEAD: usize = 8;
+/// A download slower than [`MIN_FETCH_RATE`] over this long (or silent for
+/// this long) is broken off and resumed (the slow-retrieval attack).
+const FETCH_WINDOW: Duration = Duration::from_secs(30);
+/// Bytes per second a download must reach over [`FETCH_WINDOW`].
+const MIN_FETCH_RATE: u64 = 16 << 10;
+
+/// Downloads the payload `m` describes into `path` over `client()`, hashing
+/// as it arrives (no second pass) and resuming from the bytes already
+/// there — after a broken stream, or left by an earlier run. Fails (and
+/// deletes the file) when size or digest do not match the manifest.
+/// `progress` is called with the offset after every chunk.
+pub async fn download(
+    client: impl Fn() -> ArtifactServiceClient<Channel>,
+    m: &Manifest,
+    path: &std::path::Path,
+    mut progress: impl FnMut(u64),
+) -> Result<(), String> {
+    let digest = format!("sha256:{}", m.payload_sha256);
+    let path = path.to_path_buf();
+    let opening = path.clone();
+    let size = m.size;
+    let (file, hasher, mut offset) =
+        tokio::task::spawn_blocking(move || open_partial(&opening, size))
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))??;
+    if offset > 0 {
+        info!(%digest, offset, "resuming an interrupted download");
+    }
+    // Disk and hash work run on threads of their own, overlapping the
+    // network and each other: while one chunk is written and another
+    // hashed, the next ones are received and decrypted, so staging runs at
+    // the pace of its slowest step (SHA-256) rather than of all the steps
+    // one after another. Chunks are shared, not copied.
+    let (chunks, mut inbox) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+    let (to_hash, mut hash_inbox) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_AHEAD);
+    let writing = path.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(data) = inbox.blocking_recv() {
+            (&*file)
+                .write_all(&data)
+                .map_err(|e| format!("cannot write {}: {e}", writing.display()))?;
+        }
+        Ok::<_, String>(file)
+    });
+    let mut hasher = hasher;
+    let hashing = tokio::task::spawn_blocking(move || {
+        while let Some(data) = hash_inbox.blocking_recv() {
+            hasher.update(&data);
+        }
+        hasher
+    });
+    // `Err((why, delete the partial file))`.
+    let received: Result<(), (String, bool)> = async {
+        let mut attempts = 0;
+        while offset < m.size {
+            // Asked anew each attempt: after a coordinator failover the
+            // agent downloads from the new leader.
+            let mut client = client();
+            let result: Result<(), tonic::Status> = async {
+                let answer = client.fetch(pb::FetchRequest {
+                    digest: digest.clone(),
+                    offset,
+                });
+                let mut stream = tokio::time::timeout(FETCH_WINDOW, answer)
+                    .await
+                    .map_err(|_| {
+                        tonic::Status::deadline_exceeded(format!(
+                            "no answer for {}s",
+                            FETCH_WINDOW.as_secs()
+                        ))
+                    })??
+                    .into_inner();
+                let mut window = (Instant::now(), offset);
+                loop {
+                    let next = tokio::time::timeout(FETCH_WINDOW, stream.message())
+                        .await
+                        .map_err(|_| {
+                            tonic::Status::deadline_exceeded(format!(
+                                "nothing received for {}s",
+                                FETCH_WINDOW.as_secs()
+                            ))
+                        })?;
+                    let Some(chunk) = next? else {
+                        if offset < m.size {
+                            // Retryable: a coordinator going away may end
+                            // the stream before its end.
+                            return Err(tonic::Status::unavailable(format!(
+                                "the coordinator ended the stream at {offset} of {} bytes",
+                                m.size
+                            )));
+                        }
+                        break;
+                    };
+                    if chunk.offset != offset {
+                        return Err(tonic::Status::data_loss(format!(
+                            "chunk at offset {} where {offset} was expected",
+                            chunk.offset
+                        )));
+                    }
+                    if offset + chunk.data.len() as u64 > m.size {
+                        return Err(tonic::Status::data_loss(
+                            "the payload is longer than its manifest says",
+                        ));
+                    }
+                    let len = chunk.data.len() as u64;
+                    if to_hash.send(chunk.data.clone()).await.is_err()
+                        || chunks.send(chunk.data).await.is_err()
+                    {
+                        // The writer failed; its error is what counts.
+                        return Ok(());
+                    }
+                    offset += len;
+                    progress(offset);
+                    if window.0.elapsed() >= FETCH_WINDOW {
+                        let secs = window.0.elapsed().as_secs().max(1);
+                        let rate = (offset - window.1) / secs;
+                        if rate < MIN_FETCH_RATE {
+                            return Err(tonic::Status::deadline_exceeded(format!(
+                                "the download ran at {rate} bytes/s, below {MIN_FETCH_RATE}"
+                            )));
+                        }
+                        window = (Instant::now(), offset);
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::NotFound
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::DataLoss
+                    ) =>
+                {
+                    return Err((
+                        format!("cannot download {digest}: {}", status.message()),
+                        true,
+                    ));
+                }
+                Err(status) => {
+                    attempts += 1;
+                    if attempts >= FETCH_ATTEMPTS {
+                        return Err((
+                            format!(
+                                "the download of {digest} broke {attempts} times, last at offset {offset}: {}",
+                                status.message()
+                            ),
+                            false,
+                        ));
+                    }
+                    warn!(%digest, offset, error = %status.message(), "the download broke; resuming from the offset");
+                    let delay = Duration::from_millis(100 * 2u64.pow(attempts.min(6)));
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Whatever happened, the file is settled before anything else touches
+    // it: the writer has written what it was given and let go.
+    drop((chunks, to_hash));
+    let written = writer
+        .await
+        .map_err(|e| format!("the download writer failed: {e}"))?;
+    let hasher = hashing
+        .await
+        .map_err(|e| format!("the download hasher failed: {e}"))?;
+    let file = match (received, written) {
+        (Err((why, delete)), _) => {
+            if delete {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(why);
+        }
+        (Ok(()), Err(why)) => return Err(why),
+        (Ok(()), Ok(file)) => file,
+    };
+    file.sync_all().map_err(|e| e.to_string())?;
+    drop(file);
+    if let Err(e) = hasher.finish(m) {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!(
+            "the download of {} {} is corrupt: {e}",
+            m.name, m.version
+        ));
+    }
+    Ok(())
+}
+
+/// Opens (or creates) a partial download for appending, locked
+/// exclusively — waiting out the writer of an earlier, cancelled download
+/// of the same payload that is still finishing its queued chunks — and
+/// hashes what is already there. A file longer than the payload starts
+/// over. Returns the file, the hasher and the offset to resume from.
+fn open_partial(
+    path: &std::path::Path,
+    size: u64,
+) -> Result<(nix::fcntl::Flock<std::fs::File>, PayloadHasher, u64), String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("cannot lock {}: {e}", path.display()))?;
+    let mut offset = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut hasher = PayloadHasher::new();
+    if offset > size {
+        file.set_len(0).map_err(|e| e.to_string())?;
+        offset = 0;
+    }
+    if offset > 0 {
+        // Left by an earlier run: hash what is there once.
+        let mut reader = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let mut buf = vec![0; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok((file, hasher, offset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_download_is_locked_resumed_and_restarted_when_too_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("payload.part");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let (file, _, offset) = open_partial(&path, 100).unwrap();
+        assert_eq!(offset, 10, "resumes after what is there");
+
+        // A second download of the same payload waits until the first one
+        // (here: its writer, still appending) lets go of the file.
+        let second = path.clone();
+        let (opened, waited) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let r = open_partial(&second, 100).map(|(_, _, offset)| offset);
+            let _ = opened.send(());
+            r
+        });
+        assert!(
+            waited.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the second opener must wait for the lock"
+        );
+        (&*file).write_all(b"abc").unwrap();
+        drop(file);
+        assert_eq!(t.join().unwrap().unwrap(), 13, "it sees every byte written");
+
+        // Longer than the payload: starts over.
+        let (_, _, offset) = open_partial(&path, 5).unwrap();
+        assert_eq!(offset, 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+}

@@ -1,0 +1,228 @@
+//! Hooks (`pre_start`, `post_start`, `pre_stop`, `post_stop`) and
+//! `systemctl`: commands the agent runs around a service, bounded in time
+//! and killed whole.
+
+use std::io::Write;
+
+use tracing::warn;
+
+use crate::service::{self, Hook, ServiceSpec};
+
+/// Runs a hook in the release directory with the service's environment,
+/// in its own process group (killed whole at the timeout). Its output is
+/// appended to the release's service log; on failure its last lines go
+/// into the error.
+pub(super) async fn run_hook(
+    service_name: &str,
+    version: &str,
+    which: &str,
+    hook: Option<&Hook>,
+    release_dir: &std::path::Path,
+    spec: &ServiceSpec,
+    run_dir: &std::path::Path,
+) -> Result<(), String> {
+    let Some(hook) = hook else {
+        return Ok(());
+    };
+    let Some((program, args)) = hook.command.split_first() else {
+        return Ok(());
+    };
+    let fail = |why: String| format!("{which} hook of {service_name} {version} failed: {why}");
+    let mut cmd = tokio::process::Command::new(service::resolve(release_dir, program));
+    cmd.args(args)
+        .envs(&spec.env)
+        .env("BATON_SERVICE", service_name)
+        .env("BATON_VERSION", version)
+        .env("BATON_HOOK", which)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("BATON_ENROLL_TOKEN")
+        .current_dir(release_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(r) = &spec.run_as {
+        r.apply(&mut cmd);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    let pgid = child.id();
+    let result = tokio::time::timeout(hook.timeout, child.wait_with_output()).await;
+    let output = match result {
+        Ok(r) => r.map_err(|e| fail(e.to_string()))?,
+        Err(_) => {
+            // The whole group: a hook's children must not outlive it.
+            if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            append_log(run_dir, which, b"", b"(killed at its timeout)\n");
+            return Err(fail(format!(
+                "timed out after {}; killed with its process group",
+                humantime::format_duration(hook.timeout)
+            )));
+        }
+    };
+    append_log(run_dir, which, &output.stdout, &output.stderr);
+    if output.status.success() {
+        return Ok(());
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines[lines.len().saturating_sub(3)..].join(" | ");
+    Err(fail(format!(
+        "{}: {}",
+        crate::supervisor::describe_exit(output.status),
+        if last.is_empty() { "no output" } else { &last }
+    )))
+}
+
+/// Appends a hook's output to the service log of its release.
+fn append_log(run_dir: &std::path::Path, which: &str, stdout: &[u8], stderr: &[u8]) {
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(run_dir)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(crate::supervisor::LOG_FILE))?;
+        for line in String::from_utf8_lossy(stdout)
+            .lines()
+            .chain(String::from_utf8_lossy(stderr).lines())
+        {
+            writeln!(f, "[{which} hook] {line}")?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        warn!(error = %e, "cannot write a hook's output to the service log");
+    }
+}
+
+/// The `systemctl` to run: `BATON_SYSTEMCTL` or `systemctl` on the PATH.
+fn systemctl_program() -> String {
+    std::env::var("BATON_SYSTEMCTL").unwrap_or_else(|_| "systemctl".to_owned())
+}
+
+/// Runs `systemctl ARGS`.
+pub(super) async fn systemctl(args: &[&str]) -> Result<(), String> {
+    let program = systemctl_program();
+    let out = tokio::process::Command::new(&program)
+        .args(args)
+        // The agent's own notify socket and fds are not systemctl's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            crate::supervisor::describe_exit(out.status),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn hooks_fail_with_their_last_lines_and_die_whole_at_their_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let pids = dir.path().join("pids");
+        for (name, body) in [
+            ("ok", "#!/bin/sh\ntest \"$MODE\" = migrate && test \"$BATON_HOOK\" = pre_start\necho migrated\n".to_owned()),
+            ("fail", "#!/bin/sh\necho checking\necho 'schema 7 is newer than this release' >&2\nexit 3\n".to_owned()),
+            ("hang", format!("#!/bin/sh\nsleep 300 &\necho $! > {}\nexec sleep 300\n", pids.display())),
+        ] {
+            let path = bin.join(name);
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let spec = service::parse(
+            "command = \"bin/ok\"\nenv = { MODE = \"migrate\" }\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let hook = |cmd: &str, ms: u64| Hook {
+            command: vec![cmd.to_owned()],
+            timeout: Duration::from_millis(ms),
+        };
+        let run_it = |h: Hook| {
+            let (dir, spec, run) = (dir.path().to_owned(), spec.clone(), run.clone());
+            async move { run_hook("api", "2.0.0", "pre_start", Some(&h), &dir, &spec, &run).await }
+        };
+        run_it(hook("bin/ok", 10_000)).await.unwrap();
+        let err = run_it(hook("bin/fail", 10_000)).await.unwrap_err();
+        assert_eq!(
+            err,
+            "pre_start hook of api 2.0.0 failed: exited with status 3: checking | schema 7 is newer than this release"
+        );
+        let log = std::fs::read_to_string(run.join("service.log")).unwrap();
+        assert!(log.contains("[pre_start hook] migrated"), "{log}");
+        assert!(log.contains("[pre_start hook] schema 7"), "{log}");
+
+        let err = run_it(hook("bin/hang", 300)).await.unwrap_err();
+        assert!(
+            err.contains("timed out after 300ms; killed with its process group"),
+            "{err}"
+        );
+        // The hook's background child died with it.
+        let child: i32 = std::fs::read_to_string(&pids)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while crate::supervisor::is_alive_record(&crate::supervisor::ProcessRecord {
+            pid: u32::try_from(child).unwrap(),
+            start_time: read_start(child),
+            version: String::new(),
+            release_dir: PathBuf::new(),
+            listen: vec![],
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hook's child {child} survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Field 22 of /proc/<pid>/stat (0 once the process is gone).
+    fn read_start(pid: i32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|t| t.rsplit_once(')').map(|(_, r)| r.to_owned()))
+            .and_then(|r| r.split_whitespace().nth(19).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    }
+}
