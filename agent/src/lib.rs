@@ -8,6 +8,7 @@ pub mod connection;
 pub mod enroll;
 pub mod executor;
 pub mod health;
+pub mod installed;
 pub mod journal;
 pub mod metrics;
 pub mod releases;

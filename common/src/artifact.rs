@@ -804,10 +804,21 @@ pub fn validate_name(name: &str) -> Result<(), ArtifactError> {
     validate_token("service name", name, None)
 }
 
-/// Checks a version: like [`validate_name`] but `+` is allowed too
-/// (`1.2.0+build.7`).
+/// Checks a version: a semantic version (`1.2.0`, `2.0.0-rc.1`,
+/// `1.2.0+build.7`) of at most 128 characters, every number fitting in 64
+/// bits. One grammar for `pack`, `push`, plans and the agent, so that any
+/// two versions have an order and a downgrade is always seen.
 pub fn validate_version(version: &str) -> Result<(), ArtifactError> {
-    validate_token("version", version, Some('+'))
+    validate_token("version", version, Some('+'))?;
+    semver::Version::parse(version)
+        .map(|_| ())
+        .map_err(|e| ArtifactError::InvalidName {
+            what: "version",
+            value: shorten(version),
+            reason: format!(
+                "it is not a semantic version like 1.4.0 or 2.0.0-rc.1 ({e}; every number must fit in 64 bits)"
+            ),
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -1205,13 +1216,28 @@ fn append_tree<W: Write>(
     }
 }
 
-/// Whether going from version `from` to `to` goes down. Only versions
-/// that are both semantic versions are compared; others are never a
-/// downgrade (there is no order to judge).
+/// A version for ordering: a semantic version, or one written before
+/// versions had to be (`2`, `1.4`), read as `2.0.0`, `1.4.0`.
+pub fn version_order(v: &str) -> Option<semver::Version> {
+    semver::Version::parse(v).ok().or_else(|| {
+        let parts = v.split('.').count();
+        let padded = match parts {
+            1 => format!("{v}.0.0"),
+            2 => format!("{v}.0"),
+            _ => return None,
+        };
+        semver::Version::parse(&padded).ok()
+    })
+}
+
+/// Whether going from version `from` to `to` goes down. Versions that
+/// cannot be ordered (written before versions had to be semantic, and
+/// unreadable as one) count as a downgrade unless they are the same: what
+/// cannot be ordered is never let through silently.
 pub fn is_downgrade(from: &str, to: &str) -> bool {
-    match (semver::Version::parse(from), semver::Version::parse(to)) {
-        (Ok(from), Ok(to)) => to < from,
-        _ => false,
+    match (version_order(from), version_order(to)) {
+        (Some(from), Some(to)) => to < from,
+        _ => from != to,
     }
 }
 
@@ -1814,6 +1840,12 @@ mod tests {
             (validate_name("a+b"), "it contains '+'"),
             (validate_name(&"a".repeat(129)), "longer than 128"),
             (validate_version("1 2"), "it contains ' '"),
+            (validate_version("2"), "not a semantic version"),
+            (validate_version("1.4"), "not a semantic version"),
+            (
+                validate_version("1.99999999999999999999.0"),
+                "not a semantic version",
+            ),
         ];
         for (result, want) in cases {
             let err = result.unwrap_err().to_string();
@@ -1881,8 +1913,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (key, _) = keys(tmp.path(), "k");
         let dir = service_dir(tmp.path());
-        let a = pack(&dir, "api", "1", &key, &tmp.path().join("a.art")).unwrap();
-        let b = pack(&dir, "api", "1", &key, &tmp.path().join("b.art")).unwrap();
+        let a = pack(&dir, "api", "1.0.0", &key, &tmp.path().join("a.art")).unwrap();
+        let b = pack(&dir, "api", "1.0.0", &key, &tmp.path().join("b.art")).unwrap();
         assert_eq!(a.manifest.payload_sha256, b.manifest.payload_sha256);
     }
 
@@ -2002,7 +2034,7 @@ mod tests {
     fn parse_checks_fields() {
         let manifest = |name: &str, digest: &str| {
             format!(
-                r#"{{"name":"{name}","version":"1","payload_sha256":"{digest}","size":1,"created":"x","key_id":""}}"#
+                r#"{{"name":"{name}","version":"1.0.0","payload_sha256":"{digest}","size":1,"created":"x","key_id":""}}"#
             )
             .into_bytes()
         };
@@ -2037,7 +2069,7 @@ mod tests {
             pack_kind(
                 &dir,
                 name,
-                "2",
+                "2.0.0",
                 ArtifactKind::Agent,
                 DEFAULT_EXPIRY,
                 &key,
@@ -2068,11 +2100,11 @@ mod tests {
         // A service may not take the agent's name, and a service manifest
         // says nothing of kinds (its bytes are as before kinds existed).
         let svc = service_dir(tmp.path());
-        let err = pack(&svc, AGENT_NAME, "1", &key, &out)
+        let err = pack(&svc, AGENT_NAME, "1.0.0", &key, &out)
             .unwrap_err()
             .to_string();
         assert!(err.contains("reserved for agent artifacts"), "{err}");
-        let signed = pack(&svc, "api", "1", &key, &out).unwrap();
+        let signed = pack(&svc, "api", "1.0.0", &key, &out).unwrap();
         assert!(!String::from_utf8_lossy(&signed.bytes).contains("kind"));
     }
 
@@ -2082,7 +2114,7 @@ mod tests {
         let (key, _) = keys(tmp.path(), "k");
         let empty = tmp.path().join("empty");
         fs::create_dir(&empty).unwrap();
-        let err = pack(&empty, "api", "1", &key, &tmp.path().join("a.art"))
+        let err = pack(&empty, "api", "1.0.0", &key, &tmp.path().join("a.art"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -2092,7 +2124,7 @@ mod tests {
 
         let dir = service_dir(tmp.path());
         let _socket = std::os::unix::net::UnixListener::bind(dir.join("ctl.sock")).unwrap();
-        let err = pack(&dir, "api", "1", &key, &tmp.path().join("a.art"))
+        let err = pack(&dir, "api", "1.0.0", &key, &tmp.path().join("a.art"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot pack"), "{err}");
@@ -2101,14 +2133,14 @@ mod tests {
 
         fs::remove_file(dir.join("ctl.sock")).unwrap();
         symlink("../../etc", dir.join("bin/escape")).unwrap();
-        let err = pack(&dir, "api", "1", &key, &tmp.path().join("a.art"))
+        let err = pack(&dir, "api", "1.0.0", &key, &tmp.path().join("a.art"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot pack symlink"), "{err}");
         assert!(err.contains("points outside the artifact"), "{err}");
 
         fs::remove_file(dir.join("bin/escape")).unwrap();
-        let err = pack(&dir, "api", "1", &key, &dir.join("a.art"))
+        let err = pack(&dir, "api", "1.0.0", &key, &dir.join("a.art"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("inside the directory being packed"), "{err}");

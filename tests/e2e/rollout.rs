@@ -456,9 +456,17 @@ fn bad_plans_are_refused_precisely_and_create_nothing() {
             "version \"9.9.9\" has not been pushed; pushed versions: 1.0.0",
         ),
         (
-            "[[service]]\nname = \"nosuch\"\nversion = \"1\"\nhosts = { role = \"web\" }\n"
+            "[[service]]\nname = \"nosuch\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\n"
                 .to_owned(),
             "no artifact of this service has been pushed",
+        ),
+        (
+            "[[service]]\nname = \"web\"\nversion = \"2\"\nhosts = { role = \"web\" }\n".to_owned(),
+            "it is not a semantic version",
+        ),
+        (
+            "[[service]]\nname = \"web\"\nversion = \"1.99999999999999999999.0\"\n".to_owned(),
+            "every number must fit in 64 bits",
         ),
     ];
     for (text, expected) in cases {

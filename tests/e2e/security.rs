@@ -397,3 +397,74 @@ fn two_agents_with_one_certificate_take_the_stream_over_a_bounded_number_of_time
         "{log:#}"
     );
 }
+
+/// A coordinator turned rogue (it holds the real coordinator certificate)
+/// removes a service and then sends a signed, older release of it: the
+/// agent remembers the highest version it ran, which the removal does not
+/// erase, and refuses to stage or activate anything older.
+#[test]
+fn a_rogue_coordinator_cannot_bring_an_older_release_back_by_removing_the_service_first() {
+    use baton_proto::agent::v1 as pb;
+    use pb::command::Kind;
+    let mut fleet = baton_tests::fleet::Fleet::start(&["h1"]);
+    fleet.install("1.0.0");
+    fleet.release("2.0.0", false);
+    let s = fleet.roll("2.0.0", "min_healthy_time = \"200ms\"\n");
+    assert_eq!(s["state"], "succeeded", "{s}");
+
+    let rogue = baton_tests::rogue::Rogue::start(&fleet.env.tls());
+    fleet.agent_url = rogue.url.clone();
+    fleet.start_agent("h1");
+    let (old, _) =
+        baton_common::artifact::open_artifact(&fleet.env.path("demo-1.0.0.baton")).unwrap();
+    rogue
+        .run(Kind::Remove(pb::Remove {
+            service: "demo".into(),
+        }))
+        .unwrap();
+    assert!(!fleet.data_dir("h1").join("services/demo").exists());
+
+    let error = rogue
+        .run(Kind::Stage(pb::Stage {
+            service: "demo".into(),
+            version: "1.0.0".into(),
+            manifest: old.bytes.clone(),
+            signature: old.signature.clone(),
+        }))
+        .unwrap_err();
+    assert!(
+        error.contains("refusing demo 1.0.0: this host has run 2.0.0"),
+        "{error}"
+    );
+    assert!(!fleet.data_dir("h1").join("services/demo").exists());
+    let gate = |s| {
+        Some(prost_types::Duration {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    let error = rogue
+        .run(Kind::Activate(pb::Activate {
+            service: "demo".into(),
+            version: "1.0.0".into(),
+            min_healthy_time: gate(1),
+            healthy_deadline: gate(30),
+            allow_downgrade: true,
+        }))
+        .unwrap_err();
+    assert!(error.contains("this host has run 2.0.0"), "{error}");
+    // The newest release is still welcome.
+    let (new, _) =
+        baton_common::artifact::open_artifact(&fleet.env.path("demo-2.0.0.baton")).unwrap();
+    let error = rogue
+        .run(Kind::Stage(pb::Stage {
+            service: "demo".into(),
+            version: "2.0.0".into(),
+            manifest: new.bytes,
+            signature: new.signature,
+        }))
+        .unwrap_err();
+    // (It gets as far as the download, which this coordinator cannot
+    // serve: the version check let it through.)
+    assert!(!error.contains("this host has run"), "{error}");
+}

@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod http;
 pub mod load;
 pub mod proxy;
+pub mod rogue;
 
 /// A generous bound for anything that should happen "soon": long enough for
 /// a loaded CI machine, short enough to fail a hung test.

@@ -150,6 +150,8 @@ pub async fn download(
                         tonic::Code::NotFound
                             | tonic::Code::InvalidArgument
                             | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::Unimplemented
                             | tonic::Code::DataLoss
                     ) =>
                 {

@@ -73,6 +73,8 @@ struct Inner {
     config: ExecutorConfig,
     releases: Releases,
     journal: Journal,
+    /// The highest version of each service this host ran healthy.
+    installed: crate::installed::Installed,
     /// The coordinator to download from (the one the agent is connected
     /// to, which with several coordinators is the leader).
     fetch: watch::Receiver<Channel>,
@@ -184,10 +186,24 @@ impl Executor {
         let downloads = config.data_dir.join("downloads");
         std::fs::create_dir_all(&downloads)
             .map_err(|e| format!("cannot create {}: {e}", downloads.display()))?;
+        let installed = crate::installed::Installed::open(&config.data_dir).map_err(|e| {
+            format!(
+                "cannot open the installed-version records in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+        // The agent that runs, unless it is a new one still on trial (a
+        // revert would leave the record above what runs).
+        if config.me.trial().is_none()
+            && let Err(e) = installed.record(AGENT_NAME, config.me.version())
+        {
+            warn!(error = %e, "cannot record the agent's own version");
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 releases: Releases::new(&config.data_dir),
                 journal,
+                installed,
                 fetch: channel,
                 slots: Mutex::default(),
                 host: tokio::sync::Mutex::new(()),
@@ -243,6 +259,11 @@ impl Executor {
             .releases
             .current(name)
             .ok_or("no current release")?;
+        // A host that ran this before the records existed: what runs is
+        // the mark to start from.
+        if let Err(e) = self.inner.installed.record(name, &version) {
+            warn!(service = %name, error = %e, "cannot record the installed version");
+        }
         let release_dir = self.inner.releases.release_dir(name, &version);
         let spec = service::load(&release_dir, &self.inner.config.vars).map_err(|e| {
             self.set_status(name, &version, ServiceState::Failed, false);
@@ -565,6 +586,13 @@ impl Executor {
                 {
                     return Err(downgrade_refused(&service, &current, &version));
                 }
+                // Also below what ran here once, and was removed since.
+                self.inner.installed.refuse(
+                    &service,
+                    &version,
+                    self.inner.releases.is_staged(&service, &version),
+                    allow_downgrade,
+                )?;
                 self.activate(&service, &version, gate, false).await
             }
             CommandKind::Rollback {
@@ -608,6 +636,9 @@ impl Executor {
                 "refusing to stage {name} {version}: it is older than the {current} this host runs, and a downgrade may only return to a release the host still has"
             ));
         }
+        // Nor below the highest version this host ever ran, which a
+        // removal does not erase.
+        self.inner.installed.refuse(name, version, false, false)?;
         let signed = SignedManifest::parse(manifest, signature)
             .map_err(|e| format!("the artifact's manifest is invalid: {e}"))?;
         let m = &signed.manifest;
@@ -747,6 +778,12 @@ impl Executor {
         if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
             return Err(downgrade_refused(AGENT_NAME, me.version(), version));
         }
+        self.inner.installed.refuse(
+            AGENT_NAME,
+            version,
+            me.releases().is_staged(AGENT_NAME, version),
+            allow_downgrade,
+        )?;
         if self.inner.notifier.enabled() {
             // Across the exec the new agent copies sockets back from the
             // running services; systemd's fd store, which also holds them,
@@ -805,6 +842,7 @@ impl Executor {
                         error!(id = %trial.command_id, error = %e, "cannot journal the agent upgrade");
                     }
                     this.publish(update);
+                    this.record_installed(AGENT_NAME, this.inner.config.me.version());
                     this.inner.config.me.prune(this.inner.config.keep_releases);
                 }
                 Err(e) => error!(error = %e, "cannot confirm the agent upgrade"),
@@ -905,6 +943,7 @@ impl Executor {
             )
             .await?;
             self.set_status(name, version, ServiceState::Running, true);
+            self.record_installed(name, version);
             return Ok(());
         }
 
@@ -1104,6 +1143,7 @@ impl Executor {
         // Sockets the new release no longer declares are closed.
         self.release_sockets(&mut st, name, &specs);
         self.set_status(name, version, ServiceState::Running, true);
+        self.record_installed(name, version);
         let keep = self.inner.config.keep_releases;
         let protect: Vec<&str> = from.iter().map(String::as_str).collect();
         match self.inner.releases.prune(name, keep, &protect) {
@@ -1175,6 +1215,14 @@ impl Executor {
             }
         }
         Ok(())
+    }
+
+    /// Raises the high-water mark of `name` to `version`, which just
+    /// turned healthy. Not fatal: the activation happened.
+    fn record_installed(&self, name: &str, version: &str) {
+        if let Err(e) = self.inner.installed.record(name, version) {
+            error!(service = %name, %version, error = %e, "cannot record the installed version; rollback protection for it rests on the releases kept");
+        }
     }
 
     fn swap(&self, name: &str, version: &str) -> Result<(), String> {

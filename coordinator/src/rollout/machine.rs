@@ -715,15 +715,7 @@ fn failed_hosts(r: &Rollout) -> Vec<String> {
 /// Parses a version for a requirement check (`2`, `2.1` and `2.1.0` all
 /// work; anything else never satisfies one).
 pub fn semver_of(v: &str) -> Option<semver::Version> {
-    semver::Version::parse(v).ok().or_else(|| {
-        let parts: Vec<&str> = v.split('.').collect();
-        let padded = match parts.len() {
-            1 => format!("{v}.0.0"),
-            2 => format!("{v}.0"),
-            _ => return None,
-        };
-        semver::Version::parse(&padded).ok()
-    })
+    baton_common::artifact::version_order(v)
 }
 
 /// Whether `version` satisfies the requirement `req` (semver).

@@ -602,7 +602,7 @@ max_failures = 1
 
     #[test]
     fn defaults_follow_the_contract() {
-        let plan = Plan::parse("[[service]]\nname = \"api\"\nversion = \"1\"\n").unwrap();
+        let plan = Plan::parse("[[service]]\nname = \"api\"\nversion = \"1.0.0\"\n").unwrap();
         assert!(plan.auto_rollback);
         assert_eq!(plan.progress_deadline, Duration::from_secs(600));
         let s = &plan.services[0];
@@ -617,7 +617,7 @@ max_failures = 1
 
     #[test]
     fn bad_plans_get_precise_errors() {
-        let svc = "[[service]]\nname = \"api\"\nversion = \"1\"\n";
+        let svc = "[[service]]\nname = \"api\"\nversion = \"1.0.0\"\n";
         assert!(
             err(&format!(
                 "{svc}min_healthy_time = \"5s\"\nhealthy_deadline = \"3s\"\n"
@@ -646,11 +646,11 @@ max_failures = 1
         assert!(err(&format!("{svc}canary = 1\n")).contains("only applies to strategy \"canary\""));
         assert!(err(&format!("{svc}hosts = {{}}\n")).contains("empty selector"));
         assert!(err("auto_rollback = true\n").contains("names no service"));
-        assert!(err("[[service]]\nname = \"a/b\"\nversion = \"1\"\n").contains("name"));
+        assert!(err("[[service]]\nname = \"a/b\"\nversion = \"1.0.0\"\n").contains("name"));
         assert!(err("[[service]]\nname = \"api\"\nversion = \"../1\"\n").contains("version"));
         assert!(err("[[service]]\nname = \"api\"\n").contains("missing field `version`"));
         assert!(
-            err("progress_deadline = \"0s\"\n[[service]]\nname = \"a\"\nversion = \"1\"\n")
+            err("progress_deadline = \"0s\"\n[[service]]\nname = \"a\"\nversion = \"1.0.0\"\n")
                 .contains("longer than zero")
         );
     }
@@ -694,7 +694,7 @@ pause = "30s"
         assert_eq!(plan.services[1].pause, Some(Duration::from_secs(30)));
 
         let svc = |name: &str, deps: &str| {
-            format!("[[service]]\nname = \"{name}\"\nversion = \"1\"\ndepends_on = [{deps}]\n")
+            format!("[[service]]\nname = \"{name}\"\nversion = \"1.0.0\"\ndepends_on = [{deps}]\n")
         };
         let cycle = format!(
             "{}{}{}",
@@ -708,18 +708,19 @@ pause = "30s"
         assert!(err(&dangling).contains("depends_on names \"c\""));
         let twice = format!("{}{}", svc("a", ""), svc("a", ""));
         assert!(err(&twice).contains("appears twice"));
-        let bad_req = "[[service]]\nname = \"a\"\nversion = \"1\"\nrequires = { b = \"newest\" }\n";
+        let bad_req =
+            "[[service]]\nname = \"a\"\nversion = \"1.0.0\"\nrequires = { b = \"newest\" }\n";
         assert!(err(bad_req).contains("requires: b = \"newest\" is not a version requirement"));
-        let no_canary = "[[service]]\nname = \"a\"\nversion = \"1\"\nstrategy = \"canary\"\n";
+        let no_canary = "[[service]]\nname = \"a\"\nversion = \"1.0.0\"\nstrategy = \"canary\"\n";
         assert!(err(no_canary).contains("needs canary = N"));
         assert!(
-            err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1\"\n")
+            err("max_parallel_services = 0\n[[service]]\nname = \"a\"\nversion = \"1.0.0\"\n")
                 .contains("at least 1")
         );
         // A requirement on a service of the plan orders it like depends_on.
-        let req = "[[service]]\nname = \"web\"\nversion = \"2\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2\"\n";
+        let req = "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2.0.0\"\n";
         assert_eq!(Plan::parse(req).unwrap().order(), vec![1, 0]);
-        let req_cycle = "[[service]]\nname = \"web\"\nversion = \"2\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2\"\ndepends_on = [\"web\"]\n";
+        let req_cycle = "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\nrequires = { api = \">=2\" }\n[[service]]\nname = \"api\"\nversion = \"2.0.0\"\ndepends_on = [\"web\"]\n";
         assert_eq!(err(req_cycle), "depends_on has a cycle: web -> api -> web");
     }
 
@@ -804,7 +805,7 @@ pause = "30s"
             format!("{svc}requires = {{ db = \"{long}\" }}\n"),
             // A syntax error on a 400 KB line.
             format!("{svc}oops = {long}\n"),
-            format!("[[service]]\nname = \"{long}\"\nversion = \"1\"\n"),
+            format!("[[service]]\nname = \"{long}\"\nversion = \"1.0.0\"\n"),
         ] {
             let e = err(&text);
             assert!(e.len() < 600, "{} bytes: {}", e.len(), &e[..200]);
