@@ -126,7 +126,7 @@ impl Rogue {
             deadline: Some(baton_common::time::to_timestamp(deadline)),
             kind: Some(kind),
         };
-        let sent = crate::wait_until(
+        crate::wait_until(
             "an agent to connect to the rogue coordinator",
             crate::SOON,
             || {
@@ -139,7 +139,6 @@ impl Rogue {
                 })
             },
         );
-        let () = sent;
         loop {
             let update = self
                 .updates
