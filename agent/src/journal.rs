@@ -57,6 +57,11 @@ impl Journal {
         std::fs::create_dir_all(&dir)?;
         let now = SystemTime::now();
         for entry in std::fs::read_dir(&dir)?.flatten() {
+            // A temporary file is what a crash or a full disk left mid-write.
+            if entry.path().extension().is_some_and(|e| e == "tmp") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -98,11 +103,17 @@ impl Journal {
         };
         let path = self.dir.join(file_name(&update.command_id));
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(&entry).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        fsync_dir(&self.dir)
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&entry).map_err(std::io::Error::other)?)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            fsync_dir(&self.dir)
+        };
+        // A full disk must not leave empty temporary files behind.
+        write().inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
     }
 }
 

@@ -33,6 +33,7 @@ use tokio::process::Child;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use std::sync::Arc;
@@ -185,9 +186,9 @@ pub struct Supervisor {
     status: watch::Receiver<ProcessStatus>,
     alive: watch::Receiver<bool>,
     /// Asks the task to stop the process; `None` once used.
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<StopBound>>,
     /// `None` once joined by [`Supervisor::stop`].
-    task: Option<JoinHandle<Result<(), SupervisorError>>>,
+    task: Option<JoinHandle<Result<Stopped, SupervisorError>>>,
 }
 
 impl Drop for Supervisor {
@@ -370,18 +371,56 @@ impl Supervisor {
     /// Sends the spec's stop signal to the process group, waits up to
     /// `stop_timeout` for the group to be gone, then SIGKILLs the group and
     /// waits again. Removes `process.json`. Nothing is restarted afterwards.
-    pub async fn stop(mut self) -> Result<(), SupervisorError> {
+    pub async fn stop(self) -> Result<(), SupervisorError> {
+        self.stop_within(StopBound::default()).await.map(drop)
+    }
+
+    /// [`Supervisor::stop`], with the wait for the stop signal cut short
+    /// (and SIGKILL sent at once) when `bound` says: at its deadline, or
+    /// when its token is cancelled. Says whether and why it was forced.
+    pub async fn stop_within(mut self, bound: StopBound) -> Result<Stopped, SupervisorError> {
         if let Some(stop) = self.stop.take() {
             // An error means the task has already ended; its result says why.
-            let _ = stop.send(());
+            let _ = stop.send(bound);
         }
         match self.task.take() {
             Some(task) => task
                 .await
                 .map_err(|e| SupervisorError::Task(e.to_string()))?,
-            None => Ok(()),
+            None => Ok(Stopped::default()),
         }
     }
+}
+
+/// How long a stop may wait for the process to exit on its stop signal,
+/// besides its `stop_timeout`.
+#[derive(Debug, Clone, Default)]
+pub struct StopBound {
+    /// Kill it at this instant at the latest.
+    pub until: Option<tokio::time::Instant>,
+    /// Kill it as soon as this is cancelled.
+    pub cut: CancellationToken,
+}
+
+/// Why a process was killed instead of exiting on its stop signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    /// Its `stop_timeout` ran out.
+    StopTimeout,
+    /// The bound's deadline came first.
+    Deadline,
+    /// The bound's token was cancelled.
+    Cancelled,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stopped {
+    /// Killed, and why; `None` when it exited on its stop signal (or
+    /// nothing ran).
+    pub forced: Option<Forced>,
+    /// How long it was given before it was killed or exited.
+    pub waited: Duration,
 }
 
 /// What the monitoring task needs to (re)start the service.
@@ -580,7 +619,7 @@ struct Monitor {
 /// What woke the monitoring loop.
 enum Event {
     /// [`Supervisor::stop`] was called.
-    Stop,
+    Stop(StopBound),
     /// The handle was dropped: stop monitoring, leave the process alone.
     Detach,
     /// The process ended unexpectedly, described.
@@ -595,8 +634,8 @@ impl Monitor {
     async fn run(
         self,
         first: Running,
-        mut stop: oneshot::Receiver<()>,
-    ) -> Result<(), SupervisorError> {
+        mut stop: oneshot::Receiver<StopBound>,
+    ) -> Result<Stopped, SupervisorError> {
         let name = self.ctx.name.clone();
         let config = self.ctx.config;
         let mut running = Some(first);
@@ -609,20 +648,20 @@ impl Monitor {
             let event = match running.as_mut() {
                 Some(current) => tokio::select! {
                     biased;
-                    asked = &mut stop => if asked.is_ok() { Event::Stop } else { Event::Detach },
+                    asked = &mut stop => match asked { Ok(bound) => Event::Stop(bound), Err(_) => Event::Detach },
                     exit = wait_exit(&mut current.process) => Event::Exited(exit),
                     _ = log_tick.tick() => Event::CapLog,
                 },
                 None => tokio::select! {
                     biased;
-                    asked = &mut stop => if asked.is_ok() { Event::Stop } else { Event::Detach },
+                    asked = &mut stop => match asked { Ok(bound) => Event::Stop(bound), Err(_) => Event::Detach },
                     () = tokio::time::sleep_until(restart_at) => Event::Restart,
                     _ = log_tick.tick() => Event::CapLog,
                 },
             };
             match event {
-                Event::Detach => return Ok(()),
-                Event::Stop => return self.stop(running.take()).await,
+                Event::Detach => return Ok(Stopped::default()),
+                Event::Stop(bound) => return self.stop(running.take(), bound).await,
                 Event::CapLog => self.cap_log().await,
                 Event::Exited(exit) => {
                     let Some(dead) = running.take() else { continue };
@@ -676,24 +715,48 @@ impl Monitor {
     }
 
     /// Stops the process (if one runs) and forgets it.
-    async fn stop(&self, running: Option<Running>) -> Result<(), SupervisorError> {
+    async fn stop(
+        &self,
+        running: Option<Running>,
+        bound: StopBound,
+    ) -> Result<Stopped, SupervisorError> {
         let name = &self.ctx.name;
         let mut last_exit = None;
+        let mut stopped = Stopped::default();
         if let Some(mut current) = running {
             let pid = current.pid;
             let signal = self.ctx.spec.stop_signal;
             let timeout = self.ctx.spec.stop_timeout;
             info!(service = %name, pid, %signal, "stopping the service");
+            let began = Instant::now();
             kill_group(pid, signal);
-            let exit = match wait_group_gone(&mut current.process, pid, timeout).await {
-                Some(exit) => exit,
-                None => {
+            let deadline = async {
+                match bound.until {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let waited = tokio::select! {
+                exit = wait_group_gone(&mut current.process, pid, timeout) => exit.ok_or(Forced::StopTimeout),
+                () = deadline => Err(Forced::Deadline),
+                () = bound.cut.cancelled() => Err(Forced::Cancelled),
+            };
+            stopped.waited = began.elapsed();
+            let exit = match waited {
+                Ok(exit) => exit,
+                Err(forced) => {
+                    let why = match forced {
+                        Forced::StopTimeout => "its stop_timeout ran out",
+                        Forced::Deadline => "its activation's deadline came",
+                        Forced::Cancelled => "its activation was cancelled",
+                    };
                     warn!(
                         service = %name,
                         pid,
-                        "the service did not stop within {}; killing it",
-                        humantime::format_duration(timeout)
+                        "the service did not stop within {} and {why}; killing it",
+                        humantime::format_duration(stopped.waited)
                     );
+                    stopped.forced = Some(forced);
                     kill_group(pid, Signal::SIGKILL);
                     wait_group_gone(&mut current.process, pid, KILL_WAIT)
                         .await
@@ -711,7 +774,7 @@ impl Monitor {
                 s.last_exit = last_exit;
             }
         });
-        Ok(())
+        Ok(stopped)
     }
 
     async fn cap_log(&self) {

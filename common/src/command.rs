@@ -71,6 +71,11 @@ pub enum CommandKind {
         /// The service.
         service: String,
     },
+    /// Stop the service's activations in flight (an aborted rollout).
+    Cancel {
+        /// The service.
+        service: String,
+    },
 }
 
 impl CommandKind {
@@ -81,7 +86,8 @@ impl CommandKind {
             Self::Stage { service, .. }
             | Self::Activate { service, .. }
             | Self::Rollback { service, .. }
-            | Self::Remove { service } => Some(service),
+            | Self::Remove { service }
+            | Self::Cancel { service } => Some(service),
         }
     }
 
@@ -93,6 +99,7 @@ impl CommandKind {
             Self::Activate { .. } => "activate",
             Self::Rollback { .. } => "rollback",
             Self::Remove { .. } => "remove",
+            Self::Cancel { .. } => "cancel",
         }
     }
 }
@@ -209,6 +216,9 @@ impl From<&Command> for pb::Command {
                 CommandKind::Remove { service } => pb::command::Kind::Remove(pb::Remove {
                     service: service.clone(),
                 }),
+                CommandKind::Cancel { service } => pb::command::Kind::Cancel(pb::Cancel {
+                    service: service.clone(),
+                }),
             }),
         }
     }
@@ -267,6 +277,7 @@ impl TryFrom<pb::Command> for Command {
                 })?,
             },
             Some(pb::command::Kind::Remove(k)) => CommandKind::Remove { service: k.service },
+            Some(pb::command::Kind::Cancel(k)) => CommandKind::Cancel { service: k.service },
             None => {
                 return Err(fail(
                     "command.kind",

@@ -21,5 +21,6 @@ mod roles;
 mod rollout;
 mod security;
 mod selfupgrade;
+mod stop;
 mod system;
 mod systemd;

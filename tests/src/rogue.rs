@@ -14,6 +14,44 @@ use tonic::{Request, Response, Status, Streaming};
 
 type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 
+/// Serves the payloads of the artifact files it is given, by digest.
+#[derive(Clone, Default)]
+struct Payloads(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>);
+
+#[tonic::async_trait]
+impl pb::artifact_service_server::ArtifactService for Payloads {
+    type FetchStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FetchChunk, Status>> + Send>>;
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let req = request.into_inner();
+        let payload = self
+            .0
+            .lock()
+            .unwrap()
+            .get(&req.digest)
+            .cloned()
+            .ok_or_else(|| Status::not_found(req.digest.clone()))?;
+        let size = payload.len() as u64;
+        let start = usize::try_from(req.offset).unwrap().min(payload.len());
+        let chunks: Vec<Result<pb::FetchChunk, Status>> = payload[start..]
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(pb::FetchChunk {
+                    offset: (start + i * (1 << 20)) as u64,
+                    data: bytes::Bytes::copy_from_slice(c),
+                    size,
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
 struct Service {
     /// The stream to the connected agent, once one connects.
     agent: std::sync::Arc<Mutex<Option<Outbound>>>,
@@ -76,6 +114,7 @@ pub struct Rogue {
     agent: std::sync::Arc<Mutex<Option<Outbound>>>,
     updates: std::sync::mpsc::Receiver<pb::CommandUpdate>,
     next: std::cell::Cell<u64>,
+    payloads: Payloads,
 }
 
 impl Rogue {
@@ -99,11 +138,15 @@ impl Rogue {
             agent: std::sync::Arc::clone(&agent),
             updates: updates_tx,
         };
+        let payloads = Payloads::default();
         rt.spawn(
             tonic::transport::Server::builder()
                 .tls_config(config)
                 .unwrap()
                 .add_service(AgentServiceServer::new(service))
+                .add_service(pb::artifact_service_server::ArtifactServiceServer::new(
+                    payloads.clone(),
+                ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         Self {
@@ -112,18 +155,38 @@ impl Rogue {
             agent,
             updates,
             next: std::cell::Cell::new(0),
+            payloads,
         }
     }
 
-    /// Sends `kind` as a command with a fresh id and waits (bounded) for
-    /// the agent's final answer: `Ok(())` or its error.
-    pub fn run(&self, kind: pb::command::Kind) -> Result<(), String> {
+    /// Serves the payload of an artifact file; returns its `Stage` command.
+    pub fn offer(&self, artifact: &std::path::Path) -> pb::command::Kind {
+        use std::io::Read;
+        let (signed, mut file) = baton_common::artifact::open_artifact(artifact).unwrap();
+        let mut payload = Vec::new();
+        file.read_to_end(&mut payload).unwrap();
+        self.payloads.0.lock().unwrap().insert(
+            format!("sha256:{}", signed.manifest.payload_sha256),
+            payload,
+        );
+        pb::command::Kind::Stage(pb::Stage {
+            service: signed.manifest.name.clone(),
+            version: signed.manifest.version.clone(),
+            manifest: signed.bytes,
+            signature: signed.signature,
+        })
+    }
+
+    /// Sends `kind` with a fresh id and a deadline `within` from now;
+    /// returns the id (see [`Rogue::outcome`]).
+    pub fn send(&self, kind: pb::command::Kind, within: Duration) -> String {
         self.next.set(self.next.get() + 1);
         let id = format!("rogue/{}", self.next.get());
-        let deadline = std::time::SystemTime::now() + Duration::from_secs(120);
         let command = pb::Command {
             id: id.clone(),
-            deadline: Some(baton_common::time::to_timestamp(deadline)),
+            deadline: Some(baton_common::time::to_timestamp(
+                std::time::SystemTime::now() + within,
+            )),
             kind: Some(kind),
         };
         crate::wait_until(
@@ -139,11 +202,19 @@ impl Rogue {
                 })
             },
         );
+        id
+    }
+
+    /// Waits (up to `timeout`) for the final answer to `id`: `Ok(())` or
+    /// the agent's error.
+    pub fn outcome(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
             let update = self
                 .updates
-                .recv_timeout(crate::SOON)
-                .unwrap_or_else(|_| panic!("no answer to {id}"));
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {id} within {timeout:?}"));
             if update.command_id != id || update.phase != pb::CommandPhase::Done as i32 {
                 continue;
             }
@@ -153,5 +224,12 @@ impl Rogue {
                 Err(update.error)
             };
         }
+    }
+
+    /// Sends `kind` as a command with a fresh id and a two-minute deadline,
+    /// and waits (bounded) for the agent's final answer.
+    pub fn run(&self, kind: pb::command::Kind) -> Result<(), String> {
+        let id = self.send(kind, Duration::from_secs(120));
+        self.outcome(&id, crate::SOON)
     }
 }

@@ -189,17 +189,30 @@ pub async fn download(
     let hasher = hashing
         .await
         .map_err(|e| format!("the download hasher failed: {e}"))?;
+    // A write that failed (a full disk, an I/O error) leaves a file that
+    // holds space and may end in a torn chunk: it goes, so that nothing
+    // blocks the next attempt. Only a broken stream keeps it, to resume.
     let file = match (received, written) {
-        (Err((why, delete)), _) => {
+        (_, Err(why)) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("{why}; the partial download was deleted"));
+        }
+        (Err((why, delete)), Ok(_)) => {
             if delete {
                 let _ = std::fs::remove_file(&path);
             }
             return Err(why);
         }
-        (Ok(()), Err(why)) => return Err(why),
         (Ok(()), Ok(file)) => file,
     };
-    file.sync_all().map_err(|e| e.to_string())?;
+    if let Err(e) = file.sync_all() {
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return Err(format!(
+            "cannot write {}: {e}; the partial download was deleted",
+            path.display()
+        ));
+    }
     drop(file);
     if let Err(e) = hasher.finish(m) {
         let _ = std::fs::remove_file(&path);

@@ -31,15 +31,16 @@ use crate::health::{self, Gate};
 use crate::journal::Journal;
 use crate::releases::Releases;
 use crate::selfupgrade::SelfUpgrade;
-use crate::service::{self, HealthSpec, Readiness, ServiceSpec, SupervisorKind};
+use crate::service::{self, HealthSpec, ServiceSpec, SupervisorKind};
 use crate::sockets::{ListenSocket, ListenSpec};
 use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process_file};
 
+mod activate;
 mod download;
 mod hooks;
 
 pub use download::download;
-use hooks::{run_hook, systemctl};
+use hooks::systemctl;
 
 /// Progress updates per command are sent at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -111,6 +112,9 @@ struct Slot {
     activations: Mutex<Vec<(u64, CancellationToken)>>,
     /// Numbers the activations.
     next_activation: std::sync::atomic::AtomicU64,
+    /// What cancelled the activations last cancelled (`a rollback`, `an
+    /// abort`), for their errors.
+    cancelled_by: Mutex<&'static str>,
 }
 
 #[derive(Default)]
@@ -435,6 +439,27 @@ impl Executor {
             self.publish(update);
             return;
         }
+        // Cancelling changes nothing on disk and cancelling twice is
+        // harmless: answered at once, never journaled, like a no-op.
+        if let CommandKind::Cancel { service } = &command.kind {
+            let update = match baton_common::host::validate_name(service) {
+                Err(e) => CommandUpdate::done(
+                    &command.id,
+                    Outcome::Failed,
+                    format!("invalid service name: {e}"),
+                ),
+                Ok(()) => {
+                    let slot = lock(&self.inner.slots).get(service).cloned();
+                    if let Some(slot) = slot {
+                        info!(%service, id = %command.id, "cancelling the service's activations");
+                        cancel_activations(&slot, "an abort");
+                    }
+                    CommandUpdate::done(&command.id, Outcome::Succeeded, "")
+                }
+            };
+            self.publish(update);
+            return;
+        }
         // Claim the id first, then look in the journal: a task journals
         // before it lets go of its id, so a re-send racing the end of a
         // run sees one or the other, never neither.
@@ -545,7 +570,7 @@ impl Executor {
         }
         match kind {
             // Answered in `submit`, never run.
-            CommandKind::Noop => Ok(()),
+            CommandKind::Noop | CommandKind::Cancel { .. } => Ok(()),
             CommandKind::Stage {
                 service,
                 version,
@@ -593,14 +618,18 @@ impl Executor {
                     self.inner.releases.is_staged(&service, &version),
                     allow_downgrade,
                 )?;
-                self.activate(&service, &version, gate, false).await
+                self.activate(&service, &version, gate, false, command.deadline)
+                    .await
             }
             CommandKind::Rollback {
                 service,
                 version,
                 gate,
-            } => self.activate(&service, &version, gate, true).await,
-            CommandKind::Remove { service } => self.remove(&service).await,
+            } => {
+                self.activate(&service, &version, gate, true, command.deadline)
+                    .await
+            }
+            CommandKind::Remove { service } => self.remove(&service, command.deadline).await,
         }
     }
 
@@ -703,7 +732,10 @@ impl Executor {
             }
             releases
                 .commit_staged(&dest, &name_owned, &version_owned)
-                .map_err(|e| format!("cannot move the release into place: {e}"))
+                .map_err(|e| {
+                    let _ = std::fs::remove_dir_all(&dest);
+                    format!("cannot move the release into place: {e}")
+                })
         })
         .await
         .map_err(|e| format!("the unpack task failed: {e}"))
@@ -851,311 +883,6 @@ impl Executor {
         });
     }
 
-    /// Activation and rollback: make `version` current and running, then
-    /// wait for the health gate.
-    async fn activate(
-        &self,
-        name: &str,
-        version: &str,
-        gate: HealthGate,
-        rollback: bool,
-    ) -> Result<(), String> {
-        artifact::validate_version(version).map_err(|e| e.to_string())?;
-        let slot = self.slot(name);
-        let cancel = CancellationToken::new();
-        let ticket = slot
-            .next_activation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if rollback {
-            // Whatever is activating now, or waiting to, is what we undo.
-            cancel_activations(&slot);
-        } else {
-            lock(&slot.activations).push((ticket, cancel.clone()));
-        }
-        let result = self
-            .activate_locked(&slot, name, version, gate, rollback, &cancel)
-            .await;
-        lock(&slot.activations).retain(|(t, _)| *t != ticket);
-        result
-    }
-
-    async fn activate_locked(
-        &self,
-        slot: &Slot,
-        name: &str,
-        version: &str,
-        gate: HealthGate,
-        rollback: bool,
-        cancel: &CancellationToken,
-    ) -> Result<(), String> {
-        let mut st = slot.state.lock().await;
-        let _one_per_host = tokio::select! {
-            guard = self.inner.host.lock() => guard,
-            () = cancel.cancelled() => {
-                return Err(format!("{name} {version}: cancelled by a rollback before it started"));
-            }
-        };
-        if cancel.is_cancelled() {
-            return Err(format!(
-                "{name} {version}: cancelled by a rollback before it started"
-            ));
-        }
-        if !self.inner.releases.is_staged(name, version) {
-            return Err(if rollback {
-                format!("cannot roll back: release {name} {version} is no longer on this host")
-            } else {
-                format!(
-                    "release {name} {version} is not staged on this host; stage (and verify) it first"
-                )
-            });
-        }
-        let release_dir = self.inner.releases.release_dir(name, version);
-        let spec = service::load(&release_dir, &self.inner.config.vars)
-            .map_err(|e| format!("{name} {version}: {e}"))?;
-        if let Some(r) = &spec.run_as {
-            self.open_release_to(name, &release_dir, r).map_err(|e| {
-                format!(
-                    "{name} {version}: cannot prepare the release for user {}: {e}",
-                    r.user
-                )
-            })?;
-        }
-        let run_dir = self.inner.releases.run_dir(name, version);
-        let health_gate = Gate {
-            min_healthy_time: gate.min_healthy_time,
-            healthy_deadline: gate.healthy_deadline,
-        };
-        let already = st
-            .current
-            .as_ref()
-            .is_some_and(|c| c.version == version && c.is_alive())
-            && self.inner.releases.current(name).as_deref() == Some(version);
-        if already {
-            info!(service = %name, %version, "already current and running; checking health only");
-            gate_current(
-                &st,
-                name,
-                version,
-                &spec,
-                &release_dir,
-                &health_gate,
-                cancel,
-            )
-            .await?;
-            self.set_status(name, version, ServiceState::Running, true);
-            self.record_installed(name, version);
-            return Ok(());
-        }
-
-        run_hook(
-            name,
-            version,
-            "pre_start",
-            spec.hooks.pre_start.as_ref(),
-            &release_dir,
-            &spec,
-            &run_dir,
-        )
-        .await?;
-        if cancel.is_cancelled() {
-            return Err(format!(
-                "{name} {version}: cancelled by a rollback before the swap"
-            ));
-        }
-        let from = self.inner.releases.current(name);
-        let specs = listen_specs(&spec)?;
-        let native = spec.supervisor == SupervisorKind::Native;
-        // A handoff needs the old process to hold exactly these sockets;
-        // otherwise (no listen before, or other addresses) it is replaced
-        // stop-then-start.
-        let handoff = native
-            && !specs.is_empty()
-            && st.current.as_ref().is_some_and(|c| {
-                c.is_alive()
-                    && matches!(c.process, Runner::Native(_))
-                    && c.spec.listen == spec.listen
-            })
-            && specs.iter().eq(st.sockets.iter().map(|s| &s.spec));
-
-        if handoff {
-            // The new process starts beside the old one on the same
-            // sockets. Once it is ready the old one is told to stop and
-            // drains its requests while the new one takes the queue over:
-            // the sockets never close. A new process that dies or is not
-            // ready in time is stopped, and the old one never noticed.
-            let sockets = st.sockets.clone();
-            let mut new_spec = spec.clone();
-            let notify = match spec.ready {
-                Readiness::Notify => {
-                    let (name, socket) = notify_socket()?;
-                    new_spec.env.insert("NOTIFY_SOCKET".into(), name);
-                    Some(socket)
-                }
-                Readiness::Health => None,
-            };
-            self.swap(name, version)?;
-            let new = match Supervisor::start_listening(
-                name,
-                version,
-                &release_dir,
-                new_spec,
-                &run_dir,
-                self.inner.config.supervisor,
-                sockets,
-            ) {
-                Ok(sup) => sup,
-                Err(e) => {
-                    self.swap_back(name, from.as_deref());
-                    return Err(format!("cannot start {name} {version}: {e}"));
-                }
-            };
-            info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
-            let mut alive = new.alive();
-            let mut ready = wait_ready(
-                &spec,
-                &release_dir,
-                &mut alive,
-                cancel,
-                &health_gate,
-                notify,
-            )
-            .await
-            .map_err(|e| format!("{name} {version}: {e}"));
-            // Still before anything is stopped: a failing pre_stop leaves
-            // the old process serving.
-            if ready.is_ok()
-                && let Some(old) = &st.current
-            {
-                ready = self.pre_stop(name, old).await;
-            }
-            if let Err(e) = ready {
-                if let Err(stop) = new.stop().await {
-                    warn!(service = %name, error = %stop, "cannot stop the new process");
-                }
-                self.swap_back(name, from.as_deref());
-                return Err(e);
-            }
-            let old = st.current.take();
-            if let Some(m) = st.monitor.take() {
-                m.abort();
-            }
-            self.install(
-                &mut st,
-                name,
-                version,
-                &release_dir,
-                spec.clone(),
-                Runner::Native(new),
-            );
-            if let Some(old) = old {
-                self.stop_old(name, old).await?;
-            }
-        } else {
-            // Stop, then start: the service is down in between (without
-            // `listen` sockets, `pre_stop` is where to drain it).
-            let old = match st.current.take() {
-                Some(old) => {
-                    if let Err(e) = self.pre_stop(name, &old).await {
-                        st.current = Some(old);
-                        return Err(e);
-                    }
-                    if let Some(m) = st.monitor.take() {
-                        m.abort();
-                    }
-                    self.set_status(name, version, ServiceState::Starting, false);
-                    let (version_old, spec_old, dir_old) = (
-                        old.version.clone(),
-                        old.spec.clone(),
-                        old.release_dir.clone(),
-                    );
-                    stop_process(name, old).await?;
-                    Some((version_old, spec_old, dir_old))
-                }
-                None => None,
-            };
-            // Sockets this release does not declare are let go before it
-            // starts (it may bind the address itself).
-            self.release_sockets(&mut st, name, &specs);
-            self.swap(name, version)?;
-            self.set_status(name, version, ServiceState::Starting, false);
-            let started = match &spec.supervisor {
-                SupervisorKind::Systemd { unit } => systemctl(&["restart", unit])
-                    .await
-                    .map(|()| {
-                        info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
-                        Runner::Systemd { unit: unit.clone(), alive: watch::channel(true).0 }
-                    }),
-                SupervisorKind::Native => self.sockets_for(&mut st, name, &specs).and_then(|sockets| {
-                    Supervisor::start_listening(name, version, &release_dir, spec.clone(), &run_dir, self.inner.config.supervisor, sockets)
-                        .map(|sup| {
-                            info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
-                            Runner::Native(sup)
-                        })
-                        .map_err(|e| e.to_string())
-                }),
-            };
-            let runner = match started {
-                Ok(r) => r,
-                Err(e) => {
-                    // Nothing runs: point current back so a restarted agent
-                    // does not start the release that failed; the rollback
-                    // starts the old one again.
-                    self.swap_back(name, from.as_deref());
-                    return Err(format!("cannot start {name} {version}: {e}"));
-                }
-            };
-            self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
-            if let Some((v, old_spec, dir)) = old {
-                let old_run = self.inner.releases.run_dir(name, &v);
-                run_hook(
-                    name,
-                    &v,
-                    "post_stop",
-                    old_spec.hooks.post_stop.as_ref(),
-                    &dir,
-                    &old_spec,
-                    &old_run,
-                )
-                .await?;
-            }
-        }
-        // The health gate, on the new process alone.
-        gate_current(
-            &st,
-            name,
-            version,
-            &spec,
-            &release_dir,
-            &health_gate,
-            cancel,
-        )
-        .await?;
-        run_hook(
-            name,
-            version,
-            "post_start",
-            spec.hooks.post_start.as_ref(),
-            &release_dir,
-            &spec,
-            &run_dir,
-        )
-        .await?;
-        // Sockets the new release no longer declares are closed.
-        self.release_sockets(&mut st, name, &specs);
-        self.set_status(name, version, ServiceState::Running, true);
-        self.record_installed(name, version);
-        let keep = self.inner.config.keep_releases;
-        let protect: Vec<&str> = from.iter().map(String::as_str).collect();
-        match self.inner.releases.prune(name, keep, &protect) {
-            Ok(removed) if !removed.is_empty() => {
-                info!(service = %name, removed = ?removed, "pruned old releases")
-            }
-            Ok(_) => {}
-            Err(e) => warn!(service = %name, error = %e, "cannot prune old releases"),
-        }
-        Ok(())
-    }
-
     /// Lets a service that runs as its own user reach its release and
     /// nothing else: the directories down to it are traversable but not
     /// listable (0711; the agent's own state below them stays 0700), and
@@ -1291,43 +1018,6 @@ impl Executor {
         Ok(sockets)
     }
 
-    /// The `pre_stop` hook of a release about to be stopped.
-    async fn pre_stop(&self, name: &str, old: &Current) -> Result<(), String> {
-        let run_dir = self.inner.releases.run_dir(name, &old.version);
-        run_hook(
-            name,
-            &old.version,
-            "pre_stop",
-            old.spec.hooks.pre_stop.as_ref(),
-            &old.release_dir,
-            &old.spec,
-            &run_dir,
-        )
-        .await
-    }
-
-    /// Stops a replaced release (stop signal, drain, SIGKILL), then runs
-    /// its `post_stop` hook. The process is stopped whatever the hook does.
-    async fn stop_old(&self, name: &str, old: Current) -> Result<(), String> {
-        let (version, spec, dir) = (
-            old.version.clone(),
-            old.spec.clone(),
-            old.release_dir.clone(),
-        );
-        stop_process(name, old).await?;
-        let run_dir = self.inner.releases.run_dir(name, &version);
-        run_hook(
-            name,
-            &version,
-            "post_stop",
-            spec.hooks.post_stop.as_ref(),
-            &dir,
-            &spec,
-            &run_dir,
-        )
-        .await
-    }
-
     /// Closes the sockets `specs` does not declare, and takes them out of
     /// systemd's fd store.
     fn release_sockets(&self, st: &mut SlotState, name: &str, specs: &[ListenSpec]) {
@@ -1353,9 +1043,9 @@ impl Executor {
         st.sockets = Arc::new(left);
     }
 
-    async fn remove(&self, name: &str) -> Result<(), String> {
+    async fn remove(&self, name: &str, deadline: SystemTime) -> Result<(), String> {
         let slot = self.slot(name);
-        cancel_activations(&slot);
+        cancel_activations(&slot, "a removal");
         let mut st = slot.state.lock().await;
         if let Some(m) = st.monitor.take() {
             m.abort();
@@ -1366,7 +1056,8 @@ impl Executor {
                 Runner::Native(_) => None,
             };
             self.pre_stop(name, &old).await?;
-            self.stop_old(name, old).await?;
+            self.stop_old(name, old, activate::instant_of(deadline))
+                .await?;
             if let Some(unit) = unit {
                 systemctl(&["stop", &unit])
                     .await
@@ -1489,7 +1180,8 @@ fn downgrade_refused(name: &str, current: &str, version: &str) -> String {
 }
 
 /// Cancels every activation of the slot, running or queued.
-fn cancel_activations(slot: &Slot) {
+fn cancel_activations(slot: &Slot, by: &'static str) {
+    *lock(&slot.cancelled_by) = by;
     for (_, token) in lock(&slot.activations).drain(..) {
         token.cancel();
     }
@@ -1502,42 +1194,6 @@ fn accepted(id: &str) -> CommandUpdate {
         progress_percent: 0,
         health_wait: None,
         error: String::new(),
-    }
-}
-
-/// The health gate on the slot's current process.
-async fn gate_current(
-    st: &SlotState,
-    name: &str,
-    version: &str,
-    spec: &ServiceSpec,
-    release_dir: &std::path::Path,
-    gate: &Gate,
-    cancel: &CancellationToken,
-) -> Result<(), String> {
-    let mut alive = st
-        .current
-        .as_ref()
-        .map(Current::alive)
-        .ok_or("the service has no process")?;
-    let took = health::wait_healthy(spec.health.as_ref(), release_dir, gate, &mut alive, cancel)
-        .await
-        .map_err(|e| format!("{name} {version}: {e}"))?;
-    info!(service = %name, %version, took = ?took, "healthy");
-    Ok(())
-}
-
-/// Stops a release's process (a unit is left to its restart or stop).
-async fn stop_process(name: &str, old: Current) -> Result<(), String> {
-    match old.process {
-        Runner::Native(sup) => sup
-            .stop()
-            .await
-            .map_err(|e| format!("cannot stop {name} {}: {e}", old.version)),
-        Runner::Systemd { unit, .. } => {
-            debug!(service = %name, %unit, "the unit is restarted or stopped by systemctl");
-            Ok(())
-        }
     }
 }
 

@@ -43,13 +43,33 @@ pub struct DemoServiceArgs {
     /// accepting and saying ready (connections queue meanwhile).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub ready_after: Duration,
+    /// Ignore SIGTERM and SIGINT, serving on (a service that will not
+    /// stop until it is killed).
+    #[arg(long)]
+    pub ignore_sigterm: bool,
 }
 
 /// Runs the service until SIGTERM or SIGINT, then drains.
 pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
     let shutdown = CancellationToken::new();
-    let signals = baton_common::process::cancel_on_signal(shutdown.clone())?;
-    tokio::spawn(signals);
+    if args.ignore_sigterm {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let version = args.version.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                println!("demo-service {version} ignores the stop signal");
+            }
+        });
+    } else {
+        let signals = baton_common::process::cancel_on_signal(shutdown.clone())?;
+        tokio::spawn(signals);
+    }
     let mut inherited = listenfd::ListenFd::from_env();
     let (listener, how) = match inherited.take_tcp_listener(0) {
         Ok(Some(std_listener)) => {

@@ -499,10 +499,31 @@ fn operator(
             r.state = State::Aborted;
             r.resume_to = None;
             r.error = Some("aborted by an operator".into());
+            // An activation in flight is cancelled on its host: it never
+            // swaps afterwards, and an old release it stopped is started
+            // again. (Sent once, to connected hosts; not outstanding.)
+            let mut cancels = Vec::new();
             for s in &mut r.services {
-                for h in s.hosts.values_mut() {
+                for (host, h) in &mut s.hosts {
+                    let in_flight = matches!(
+                        h.outstanding.as_ref().map(|c| &c.kind),
+                        Some(CommandKind::Activate { .. } | CommandKind::Rollback { .. })
+                    );
+                    if in_flight && h.connected {
+                        cancels.push((host.clone(), s.name.clone()));
+                    }
                     h.outstanding = None;
                 }
+            }
+            for (host, service) in cancels {
+                r.next_seq = r.next_seq.saturating_add(1);
+                let kind = CommandKind::Cancel { service };
+                let command = Command {
+                    id: format!("{}/{}", r.id, r.next_seq),
+                    deadline: deadline_for(r, &kind, now),
+                    kind,
+                };
+                actions.push(Action::Send(host, command));
             }
         }
         Operator::Rollback => {
@@ -626,7 +647,9 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
 fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime {
     match kind {
         CommandKind::Stage { .. } => later(now, r.progress_deadline),
-        CommandKind::Noop | CommandKind::Remove { .. } => later(now, COMMAND_SLACK),
+        CommandKind::Noop | CommandKind::Remove { .. } | CommandKind::Cancel { .. } => {
+            later(now, COMMAND_SLACK)
+        }
         CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
             later(now, gate.healthy_deadline.saturating_add(COMMAND_SLACK))
         }
@@ -1066,10 +1089,38 @@ fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
         } else {
             "no host turned healthy"
         };
+        // Which hosts it waited on, and on what: the cause is there.
+        let waiting: Vec<String> = r
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.hosts.iter().filter_map(move |(id, h)| {
+                    let kind = h.outstanding.as_ref()?.kind.name();
+                    let since = h
+                        .started_at
+                        .and_then(|t| now.duration_since(t).ok())
+                        .map(|d| {
+                            format!(
+                                " for {}",
+                                humantime::format_duration(Duration::from_secs(d.as_secs()))
+                            )
+                        })
+                        .unwrap_or_default();
+                    let away = if h.connected { "" } else { ", disconnected" };
+                    Some(format!("{} on {id} ({kind}{since}{away})", s.name))
+                })
+            })
+            .take(10)
+            .collect();
+        let waiting = if waiting.is_empty() {
+            String::new()
+        } else {
+            format!("; still waiting on {}", waiting.join(", "))
+        };
         fail(
             r,
             format!(
-                "{what} within progress_deadline {}",
+                "{what} within progress_deadline {}{waiting}",
                 humantime::format_duration(r.progress_deadline)
             ),
             now,

@@ -268,7 +268,9 @@ impl SimAgent {
             return vec![msg(pb::agent_message::Kind::CommandUpdate(update))];
         }
         let (delay, change, result) = match command.kind {
-            CommandKind::Noop => {
+            // Simulated activations cannot be cut short: a cancel is
+            // answered and changes nothing.
+            CommandKind::Noop | CommandKind::Cancel { .. } => {
                 let update = done(&id, &Ok(()));
                 self.record(update.clone());
                 return vec![msg(pb::agent_message::Kind::CommandUpdate(update))];

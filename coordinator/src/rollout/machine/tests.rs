@@ -339,9 +339,17 @@ fn pause_resume_abort() {
     assert_eq!(r.state, State::Progressing);
     assert_eq!(kinds(&a), vec![("h1".into(), "activate")]);
     assert_eq!(r.progress_at, t(1000), "time paused does not count");
+    // The activation in flight on h1 is cancelled there; nothing else is
+    // sent, and nothing stays outstanding.
     let a = feed(&mut r, Event::Operator(Operator::Abort), t(1001));
-    assert!(a.is_empty());
+    assert_eq!(kinds(&a), vec![("h1".into(), "cancel")]);
     assert_eq!(r.state, State::Aborted);
+    assert!(
+        r.services[0]
+            .hosts
+            .values()
+            .all(|h| h.outstanding.is_none())
+    );
     let err = step(&r, &Event::Operator(Operator::Resume), t(1002)).unwrap_err();
     assert_eq!(err.to_string(), "cannot resume rollout r-1: it is aborted");
     let err = step(&r, &Event::Operator(Operator::Promote), t(1002)).unwrap_err();

@@ -1,0 +1,589 @@
+//! Activation and rollback: make a staged release current and running,
+//! then wait for its health gate — within the command's deadline, and
+//! cancellable by a rollback or an abort at every step.
+//!
+//! Two shapes: with `listen` sockets the new process starts beside the old
+//! one (handoff), and the old one is stopped once the new one is ready;
+//! without, the old one is stopped first. Either way:
+//!
+//! - stopping the old process counts against the deadline: it is killed
+//!   when the time the activation has left (less `min_healthy_time`) runs
+//!   out, and the activation fails saying so;
+//! - a cancelled activation never swaps `current` afterwards;
+//! - when the old process was stopped and the new release does not take
+//!   its place (cancelled, out of time, a full disk, a start that fails),
+//!   the old release is started again: it keeps serving.
+
+use std::time::{Duration, SystemTime};
+
+use baton_common::artifact;
+use baton_common::command::HealthGate;
+use baton_common::host::ServiceState;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::hooks::{run_hook, systemctl};
+use super::{
+    Current, Executor, Runner, Slot, SlotState, cancel_activations, listen_specs, lock,
+    notify_socket, wait_ready,
+};
+use crate::health::{self, Gate};
+use crate::service::{self, Readiness, ServiceSpec, SupervisorKind};
+use crate::supervisor::{Forced, StopBound, Stopped, Supervisor, SupervisorError};
+
+/// What it takes to start a stopped release again.
+struct OldRelease {
+    version: String,
+    spec: ServiceSpec,
+    dir: std::path::PathBuf,
+}
+
+/// The tokio instant of a wall-clock deadline (now, if it has passed).
+pub(super) fn instant_of(deadline: SystemTime) -> Instant {
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Instant::now()
+        .checked_add(left)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 3600))
+}
+
+/// `gate` with its deadline cut to the time left until `until`.
+fn within(gate: &Gate, until: Instant) -> Gate {
+    Gate {
+        min_healthy_time: gate.min_healthy_time,
+        healthy_deadline: gate
+            .healthy_deadline
+            .min(until.saturating_duration_since(Instant::now())),
+    }
+}
+
+impl Executor {
+    /// Activation and rollback: make `version` current and running, then
+    /// wait for the health gate, all by `deadline`.
+    pub(super) async fn activate(
+        &self,
+        name: &str,
+        version: &str,
+        gate: HealthGate,
+        rollback: bool,
+        deadline: SystemTime,
+    ) -> Result<(), String> {
+        artifact::validate_version(version).map_err(|e| e.to_string())?;
+        let slot = self.slot(name);
+        let cancel = CancellationToken::new();
+        let ticket = slot
+            .next_activation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if rollback {
+            // Whatever is activating now, or waiting to, is what we undo.
+            cancel_activations(&slot, "a rollback");
+        } else {
+            lock(&slot.activations).push((ticket, cancel.clone()));
+        }
+        let result = self
+            .activate_locked(
+                &slot,
+                name,
+                version,
+                gate,
+                rollback,
+                &cancel,
+                instant_of(deadline),
+            )
+            .await;
+        lock(&slot.activations).retain(|(t, _)| *t != ticket);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn activate_locked(
+        &self,
+        slot: &Slot,
+        name: &str,
+        version: &str,
+        gate: HealthGate,
+        rollback: bool,
+        cancel: &CancellationToken,
+        until: Instant,
+    ) -> Result<(), String> {
+        let cancelled = |when: &str| {
+            format!(
+                "{name} {version}: cancelled by {} {when}",
+                *lock(&slot.cancelled_by)
+            )
+        };
+        let mut st = slot.state.lock().await;
+        let _one_per_host = tokio::select! {
+            guard = self.inner.host.lock() => guard,
+            () = cancel.cancelled() => return Err(cancelled("before it started")),
+        };
+        if cancel.is_cancelled() {
+            return Err(cancelled("before it started"));
+        }
+        if !self.inner.releases.is_staged(name, version) {
+            return Err(if rollback {
+                format!("cannot roll back: release {name} {version} is no longer on this host")
+            } else {
+                format!(
+                    "release {name} {version} is not staged on this host; stage (and verify) it first"
+                )
+            });
+        }
+        let release_dir = self.inner.releases.release_dir(name, version);
+        let spec = service::load(&release_dir, &self.inner.config.vars)
+            .map_err(|e| format!("{name} {version}: {e}"))?;
+        if let Some(r) = &spec.run_as {
+            self.open_release_to(name, &release_dir, r).map_err(|e| {
+                format!(
+                    "{name} {version}: cannot prepare the release for user {}: {e}",
+                    r.user
+                )
+            })?;
+        }
+        let run_dir = self.inner.releases.run_dir(name, version);
+        let health_gate = Gate {
+            min_healthy_time: gate.min_healthy_time,
+            healthy_deadline: gate.healthy_deadline,
+        };
+        // The old process may take until here to stop: the new one still
+        // needs min_healthy_time to prove itself.
+        let stop_until = until
+            .checked_sub(gate.min_healthy_time)
+            .unwrap_or_else(Instant::now);
+        let already = st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.version == version && c.is_alive())
+            && self.inner.releases.current(name).as_deref() == Some(version);
+        if already {
+            info!(service = %name, %version, "already current and running; checking health only");
+            gate_current(
+                &st,
+                name,
+                version,
+                &spec,
+                &release_dir,
+                &within(&health_gate, until),
+                cancel,
+            )
+            .await?;
+            self.set_status(name, version, ServiceState::Running, true);
+            self.record_installed(name, version);
+            return Ok(());
+        }
+
+        run_hook(
+            name,
+            version,
+            "pre_start",
+            spec.hooks.pre_start.as_ref(),
+            &release_dir,
+            &spec,
+            &run_dir,
+        )
+        .await?;
+        if cancel.is_cancelled() {
+            return Err(cancelled("before the swap"));
+        }
+        let from = self.inner.releases.current(name);
+        let specs = listen_specs(&spec)?;
+        let native = spec.supervisor == SupervisorKind::Native;
+        // A handoff needs the old process to hold exactly these sockets;
+        // otherwise (no listen before, or other addresses) it is replaced
+        // stop-then-start.
+        let handoff = native
+            && !specs.is_empty()
+            && st.current.as_ref().is_some_and(|c| {
+                c.is_alive()
+                    && matches!(c.process, Runner::Native(_))
+                    && c.spec.listen == spec.listen
+            })
+            && specs.iter().eq(st.sockets.iter().map(|s| &s.spec));
+
+        if handoff {
+            // The new process starts beside the old one on the same
+            // sockets. Once it is ready the old one is told to stop and
+            // drains its requests while the new one takes the queue over:
+            // the sockets never close. A new process that dies or is not
+            // ready in time is stopped, and the old one never noticed.
+            let sockets = st.sockets.clone();
+            let mut new_spec = spec.clone();
+            let notify = match spec.ready {
+                Readiness::Notify => {
+                    let (name, socket) = notify_socket()?;
+                    new_spec.env.insert("NOTIFY_SOCKET".into(), name);
+                    Some(socket)
+                }
+                Readiness::Health => None,
+            };
+            self.swap(name, version)?;
+            let new = match Supervisor::start_listening(
+                name,
+                version,
+                &release_dir,
+                new_spec,
+                &run_dir,
+                self.inner.config.supervisor,
+                sockets,
+            ) {
+                Ok(sup) => sup,
+                Err(e) => {
+                    self.swap_back(name, from.as_deref());
+                    return Err(format!("cannot start {name} {version}: {e}"));
+                }
+            };
+            info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
+            let mut alive = new.alive();
+            let mut ready = wait_ready(
+                &spec,
+                &release_dir,
+                &mut alive,
+                cancel,
+                &within(&health_gate, until),
+                notify,
+            )
+            .await
+            .map_err(|e| {
+                if cancel.is_cancelled() {
+                    cancelled("before the new process was ready")
+                } else {
+                    format!("{name} {version}: {e}")
+                }
+            });
+            // Still before anything is stopped: a failing pre_stop leaves
+            // the old process serving.
+            if ready.is_ok()
+                && let Some(old) = &st.current
+            {
+                ready = self.pre_stop(name, old).await;
+            }
+            if ready.is_ok() && cancel.is_cancelled() {
+                ready = Err(cancelled("before the old process was stopped"));
+            }
+            if let Err(e) = ready {
+                if let Err(stop) = new.stop().await {
+                    warn!(service = %name, error = %stop, "cannot stop the new process");
+                }
+                self.swap_back(name, from.as_deref());
+                return Err(e);
+            }
+            let old = st.current.take();
+            if let Some(m) = st.monitor.take() {
+                m.abort();
+            }
+            self.install(
+                &mut st,
+                name,
+                version,
+                &release_dir,
+                spec.clone(),
+                Runner::Native(new),
+            );
+            if let Some(old) = old {
+                // The new process serves already; the old one drains. Cut
+                // short, it is killed, and the activation says why (a
+                // rollback that cancelled it then swaps back).
+                let kept = OldRelease::of(&old);
+                let stopped = self.stop_bounded(name, old, stop_until, cancel).await?;
+                if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
+                    return Err(e);
+                }
+                self.post_stop(name, &kept).await?;
+            }
+        } else {
+            // Stop, then start: the service is down in between (without
+            // `listen` sockets, `pre_stop` is where to drain it).
+            let old = match st.current.take() {
+                Some(old) => {
+                    if let Err(e) = self.pre_stop(name, &old).await {
+                        st.current = Some(old);
+                        return Err(e);
+                    }
+                    if cancel.is_cancelled() {
+                        st.current = Some(old);
+                        return Err(cancelled("before the old process was stopped"));
+                    }
+                    if let Some(m) = st.monitor.take() {
+                        m.abort();
+                    }
+                    self.set_status(name, version, ServiceState::Starting, false);
+                    let kept = OldRelease::of(&old);
+                    let stopped = self.stop_bounded(name, old, stop_until, cancel).await?;
+                    if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
+                        let note = self.restore(&mut st, name, &kept);
+                        return Err(format!("{e}{note}"));
+                    }
+                    Some(kept)
+                }
+                None => None,
+            };
+            let restore = |this: &Self, st: &mut SlotState| {
+                old.as_ref()
+                    .map(|kept| this.restore(st, name, kept))
+                    .unwrap_or_default()
+            };
+            // Nothing past this point happens once cancelled: `current`
+            // stays where it is.
+            if cancel.is_cancelled() {
+                let note = restore(self, &mut st);
+                return Err(format!("{}{note}", cancelled("before the swap")));
+            }
+            // Sockets this release does not declare are let go before it
+            // starts (it may bind the address itself).
+            self.release_sockets(&mut st, name, &specs);
+            if let Err(e) = self.swap(name, version) {
+                let note = restore(self, &mut st);
+                return Err(format!("{e}{note}"));
+            }
+            self.set_status(name, version, ServiceState::Starting, false);
+            let started = match &spec.supervisor {
+                SupervisorKind::Systemd { unit } => systemctl(&["restart", unit])
+                    .await
+                    .map(|()| {
+                        info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
+                        Runner::Systemd { unit: unit.clone(), alive: watch::channel(true).0 }
+                    }),
+                SupervisorKind::Native => self.sockets_for(&mut st, name, &specs).and_then(|sockets| {
+                    Supervisor::start_listening(name, version, &release_dir, spec.clone(), &run_dir, self.inner.config.supervisor, sockets)
+                        .map(|sup| {
+                            info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
+                            Runner::Native(sup)
+                        })
+                        .map_err(|e| e.to_string())
+                }),
+            };
+            let runner = match started {
+                Ok(r) => r,
+                Err(e) => {
+                    // Point current back, so that a restarted agent does
+                    // not start the release that failed, and start the
+                    // old one again.
+                    self.swap_back(name, from.as_deref());
+                    let note = restore(self, &mut st);
+                    return Err(format!("cannot start {name} {version}: {e}{note}"));
+                }
+            };
+            self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
+            if let Some(kept) = &old {
+                self.post_stop(name, kept).await?;
+            }
+        }
+        // The health gate, on the new process alone, in the time left.
+        gate_current(
+            &st,
+            name,
+            version,
+            &spec,
+            &release_dir,
+            &within(&health_gate, until),
+            cancel,
+        )
+        .await
+        .map_err(|e| {
+            if cancel.is_cancelled() {
+                cancelled("during its health gate")
+            } else {
+                e
+            }
+        })?;
+        run_hook(
+            name,
+            version,
+            "post_start",
+            spec.hooks.post_start.as_ref(),
+            &release_dir,
+            &spec,
+            &run_dir,
+        )
+        .await?;
+        // Sockets the new release no longer declares are closed.
+        self.release_sockets(&mut st, name, &specs);
+        self.set_status(name, version, ServiceState::Running, true);
+        self.record_installed(name, version);
+        let keep = self.inner.config.keep_releases;
+        let protect: Vec<&str> = from.iter().map(String::as_str).collect();
+        match self.inner.releases.prune(name, keep, &protect) {
+            Ok(removed) if !removed.is_empty() => {
+                info!(service = %name, removed = ?removed, "pruned old releases")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(service = %name, error = %e, "cannot prune old releases"),
+        }
+        Ok(())
+    }
+
+    /// Starts a release the activation stopped again, so that it keeps
+    /// serving; says so, for the activation's error.
+    fn restore(&self, st: &mut SlotState, name: &str, old: &OldRelease) -> String {
+        if old.spec.supervisor != SupervisorKind::Native {
+            return String::new();
+        }
+        self.swap_back(name, Some(&old.version));
+        let started = listen_specs(&old.spec)
+            .and_then(|specs| self.sockets_for(st, name, &specs))
+            .and_then(|sockets| {
+                Supervisor::start_listening(
+                    name,
+                    &old.version,
+                    &old.dir,
+                    old.spec.clone(),
+                    &self.inner.releases.run_dir(name, &old.version),
+                    self.inner.config.supervisor,
+                    sockets,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match started {
+            Ok(sup) => {
+                info!(service = %name, version = %old.version, pid = ?sup.pid(), "started the old release again");
+                self.install(
+                    st,
+                    name,
+                    &old.version,
+                    &old.dir,
+                    old.spec.clone(),
+                    Runner::Native(sup),
+                );
+                format!("; {} was started again", old.version)
+            }
+            Err(e) => {
+                error!(service = %name, version = %old.version, error = %e, "cannot start the old release again");
+                format!("; and {} could not be started again: {e}", old.version)
+            }
+        }
+    }
+
+    /// The `pre_stop` hook of a release about to be stopped.
+    pub(super) async fn pre_stop(&self, name: &str, old: &Current) -> Result<(), String> {
+        let run_dir = self.inner.releases.run_dir(name, &old.version);
+        run_hook(
+            name,
+            &old.version,
+            "pre_stop",
+            old.spec.hooks.pre_stop.as_ref(),
+            &old.release_dir,
+            &old.spec,
+            &run_dir,
+        )
+        .await
+    }
+
+    /// The `post_stop` hook of a release that was stopped.
+    async fn post_stop(&self, name: &str, old: &OldRelease) -> Result<(), String> {
+        let run_dir = self.inner.releases.run_dir(name, &old.version);
+        run_hook(
+            name,
+            &old.version,
+            "post_stop",
+            old.spec.hooks.post_stop.as_ref(),
+            &old.dir,
+            &old.spec,
+            &run_dir,
+        )
+        .await
+    }
+
+    /// Stops a replaced release (stop signal, drain, SIGKILL), then runs
+    /// its `post_stop` hook. The process is stopped whatever the hook does.
+    pub(super) async fn stop_old(
+        &self,
+        name: &str,
+        old: Current,
+        until: Instant,
+    ) -> Result<(), String> {
+        let kept = OldRelease::of(&old);
+        self.stop_bounded(name, old, until, &CancellationToken::new())
+            .await?;
+        self.post_stop(name, &kept).await
+    }
+
+    /// Stops a release's process, killing it early at `until` or when
+    /// `cancel` is cancelled (a unit is left to its restart or stop).
+    async fn stop_bounded(
+        &self,
+        name: &str,
+        old: Current,
+        until: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<Stopped, String> {
+        let timeout = old.spec.stop_timeout;
+        match old.process {
+            Runner::Native(sup) => sup
+                .stop_within(StopBound {
+                    until: Some(until),
+                    cut: cancel.clone(),
+                })
+                .await
+                .map_err(|e| match e {
+                    SupervisorError::StillRunning { pid } => format!(
+                        "the old process of {name} {} (pid {pid}) did not exit within its stop_timeout of {}, nor after SIGKILL",
+                        old.version,
+                        humantime::format_duration(timeout)
+                    ),
+                    other => format!("cannot stop {name} {}: {other}", old.version),
+                }),
+            Runner::Systemd { unit, .. } => {
+                debug!(service = %name, %unit, "the unit is restarted or stopped by systemctl");
+                Ok(Stopped::default())
+            }
+        }
+    }
+}
+
+impl OldRelease {
+    fn of(c: &Current) -> Self {
+        Self {
+            version: c.version.clone(),
+            spec: c.spec.clone(),
+            dir: c.release_dir.clone(),
+        }
+    }
+}
+
+/// The activation's error when the old process had to be killed early:
+/// cancelled, or out of time (a kill at its own `stop_timeout` is what the
+/// service asked for, and no error).
+fn forced_error(
+    name: &str,
+    old: &OldRelease,
+    stopped: &Stopped,
+    cancelled: &dyn Fn(&str) -> String,
+) -> Option<String> {
+    match stopped.forced? {
+        Forced::StopTimeout => None,
+        Forced::Cancelled => Some(cancelled(
+            "while the old process was stopping (it was killed)",
+        )),
+        Forced::Deadline => Some(format!(
+            "the old process of {name} {} did not exit within {} of its stop signal, and the activation's deadline came first (its stop_timeout is {}); it was killed",
+            old.version,
+            humantime::format_duration(Duration::from_secs(stopped.waited.as_secs())),
+            humantime::format_duration(old.spec.stop_timeout)
+        )),
+    }
+}
+
+/// The health gate on the slot's current process.
+async fn gate_current(
+    st: &SlotState,
+    name: &str,
+    version: &str,
+    spec: &ServiceSpec,
+    release_dir: &std::path::Path,
+    gate: &Gate,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let mut alive = st
+        .current
+        .as_ref()
+        .map(Current::alive)
+        .ok_or("the service has no process")?;
+    let took = health::wait_healthy(spec.health.as_ref(), release_dir, gate, &mut alive, cancel)
+        .await
+        .map_err(|e| format!("{name} {version}: {e}"))?;
+    info!(service = %name, %version, took = ?took, "healthy");
+    Ok(())
+}
