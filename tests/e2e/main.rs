@@ -8,6 +8,7 @@ mod config;
 mod crash;
 mod dashboard;
 mod demo;
+mod disk;
 mod enroll;
 #[cfg(feature = "etcd")]
 mod etcd;

@@ -34,6 +34,10 @@ pub struct Fleet {
     pub cli_url: Option<String>,
     /// More flags for every agent started from now on.
     pub agent_extra: Vec<String>,
+    /// Agents started from now on keep their data on a tmpfs of this many
+    /// bytes, in a mount namespace of their own (see
+    /// [`crate::tmpfs_unavailable`]).
+    pub agent_tmpfs: Option<u64>,
 }
 
 /// A free loopback port.
@@ -111,6 +115,7 @@ impl Fleet {
                 .collect(),
             cli_url: None,
             agent_extra: vec![],
+            agent_tmpfs: None,
         };
         for h in names {
             fleet.start_agent(h);
@@ -195,6 +200,7 @@ timeout = "1s"
         }
         opts.extra.extend(self.agent_extra.iter().cloned());
         opts.env = self.agent_env.clone();
+        opts.tmpfs = self.agent_tmpfs;
         // One agent per data directory (the agent locks it): the old one
         // goes first, also one that took over after a reverted upgrade.
         self.agents.remove(host);

@@ -327,6 +327,9 @@ pub struct AgentOpts<'a> {
     pub extra: Vec<String>,
     /// Environment variables.
     pub env: Vec<(String, String)>,
+    /// Keep the data directory on a tmpfs of this many bytes, mounted in a
+    /// mount namespace of the agent's own (a disk that can fill up).
+    pub tmpfs: Option<u64>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -337,13 +340,60 @@ impl<'a> AgentOpts<'a> {
             tls: "tls",
             extra: vec![],
             env: vec![],
+            tmpfs: None,
         }
     }
 }
 
+/// Why an agent cannot get a tmpfs of its own here, if it cannot: making
+/// a mount namespace needs root or unprivileged user namespaces.
+pub fn tmpfs_unavailable() -> Option<String> {
+    let out = tmpfs_command(&std::env::temp_dir(), 1 << 20)
+        .arg("/bin/true")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "cannot mount a tmpfs in a namespace: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run unshare: {e}")),
+    }
+}
+
+/// `unshare` making a mount namespace with a tmpfs of `bytes` over `dir`,
+/// then running what follows (append the program and its arguments).
+fn tmpfs_command(dir: &Path, bytes: u64) -> Command {
+    let mut cmd = Command::new("unshare");
+    if !nix::unistd::geteuid().is_root() {
+        cmd.args(["--user", "--map-root-user"]);
+    }
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        "mount -t tmpfs -o size=\"$1\" tmpfs \"$2\" && shift 2 && exec \"$@\"",
+        "sh",
+        &bytes.to_string(),
+    ])
+    .arg(dir);
+    cmd
+}
+
 /// Starts `baton-agent` for `opts.host_id` against `url`.
 pub fn start_agent(env: &TestEnv, url: &str, opts: AgentOpts<'_>) -> Proc {
-    let mut cmd = Command::new(bin("baton-agent"));
+    let data = env.path(&format!("agent-{}", opts.host_id));
+    let mut cmd = match opts.tmpfs {
+        None => Command::new(bin("baton-agent")),
+        Some(bytes) => {
+            std::fs::create_dir_all(&data).unwrap();
+            let mut cmd = tmpfs_command(&data, bytes);
+            cmd.arg(bin("baton-agent"));
+            cmd
+        }
+    };
     cmd.args([
         "--coordinator",
         url,
