@@ -31,7 +31,7 @@ pub const MAX_KEEP_RELEASES: usize = 1000;
 pub struct AgentArgs {
     /// A TOML file with any of the keys below (`coordinator`, `host-id`,
     /// `data-dir`, `tls-dir`, `labels`, `vars`, `trusted-keys`,
-    /// `reconnect-max`, `keep-releases`, `metrics-listen`); flags win over it (labels and vars are merged).
+    /// `reconnect-max`, `keep-releases`, `metrics-listen`, `download-stall-timeout`); flags win over it (labels and vars are merged).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -87,6 +87,13 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
+    /// A download below 16 KiB/s for this long (or silent) has stalled: it
+    /// is resumed, and after three stalls in a row staging fails — within
+    /// three times this of the source turning slow [default: 30s; 1s to
+    /// 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub download_stall_timeout: Option<Duration>,
+
     /// Internal: watch an upgrade of this agent (started by the agent
     /// itself, with --data-dir only).
     #[arg(long, hide = true)]
@@ -110,6 +117,8 @@ struct FileConfig {
     reconnect_max: Option<Duration>,
     keep_releases: Option<usize>,
     metrics_listen: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    download_stall_timeout: Option<Duration>,
 }
 
 /// `coordinator` in the file: one URL, comma-separated URLs, or a list.
@@ -157,6 +166,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The cap on reconnect delays.
     pub reconnect_max: Duration,
+    /// How slow a download may get before staging fails.
+    pub download: crate::executor::DownloadLimits,
 }
 
 impl AgentConfig {
@@ -310,6 +321,21 @@ impl AgentConfig {
             ));
         }
 
+        let download_window = args
+            .download_stall_timeout
+            .or(file.download_stall_timeout)
+            .unwrap_or(crate::executor::DEFAULT_STALL_WINDOW);
+        if download_window < Duration::from_secs(1) || download_window > Duration::from_secs(600) {
+            errors.push(format!(
+                "download-stall-timeout {} is out of range: it must be between 1s and 10m",
+                baton_common::text::shorten(
+                    &humantime::format_duration(download_window).to_string()
+                )
+            ));
+        }
+        let download = crate::executor::DownloadLimits {
+            window: download_window,
+        };
         let metrics_listen = args
             .metrics_listen
             .or(file.metrics_listen)
@@ -332,6 +358,7 @@ impl AgentConfig {
                 keep_releases,
                 reconnect_initial: Duration::from_millis(100),
                 reconnect_max,
+                download,
                 metrics_listen,
             }),
             _ => Err(ConfigErrors(errors)),

@@ -73,6 +73,7 @@ impl Agent {
                 keep_releases: config.keep_releases,
                 supervisor: supervisor::SupervisorConfig::default(),
                 me,
+                download: config.download,
             },
             link.channel(),
             shutdown.clone(),

@@ -468,3 +468,41 @@ fn a_rogue_coordinator_cannot_bring_an_older_release_back_by_removing_the_servic
     // serve: the version check let it through.)
     assert!(!error.contains("this host has run"), "{error}");
 }
+
+/// The slow-retrieval attack: a coordinator (or a network) that sends a
+/// payload at one byte a second. The host's download stalls three windows
+/// in a row and its staging fails, within three times
+/// `--download-stall-timeout`; with `max_failures = 1` the other hosts go
+/// on, and the slow one keeps serving its old release.
+#[test]
+fn a_download_at_a_byte_a_second_fails_its_host_within_the_cutoff_and_the_rest_goes_on() {
+    let mut fleet = baton_tests::fleet::Fleet::start(&["h1", "h2", "h3"]);
+    fleet.install("1.0.0");
+    let proxy = baton_tests::proxy::TricklingProxy::start(fleet.batond.addr);
+    fleet.set_agent_url(format!("https://{}", proxy.addr));
+    fleet.agent_extra = vec!["--download-stall-timeout".into(), "1s".into()];
+    fleet.start_agent("h3");
+    fleet.wait_connected();
+    fleet.release("2.0.0", false);
+    proxy.trickle();
+    let started = std::time::Instant::now();
+    let s = fleet.roll("2.0.0", "max_failures = 1\nmin_healthy_time = \"200ms\"\n");
+    assert_eq!(s["state"], "succeeded", "{s}");
+    let hosts = baton_tests::fleet::Fleet::hosts_of(&s);
+    assert_eq!(hosts["h1"]["state"], "healthy", "{s}");
+    assert_eq!(hosts["h2"]["state"], "healthy", "{s}");
+    assert_eq!(hosts["h3"]["state"], "failed", "{s}");
+    let error = hosts["h3"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("staging failed")
+            && error.contains("stalled 3 times in a row, below 16 KiB/s for 1s each"),
+        "{error}"
+    );
+    // Three seconds of stalls (and some slack), not ten attempts of 30 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fleet.get("h3").as_deref(), Some("demo-service 1.0.0"));
+}

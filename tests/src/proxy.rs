@@ -161,3 +161,70 @@ fn stalling_pump(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }
+
+/// A TCP proxy that, once told to, lets bytes from the server through to
+/// the client at one byte a second — on every connection but the first
+/// (an agent's stream, opened first, stays healthy while its downloads,
+/// on a connection of their own, dribble).
+pub struct TricklingProxy {
+    pub addr: SocketAddr,
+    trickle: Arc<AtomicBool>,
+}
+
+impl TricklingProxy {
+    /// Forwards connections on a fresh loopback port to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let trickle = Arc::new(AtomicBool::new(false));
+        let t = trickle.clone();
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let never = Arc::new(AtomicBool::new(false));
+                std::thread::spawn(move || trickling_pump(c2, s2, &never));
+                let t = if n == 0 {
+                    Arc::new(AtomicBool::new(false))
+                } else {
+                    t.clone()
+                };
+                std::thread::spawn(move || trickling_pump(server, client, &t));
+            }
+        });
+        Self { addr, trickle }
+    }
+
+    /// From now on, one byte a second (connections but the first).
+    pub fn trickle(&self) {
+        self.trickle.store(true, Ordering::SeqCst);
+    }
+}
+
+fn trickling_pump(mut from: TcpStream, mut to: TcpStream, trickle: &AtomicBool) {
+    let mut buf = vec![0; 64 * 1024];
+    'copy: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut sent = 0;
+        while sent < n {
+            let step = if trickle.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                1
+            } else {
+                n - sent
+            };
+            if to.write_all(&buf[sent..sent + step]).is_err() {
+                break 'copy;
+            }
+            sent += step;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}

@@ -15,11 +15,45 @@ use tracing::{info, warn};
 const FETCH_ATTEMPTS: u32 = 10;
 /// Payload chunks (1 MiB each) received ahead of the disk and the hash.
 const WRITE_AHEAD: usize = 8;
-/// A download slower than [`MIN_FETCH_RATE`] over this long (or silent for
-/// this long) is broken off and resumed (the slow-retrieval attack).
-const FETCH_WINDOW: Duration = Duration::from_secs(30);
-/// Bytes per second a download must reach over [`FETCH_WINDOW`].
-const MIN_FETCH_RATE: u64 = 16 << 10;
+/// Bytes per second a download must reach over each window.
+pub const MIN_FETCH_RATE: u64 = 16 << 10;
+/// Stalls in a row after which staging fails: a source this slow is not
+/// waited for (the slow-retrieval attack).
+pub const STALLS: u32 = 3;
+/// The default window over which a download must reach [`MIN_FETCH_RATE`].
+pub const DEFAULT_STALL_WINDOW: Duration = Duration::from_secs(30);
+
+/// How slow a download may be. A download below [`MIN_FETCH_RATE`] over a
+/// window (or silent for one) has stalled: it is broken off and resumed,
+/// and after [`STALLS`] stalls in a row staging fails — within
+/// `STALLS × window` (90 s by default) of the source turning slow.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The window.
+    pub window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_STALL_WINDOW,
+        }
+    }
+}
+
+/// Why one attempt of a download ended.
+enum Broke {
+    /// Too slow, or silent, for a window.
+    Stalled(String),
+    /// An error from the source.
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for Broke {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
 
 /// Downloads the payload `m` describes into `path` over `client()`, hashing
 /// as it arrives (no second pass) and resuming from the bytes already
@@ -30,8 +64,10 @@ pub async fn download(
     client: impl Fn() -> ArtifactServiceClient<Channel>,
     m: &Manifest,
     path: &std::path::Path,
+    limits: Limits,
     mut progress: impl FnMut(u64),
 ) -> Result<(), String> {
+    let window_len = limits.window;
     let digest = format!("sha256:{}", m.payload_sha256);
     let path = path.to_path_buf();
     let opening = path.clone();
@@ -69,55 +105,57 @@ pub async fn download(
     // `Err((why, delete the partial file))`.
     let received: Result<(), (String, bool)> = async {
         let mut attempts = 0;
+        let mut stalls = 0;
         while offset < m.size {
             // Asked anew each attempt: after a coordinator failover the
             // agent downloads from the new leader.
             let mut client = client();
-            let result: Result<(), tonic::Status> = async {
+            let mut kept_pace = false;
+            let result: Result<(), Broke> = async {
                 let answer = client.fetch(pb::FetchRequest {
                     digest: digest.clone(),
                     offset,
                 });
-                let mut stream = tokio::time::timeout(FETCH_WINDOW, answer)
+                let mut stream = tokio::time::timeout(window_len, answer)
                     .await
                     .map_err(|_| {
-                        tonic::Status::deadline_exceeded(format!(
-                            "no answer for {}s",
-                            FETCH_WINDOW.as_secs()
+                        Broke::Stalled(format!(
+                            "no answer for {}",
+                            humantime::format_duration(window_len)
                         ))
                     })??
                     .into_inner();
                 let mut window = (Instant::now(), offset);
                 loop {
-                    let next = tokio::time::timeout(FETCH_WINDOW, stream.message())
+                    let next = tokio::time::timeout(window_len, stream.message())
                         .await
                         .map_err(|_| {
-                            tonic::Status::deadline_exceeded(format!(
-                                "nothing received for {}s",
-                                FETCH_WINDOW.as_secs()
+                            Broke::Stalled(format!(
+                                "nothing received for {}",
+                                humantime::format_duration(window_len)
                             ))
                         })?;
                     let Some(chunk) = next? else {
                         if offset < m.size {
                             // Retryable: a coordinator going away may end
                             // the stream before its end.
-                            return Err(tonic::Status::unavailable(format!(
+                            return Err(Broke::Status(tonic::Status::unavailable(format!(
                                 "the coordinator ended the stream at {offset} of {} bytes",
                                 m.size
-                            )));
+                            ))));
                         }
                         break;
                     };
                     if chunk.offset != offset {
-                        return Err(tonic::Status::data_loss(format!(
+                        return Err(Broke::Status(tonic::Status::data_loss(format!(
                             "chunk at offset {} where {offset} was expected",
                             chunk.offset
-                        )));
+                        ))));
                     }
-                    if offset + chunk.data.len() as u64 > m.size {
-                        return Err(tonic::Status::data_loss(
+                    if offset.saturating_add(chunk.data.len() as u64) > m.size {
+                        return Err(Broke::Status(tonic::Status::data_loss(
                             "the payload is longer than its manifest says",
-                        ));
+                        )));
                     }
                     let len = chunk.data.len() as u64;
                     if to_hash.send(chunk.data.clone()).await.is_err()
@@ -128,20 +166,44 @@ pub async fn download(
                     }
                     offset += len;
                     progress(offset);
-                    if window.0.elapsed() >= FETCH_WINDOW {
-                        let secs = window.0.elapsed().as_secs().max(1);
-                        let rate = (offset - window.1) / secs;
+                    if window.0.elapsed() >= window_len {
+                        let secs = window.0.elapsed().as_secs_f64().max(0.001);
+                        let rate = ((offset - window.1) as f64 / secs) as u64;
                         if rate < MIN_FETCH_RATE {
-                            return Err(tonic::Status::deadline_exceeded(format!(
-                                "the download ran at {rate} bytes/s, below {MIN_FETCH_RATE}"
+                            return Err(Broke::Stalled(format!(
+                                "it ran at {rate} bytes/s, below {MIN_FETCH_RATE}"
                             )));
                         }
+                        kept_pace = true;
                         window = (Instant::now(), offset);
                     }
                 }
                 Ok(())
             }
             .await;
+            if kept_pace {
+                stalls = 0;
+            }
+            let result = match result {
+                Err(Broke::Stalled(why)) => {
+                    stalls += 1;
+                    if stalls >= STALLS {
+                        return Err((
+                            format!(
+                                "the download of {digest} stalled {stalls} times in a row, below {} KiB/s for {} each (last: {why}), at {offset} of {} bytes",
+                                MIN_FETCH_RATE >> 10,
+                                humantime::format_duration(window_len),
+                                m.size
+                            ),
+                            false,
+                        ));
+                    }
+                    warn!(%digest, offset, stalls, reason = %why, "the download stalled; resuming from the offset");
+                    continue;
+                }
+                Err(Broke::Status(status)) => Err(status),
+                Ok(()) => Ok(()),
+            };
             match result {
                 Ok(()) => return Ok(()),
                 Err(status)

@@ -39,7 +39,7 @@ mod activate;
 mod download;
 mod hooks;
 
-pub use download::download;
+pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
 use hooks::systemctl;
 
 /// Progress updates per command are sent at most this often.
@@ -62,6 +62,8 @@ pub struct ExecutorConfig {
     pub supervisor: SupervisorConfig,
     /// The agent's own releases (commands for `baton-agent`).
     pub me: SelfUpgrade,
+    /// How slow a download may get before staging fails.
+    pub download: DownloadLimits,
 }
 
 /// Runs commands and owns the supervised services.
@@ -762,7 +764,7 @@ impl Executor {
         let client = move || {
             ArtifactServiceClient::new(fetch.borrow().clone()).max_decoding_message_size(8 << 20)
         };
-        download(client, m, &path, |offset| {
+        download(client, m, &path, self.inner.config.download, |offset| {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 self.publish(CommandUpdate {

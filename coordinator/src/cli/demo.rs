@@ -275,6 +275,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             reconnect_initial: Duration::from_millis(100),
             metrics_listen: None,
             reconnect_max: Duration::from_secs(2),
+            download: Default::default(),
         };
         agents.spawn(Agent::new(config)?.run(agents_stop.clone()));
     }

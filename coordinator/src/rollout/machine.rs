@@ -301,15 +301,22 @@ impl HostRun {
 
     /// Counts toward `min_healthy`.
     fn in_service(&self) -> bool {
-        self.connected
-            && matches!(
-                self.state,
-                HostState::Pending
-                    | HostState::Staging
-                    | HostState::Staged
-                    | HostState::Healthy
-                    | HostState::RolledBack
-            )
+        self.connected && self.usable()
+    }
+
+    /// Serves (or will, once back): anything but a host taken out by this
+    /// rollout. A host that failed before it was touched (its staging
+    /// failed) still runs its old release.
+    fn usable(&self) -> bool {
+        match self.state {
+            HostState::Pending
+            | HostState::Staging
+            | HostState::Staged
+            | HostState::Healthy
+            | HostState::RolledBack => true,
+            HostState::Failed => !self.touched,
+            HostState::Activating | HostState::RollingBack => false,
+        }
     }
 }
 
@@ -576,8 +583,11 @@ fn on_update(
     match (kind, failed) {
         ("stage", false) => h.state = HostState::Staged,
         ("stage", true) => {
+            // A host that cannot stage keeps running what it ran; it counts
+            // against max_failures like any failed host.
             h.state = HostState::Failed;
             h.error = Some(format!("staging failed: {}", update.error));
+            s.failures = s.failures.saturating_add(1);
         }
         ("activate", false) => {
             h.state = HostState::Healthy;
@@ -822,7 +832,8 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
             let all = r.services.iter().flat_map(|s| s.hosts.values());
             let staging = all.clone().any(|h| h.state == HostState::Staging);
             let failed = failed_hosts(r);
-            if !failed.is_empty() && !staging {
+            let too_many = r.services.iter().any(|s| s.failures > s.max_failures);
+            if too_many && !staging {
                 // Every host has answered, so each one's error is on
                 // record. Nothing was swapped yet: nothing to undo.
                 clear_outstanding(r);
@@ -832,7 +843,8 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                     failed.len(),
                     failed.join("; ")
                 ));
-            } else if failed.is_empty() && !staging {
+            } else if !staging {
+                // Failures within max_failures: the rest go on.
                 r.state = State::Progressing;
                 r.progress_at = now;
                 advance(r, now, actions);
@@ -973,10 +985,12 @@ fn progress_service(
     actions: &mut Vec<Action>,
 ) -> Option<String> {
     let s = &r.services[si];
+    // A host rolling back (its activation failed within max_failures) is
+    // in the window as much as one activating.
     let activating = s
         .hosts
         .values()
-        .filter(|h| h.state == HostState::Activating)
+        .filter(|h| matches!(h.state, HostState::Activating | HostState::RollingBack))
         .count();
     let in_service = s.hosts.values().filter(|h| h.in_service()).count();
     let started = s
@@ -998,11 +1012,7 @@ fn progress_service(
     // Hosts that failed (within max_failures) stay out of service. If they
     // alone leave no room above the floor, waiting cannot help: say so
     // now instead of at the progress deadline.
-    let usable = s
-        .hosts
-        .values()
-        .filter(|h| h.state != HostState::Failed)
-        .count();
+    let usable = s.hosts.values().filter(|h| h.usable()).count();
     let remaining = s.hosts.values().any(|h| h.state == HostState::Staged);
     let in_flight = s
         .hosts
@@ -1260,8 +1270,19 @@ fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action
         if !dependents_back {
             continue;
         }
-        let room = s.max_parallel.saturating_sub(busy);
-        let hosts: Vec<HostId> = s
+        // The window and the floor hold for reverts too: hosts activating
+        // or rolling back never exceed max_parallel, and a host that
+        // serves is taken back only while the others keep the floor. A
+        // host still activating becomes one rolling back (no more out);
+        // one out of service already costs only the window.
+        let mut room = s.max_parallel.saturating_sub(
+            s.hosts
+                .values()
+                .filter(|h| matches!(h.state, HostState::Activating | HostState::RollingBack))
+                .count(),
+        );
+        let mut serving = s.hosts.values().filter(|h| h.in_service()).count();
+        let mut candidates: Vec<(&HostId, &HostRun)> = s
             .hosts
             .iter()
             .filter(|(id, h)| {
@@ -1275,9 +1296,22 @@ fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action
                             })
                     })
             })
-            .map(|(id, _)| id.clone())
-            .take(room)
             .collect();
+        candidates.sort_by_key(|(_, h)| (h.state != HostState::Activating, h.in_service()));
+        let mut hosts: Vec<HostId> = Vec::new();
+        for (id, h) in candidates {
+            // (Chosen in that order, sent in host order below.)
+            if h.state == HostState::Activating {
+                hosts.push(id.clone());
+            } else if room > 0 && (!h.in_service() || serving > s.min_healthy) {
+                room -= 1;
+                if h.in_service() {
+                    serving -= 1;
+                }
+                hosts.push(id.clone());
+            }
+        }
+        hosts.sort();
         r.services[si].state = ServiceState::RollingBack;
         for host in hosts {
             rollback_host(r, si, &host, now, actions);

@@ -90,6 +90,7 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
                         || client.clone(),
                         &signed.manifest,
                         &dest,
+                        Default::default(),
                         |_| {},
                     )
                     .await
