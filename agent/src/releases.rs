@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 use baton_common::artifact::fsync_dir;
 
+/// The name of a new `current` symlink before it is renamed into place.
+const SWAP_PREFIX: &str = ".current-";
+
 /// A staging directory untouched this long was abandoned.
 const STALE_STAGING: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -118,14 +121,43 @@ impl Releases {
 
     /// Points `current` at `version`, atomically.
     pub fn swap(&self, name: &str, version: &str) -> io::Result<()> {
+        self.swap_steps(name, version, usize::MAX)
+    }
+
+    /// [`Releases::swap`], stopping (as a crash would) after `steps` of its
+    /// steps: make a new symlink beside `current`, rename it over
+    /// `current`, fsync the directory.
+    fn swap_steps(&self, name: &str, version: &str, steps: usize) -> io::Result<()> {
         let dir = self.service_dir(name);
-        let tmp = dir.join(format!(".current-{:08x}", fastrand::u32(..)));
+        let tmp = dir.join(format!("{SWAP_PREFIX}{:08x}", fastrand::u32(..)));
+        if steps == 0 {
+            return Ok(());
+        }
         std::os::unix::fs::symlink(Path::new("releases").join(version), &tmp)?;
+        if steps == 1 {
+            return Ok(());
+        }
         if let Err(e) = std::fs::rename(&tmp, dir.join("current")) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
+        if steps == 2 {
+            return Ok(());
+        }
         fsync_dir(&dir)
+    }
+
+    /// Removes what an interrupted swap left beside `current` (a symlink
+    /// that was never renamed into place).
+    pub fn clean(&self, name: &str) {
+        let Ok(entries) = std::fs::read_dir(self.service_dir(name)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(SWAP_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Deletes the oldest releases beyond `keep`, never `current` nor any
@@ -182,6 +214,80 @@ impl Releases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a restarted agent finds: the release `current` names, which
+    /// must be complete (its service.toml and payload there).
+    fn found(r: &Releases, name: &str) -> String {
+        let version = r.current(name).expect("current names a release");
+        let dir = r.release_dir(name, &version);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("payload")).unwrap(),
+            format!("payload of {version}"),
+            "{version} is incomplete"
+        );
+        version
+    }
+
+    fn staged_with_payload(r: &Releases, name: &str, version: &str) {
+        let tmp = r.staging_dir(name, version).unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("service.toml"), "command = \"x\"\n").unwrap();
+        std::fs::write(tmp.join("payload"), format!("payload of {version}")).unwrap();
+        r.commit_staged(&tmp, name, version).unwrap();
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_a_swap_leaves_the_old_or_the_new_release_complete() {
+        for steps in 0..=3 {
+            let dir = tempfile::tempdir().unwrap();
+            let r = Releases::new(dir.path());
+            staged_with_payload(&r, "api", "1.0.0");
+            r.swap("api", "1.0.0").unwrap();
+            staged_with_payload(&r, "api", "2.0.0");
+            // The crash: the swap stops after `steps` steps.
+            r.swap_steps("api", "2.0.0", steps).unwrap();
+            // The restart: a fresh view of the same directory.
+            let after = Releases::new(dir.path());
+            after.clean("api");
+            let version = found(&after, "api");
+            let expected = if steps >= 2 { "2.0.0" } else { "1.0.0" };
+            assert_eq!(version, expected, "crash after {steps} steps");
+            // Nothing of the interrupted swap is left, and the next swap
+            // works.
+            let leftovers: Vec<_> = std::fs::read_dir(after.service_dir("api"))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?}");
+            after.swap("api", "2.0.0").unwrap();
+            assert_eq!(found(&after, "api"), "2.0.0");
+        }
+    }
+
+    #[test]
+    fn a_crash_while_staging_leaves_no_release_that_looks_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Releases::new(dir.path());
+        // Unpacked halfway: the staging directory exists, the release
+        // does not.
+        let tmp = r.staging_dir("api", "3.0.0").unwrap();
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("service.toml"), "command = \"x\"\n").unwrap();
+        assert!(!r.is_staged("api", "3.0.0"));
+        // Staging again later works beside it, and pruning takes the
+        // abandoned one once it is old.
+        staged_with_payload(&r, "api", "3.0.0");
+        assert!(r.is_staged("api", "3.0.0"));
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::open(&tmp)
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_modified(old))
+            .unwrap();
+        r.swap("api", "3.0.0").unwrap();
+        r.prune("api", 3, &[]).unwrap();
+        assert!(!tmp.exists());
+    }
 
     fn staged(r: &Releases, name: &str, version: &str) {
         let tmp = r.staging_dir(name, version).unwrap();

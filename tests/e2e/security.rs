@@ -506,3 +506,107 @@ fn a_download_at_a_byte_a_second_fails_its_host_within_the_cutoff_and_the_rest_g
     );
     assert_eq!(fleet.get("h3").as_deref(), Some("demo-service 1.0.0"));
 }
+
+/// Signs a certificate for `uris` (subject alternative names) with the
+/// fleet CA in `tls`, valid from two hours to one hour ago: expired.
+fn expired(tls: &std::path::Path, base: &str, uris: &[&str]) {
+    use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(tls.join("ca-key.pem")).unwrap()).unwrap();
+    let ca = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(tls.join("ca.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
+    let mut params = CertificateParams::default();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(2);
+    params.not_after = now - time::Duration::hours(1);
+    params.subject_alt_names = uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    std::fs::write(tls.join(format!("{base}.pem")), cert.pem()).unwrap();
+    std::fs::write(tls.join(format!("{base}-key.pem")), key.serialize_pem()).unwrap();
+}
+
+/// A certificate of the fleet's own CA that has expired opens nothing: an
+/// agent's does not open its stream, an operator's (an admin's, even)
+/// reaches no call.
+#[test]
+fn expired_agent_and_operator_certificates_are_refused() {
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    // An agent whose certificate expired an hour ago.
+    copy_tls(&env, &[("tls/ca.pem", "old/ca.pem")]);
+    expired(&env.tls(), "agent-h9", &["urn:baton:agent:h9"]);
+    copy_tls(
+        &env,
+        &[
+            ("tls/agent-h9.pem", "old/agent-h9.pem"),
+            ("tls/agent-h9-key.pem", "old/agent-h9-key.pem"),
+        ],
+    );
+    let mut opts = AgentOpts::new("h9");
+    opts.tls = "old";
+    let agent = start_agent(&env, &url, opts);
+    wait_until("the agent to be refused", SOON, || {
+        agent
+            .log_text()
+            .contains("received fatal alert: CertificateExpired")
+            .then_some(())
+    });
+    assert!(env.hosts(&url).is_empty());
+    // An admin whose certificate expired.
+    expired(
+        &env.tls(),
+        "old-admin",
+        &["urn:baton:operator:old-admin", "urn:baton:role:admin"],
+    );
+    let out = env.baton(
+        &url,
+        &env.tls(),
+        &[
+            "--cert",
+            env.tls().join("old-admin.pem").to_str().unwrap(),
+            "--key",
+            env.tls().join("old-admin-key.pem").to_str().unwrap(),
+            "hosts",
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("old-admin.pem expired at"), "{stderr}");
+    // And the coordinator refuses it too, for clients that do not check.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let read = |f: &str| std::fs::read(env.tls().join(f)).unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+                    .identity(tonic::transport::Identity::from_pem(
+                        read("old-admin.pem"),
+                        read("old-admin-key.pem"),
+                    )),
+            )
+            .unwrap()
+            .connect()
+            .await;
+        let answered = match channel {
+            Err(_) => false,
+            Ok(channel) => {
+                baton_proto::control::v1::control_service_client::ControlServiceClient::new(channel)
+                    .list_hosts(baton_proto::control::v1::ListHostsRequest {})
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(!answered, "an expired certificate was served");
+    });
+}

@@ -243,6 +243,8 @@ impl Executor {
     /// left by an interrupted swap is stopped.
     pub async fn recover(&self) {
         for name in self.inner.releases.services() {
+            // A swap a crash interrupted left its new symlink unrenamed.
+            self.inner.releases.clean(&name);
             if let Err(e) = self.recover_one(&name).await {
                 error!(service = %name, error = %e, "cannot recover the service");
             }

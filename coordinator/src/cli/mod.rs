@@ -167,13 +167,27 @@ impl Cli {
         let dir = self.tls_dir.as_ref().ok_or_else(|| {
             CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
         })?;
-        Ok(match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => ClientTls {
-                ca_pem: baton_common::tls::read_ca(&dir.join("ca.pem"))?,
-                identity: baton_common::tls::read_keyed_cert(cert, key)?,
-            },
-            _ => ClientTls::load(dir, "operator")?,
-        })
+        let (tls, path) = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => (
+                ClientTls {
+                    ca_pem: baton_common::tls::read_ca(&dir.join("ca.pem"))?,
+                    identity: baton_common::tls::read_keyed_cert(cert, key)?,
+                },
+                cert.clone(),
+            ),
+            _ => (ClientTls::load(dir, "operator")?, dir.join("operator.pem")),
+        };
+        // The coordinator would only close the connection; say why here.
+        if let Some((_, not_after)) = baton_common::tls::cert_validity(&tls.identity.cert_pem)
+            && not_after < std::time::SystemTime::now()
+        {
+            return Err(CliError(format!(
+                "the certificate {} expired at {}; issue a new one (baton certs issue-operator NAME --role ROLE)",
+                path.display(),
+                baton_common::time::rfc3339(not_after)
+            )));
+        }
+        Ok(tls)
     }
 
     /// Like [`Cli::control`] without the per-call timeout, for uploads
@@ -204,8 +218,8 @@ enum Role {
     Leads,
     /// It follows; the leader, if one is elected.
     Follows(Option<String>),
-    /// It did not answer in time.
-    Silent,
+    /// It did not answer in time, or the connection broke (and why).
+    Silent(Option<String>),
 }
 
 /// Asks a coordinator's health service whether it serves the Control API;
@@ -217,7 +231,7 @@ async fn role(channel: Channel) -> Role {
         service: "baton.control.v1.ControlService".into(),
     });
     let Ok(check) = tokio::time::timeout(CONNECT_TIMEOUT, check).await else {
-        return Role::Silent;
+        return Role::Silent(None);
     };
     match check {
         Ok(r) if r.get_ref().status == ServingStatus::NotServing as i32 => Role::Follows(
@@ -230,8 +244,9 @@ async fn role(channel: Channel) -> Role {
         // A coordinator without a health service has no notion of leading.
         Err(s) if s.code() == tonic::Code::Unimplemented => Role::Leads,
         // A connection that broke (a coordinator switching from following
-        // to leading closes them): try again.
-        Err(_) => Role::Silent,
+        // to leading closes them): try again. It may also be the TLS
+        // layer refusing this client's certificate: say so.
+        Err(s) => Role::Silent(Some(baton_common::error_chain(&s))),
     }
 }
 
@@ -267,10 +282,16 @@ pub async fn connect_control_with(
             };
             match role(channel.clone()).await {
                 Role::Leads => return Ok(ControlServiceClient::new(channel)),
-                Role::Silent => {
-                    last = Some(CliError(format!(
-                        "the coordinator at {url} does not answer"
-                    )));
+                Role::Silent(why) => {
+                    last = Some(CliError(match why {
+                        Some(why) if why.contains("Certificate") || why.contains("certificate") => {
+                            format!(
+                                "the coordinator at {url} refused this client's certificate: {why}"
+                            )
+                        }
+                        Some(why) => format!("the coordinator at {url} does not answer: {why}"),
+                        None => format!("the coordinator at {url} does not answer"),
+                    }));
                 }
                 Role::Follows(Some(leader)) if leader.starts_with("https://") => {
                     match connect_one(&leader, tls, timeout).await {
