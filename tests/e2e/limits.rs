@@ -420,3 +420,155 @@ fn dashboard_readers_without_a_sign_in_cannot_lock_operators_out() {
         (open_live(web, std::net::Ipv4Addr::new(127, 2, 0, 1), None).0 == 200).then_some(())
     });
 }
+
+/// `n` services in a plan, each depending on the next; `ring` closes it.
+fn chain_plan(n: usize, ring: bool) -> String {
+    let mut text = String::new();
+    for i in 0..n {
+        let dep = match (i + 1 < n, ring) {
+            (true, _) => format!("\"s{}\"", i + 1),
+            (false, true) => "\"s0\"".to_owned(),
+            (false, false) => String::new(),
+        };
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nversion = \"1.0.0\"\nhosts = {{ role = \"x\" }}\ndepends_on = [{dep}]\n"
+        ));
+    }
+    text
+}
+
+/// Plans built to hurt — rings and chains of 10,000 services, a 400 KB
+/// line, a deadline of 300 billion years — are each answered at once with
+/// a precise, short error; nothing is stored; batond keeps serving.
+#[test]
+fn hostile_plans_are_answered_at_once_precisely_and_batond_keeps_serving() {
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    let out = baton_tests::bin_command("baton")
+        .arg("--tls-dir")
+        .arg(env.tls())
+        .args(["certs", "issue-operator", "viewer", "--role", "viewer"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut viewer = ControlServiceClient::new(env.channel(&url, "viewer").await);
+        let mut operator = ControlServiceClient::new(env.channel(&url, "operator").await);
+        let cases: Vec<(String, &str)> = vec![
+            (chain_plan(10_000, true), "10000 services, more than the limit of 256"),
+            (chain_plan(10_000, false), "10000 services, more than the limit of 256"),
+            (chain_plan(256, true), "depends_on has a cycle: s0 -> s1"),
+            (chain_plan(256, false), "no artifact of this service has been pushed"),
+            (
+                format!("[[service]]\nname = \"a\"\nversion = \"1.0.0\"\noops = {}\n", "x".repeat(400_000)),
+                "line 4, column 8",
+            ),
+            (
+                "[[service]]\nname = \"a\"\nversion = \"1.0.0\"\nhealthy_deadline = \"300000000000y\"\n"
+                    .to_owned(),
+                "longer than the maximum of 1day",
+            ),
+        ];
+        for (plan, expected) in cases {
+            // A viewer's dry run, then an operator's start: both refused.
+            let started = Instant::now();
+            let err = viewer
+                .plan_rollout(pb::StartRolloutRequest { plan: plan.clone() })
+                .await
+                .unwrap_err();
+            let took = started.elapsed();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+            assert!(err.message().contains(expected), "{}", err.message());
+            assert!(err.message().len() <= 2_000, "{} bytes", err.message().len());
+            // Generous for a loaded machine; the old cubic ordering and its
+            // recursion took seconds, or the process, here.
+            assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+            let err = operator
+                .start_rollout(pb::StartRolloutRequest { plan })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        }
+        // Rollout ids that cannot be are invalid, not unknown.
+        for id in ["r-1\0x", "../hosts/h1", &"r".repeat(100_000)] {
+            let err = viewer
+                .get_rollout(pb::GetRolloutRequest { id: id.to_owned() })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+            assert!(err.message().len() < 400, "{}", err.message());
+        }
+        let rollouts = viewer
+            .list_rollouts(pb::ListRolloutsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(rollouts.rollouts.is_empty());
+    });
+    let out = env.baton(&url, &env.tls(), &["hosts", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The agent stream, spoken wrongly by a certified agent: a second hello
+/// and an inventory of 20,000 services end the stream with
+/// `INVALID_ARGUMENT` saying why.
+#[test]
+fn the_agent_stream_refuses_a_second_hello_and_a_huge_inventory_precisely() {
+    use baton_proto::agent::v1 as agent;
+    let env = TestEnv::new(&["h1"]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    let hello = || agent::AgentMessage {
+        kind: Some(agent::agent_message::Kind::Hello(agent::Hello {
+            host_id: "h1".into(),
+            agent_version: "0.1.0".into(),
+            labels: Default::default(),
+            services: vec![],
+        })),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let huge = agent::AgentMessage {
+            kind: Some(agent::agent_message::Kind::Inventory(
+                agent::InventoryUpdate {
+                    services: (0..20_000)
+                        .map(|i| agent::ServiceStatus {
+                            name: format!("s{i}"),
+                            version: "1.0.0".into(),
+                            state: agent::ServiceState::Running as i32,
+                            healthy: true,
+                        })
+                        .collect(),
+                },
+            )),
+        };
+        for (second, expected) in [
+            (hello(), "a second hello on one stream"),
+            (huge, "20000 services, the limit is 1000 per host"),
+        ] {
+            let channel = env.channel(&url, "agent-h1").await;
+            let mut client = agent::agent_service_client::AgentServiceClient::new(channel);
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(hello()).await.unwrap();
+            let mut inbound = client
+                .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            // The welcome first.
+            inbound.message().await.unwrap().unwrap();
+            tx.send(second).await.unwrap();
+            let status = loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the stream ended without a status"),
+                    Err(status) => break status,
+                }
+            };
+            assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+            assert!(status.message().contains(expected), "{status}");
+        }
+    });
+}
