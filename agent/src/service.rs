@@ -24,6 +24,8 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default health-check `interval` and `timeout`.
 pub const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// The largest `service.toml` read.
+pub const MAX_SERVICE_FILE: u64 = 1 << 20;
 /// The longest `stop_timeout` (drain time before SIGKILL).
 pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest timeout of a hook.
@@ -268,8 +270,21 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 
 /// Reads and parses `release_dir/service.toml`.
 pub fn load(release_dir: &Path, vars: &BTreeMap<String, String>) -> Result<ServiceSpec, SpecError> {
+    use std::io::Read;
     let path = release_dir.join(SERVICE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read { path, source })?;
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX_SERVICE_FILE + 1).read_to_string(&mut text))
+        .map_err(|source| SpecError::Read {
+            path: path.clone(),
+            source,
+        })?;
+    if text.len() as u64 > MAX_SERVICE_FILE {
+        return Err(SpecError::Syntax(format!(
+            "the file is larger than {} KiB",
+            MAX_SERVICE_FILE >> 10
+        )));
+    }
     parse(&text, vars)
 }
 

@@ -34,12 +34,12 @@ use crate::fleet::{FleetHandle, FleetStopped};
 /// How long `PingHosts` waits when the request does not say.
 const DEFAULT_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The longest `PingHosts` waits.
-const MAX_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub const MAX_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Events a `ListRolloutEvents` page holds when the request does not say.
 const DEFAULT_EVENTS_PAGE: usize = 1000;
 /// The most a page holds (about 2 MB, under the message limit).
-const MAX_EVENTS_PAGE: usize = 10_000;
+pub const MAX_EVENTS_PAGE: usize = 10_000;
 
 /// Events buffered per watcher; a slow watcher back-pressures its own task
 /// only, which then skips ahead with a fresh snapshot.

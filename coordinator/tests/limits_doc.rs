@@ -1,0 +1,234 @@
+//! The README's table of limits is made from the constants that enforce
+//! them: this test builds it and fails, printing the table to paste, when
+//! the README's differs.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use baton_agent::service as svc;
+use baton_common::{command, host};
+use baton_coordinator::rollout::{driver, plan, resolve};
+use baton_coordinator::{audit, config, control_api, fleet, limits, listener, web};
+
+fn count(n: usize) -> String {
+    // 1,000,000 as written in prose.
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bytes(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 && n.is_multiple_of(1 << 30) => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n.is_multiple_of(1 << 20) => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n.is_multiple_of(1 << 10) => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+fn time(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn table() -> String {
+    let rows: Vec<(&str, String)> = vec![
+        ("a plan's text", bytes(limits::MAX_PLAN_BYTES)),
+        ("services in a plan", count(plan::MAX_SERVICES)),
+        (
+            "`depends_on` and `requires` entries in a plan",
+            count(plan::MAX_EDGES),
+        ),
+        (
+            "labels in a `hosts` selector",
+            count(plan::MAX_SELECTOR_LABELS),
+        ),
+        ("`steps` of a service", count(plan::MAX_STEPS)),
+        (
+            "a version requirement",
+            format!("{} characters", plan::MAX_REQUIREMENT_CHARS),
+        ),
+        ("`progress_deadline`", time(plan::MAX_PROGRESS_DEADLINE)),
+        (
+            "`healthy_deadline`, `min_healthy_time`",
+            time(plan::MAX_HEALTHY_DEADLINE),
+        ),
+        ("`pause`", time(plan::MAX_PAUSE)),
+        ("`max_failures`", count(plan::MAX_FAILURES as usize)),
+        (
+            "(service, host) pairs in a rollout",
+            count(resolve::MAX_HOST_RUNS),
+        ),
+        ("a `service.toml`", bytes(svc::MAX_SERVICE_FILE as usize)),
+        ("`stop_timeout` (service.toml)", time(svc::MAX_STOP_TIMEOUT)),
+        (
+            "a hook's timeout (service.toml)",
+            time(svc::MAX_HOOK_TIMEOUT),
+        ),
+        (
+            "`health.interval`, `health.timeout` (service.toml)",
+            time(svc::MAX_CHECK_PERIOD),
+        ),
+        (
+            "names: hosts, services, label keys",
+            format!("{} characters", host::MAX_NAME_LEN),
+        ),
+        ("a label's value", bytes(host::MAX_LABEL_VALUE_LEN)),
+        ("labels of a host", count(host::MAX_LABELS)),
+        (
+            "services a host reports",
+            count(host::MAX_SERVICES_PER_HOST),
+        ),
+        (
+            "a command id",
+            format!("{} characters", command::MAX_COMMAND_ID_LEN),
+        ),
+        (
+            "an update's error text (longer is cut)",
+            format!("{} characters", count(command::MAX_UPDATE_ERROR_CHARS)),
+        ),
+        (
+            "a health gate on the wire",
+            time(command::MAX_HEALTHY_DEADLINE),
+        ),
+        (
+            "a rollout id",
+            format!("{} characters", driver::MAX_ID_CHARS),
+        ),
+        ("a gRPC message", bytes(limits::MAX_MESSAGE)),
+        (
+            "an artifact fetch request",
+            bytes(limits::MAX_FETCH_REQUEST),
+        ),
+        (
+            "streams per connection",
+            count(limits::MAX_STREAMS_PER_CONNECTION as usize),
+        ),
+        (
+            "a request's headers",
+            bytes(limits::MAX_HEADER_LIST as usize),
+        ),
+        (
+            "streams reset before acceptance (then the connection closes)",
+            count(limits::MAX_PENDING_RESETS),
+        ),
+        (
+            "a status message (longer is cut)",
+            format!("{} characters", count(limits::MAX_STATUS_MESSAGE)),
+        ),
+        (
+            "events in a `ListRolloutEvents` page",
+            count(control_api::MAX_EVENTS_PAGE),
+        ),
+        ("entries in a `ListAudit` answer", count(audit::MAX_LIMIT)),
+        ("a ping's timeout", time(control_api::MAX_PING_TIMEOUT)),
+        (
+            "TLS handshakes at once (more wait)",
+            count(listener::MAX_HANDSHAKES),
+        ),
+        (
+            "TLS handshakes at once from one address",
+            count(listener::MAX_HANDSHAKES_PER_ADDRESS),
+        ),
+        (
+            "a TLS handshake, waiting included",
+            time(baton_common::tls::TLS_HANDSHAKE_TIMEOUT),
+        ),
+        (
+            "connections without a certificate",
+            count(listener::MAX_ANONYMOUS),
+        ),
+        (
+            "connections without a certificate from one address",
+            count(listener::MAX_ANONYMOUS_PER_ADDRESS),
+        ),
+        (
+            "a connection without a certificate lives",
+            time(listener::ANONYMOUS_LIFETIME),
+        ),
+        ("its streams", count(limits::ANONYMOUS_STREAMS as usize)),
+        ("its messages", bytes(limits::MAX_ANONYMOUS_MESSAGE)),
+        (
+            "its headers",
+            bytes(limits::MAX_ANONYMOUS_HEADER_LIST as usize),
+        ),
+        (
+            "its flow-control windows",
+            bytes(limits::ANONYMOUS_WINDOW as usize),
+        ),
+        ("its calls", time(limits::ANONYMOUS_REQUEST_TIMEOUT)),
+        ("live dashboards signed in", count(web::MAX_LIVE)),
+        (
+            "live dashboards not signed in",
+            count(web::MAX_ANONYMOUS_LIVE),
+        ),
+        (
+            "live dashboards not signed in, from one address",
+            count(web::MAX_ANONYMOUS_LIVE_PER_ADDRESS),
+        ),
+        (
+            "refusals of one caller recorded one by one",
+            format!(
+                "{} per {}",
+                audit::REFUSALS_RECORDED,
+                time(audit::REFUSAL_WINDOW)
+            ),
+        ),
+        (
+            "refusals kept in the audit log",
+            count(audit::MAX_REFUSED_ENTRIES),
+        ),
+        (
+            "changes kept in the audit log",
+            format!(
+                "`--audit-max-entries`, at most {}",
+                count(audit::MAX_RETENTION_ENTRIES)
+            ),
+        ),
+        (
+            "takeovers of a host's agent stream",
+            format!(
+                "{} per {}",
+                fleet::MAX_TAKEOVERS,
+                time(fleet::TAKEOVER_WINDOW)
+            ),
+        ),
+        (
+            "an artifact's payload",
+            format!(
+                "`--max-artifact-size`, at most {}",
+                bytes(config::MAX_ARTIFACT_SIZE_LIMIT as usize)
+            ),
+        ),
+    ];
+    let mut out = String::from("| what | at most |\n|---|---|\n");
+    for (what, max) in rows {
+        out.push_str(&format!("| {what} | {max} |\n"));
+    }
+    out
+}
+
+#[test]
+fn the_readme_lists_every_limit_as_enforced() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = "<!-- limits: generated by coordinator/tests/limits_doc.rs -->\n";
+    let end = "<!-- /limits -->";
+    let from = readme.find(start).map(|i| i + start.len());
+    let to = readme.find(end);
+    let documented = match (from, to) {
+        (Some(a), Some(b)) if a <= b => &readme[a..b],
+        _ => "",
+    };
+    let expected = table();
+    assert!(
+        documented == expected,
+        "README.md's limits differ from the code; put this between the markers:\n{start}{expected}{end}"
+    );
+}

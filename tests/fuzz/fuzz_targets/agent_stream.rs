@@ -1,0 +1,45 @@
+//! The agent stream's messages, both ways: any bytes either fail to
+//! decode or convert into domain types — a hello, an inventory, a command
+//! update on the coordinator's side; a command on the agent's — or are
+//! refused with an error, never a panic, and what converts is within the
+//! documented limits.
+#![no_main]
+
+use baton_common::command::{Command, CommandUpdate, MAX_UPDATE_ERROR_CHARS};
+use baton_common::host::{HostInfo, MAX_LABELS, MAX_SERVICES_PER_HOST, services_from_agent};
+use baton_proto::agent::v1 as pb;
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(msg) = pb::AgentMessage::decode(data) {
+        match msg.kind {
+            Some(pb::agent_message::Kind::Hello(hello)) => {
+                if let Ok(info) = HostInfo::try_from(hello) {
+                    assert!(info.services.len() <= MAX_SERVICES_PER_HOST);
+                    assert!(info.labels.len() <= MAX_LABELS);
+                }
+            }
+            Some(pb::agent_message::Kind::Inventory(inv)) => {
+                if let Ok(services) = services_from_agent(inv.services, "inventory") {
+                    assert!(services.len() <= MAX_SERVICES_PER_HOST);
+                }
+            }
+            Some(pb::agent_message::Kind::CommandUpdate(u)) => {
+                if let Ok(update) = CommandUpdate::try_from(u) {
+                    assert!(update.error.chars().count() <= MAX_UPDATE_ERROR_CHARS + 1);
+                    assert!(update.progress_percent <= 100);
+                }
+            }
+            Some(pb::agent_message::Kind::Heartbeat(_)) | None => {}
+        }
+    }
+    if let Ok(msg) = pb::CoordinatorMessage::decode(data)
+        && let Some(pb::coordinator_message::Kind::Command(c)) = msg.kind
+        && let Ok(command) = Command::try_from(c)
+    {
+        // What converts goes back to the wire and converts the same.
+        let again = Command::try_from(pb::Command::from(&command)).unwrap();
+        assert_eq!(again, command);
+    }
+});
