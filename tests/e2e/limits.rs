@@ -322,16 +322,7 @@ fn clients_without_a_certificate_hold_at_most_64_mib_while_others_are_served() {
     // says so, which means enrollment answered).
     rt.block_on(async {
         use baton_proto::agent::v1 as agent;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = env.anonymous_channel(&url).await;
         let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
             .enroll(agent::EnrollRequest {
                 token: "bt1-guess".into(),

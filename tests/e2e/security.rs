@@ -260,19 +260,9 @@ fn without_a_certificate_only_enrollment_answers() {
     use baton_proto::control::v1 as control;
     let env = TestEnv::new(&[]);
     let batond = Batond::start(&env, "batond", &[]);
-    let ca = std::fs::read(env.tls().join("ca.pem")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(batond.url())
-            .unwrap()
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = env.anonymous_channel(&batond.url()).await;
         let err = control::control_service_client::ControlServiceClient::new(channel.clone())
             .list_hosts(control::ListHostsRequest {})
             .await

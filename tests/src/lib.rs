@@ -147,6 +147,22 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// A channel to `url` without a client certificate (a new host before
+    /// it enrolls, or a stranger).
+    pub async fn anonymous_channel(&self, url: &str) -> tonic::transport::Channel {
+        let ca = std::fs::read(self.tls().join("ca.pem")).unwrap();
+        tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// `baton hosts --json` with the operator certificate, parsed.
     pub fn hosts(&self, url: &str) -> Vec<serde_json::Value> {
         let out = self.baton(url, &self.tls(), &["hosts", "--json"]);

@@ -458,27 +458,31 @@ impl Executor {
 
     /// The `pre_stop` hook of a release about to be stopped.
     pub(super) async fn pre_stop(&self, name: &str, old: &Current) -> Result<(), String> {
-        let run_dir = self.inner.releases.run_dir(name, &old.version);
-        run_hook(
-            name,
-            &old.version,
-            "pre_stop",
-            old.spec.hooks.pre_stop.as_ref(),
-            &old.release_dir,
-            &old.spec,
-            &run_dir,
-        )
-        .await
+        let hook = old.spec.hooks.pre_stop.as_ref();
+        self.old_hook(name, "pre_stop", hook, &OldRelease::of(old))
+            .await
     }
 
     /// The `post_stop` hook of a release that was stopped.
     async fn post_stop(&self, name: &str, old: &OldRelease) -> Result<(), String> {
+        self.old_hook(name, "post_stop", old.spec.hooks.post_stop.as_ref(), old)
+            .await
+    }
+
+    /// Runs `hook` (`which`) of the release `old`, in its own run directory.
+    async fn old_hook(
+        &self,
+        name: &str,
+        which: &str,
+        hook: Option<&crate::service::Hook>,
+        old: &OldRelease,
+    ) -> Result<(), String> {
         let run_dir = self.inner.releases.run_dir(name, &old.version);
         run_hook(
             name,
             &old.version,
-            "post_stop",
-            old.spec.hooks.post_stop.as_ref(),
+            which,
+            hook,
             &old.dir,
             &old.spec,
             &run_dir,
