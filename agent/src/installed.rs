@@ -49,6 +49,12 @@ impl Installed {
     /// Raises the record of `service` to `version` when that is higher
     /// (write, fsync, rename, fsync the directory).
     pub fn record(&self, service: &str, version: &str) -> Result<(), String> {
+        // A version from before versions had to be semantic ones (a host
+        // upgraded from an older Baton) cannot be ordered: it is not a
+        // mark. The next release, which must be one, will be.
+        if validate_version(version).is_err() {
+            return Ok(());
+        }
         if let Some(highest) = self.highest(service).ok().flatten()
             && !is_downgrade(version, &highest)
         {
@@ -126,6 +132,9 @@ mod tests {
         let e = installed.refuse("api", "1.0.0", true, false).unwrap_err();
         assert!(e.contains("allow_downgrade"), "{e}");
         installed.refuse("api", "1.0.0", true, true).unwrap();
+        // A version that is not a semantic one is no mark.
+        installed.record("legacy", "v1").unwrap();
+        assert_eq!(installed.highest("legacy").unwrap(), None);
         // A damaged record refuses rather than opening the check.
         std::fs::write(dir.path().join("installed/api"), "garbage").unwrap();
         assert!(installed.refuse("api", "3.0.0", false, false).is_err());
