@@ -13,14 +13,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use baton_common::artifact::{self, AGENT_NAME, ArtifactKind, Manifest, PublicKey, SignedManifest};
+use baton_common::artifact::{self, AGENT_NAME, PublicKey};
 use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
 use baton_common::host::{ServiceState, ServiceStatus};
 use baton_common::sdnotify::Notifier;
 use baton_proto::agent::v1 as pb;
-use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,6 +37,7 @@ use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process
 mod activate;
 mod download;
 mod hooks;
+mod stage;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
 use hooks::systemctl;
@@ -635,151 +635,6 @@ impl Executor {
             }
             CommandKind::Remove { service } => self.remove(&service, command.deadline).await,
         }
-    }
-
-    async fn stage(
-        &self,
-        id: &str,
-        name: &str,
-        version: &str,
-        manifest: Vec<u8>,
-        signature: Vec<u8>,
-    ) -> Result<(), String> {
-        artifact::validate_version(version).map_err(|e| e.to_string())?;
-        let (releases, kind) = if name == AGENT_NAME {
-            (self.inner.config.me.releases(), ArtifactKind::Agent)
-        } else {
-            (&self.inner.releases, ArtifactKind::Service)
-        };
-        if releases.is_staged(name, version) {
-            debug!(service = %name, %version, "already staged");
-            return Ok(());
-        }
-        // A downgrade may only return to a release the host still has:
-        // nothing older is ever fetched (the rollback attack).
-        let running = if kind == ArtifactKind::Agent {
-            Some(self.inner.config.me.version().to_owned())
-        } else {
-            releases.current(name)
-        };
-        if let Some(current) = running
-            && artifact::is_downgrade(&current, version)
-        {
-            return Err(format!(
-                "refusing to stage {name} {version}: it is older than the {current} this host runs, and a downgrade may only return to a release the host still has"
-            ));
-        }
-        // Nor below the highest version this host ever ran, which a
-        // removal does not erase.
-        self.inner.installed.refuse(name, version, false, false)?;
-        let signed = SignedManifest::parse(manifest, signature)
-            .map_err(|e| format!("the artifact's manifest is invalid: {e}"))?;
-        let m = &signed.manifest;
-        if m.name != name || m.version != version || m.kind != kind {
-            return Err(format!(
-                "the manifest is for {} {} {}, not {} {name} {version}",
-                m.kind.as_str(),
-                m.name,
-                m.version,
-                kind.as_str()
-            ));
-        }
-        if self.inner.config.trusted_keys.is_empty() {
-            return Err(format!(
-                "refusing {name} {version}: this agent trusts no release key (configure --trusted-key)"
-            ));
-        }
-        signed
-            .verify(&self.inner.config.trusted_keys)
-            .map_err(|e| format!("refusing {name} {version}: {e}"))?;
-        // Judged once, at the start of staging: a rollout that takes
-        // longer than the time left does not fail halfway.
-        m.check_fresh(SystemTime::now())
-            .map_err(|e| format!("refusing {name} {version}: {e}"))?;
-        let gate = lock(&self.inner.downloads)
-            .entry(m.payload_sha256.clone())
-            .or_default()
-            .clone();
-        let _one_at_a_time = gate.lock().await;
-        if releases.is_staged(name, version) {
-            return Ok(());
-        }
-        let payload = self.download(id, m).await?;
-        // Unpacking is blocking file work; keep it off the runtime.
-        let releases = releases.clone();
-        let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
-        let payload_path = payload.clone();
-        let unpacked = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let dest = releases
-                .staging_dir(&name_owned, &version_owned)
-                .map_err(|e| format!("cannot prepare the release directory: {e}"))?;
-            let file = std::fs::File::open(&payload_path)
-                .map_err(|e| format!("cannot reopen the download: {e}"))?;
-            artifact::unpack(
-                std::io::BufReader::new(file),
-                &dest,
-                &artifact::UnpackLimits::default(),
-            )
-            .map_err(|e| format!("cannot unpack {name_owned} {version_owned}: {e}"))?;
-            if kind == ArtifactKind::Agent {
-                use std::os::unix::fs::PermissionsExt;
-                let binary = dest.join(AGENT_NAME);
-                match std::fs::symlink_metadata(&binary) {
-                    Ok(m) if m.is_file() && m.permissions().mode() & 0o100 != 0 => {}
-                    _ => {
-                        let _ = std::fs::remove_dir_all(&dest);
-                        return Err(format!(
-                            "{name_owned} {version_owned} holds no executable baton-agent at its top"
-                        ));
-                    }
-                }
-            }
-            releases
-                .commit_staged(&dest, &name_owned, &version_owned)
-                .map_err(|e| {
-                    let _ = std::fs::remove_dir_all(&dest);
-                    format!("cannot move the release into place: {e}")
-                })
-        })
-        .await
-        .map_err(|e| format!("the unpack task failed: {e}"))
-        .and_then(|r| r);
-        // A payload that unpacked is not needed again; one that did not is
-        // bad (it matched its signed digest, so it will not get better).
-        let _ = std::fs::remove_file(&payload);
-        unpacked?;
-        info!(service = %name, %version, "staged");
-        Ok(())
-    }
-
-    /// Downloads a payload into `downloads/<hex>.partial` (see
-    /// [`download`]), reporting progress on the command.
-    async fn download(&self, id: &str, m: &Manifest) -> Result<PathBuf, String> {
-        let path = self
-            .inner
-            .config
-            .data_dir
-            .join("downloads")
-            .join(format!("{}.partial", m.payload_sha256));
-        let mut last_progress = Instant::now();
-        let fetch = self.inner.fetch.clone();
-        let client = move || {
-            ArtifactServiceClient::new(fetch.borrow().clone()).max_decoding_message_size(8 << 20)
-        };
-        download(client, m, &path, self.inner.config.download, |offset| {
-            if last_progress.elapsed() >= PROGRESS_EVERY {
-                last_progress = Instant::now();
-                self.publish(CommandUpdate {
-                    command_id: id.to_owned(),
-                    phase: Phase::Running,
-                    progress_percent: u32::try_from(offset * 100 / m.size.max(1)).unwrap_or(100),
-                    error: String::new(),
-                    health_wait: None,
-                });
-            }
-        })
-        .await?;
-        Ok(path)
     }
 
     /// Activation or rollback of the agent itself (see
