@@ -353,7 +353,10 @@ impl SelfUpgrade {
             argv: args()?,
             agent_pid: own_pid(),
             agent_start: start,
-            deadline: unix_millis(SystemTime::now() + gate.healthy_deadline),
+            deadline: unix_millis(baton_common::time::later(
+                SystemTime::now(),
+                gate.healthy_deadline,
+            )),
             min_healthy_time: gate.min_healthy_time,
             healthy_deadline: gate.healthy_deadline,
             systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),

@@ -619,6 +619,9 @@ pub struct Manifest {
 /// How long a packed artifact stays valid unless told otherwise.
 pub const DEFAULT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
+/// The longest an artifact may be valid (`baton artifact pack --expires-in`).
+pub const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl Manifest {
     /// When the manifest expires; `None` when it carries no expiry.
     pub fn expires_at(&self) -> Option<SystemTime> {

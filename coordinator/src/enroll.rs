@@ -124,7 +124,7 @@ impl Enrollment {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| Status::internal("no randomness for a token"))?;
         let token = format!("bt1-{}", crate::artifacts::hex(&secret));
-        let expires = SystemTime::now() + ttl;
+        let expires = baton_common::time::later(SystemTime::now(), ttl);
         let record = Token {
             host_id: host.to_string(),
             expires: unix_millis(expires),
@@ -229,7 +229,10 @@ impl Enrollment {
             .map_err(|e| Status::invalid_argument(format!("cannot sign the request: {e}")))?;
         Ok(Certificate {
             cert_pem,
-            not_after: Some(to_timestamp(SystemTime::now() + self.lifetime)),
+            not_after: Some(to_timestamp(baton_common::time::later(
+                SystemTime::now(),
+                self.lifetime,
+            ))),
         })
     }
 }

@@ -54,7 +54,7 @@ pub async fn ping(
     let targets = fleet.senders(labels).await?;
     let started = Instant::now();
     let give_up = tokio::time::Instant::from_std(started) + timeout;
-    let deadline = SystemTime::now() + timeout;
+    let deadline = baton_common::time::later(SystemTime::now(), timeout);
     let mut hosts = Vec::with_capacity(targets.len());
     let mut waiting = HashMap::with_capacity(targets.len());
     let mut queued = tokio::task::JoinSet::new();

@@ -203,6 +203,14 @@ pub fn pack_kind(
     validate_name(name)?;
     validate_version(version)?;
     check_kind(name, kind)?;
+    if expires_in.is_zero() || expires_in > MAX_EXPIRY {
+        return Err(ArtifactError::BadManifest {
+            reason: format!(
+                "expires in {}: it must be more than zero and at most 10 years",
+                crate::text::shorten(&humantime::format_duration(expires_in).to_string())
+            ),
+        });
+    }
     let (marker, executable) = match kind {
         ArtifactKind::Service => ("service.toml", false),
         ArtifactKind::Agent => (AGENT_NAME, true),
@@ -257,7 +265,10 @@ pub fn pack_kind(
         payload_sha256: hasher.hex_digest(),
         created: crate::time::rfc3339(SystemTime::now()),
         key_id: key.public_key().key_id(),
-        expires: Some(crate::time::rfc3339(SystemTime::now() + expires_in)),
+        expires: Some(crate::time::rfc3339(crate::time::later(
+            SystemTime::now(),
+            expires_in,
+        ))),
     };
     let signed = SignedManifest::sign(manifest, key)?;
     let mut reader = &payload.file;

@@ -200,6 +200,31 @@ fn pack_is_deterministic_apart_from_the_time() {
 }
 
 #[test]
+fn an_expiry_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, _) = keys(tmp.path(), "k");
+    let dir = service_dir(tmp.path());
+    let out = tmp.path().join("a.art");
+    for expires_in in [
+        std::time::Duration::ZERO,
+        std::time::Duration::from_secs(u64::MAX),
+    ] {
+        let err = pack_kind(
+            &dir,
+            "api",
+            "1.0.0",
+            ArtifactKind::Service,
+            expires_in,
+            &key,
+            &out,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("at most 10 years"), "{err}");
+    }
+}
+
+#[test]
 fn verify_refuses_a_wrong_key() {
     let tmp = tempfile::tempdir().unwrap();
     let (out, key, _) = packed(tmp.path());

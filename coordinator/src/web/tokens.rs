@@ -63,7 +63,7 @@ pub async fn create(
     )?;
     let token = format!("{PREFIX}{}", crate::artifacts::hex(&secret));
     let now = SystemTime::now();
-    let expires = now + ttl;
+    let expires = baton_common::time::later(now, ttl);
     // Expired tokens are forgotten as new ones are made.
     let mut ops = Vec::new();
     for (k, v) in store.list("dashboard-tokens/").await? {
@@ -78,10 +78,11 @@ pub async fn create(
         who: who.to_owned(),
         expires: unix_millis(expires),
     };
-    ops.push(Op::Put(
-        key(&token),
-        serde_json::to_vec(&record).unwrap_or_default(),
-    ));
+    let value = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+        key: key(&token),
+        reason: e.to_string(),
+    })?;
+    ops.push(Op::Put(key(&token), value));
     store
         .txn(Txn {
             compares: vec![],
