@@ -200,6 +200,10 @@ fn table() -> String {
             ),
         ),
         (
+            "an artifact's validity (`--expires-in`)",
+            time(baton_common::artifact::MAX_EXPIRY),
+        ),
+        (
             "an artifact's payload",
             format!(
                 "`--max-artifact-size`, at most {}",
