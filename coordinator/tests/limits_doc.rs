@@ -34,7 +34,12 @@ fn bytes(n: usize) -> String {
 }
 
 fn time(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    // Whole days as days (humantime would write 3650 days in years,
+    // months and hours).
+    match d.as_secs() {
+        s if s >= 86_400 && s.is_multiple_of(86_400) && s > 86_400 => format!("{}days", s / 86_400),
+        _ => humantime::format_duration(d).to_string(),
+    }
 }
 
 fn table() -> String {
