@@ -76,6 +76,11 @@ pub struct SupervisorConfig {
     pub restart_backoff_max: Duration,
     /// `service.log` is rotated to `service.log.1` beyond this size.
     pub log_max_bytes: u64,
+    /// Start the process even when its `process.json` cannot be written
+    /// (a full disk): an agent restart will not find it, but it serves.
+    /// For bringing an old release back; otherwise a process that cannot
+    /// be recorded is not started.
+    pub unrecorded_ok: bool,
 }
 
 impl Default for SupervisorConfig {
@@ -84,6 +89,7 @@ impl Default for SupervisorConfig {
             restart_backoff_initial: Duration::from_secs(1),
             restart_backoff_max: Duration::from_secs(30),
             log_max_bytes: 10 * 1024 * 1024,
+            unrecorded_ok: false,
         }
     }
 }
@@ -590,12 +596,16 @@ impl Context {
             listen: self.sockets.iter().map(|s| s.spec.clone().into()).collect(),
         };
         if let Err(e) = write_process_file(&self.run_dir, &record) {
-            // An unrecorded service would be orphaned by the next agent
-            // restart; it never passes its gate (and is killed anyway).
-            drop(go);
-            kill_group(pid, Signal::SIGKILL);
-            let _ = child.start_kill();
-            return Err(e);
+            if self.config.unrecorded_ok {
+                error!(service = %self.name, version = %self.version, error = %e, "starting the service unrecorded: an agent restart will not find it");
+            } else {
+                // An unrecorded service would be orphaned by the next agent
+                // restart; it never passes its gate (and is killed anyway).
+                drop(go);
+                kill_group(pid, Signal::SIGKILL);
+                let _ = child.start_kill();
+                return Err(e);
+            }
         }
         // Recorded: let it run. A failed write means the shell is gone
         // already; the monitor sees it exit.

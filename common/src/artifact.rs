@@ -1085,14 +1085,16 @@ pub fn version_order(v: &str) -> Option<semver::Version> {
     })
 }
 
-/// Whether going from version `from` to `to` goes down. Versions that
-/// cannot be ordered (written before versions had to be semantic, and
-/// unreadable as one) count as a downgrade unless they are the same: what
-/// cannot be ordered is never let through silently.
+/// Whether going from version `from` to `to` goes down. A version that
+/// cannot be ordered (one written before versions had to be semantic, or
+/// one a hostile agent reports) is no evidence of a downgrade: refusing on
+/// it would let such a report block every upgrade. Rollback protection
+/// rests on the agent's record of the highest version it ran, which only
+/// ever holds semantic versions.
 pub fn is_downgrade(from: &str, to: &str) -> bool {
     match (version_order(from), version_order(to)) {
         (Some(from), Some(to)) => to < from,
-        _ => from != to,
+        _ => false,
     }
 }
 

@@ -38,14 +38,21 @@ pub fn from_duration(d: &prost_types::Duration) -> Option<Duration> {
 /// Formats a time as RFC 3339 in UTC with second precision
 /// (`2026-11-26T07:00:00Z`), the form every `--json` output uses.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_seconds(t.min(last_formattable())).to_string()
+}
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59Z): later times
+/// (a saturated deadline, a hostile timestamp) are written as it rather
+/// than failing to format.
+fn last_formattable() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
 /// Formats a time as RFC 3339 in UTC with millisecond precision
 /// (`2026-11-26T07:00:00.250Z`), for timestamps whose order matters within
 /// a second (a rollout's hosts).
 pub fn rfc3339_millis(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    humantime::format_rfc3339_millis(t.min(last_formattable())).to_string()
 }
 
 /// Milliseconds since the Unix epoch, the form timestamps take in the store.
@@ -124,6 +131,8 @@ mod tests {
             now + Duration::from_secs(5)
         );
         assert_eq!(from_unix_millis(u64::MAX), far_future());
+        assert_eq!(rfc3339(far_future()), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339_millis(far_future()), "9999-12-31T23:59:59.000Z");
         let (min, max) = (Duration::from_millis(1), Duration::from_secs(3600));
         assert_eq!(parse_bounded("2s", min, max), Ok(Duration::from_secs(2)));
         assert_eq!(

@@ -113,6 +113,9 @@ pub struct Audit {
     refused_cap: usize,
     windows: Arc<Mutex<HashMap<String, Window>>>,
     max_windows: usize,
+    /// When windows that are over were last looked for: at most once a
+    /// second, so a flood of refusals costs no scan each.
+    last_sweep: Arc<Mutex<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,6 +138,7 @@ impl Audit {
             refused_cap: MAX_REFUSED_ENTRIES,
             windows: Arc::default(),
             max_windows: MAX_WINDOWS,
+            last_sweep: Arc::new(Mutex::new(Instant::now())),
         }
     }
 
@@ -162,7 +166,7 @@ impl Audit {
             self.write(CHANGES, &entry).await;
             return;
         }
-        let mut due = self.close_windows();
+        let mut due = self.close_windows(false);
         let individually = {
             let mut windows = lock(&self.windows);
             if windows.len() >= self.max_windows && !windows.contains_key(&entry.who) {
@@ -227,8 +231,15 @@ impl Audit {
     }
 
     /// Takes the windows that are over and turns those with uncounted
-    /// refusals into entries.
-    fn close_windows(&self) -> Vec<AuditEntry> {
+    /// refusals into entries; looks at most once a second unless `now`.
+    fn close_windows(&self, now: bool) -> Vec<AuditEntry> {
+        {
+            let mut last = lock(&self.last_sweep);
+            if !now && last.elapsed() < Duration::from_secs(1) {
+                return Vec::new();
+            }
+            *last = Instant::now();
+        }
         let now = SystemTime::now();
         let mut windows = lock(&self.windows);
         let over: Vec<String> = windows
@@ -298,7 +309,7 @@ impl Audit {
     /// The newest `limit` entries of both logs, newest first. Refusals
     /// counted so far are written first, so the listing has them.
     pub async fn list(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let mut counted = self.close_windows();
+        let mut counted = self.close_windows(true);
         counted.extend(self.take_counts());
         for aggregate in counted {
             self.write(REFUSED, &aggregate).await;

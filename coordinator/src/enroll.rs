@@ -145,8 +145,8 @@ impl Enrollment {
     /// Spends `token` on a certificate for `host_id`.
     async fn enroll(&self, req: &EnrollRequest) -> Result<Certificate, Status> {
         let ca = self.ca()?;
-        let host = HostId::try_from(req.host_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        // The token first: whatever else a caller without one sends is a
+        // guess, answered the same way and never audited.
         let key = token_key(&req.token);
         let raw = self
             .store
@@ -154,6 +154,8 @@ impl Enrollment {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::permission_denied(UNKNOWN_TOKEN))?;
+        let host = HostId::try_from(req.host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
         let token: Token =
             serde_json::from_slice(&raw).map_err(|e| Status::internal(e.to_string()))?;
         let key_hex = baton_common::pki::csr_public_key(&req.csr_pem)
@@ -250,18 +252,27 @@ impl EnrollmentService for EnrollmentApi {
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
         let req = request.into_inner();
-        let host: String = req.host_id.chars().take(128).collect();
-        let who = format!("an enrollment for {host:?} from {from}");
+        let host = baton_common::text::quote(&req.host_id);
+        // The caller is its address: what it claims (a host id) is in the
+        // entry, but it cannot make every attempt a caller of its own and
+        // so escape the audit log's rate.
+        let who = format!("an enrollment from {from}");
         let result = self.0.enroll(&req).await;
         let (outcome, error) = match &result {
-            Ok(_) => ("ok", String::new()),
+            Ok(_) => ("ok", format!("host {host}")),
             Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                ("denied", s.message().to_owned())
+                ("denied", format!("host {host}: {}", s.message()))
             }
-            Err(s) => ("failed", s.message().to_owned()),
+            Err(s) => ("failed", format!("host {host}: {}", s.message())),
         };
         if let Err(s) = &result {
-            warn!(%who, reason = %s.message(), "refused an enrollment");
+            // Guesses come from anyone: warned of once a second at most.
+            static WARNED: baton_common::text::Throttle = baton_common::text::Throttle::new();
+            if WARNED.allow(std::time::Duration::from_secs(1)) {
+                warn!(%who, %host, reason = %s.message(), "refused an enrollment (more this second are logged at debug level)");
+            } else {
+                tracing::debug!(%who, %host, reason = %s.message(), "refused an enrollment");
+            }
         }
         // Guesses with no real token are logged, not stored: anyone may
         // call this, and the store must not be theirs to fill.

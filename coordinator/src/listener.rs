@@ -15,8 +15,9 @@
 //!   [`MAX_HANDSHAKES_PER_ADDRESS`] from one address (others wait their
 //!   turn), so one address stalling handshakes cannot hold the others up;
 //! - every connection completes its handshake within
-//!   [`TLS_HANDSHAKE_TIMEOUT`] of being accepted, waiting included, or is
-//!   closed;
+//!   [`TLS_HANDSHAKE_TIMEOUT`] of being accepted, waiting included, and
+//!   within [`HANDSHAKE_TURN`] of getting its turn, or is closed;
+//! - addresses count per IPv4 address and per IPv6 /64;
 //! - at most [`MAX_ANONYMOUS`] connections without a certificate are open
 //!   at once, [`MAX_ANONYMOUS_PER_ADDRESS`] from one address, each for at
 //!   most [`ANONYMOUS_LIFETIME`]; more are closed at once.
@@ -54,6 +55,9 @@ pub const MAX_ANONYMOUS_PER_ADDRESS: usize = 8;
 /// How long a connection without a client certificate may stay open
 /// (enrolling takes one call).
 pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
+/// How long a handshake may hold its turn: one that stops making progress
+/// gives its place up well before the overall timeout.
+pub const HANDSHAKE_TURN: Duration = Duration::from_secs(5);
 
 /// Connections handed to a server before it takes them.
 const QUEUE: usize = 64;
@@ -112,8 +116,14 @@ impl Shared {
     /// Forgets an address's handshake gate once nobody uses it.
     fn release_address_gate(&self, ip: IpAddr, gate: Arc<Semaphore>) {
         let mut counts = lock(&self.counts);
-        // Ours and the map's are the only references left: nobody waits.
-        if Arc::strong_count(&gate) == 2 {
+        // Let go of ours under the lock: whoever takes a clone takes it
+        // under the lock too, so the map's is then the only one left.
+        drop(gate);
+        if counts
+            .handshakes
+            .get(&ip)
+            .is_some_and(|g| Arc::strong_count(g) == 1)
+        {
             counts.handshakes.remove(&ip);
         }
     }
@@ -185,7 +195,7 @@ pub fn accept(
                     tasks.spawn(async move {
                         tokio::select! {
                             _ = stop.cancelled() => {}
-                            _ = handshake(shared, tcp, peer.ip()) => {}
+                            _ = handshake(shared, tcp, source(peer.ip())) => {}
                         }
                     });
                 }
@@ -206,6 +216,22 @@ pub fn accept(
     }
 }
 
+/// The source a connection counts against: its address, or for IPv6 its
+/// /64 (a host usually has a whole /64 to pick addresses from); an IPv4
+/// address mapped into IPv6 counts as itself.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
 /// One connection from accept to a server, or closed.
 async fn handshake(shared: Arc<Shared>, tcp: TcpStream, ip: IpAddr) {
     let deadline = Instant::now() + TLS_HANDSHAKE_TIMEOUT;
@@ -215,7 +241,11 @@ async fn handshake(shared: Arc<Shared>, tcp: TcpStream, ip: IpAddr) {
         tcp.readable().await.ok()?;
         let _mine = gate.clone().acquire_owned().await.ok()?;
         let _turn = shared.handshakes.clone().acquire_owned().await.ok()?;
-        shared.acceptor.accept(tcp).await.ok()
+        // A handshake that stalls gives its turn up after HANDSHAKE_TURN.
+        tokio::time::timeout(HANDSHAKE_TURN, shared.acceptor.accept(tcp))
+            .await
+            .ok()?
+            .ok()
     })
     .await;
     shared.release_address_gate(ip, gate);
@@ -329,5 +359,22 @@ impl Connected for Conn {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_64s() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source(v4), v4);
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(source(mapped), v4);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_eq!(source(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
     }
 }

@@ -125,7 +125,7 @@ fn table() -> String {
         ),
         (
             "a status message (longer is cut)",
-            format!("{} characters", count(limits::MAX_STATUS_MESSAGE)),
+            bytes(limits::MAX_STATUS_MESSAGE),
         ),
         (
             "events in a `ListRolloutEvents` page",
@@ -140,6 +140,10 @@ fn table() -> String {
         (
             "TLS handshakes at once from one address",
             count(listener::MAX_HANDSHAKES_PER_ADDRESS),
+        ),
+        (
+            "a TLS handshake once it has its turn",
+            time(listener::HANDSHAKE_TURN),
         ),
         (
             "a TLS handshake, waiting included",

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::hooks::{run_hook, systemctl};
+use super::hooks::{Bound, run_hook, systemctl};
 use super::{
     Current, Executor, Runner, Slot, SlotState, cancel_activations, listen_specs, lock,
     notify_socket, wait_ready,
@@ -175,6 +175,7 @@ impl Executor {
             return Ok(());
         }
 
+        let bound = Some(Bound { until, cancel });
         run_hook(
             name,
             version,
@@ -183,8 +184,16 @@ impl Executor {
             &release_dir,
             &spec,
             &run_dir,
+            bound,
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            if cancel.is_cancelled() {
+                cancelled("in its pre_start hook")
+            } else {
+                e
+            }
+        })?;
         if cancel.is_cancelled() {
             return Err(cancelled("before the swap"));
         }
@@ -258,7 +267,7 @@ impl Executor {
             if ready.is_ok()
                 && let Some(old) = &st.current
             {
-                ready = self.pre_stop(name, old).await;
+                ready = self.pre_stop(name, old, bound).await;
             }
             if ready.is_ok() && cancel.is_cancelled() {
                 ready = Err(cancelled("before the old process was stopped"));
@@ -291,14 +300,14 @@ impl Executor {
                 if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
                     return Err(e);
                 }
-                self.post_stop(name, &kept).await?;
+                self.post_stop(name, &kept, bound).await?;
             }
         } else {
             // Stop, then start: the service is down in between (without
             // `listen` sockets, `pre_stop` is where to drain it).
             let old = match st.current.take() {
                 Some(old) => {
-                    if let Err(e) = self.pre_stop(name, &old).await {
+                    if let Err(e) = self.pre_stop(name, &old, bound).await {
                         st.current = Some(old);
                         return Err(e);
                     }
@@ -368,7 +377,7 @@ impl Executor {
             };
             self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
             if let Some(kept) = &old {
-                self.post_stop(name, kept).await?;
+                self.post_stop(name, kept, bound).await?;
             }
         }
         // The health gate, on the new process alone, in the time left.
@@ -397,6 +406,7 @@ impl Executor {
             &release_dir,
             &spec,
             &run_dir,
+            bound,
         )
         .await?;
         // Sockets the new release no longer declares are closed.
@@ -431,7 +441,12 @@ impl Executor {
                     &old.dir,
                     old.spec.clone(),
                     &self.inner.releases.run_dir(name, &old.version),
-                    self.inner.config.supervisor,
+                    // Serving matters more than a record here: the disk
+                    // may be what failed the activation.
+                    crate::supervisor::SupervisorConfig {
+                        unrecorded_ok: true,
+                        ..self.inner.config.supervisor
+                    },
                     sockets,
                 )
                 .map_err(|e| e.to_string())
@@ -457,16 +472,26 @@ impl Executor {
     }
 
     /// The `pre_stop` hook of a release about to be stopped.
-    pub(super) async fn pre_stop(&self, name: &str, old: &Current) -> Result<(), String> {
+    pub(super) async fn pre_stop(
+        &self,
+        name: &str,
+        old: &Current,
+        bound: Option<Bound<'_>>,
+    ) -> Result<(), String> {
         let hook = old.spec.hooks.pre_stop.as_ref();
-        self.old_hook(name, "pre_stop", hook, &OldRelease::of(old))
+        self.old_hook(name, "pre_stop", hook, &OldRelease::of(old), bound)
             .await
     }
 
     /// The `post_stop` hook of a release that was stopped.
-    async fn post_stop(&self, name: &str, old: &OldRelease) -> Result<(), String> {
-        self.old_hook(name, "post_stop", old.spec.hooks.post_stop.as_ref(), old)
-            .await
+    async fn post_stop(
+        &self,
+        name: &str,
+        old: &OldRelease,
+        bound: Option<Bound<'_>>,
+    ) -> Result<(), String> {
+        let hook = old.spec.hooks.post_stop.as_ref();
+        self.old_hook(name, "post_stop", hook, old, bound).await
     }
 
     /// Runs `hook` (`which`) of the release `old`, in its own run directory.
@@ -476,6 +501,7 @@ impl Executor {
         which: &str,
         hook: Option<&crate::service::Hook>,
         old: &OldRelease,
+        bound: Option<Bound<'_>>,
     ) -> Result<(), String> {
         let run_dir = self.inner.releases.run_dir(name, &old.version);
         run_hook(
@@ -486,6 +512,7 @@ impl Executor {
             &old.dir,
             &old.spec,
             &run_dir,
+            bound,
         )
         .await
     }
@@ -499,9 +526,17 @@ impl Executor {
         until: Instant,
     ) -> Result<(), String> {
         let kept = OldRelease::of(&old);
-        self.stop_bounded(name, old, until, &CancellationToken::new())
-            .await?;
-        self.post_stop(name, &kept).await
+        let cancel = CancellationToken::new();
+        self.stop_bounded(name, old, until, &cancel).await?;
+        self.post_stop(
+            name,
+            &kept,
+            Some(Bound {
+                until,
+                cancel: &cancel,
+            }),
+        )
+        .await
     }
 
     /// Stops a release's process, killing it early at `until` or when

@@ -26,7 +26,9 @@ pub const DEFAULT_STALL_WINDOW: Duration = Duration::from_secs(30);
 /// How slow a download may be. A download below [`MIN_FETCH_RATE`] over a
 /// window (or silent for one) has stalled: it is broken off and resumed,
 /// and after [`STALLS`] stalls in a row staging fails — within
-/// `STALLS × window` (90 s by default) of the source turning slow.
+/// `STALLS × window` (90 s by default) of the source turning slow. From
+/// `STALLS × window` on, the download's average since it began must keep
+/// the rate too, so good windows between stalls do not reset the count.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// The window.
@@ -106,6 +108,16 @@ pub async fn download(
     let received: Result<(), (String, bool)> = async {
         let mut attempts = 0;
         let mut stalls = 0;
+        // The download as a whole must keep MIN_FETCH_RATE too, judged
+        // from STALLS windows on: a source alternating good windows with
+        // stalls cannot keep it dribbling.
+        let began = (Instant::now(), offset);
+        let average = |offset: u64| {
+            let secs = began.0.elapsed().as_secs_f64();
+            (secs >= (window_len * STALLS).as_secs_f64())
+                .then(|| ((offset - began.1) as f64 / secs.max(0.001)) as u64)
+                .filter(|rate| *rate < MIN_FETCH_RATE)
+        };
         while offset < m.size {
             // Asked anew each attempt: after a coordinator failover the
             // agent downloads from the new leader.
@@ -193,6 +205,19 @@ pub async fn download(
                                 "the download of {digest} stalled {stalls} times in a row, below {} KiB/s for {} each (last: {why}), at {offset} of {} bytes",
                                 MIN_FETCH_RATE >> 10,
                                 humantime::format_duration(window_len),
+                                m.size
+                            ),
+                            false,
+                        ));
+                    }
+                    if let Some(rate) = average(offset) {
+                        return Err((
+                            format!(
+                                "the download of {digest} averaged {rate} bytes/s over {}, below {} KiB/s, at {offset} of {} bytes",
+                                humantime::format_duration(std::time::Duration::from_secs(
+                                    began.0.elapsed().as_secs()
+                                )),
+                                MIN_FETCH_RATE >> 10,
                                 m.size
                             ),
                             false,

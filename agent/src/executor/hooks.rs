@@ -8,10 +8,21 @@ use tracing::warn;
 
 use crate::service::{self, Hook, ServiceSpec};
 
+/// What else ends a hook early: the deadline of the activation it is part
+/// of, and its cancellation (a rollback, an abort).
+#[derive(Clone, Copy)]
+pub(super) struct Bound<'a> {
+    /// The activation's deadline.
+    pub until: tokio::time::Instant,
+    /// Its cancellation.
+    pub cancel: &'a tokio_util::sync::CancellationToken,
+}
+
 /// Runs a hook in the release directory with the service's environment,
-/// in its own process group (killed whole at the timeout). Its output is
-/// appended to the release's service log; on failure its last lines go
-/// into the error.
+/// in its own process group (killed whole at its timeout, at `bound`'s
+/// deadline or when `bound` is cancelled). Its output is appended to the
+/// release's service log; on failure its last lines go into the error.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_hook(
     service_name: &str,
     version: &str,
@@ -20,6 +31,7 @@ pub(super) async fn run_hook(
     release_dir: &std::path::Path,
     spec: &ServiceSpec,
     run_dir: &std::path::Path,
+    bound: Option<Bound<'_>>,
 ) -> Result<(), String> {
     let Some(hook) = hook else {
         return Ok(());
@@ -54,22 +66,51 @@ pub(super) async fn run_hook(
         .spawn()
         .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
     let pgid = child.id();
-    let result = tokio::time::timeout(hook.timeout, child.wait_with_output()).await;
+    // The whole group: a hook's children must not outlive it.
+    let kill = || {
+        if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    };
+    let left = bound.map(|b| {
+        b.until
+            .saturating_duration_since(tokio::time::Instant::now())
+    });
+    let limit = left.map_or(hook.timeout, |l| l.min(hook.timeout));
+    let cancelled = async {
+        match bound {
+            Some(b) => b.cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(limit, child.wait_with_output()) => r,
+        () = cancelled => {
+            kill();
+            append_log(run_dir, which, b"", b"(killed: its activation was cancelled)\n");
+            return Err(fail("its activation was cancelled; killed with its process group".into()));
+        }
+    };
     let output = match result {
         Ok(r) => r.map_err(|e| fail(e.to_string()))?,
         Err(_) => {
-            // The whole group: a hook's children must not outlive it.
-            if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            kill();
             append_log(run_dir, which, b"", b"(killed at its timeout)\n");
-            return Err(fail(format!(
-                "timed out after {}; killed with its process group",
-                humantime::format_duration(hook.timeout)
-            )));
+            return Err(fail(if limit < hook.timeout {
+                format!(
+                    "still running when the activation's deadline came (after {}; its timeout is {}); killed with its process group",
+                    humantime::format_duration(limit),
+                    humantime::format_duration(hook.timeout)
+                )
+            } else {
+                format!(
+                    "timed out after {}; killed with its process group",
+                    humantime::format_duration(hook.timeout)
+                )
+            }));
         }
     };
     append_log(run_dir, which, &output.stdout, &output.stderr);
@@ -178,7 +219,19 @@ mod tests {
         };
         let run_it = |h: Hook| {
             let (dir, spec, run) = (dir.path().to_owned(), spec.clone(), run.clone());
-            async move { run_hook("api", "2.0.0", "pre_start", Some(&h), &dir, &spec, &run).await }
+            async move {
+                run_hook(
+                    "api",
+                    "2.0.0",
+                    "pre_start",
+                    Some(&h),
+                    &dir,
+                    &spec,
+                    &run,
+                    None,
+                )
+                .await
+            }
         };
         run_it(hook("bin/ok", 10_000)).await.unwrap();
         let err = run_it(hook("bin/fail", 10_000)).await.unwrap_err();

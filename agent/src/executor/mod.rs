@@ -268,8 +268,11 @@ impl Executor {
             .current(name)
             .ok_or("no current release")?;
         // A host that ran this before the records existed: what runs is
-        // the mark to start from.
-        if let Err(e) = self.inner.installed.record(name, &version) {
+        // the mark to start from. Only then: `current` may be a release
+        // whose health gate a crash interrupted, which must not raise it.
+        if matches!(self.inner.installed.highest(name), Ok(None))
+            && let Err(e) = self.inner.installed.record(name, &version)
+        {
             warn!(service = %name, error = %e, "cannot record the installed version");
         }
         let release_dir = self.inner.releases.release_dir(name, &version);
@@ -906,6 +909,17 @@ impl Executor {
         let slot = self.slot(name);
         cancel_activations(&slot, "a removal");
         let mut st = slot.state.lock().await;
+        let until = activate::instant_of(deadline);
+        // The hook first, while the service is still in place and
+        // watched: a failing pre_stop leaves it as it was.
+        if let Some(old) = st.current.as_ref() {
+            let never = CancellationToken::new();
+            let bound = hooks::Bound {
+                until,
+                cancel: &never,
+            };
+            self.pre_stop(name, old, Some(bound)).await?;
+        }
         if let Some(m) = st.monitor.take() {
             m.abort();
         }
@@ -914,9 +928,7 @@ impl Executor {
                 Runner::Systemd { unit, .. } => Some(unit.clone()),
                 Runner::Native(_) => None,
             };
-            self.pre_stop(name, &old).await?;
-            self.stop_old(name, old, activate::instant_of(deadline))
-                .await?;
+            self.stop_old(name, old, until).await?;
             if let Some(unit) = unit {
                 systemctl(&["stop", &unit])
                     .await

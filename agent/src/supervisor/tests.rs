@@ -27,6 +27,7 @@ fn fast() -> SupervisorConfig {
         restart_backoff_initial: Duration::from_millis(50),
         restart_backoff_max: Duration::from_secs(1),
         log_max_bytes: 1024 * 1024,
+        unrecorded_ok: false,
     }
 }
 

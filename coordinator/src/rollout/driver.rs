@@ -12,10 +12,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use baton_common::command::{CommandUpdate, Phase};
 use baton_common::host::{HostId, HostView};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::events;
 use super::machine::{self, Action, Event, Operator, Rollout, State};
@@ -99,7 +100,14 @@ pub struct Rollouts {
     /// driver: a large plan costs its own request, not running rollouts.
     fleet: FleetHandle,
     artifacts: Artifacts,
+    /// Plans parsed and resolved at once; more wait. A plan's parse may
+    /// hold tens of megabytes for a moment, and a resolution a copy of the
+    /// fleet: together they stay bounded however many clients ask.
+    resolving: Arc<tokio::sync::Semaphore>,
 }
+
+/// Plans parsed and resolved at once (see `Rollouts::resolving`).
+const RESOLVING: usize = 2;
 
 impl Rollouts {
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, RolloutError> {
@@ -127,6 +135,11 @@ impl Rollouts {
     /// Parsing and resolving run here, on a blocking thread, never in the
     /// driver.
     pub async fn plan(&self, text: String) -> Result<Rollout, RolloutError> {
+        let _turn = self
+            .resolving
+            .acquire()
+            .await
+            .map_err(|_| RolloutError::Stopped)?;
         let (text, plan) = tokio::task::spawn_blocking(move || {
             let plan = Plan::parse(&text);
             (text, plan)
@@ -216,6 +229,9 @@ struct Driver {
     /// is lost, so their outstanding commands are re-sent on the next tick
     /// and the agents answer them again from their journals.
     resend: HashSet<String>,
+    /// Rollouts whose hosts reported progress since the last tick: their
+    /// watchers see it on the next tick, not on every update.
+    progressed: HashSet<String>,
     /// Rollouts not running, decoded from the store at the first listing
     /// and kept since: they change only through this driver, and listing
     /// (the dashboard on every change, each metrics scrape) must not
@@ -313,6 +329,7 @@ pub async fn spawn_with(
         active,
         connected: HashMap::new(),
         resend: HashSet::new(),
+        progressed: HashSet::new(),
         finished: None,
         metrics,
         changed,
@@ -323,6 +340,7 @@ pub async fn spawn_with(
         store: driver.store.clone(),
         fleet: driver.fleet.clone(),
         artifacts: driver.artifacts.clone(),
+        resolving: Arc::new(tokio::sync::Semaphore::new(RESOLVING)),
     };
     let task = tokio::spawn(driver.run(rx, shutdown));
     Ok((handle, task))
@@ -346,12 +364,9 @@ impl Driver {
                 },
                 u = updates.recv() => match u {
                     Ok((host, update)) => {
-                        if let (Some(took), baton_common::command::Phase::Done(_)) = (update.health_wait, update.phase) {
-                            self.metrics.health_wait.observe(took);
-                        }
                         let Some((id, _)) = update.command_id.split_once('/') else { continue };
                         let id = id.to_owned();
-                        self.apply(&id, Event::Update(host, update)).await.ok();
+                        self.on_update(&id, host, update).await;
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "fell behind on agent updates; re-sending outstanding commands to recover");
@@ -375,6 +390,12 @@ impl Driver {
                     for id in std::mem::take(&mut self.resend) {
                         self.resend_outstanding(&id).await;
                     }
+                    for id in std::mem::take(&mut self.progressed) {
+                        if let Some(a) = self.active.get(&id) {
+                            a.watch.send_replace(a.rollout.clone());
+                            self.changed.send_modify(|n| *n += 1);
+                        }
+                    }
                     let ids: Vec<String> = self.active.keys().cloned().collect();
                     for id in ids {
                         self.apply(&id, Event::Tick).await.ok();
@@ -383,6 +404,47 @@ impl Driver {
             }
         }
         info!("rollout driver stopped");
+    }
+
+    /// An agent's update. Only one that answers the host's outstanding
+    /// command in that rollout can move it: anything else (a superseded
+    /// command, an id a hostile agent made up) is dropped before any work,
+    /// and progress is noted in place and published on the next tick —
+    /// a step, which costs the whole rollout, is taken for final answers
+    /// only.
+    async fn on_update(&mut self, id: &str, host: HostId, update: CommandUpdate) {
+        let Some(entry) = self.active.get_mut(id) else {
+            return;
+        };
+        let mut answers = false;
+        for s in &mut entry.rollout.services {
+            let Some(h) = s.hosts.get_mut(&host) else {
+                continue;
+            };
+            if h
+                .outstanding
+                .as_ref()
+                .is_none_or(|c| c.id != update.command_id)
+            {
+                continue;
+            }
+            answers = true;
+            if !matches!(update.phase, Phase::Done(_)) {
+                if h.progress != update.progress_percent {
+                    h.progress = update.progress_percent;
+                    self.progressed.insert(id.to_owned());
+                }
+                return;
+            }
+        }
+        if !answers {
+            debug!(rollout = %id, %host, command = %update.command_id, "dropping an update for no outstanding command");
+            return;
+        }
+        if let Some(took) = update.health_wait {
+            self.metrics.health_wait.observe(took);
+        }
+        self.apply(id, Event::Update(host, update)).await.ok();
     }
 
     /// Brings the connected set in line with `hosts`, telling rollouts.

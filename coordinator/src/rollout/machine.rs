@@ -508,13 +508,15 @@ fn operator(
             r.error = Some("aborted by an operator".into());
             // An activation in flight is cancelled on its host: it never
             // swaps afterwards, and an old release it stopped is started
-            // again. (Sent once, to connected hosts; not outstanding.)
+            // again. (Sent once, to connected hosts; not outstanding. A
+            // rollback in flight goes on: it returns a host to what it ran,
+            // and cutting it short would leave it between the two.)
             let mut cancels = Vec::new();
             for s in &mut r.services {
                 for (host, h) in &mut s.hosts {
                     let in_flight = matches!(
                         h.outstanding.as_ref().map(|c| &c.kind),
-                        Some(CommandKind::Activate { .. } | CommandKind::Rollback { .. })
+                        Some(CommandKind::Activate { .. })
                     );
                     if in_flight && h.connected {
                         cancels.push((host.clone(), s.name.clone()));
