@@ -155,3 +155,35 @@ fn the_stop_counts_against_the_deadline_and_an_abort_cancels_it() {
             .contains("demo-service 2.0.0 listening")
     );
 }
+
+#[test]
+fn an_abort_cancels_the_activation_on_its_host_and_the_old_release_serves() {
+    let fleet = stubborn_fleet();
+    let id = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmin_healthy_time = \"200ms\"\n",
+    );
+    wait_until("1.0.0 to ignore its stop signal", SOON, || {
+        (ignored_stops(&fleet) >= 1).then_some(())
+    });
+    let out = fleet.baton(&["rollout", "abort", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let s = fleet.wait_done(&id, SOON);
+    assert_eq!(s["state"], "aborted", "{s}");
+    // The coordinator's Cancel reached the host: the stop was cut short,
+    // nothing swapped, and 1.0.0 serves again.
+    wait_until("the activation to be cancelled", SOON, || {
+        fleet.agents["h1"]
+            .log_text()
+            .contains("cancelled by an abort while the old process was stopping")
+            .then_some(())
+    });
+    wait_until("1.0.0 to serve again", SOON, || {
+        (fleet.get("h1").as_deref() == Some("demo-service 1.0.0")).then_some(())
+    });
+    assert_eq!(current(&fleet), "releases/1.0.0");
+    assert!(
+        !fleet
+            .service_log("h1")
+            .contains("demo-service 2.0.0 listening")
+    );
+}

@@ -383,4 +383,99 @@ mod tests {
         assert_eq!(offset, 0);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
+
+    /// A source that keeps pace for one window, then goes silent for one,
+    /// over and over: never three stalls in a row, a third of the rate on
+    /// average.
+    struct Alternating {
+        window: Duration,
+    }
+
+    #[tonic::async_trait]
+    impl pb::artifact_service_server::ArtifactService for Alternating {
+        type FetchStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<pb::FetchChunk, tonic::Status>> + Send>,
+        >;
+
+        async fn fetch(
+            &self,
+            request: tonic::Request<pb::FetchRequest>,
+        ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
+            let offset = request.into_inner().offset;
+            let window = self.window;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                // Enough for the first window (counted at a byte sent just
+                // after it, with another in between so that no gap is a
+                // window long), then silence.
+                let first = bytes::Bytes::from(vec![0u8; (MIN_FETCH_RATE * 3 / 2) as usize]);
+                let len = first.len() as u64;
+                let chunk = |offset: u64, data: bytes::Bytes| {
+                    Ok(pb::FetchChunk {
+                        offset,
+                        data,
+                        size: 1 << 30,
+                    })
+                };
+                let _ = tx.send(chunk(offset, first)).await;
+                for i in 0..3 {
+                    tokio::time::sleep(window * 4 / 10).await;
+                    let byte = bytes::Bytes::from_static(b"x");
+                    let _ = tx.send(chunk(offset + len + i, byte)).await;
+                }
+                tokio::time::sleep(window * 10).await;
+            });
+            Ok(tonic::Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_alternating_good_windows_and_stalls_fails_on_its_average() {
+        // Messages come 0.4 windows apart (robust to a loaded machine); the
+        // window is judged at the third, after 1.2 windows.
+        let window = Duration::from_secs(1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::artifact_service_server::ArtifactServiceServer::new(
+                    Alternating { window },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let m = Manifest {
+            name: "api".into(),
+            kind: Default::default(),
+            version: "1.0.0".into(),
+            payload_sha256: "0".repeat(64),
+            size: 1 << 30,
+            created: String::new(),
+            key_id: String::new(),
+            expires: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // Judged from the third window on, not left to dribble.
+        let err = tokio::time::timeout(
+            window * 20,
+            download(
+                || ArtifactServiceClient::new(channel.clone()),
+                &m,
+                &dir.path().join("payload.partial"),
+                Limits { window },
+                |_| {},
+            ),
+        )
+        .await
+        .expect("the download was left to dribble")
+        .unwrap_err();
+        assert!(
+            err.contains("averaged") && err.contains("below 16 KiB/s"),
+            "{err}"
+        );
+    }
 }

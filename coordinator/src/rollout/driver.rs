@@ -421,8 +421,7 @@ impl Driver {
             let Some(h) = s.hosts.get_mut(&host) else {
                 continue;
             };
-            if h
-                .outstanding
+            if h.outstanding
                 .as_ref()
                 .is_none_or(|c| c.id != update.command_id)
             {

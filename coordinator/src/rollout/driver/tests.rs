@@ -7,7 +7,7 @@ use baton_common::host::{HostId, HostView};
 
 use super::*;
 use crate::artifacts::ArtifactRecord;
-use crate::rollout::machine::INJECT_PANIC;
+use crate::rollout::machine::{HostState, INJECT_PANIC};
 use crate::rollout::plan::Plan;
 use crate::rollout::resolve::{Facts, resolve};
 use crate::store::RedbStore;
@@ -60,11 +60,26 @@ async fn start(
     dir: &std::path::Path,
     store: Arc<dyn Store>,
 ) -> (Rollouts, CancellationToken, tokio::task::JoinHandle<()>) {
+    let (rollouts, _, stop, task) = start_with_fleet(dir, store).await;
+    (rollouts, stop, task)
+}
+
+async fn start_with_fleet(
+    dir: &std::path::Path,
+    store: Arc<dyn Store>,
+) -> (
+    Rollouts,
+    crate::fleet::FleetHandle,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let (fleet, _fleet_task) = crate::fleet::spawn(store.clone()).await.unwrap();
     let artifacts = Artifacts::open(dir, store.clone(), 1 << 20).unwrap();
     let stop = CancellationToken::new();
-    let (rollouts, task) = spawn(store, fleet, artifacts, stop.clone()).await.unwrap();
-    (rollouts, stop, task)
+    let (rollouts, task) = spawn(store, fleet.clone(), artifacts, stop.clone())
+        .await
+        .unwrap();
+    (rollouts, fleet, stop, task)
 }
 
 async fn until(rollouts: &Rollouts, id: &str, what: impl Fn(&Rollout) -> bool) -> Rollout {
@@ -126,6 +141,59 @@ async fn a_rollout_whose_step_panics_is_failed_and_kept_and_the_others_go_on() {
     assert_eq!(again.state, State::Failed);
     let history = rollouts.events("r-1-bad", 0, 100).await.unwrap();
     assert!(history.iter().any(|e| e.to == "failed"), "{history:?}");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on_the_next_tick() {
+    use baton_common::command::{CommandUpdate, Outcome, Phase};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("db")).unwrap());
+    let r = rollout("r-3-upd", "web", "");
+    store
+        .put(&key(&r.id), serde_json::to_vec(&r).unwrap())
+        .await
+        .unwrap();
+    let (rollouts, fleet, stop, task) = start_with_fleet(dir.path(), store).await;
+    let staging = until(&rollouts, "r-3-upd", |r| r.state == State::Staging).await;
+    let h1 = HostId::try_from("h1").unwrap();
+    let outstanding = staging.services[0].hosts[&h1].outstanding.clone().unwrap();
+    // A flood of answers to commands that were never sent (a hostile
+    // agent making ids up): nothing moves.
+    for i in 0..10_000 {
+        fleet.publish_update(
+            h1.clone(),
+            CommandUpdate::done(&format!("r-3-upd/{}", 1000 + i), Outcome::Failed, "no"),
+        );
+    }
+    // Progress on the real command shows (on the next tick).
+    fleet.publish_update(
+        h1.clone(),
+        CommandUpdate {
+            command_id: outstanding.id.clone(),
+            phase: Phase::Running,
+            progress_percent: 42,
+            error: String::new(),
+            health_wait: None,
+        },
+    );
+    let shown = until(&rollouts, "r-3-upd", |r| {
+        r.services[0].hosts[&h1].progress == 42
+    })
+    .await;
+    assert_eq!(shown.state, State::Staging);
+    assert_eq!(shown.services[0].hosts[&h1].state, HostState::Staging);
+    assert_eq!(shown.updated_at, staging.updated_at, "no step was taken");
+    // The real answer moves it.
+    fleet.publish_update(
+        h1.clone(),
+        CommandUpdate::done(&outstanding.id, Outcome::Succeeded, ""),
+    );
+    until(&rollouts, "r-3-upd", |r| {
+        r.services[0].hosts[&h1].state == HostState::Staged
+    })
+    .await;
     stop.cancel();
     task.await.unwrap();
 }
