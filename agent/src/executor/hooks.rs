@@ -278,4 +278,70 @@ mod tests {
             .and_then(|r| r.split_whitespace().nth(19).and_then(|v| v.parse().ok()))
             .unwrap_or(0)
     }
+
+    #[tokio::test]
+    async fn a_hook_ends_at_its_activations_deadline_or_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = service::parse("command = \"/bin/sleep\"\n", &BTreeMap::new()).unwrap();
+        let hook = Hook {
+            command: vec!["/bin/sleep".to_owned(), "300".to_owned()],
+            timeout: Duration::from_secs(3600),
+        };
+        async fn run_it(
+            dir: &std::path::Path,
+            spec: &ServiceSpec,
+            hook: &Hook,
+            bound: Bound<'_>,
+        ) -> Result<(), String> {
+            let run = dir.join("run");
+            run_hook(
+                "api",
+                "2.0.0",
+                "pre_start",
+                Some(hook),
+                dir,
+                spec,
+                &run,
+                Some(bound),
+            )
+            .await
+        }
+        let started = std::time::Instant::now();
+        let never = tokio_util::sync::CancellationToken::new();
+        let err = run_it(
+            dir.path(),
+            &spec,
+            &hook,
+            Bound {
+                until: tokio::time::Instant::now() + Duration::from_millis(300),
+                cancel: &never,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("still running when the activation's deadline came"),
+            "{err}"
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let cut = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cut.cancel();
+        });
+        let err = run_it(
+            dir.path(),
+            &spec,
+            &hook,
+            Bound {
+                until: tokio::time::Instant::now() + Duration::from_secs(3600),
+                cancel: &cancel,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("its activation was cancelled"), "{err}");
+        // Minutes of hook timeout left, cut to well under a minute.
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
 }
