@@ -321,16 +321,8 @@ fn clients_without_a_certificate_hold_at_most_64_mib_while_others_are_served() {
     // …and so is a new host enrolling (its token is wrong: the answer
     // says so, which means enrollment answered).
     rt.block_on(async {
-        use baton_proto::agent::v1 as agent;
         let channel = env.anonymous_channel(&url).await;
-        let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
-            .enroll(agent::EnrollRequest {
-                token: "bt1-guess".into(),
-                host_id: "h1".into(),
-                csr_pem: String::new(),
-            })
-            .await
-            .unwrap_err();
+        let err = baton_tests::abuse::enroll_with_a_guessed_token(channel).await;
         assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     });
     drop(held);

@@ -287,14 +287,7 @@ fn without_a_certificate_only_enrollment_answers() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
-        let err = agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
-            .enroll(agent::EnrollRequest {
-                token: "bt1-guess".into(),
-                host_id: "h1".into(),
-                csr_pem: String::new(),
-            })
-            .await
-            .unwrap_err();
+        let err = baton_tests::abuse::enroll_with_a_guessed_token(channel).await;
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         assert!(err.message().contains("unknown enrollment token"), "{err}");
     });

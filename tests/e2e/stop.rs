@@ -54,16 +54,23 @@ fn current(fleet: &Fleet) -> String {
         .to_string()
 }
 
-#[test]
-fn a_rollback_cuts_short_the_stop_of_an_old_process_that_ignores_sigterm() {
-    let fleet = stubborn_fleet();
-    let started = Instant::now();
+/// Starts a rollout to 2.0.0 and returns its id once 1.0.0 has ignored the
+/// SIGTERM that began its stop.
+fn roll_until_the_old_process_ignores_its_stop(fleet: &Fleet) -> String {
     let id = fleet.start_rollout(
         "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmin_healthy_time = \"200ms\"\n",
     );
     wait_until("1.0.0 to ignore its stop signal", SOON, || {
-        (ignored_stops(&fleet) >= 1).then_some(())
+        (ignored_stops(fleet) >= 1).then_some(())
     });
+    id
+}
+
+#[test]
+fn a_rollback_cuts_short_the_stop_of_an_old_process_that_ignores_sigterm() {
+    let fleet = stubborn_fleet();
+    let started = Instant::now();
+    let id = roll_until_the_old_process_ignores_its_stop(&fleet);
     let out = fleet.baton(&["rollout", "rollback", &id]);
     assert!(out.status.success(), "{out:?}");
     let s = fleet.wait_done(&id, SOON);
@@ -159,12 +166,7 @@ fn the_stop_counts_against_the_deadline_and_an_abort_cancels_it() {
 #[test]
 fn an_abort_cancels_the_activation_on_its_host_and_the_old_release_serves() {
     let fleet = stubborn_fleet();
-    let id = fleet.start_rollout(
-        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmin_healthy_time = \"200ms\"\n",
-    );
-    wait_until("1.0.0 to ignore its stop signal", SOON, || {
-        (ignored_stops(&fleet) >= 1).then_some(())
-    });
+    let id = roll_until_the_old_process_ignores_its_stop(&fleet);
     let out = fleet.baton(&["rollout", "abort", &id]);
     assert!(out.status.success(), "{out:?}");
     let s = fleet.wait_done(&id, SOON);

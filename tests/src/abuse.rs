@@ -186,3 +186,17 @@ pub async fn enroll_answers(send: &h2::client::SendRequest<Bytes>) -> bool {
     while body.data().await.is_some() {}
     matches!(body.trailers().await, Ok(Some(t)) if t.contains_key("grpc-status"))
 }
+
+/// Enrolls as `h1` with a token `batond` never issued, over `channel`, and
+/// returns the refusal (`batond` must refuse: the test fails otherwise).
+pub async fn enroll_with_a_guessed_token(channel: tonic::transport::Channel) -> tonic::Status {
+    use baton_proto::agent::v1 as agent;
+    agent::enrollment_service_client::EnrollmentServiceClient::new(channel)
+        .enroll(agent::EnrollRequest {
+            token: "bt1-guess".into(),
+            host_id: "h1".into(),
+            csr_pem: String::new(),
+        })
+        .await
+        .expect_err("an enrollment with a guessed token must be refused")
+}

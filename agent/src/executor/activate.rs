@@ -115,6 +115,14 @@ impl Executor {
                 *lock(&slot.cancelled_by)
             )
         };
+        // A step that failed because a cancel arrived reports the cancel.
+        let or_cancelled = |when: &str, e: String| {
+            if cancel.is_cancelled() {
+                cancelled(when)
+            } else {
+                e
+            }
+        };
         let mut st = slot.state.lock().await;
         let _one_per_host = tokio::select! {
             guard = self.inner.host.lock() => guard,
@@ -187,13 +195,7 @@ impl Executor {
             bound,
         )
         .await
-        .map_err(|e| {
-            if cancel.is_cancelled() {
-                cancelled("in its pre_start hook")
-            } else {
-                e
-            }
-        })?;
+        .map_err(|e| or_cancelled("in its pre_start hook", e))?;
         if cancel.is_cancelled() {
             return Err(cancelled("before the swap"));
         }
@@ -256,11 +258,10 @@ impl Executor {
             )
             .await
             .map_err(|e| {
-                if cancel.is_cancelled() {
-                    cancelled("before the new process was ready")
-                } else {
-                    format!("{name} {version}: {e}")
-                }
+                or_cancelled(
+                    "before the new process was ready",
+                    format!("{name} {version}: {e}"),
+                )
             });
             // Still before anything is stopped: a failing pre_stop leaves
             // the old process serving.
@@ -391,13 +392,7 @@ impl Executor {
             cancel,
         )
         .await
-        .map_err(|e| {
-            if cancel.is_cancelled() {
-                cancelled("during its health gate")
-            } else {
-                e
-            }
-        })?;
+        .map_err(|e| or_cancelled("during its health gate", e))?;
         run_hook(
             name,
             version,
