@@ -66,6 +66,21 @@ fn roll_until_the_old_process_ignores_its_stop(fleet: &Fleet) -> String {
     id
 }
 
+/// After a cancelled activation: 1.0.0 serves again from its own release
+/// and 2.0.0 never got as far as listening.
+fn the_old_release_serves_and_the_new_never_started(fleet: &Fleet) {
+    wait_until("1.0.0 to serve again", SOON, || {
+        (fleet.get("h1").as_deref() == Some("demo-service 1.0.0")).then_some(())
+    });
+    assert_eq!(current(fleet), "releases/1.0.0");
+    assert!(
+        !fleet
+            .service_log("h1")
+            .contains("demo-service 2.0.0 listening"),
+        "the cancelled activation started 2.0.0"
+    );
+}
+
 #[test]
 fn a_rollback_cuts_short_the_stop_of_an_old_process_that_ignores_sigterm() {
     let fleet = stubborn_fleet();
@@ -77,14 +92,7 @@ fn a_rollback_cuts_short_the_stop_of_an_old_process_that_ignores_sigterm() {
     assert_eq!(s["state"], "rolled_back", "{s}");
     // Seconds, not the ten minutes of its stop_timeout.
     assert!(started.elapsed() < Duration::from_secs(120));
-    assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
-    assert_eq!(current(&fleet), "releases/1.0.0");
-    assert!(
-        !fleet
-            .service_log("h1")
-            .contains("demo-service 2.0.0 listening"),
-        "the cancelled activation started 2.0.0"
-    );
+    the_old_release_serves_and_the_new_never_started(&fleet);
     let log = fleet.agents["h1"].log_text();
     assert!(
         log.contains("cancelled by a rollback while the old process was stopping (it was killed); 1.0.0 was started again"),
@@ -152,15 +160,7 @@ fn the_stop_counts_against_the_deadline_and_an_abort_cancels_it() {
         error.contains("demo 2.0.0: cancelled by an abort while the old process was stopping"),
         "{error}"
     );
-    wait_until("1.0.0 to serve again", SOON, || {
-        (fleet.get("h1").as_deref() == Some("demo-service 1.0.0")).then_some(())
-    });
-    assert_eq!(current(&fleet), "releases/1.0.0");
-    assert!(
-        !fleet
-            .service_log("h1")
-            .contains("demo-service 2.0.0 listening")
-    );
+    the_old_release_serves_and_the_new_never_started(&fleet);
 }
 
 #[test]
@@ -179,13 +179,5 @@ fn an_abort_cancels_the_activation_on_its_host_and_the_old_release_serves() {
             .contains("cancelled by an abort while the old process was stopping")
             .then_some(())
     });
-    wait_until("1.0.0 to serve again", SOON, || {
-        (fleet.get("h1").as_deref() == Some("demo-service 1.0.0")).then_some(())
-    });
-    assert_eq!(current(&fleet), "releases/1.0.0");
-    assert!(
-        !fleet
-            .service_log("h1")
-            .contains("demo-service 2.0.0 listening")
-    );
+    the_old_release_serves_and_the_new_never_started(&fleet);
 }
