@@ -311,44 +311,9 @@ fn io_err<'a>(
 // Hex and digests
 // ---------------------------------------------------------------------------
 
-/// Lowercase hex of `bytes`.
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
-
-/// Decodes hex (either case); `None` if it is not hex.
-fn from_hex(text: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    text.as_bytes()
-        .chunks_exact(2)
-        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
-        .collect()
-}
-
-/// Whether `text` is exactly `len` lowercase hex digits.
-fn is_lower_hex(text: &str, len: usize) -> bool {
-    text.len() == len && text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// Lowercase hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    to_hex(digest::digest(&digest::SHA256, data).as_ref())
+    crate::hex::encode(digest::digest(&digest::SHA256, data).as_ref())
 }
 
 use crate::text::shorten;
@@ -459,8 +424,11 @@ pub fn keygen(prefix: &Path) -> Result<(PathBuf, PathBuf), ArtifactError> {
             reason: e.to_string(),
         }
     })?;
-    let secret_line = format!("{SECRET_TAG} {}\n", to_hex(document.as_ref()));
-    let public_line = format!("{PUBLIC_TAG} {}\n", to_hex(pair.public_key().as_ref()));
+    let secret_line = format!("{SECRET_TAG} {}\n", crate::hex::encode(document.as_ref()));
+    let public_line = format!(
+        "{PUBLIC_TAG} {}\n",
+        crate::hex::encode(pair.public_key().as_ref())
+    );
     write_new_file(&key_path, secret_line.as_bytes(), 0o600)?;
     if let Err(e) = write_new_file(&pub_path, public_line.as_bytes(), 0o644) {
         // Do not leave a secret key behind without its public half.
@@ -495,7 +463,7 @@ fn read_key_file(path: &Path, kind: &'static str) -> Result<(String, Vec<u8>), A
             "expected one line `baton-ed25519-{kind} <hex>`"
         )));
     };
-    let Some(bytes) = from_hex(hex.trim()) else {
+    let Some(bytes) = crate::hex::decode(hex.trim()) else {
         return Err(bad("the key is not valid hex".to_owned()));
     };
     Ok((tag.to_owned(), bytes))
@@ -656,7 +624,7 @@ impl Manifest {
                 reason: format!("expires {:?} is not an RFC 3339 time", shorten(text)),
             });
         }
-        if !is_lower_hex(&self.payload_sha256, 64) {
+        if !crate::hex::is_lower(&self.payload_sha256, 64) {
             return Err(ArtifactError::BadManifest {
                 reason: format!(
                     "payload_sha256 {:?} is not 64 lowercase hex digits",
@@ -664,7 +632,7 @@ impl Manifest {
                 ),
             });
         }
-        if !self.key_id.is_empty() && !is_lower_hex(&self.key_id, 16) {
+        if !self.key_id.is_empty() && !crate::hex::is_lower(&self.key_id, 16) {
             return Err(ArtifactError::BadManifest {
                 reason: format!(
                     "key_id {:?} is not 16 lowercase hex digits",
@@ -1016,7 +984,7 @@ impl PayloadHasher {
 
     /// The lowercase hex digest of everything fed.
     fn hex_digest(self) -> String {
-        to_hex(self.context.finish().as_ref())
+        crate::hex::encode(self.context.finish().as_ref())
     }
 
     /// Checks the length and digest of everything fed against `manifest`.

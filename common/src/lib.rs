@@ -10,6 +10,7 @@
 pub mod artifact;
 pub mod backoff;
 pub mod command;
+pub mod hex;
 pub mod host;
 pub mod metrics;
 pub mod pki;

@@ -220,7 +220,7 @@ impl Upload {
                 self.received, m.size
             )));
         }
-        let got = hex(self.hash.finish().as_ref());
+        let got = baton_common::hex::encode(self.hash.finish().as_ref());
         if got != m.payload_sha256 {
             return Err(ArtifactStoreError::Invalid(format!(
                 "the payload's digest is sha256:{got} but the manifest says sha256:{}",
@@ -236,7 +236,7 @@ impl Upload {
             created: m.created.clone(),
             key_id: m.key_id.clone(),
             manifest: String::from_utf8_lossy(&self.manifest.bytes).into_owned(),
-            signature: hex(&self.manifest.signature),
+            signature: baton_common::hex::encode(&self.manifest.signature),
         };
         if let Some(existing) = self.artifacts.get(&m.name, &m.version).await? {
             if existing.digest != record.digest || existing.manifest != record.manifest {
@@ -326,7 +326,7 @@ impl BlobCopy {
 
     /// Checks the digest and moves the payload into place.
     pub fn finish(self) -> Result<(), ArtifactStoreError> {
-        let got = hex(self.hash.finish().as_ref());
+        let got = baton_common::hex::encode(self.hash.finish().as_ref());
         if got != self.expected {
             return Err(ArtifactStoreError::Invalid(format!(
                 "the copied payload's digest is sha256:{got}, not sha256:{}",
@@ -350,15 +350,4 @@ fn persist(
     })?;
     let dir = path.parent().unwrap_or(path);
     baton_common::artifact::fsync_dir(dir).map_err(io("cannot sync the blob directory"))
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

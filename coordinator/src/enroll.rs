@@ -49,7 +49,7 @@ struct Token {
 
 fn token_key(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    format!("enroll/{}", crate::artifacts::hex(digest.as_ref()))
+    format!("enroll/{}", baton_common::hex::encode(digest.as_ref()))
 }
 
 fn enrolled_key(host: &HostId) -> String {
@@ -123,7 +123,7 @@ impl Enrollment {
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| Status::internal("no randomness for a token"))?;
-        let token = format!("bt1-{}", crate::artifacts::hex(&secret));
+        let token = format!("bt1-{}", baton_common::hex::encode(&secret));
         let expires = baton_common::time::later(SystemTime::now(), ttl);
         let record = Token {
             host_id: host.to_string(),
@@ -159,7 +159,7 @@ impl Enrollment {
         let token: Token =
             serde_json::from_slice(&raw).map_err(|e| Status::internal(e.to_string()))?;
         let key_hex = baton_common::pki::csr_public_key(&req.csr_pem)
-            .map(|k| crate::artifacts::hex(&k))
+            .map(|k| baton_common::hex::encode(&k))
             .map_err(|e| Status::invalid_argument(format!("cannot read the request: {e}")))?;
         if token.used {
             if let (Some(k), Some(cert)) = (&token.key, &token.cert_pem)

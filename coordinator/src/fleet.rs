@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{Op, Store, StoreError, Txn};
+use crate::store::{Op, Store, StoreError, Txn, batch};
 
 /// How often dirty host records are written to the store.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -410,6 +410,11 @@ struct Actor {
     /// Whether `dirty` holds a change that must be durable before the
     /// replies in `deferred` are sent.
     urgent: bool,
+    /// After a failed write, none is tried again before this: a store that
+    /// refuses must not be asked again on every message of 10,000 agents.
+    retry_at: Option<tokio::time::Instant>,
+    /// Failed writes in a row (for the backoff).
+    failures: u32,
     /// Replies held back until the next group commit, so nobody is told
     /// about a change that a crash could still undo.
     deferred: Vec<Box<dyn FnOnce() + Send>>,
@@ -456,6 +461,8 @@ pub async fn spawn_with(
         hosts,
         dirty: HashSet::new(),
         urgent: false,
+        retry_at: None,
+        failures: 0,
         deferred: Vec::new(),
         changes: broadcast::channel(WATCH_BUFFER).0,
         next_session: 1,
@@ -719,6 +726,12 @@ impl Actor {
         if self.dirty.is_empty() {
             return;
         }
+        if self
+            .retry_at
+            .is_some_and(|at| tokio::time::Instant::now() < at)
+        {
+            return;
+        }
         let mut ops = Vec::with_capacity(self.dirty.len());
         for id in &self.dirty {
             if let Some(entry) = self.hosts.get(id) {
@@ -728,23 +741,60 @@ impl Actor {
                 }
             }
         }
-        match self
-            .store
-            .txn(Txn {
-                compares: vec![],
-                ops,
-            })
-            .await
-        {
-            Ok(_) => {
+        // Within the store's limits per transaction, whatever the fleet
+        // size: each record stands alone, so the groups need not be one
+        // transaction.
+        let result = match batch::groups(ops) {
+            Ok(groups) => {
+                let mut result = Ok(());
+                for group in groups {
+                    let written: Vec<HostId> = group
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::Put(k, _) => k.strip_prefix(HOST_PREFIX),
+                            Op::Delete(_) => None,
+                        })
+                        .filter_map(|id| HostId::try_from(id).ok())
+                        .collect();
+                    let txn = Txn {
+                        compares: vec![],
+                        ops: group,
+                    };
+                    if let Err(e) = self.store.txn(txn).await {
+                        result = Err(e);
+                        break;
+                    }
+                    for id in written {
+                        self.dirty.remove(&id);
+                    }
+                }
+                result
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
                 self.dirty.clear();
                 self.urgent = false;
+                if self.failures > 0 {
+                    info!(
+                        after = self.failures,
+                        "the fleet registry is persisted again"
+                    );
+                }
+                self.failures = 0;
+                self.retry_at = None;
             }
-            // Kept dirty: the next tick tries again. Deferred replies still
-            // go out: refusing agents because the disk is full would turn
-            // a storage problem into a fleet outage.
+            // Kept dirty: tried again after a backoff (1 s, doubling to
+            // 16 s). Deferred replies still go out: refusing agents
+            // because the disk is full would turn a storage problem into a
+            // fleet outage.
             Err(e) => {
-                warn!(error = %e, hosts = self.dirty.len(), "cannot persist the fleet registry; will retry")
+                self.failures = self.failures.saturating_add(1);
+                self.urgent = false;
+                let wait = Duration::from_secs(1 << self.failures.min(5).saturating_sub(1));
+                self.retry_at = Some(tokio::time::Instant::now() + wait);
+                warn!(error = %e, hosts = self.dirty.len(), failures = self.failures, retry_in = ?wait, "cannot persist the fleet registry; will retry")
             }
         }
     }
@@ -802,5 +852,77 @@ mod tests {
         assert_eq!(hosts.len(), 1);
         assert!(!hosts[0].connected);
         assert_eq!(hosts[0].labels.get("role").map(String::as_str), Some("api"));
+    }
+
+    #[tokio::test]
+    async fn a_thousand_hosts_reach_a_store_that_takes_128_operations_a_transaction() {
+        use crate::store::testing::Limited;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let limited = Arc::new(Limited::new(
+            RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            usize::MAX,
+        ));
+        let store: Arc<dyn Store> = limited.clone();
+        let (fleet, task) = spawn(store.clone()).await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // Connected at once, so they share group commits.
+        let joins: Vec<_> = (0..1000)
+            .map(|i| {
+                let (fleet, tx) = (fleet.clone(), tx.clone());
+                tokio::spawn(async move {
+                    fleet
+                        .connect(info(&format!("h{i}")), "127.0.0.1:1".into(), tx)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for j in joins {
+            j.await.unwrap();
+        }
+        drop(fleet);
+        task.await.unwrap();
+        assert!(limited.largest.load(Ordering::SeqCst) <= batch::MAX_TXN_OPS);
+        let (fleet, _task) = spawn(store).await.unwrap();
+        assert_eq!(fleet.list().await.unwrap().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_refuses_is_not_asked_again_on_every_message() {
+        use crate::store::testing::Limited;
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let limited = Arc::new(Limited::new(
+            RedbStore::open(&dir.path().join("s.redb")).unwrap(),
+            0,
+        ));
+        let (fleet, _task) = spawn(limited.clone()).await.unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        // 300 hosts connect one after another, each asking for a durable
+        // write; the store refuses every one.
+        for i in 0..300 {
+            fleet
+                .connect(info(&format!("h{i}")), "127.0.0.1:1".into(), tx.clone())
+                .await
+                .unwrap();
+        }
+        let tried = limited.tried.load(Ordering::SeqCst);
+        assert!(tried <= 3, "{tried} writes tried for 300 connections");
+        // Once it takes writes again, everything reaches it.
+        limited.allow(usize::MAX);
+        // (After its backoff: a few seconds.)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let stored = limited.list(HOST_PREFIX).await.unwrap().len();
+            if stored == 300 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{stored} of 300 stored"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

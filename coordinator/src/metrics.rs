@@ -50,6 +50,8 @@ pub struct Metrics {
     /// A newer stream was refused: the host's stream was taken over too
     /// often (two agents with one certificate).
     pub takeovers_refused: Counter,
+    /// What was written to the store.
+    pub store: Arc<crate::store::StoreStats>,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,7 @@ impl Default for Metrics {
             health_check_failures: Counter::default(),
             takeovers: Counter::default(),
             takeovers_refused: Counter::default(),
+            store: Arc::default(),
         }
     }
 }
@@ -115,6 +118,28 @@ impl Metrics {
     }
 
     fn counters(&self, e: &mut Exposition) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = &self.store;
+        e.gauge(
+            "baton_store_transactions",
+            "Store transactions applied since batond started (a counter).",
+            store.txns.load(Relaxed) as f64,
+        );
+        e.gauge(
+            "baton_store_written_bytes",
+            "Bytes of keys and values written to the store since batond started (a counter).",
+            store.written_bytes.load(Relaxed) as f64,
+        );
+        e.gauge(
+            "baton_store_largest_transaction_operations",
+            "The most operations in one store transaction since batond started (etcd allows 128).",
+            store.largest_txn_ops.load(Relaxed) as f64,
+        );
+        e.gauge(
+            "baton_store_largest_transaction_bytes",
+            "The most bytes in one store transaction since batond started (at most 1 MiB).",
+            store.largest_txn_bytes.load(Relaxed) as f64,
+        );
         e.counter_vec(
             "baton_host_activations_total",
             "Host activations and rollbacks that ended, by result.",

@@ -208,10 +208,14 @@ impl Coordinator {
                 }));
             }
         };
+        let web = WebListeners::bind(&config).await?;
+        let store: Arc<dyn Store> = Arc::new(crate::store::Measured::new(
+            store,
+            web.counters.store.clone(),
+        ));
         let artifacts = Artifacts::open(&config.data_dir, store.clone(), config.max_artifact_size)
             .map_err(|e| StartError::Artifacts(e.to_string()))?;
         let listener = bind_listener(config.listen).await?;
-        let web = WebListeners::bind(&config).await?;
         let (fleet, fleet_task) = fleet::spawn_with(store.clone(), web.counters.clone()).await?;
         Ok(Self {
             config,
@@ -323,7 +327,10 @@ impl Coordinator {
                     info!("batond stopped while following");
                     return Ok(());
                 };
-                let store: Arc<dyn Store> = Arc::new(led.store.clone());
+                let store: Arc<dyn Store> = Arc::new(crate::store::Measured::new(
+                    Arc::new(led.store.clone()),
+                    self.web.counters.store.clone(),
+                ));
                 let artifacts = Artifacts::open(
                     &self.config.data_dir,
                     store.clone(),

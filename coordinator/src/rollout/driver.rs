@@ -19,17 +19,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::events;
-use super::machine::{self, Action, Event, Operator, Rollout, State};
+use super::machine::{self, Action, Event, HostRun, Operator, Rollout, State};
 use super::plan::Plan;
+use super::record;
 use super::resolve;
 use crate::artifacts::Artifacts;
 use crate::fleet::FleetHandle;
-use crate::store::{Compare, Op, Store, StoreError, Txn};
+use crate::store::{Op, Store, StoreError, batch};
 
 /// How often deadlines are checked.
 const TICK: Duration = Duration::from_millis(200);
 /// Requests queued towards the driver.
 const QUEUE: usize = 256;
+/// The most agent updates taken into one step of a rollout: a burst of
+/// answers costs one pass over the rollout and one write, not one each.
+const UPDATES_PER_STEP: usize = 512;
 /// How long a command may wait for room in a host's stream buffer; a host
 /// that stopped reading must not stall every other rollout. An undelivered
 /// command stays outstanding and is re-sent when the host reconnects.
@@ -211,11 +215,31 @@ impl Rollouts {
 
 struct Active {
     rollout: Rollout,
-    /// What the store holds, to skip writes that change nothing durable.
-    stored: Vec<u8>,
+    /// The stored header, to skip writes that change nothing durable.
+    header: Vec<u8>,
+    /// Published to watchers at most once a tick (and at once when the
+    /// rollout's state changes): a snapshot costs the whole rollout.
     watch: watch::Sender<Rollout>,
     /// The sequence number of its next event.
     next_event: u64,
+    /// When it next needs a tick (see [`Rollout::next_deadline`]).
+    due: Option<SystemTime>,
+    /// Its last write committed but was not applied in full: finished
+    /// before the next one.
+    pending: bool,
+}
+
+impl Active {
+    fn new(rollout: Rollout, header: Vec<u8>, next_event: u64) -> Self {
+        Self {
+            watch: watch::channel(rollout.clone()).0,
+            due: rollout.next_deadline(),
+            rollout,
+            header,
+            next_event,
+            pending: false,
+        }
+    }
 }
 
 struct Driver {
@@ -265,14 +289,57 @@ pub fn check_id(id: &str) -> Result<(), RolloutError> {
 }
 
 fn key(id: &str) -> String {
-    format!("rollouts/{id}")
+    record::header_key(id)
 }
 
-fn decode(k: &str, v: &[u8]) -> Result<Rollout, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
-        key: k.to_owned(),
+/// The scope of a rollout's atomic writes.
+fn scope(id: &str) -> String {
+    format!("rollout/{id}")
+}
+
+fn corrupt(key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
         reason: e.to_string(),
-    })
+    }
+}
+
+/// Loads a rollout from its header record at `k` (and the rest of its
+/// records). The flag says it was a schema-1 record, to be rewritten.
+async fn load_record(store: &dyn Store, k: &str, v: &[u8]) -> Result<(Rollout, bool), StoreError> {
+    match record::schema_of(v).map_err(|e| corrupt(k, e))? {
+        1 => Ok((record::decode_v1(v).map_err(|e| corrupt(k, e))?, true)),
+        _ => {
+            let header = record::decode_header(v).map_err(|e| corrupt(k, e))?;
+            let id = header.id.clone();
+            let plan = record::plan_from_parts(store.list(&record::plan_prefix(&id)).await?)
+                .map_err(|e| corrupt(k, e))?;
+            let mut manifests = BTreeMap::new();
+            for s in &header.services {
+                if manifests.contains_key(&s.digest) {
+                    continue;
+                }
+                let mk = record::manifest_key(&s.digest);
+                if let Some(m) = store.get(&mk).await? {
+                    let m = record::decode_manifest(&m).map_err(|e| corrupt(&mk, e))?;
+                    manifests.insert(s.digest.clone(), m);
+                }
+            }
+            let hosts = store.list(&record::hosts_prefix(&id)).await?;
+            let r = record::assemble(header, plan, &manifests, hosts).map_err(|e| corrupt(k, e))?;
+            Ok((r, false))
+        }
+    }
+}
+
+/// Rewrites a schema-1 rollout in the current schema, atomically.
+async fn convert(store: &dyn Store, r: &Rollout) -> Result<Vec<u8>, StoreError> {
+    let records = record::all_records(r).map_err(|e| corrupt(&key(&r.id), e))?;
+    let header = records.last().map(|(_, v)| v.clone()).unwrap_or_default();
+    let ops = records.into_iter().map(|(k, v)| Op::Put(k, v)).collect();
+    batch::write_atomic(store, &scope(&r.id), ops).await?;
+    info!(rollout = %r.id, schema = record::SCHEMA, "converted a stored rollout from schema 1");
+    Ok(header)
 }
 
 /// Starts the driver: loads the rollouts a previous run left unfinished
@@ -295,29 +362,34 @@ pub async fn spawn_with(
     shutdown: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
+    // A write a crash interrupted is finished (or dropped) first.
+    for scope in batch::recover(store.as_ref()).await? {
+        info!(%scope, "finished a write interrupted by a crash");
+    }
     let mut active = BTreeMap::new();
     for (k, v) in store.list("rollouts/").await? {
-        let rollout = match decode(&k, &v) {
+        let (rollout, old) = match load_record(store.as_ref(), &k, &v).await {
             Ok(r) => r,
             Err(e) => {
-                // A record from an older format must not keep the
-                // coordinator from starting; it is left in the store.
-                error!(key = %k, error = %e, "skipping a stored rollout that does not decode");
+                // A record that does not decode (or a newer schema's) must
+                // not keep the coordinator from starting; it is left in
+                // the store as it is.
+                error!(key = %k, error = %e, "skipping a stored rollout that does not load");
                 continue;
             }
+        };
+        let header = if old {
+            convert(store.as_ref(), &rollout).await?
+        } else {
+            v
         };
         if !rollout.state.is_terminal() {
             info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
             let next_event = events::next_seq(store.as_ref(), &rollout.id).await?;
-            active.insert(
-                rollout.id.clone(),
-                Active {
-                    watch: watch::channel(rollout.clone()).0,
-                    rollout,
-                    stored: v,
-                    next_event,
-                },
-            );
+            let mut rollout = rollout;
+            // Every host counts as away until the fleet says otherwise.
+            rollout.set_connections(|_| false);
+            active.insert(rollout.id.clone(), Active::new(rollout, header, next_event));
         }
     }
     let (tx, rx) = mpsc::channel(QUEUE);
@@ -363,17 +435,21 @@ impl Driver {
                     None => break,
                 },
                 u = updates.recv() => match u {
-                    Ok((host, update)) => {
-                        let Some((id, _)) = update.command_id.split_once('/') else { continue };
-                        let id = id.to_owned();
-                        self.on_update(&id, host, update).await;
+                    Ok(first) => {
+                        // Take what else has arrived into the same steps.
+                        let mut burst = vec![first];
+                        while burst.len() < UPDATES_PER_STEP {
+                            match updates.try_recv() {
+                                Ok(u) => burst.push(u),
+                                Err(_) => break,
+                            }
+                        }
+                        self.on_updates(burst).await;
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         warn!(missed = n, "fell behind on agent updates; re-sending outstanding commands to recover");
-                        let hosts: Vec<HostId> = self.connected.keys().cloned().collect();
-                        for host in hosts {
-                            self.host_event(Event::Connected(host)).await;
-                        }
+                        let hosts: Vec<Event> = self.connected.keys().cloned().map(Event::Connected).collect();
+                        self.host_events(hosts).await;
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -396,9 +472,18 @@ impl Driver {
                             self.changed.send_modify(|n| *n += 1);
                         }
                     }
-                    let ids: Vec<String> = self.active.keys().cloned().collect();
-                    for id in ids {
-                        self.apply(&id, Event::Tick).await.ok();
+                    // Only rollouts with a deadline due are stepped.
+                    let now = SystemTime::now();
+                    let due: Vec<String> = self
+                        .active
+                        .iter()
+                        .filter(|(_, a)| a.due.is_some_and(|d| d <= now))
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in due {
+                        if let Err(e) = self.apply(&id, vec![Event::Tick], None).await {
+                            debug!(rollout = %id, error = %e, "a tick's step was not taken");
+                        }
                     }
                 }
             }
@@ -406,44 +491,63 @@ impl Driver {
         info!("rollout driver stopped");
     }
 
-    /// An agent's update. Only one that answers the host's outstanding
-    /// command in that rollout can move it: anything else (a superseded
+    /// Agents' updates. Only one that answers the host's outstanding
+    /// command in its rollout can move it: anything else (a superseded
     /// command, an id a hostile agent made up) is dropped before any work,
-    /// and progress is noted in place and published on the next tick —
-    /// a step, which costs the whole rollout, is taken for final answers
-    /// only.
-    async fn on_update(&mut self, id: &str, host: HostId, update: CommandUpdate) {
-        let Some(entry) = self.active.get_mut(id) else {
-            return;
-        };
-        let mut answers = false;
-        for s in &mut entry.rollout.services {
-            let Some(h) = s.hosts.get_mut(&host) else {
+    /// and progress is noted in place and published on the next tick. The
+    /// final answers of a burst go into one step per rollout.
+    async fn on_updates(&mut self, burst: Vec<(HostId, CommandUpdate)>) {
+        let mut steps: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+        for (host, update) in burst {
+            let Some((id, _)) = update.command_id.split_once('/') else {
                 continue;
             };
-            if h.outstanding
-                .as_ref()
-                .is_none_or(|c| c.id != update.command_id)
-            {
+            let Some(entry) = self.active.get_mut(id) else {
+                continue;
+            };
+            let mut answers = false;
+            let mut progress_only = false;
+            for s in &mut entry.rollout.services {
+                let Some(h) = s.hosts.get_mut(&host) else {
+                    continue;
+                };
+                if h.outstanding
+                    .as_ref()
+                    .is_none_or(|c| c.id != update.command_id)
+                {
+                    continue;
+                }
+                answers = true;
+                if !matches!(update.phase, Phase::Done(_)) {
+                    // Progress is not stored: no step.
+                    if h.progress != update.progress_percent {
+                        h.progress = update.progress_percent;
+                        self.progressed.insert(id.to_owned());
+                    }
+                    progress_only = true;
+                }
+                break;
+            }
+            if !answers {
+                debug!(rollout = %id, %host, command = %update.command_id, "dropping an update for no outstanding command");
                 continue;
             }
-            answers = true;
-            if !matches!(update.phase, Phase::Done(_)) {
-                if h.progress != update.progress_percent {
-                    h.progress = update.progress_percent;
-                    self.progressed.insert(id.to_owned());
-                }
-                return;
+            if progress_only {
+                continue;
+            }
+            if let Some(took) = update.health_wait {
+                self.metrics.health_wait.observe(took);
+            }
+            steps
+                .entry(id.to_owned())
+                .or_default()
+                .push(Event::Update(host, update));
+        }
+        for (id, events) in steps {
+            if let Err(e) = self.apply(&id, events, None).await {
+                debug!(rollout = %id, error = %e, "agents' answers were not taken");
             }
         }
-        if !answers {
-            debug!(rollout = %id, %host, command = %update.command_id, "dropping an update for no outstanding command");
-            return;
-        }
-        if let Some(took) = update.health_wait {
-            self.metrics.health_wait.observe(took);
-        }
-        self.apply(id, Event::Update(host, update)).await.ok();
     }
 
     /// Brings the connected set in line with `hosts`, telling rollouts.
@@ -459,16 +563,18 @@ impl Driver {
             .filter(|h| !now.contains_key(*h))
             .cloned()
             .collect();
+        let mut events = Vec::new();
         for host in gone {
             self.connected.remove(&host);
-            self.host_event(Event::Disconnected(host)).await;
+            events.push(Event::Disconnected(host));
         }
         // Every connected host, also ones we knew: after a restart or a lag
         // this re-sends what is outstanding, which is always safe.
         for (host, session) in now {
             self.connected.insert(host.clone(), session);
-            self.host_event(Event::Connected(host)).await;
+            events.push(Event::Connected(host));
         }
+        self.host_events(events).await;
     }
 
     async fn on_host(&mut self, view: &HostView) {
@@ -486,7 +592,7 @@ impl Driver {
             }
             _ => return,
         };
-        self.host_event(event).await;
+        self.host_events(vec![event]).await;
     }
 
     /// Sends every outstanding command of a rollout to its connected hosts
@@ -526,116 +632,153 @@ impl Driver {
         }
     }
 
-    async fn host_event(&mut self, event: Event) {
-        let (Event::Connected(host) | Event::Disconnected(host)) = &event else {
-            return;
-        };
-        let ids: Vec<String> = self
-            .active
-            .iter()
-            .filter(|(_, a)| {
-                a.rollout
+    /// Connections and disconnections, one step per rollout they concern.
+    async fn host_events(&mut self, events: Vec<Event>) {
+        let mut steps: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+        for event in events {
+            let (Event::Connected(host) | Event::Disconnected(host)) = &event else {
+                continue;
+            };
+            for (id, a) in &self.active {
+                if a.rollout
                     .services
                     .iter()
                     .any(|s| s.hosts.contains_key(host))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            self.apply(&id, event.clone()).await.ok();
+                {
+                    steps.entry(id.clone()).or_default().push(event.clone());
+                }
+            }
+        }
+        for (id, events) in steps {
+            if let Err(e) = self.apply(&id, events, None).await {
+                debug!(rollout = %id, error = %e, "connection changes were not taken");
+            }
         }
     }
 
-    /// One step: compute, persist, publish, act.
-    async fn apply(&mut self, id: &str, event: Event) -> Result<Rollout, RolloutError> {
-        self.apply_by(id, event, None).await
-    }
-
-    /// One step, with the operator who asked for it (when one did): the
-    /// new state and its events are persisted together.
-    async fn apply_by(
+    /// One step over `events`, by the operator `who` when one asked: the
+    /// rollout changes in place, what it changed (its header if it moved,
+    /// the hosts it changed, its events) is persisted in one atomic
+    /// write, and only then are its commands sent. A write that fails
+    /// puts the rollout back as it was.
+    async fn apply(
         &mut self,
         id: &str,
-        event: Event,
+        events: Vec<Event>,
         who: Option<&str>,
-    ) -> Result<Rollout, RolloutError> {
+    ) -> Result<(), RolloutError> {
         let entry = self
             .active
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
         let now = SystemTime::now();
+        let before = entry.rollout.header();
         // One rollout must never take the driver (and every other rollout)
         // down: a step that panics fails that rollout where it stands, and
         // the failure is stored, so a restart does not replay it.
-        let computed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            compute(entry, &event, who, id, now)
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            machine::apply(&mut entry.rollout, &events, now)
         }));
-        let (next, actions, bytes, history) = match computed {
-            Ok(result) => result?,
+        let actions = match stepped {
+            Ok(Ok(actions)) => actions,
+            Ok(Err(refused)) => {
+                let changed = entry.rollout.take_changed();
+                entry.rollout.restore(before, changed);
+                return Err(refused.into());
+            }
             Err(panic) => {
                 let why = panic_text(panic.as_ref());
                 error!(rollout = %id, error = %why, "stepping the rollout failed unexpectedly; failing it where it stands");
-                let next = machine::faulted(&entry.rollout, &why, now);
-                let mut history = events::diff(&entry.rollout, &next, now);
-                events::number(&mut history, entry.next_event);
-                let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
-                    key: key(id),
-                    reason: e.to_string(),
-                })?;
-                (next, Vec::new(), bytes, history)
+                let changed = entry.rollout.take_changed();
+                entry.rollout.restore(before.clone(), changed);
+                machine::faulted(&mut entry.rollout, &why, now);
+                Vec::new()
             }
         };
-        if bytes != entry.stored || !history.is_empty() {
-            let mut ops = vec![Op::Put(key(id), bytes.clone())];
-            if !history.is_empty() {
-                ops.push(Op::Put(
-                    events::key(id, entry.next_event),
-                    serde_json::to_vec(&history).map_err(|e| StoreError::Corrupt {
-                        key: events::key(id, entry.next_event),
-                        reason: e.to_string(),
-                    })?,
-                ));
-            }
-            let write = self.store.txn(Txn {
-                compares: vec![],
-                ops,
-            });
-            if let Err(e) = write.await {
-                // Not persisted, so not acted on: the old state stands and
-                // the next event retries.
-                // The event is lost, so ask the agents again.
-                error!(rollout = %id, error = %e, "cannot persist a rollout step; not acting on it");
-                self.resend.insert(id.to_owned());
+        let changed = entry.rollout.take_changed();
+        let mut history = Vec::new();
+        if let (Some(Event::Operator(op)), Some(who)) = (events.first(), who) {
+            history.push(events::operator(op.as_str(), who, now));
+        }
+        history.extend(events::changes(&before, &entry.rollout, &changed, now));
+        events::number(&mut history, entry.next_event);
+        let prepared = prepare(id, &entry.rollout, &entry.header, &changed, &history);
+        let (ops, header) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                entry.rollout.restore(before, changed);
                 return Err(e.into());
             }
-            entry.stored = bytes;
-            entry.next_event += history.len() as u64;
-            count_activations(&self.metrics, &entry.rollout, &history, now);
-        }
-        if next.state != entry.rollout.state {
-            match &next.error {
-                Some(e) if next.state.is_terminal() || next.state == State::RollingBack => {
-                    warn!(rollout = %id, state = next.state.as_str(), error = %e, "rollout state changed")
+        };
+        if !ops.is_empty() {
+            let store = self.store.as_ref();
+            let pending = entry.pending;
+            let write = async {
+                if pending {
+                    batch::finish(store, &scope(id)).await?;
                 }
-                _ => info!(rollout = %id, state = next.state.as_str(), "rollout state changed"),
+                batch::write_atomic(store, &scope(id), ops).await
+            };
+            match write.await {
+                Ok(written) => {
+                    entry.pending = written.pending;
+                    entry.header = header;
+                    entry.next_event += history.len() as u64;
+                    count_activations(&self.metrics, &changed, &history, now);
+                }
+                Err(e) => {
+                    // Not persisted, so not acted on: the old state stands.
+                    // The events are lost, so ask the agents again.
+                    error!(rollout = %id, error = %e, "cannot persist a rollout step; not acting on it");
+                    entry.rollout.restore(before, changed);
+                    entry.due = entry.rollout.next_deadline();
+                    self.resend.insert(id.to_owned());
+                    return Err(e.into());
+                }
             }
         }
-        if entry.rollout != next {
-            entry.rollout = next.clone();
-            entry.watch.send_replace(next.clone());
-            self.changed.send_modify(|n| *n += 1);
+        let state = entry.rollout.state;
+        if state != before.state {
+            match &entry.rollout.error {
+                Some(e) if state.is_terminal() || state == State::RollingBack => {
+                    warn!(rollout = %id, state = state.as_str(), error = %e, "rollout state changed")
+                }
+                _ => info!(rollout = %id, state = state.as_str(), "rollout state changed"),
+            }
         }
-        if next.state.is_terminal() {
+        entry.due = entry.rollout.next_deadline();
+        let moved =
+            entry.rollout.updated_at != before.updated_at || changed.iter().any(|c| !c.is_empty());
+        if state != before.state {
+            // Watchers see a change of the rollout's state at once; other
+            // changes on the next tick.
+            entry.watch.send_replace(entry.rollout.clone());
+            self.changed.send_modify(|n| *n += 1);
+        } else if moved {
+            self.progressed.insert(id.to_owned());
+        }
+        if state.is_terminal() {
             // Dropping the sender ends every watch after its last value.
-            self.active.remove(id);
-            if let Some(finished) = &mut self.finished {
-                finished.insert(id.to_owned(), next.clone());
+            if let Some(done) = self.active.remove(id) {
+                self.progressed.remove(id);
+                if let Some(finished) = &mut self.finished {
+                    finished.insert(id.to_owned(), done.rollout);
+                }
             }
         }
         for Action::Send(host, command) in actions {
             self.deliver(id, host, command).await;
         }
-        Ok(next)
+        Ok(())
+    }
+
+    /// A rollout as it is now: running ones from memory, others from the
+    /// store.
+    async fn current(&self, id: &str) -> Result<Rollout, RolloutError> {
+        match self.active.get(id) {
+            Some(a) => Ok(a.rollout.clone()),
+            None => self.load(id).await.map(|r| self.with_connected(r)),
+        }
     }
 
     async fn handle(&mut self, req: Request) {
@@ -648,11 +791,7 @@ impl Driver {
                 let _ = reply.send(self.start(*rollout, &who).await);
             }
             Request::Get { id, reply } => {
-                let r = match self.active.get(&id) {
-                    Some(a) => Ok(a.rollout.clone()),
-                    None => self.load(&id).await.map(|r| self.with_connected(r)),
-                };
-                let _ = reply.send(r);
+                let _ = reply.send(self.current(&id).await);
             }
             Request::List { reply } => {
                 let r = self
@@ -687,8 +826,11 @@ impl Driver {
     }
 
     async fn load(&self, id: &str) -> Result<Rollout, RolloutError> {
+        if let Some(r) = self.finished.as_ref().and_then(|f| f.get(id)) {
+            return Ok(r.clone());
+        }
         match self.store.get(&key(id)).await? {
-            Some(v) => Ok(decode(&key(id), &v)?),
+            Some(v) => Ok(load_record(self.store.as_ref(), &key(id), &v).await?.0),
             None => Err(RolloutError::NotFound(id.to_owned())),
         }
     }
@@ -697,9 +839,12 @@ impl Driver {
         if self.finished.is_none() {
             let mut finished = BTreeMap::new();
             for (k, v) in self.store.list("rollouts/").await? {
-                let Ok(r) = decode(&k, &v) else {
-                    warn!(key = %k, "not listing a stored rollout that does not decode");
-                    continue;
+                let r = match load_record(self.store.as_ref(), &k, &v).await {
+                    Ok((r, _)) => r,
+                    Err(e) => {
+                        warn!(key = %k, error = %e, "not listing a stored rollout that does not load");
+                        continue;
+                    }
                 };
                 if !self.active.contains_key(&r.id) {
                     finished.insert(r.id.clone(), r);
@@ -760,32 +905,14 @@ impl Driver {
                     shared_service(&other.rollout, &r).unwrap_or_default()
                 )));
             }
-            let stored = serde_json::to_vec(&r).map_err(|e| StoreError::Corrupt {
-                key: key(&id),
-                reason: e.to_string(),
-            })?;
+            let header = record::encode_header(&r).map_err(|e| corrupt(&key(&id), e))?;
             let next_event = events::next_seq(self.store.as_ref(), &id).await?;
-            self.active.insert(
-                id.clone(),
-                Active {
-                    watch: watch::channel(r.clone()).0,
-                    rollout: r,
-                    stored,
-                    next_event,
-                },
-            );
-            let connected: Vec<HostId> = self.connected.keys().cloned().collect();
-            if let Some(a) = self.active.get_mut(&id) {
-                for s in &mut a.rollout.services {
-                    for host in &connected {
-                        if let Some(h) = s.hosts.get_mut(host) {
-                            h.connected = true;
-                        }
-                    }
-                }
-            }
+            let mut r = r;
+            r.set_connections(|h| self.connected.contains_key(h));
+            self.active
+                .insert(id.clone(), Active::new(r, header, next_event));
         }
-        let result = self.apply_by(&id, Event::Operator(op), Some(who)).await;
+        let result = self.apply(&id, vec![Event::Operator(op)], Some(who)).await;
         if result.is_err()
             && self
                 .active
@@ -794,17 +921,17 @@ impl Driver {
         {
             self.active.remove(&id);
         }
+        let result = match result {
+            Ok(()) => self.current(&id).await,
+            Err(e) => Err(e),
+        };
         info!(rollout = %id, action = op.as_str(), %who, ok = result.is_ok(), "operator action");
         result
     }
 
     async fn start(&mut self, mut rollout: Rollout, who: &str) -> Result<Rollout, RolloutError> {
         // Connections may have changed since the plan was resolved.
-        for s in &mut rollout.services {
-            for (id, h) in &mut s.hosts {
-                h.connected = self.connected.contains_key(id);
-            }
-        }
+        rollout.set_connections(|h| self.connected.contains_key(h));
         if let Some(other) = self
             .active
             .values()
@@ -818,73 +945,69 @@ impl Driver {
             )));
         }
         let id = rollout.id.clone();
-        let bytes = serde_json::to_vec(&rollout).map_err(|e| StoreError::Corrupt {
-            key: key(&id),
-            reason: e.to_string(),
-        })?;
-        let mut history = events::started(&rollout, who, rollout.created_at);
-        events::number(&mut history, 0);
-        let created = Txn {
-            compares: vec![Compare::Absent(key(&id))],
-            ops: vec![
-                Op::Put(key(&id), bytes.clone()),
-                Op::Put(
-                    events::key(&id, 0),
-                    serde_json::to_vec(&history).map_err(|e| StoreError::Corrupt {
-                        key: events::key(&id, 0),
-                        reason: e.to_string(),
-                    })?,
-                ),
-            ],
-        };
-        if !self.store.txn(created).await? {
+        if self.store.get(&key(&id)).await?.is_some() {
             return Err(RolloutError::Conflict(format!(
                 "rollout id {id} is taken; retry"
             )));
         }
+        let mut history = events::started(&rollout, who, rollout.created_at);
+        events::number(&mut history, 0);
+        let mut records = record::all_records(&rollout).map_err(|e| corrupt(&key(&id), e))?;
+        let header = records.last().map(|(_, v)| v.clone()).unwrap_or_default();
+        // The events go before the header (written last), so a rollout
+        // found in the store always has its start in its history.
+        let at = records.len().saturating_sub(1);
+        let started = events::records(&id, &history).map_err(|e| corrupt(&key(&id), e))?;
+        records.splice(at..at, started);
+        let ops = records.into_iter().map(|(k, v)| Op::Put(k, v)).collect();
+        let written = batch::write_atomic(self.store.as_ref(), &scope(&id), ops).await?;
         info!(
             rollout = %id,
             services = %rollout.services.iter().map(|s| format!("{}@{}", s.name, s.version)).collect::<Vec<_>>().join(","),
+            hosts = rollout.services.iter().map(|s| s.hosts.len()).sum::<usize>(),
             "rollout started"
         );
-        self.active.insert(
-            id.clone(),
-            Active {
-                watch: watch::channel(rollout.clone()).0,
-                rollout,
-                stored: bytes,
-                next_event: history.len() as u64,
-            },
-        );
+        let mut active = Active::new(rollout, header, history.len() as u64);
+        active.pending = written.pending;
+        self.active.insert(id.clone(), active);
         self.changed.send_modify(|n| *n += 1);
-        self.apply(&id, Event::Tick).await
+        self.apply(&id, vec![Event::Tick], None).await?;
+        self.current(&id).await
     }
 }
 
-/// What one step of a rollout yields: the next state, the commands it
-/// asks for, its stored form and its events (numbered).
-type Stepped = (Rollout, Vec<Action>, Vec<u8>, Vec<events::RolloutEvent>);
-
-/// Steps a rollout and prepares what the driver persists; pure.
-fn compute(
-    entry: &Active,
-    event: &Event,
-    who: Option<&str>,
+/// The writes of a step: the hosts it changed whose stored record changed,
+/// its events, and the header if it changed (last). Returns them with the
+/// new header.
+fn prepare(
     id: &str,
-    now: SystemTime,
-) -> Result<Stepped, RolloutError> {
-    let (next, actions) = machine::step(&entry.rollout, event, now)?;
-    let bytes = serde_json::to_vec(&next).map_err(|e| StoreError::Corrupt {
-        key: key(id),
-        reason: e.to_string(),
-    })?;
-    let mut history = Vec::new();
-    if let (Event::Operator(op), Some(who)) = (event, who) {
-        history.push(events::operator(op.as_str(), who, now));
+    r: &Rollout,
+    stored_header: &[u8],
+    changed: &[BTreeMap<HostId, HostRun>],
+    history: &[events::RolloutEvent],
+) -> Result<(Vec<Op>, Vec<u8>), StoreError> {
+    let mut ops = Vec::new();
+    for (si, hosts) in changed.iter().enumerate() {
+        let Some(s) = r.services.get(si) else {
+            continue;
+        };
+        for (host, was) in hosts {
+            let Some(h) = s.hosts.get(host) else { continue };
+            let k = record::host_key(id, si, host);
+            let now = record::encode_host(h).map_err(|e| corrupt(&k, e))?;
+            if now != record::encode_host(was).map_err(|e| corrupt(&k, e))? {
+                ops.push(Op::Put(k, now));
+            }
+        }
     }
-    history.extend(events::diff(&entry.rollout, &next, now));
-    events::number(&mut history, entry.next_event);
-    Ok((next, actions, bytes, history))
+    for (k, v) in events::records(id, history).map_err(|e| corrupt(&key(id), e))? {
+        ops.push(Op::Put(k, v));
+    }
+    let header = record::encode_header(r).map_err(|e| corrupt(&key(id), e))?;
+    if header != stored_header {
+        ops.push(Op::Put(key(id), header.clone()));
+    }
+    Ok((ops, header))
 }
 
 /// The message of a caught panic.
@@ -905,10 +1028,10 @@ fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
 }
 
 /// Counts the host activations and rollbacks a step ended, and how long
-/// each activation took (`before` is the state before the step).
+/// each activation took (`changed`: the hosts it changed, as they were).
 fn count_activations(
     metrics: &crate::metrics::Metrics,
-    before: &Rollout,
+    changed: &[BTreeMap<HostId, HostRun>],
     history: &[events::RolloutEvent],
     now: SystemTime,
 ) {
@@ -921,12 +1044,12 @@ fn count_activations(
         };
         metrics.activations.inc(&[result]);
         if e.from == "activating" {
-            let started = before
-                .services
-                .iter()
-                .find(|s| s.name == e.service)
-                .and_then(|s| s.hosts.get(&HostId::try_from(e.host.as_str()).ok()?))
-                .and_then(|h| h.started_at);
+            let started = HostId::try_from(e.host.as_str()).ok().and_then(|host| {
+                changed
+                    .iter()
+                    .find_map(|c| c.get(&host))
+                    .and_then(|h| h.started_at)
+            });
             if let Some(took) = started.and_then(|t| now.duration_since(t).ok()) {
                 metrics.activation.observe(took);
             }

@@ -3,19 +3,21 @@
 //! with who took it, in order (within one step, causes first: the host
 //! that turned healthy before the rollout that therefore succeeded).
 //!
-//! The driver derives the events of a step by comparing the rollout before
-//! and after it ([`diff`]) and writes them in the same store transaction as
-//! the new state, one key per step (`events/<rollout>/<first seq>`), so the
-//! history never disagrees with the state and a step's events stay one
-//! write however many hosts it moved (etcd limits the operations of a
-//! transaction).
+//! The driver derives the events of a step from the hosts it changed and
+//! the rollout's header before and after it ([`changes`]) and writes them
+//! in the same atomic write as the new state, in records of at most
+//! [`EVENTS_PER_RECORD`] (`events/<rollout>/<first seq>`), so the history
+//! never disagrees with the state.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
+
+use baton_common::host::HostId;
 
 use baton_common::time::unix_millis;
 use serde::{Deserialize, Serialize};
 
-use super::machine::{HostState, Rollout};
+use super::machine::{HostRun, HostState, Rollout};
 use crate::store::{Store, StoreError};
 
 /// What an event is about.
@@ -171,13 +173,41 @@ pub fn operator(action: &str, who: &str, now: SystemTime) -> RolloutEvent {
 
 /// What changed from `old` to `new`, causes before their effects: each
 /// service's hosts, then the service's state and step (in plan order),
-/// then the rollout's state.
+/// then the rollout's state. (Compares every host: for tests; the driver
+/// uses [`changes`], which costs only the hosts a step changed.)
 pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> {
+    let changed: Vec<BTreeMap<HostId, HostRun>> = old
+        .services
+        .iter()
+        .zip(&new.services)
+        .map(|(before, after)| {
+            after
+                .hosts
+                .iter()
+                .filter_map(|(id, h)| {
+                    let was = before.hosts.get(id)?;
+                    (was != h).then(|| (id.clone(), was.clone()))
+                })
+                .collect()
+        })
+        .collect();
+    changes(old, new, &changed, now)
+}
+
+/// What a step changed: `old` is the rollout before it (its hosts are not
+/// read: [`Rollout::header`] is enough), `changed` the hosts it changed
+/// with their values before (by service index), `new` the rollout after.
+pub fn changes(
+    old: &Rollout,
+    new: &Rollout,
+    changed: &[BTreeMap<HostId, HostRun>],
+    now: SystemTime,
+) -> Vec<RolloutEvent> {
     let at = unix_millis(now);
     let mut out = Vec::new();
-    for (before, after) in old.services.iter().zip(&new.services) {
-        for (id, h) in &after.hosts {
-            let Some(was) = before.hosts.get(id) else {
+    for (si, (before, after)) in old.services.iter().zip(&new.services).enumerate() {
+        for (id, was) in changed.get(si).into_iter().flatten() {
+            let Some(h) = after.hosts.get(id) else {
                 continue;
             };
             if was.state == h.state {
@@ -241,6 +271,21 @@ pub fn diff(old: &Rollout, new: &Rollout, now: SystemTime) -> Vec<RolloutEvent> 
         out.push(e);
     }
     out
+}
+
+/// The most events in one stored record: a step that moves 10,000 hosts
+/// writes its events in several records, each well under a write's limit.
+pub const EVENTS_PER_RECORD: usize = 1000;
+
+/// The records of a step's numbered `events`: (key, value).
+pub fn records(
+    rollout: &str,
+    events: &[RolloutEvent],
+) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
+    events
+        .chunks(EVENTS_PER_RECORD)
+        .map(|chunk| Ok((key(rollout, chunk[0].seq), serde_json::to_vec(chunk)?)))
+        .collect()
 }
 
 /// The steps from `from` to `to`: a host that went through states in

@@ -25,7 +25,7 @@
 //! the host reconnects (the agent answers a known id from its journal
 //! instead of running it again) and updates for any other id are ignored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
@@ -161,6 +161,10 @@ pub struct Rollout {
     pub error: Option<String>,
     /// The next command's sequence number.
     pub next_seq: u64,
+    /// Target hosts whose agent is not connected (learnt from the fleet,
+    /// not stored): deadlines for hosts away are checked only on these.
+    #[serde(skip)]
+    pub away: BTreeSet<HostId>,
 }
 
 /// Where one service of a rollout is.
@@ -243,6 +247,47 @@ pub struct ServiceRun {
     /// The plan allows going to a lower version.
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// Hosts changed since the driver last took them, with their value
+    /// before (not stored): what a step persists and reports.
+    #[serde(skip)]
+    pub changed: Changed,
+}
+
+/// Hosts a step changed, each with its value before the first change;
+/// equal to any other (it records how a value came about, not what it is).
+#[derive(Debug, Clone, Default)]
+pub struct Changed(pub BTreeMap<HostId, HostRun>);
+
+impl PartialEq for Changed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Changed {}
+
+impl ServiceRun {
+    /// A host to change: remembered with its value before, so the driver
+    /// persists (and reports) only the hosts a step changed. Every change
+    /// of a host goes through here.
+    pub fn host_mut(&mut self, id: &HostId) -> Option<&mut HostRun> {
+        let h = self.hosts.get_mut(id)?;
+        self.changed
+            .0
+            .entry(id.clone())
+            .or_insert_with(|| h.clone());
+        Some(h)
+    }
+
+    /// The hosts matching `pred`, to change one by one with
+    /// [`Self::host_mut`].
+    fn hosts_where(&self, pred: impl Fn(&HostRun) -> bool) -> Vec<HostId> {
+        self.hosts
+            .iter()
+            .filter(|(_, h)| pred(h))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
 }
 
 /// One host's part.
@@ -388,28 +433,93 @@ pub struct Refused {
 #[cfg(test)]
 pub(crate) const INJECT_PANIC: &str = "# inject a panic";
 
-/// Advances `rollout` by one event.
+/// Advances `rollout` by one event, returning the new state (a copy: for
+/// tests and previews; the driver steps its rollouts in place with
+/// [`apply`]).
 pub fn step(
     rollout: &Rollout,
     event: &Event,
     now: SystemTime,
 ) -> Result<(Rollout, Vec<Action>), Refused> {
+    let mut r = rollout.clone();
+    let actions = apply(&mut r, std::slice::from_ref(event), now)?;
+    for s in &mut r.services {
+        s.changed.0.clear();
+    }
+    Ok((r, actions))
+}
+
+/// What [`apply`] compares to tell whether a step moved the rollout.
+#[derive(PartialEq)]
+struct Shape {
+    state: State,
+    error: Option<String>,
+    services: Vec<(ServiceState, usize)>,
+}
+
+impl Shape {
+    fn of(r: &Rollout) -> Self {
+        Self {
+            state: r.state,
+            error: r.error.clone(),
+            services: r.services.iter().map(|s| (s.state, s.step)).collect(),
+        }
+    }
+}
+
+/// Advances `rollout` in place by `events`, then settles it once: the cost
+/// is that of the events and of one pass over the rollout, however many
+/// events there are. Every host changed is recorded in its service's
+/// [`ServiceRun::changed`], so the caller persists only those.
+///
+/// An operator's event is refused before it changes anything; the driver
+/// applies those one at a time, so a refusal leaves the rollout as it was.
+pub fn apply(r: &mut Rollout, events: &[Event], now: SystemTime) -> Result<Vec<Action>, Refused> {
     #[cfg(test)]
-    if rollout.plan.starts_with(INJECT_PANIC) {
+    if r.plan.starts_with(INJECT_PANIC) {
         panic!("a fault injected by a test");
     }
-    let mut r = rollout.clone();
+    let before = Shape::of(r);
     let mut actions = Vec::new();
+    for event in events {
+        take(r, event, now, &mut actions)?;
+    }
+    if !r.state.is_terminal() {
+        gone_hosts_fail(r, now);
+    }
+    advance(r, now, &mut actions);
+    let moved = before != Shape::of(r)
+        || r.services.iter().any(|s| {
+            s.changed.0.iter().any(|(id, was)| {
+                s.hosts
+                    .get(id)
+                    .is_some_and(|h| h.state != was.state || h.outstanding != was.outstanding)
+            })
+        });
+    if moved {
+        r.updated_at = now;
+    }
+    Ok(actions)
+}
+
+/// The direct effect of one event, before the rollout is settled.
+fn take(
+    r: &mut Rollout,
+    event: &Event,
+    now: SystemTime,
+    actions: &mut Vec<Action>,
+) -> Result<(), Refused> {
     match event {
-        Event::Operator(op) => operator(&mut r, *op, now, &mut actions)?,
+        Event::Operator(op) => operator(r, *op, now, actions)?,
         Event::Connected(host) => {
+            r.away.remove(host);
             for si in 0..r.services.len() {
                 let fresh = r.services[si]
                     .hosts
                     .get(host)
                     .and_then(|h| h.outstanding.as_ref())
-                    .map(|cmd| deadline_for(&r, &cmd.kind, now));
-                if let Some(h) = r.services[si].hosts.get_mut(host) {
+                    .map(|cmd| deadline_for(r, &cmd.kind, now));
+                if let Some(h) = r.services[si].host_mut(host) {
                     h.connected = true;
                     h.gone_since = None;
                     if let (Some(cmd), Some(deadline)) = (&mut h.outstanding, fresh) {
@@ -423,34 +533,149 @@ pub fn step(
             }
         }
         Event::Disconnected(host) => {
+            let mut known = false;
             for s in &mut r.services {
-                if let Some(h) = s.hosts.get_mut(host) {
+                if let Some(h) = s.host_mut(host) {
                     h.connected = false;
                     h.gone_since.get_or_insert(now);
+                    known = true;
+                }
+            }
+            if known {
+                r.away.insert(host.clone());
+            }
+        }
+        Event::Update(host, update) => on_update(r, host, update, now, actions),
+        Event::Tick => {}
+    }
+    Ok(())
+}
+
+impl Rollout {
+    /// Sets every target host's connection from `connected` (after a
+    /// start or a load; afterwards `Connected` and `Disconnected` events
+    /// keep it).
+    pub fn set_connections(&mut self, connected: impl Fn(&HostId) -> bool) {
+        self.away.clear();
+        for s in &mut self.services {
+            for (id, h) in &mut s.hosts {
+                h.connected = connected(id);
+                if !h.connected {
+                    self.away.insert(id.clone());
                 }
             }
         }
-        Event::Update(host, update) => on_update(&mut r, host, update, now, &mut actions),
-        Event::Tick => {}
     }
-    if !r.state.is_terminal() {
-        gone_hosts_fail(&mut r, now);
+
+    /// The hosts each service changed since the last call, with their
+    /// values before (see [`ServiceRun::changed`]), by service index.
+    pub fn take_changed(&mut self) -> Vec<BTreeMap<HostId, HostRun>> {
+        self.services
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.changed.0))
+            .collect()
     }
-    advance(&mut r, now, &mut actions);
-    let moved = r.state != rollout.state
-        || r.error != rollout.error
-        || r.services.iter().zip(&rollout.services).any(|(a, b)| {
-            a.state != b.state
-                || a.step != b.step
-                || a.hosts
-                    .iter()
-                    .zip(&b.hosts)
-                    .any(|((_, x), (_, y))| x.state != y.state || x.outstanding != y.outstanding)
-        });
-    if moved {
-        r.updated_at = now;
+
+    /// A copy of everything but the hosts (cheap whatever the fleet size).
+    pub fn header(&mut self) -> Rollout {
+        let hosts: Vec<_> = self
+            .services
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.hosts))
+            .collect();
+        let copy = self.clone();
+        for (s, h) in self.services.iter_mut().zip(hosts) {
+            s.hosts = h;
+        }
+        copy
     }
-    Ok((r, actions))
+
+    /// Puts back what a step changed: `header` (from [`Self::header`]
+    /// before it) and the hosts' values before (from
+    /// [`Self::take_changed`]).
+    pub fn restore(&mut self, header: Rollout, changed: Vec<BTreeMap<HostId, HostRun>>) {
+        let restored: Vec<Vec<HostId>> = changed
+            .iter()
+            .map(|was| was.keys().cloned().collect())
+            .collect();
+        let mut hosts: Vec<_> = self
+            .services
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.hosts))
+            .collect();
+        for (h, was) in hosts.iter_mut().zip(changed) {
+            for (id, old) in was {
+                h.insert(id, old);
+            }
+        }
+        let away = std::mem::take(&mut self.away);
+        *self = header;
+        for (s, h) in self.services.iter_mut().zip(hosts) {
+            s.hosts = h;
+        }
+        // Connections are facts, not state: the newest stand.
+        for (s, ids) in self.services.iter_mut().zip(restored) {
+            for id in ids {
+                if let Some(h) = s.hosts.get_mut(&id) {
+                    h.connected = !away.contains(&id);
+                }
+            }
+        }
+        self.away = away;
+    }
+
+    /// When this rollout next needs a [`Event::Tick`]: its progress
+    /// deadline while it waits on hosts, the end of a planned pause, a
+    /// host away during its activation. `None`: no deadline (terminal, or
+    /// waiting for an operator). A tick before it changes nothing, so the
+    /// driver ticks only rollouts that are due.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        let mut due: Option<SystemTime> = None;
+        let mut at = |t: SystemTime| due = Some(due.map_or(t, |d| d.min(t)));
+        let working = match self.state {
+            State::Pending => {
+                at(self.created_at);
+                false
+            }
+            State::Staging | State::RollingBack => true,
+            State::Progressing | State::AwaitingPromotion => self
+                .services
+                .iter()
+                .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_none()),
+            State::Paused
+            | State::Succeeded
+            | State::Failed
+            | State::RolledBack
+            | State::Aborted => false,
+        };
+        if working {
+            at(later(self.progress_at, self.progress_deadline));
+        }
+        for s in &self.services {
+            if let (ServiceState::Progressing, Some(done), Some(pause)) =
+                (s.state, s.step_done_at, s.pause)
+            {
+                at(later(done, pause));
+            }
+        }
+        for id in &self.away {
+            for s in &self.services {
+                let Some(h) = s.hosts.get(id) else { continue };
+                if h.state != HostState::Activating {
+                    continue;
+                }
+                match h.gone_since {
+                    Some(since) => at(later(since, gone_deadline(s))),
+                    // Not yet counted (after a restart): now.
+                    None => at(self.created_at),
+                }
+            }
+        }
+        due
+    }
 }
 
 fn operator(
@@ -513,13 +738,15 @@ fn operator(
             // and cutting it short would leave it between the two.)
             let mut cancels = Vec::new();
             for s in &mut r.services {
-                for (host, h) in &mut s.hosts {
+                let name = s.name.clone();
+                for host in s.hosts_where(|h| h.outstanding.is_some()) {
+                    let Some(h) = s.host_mut(&host) else { continue };
                     let in_flight = matches!(
                         h.outstanding.as_ref().map(|c| &c.kind),
                         Some(CommandKind::Activate { .. })
                     );
                     if in_flight && h.connected {
-                        cancels.push((host.clone(), s.name.clone()));
+                        cancels.push((host.clone(), name.clone()));
                     }
                     h.outstanding = None;
                 }
@@ -568,7 +795,7 @@ fn on_update(
     let auto_rollback = r.auto_rollback;
     let rolling_back = r.state == State::RollingBack;
     let s = &mut r.services[si];
-    let Some(h) = s.hosts.get_mut(host) else {
+    let Some(h) = s.host_mut(host) else {
         return;
     };
     let kind = h.outstanding.as_ref().map_or("", |c| c.kind.name());
@@ -627,21 +854,26 @@ fn on_update(
 /// being disconnected, against `min_healthy` all along). Its late answer,
 /// if it ever comes, is ignored; a rollback reaches it when it returns.
 fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
+    if r.away.is_empty() {
+        return;
+    }
+    let away: Vec<HostId> = r.away.iter().cloned().collect();
     for s in &mut r.services {
-        let mut deadline = s.gate.healthy_deadline;
-        if s.name == baton_common::artifact::AGENT_NAME {
-            // An agent upgrading itself leaves on purpose; its watchdog
-            // decides within healthy_deadline and the agent then running
-            // reconnects and reports.
-            deadline = deadline.saturating_add(AGENT_RETURN_GRACE);
-        }
-        for h in s.hosts.values_mut() {
+        let deadline = gone_deadline(s);
+        for id in &away {
+            let Some(h) = s.hosts.get(id) else { continue };
             if h.connected {
                 continue;
             }
-            let since = *h.gone_since.get_or_insert(now);
+            let since = h.gone_since.unwrap_or(now);
             let gone = now.duration_since(since).unwrap_or_default();
-            if h.state == HostState::Activating && gone >= deadline {
+            let fails = h.state == HostState::Activating && gone >= deadline;
+            if h.gone_since.is_some() && !fails {
+                continue;
+            }
+            let Some(h) = s.host_mut(id) else { continue };
+            h.gone_since = Some(since);
+            if fails {
                 h.state = HostState::Failed;
                 h.outstanding = None;
                 h.finished_at = Some(now);
@@ -652,6 +884,19 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
                 s.failures = s.failures.saturating_add(1);
             }
         }
+    }
+}
+
+/// How long a host of `s` may be away while it activates.
+fn gone_deadline(s: &ServiceRun) -> Duration {
+    let deadline = s.gate.healthy_deadline;
+    if s.name == baton_common::artifact::AGENT_NAME {
+        // An agent upgrading itself leaves on purpose; its watchdog
+        // decides within healthy_deadline and the agent then running
+        // reconnects and reports.
+        deadline.saturating_add(AGENT_RETURN_GRACE)
+    } else {
+        deadline
     }
 }
 
@@ -683,7 +928,7 @@ fn send(
         deadline,
         kind,
     };
-    if let Some(h) = r.services[si].hosts.get_mut(host) {
+    if let Some(h) = r.services[si].host_mut(host) {
         if h.connected {
             actions.push(Action::Send(host.clone(), cmd.clone()));
         }
@@ -795,7 +1040,7 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                         signature: s.signature.clone(),
                     };
                     send(r, si, &host, kind, actions, now);
-                    if let Some(h) = r.services[si].hosts.get_mut(&host) {
+                    if let Some(h) = r.services[si].host_mut(&host) {
                         h.state = HostState::Staging;
                     }
                 }
@@ -899,8 +1144,10 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
 
 fn clear_outstanding(r: &mut Rollout) {
     for s in &mut r.services {
-        for h in s.hosts.values_mut() {
-            h.outstanding = None;
+        for id in s.hosts_where(|h| h.outstanding.is_some()) {
+            if let Some(h) = s.host_mut(&id) {
+                h.outstanding = None;
+            }
         }
     }
 }
@@ -1017,7 +1264,7 @@ fn progress_service(
             allow_downgrade: s.allow_downgrade,
         };
         send(r, si, &host, kind, actions, now);
-        if let Some(h) = r.services[si].hosts.get_mut(&host) {
+        if let Some(h) = r.services[si].host_mut(&host) {
             h.state = HostState::Activating;
             h.touched = true;
             h.started_at = Some(now);
@@ -1133,9 +1380,8 @@ fn fail(r: &mut Rollout, why: String, now: SystemTime, actions: &mut Vec<Action>
 /// unexpected way (`why`): no command is sent, nothing is rolled back
 /// automatically (an operator can still roll it back), and the record is
 /// kept so that a restart does not step it into the same fault again.
-pub fn faulted(rollout: &Rollout, why: &str, now: SystemTime) -> Rollout {
-    let mut r = rollout.clone();
-    clear_outstanding(&mut r);
+pub fn faulted(r: &mut Rollout, why: &str, now: SystemTime) {
+    clear_outstanding(r);
     r.state = State::Failed;
     r.resume_to = None;
     r.updated_at = now;
@@ -1143,7 +1389,6 @@ pub fn faulted(rollout: &Rollout, why: &str, now: SystemTime) -> Rollout {
         "stopped by an internal error, hosts left as they are (please report it): {}",
         baton_common::text::prefix(why, 300)
     ));
-    r
 }
 
 mod rollback;
@@ -1152,3 +1397,67 @@ use rollback::{begin_rollback, roll_back_services, rollback_host};
 
 #[cfg(test)]
 mod tests;
+
+/// Rollouts for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// One service over `hosts` hosts (`web-00000`, …) running 1.0.0,
+    /// all connected, to go to 2.0.0; a manifest of about a kilobyte.
+    pub fn single(id: &str, service: &str, hosts: usize, plan: String) -> Rollout {
+        let t0 = std::time::UNIX_EPOCH + Duration::from_millis(1_764_000_000_000);
+        let hosts = (0..hosts)
+            .map(|i| {
+                (
+                    HostId::try_from(format!("web-{i:05}")).unwrap(),
+                    HostRun::new(Some("1.0.0".into()), "2.0.0".into(), true),
+                )
+            })
+            .collect();
+        Rollout {
+            id: id.into(),
+            plan,
+            state: State::Pending,
+            resume_to: None,
+            auto_rollback: true,
+            progress_deadline: Duration::from_secs(600),
+            max_parallel_services: usize::MAX,
+            services: vec![ServiceRun {
+                name: service.into(),
+                version: "2.0.0".into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                manifest: vec![b'm'; 1024],
+                signature: vec![7; 64],
+                depends_on: vec![],
+                requires: BTreeMap::new(),
+                outside: BTreeMap::new(),
+                max_parallel: 100,
+                min_healthy: 0,
+                max_failures: 0,
+                gate: HealthGate {
+                    min_healthy_time: Duration::from_secs(1),
+                    healthy_deadline: Duration::from_secs(300),
+                },
+                steps: vec![usize::MAX],
+                step: 0,
+                promote: false,
+                pause: None,
+                step_done_at: None,
+                failures: 0,
+                state: ServiceState::Waiting,
+                hosts,
+                allow_downgrade: false,
+                changed: Changed::default(),
+            }],
+            created_at: t0,
+            updated_at: t0,
+            progress_at: t0,
+            error: None,
+            next_seq: 0,
+            away: BTreeSet::new(),
+        }
+    }
+}

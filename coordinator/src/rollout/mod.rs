@@ -7,6 +7,7 @@ pub mod events;
 pub mod graph;
 pub mod machine;
 pub mod plan;
+pub mod record;
 pub mod resolve;
 
 use baton_common::time::to_timestamp;

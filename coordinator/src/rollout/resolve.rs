@@ -293,6 +293,7 @@ pub fn resolve(
             state: ServiceState::Waiting,
             allow_downgrade: svc.allow_downgrade,
             hosts,
+            changed: Default::default(),
         });
     }
     Ok(Rollout {
@@ -309,6 +310,7 @@ pub fn resolve(
         progress_at: now,
         error: None,
         next_seq: 0,
+        away: Default::default(),
     })
 }
 

@@ -6,6 +6,7 @@
 //! Keys are UTF-8 paths (`hosts/web-01`); values are opaque bytes (the
 //! callers store JSON, which keeps the store readable when debugging).
 
+pub mod batch;
 #[cfg(feature = "etcd")]
 mod etcd_store;
 mod redb_store;
@@ -120,6 +121,142 @@ pub trait Store: Send + Sync + 'static {
             ops: vec![Op::Put(key.to_owned(), new)],
         })
         .await
+    }
+}
+
+/// What the coordinator wrote to its store, for its metrics and the
+/// benchmarks: the limits of [`batch`] are checked here in production.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Transactions applied.
+    pub txns: std::sync::atomic::AtomicU64,
+    /// Bytes of keys and values put.
+    pub written_bytes: std::sync::atomic::AtomicU64,
+    /// The most operations in one transaction.
+    pub largest_txn_ops: std::sync::atomic::AtomicU64,
+    /// The most bytes in one transaction.
+    pub largest_txn_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// A store that counts what goes through it into [`StoreStats`].
+pub struct Measured {
+    inner: std::sync::Arc<dyn Store>,
+    stats: std::sync::Arc<StoreStats>,
+}
+
+impl Measured {
+    /// Around `inner`, counting into `stats`.
+    pub fn new(inner: std::sync::Arc<dyn Store>, stats: std::sync::Arc<StoreStats>) -> Self {
+        Self { inner, stats }
+    }
+}
+
+#[async_trait]
+impl Store for Measured {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ops = txn.ops.len() as u64;
+        let bytes: u64 = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => (k.len() + v.len()) as u64,
+                Op::Delete(k) => k.len() as u64,
+            })
+            .sum();
+        let applied = self.inner.txn(txn).await?;
+        if applied {
+            self.stats.txns.fetch_add(1, Relaxed);
+            self.stats.written_bytes.fetch_add(bytes, Relaxed);
+            self.stats.largest_txn_ops.fetch_max(ops, Relaxed);
+            self.stats.largest_txn_bytes.fetch_max(bytes, Relaxed);
+        }
+        Ok(applied)
+    }
+}
+
+/// Stores for tests.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A store that holds every transaction to etcd's default limits
+    /// (refusing one over them, as etcd does) and fails every transaction
+    /// after the first `left` (a crash, or a store that refuses).
+    pub struct Limited {
+        inner: RedbStore,
+        left: AtomicUsize,
+        /// Transactions tried.
+        pub tried: AtomicUsize,
+        /// The most operations seen in one transaction.
+        pub largest: AtomicUsize,
+    }
+
+    impl Limited {
+        /// Around `inner`, succeeding `left` transactions.
+        pub fn new(inner: RedbStore, left: usize) -> Self {
+            Self {
+                inner,
+                left: left.into(),
+                tried: 0.into(),
+                largest: 0.into(),
+            }
+        }
+
+        /// Lets the next `n` transactions succeed.
+        pub fn allow(&self, n: usize) {
+            self.left.store(n, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl Store for Limited {
+        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+            self.tried.fetch_add(1, Ordering::SeqCst);
+            self.largest.fetch_max(txn.ops.len(), Ordering::SeqCst);
+            let bytes: usize = txn
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put(k, v) => k.len() + v.len(),
+                    Op::Delete(k) => k.len(),
+                })
+                .sum();
+            if txn.ops.len() > batch::MAX_TXN_OPS || bytes > batch::MAX_TXN_BYTES {
+                return Err(StoreError::Backend {
+                    op: "txn",
+                    reason: format!(
+                        "too many operations in txn request ({} ops, {bytes} bytes)",
+                        txn.ops.len()
+                    ),
+                });
+            }
+            let left = self.left.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(StoreError::Backend {
+                    op: "txn",
+                    reason: "refused by the test".into(),
+                });
+            }
+            self.left.store(left - 1, Ordering::SeqCst);
+            self.inner.txn(txn).await
+        }
     }
 }
 

@@ -457,7 +457,15 @@ async fn rollout(
         Err(e) => return rollout_error(e),
     };
     let mut body = rollout_json(&r);
-    body["events"] = serde_json::to_value(events).unwrap_or_default();
+    body["events"] = match serde_json::to_value(events) {
+        Ok(events) => events,
+        Err(e) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the events of rollout {id}: {e}"),
+            );
+        }
+    };
     api(StatusCode::OK, body)
 }
 

@@ -43,7 +43,7 @@ fn key(token: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     format!(
         "dashboard-tokens/{}",
-        crate::artifacts::hex(digest.as_ref())
+        baton_common::hex::encode(digest.as_ref())
     )
 }
 
@@ -61,7 +61,7 @@ pub async fn create(
             reason: "the system's random number generator failed".into(),
         },
     )?;
-    let token = format!("{PREFIX}{}", crate::artifacts::hex(&secret));
+    let token = format!("{PREFIX}{}", baton_common::hex::encode(&secret));
     let now = SystemTime::now();
     let expires = baton_common::time::later(now, ttl);
     // Expired tokens are forgotten as new ones are made.

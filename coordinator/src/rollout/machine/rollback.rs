@@ -33,7 +33,7 @@ pub(super) fn rollback_host(
         },
     };
     send(r, si, host, kind, actions, now);
-    if let Some(h) = r.services[si].hosts.get_mut(host) {
+    if let Some(h) = r.services[si].host_mut(host) {
         h.state = HostState::RollingBack;
         h.finished_at = None;
     }
@@ -53,8 +53,8 @@ pub(super) fn begin_rollback(
     r.progress_at = now;
     for s in &mut r.services {
         // Untouched hosts keep what they run; a staged release is unused.
-        for h in s.hosts.values_mut() {
-            if !h.touched && h.outstanding.is_some() {
+        for id in s.hosts_where(|h| !h.touched && h.outstanding.is_some()) {
+            if let Some(h) = s.host_mut(&id) {
                 h.outstanding = None;
                 if h.state == HostState::Staging {
                     h.state = HostState::Staged;
@@ -63,11 +63,13 @@ pub(super) fn begin_rollback(
         }
         // A host left mid-activation or mid-rollback with no command (an
         // abort, a rollback that timed out) is taken back again.
-        for h in s.hosts.values_mut() {
-            if h.touched
+        let interrupted = s.hosts_where(|h| {
+            h.touched
                 && h.outstanding.is_none()
                 && matches!(h.state, HostState::Activating | HostState::RollingBack)
-            {
+        });
+        for id in interrupted {
+            if let Some(h) = s.host_mut(&id) {
                 h.state = HostState::Failed;
                 h.error = Some("interrupted; rolling back".into());
             }

@@ -40,6 +40,7 @@ fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> 
             .iter()
             .map(|i| (host(*i), HostRun::new(Some("1".into()), "2".into(), true)))
             .collect(),
+        changed: Default::default(),
     }
 }
 
@@ -58,6 +59,7 @@ fn with_services(services: Vec<ServiceRun>) -> Rollout {
         progress_at: t(0),
         error: None,
         next_seq: 0,
+        away: Default::default(),
     }
 }
 
@@ -370,7 +372,7 @@ fn a_first_install_rolls_back_by_removing() {
 #[test]
 fn outstanding_commands_are_resent_with_the_same_id_on_reconnect() {
     let mut r = rollout(2, 1, 0);
-    r.services[0].hosts.get_mut(&host(1)).unwrap().connected = false;
+    r.set_connections(|h| *h != host(1));
     let a = feed(&mut r, Event::Tick, t(0));
     assert_eq!(
         kinds(&a),
@@ -782,6 +784,8 @@ fn property_systems_keep_their_invariants_and_always_end() {
             };
             r = next;
             check(&r, &before, &actions, seed);
+            stepped_in_place_records_every_change(&before, &event, &r, t(now), seed);
+            a_tick_before_the_next_deadline_changes_nothing(&r, t(now), &mut rng, seed);
         }
         // Then the world behaves: every host connects, every command
         // succeeds, promotions are granted. The rollout must end.
@@ -1039,4 +1043,63 @@ fn the_event_history_of_a_rollout_is_complete_and_ordered() {
         .unwrap();
     assert_eq!(host_event.from, "activating");
     assert!(host_event.message.contains("boom"), "{host_event:?}");
+}
+
+/// Stepping in place gives the same rollout as stepping a copy, and every
+/// host that differs is among the changed ones, with its value before:
+/// the driver persists only those.
+fn stepped_in_place_records_every_change(
+    before: &Rollout,
+    event: &Event,
+    after: &Rollout,
+    now: SystemTime,
+    seed: u64,
+) {
+    let mut r = before.clone();
+    apply(&mut r, std::slice::from_ref(event), now).unwrap();
+    let changed = r.take_changed();
+    assert_eq!(&r, after, "seed {seed}: in place differs from a copy");
+    for (si, s) in after.services.iter().enumerate() {
+        for (id, h) in &s.hosts {
+            let was = &before.services[si].hosts[id];
+            if was != h || was.connected != h.connected || was.gone_since != h.gone_since {
+                assert_eq!(
+                    changed[si].get(id),
+                    Some(was),
+                    "seed {seed}: {id} of {} changed unrecorded on {event:?}",
+                    s.name
+                );
+            }
+        }
+    }
+}
+
+/// A tick at any time before [`Rollout::next_deadline`] changes nothing:
+/// the driver may skip it.
+fn a_tick_before_the_next_deadline_changes_nothing(
+    r: &Rollout,
+    now: SystemTime,
+    rng: &mut fastrand::Rng,
+    seed: u64,
+) {
+    let until = r
+        .next_deadline()
+        .unwrap_or(now + Duration::from_secs(10 * 86_400));
+    let Ok(room) = until.duration_since(now) else {
+        return;
+    };
+    if room.is_zero() {
+        return;
+    }
+    let at = now
+        + Duration::from_millis(rng.u64(0..u64::try_from(room.as_millis()).unwrap_or(u64::MAX)));
+    let (next, actions) = step(r, &Event::Tick, at).unwrap();
+    assert!(
+        actions.is_empty(),
+        "seed {seed}: a tick before the deadline acted: {actions:?}"
+    );
+    assert_eq!(
+        &next, r,
+        "seed {seed}: a tick at {at:?} before the deadline {until:?} changed the rollout"
+    );
 }

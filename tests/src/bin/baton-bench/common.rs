@@ -152,8 +152,13 @@ impl Coordinator {
     /// Starts `batond` with certificates for `agents` (real agents; the
     /// simulator issues its own).
     pub fn start(agents: &[&str]) -> Self {
+        Self::start_with(agents, &[])
+    }
+
+    /// [`Self::start`], with `extra` flags for `batond`.
+    pub fn start_with(agents: &[&str], extra: &[&str]) -> Self {
         let env = TestEnv::new(agents);
-        let batond = Batond::start(&env, "batond", &[]);
+        let batond = Batond::start(&env, "batond", extra);
         Self { env, batond }
     }
 

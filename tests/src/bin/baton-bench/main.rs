@@ -80,6 +80,10 @@ enum Scenario {
         activation_delay: Duration,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// batond's store: `redb` (embedded) or `etcd` (a local etcd
+        /// started for the run, with its default limits).
+        #[arg(long, default_value = "redb", value_parser = ["redb", "etcd"])]
+        store: String,
     },
     /// A signed artifact staged by K agents at once; figures
     /// `verify_mb_per_s` (per agent: download + hash + signature check;
@@ -171,10 +175,16 @@ fn command_line(s: &Scenario) -> String {
             min_healthy_time,
             activation_delay,
             runs,
+            store,
         } => format!(
-            "baton-bench rollout --hosts {hosts} --max-parallel {max_parallel} --min-healthy-time {} --activation-delay {} --runs {runs}",
+            "baton-bench rollout --hosts {hosts} --max-parallel {max_parallel} --min-healthy-time {} --activation-delay {} --runs {runs}{}",
             d(min_healthy_time),
-            d(activation_delay)
+            d(activation_delay),
+            if store == "redb" {
+                String::new()
+            } else {
+                format!(" --store {store}")
+            }
         ),
         Scenario::Artifact {
             size_mb,
@@ -203,6 +213,7 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
             min_healthy_time,
             activation_delay,
             runs,
+            store,
         } => scale::rollout(
             rt,
             hosts,
@@ -210,6 +221,7 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
             min_healthy_time,
             activation_delay,
             runs,
+            &store,
         ),
         Scenario::Artifact {
             size_mb,
@@ -281,7 +293,23 @@ fn main() {
             min_healthy_time: Duration::from_secs(1),
             activation_delay: Duration::from_millis(50),
             runs: 3,
+            store: "redb".into(),
         },
+    ];
+    // Ten and a hundred times that, one batch in ten, on both stores.
+    for store in ["redb", "etcd"] {
+        for (hosts, runs) in [(hosts * 10, 3), (hosts * 100, 1)] {
+            scenarios.push(Scenario::Rollout {
+                hosts,
+                max_parallel: hosts / 10,
+                min_healthy_time: Duration::from_secs(1),
+                activation_delay: Duration::from_millis(50),
+                runs,
+                store: store.into(),
+            });
+        }
+    }
+    scenarios.extend([
         Scenario::Artifact {
             size_mb,
             agents: 1,
@@ -295,7 +323,7 @@ fn main() {
         Scenario::AgentIdle {
             seconds: idle_seconds,
         },
-    ];
+    ]);
     if !simulated_only {
         scenarios.extend([Scenario::RolloutAgents, Scenario::Handoff]);
     }

@@ -4,10 +4,14 @@
 use std::time::{Duration, Instant};
 
 use baton_common::artifact;
-use baton_proto::control::v1::{PingHostsRequest, StartRolloutRequest};
+use baton_common::metrics::sample;
+use baton_proto::control::v1::{GetRolloutRequest, PingHostsRequest, StartRolloutRequest};
+use baton_tests::http::scrape;
 use serde_json::{Value, json};
 
-use crate::common::{Coordinator, Sim, connected, median, ms, rss_bytes, unix_ms, watch_to_end};
+use crate::common::{
+    Coordinator, Sim, connected, cpu_time, median, ms, rss_bytes, unix_ms, watch_to_end,
+};
 
 /// How long a large fleet may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -165,7 +169,8 @@ pub fn reconnect(rt: &tokio::runtime::Runtime, agents: usize) -> Value {
     })
 }
 
-/// `rollout`: a real rollout of the `demo` service over N simulated hosts.
+/// `rollout`: a real rollout of the `demo` service over N simulated hosts,
+/// on the embedded store or on a local etcd with its default limits.
 pub fn rollout(
     rt: &tokio::runtime::Runtime,
     hosts: usize,
@@ -173,8 +178,19 @@ pub fn rollout(
     min_healthy: Duration,
     activation_delay: Duration,
     runs: usize,
+    store: &str,
 ) -> Value {
-    let c = Coordinator::start(&[]);
+    let etcd = (store == "etcd").then(|| {
+        baton_tests::etcd::Etcd::start()
+            .expect("--store etcd needs etcd (apt-get install etcd-server)")
+    });
+    let url = etcd.as_ref().map(baton_tests::etcd::Etcd::url);
+    let mut extra = vec!["--metrics-listen", "127.0.0.1:0"];
+    if let Some(url) = &url {
+        extra.extend(["--store", url.as_str()]);
+    }
+    let c = Coordinator::start_with(&[], &extra);
+    let metrics = c.batond.metrics.expect("batond serves metrics");
     let delay = format!("{}ms", activation_delay.as_millis());
     let mut sim = Sim::start(&c, hosts, &["--activation-delay", &delay]);
     connect_fleet(rt, &c, &mut sim);
@@ -185,6 +201,10 @@ pub fn rollout(
     std::fs::write(dir.join("src/service.toml"), "command = \"bin/demo\"\n").unwrap();
     let (key_path, _) = artifact::keygen(&dir.join("release")).unwrap();
     let key = artifact::read_signing_key(&key_path).unwrap();
+    let written = || sample(&scrape(metrics), "baton_store_written_bytes").unwrap_or(0.0);
+    let mut cpu = vec![];
+    let mut bytes = vec![];
+    let mut status_ms: Vec<f64> = vec![];
     let actual: Vec<Duration> = rt.block_on(async {
         let mut control = c.control().await;
         let mut actual = vec![];
@@ -200,6 +220,7 @@ pub fn rollout(
                 "[[service]]\nname = \"demo\"\nversion = \"{version}\"\nmax_parallel = {max_parallel}\nmin_healthy_time = \"{}ms\"\n",
                 min_healthy.as_millis()
             );
+            let (cpu0, written0) = (cpu_time(c.pid()), written());
             let t0 = Instant::now();
             let id = control
                 .start_rollout(StartRolloutRequest { plan })
@@ -207,13 +228,38 @@ pub fn rollout(
                 .unwrap()
                 .into_inner()
                 .id;
+            // `baton rollout status` while it runs: once a second, on its
+            // own connection.
+            let mut status = c.control().await;
+            let poll_id = id.clone();
+            let poller = tokio::spawn(async move {
+                let mut took = vec![];
+                loop {
+                    let t = Instant::now();
+                    let r = status
+                        .get_rollout(GetRolloutRequest { id: poll_id.clone() })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    took.push(ms(t.elapsed()));
+                    if baton_coordinator::rollout::is_terminal(&r.state) {
+                        return took;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
             let state = watch_to_end(&mut control, &id).await;
             let took = t0.elapsed();
             assert_eq!(state, "succeeded", "rollout {id}");
+            status_ms.extend(poller.await.unwrap());
+            cpu.push(cpu_time(c.pid()).saturating_sub(cpu0).as_secs_f64());
+            bytes.push(written() - written0);
             eprintln!(
-                "  rollout {version}: {:.3} s, ratio {:.3}",
+                "  rollout {version}: {:.3} s, ratio {:.3}, batond cpu {:.2} s, {:.0} bytes written per host",
                 took.as_secs_f64(),
-                took.as_secs_f64() / ideal.as_secs_f64()
+                took.as_secs_f64() / ideal.as_secs_f64(),
+                cpu.last().copied().unwrap_or_default(),
+                bytes.last().copied().unwrap_or_default() / hosts as f64,
             );
             actual.push(took);
         }
@@ -223,6 +269,12 @@ pub fn rollout(
         .iter()
         .map(|d| d.as_secs_f64() / ideal.as_secs_f64())
         .collect();
+    let document = scrape(metrics);
+    let largest_ops =
+        sample(&document, "baton_store_largest_transaction_operations").unwrap_or(0.0);
+    let largest_bytes = sample(&document, "baton_store_largest_transaction_bytes").unwrap_or(0.0);
+    let registry = registry_hosts(rt, url.as_deref(), hosts);
+    let status_max = status_ms.iter().copied().fold(0.0, f64::max);
     json!({
         "scenario": "rollout",
         "parameters": {
@@ -231,6 +283,7 @@ pub fn rollout(
             "min_healthy_time_ms": min_healthy.as_millis(),
             "activation_delay_ms": activation_delay.as_millis(),
             "runs": runs,
+            "store": store,
         },
         "figures": {
             "overhead_ratio": median(ratios.clone()),
@@ -238,7 +291,49 @@ pub fn rollout(
             "ideal_s": ideal.as_secs_f64(),
             "actual_s": actual.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
             "ratios": ratios,
+            "store_bytes_per_host": median(bytes.iter().map(|b| b / hosts as f64).collect()),
+            "batond_cpu_s_per_1000_hosts": median(cpu.iter().map(|s| s * 1000.0 / hosts as f64).collect()),
+            "largest_transaction_operations": largest_ops,
+            "largest_transaction_bytes": largest_bytes,
+            "status_max_ms": status_max,
+            "status_median_ms": median(status_ms.clone()),
+            "registry_hosts_stored": registry,
         },
-        "targets": {"overhead_ratio": {"max": 1.05}},
+        "targets": {
+            "overhead_ratio": {"max": 1.05},
+            "store_bytes_per_host": {"max": 2048.0},
+            "largest_transaction_operations": {"max": 128.0},
+            "largest_transaction_bytes": {"max": 1048576.0},
+            "status_max_ms": {"max": 200.0},
+            "registry_hosts_stored": {"min": hosts},
+        },
     })
+}
+
+/// How many host records the fleet registry holds in etcd (`url`), read
+/// with etcd's own client: each of the `hosts` must be there, the
+/// registry's writes split under etcd's 128 operations per transaction.
+/// On the embedded store, `hosts`.
+#[cfg(feature = "etcd")]
+fn registry_hosts(rt: &tokio::runtime::Runtime, url: Option<&str>, hosts: usize) -> usize {
+    let Some(url) = url else { return hosts };
+    rt.block_on(async {
+        let endpoint = url.trim_start_matches("etcd://").to_owned();
+        let store = baton_coordinator::store::EtcdStore::connect(&[endpoint])
+            .await
+            .unwrap();
+        use baton_coordinator::store::Store as _;
+        store.list("hosts/").await.unwrap().len()
+    })
+}
+
+/// Without the etcd feature the harness cannot read etcd: -1 (not met).
+#[cfg(not(feature = "etcd"))]
+fn registry_hosts(_: &tokio::runtime::Runtime, url: Option<&str>, hosts: usize) -> usize {
+    if url.is_some() {
+        eprintln!("  (baton-bench was built without --features etcd: the registry is not counted)");
+        0
+    } else {
+        hosts
+    }
 }

@@ -1,0 +1,618 @@
+//! The stored form of a rollout: its own versioned records, converted
+//! explicitly to and from the in-memory [`Rollout`], so the two can change
+//! apart and a step writes only what it changed.
+//!
+//! Schema 2 (this one), one rollout in several keys:
+//!
+//! | key | value |
+//! |---|---|
+//! | `rollouts/<id>` | [`Header`]: the rollout and its services, no hosts (JSON) |
+//! | `rollout-plans/<id>/<n>` | the plan as submitted, raw text in parts of 256 KiB |
+//! | `rollout-hosts/<id>/<service index>/<host>` | [`HostRecord`] (JSON) |
+//! | `manifests/<digest>` | [`ManifestRecord`]: a signed manifest, once per digest |
+//! | `events/<id>/<first seq>` | a list of events (see [`super::events`]) |
+//!
+//! A host's outstanding command is stored as its number, kind and deadline:
+//! everything else (service, version, gate, manifest) is the service's and
+//! is filled in on load, so a `Stage` command in flight on 10,000 hosts
+//! stores its manifest once.
+//!
+//! Schema 1 (`batond` before this schema) stored the whole rollout as one
+//! JSON value at `rollouts/<id>`, without a `schema` field; such a record is
+//! converted on load ([`decode_v1`]) and rewritten in schema 2. A record of
+//! a newer schema is refused with a message that says which `batond` wrote
+//! it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use baton_common::command::{Command, CommandKind, HealthGate};
+use baton_common::host::HostId;
+use serde::{Deserialize, Serialize};
+
+use super::machine::{HostRun, HostState, Rollout, ServiceRun, ServiceState, State};
+
+#[cfg(test)]
+mod tests;
+
+/// The schema this `batond` writes.
+pub const SCHEMA: u32 = 2;
+
+/// The key of a rollout's header.
+pub fn header_key(id: &str) -> String {
+    format!("rollouts/{id}")
+}
+
+/// The prefix of a rollout's plan text, stored in parts of at most
+/// [`PLAN_PART_BYTES`] (a plan may be as long as a write may be large).
+pub fn plan_prefix(id: &str) -> String {
+    format!("rollout-plans/{id}/")
+}
+
+/// The most bytes of one part of a plan's text.
+pub const PLAN_PART_BYTES: usize = 256 * 1024;
+
+/// The plan's text in parts, each at most [`PLAN_PART_BYTES`] and cut at
+/// a character boundary.
+pub fn plan_parts(id: &str, plan: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = plan;
+    while !rest.is_empty() || out.is_empty() {
+        let mut cut = rest.len().min(PLAN_PART_BYTES);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (part, tail) = rest.split_at(cut);
+        out.push((
+            format!("{}{:04}", plan_prefix(id), out.len()),
+            part.as_bytes().to_vec(),
+        ));
+        rest = tail;
+    }
+    out
+}
+
+/// The plan's text from its parts (in key order).
+pub fn plan_from_parts(parts: Vec<(String, Vec<u8>)>) -> Result<String, RecordError> {
+    let mut bytes = Vec::new();
+    for (_, part) in parts {
+        bytes.extend(part);
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| RecordError::Inconsistent("the plan text is not UTF-8".into()))
+}
+
+/// The prefix of a rollout's host records.
+pub fn hosts_prefix(id: &str) -> String {
+    format!("rollout-hosts/{id}/")
+}
+
+/// The key of one host's record in service `si` of a rollout.
+pub fn host_key(id: &str, si: usize, host: &HostId) -> String {
+    format!("rollout-hosts/{id}/{si:03}/{host}")
+}
+
+/// The key of a signed manifest.
+pub fn manifest_key(digest: &str) -> String {
+    format!("manifests/{digest}")
+}
+
+/// A record that cannot be turned into a rollout.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Not JSON of the expected shape.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Written by a newer `batond`.
+    #[error(
+        "written by a newer batond (record schema {0}, this batond reads up to {SCHEMA}): run that version or a newer one"
+    )]
+    Newer(u32),
+    /// A part is missing or does not fit the rest.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// Times as nanoseconds since the Unix epoch: exact, and a number.
+mod nanos {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn to(t: SystemTime) -> u64 {
+        t.duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .unwrap_or(0)
+    }
+
+    pub fn from(n: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(n)
+    }
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(to(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(from)
+    }
+
+    pub mod option {
+        use std::time::SystemTime;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::to(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SystemTime>, D::Error> {
+            Ok(Option::<u64>::deserialize(d)?.map(super::from))
+        }
+    }
+}
+
+/// `rollouts/<id>`: everything but the plan text and the hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// [`SCHEMA`].
+    pub schema: u32,
+    /// The rollout's id.
+    pub id: String,
+    /// Where it is.
+    pub state: State,
+    /// The state a paused rollout resumes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_to: Option<State>,
+    /// Undo everything on failure.
+    pub auto_rollback: bool,
+    /// Fail when no host turns healthy for this long.
+    #[serde(with = "humantime_serde")]
+    pub progress_deadline: Duration,
+    /// How many services may progress at once.
+    pub max_parallel_services: usize,
+    /// The services, in topological order.
+    pub services: Vec<ServiceHeader>,
+    /// When it was started.
+    #[serde(with = "nanos")]
+    pub created_at: SystemTime,
+    /// The last change.
+    #[serde(with = "nanos")]
+    pub updated_at: SystemTime,
+    /// Deadlines count from here.
+    #[serde(with = "nanos")]
+    pub progress_at: SystemTime,
+    /// Why it failed or was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The next command's sequence number.
+    pub next_seq: u64,
+}
+
+/// One service in a [`Header`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHeader {
+    /// The service.
+    pub name: String,
+    /// The target version.
+    pub version: String,
+    /// The target artifact's digest: its signed manifest is at
+    /// `manifests/<digest>`.
+    pub digest: String,
+    /// Services of the plan that must succeed first.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Version requirements on other services.
+    #[serde(default)]
+    pub requires: BTreeMap<String, String>,
+    /// Versions of required services outside the plan.
+    #[serde(default)]
+    pub outside: BTreeMap<String, Vec<String>>,
+    /// Hosts replaced at once.
+    pub max_parallel: usize,
+    /// Hosts that must stay in service.
+    pub min_healthy: usize,
+    /// Failures tolerated.
+    pub max_failures: u32,
+    /// The health gate.
+    pub gate: HealthGate,
+    /// Cumulative host counts per step.
+    pub steps: Vec<usize>,
+    /// The current step.
+    pub step: usize,
+    /// Canary: wait for `promote` after each step but the last.
+    pub promote: bool,
+    /// Wait this long between steps.
+    #[serde(with = "humantime_serde", default)]
+    pub pause: Option<Duration>,
+    /// When the current step completed.
+    #[serde(with = "nanos::option", default)]
+    pub step_done_at: Option<SystemTime>,
+    /// Failures so far.
+    pub failures: u32,
+    /// Where it is.
+    pub state: ServiceState,
+    /// The plan allows a lower version.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// How many host records it has (checked on load).
+    pub hosts: usize,
+}
+
+/// `rollout-hosts/<id>/<si>/<host>`: one host of one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Where it is.
+    pub state: HostState,
+    /// The version it ran before (absent: a first install).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// When its activation began.
+    #[serde(
+        with = "nanos::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub started: Option<SystemTime>,
+    /// When its activation (or rollback) ended.
+    #[serde(
+        with = "nanos::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished: Option<SystemTime>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// This rollout swapped it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub touched: bool,
+    /// The command in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandRecord>,
+}
+
+/// A command in flight: the rest follows from its service and host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Its number: the id is `<rollout>/<seq>`.
+    pub seq: u64,
+    /// `stage`, `activate`, `rollback`, `remove`, `cancel` or `noop`.
+    pub kind: String,
+    /// When it must have finished.
+    #[serde(with = "nanos")]
+    pub deadline: SystemTime,
+}
+
+/// `manifests/<digest>`: a signed manifest, in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// The manifest exactly as signed.
+    pub manifest: String,
+    /// Its signature.
+    pub signature: String,
+}
+
+/// The header of `r`.
+pub fn header(r: &Rollout) -> Header {
+    Header {
+        schema: SCHEMA,
+        id: r.id.clone(),
+        state: r.state,
+        resume_to: r.resume_to,
+        auto_rollback: r.auto_rollback,
+        progress_deadline: r.progress_deadline,
+        max_parallel_services: r.max_parallel_services,
+        services: r
+            .services
+            .iter()
+            .map(|s| ServiceHeader {
+                name: s.name.clone(),
+                version: s.version.clone(),
+                digest: s.digest.clone(),
+                depends_on: s.depends_on.clone(),
+                requires: s.requires.clone(),
+                outside: s.outside.clone(),
+                max_parallel: s.max_parallel,
+                min_healthy: s.min_healthy,
+                max_failures: s.max_failures,
+                gate: s.gate,
+                steps: s.steps.clone(),
+                step: s.step,
+                promote: s.promote,
+                pause: s.pause,
+                step_done_at: s.step_done_at,
+                failures: s.failures,
+                state: s.state,
+                allow_downgrade: s.allow_downgrade,
+                hosts: s.hosts.len(),
+            })
+            .collect(),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        progress_at: r.progress_at,
+        error: r.error.clone(),
+        next_seq: r.next_seq,
+    }
+}
+
+/// The encoded header of `r`.
+pub fn encode_header(r: &Rollout) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&header(r))
+}
+
+/// The record of one host of a rollout.
+pub fn host(h: &HostRun) -> HostRecord {
+    HostRecord {
+        state: h.state,
+        from: h.from_version.clone(),
+        started: h.started_at,
+        finished: h.finished_at,
+        error: h.error.clone(),
+        touched: h.touched,
+        command: h.outstanding.as_ref().map(|c| CommandRecord {
+            seq: c
+                .id
+                .rsplit_once('/')
+                .and_then(|(_, n)| n.parse().ok())
+                .unwrap_or(0),
+            kind: c.kind.name().to_owned(),
+            deadline: c.deadline,
+        }),
+    }
+}
+
+/// The encoded record of one host.
+pub fn encode_host(h: &HostRun) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&host(h))
+}
+
+/// The encoded record of a service's signed manifest.
+pub fn encode_manifest(s: &ServiceRun) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&ManifestRecord {
+        manifest: baton_common::hex::encode(&s.manifest),
+        signature: baton_common::hex::encode(&s.signature),
+    })
+}
+
+/// The schema of a record at `rollouts/<id>`: 1 when it has none.
+pub fn schema_of(bytes: &[u8]) -> Result<u32, RecordError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema: Option<u32>,
+    }
+    let probe: Probe = serde_json::from_slice(bytes)?;
+    Ok(probe.schema.unwrap_or(1))
+}
+
+/// Decodes the header at `rollouts/<id>` (schema 2; a newer one is
+/// refused).
+pub fn decode_header(bytes: &[u8]) -> Result<Header, RecordError> {
+    match schema_of(bytes)? {
+        SCHEMA => Ok(serde_json::from_slice(bytes)?),
+        n if n > SCHEMA => Err(RecordError::Newer(n)),
+        n => Err(RecordError::Inconsistent(format!(
+            "schema {n} is not a header"
+        ))),
+    }
+}
+
+/// Decodes a schema-1 record: the whole rollout in one value.
+pub fn decode_v1(bytes: &[u8]) -> Result<Rollout, RecordError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Decodes a manifest record.
+pub fn decode_manifest(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), RecordError> {
+    let m: ManifestRecord = serde_json::from_slice(bytes)?;
+    let manifest = baton_common::hex::decode(&m.manifest)
+        .ok_or_else(|| RecordError::Inconsistent("the manifest is not hex".into()))?;
+    let signature = baton_common::hex::decode(&m.signature)
+        .ok_or_else(|| RecordError::Inconsistent("the signature is not hex".into()))?;
+    Ok((manifest, signature))
+}
+
+/// Builds the rollout from its parts: the header, the plan text, each
+/// service's signed manifest (by digest) and the host records (key,
+/// value; keys as [`host_key`] makes them).
+pub fn assemble(
+    header: Header,
+    plan: String,
+    manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
+    hosts: Vec<(String, Vec<u8>)>,
+) -> Result<Rollout, RecordError> {
+    let id = header.id.clone();
+    let prefix = hosts_prefix(&id);
+    let mut by_service: Vec<BTreeMap<HostId, HostRun>> =
+        vec![BTreeMap::new(); header.services.len()];
+    for (key, value) in hosts {
+        let rest = key.strip_prefix(&prefix).ok_or_else(|| {
+            RecordError::Inconsistent(format!("{key} is not a host of rollout {id}"))
+        })?;
+        let (si, host) = rest
+            .split_once('/')
+            .ok_or_else(|| RecordError::Inconsistent(format!("{key} is not a host key")))?;
+        let si: usize = si
+            .parse()
+            .map_err(|_| RecordError::Inconsistent(format!("{key} is not a host key")))?;
+        let host =
+            HostId::try_from(host).map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
+        let s = header.services.get(si).ok_or_else(|| {
+            RecordError::Inconsistent(format!("{key}: the rollout has no service {si}"))
+        })?;
+        let record: HostRecord = serde_json::from_slice(&value)
+            .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
+        let run = host_run(&id, s, manifests, record)
+            .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
+        if let Some(services) = by_service.get_mut(si) {
+            services.insert(host, run);
+        }
+    }
+    let mut services = Vec::with_capacity(header.services.len());
+    let mut next_seq = header.next_seq;
+    for (s, hosts) in header.services.into_iter().zip(by_service) {
+        if hosts.len() != s.hosts {
+            return Err(RecordError::Inconsistent(format!(
+                "service {} has {} host records, its header says {}",
+                s.name,
+                hosts.len(),
+                s.hosts
+            )));
+        }
+        // A step written in parts never reuses a command id, even if a
+        // host's record got ahead of the header.
+        for h in hosts.values() {
+            if let Some(seq) = h
+                .outstanding
+                .as_ref()
+                .and_then(|c| c.id.rsplit_once('/'))
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+            {
+                next_seq = next_seq.max(seq);
+            }
+        }
+        let (manifest, signature) = manifests.get(&s.digest).cloned().ok_or_else(|| {
+            RecordError::Inconsistent(format!(
+                "the signed manifest of {} {} ({}) is missing",
+                s.name, s.version, s.digest
+            ))
+        })?;
+        services.push(ServiceRun {
+            name: s.name,
+            version: s.version,
+            digest: s.digest,
+            manifest,
+            signature,
+            depends_on: s.depends_on,
+            requires: s.requires,
+            outside: s.outside,
+            max_parallel: s.max_parallel,
+            min_healthy: s.min_healthy,
+            max_failures: s.max_failures,
+            gate: s.gate,
+            steps: s.steps,
+            step: s.step,
+            promote: s.promote,
+            pause: s.pause,
+            step_done_at: s.step_done_at,
+            failures: s.failures,
+            state: s.state,
+            hosts,
+            allow_downgrade: s.allow_downgrade,
+            changed: Default::default(),
+        });
+    }
+    Ok(Rollout {
+        id: header.id,
+        plan,
+        state: header.state,
+        resume_to: header.resume_to,
+        auto_rollback: header.auto_rollback,
+        progress_deadline: header.progress_deadline,
+        max_parallel_services: header.max_parallel_services,
+        services,
+        created_at: header.created_at,
+        updated_at: header.updated_at,
+        progress_at: header.progress_at,
+        error: header.error,
+        next_seq,
+        away: Default::default(),
+    })
+}
+
+/// One host's in-memory state from its record.
+fn host_run(
+    id: &str,
+    s: &ServiceHeader,
+    manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
+    r: HostRecord,
+) -> Result<HostRun, String> {
+    let outstanding = match r.command {
+        None => None,
+        Some(c) => {
+            let service = s.name.clone();
+            let kind = match c.kind.as_str() {
+                "noop" => CommandKind::Noop,
+                "stage" => {
+                    let (manifest, signature) = manifests
+                        .get(&s.digest)
+                        .cloned()
+                        .ok_or_else(|| format!("no signed manifest {}", s.digest))?;
+                    CommandKind::Stage {
+                        service,
+                        version: s.version.clone(),
+                        manifest,
+                        signature,
+                    }
+                }
+                "activate" => CommandKind::Activate {
+                    service,
+                    version: s.version.clone(),
+                    gate: s.gate,
+                    allow_downgrade: s.allow_downgrade,
+                },
+                "rollback" => CommandKind::Rollback {
+                    service,
+                    version: r
+                        .from
+                        .clone()
+                        .ok_or("a rollback command on a host with no version before")?,
+                    gate: s.gate,
+                },
+                "remove" => CommandKind::Remove { service },
+                "cancel" => CommandKind::Cancel { service },
+                other => {
+                    return Err(format!(
+                        "unknown command kind {}",
+                        baton_common::text::quote(other)
+                    ));
+                }
+            };
+            Some(Command {
+                id: format!("{id}/{}", c.seq),
+                deadline: c.deadline,
+                kind,
+            })
+        }
+    };
+    Ok(HostRun {
+        state: r.state,
+        from_version: r.from,
+        to_version: s.version.clone(),
+        started_at: r.started,
+        finished_at: r.finished,
+        error: r.error,
+        touched: r.touched,
+        outstanding,
+        connected: false,
+        progress: 0,
+        gone_since: None,
+    })
+}
+
+/// Every record of `r` (header, plan, manifests, hosts): what a rollout
+/// converted from schema 1, or a new one, writes.
+pub fn all_records(r: &Rollout) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
+    let mut out = Vec::new();
+    let mut digests = std::collections::BTreeSet::new();
+    for s in &r.services {
+        if digests.insert(s.digest.clone()) {
+            out.push((manifest_key(&s.digest), encode_manifest(s)?));
+        }
+    }
+    for (si, s) in r.services.iter().enumerate() {
+        for (id, h) in &s.hosts {
+            out.push((host_key(&r.id, si, id), encode_host(h)?));
+        }
+    }
+    out.extend(plan_parts(&r.id, &r.plan));
+    // The header last: a reader that finds it finds the rest.
+    out.push((header_key(&r.id), encode_header(r)?));
+    Ok(out)
+}

@@ -1,0 +1,163 @@
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baton_common::command::{CommandUpdate, Outcome};
+
+use super::*;
+use crate::rollout::machine::{Event, apply};
+
+fn t(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_764_000_000_000 + ms)
+}
+
+/// A rollout of `hosts` hosts through staging and into its first batch,
+/// with a plan and a manifest of realistic size.
+fn rollout(hosts: usize) -> Rollout {
+    let plan = "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\nmax_parallel = 100\n".to_owned();
+    let mut r =
+        crate::rollout::machine::tests_support::single("r-1764000000000-abcd", "web", hosts, plan);
+    let _ = apply(&mut r, &[Event::Tick], t(1)).unwrap();
+    // Every host staged: the first batch activates.
+    let answers: Vec<Event> = r.services[0]
+        .hosts
+        .iter()
+        .map(|(id, h)| {
+            Event::Update(
+                id.clone(),
+                CommandUpdate::done(&h.outstanding.as_ref().unwrap().id, Outcome::Succeeded, ""),
+            )
+        })
+        .collect();
+    let _ = apply(&mut r, &answers, t(2)).unwrap();
+    r.take_changed();
+    r
+}
+
+fn load(r: &Rollout) -> Rollout {
+    let records = all_records(r).unwrap();
+    let header = decode_header(&records.last().unwrap().1).unwrap();
+    let mut plan = Vec::new();
+    let mut hosts = Vec::new();
+    let mut manifests = BTreeMap::new();
+    for (k, v) in records {
+        if k.starts_with("rollout-plans/") {
+            plan.push((k, v));
+        } else if k.starts_with("rollout-hosts/") {
+            hosts.push((k, v));
+        } else if let Some(digest) = k.strip_prefix("manifests/") {
+            manifests.insert(digest.to_owned(), decode_manifest(&v).unwrap());
+        }
+    }
+    assemble(header, plan_from_parts(plan).unwrap(), &manifests, hosts).unwrap()
+}
+
+#[test]
+fn a_rollout_round_trips_through_its_records() {
+    let r = rollout(250);
+    let mut loaded = load(&r);
+    loaded.set_connections(|_| true);
+    let mut expected = r.clone();
+    for s in &mut expected.services {
+        for h in s.hosts.values_mut() {
+            h.progress = 0;
+            h.gone_since = None;
+        }
+    }
+    expected.away.clear();
+    assert_eq!(loaded, expected);
+}
+
+#[test]
+fn stored_records_are_small_and_the_manifest_is_stored_once() {
+    let r = rollout(1000);
+    let records = all_records(&r).unwrap();
+    let manifests = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("manifests/"))
+        .count();
+    assert_eq!(manifests, 1);
+    let largest_host = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("rollout-hosts/"))
+        .map(|(_, v)| v.len())
+        .max()
+        .unwrap();
+    // An activating host with its command: a few hundred bytes, not the
+    // manifest.
+    assert!(largest_host < 400, "{largest_host} bytes");
+    let header = &records.last().unwrap().1;
+    assert!(header.len() < 2000, "{} bytes", header.len());
+}
+
+#[test]
+fn a_plan_of_the_largest_size_is_stored_in_parts_under_the_write_limit() {
+    let plan = "# é\n".repeat(crate::limits::MAX_PLAN_BYTES / 5);
+    let parts = plan_parts("r-1", &plan);
+    assert!(parts.len() > 1);
+    assert!(parts.iter().all(|(_, v)| v.len() <= PLAN_PART_BYTES));
+    assert_eq!(plan_from_parts(parts).unwrap(), plan);
+    assert_eq!(plan_from_parts(plan_parts("r-1", "")).unwrap(), "");
+}
+
+#[test]
+fn a_record_of_a_newer_schema_is_refused_with_what_to_do() {
+    let r = rollout(3);
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&encode_header(&r).unwrap()).unwrap();
+    header["schema"] = serde_json::json!(SCHEMA + 1);
+    let err = decode_header(&serde_json::to_vec(&header).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("newer batond") && err.contains("run that version"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_schema_1_record_as_batond_wrote_it_still_loads() {
+    // Written by batond before schema 2 (one value, no `schema`): a
+    // rollout of one service over two hosts, one staged, one staging.
+    let v1 = include_bytes!("v1.json");
+    assert_eq!(schema_of(v1).unwrap(), 1);
+    let r = decode_v1(v1).unwrap();
+    assert_eq!(r.services[0].hosts.len(), 2);
+    let staging = &r.services[0].hosts[&HostId::try_from("h2").unwrap()];
+    assert_eq!(staging.state, HostState::Staging);
+    let cmd = staging.outstanding.as_ref().unwrap();
+    // Converted, it loads back the same.
+    let again = load(&r);
+    assert_eq!(again, r);
+    assert_eq!(
+        again.services[0].hosts[&HostId::try_from("h2").unwrap()]
+            .outstanding
+            .as_ref(),
+        Some(cmd)
+    );
+}
+
+#[test]
+fn a_host_record_that_got_ahead_of_its_header_never_reuses_a_command_id() {
+    let r = rollout(3);
+    let mut records = all_records(&r).unwrap();
+    // The header of an older state: next_seq behind the hosts' commands.
+    let mut header = decode_header(&records.pop().unwrap().1).unwrap();
+    let highest = header.next_seq;
+    header.next_seq = 1;
+    let hosts: Vec<_> = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("rollout-hosts/"))
+        .cloned()
+        .collect();
+    let mut manifests = BTreeMap::new();
+    manifests.insert(
+        r.services[0].digest.clone(),
+        (
+            r.services[0].manifest.clone(),
+            r.services[0].signature.clone(),
+        ),
+    );
+    let loaded = assemble(header, r.plan.clone(), &manifests, hosts).unwrap();
+    assert_eq!(loaded.next_seq, highest);
+}
