@@ -269,7 +269,7 @@ impl SessionTask {
                     match CommandUpdate::try_from(update) {
                         Ok(update) => {
                             self.fleet.seen(self.host.clone(), self.session.id).await;
-                            self.fleet.publish_update(self.host.clone(), update);
+                            self.fleet.publish_update(self.host.clone(), update).await;
                         }
                         Err(e) => {
                             warn!(host = %self.host, error = %e, "ending a stream that sent an invalid command update");

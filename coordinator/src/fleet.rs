@@ -41,9 +41,14 @@ const GROUP_COMMIT_MAX: usize = 1024;
 /// Host changes buffered per watcher before it is resynced with a snapshot.
 const WATCH_BUFFER: usize = 1024;
 
-/// Command updates buffered per subscriber: room for one acknowledgement
-/// from each of 16k agents in a burst.
+/// Command updates buffered towards the rollout driver: room for one
+/// acknowledgement from each of 16k agents in a burst; beyond it, agents'
+/// streams wait (nothing is dropped).
 const UPDATE_BUFFER: usize = 16 * 1024;
+
+/// Where agents' command updates go: the rollout driver's channel, once it
+/// subscribed.
+type UpdateSink = Arc<std::sync::Mutex<Option<mpsc::Sender<(HostId, CommandUpdate)>>>>;
 
 const HOST_PREFIX: &str = "hosts/";
 
@@ -178,6 +183,11 @@ enum Command {
         labels: Labels,
         reply: oneshot::Sender<Vec<(HostId, Option<AgentSender>)>>,
     },
+    /// The live streams of these hosts, in their order.
+    SendersOf {
+        hosts: Vec<HostId>,
+        reply: oneshot::Sender<Vec<Option<AgentSender>>>,
+    },
 }
 
 /// A command could not be handed to an agent.
@@ -189,6 +199,9 @@ pub enum SendError {
     /// The registry stopped.
     #[error("the fleet registry has stopped")]
     Stopped,
+    /// The host's stream stayed full: it stopped reading.
+    #[error("the stream of host {0} is full")]
+    Full(HostId),
 }
 
 /// The registry stopped (the coordinator is shutting down).
@@ -200,7 +213,7 @@ pub struct FleetStopped;
 #[derive(Clone)]
 pub struct FleetHandle {
     tx: mpsc::Sender<Command>,
-    updates: broadcast::Sender<(HostId, CommandUpdate)>,
+    updates: UpdateSink,
     pings: Pings,
 }
 
@@ -341,6 +354,47 @@ impl FleetHandle {
             .map_err(|_| SendError::NotConnected(host))
     }
 
+    /// Sends many commands: one question to the registry for the streams,
+    /// then each command straight to its host's stream (waiting at most
+    /// `wait` for room in one). Returns the hosts it could not reach now.
+    pub async fn send_commands(
+        &self,
+        commands: Vec<(HostId, AgentCommand)>,
+        wait: std::time::Duration,
+    ) -> Result<Vec<(HostId, String, SendError)>, FleetStopped> {
+        let hosts: Vec<HostId> = commands.iter().map(|(h, _)| h.clone()).collect();
+        let senders = self
+            .ask(|reply| Command::SendersOf { hosts, reply })
+            .await?;
+        let mut missed = Vec::new();
+        for ((host, command), sender) in commands.into_iter().zip(senders) {
+            let Some(sender) = sender else {
+                missed.push((host.clone(), command.id, SendError::NotConnected(host)));
+                continue;
+            };
+            let msg = Ok(Box::new(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Command((&command).into())),
+            }));
+            let sent = match sender.try_send(msg) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    match tokio::time::timeout(wait, sender.send(msg)).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(SendError::NotConnected(host.clone())),
+                        Err(_) => Err(SendError::Full(host.clone())),
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    Err(SendError::NotConnected(host.clone()))
+                }
+            };
+            if let Err(e) = sent {
+                missed.push((host, command.id, e));
+            }
+        }
+        Ok(missed)
+    }
+
     /// Every host whose labels include all of `labels` (all hosts when it
     /// is empty), sorted, with the sender of its live stream if it has one:
     /// one question to the registry however large the fleet.
@@ -351,11 +405,17 @@ impl FleetHandle {
         self.ask(|reply| Command::Senders { labels, reply }).await
     }
 
-    /// Every command update from every agent, from now on. A subscriber
-    /// that falls more than 16k updates behind loses the oldest ones
-    /// (`RecvError::Lagged`) and must reconcile from host state.
-    pub fn command_updates(&self) -> broadcast::Receiver<(HostId, CommandUpdate)> {
-        self.updates.subscribe()
+    /// Every command update from every agent (but pings'), from now on,
+    /// for the one subscriber (the rollout driver; a new subscription
+    /// replaces the last). Nothing is dropped: while the subscriber is
+    /// 16k updates behind, agents' streams wait for it. (A broadcast that
+    /// dropped updates made the subscriber re-send every outstanding
+    /// command to recover, whose answers made it fall behind again: a
+    /// storm that never ended at 10,000 hosts.)
+    pub fn command_updates(&self) -> mpsc::Receiver<(HostId, CommandUpdate)> {
+        let (tx, rx) = mpsc::channel(UPDATE_BUFFER);
+        *lock(&self.updates) = Some(tx);
+        rx
     }
 
     /// Registers a ping: its commands' answers go to it alone, never
@@ -382,7 +442,7 @@ impl FleetHandle {
 
     /// Publishes an agent's command update to the subscribers (a ping's
     /// final answer to its ping only; a ping's other updates to nobody).
-    pub fn publish_update(&self, host: HostId, update: CommandUpdate) {
+    pub async fn publish_update(&self, host: HostId, update: CommandUpdate) {
         if let Some(nonce) = ping_nonce(&update.command_id) {
             if matches!(update.phase, baton_common::command::Phase::Done(_))
                 && let Some(to) = lock(&self.pings).get(&nonce)
@@ -391,8 +451,11 @@ impl FleetHandle {
             }
             return;
         }
-        // No subscriber is not an error.
-        let _ = self.updates.send((host, update));
+        // No subscriber (or one that stopped) is not an error.
+        let sink = lock(&self.updates).clone();
+        if let Some(sink) = sink {
+            let _ = sink.send((host, update)).await;
+        }
     }
 
     /// A snapshot of the fleet plus every change after it.
@@ -472,7 +535,7 @@ pub async fn spawn_with(
     Ok((
         FleetHandle {
             tx,
-            updates: broadcast::channel(UPDATE_BUFFER).0,
+            updates: UpdateSink::default(),
             pings: Pings::default(),
         },
         task,
@@ -681,6 +744,17 @@ impl Actor {
                     .collect();
                 hosts.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(hosts);
+            }
+            Command::SendersOf { hosts, reply } => {
+                let senders = hosts
+                    .iter()
+                    .map(|h| {
+                        self.hosts
+                            .get(h)
+                            .and_then(|e| e.live.as_ref().map(|l| l.sender.clone()))
+                    })
+                    .collect();
+                let _ = reply.send(senders);
             }
             Command::Sender { host, reply } => {
                 let sender = self
@@ -924,5 +998,33 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn no_command_update_is_dropped_while_its_subscriber_is_behind() {
+        use baton_common::command::{CommandUpdate, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let (fleet, _task) = spawn(store).await.unwrap();
+        let mut updates = fleet.command_updates();
+        // Far more than the buffer, published before anything is read:
+        // the publisher waits instead of dropping.
+        let n = UPDATE_BUFFER * 3;
+        let publisher = tokio::spawn(async move {
+            let h1 = HostId::try_from("h1").unwrap();
+            for i in 0..n {
+                fleet
+                    .publish_update(
+                        h1.clone(),
+                        CommandUpdate::done(&format!("r-1/{i}"), Outcome::Succeeded, ""),
+                    )
+                    .await;
+            }
+        });
+        for i in 0..n {
+            let (_, u) = updates.recv().await.unwrap();
+            assert_eq!(u.command_id, format!("r-1/{i}"));
+        }
+        publisher.await.unwrap();
     }
 }

@@ -31,9 +31,13 @@ use crate::store::{Op, Store, StoreError, batch};
 const TICK: Duration = Duration::from_millis(200);
 /// Requests queued towards the driver.
 const QUEUE: usize = 256;
-/// The most agent updates taken into one step of a rollout: a burst of
-/// answers costs one pass over the rollout and one write, not one each.
-const UPDATES_PER_STEP: usize = 512;
+/// The most agent updates taken at once: a burst of answers costs one pass
+/// over the rollout and one write, not one each.
+const UPDATES_PER_BURST: usize = 126;
+/// The most answers in one step while hosts activate: each may start
+/// another activation, and the step's write (a host record each, its
+/// events, its clock) stays one transaction of at most 128 operations.
+const ANSWERS_PER_STEP: usize = 62;
 /// How long a command may wait for room in a host's stream buffer; a host
 /// that stopped reading must not stall every other rollout. An undelivered
 /// command stays outstanding and is re-sent when the host reconnects.
@@ -215,8 +219,10 @@ impl Rollouts {
 
 struct Active {
     rollout: Rollout,
-    /// The stored header, to skip writes that change nothing durable.
+    /// The stored header and clock, to skip writes that change nothing
+    /// durable.
     header: Vec<u8>,
+    clock: Vec<u8>,
     /// Published to watchers at most once a tick (and at once when the
     /// rollout's state changes): a snapshot costs the whole rollout.
     watch: watch::Sender<Rollout>,
@@ -230,19 +236,35 @@ struct Active {
 }
 
 impl Active {
-    fn new(rollout: Rollout, header: Vec<u8>, next_event: u64) -> Self {
-        Self {
+    /// A rollout as the store holds it.
+    fn new(rollout: Rollout, next_event: u64) -> Result<Self, StoreError> {
+        let k = key(&rollout.id);
+        Ok(Self {
+            header: record::encode_header(&rollout).map_err(|e| corrupt(&k, e))?,
+            clock: record::encode_clock(&rollout).map_err(|e| corrupt(&k, e))?,
             watch: watch::channel(rollout.clone()).0,
             due: rollout.next_deadline(),
             rollout,
-            header,
             next_event,
             pending: false,
-        }
+        })
     }
 }
 
+/// Where the driver's time went since the last report (logged at debug
+/// level once a second while it works: `RUST_LOG=baton_coordinator=debug`).
+#[derive(Default)]
+struct Work {
+    steps: u64,
+    events: u64,
+    stepping: Duration,
+    writing: Duration,
+    sending: Duration,
+    since: Option<std::time::Instant>,
+}
+
 struct Driver {
+    work: Work,
     store: Arc<dyn Store>,
     fleet: FleetHandle,
     artifacts: Artifacts,
@@ -325,21 +347,60 @@ async fn load_record(store: &dyn Store, k: &str, v: &[u8]) -> Result<(Rollout, b
                     manifests.insert(s.digest.clone(), m);
                 }
             }
+            let ck = record::clock_key(&id);
+            let clock = store
+                .get(&ck)
+                .await?
+                .ok_or_else(|| corrupt(&ck, "missing"))?;
+            let clock = record::decode_clock(&clock).map_err(|e| corrupt(&ck, e))?;
             let hosts = store.list(&record::hosts_prefix(&id)).await?;
-            let r = record::assemble(header, plan, &manifests, hosts).map_err(|e| corrupt(k, e))?;
+            let r = record::assemble(header, clock, plan, &manifests, hosts)
+                .map_err(|e| corrupt(k, e))?;
             Ok((r, false))
         }
     }
 }
 
 /// Rewrites a schema-1 rollout in the current schema, atomically.
-async fn convert(store: &dyn Store, r: &Rollout) -> Result<Vec<u8>, StoreError> {
+async fn convert(store: &dyn Store, r: &Rollout) -> Result<(), StoreError> {
     let records = record::all_records(r).map_err(|e| corrupt(&key(&r.id), e))?;
-    let header = records.last().map(|(_, v)| v.clone()).unwrap_or_default();
     let ops = records.into_iter().map(|(k, v)| Op::Put(k, v)).collect();
     batch::write_atomic(store, &scope(&r.id), ops).await?;
     info!(rollout = %r.id, schema = record::SCHEMA, "converted a stored rollout from schema 1");
-    Ok(header)
+    Ok(())
+}
+
+/// Removes the records of starts a crash interrupted: a clock without a
+/// header (see [`record::all_records`]). Manifests are shared by digest
+/// and stay.
+async fn remove_unfinished_starts(store: &dyn Store) -> Result<(), StoreError> {
+    for (k, _) in store.list(record::CLOCKS_PREFIX).await? {
+        let Some(id) = k.strip_prefix(record::CLOCKS_PREFIX) else {
+            continue;
+        };
+        if store.get(&key(id)).await?.is_some() {
+            continue;
+        }
+        let mut ops = Vec::new();
+        for prefix in [
+            record::hosts_prefix(id),
+            record::plan_prefix(id),
+            events::prefix(id),
+        ] {
+            ops.extend(
+                store
+                    .list(&prefix)
+                    .await?
+                    .into_iter()
+                    .map(|(k, _)| Op::Delete(k)),
+            );
+        }
+        // The clock last: until it goes, a restart finds the rest again.
+        ops.push(Op::Delete(k.clone()));
+        batch::write_groups(store, batch::groups(ops)?).await?;
+        info!(rollout = %id, "removed a rollout whose start a crash interrupted");
+    }
+    Ok(())
 }
 
 /// Starts the driver: loads the rollouts a previous run left unfinished
@@ -366,6 +427,7 @@ pub async fn spawn_with(
     for scope in batch::recover(store.as_ref()).await? {
         info!(%scope, "finished a write interrupted by a crash");
     }
+    remove_unfinished_starts(store.as_ref()).await?;
     let mut active = BTreeMap::new();
     for (k, v) in store.list("rollouts/").await? {
         let (rollout, old) = match load_record(store.as_ref(), &k, &v).await {
@@ -378,23 +440,22 @@ pub async fn spawn_with(
                 continue;
             }
         };
-        let header = if old {
-            convert(store.as_ref(), &rollout).await?
-        } else {
-            v
-        };
+        if old {
+            convert(store.as_ref(), &rollout).await?;
+        }
         if !rollout.state.is_terminal() {
             info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
             let next_event = events::next_seq(store.as_ref(), &rollout.id).await?;
             let mut rollout = rollout;
             // Every host counts as away until the fleet says otherwise.
             rollout.set_connections(|_| false);
-            active.insert(rollout.id.clone(), Active::new(rollout, header, next_event));
+            active.insert(rollout.id.clone(), Active::new(rollout, next_event)?);
         }
     }
     let (tx, rx) = mpsc::channel(QUEUE);
     let (changed, changes) = watch::channel(0);
     let driver = Driver {
+        work: Work::default(),
         store,
         fleet,
         artifacts,
@@ -435,10 +496,10 @@ impl Driver {
                     None => break,
                 },
                 u = updates.recv() => match u {
-                    Ok(first) => {
+                    Some(first) => {
                         // Take what else has arrived into the same steps.
                         let mut burst = vec![first];
-                        while burst.len() < UPDATES_PER_STEP {
+                        while burst.len() < UPDATES_PER_BURST {
                             match updates.try_recv() {
                                 Ok(u) => burst.push(u),
                                 Err(_) => break,
@@ -446,12 +507,7 @@ impl Driver {
                         }
                         self.on_updates(burst).await;
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(missed = n, "fell behind on agent updates; re-sending outstanding commands to recover");
-                        let hosts: Vec<Event> = self.connected.keys().cloned().map(Event::Connected).collect();
-                        self.host_events(hosts).await;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
+                    None => break,
                 },
                 c = changes.recv() => match c {
                     Ok(view) => self.on_host(&view).await,
@@ -472,6 +528,7 @@ impl Driver {
                             self.changed.send_modify(|n| *n += 1);
                         }
                     }
+                    self.report_work();
                     // Only rollouts with a deadline due are stepped.
                     let now = SystemTime::now();
                     let due: Vec<String> = self
@@ -544,8 +601,23 @@ impl Driver {
                 .push(Event::Update(host, update));
         }
         for (id, events) in steps {
-            if let Err(e) = self.apply(&id, events, None).await {
-                debug!(rollout = %id, error = %e, "agents' answers were not taken");
+            // While staging, an answer starts nothing: the whole burst fits
+            // one transaction.
+            let staging = self
+                .active
+                .get(&id)
+                .is_some_and(|a| a.rollout.state == State::Staging);
+            let per_step = if staging {
+                UPDATES_PER_BURST
+            } else {
+                ANSWERS_PER_STEP
+            };
+            let mut events = events.into_iter().peekable();
+            while events.peek().is_some() {
+                let step: Vec<Event> = events.by_ref().take(per_step).collect();
+                if let Err(e) = self.apply(&id, step, None).await {
+                    debug!(rollout = %id, error = %e, "agents' answers were not taken");
+                }
             }
         }
     }
@@ -607,10 +679,37 @@ impl Driver {
             .iter()
             .flat_map(|s| s.hosts.iter())
             .filter(|(h, _)| self.connected.contains_key(*h))
-            .filter_map(|(h, run)| Some((h.clone(), run.outstanding.clone()?)))
+            .filter_map(|(h, run)| {
+                let mut command = run.outstanding.clone()?;
+                entry.rollout.payload(&mut command);
+                Some(Action::Send(h.clone(), command))
+            })
             .collect();
-        for (host, command) in commands {
-            self.deliver(id, host, command).await;
+        self.deliver_all(id, commands).await;
+    }
+
+    /// Sends a step's commands: one by one when they are few, else with
+    /// one question to the registry for every stream (a batch of 1,000
+    /// activations must not be 1,000 round trips to the registry).
+    async fn deliver_all(&self, id: &str, actions: Vec<Action>) {
+        if actions.len() < 16 {
+            for Action::Send(host, command) in actions {
+                self.deliver(id, host, command).await;
+            }
+            return;
+        }
+        let commands = actions
+            .into_iter()
+            .map(|Action::Send(host, command)| (host, command))
+            .collect();
+        match self.fleet.send_commands(commands, SEND_TIMEOUT).await {
+            Ok(missed) => {
+                for (host, command, e) in missed {
+                    // It stays outstanding and is re-sent when the host returns.
+                    warn!(rollout = %id, %host, %command, error = %e, "command not delivered yet");
+                }
+            }
+            Err(e) => warn!(rollout = %id, error = %e, "commands not delivered"),
         }
     }
 
@@ -672,6 +771,9 @@ impl Driver {
             .get_mut(id)
             .ok_or_else(|| RolloutError::NotFound(id.to_owned()))?;
         let now = SystemTime::now();
+        let t0 = std::time::Instant::now();
+        self.work.steps += 1;
+        self.work.events += events.len() as u64;
         let before = entry.rollout.header();
         // One rollout must never take the driver (and every other rollout)
         // down: a step that panics fails that rollout where it stands, and
@@ -702,14 +804,22 @@ impl Driver {
         }
         history.extend(events::changes(&before, &entry.rollout, &changed, now));
         events::number(&mut history, entry.next_event);
-        let prepared = prepare(id, &entry.rollout, &entry.header, &changed, &history);
-        let (ops, header) = match prepared {
+        let prepared = prepare(
+            id,
+            &entry.rollout,
+            (&entry.header, &entry.clock),
+            &changed,
+            &history,
+        );
+        let (ops, (header, clock)) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 entry.rollout.restore(before, changed);
                 return Err(e.into());
             }
         };
+        let t1 = std::time::Instant::now();
+        self.work.stepping += t1 - t0;
         if !ops.is_empty() {
             let store = self.store.as_ref();
             let pending = entry.pending;
@@ -723,6 +833,7 @@ impl Driver {
                 Ok(written) => {
                     entry.pending = written.pending;
                     entry.header = header;
+                    entry.clock = clock;
                     entry.next_event += history.len() as u64;
                     count_activations(&self.metrics, &changed, &history, now);
                 }
@@ -736,6 +847,12 @@ impl Driver {
                     return Err(e.into());
                 }
             }
+        }
+        let t2 = std::time::Instant::now();
+        self.work.writing += t2 - t1;
+        let mut actions = actions;
+        for Action::Send(_, command) in &mut actions {
+            entry.rollout.payload(command);
         }
         let state = entry.rollout.state;
         if state != before.state {
@@ -766,10 +883,31 @@ impl Driver {
                 }
             }
         }
-        for Action::Send(host, command) in actions {
-            self.deliver(id, host, command).await;
-        }
+        self.deliver_all(id, actions).await;
+        self.work.sending += t2.elapsed();
         Ok(())
+    }
+
+    /// Says where the driver's time went, once a second while it works.
+    fn report_work(&mut self) {
+        let now = std::time::Instant::now();
+        let since = *self.work.since.get_or_insert(now);
+        if now.duration_since(since) < Duration::from_secs(1) {
+            return;
+        }
+        let w = std::mem::take(&mut self.work);
+        self.work.since = Some(now);
+        if w.steps > 0 {
+            debug!(
+                steps = w.steps,
+                events = w.events,
+                stepping = ?w.stepping,
+                writing = ?w.writing,
+                sending = ?w.sending,
+                over = ?now.duration_since(since),
+                "rollout driver work"
+            );
+        }
     }
 
     /// A rollout as it is now: running ones from memory, others from the
@@ -905,12 +1043,10 @@ impl Driver {
                     shared_service(&other.rollout, &r).unwrap_or_default()
                 )));
             }
-            let header = record::encode_header(&r).map_err(|e| corrupt(&key(&id), e))?;
             let next_event = events::next_seq(self.store.as_ref(), &id).await?;
             let mut r = r;
             r.set_connections(|h| self.connected.contains_key(h));
-            self.active
-                .insert(id.clone(), Active::new(r, header, next_event));
+            self.active.insert(id.clone(), Active::new(r, next_event)?);
         }
         let result = self.apply(&id, vec![Event::Operator(op)], Some(who)).await;
         if result.is_err()
@@ -950,31 +1086,72 @@ impl Driver {
                 "rollout id {id} is taken; retry"
             )));
         }
+        // The first step is taken before anything is stored, so a new
+        // rollout's hosts are written once, already staging.
+        let now = SystemTime::now();
+        let before = rollout.header();
+        // The history starts with the rollout as submitted (pending).
         let mut history = events::started(&rollout, who, rollout.created_at);
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            machine::apply(&mut rollout, &[Event::Tick], now)
+        }));
+        let actions = match stepped {
+            Ok(Ok(actions)) => actions,
+            Ok(Err(refused)) => return Err(refused.into()),
+            Err(panic) => {
+                return Err(RolloutError::Invalid(format!(
+                    "this plan cannot be started: stepping it failed unexpectedly (please report it): {}",
+                    panic_text(panic.as_ref())
+                )));
+            }
+        };
+        let changed = rollout.take_changed();
+        history.extend(events::changes(&before, &rollout, &changed, now));
         events::number(&mut history, 0);
+        // Clock first, header last (see `record::all_records`): a start a
+        // crash interrupts is not a rollout, and is removed on load. So it
+        // needs no redo log, whatever its size.
         let mut records = record::all_records(&rollout).map_err(|e| corrupt(&key(&id), e))?;
-        let header = records.last().map(|(_, v)| v.clone()).unwrap_or_default();
-        // The events go before the header (written last), so a rollout
-        // found in the store always has its start in its history.
         let at = records.len().saturating_sub(1);
         let started = events::records(&id, &history).map_err(|e| corrupt(&key(&id), e))?;
         records.splice(at..at, started);
         let ops = records.into_iter().map(|(k, v)| Op::Put(k, v)).collect();
-        let written = batch::write_atomic(self.store.as_ref(), &scope(&id), ops).await?;
+        let t0 = std::time::Instant::now();
+        batch::write_groups(self.store.as_ref(), batch::groups(ops)?).await?;
         info!(
             rollout = %id,
+            stored_in = ?t0.elapsed(),
             services = %rollout.services.iter().map(|s| format!("{}@{}", s.name, s.version)).collect::<Vec<_>>().join(","),
             hosts = rollout.services.iter().map(|s| s.hosts.len()).sum::<usize>(),
             "rollout started"
         );
-        let mut active = Active::new(rollout, header, history.len() as u64);
-        active.pending = written.pending;
+        let terminal = rollout.state.is_terminal();
+        let active = Active::new(rollout, history.len() as u64)?;
+        if terminal {
+            // (Nothing to do: every host already runs the version.)
+            if let Some(finished) = &mut self.finished {
+                finished.insert(id.clone(), active.rollout.clone());
+            }
+            self.changed.send_modify(|n| *n += 1);
+            return Ok(active.rollout);
+        }
         self.active.insert(id.clone(), active);
         self.changed.send_modify(|n| *n += 1);
-        self.apply(&id, vec![Event::Tick], None).await?;
+        let (t0, sent) = (std::time::Instant::now(), actions.len());
+        let mut actions = actions;
+        if let Some(a) = self.active.get(&id) {
+            for Action::Send(_, command) in &mut actions {
+                a.rollout.payload(command);
+            }
+        }
+        self.deliver_all(&id, actions).await;
+        debug!(rollout = %id, commands = sent, took = ?t0.elapsed(), "first commands sent");
         self.current(&id).await
     }
 }
+
+/// A rollout's header and clock as stored (encoded).
+type Stored = (Vec<u8>, Vec<u8>);
 
 /// The writes of a step: the hosts it changed whose stored record changed,
 /// its events, and the header if it changed (last). Returns them with the
@@ -982,10 +1159,10 @@ impl Driver {
 fn prepare(
     id: &str,
     r: &Rollout,
-    stored_header: &[u8],
+    (stored_header, stored_clock): (&[u8], &[u8]),
     changed: &[BTreeMap<HostId, HostRun>],
     history: &[events::RolloutEvent],
-) -> Result<(Vec<Op>, Vec<u8>), StoreError> {
+) -> Result<(Vec<Op>, Stored), StoreError> {
     let mut ops = Vec::new();
     for (si, hosts) in changed.iter().enumerate() {
         let Some(s) = r.services.get(si) else {
@@ -1003,11 +1180,15 @@ fn prepare(
     for (k, v) in events::records(id, history).map_err(|e| corrupt(&key(id), e))? {
         ops.push(Op::Put(k, v));
     }
+    let clock = record::encode_clock(r).map_err(|e| corrupt(&record::clock_key(id), e))?;
+    if clock != stored_clock {
+        ops.push(Op::Put(record::clock_key(id), clock.clone()));
+    }
     let header = record::encode_header(r).map_err(|e| corrupt(&key(id), e))?;
     if header != stored_header {
         ops.push(Op::Put(key(id), header.clone()));
     }
-    Ok((ops, header))
+    Ok((ops, (header, clock)))
 }
 
 /// The message of a caught panic.

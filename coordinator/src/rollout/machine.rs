@@ -624,6 +624,24 @@ impl Rollout {
         self.away = away;
     }
 
+    /// A command as it goes to its host: a `Stage` gets its service's
+    /// signed manifest (held once per service, not in every host's
+    /// outstanding command).
+    pub fn payload(&self, command: &mut Command) {
+        if let CommandKind::Stage {
+            service,
+            manifest,
+            signature,
+            ..
+        } = &mut command.kind
+            && manifest.is_empty()
+            && let Some(s) = self.services.iter().find(|s| &s.name == service)
+        {
+            manifest.clone_from(&s.manifest);
+            signature.clone_from(&s.signature);
+        }
+    }
+
     /// When this rollout next needs a [`Event::Tick`]: its progress
     /// deadline while it waits on hosts, the end of a planned pause, a
     /// host away during its activation. `None`: no deadline (terminal, or
@@ -1036,8 +1054,10 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                     let kind = CommandKind::Stage {
                         service: s.name.clone(),
                         version: s.version.clone(),
-                        manifest: s.manifest.clone(),
-                        signature: s.signature.clone(),
+                        // Filled in when sent ([`Rollout::payload`]): the
+                        // manifest is the service's, not copied per host.
+                        manifest: Vec::new(),
+                        signature: Vec::new(),
                     };
                     send(r, si, &host, kind, actions, now);
                     if let Some(h) = r.services[si].host_mut(&host) {

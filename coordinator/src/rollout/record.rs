@@ -7,6 +7,7 @@
 //! | key | value |
 //! |---|---|
 //! | `rollouts/<id>` | [`Header`]: the rollout and its services, no hosts (JSON) |
+//! | `rollout-clocks/<id>` | [`Clock`]: what moves on most steps (JSON) |
 //! | `rollout-plans/<id>/<n>` | the plan as submitted, raw text in parts of 256 KiB |
 //! | `rollout-hosts/<id>/<service index>/<host>` | [`HostRecord`] (JSON) |
 //! | `manifests/<digest>` | [`ManifestRecord`]: a signed manifest, once per digest |
@@ -42,6 +43,14 @@ pub const SCHEMA: u32 = 2;
 pub fn header_key(id: &str) -> String {
     format!("rollouts/{id}")
 }
+
+/// The key of a rollout's [`Clock`].
+pub fn clock_key(id: &str) -> String {
+    format!("rollout-clocks/{id}")
+}
+
+/// The prefix of every rollout's clock: one small record per rollout.
+pub const CLOCKS_PREFIX: &str = "rollout-clocks/";
 
 /// The prefix of a rollout's plan text, stored in parts of at most
 /// [`PLAN_PART_BYTES`] (a plan may be as long as a write may be large).
@@ -182,16 +191,22 @@ pub struct Header {
     /// When it was started.
     #[serde(with = "nanos")]
     pub created_at: SystemTime,
+    /// Why it failed or was rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `rollout-clocks/<id>`: the fields most steps move, apart from the
+/// header so that a step that moves only them writes a few dozen bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clock {
     /// The last change.
     #[serde(with = "nanos")]
     pub updated_at: SystemTime,
     /// Deadlines count from here.
     #[serde(with = "nanos")]
     pub progress_at: SystemTime,
-    /// Why it failed or was rolled back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The next command's sequence number.
+    /// The last command's sequence number.
     pub next_seq: u64,
 }
 
@@ -206,13 +221,13 @@ pub struct ServiceHeader {
     /// `manifests/<digest>`.
     pub digest: String,
     /// Services of the plan that must succeed first.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
     /// Version requirements on other services.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub requires: BTreeMap<String, String>,
     /// Versions of required services outside the plan.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outside: BTreeMap<String, Vec<String>>,
     /// Hosts replaced at once.
     pub max_parallel: usize,
@@ -229,17 +244,25 @@ pub struct ServiceHeader {
     /// Canary: wait for `promote` after each step but the last.
     pub promote: bool,
     /// Wait this long between steps.
-    #[serde(with = "humantime_serde", default)]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pause: Option<Duration>,
     /// When the current step completed.
-    #[serde(with = "nanos::option", default)]
+    #[serde(
+        with = "nanos::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub step_done_at: Option<SystemTime>,
     /// Failures so far.
     pub failures: u32,
     /// Where it is.
     pub state: ServiceState,
     /// The plan allows a lower version.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_downgrade: bool,
     /// How many host records it has (checked on load).
     pub hosts: usize,
@@ -335,11 +358,22 @@ pub fn header(r: &Rollout) -> Header {
             })
             .collect(),
         created_at: r.created_at,
+        error: r.error.clone(),
+    }
+}
+
+/// The encoded clock of `r`.
+pub fn encode_clock(r: &Rollout) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Clock {
         updated_at: r.updated_at,
         progress_at: r.progress_at,
-        error: r.error.clone(),
         next_seq: r.next_seq,
-    }
+    })
+}
+
+/// Decodes a clock.
+pub fn decode_clock(bytes: &[u8]) -> Result<Clock, RecordError> {
+    Ok(serde_json::from_slice(bytes)?)
 }
 
 /// The encoded header of `r`.
@@ -403,9 +437,28 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, RecordError> {
     }
 }
 
-/// Decodes a schema-1 record: the whole rollout in one value.
+/// Decodes a schema-1 record: the whole rollout in one value (its hosts'
+/// `Stage` commands each carried the manifest; now their service does).
 pub fn decode_v1(bytes: &[u8]) -> Result<Rollout, RecordError> {
-    Ok(serde_json::from_slice(bytes)?)
+    let mut r: Rollout = serde_json::from_slice(bytes)?;
+    for s in &mut r.services {
+        for h in s.hosts.values_mut() {
+            if let Some(Command {
+                kind:
+                    CommandKind::Stage {
+                        manifest,
+                        signature,
+                        ..
+                    },
+                ..
+            }) = &mut h.outstanding
+            {
+                manifest.clear();
+                signature.clear();
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// Decodes a manifest record.
@@ -423,6 +476,7 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), RecordError> 
 /// value; keys as [`host_key`] makes them).
 pub fn assemble(
     header: Header,
+    clock: Clock,
     plan: String,
     manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
     hosts: Vec<(String, Vec<u8>)>,
@@ -448,14 +502,14 @@ pub fn assemble(
         })?;
         let record: HostRecord = serde_json::from_slice(&value)
             .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
-        let run = host_run(&id, s, manifests, record)
+        let run = host_run(&id, s, record)
             .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
         if let Some(services) = by_service.get_mut(si) {
             services.insert(host, run);
         }
     }
     let mut services = Vec::with_capacity(header.services.len());
-    let mut next_seq = header.next_seq;
+    let mut next_seq = clock.next_seq;
     for (s, hosts) in header.services.into_iter().zip(by_service) {
         if hosts.len() != s.hosts {
             return Err(RecordError::Inconsistent(format!(
@@ -518,8 +572,8 @@ pub fn assemble(
         max_parallel_services: header.max_parallel_services,
         services,
         created_at: header.created_at,
-        updated_at: header.updated_at,
-        progress_at: header.progress_at,
+        updated_at: clock.updated_at,
+        progress_at: clock.progress_at,
         error: header.error,
         next_seq,
         away: Default::default(),
@@ -527,30 +581,20 @@ pub fn assemble(
 }
 
 /// One host's in-memory state from its record.
-fn host_run(
-    id: &str,
-    s: &ServiceHeader,
-    manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
-    r: HostRecord,
-) -> Result<HostRun, String> {
+fn host_run(id: &str, s: &ServiceHeader, r: HostRecord) -> Result<HostRun, String> {
     let outstanding = match r.command {
         None => None,
         Some(c) => {
             let service = s.name.clone();
             let kind = match c.kind.as_str() {
                 "noop" => CommandKind::Noop,
-                "stage" => {
-                    let (manifest, signature) = manifests
-                        .get(&s.digest)
-                        .cloned()
-                        .ok_or_else(|| format!("no signed manifest {}", s.digest))?;
-                    CommandKind::Stage {
-                        service,
-                        version: s.version.clone(),
-                        manifest,
-                        signature,
-                    }
-                }
+                // The manifest is the service's, filled in when sent.
+                "stage" => CommandKind::Stage {
+                    service,
+                    version: s.version.clone(),
+                    manifest: Vec::new(),
+                    signature: Vec::new(),
+                },
                 "activate" => CommandKind::Activate {
                     service,
                     version: s.version.clone(),
@@ -596,10 +640,12 @@ fn host_run(
     })
 }
 
-/// Every record of `r` (header, plan, manifests, hosts): what a rollout
-/// converted from schema 1, or a new one, writes.
+/// Every record of `r` (clock, plan, manifests, hosts, header): what a
+/// rollout converted from schema 1, or a new one, writes. The clock comes
+/// first and the header last: a clock without a header is a start that
+/// did not finish ([`super::driver`] removes it on load).
 pub fn all_records(r: &Rollout) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
-    let mut out = Vec::new();
+    let mut out = vec![(clock_key(&r.id), encode_clock(r)?)];
     let mut digests = std::collections::BTreeSet::new();
     for s in &r.services {
         if digests.insert(s.digest.clone()) {

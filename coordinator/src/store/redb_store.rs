@@ -16,6 +16,11 @@ const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 #[derive(Clone)]
 pub struct RedbStore {
     db: Arc<Database>,
+    /// Writers take turns in arrival order: redb's own lock is not fair,
+    /// and a writer that commits back to back (a rollout's steps) must
+    /// not starve the others (an audit record) for hundreds of
+    /// milliseconds.
+    writers: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
@@ -37,7 +42,10 @@ impl RedbStore {
         let tx = db.begin_write().map_err(|e| backend("open")(e.into()))?;
         tx.open_table(KV).map_err(|e| backend("open")(e.into()))?;
         tx.commit().map_err(|e| backend("open")(e.into()))?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            writers: Arc::default(),
+        })
     }
 
     fn get_blocking(&self, key: &str) -> Result<Option<Vec<u8>>, redb::Error> {
@@ -119,6 +127,7 @@ impl Store for RedbStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
+        let _turn = self.writers.lock().await;
         let this = self.clone();
         blocking("transaction", move || this.txn_blocking(&txn)).await
     }

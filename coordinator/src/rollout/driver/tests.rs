@@ -162,22 +162,26 @@ async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on
     // A flood of answers to commands that were never sent (a hostile
     // agent making ids up): nothing moves.
     for i in 0..10_000 {
-        fleet.publish_update(
-            h1.clone(),
-            CommandUpdate::done(&format!("r-3-upd/{}", 1000 + i), Outcome::Failed, "no"),
-        );
+        fleet
+            .publish_update(
+                h1.clone(),
+                CommandUpdate::done(&format!("r-3-upd/{}", 1000 + i), Outcome::Failed, "no"),
+            )
+            .await;
     }
     // Progress on the real command shows (on the next tick).
-    fleet.publish_update(
-        h1.clone(),
-        CommandUpdate {
-            command_id: outstanding.id.clone(),
-            phase: Phase::Running,
-            progress_percent: 42,
-            error: String::new(),
-            health_wait: None,
-        },
-    );
+    fleet
+        .publish_update(
+            h1.clone(),
+            CommandUpdate {
+                command_id: outstanding.id.clone(),
+                phase: Phase::Running,
+                progress_percent: 42,
+                error: String::new(),
+                health_wait: None,
+            },
+        )
+        .await;
     let shown = until(&rollouts, "r-3-upd", |r| {
         r.services[0].hosts[&h1].progress == 42
     })
@@ -186,14 +190,56 @@ async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on
     assert_eq!(shown.services[0].hosts[&h1].state, HostState::Staging);
     assert_eq!(shown.updated_at, staging.updated_at, "no step was taken");
     // The real answer moves it.
-    fleet.publish_update(
-        h1.clone(),
-        CommandUpdate::done(&outstanding.id, Outcome::Succeeded, ""),
-    );
+    fleet
+        .publish_update(
+            h1.clone(),
+            CommandUpdate::done(&outstanding.id, Outcome::Succeeded, ""),
+        )
+        .await;
     until(&rollouts, "r-3-upd", |r| {
         r.services[0].hosts[&h1].state == HostState::Staged
     })
     .await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_start_a_crash_interrupted_is_removed_and_a_finished_one_loads_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("db")).unwrap());
+    // A start that wrote everything but its header (the last write).
+    let cut = rollout("r-4-cut", "web", "");
+    let mut records = record::all_records(&cut).unwrap();
+    let header = records.pop().unwrap();
+    assert_eq!(header.0, key("r-4-cut"));
+    for (k, v) in records {
+        store.put(&k, v).await.unwrap();
+    }
+    // A whole one, as a start writes it.
+    let whole = rollout("r-5-whole", "api", "");
+    for (k, v) in record::all_records(&whole).unwrap() {
+        store.put(&k, v).await.unwrap();
+    }
+    let (rollouts, stop, task) = start(dir.path(), store.clone()).await;
+    let listed: Vec<String> = rollouts
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, vec!["r-5-whole".to_owned()]);
+    for prefix in [
+        record::hosts_prefix("r-4-cut"),
+        record::plan_prefix("r-4-cut"),
+        record::clock_key("r-4-cut"),
+    ] {
+        assert!(store.list(&prefix).await.unwrap().is_empty(), "{prefix}");
+    }
+    let loaded = until(&rollouts, "r-5-whole", |r| r.state == State::Staging).await;
+    assert_eq!(loaded.plan, whole.plan);
+    assert_eq!(loaded.services[0].manifest, whole.services[0].manifest);
     stop.cancel();
     task.await.unwrap();
 }

@@ -7,8 +7,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use baton_common::tls::ClientTls;
+use baton_proto::control::v1::ListHostsRequest;
 use baton_proto::control::v1::control_service_client::ControlServiceClient;
-use baton_proto::control::v1::{GetRolloutRequest, ListHostsRequest};
 use baton_tests::{Batond, Proc, TestEnv, bin};
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -206,20 +206,6 @@ pub async fn connected(control: &mut ControlServiceClient<Channel>) -> usize {
         .iter()
         .filter(|h| h.connected)
         .count()
-}
-
-/// Waits until a rollout ends; returns its final state.
-pub async fn watch_to_end(control: &mut ControlServiceClient<Channel>, id: &str) -> String {
-    let mut stream = control
-        .watch_rollout(GetRolloutRequest { id: id.to_owned() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut state = String::new();
-    while let Some(r) = stream.message().await.unwrap() {
-        state = r.state;
-    }
-    state
 }
 
 /// The simulator process and the JSON lines it prints.

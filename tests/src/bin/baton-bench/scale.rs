@@ -9,9 +9,7 @@ use baton_proto::control::v1::{GetRolloutRequest, PingHostsRequest, StartRollout
 use baton_tests::http::scrape;
 use serde_json::{Value, json};
 
-use crate::common::{
-    Coordinator, Sim, connected, cpu_time, median, ms, rss_bytes, unix_ms, watch_to_end,
-};
+use crate::common::{Coordinator, Sim, connected, cpu_time, median, ms, rss_bytes, unix_ms};
 
 /// How long a large fleet may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -228,6 +226,7 @@ pub fn rollout(
                 .unwrap()
                 .into_inner()
                 .id;
+            let started = t0.elapsed();
             // `baton rollout status` while it runs: once a second, on its
             // own connection.
             let mut status = c.control().await;
@@ -248,9 +247,17 @@ pub fn rollout(
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             });
-            let state = watch_to_end(&mut control, &id).await;
+            eprintln!("  started in {:.2}s", started.as_secs_f64());
+            let state = watch_phases(&mut control, &id, t0, max_parallel).await;
             let took = t0.elapsed();
-            assert_eq!(state, "succeeded", "rollout {id}");
+            if state != "succeeded" {
+                let r = control
+                    .get_rollout(GetRolloutRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                panic!("rollout {id} ended {state} after {took:?}: {}", r.error);
+            }
             status_ms.extend(poller.await.unwrap());
             cpu.push(cpu_time(c.pid()).saturating_sub(cpu0).as_secs_f64());
             bytes.push(written() - written0);
@@ -336,4 +343,43 @@ fn registry_hosts(_: &tokio::runtime::Runtime, url: Option<&str>, hosts: usize) 
     } else {
         hosts
     }
+}
+
+/// Watches a rollout to its end, printing when its state changes and when
+/// each batch's hosts are healthy (where the time goes); returns its last
+/// state.
+async fn watch_phases(
+    control: &mut baton_proto::control::v1::control_service_client::ControlServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    t0: Instant,
+    batch: usize,
+) -> String {
+    let mut stream = control
+        .watch_rollout(GetRolloutRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut state, mut batches) = (String::new(), 0);
+    let mut line = String::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        let healthy = r
+            .services
+            .iter()
+            .flat_map(|s| &s.hosts)
+            .filter(|h| h.state == "healthy")
+            .count();
+        let t = t0.elapsed().as_secs_f64();
+        if r.state != state {
+            line.push_str(&format!(" {t:.2}s:{}", r.state));
+            state = r.state.clone();
+        }
+        if healthy / batch.max(1) > batches {
+            batches = healthy / batch.max(1);
+            line.push_str(&format!(" {t:.2}s:{healthy}"));
+        }
+    }
+    eprintln!("  phases:{line}");
+    state
 }
