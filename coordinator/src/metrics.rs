@@ -120,26 +120,30 @@ impl Metrics {
     fn counters(&self, e: &mut Exposition) {
         use std::sync::atomic::Ordering::Relaxed;
         let store = &self.store;
-        e.gauge(
-            "baton_store_transactions",
-            "Store transactions applied since batond started (a counter).",
-            store.txns.load(Relaxed) as f64,
-        );
-        e.gauge(
-            "baton_store_written_bytes",
-            "Bytes of keys and values written to the store since batond started (a counter).",
-            store.written_bytes.load(Relaxed) as f64,
-        );
-        e.gauge(
-            "baton_store_largest_transaction_operations",
-            "The most operations in one store transaction since batond started (etcd allows 128).",
-            store.largest_txn_ops.load(Relaxed) as f64,
-        );
-        e.gauge(
-            "baton_store_largest_transaction_bytes",
-            "The most bytes in one store transaction since batond started (at most 1 MiB).",
-            store.largest_txn_bytes.load(Relaxed) as f64,
-        );
+        for (name, help, value) in [
+            (
+                "baton_store_transactions",
+                "Store transactions applied since batond started (a counter).",
+                &store.txns,
+            ),
+            (
+                "baton_store_written_bytes",
+                "Bytes of keys and values written to the store since batond started (a counter).",
+                &store.written_bytes,
+            ),
+            (
+                "baton_store_largest_transaction_operations",
+                "The most operations in one store transaction since batond started (etcd allows 128).",
+                &store.largest_txn_ops,
+            ),
+            (
+                "baton_store_largest_transaction_bytes",
+                "The most bytes in one store transaction since batond started (at most 1 MiB).",
+                &store.largest_txn_bytes,
+            ),
+        ] {
+            e.gauge(name, help, value.load(Relaxed) as f64);
+        }
         e.counter_vec(
             "baton_host_activations_total",
             "Host activations and rollbacks that ended, by result.",

@@ -27,13 +27,6 @@ const REDO_CHUNK_BYTES: usize = 768 * 1024;
 const REDO_PREFIX: &str = "redo/";
 const COMMIT: &str = "commit";
 
-fn size(op: &Op) -> usize {
-    match op {
-        Op::Put(k, v) => k.len() + v.len(),
-        Op::Delete(k) => k.len(),
-    }
-}
-
 fn key_of(op: &Op) -> &str {
     match op {
         Op::Put(k, _) | Op::Delete(k) => k,
@@ -47,7 +40,7 @@ pub fn groups(ops: Vec<Op>) -> Result<Vec<Vec<Op>>, StoreError> {
     let mut out: Vec<Vec<Op>> = Vec::new();
     let mut bytes = 0;
     for op in ops {
-        let n = size(&op);
+        let n = op.size();
         if n > MAX_TXN_BYTES {
             return Err(StoreError::Backend {
                 op: "txn",
@@ -163,7 +156,7 @@ pub async fn write_atomic(
     scope: &str,
     ops: Vec<Op>,
 ) -> Result<Written, StoreError> {
-    let total: usize = ops.iter().map(size).sum();
+    let total: usize = ops.iter().map(Op::size).sum();
     if ops.len() <= MAX_TXN_OPS && total <= MAX_TXN_BYTES {
         store
             .txn(Txn {
@@ -332,7 +325,7 @@ mod tests {
         let g = groups(puts(10, 300 * 1024)).unwrap();
         assert!(
             g.iter()
-                .all(|g| g.iter().map(size).sum::<usize>() <= MAX_TXN_BYTES)
+                .all(|g| g.iter().map(Op::size).sum::<usize>() <= MAX_TXN_BYTES)
         );
         assert_eq!(g.iter().map(Vec::len).sum::<usize>(), 10);
         let err = groups(puts(1, MAX_TXN_BYTES + 1)).unwrap_err().to_string();

@@ -70,6 +70,16 @@ pub enum Op {
     Delete(String),
 }
 
+impl Op {
+    /// Its size in a transaction: the key and the value.
+    pub fn size(&self) -> usize {
+        match self {
+            Self::Put(k, v) => k.len() + v.len(),
+            Self::Delete(k) => k.len(),
+        }
+    }
+}
+
 /// An atomic transaction: when every compare holds, every op is applied;
 /// otherwise nothing is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -164,14 +174,7 @@ impl Store for Measured {
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
         use std::sync::atomic::Ordering::Relaxed;
         let ops = txn.ops.len() as u64;
-        let bytes: u64 = txn
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(k, v) => (k.len() + v.len()) as u64,
-                Op::Delete(k) => k.len() as u64,
-            })
-            .sum();
+        let bytes = txn.ops.iter().map(Op::size).sum::<usize>() as u64;
         let applied = self.inner.txn(txn).await?;
         if applied {
             self.stats.txns.fetch_add(1, Relaxed);
@@ -230,14 +233,7 @@ pub mod testing {
         async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
             self.tried.fetch_add(1, Ordering::SeqCst);
             self.largest.fetch_max(txn.ops.len(), Ordering::SeqCst);
-            let bytes: usize = txn
-                .ops
-                .iter()
-                .map(|op| match op {
-                    Op::Put(k, v) => k.len() + v.len(),
-                    Op::Delete(k) => k.len(),
-                })
-                .sum();
+            let bytes: usize = txn.ops.iter().map(Op::size).sum();
             if txn.ops.len() > batch::MAX_TXN_OPS || bytes > batch::MAX_TXN_BYTES {
                 return Err(StoreError::Backend {
                     op: "txn",
