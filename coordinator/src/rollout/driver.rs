@@ -230,9 +230,6 @@ struct Active {
     next_event: u64,
     /// When it next needs a tick (see [`Rollout::next_deadline`]).
     due: Option<SystemTime>,
-    /// Its last write committed but was not applied in full: finished
-    /// before the next one.
-    pending: bool,
 }
 
 impl Active {
@@ -246,7 +243,6 @@ impl Active {
             due: rollout.next_deadline(),
             rollout,
             next_event,
-            pending: false,
         })
     }
 }
@@ -275,6 +271,11 @@ struct Driver {
     /// is lost, so their outstanding commands are re-sent on the next tick
     /// and the agents answer them again from their journals.
     resend: HashSet<String>,
+    /// Scopes whose last atomic write committed but was not applied in
+    /// full (`batch::Written::pending`): finished before any other write
+    /// of the same scope, and retried every tick, whether or not the
+    /// rollout still runs.
+    pending: HashSet<String>,
     /// Rollouts whose hosts reported progress since the last tick: their
     /// watchers see it on the next tick, not on every update.
     progressed: HashSet<String>,
@@ -338,13 +339,13 @@ async fn load_record(store: &dyn Store, k: &str, v: &[u8]) -> Result<(Rollout, b
                 .map_err(|e| corrupt(k, e))?;
             let mut manifests = BTreeMap::new();
             for s in &header.services {
-                if manifests.contains_key(&s.digest) {
+                if manifests.contains_key(&s.manifest) {
                     continue;
                 }
-                let mk = record::manifest_key(&s.digest);
+                let mk = record::manifest_key(&s.manifest);
                 if let Some(m) = store.get(&mk).await? {
                     let m = record::decode_manifest(&m).map_err(|e| corrupt(&mk, e))?;
-                    manifests.insert(s.digest.clone(), m);
+                    manifests.insert(s.manifest.clone(), m);
                 }
             }
             let ck = record::clock_key(&id);
@@ -362,16 +363,16 @@ async fn load_record(store: &dyn Store, k: &str, v: &[u8]) -> Result<(Rollout, b
 }
 
 /// Rewrites a schema-1 rollout in the current schema, atomically.
-async fn convert(store: &dyn Store, r: &Rollout) -> Result<(), StoreError> {
+async fn convert(store: &dyn Store, r: &Rollout) -> Result<bool, StoreError> {
     let records = record::all_records(r).map_err(|e| corrupt(&key(&r.id), e))?;
     let ops = records.into_iter().map(|(k, v)| Op::Put(k, v)).collect();
-    batch::write_atomic(store, &scope(&r.id), ops).await?;
+    let written = batch::write_atomic(store, &scope(&r.id), ops).await?;
     info!(rollout = %r.id, schema = record::SCHEMA, "converted a stored rollout from schema 1");
-    Ok(())
+    Ok(written.pending)
 }
 
 /// Removes the records of starts a crash interrupted: a clock without a
-/// header (see [`record::all_records`]). Manifests are shared by digest
+/// header (see [`record::all_records`]). Manifests are shared by id
 /// and stay.
 async fn remove_unfinished_starts(store: &dyn Store) -> Result<(), StoreError> {
     for (k, _) in store.list(record::CLOCKS_PREFIX).await? {
@@ -429,6 +430,7 @@ pub async fn spawn_with(
     }
     remove_unfinished_starts(store.as_ref()).await?;
     let mut active = BTreeMap::new();
+    let mut pending = HashSet::new();
     for (k, v) in store.list("rollouts/").await? {
         let (rollout, old) = match load_record(store.as_ref(), &k, &v).await {
             Ok(r) => r,
@@ -440,8 +442,8 @@ pub async fn spawn_with(
                 continue;
             }
         };
-        if old {
-            convert(store.as_ref(), &rollout).await?;
+        if old && convert(store.as_ref(), &rollout).await? {
+            pending.insert(scope(&rollout.id));
         }
         if !rollout.state.is_terminal() {
             info!(id = %rollout.id, state = rollout.state.as_str(), "resuming a rollout");
@@ -462,6 +464,7 @@ pub async fn spawn_with(
         active,
         connected: HashMap::new(),
         resend: HashSet::new(),
+        pending,
         progressed: HashSet::new(),
         finished: None,
         metrics,
@@ -529,6 +532,14 @@ impl Driver {
                         }
                     }
                     self.report_work();
+                    for scope in self.pending.clone() {
+                        match batch::finish(self.store.as_ref(), &scope).await {
+                            Ok(()) => {
+                                self.pending.remove(&scope);
+                            }
+                            Err(e) => warn!(%scope, error = %e, "a committed write is still not applied; trying again"),
+                        }
+                    }
                     // Only rollouts with a deadline due are stepped.
                     let now = SystemTime::now();
                     let due: Vec<String> = self
@@ -822,16 +833,21 @@ impl Driver {
         self.work.stepping += t1 - t0;
         if !ops.is_empty() {
             let store = self.store.as_ref();
-            let pending = entry.pending;
+            let pending = &mut self.pending;
             let write = async {
-                if pending {
+                // A committed write not applied in full is applied first:
+                // no later write may land under it.
+                if pending.contains(&scope(id)) {
                     batch::finish(store, &scope(id)).await?;
+                    pending.remove(&scope(id));
                 }
                 batch::write_atomic(store, &scope(id), ops).await
             };
             match write.await {
                 Ok(written) => {
-                    entry.pending = written.pending;
+                    if written.pending {
+                        self.pending.insert(scope(id));
+                    }
                     entry.header = header;
                     entry.clock = clock;
                     entry.next_event += history.len() as u64;
@@ -1009,6 +1025,14 @@ impl Driver {
         who: &str,
     ) -> Result<Rollout, RolloutError> {
         if !self.active.contains_key(&id) {
+            // Its last write applied in full before it is read again.
+            if self.pending.contains(&scope(&id)) {
+                batch::finish(self.store.as_ref(), &scope(&id)).await?;
+                self.pending.remove(&scope(&id));
+                if let Some(finished) = &mut self.finished {
+                    finished.remove(&id);
+                }
+            }
             let r = self.load(&id).await?;
             if op != Operator::Rollback {
                 return Err(machine::step(&r, &Event::Operator(op), SystemTime::now())

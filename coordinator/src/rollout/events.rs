@@ -214,7 +214,9 @@ pub fn changes(
                 continue;
             }
             let message = match &h.error {
-                Some(err) if was.error.as_ref() != Some(err) => err.clone(),
+                Some(err) if was.error.as_ref() != Some(err) => {
+                    baton_common::text::prefix(err, MESSAGE_CHARS)
+                }
                 _ => format!(
                     "{} → {}",
                     h.from_version.as_deref().unwrap_or("(none)"),
@@ -266,7 +268,8 @@ pub fn changes(
         e.from = old.state.as_str().to_owned();
         e.to = new.state.as_str().to_owned();
         if old.error != new.error {
-            e.message = new.error.clone().unwrap_or_default();
+            e.message =
+                baton_common::text::prefix(new.error.as_deref().unwrap_or_default(), MESSAGE_CHARS);
         }
         out.push(e);
     }
@@ -276,16 +279,40 @@ pub fn changes(
 /// The most events in one stored record: a step that moves 10,000 hosts
 /// writes its events in several records, each well under a write's limit.
 pub const EVENTS_PER_RECORD: usize = 1000;
+/// The most encoded bytes of one record (before its last event).
+const RECORD_BYTES: usize = 256 * 1024;
+/// The most characters of an event's message (an agent's error may be
+/// 4,096 characters, each control character six bytes in JSON).
+pub const MESSAGE_CHARS: usize = 1000;
 
-/// The records of a step's numbered `events`: (key, value).
+/// The records of a step's numbered `events`: (key, value), each at most
+/// [`EVENTS_PER_RECORD`] events and about [`RECORD_BYTES`].
 pub fn records(
     rollout: &str,
     events: &[RolloutEvent],
 ) -> Result<Vec<(String, Vec<u8>)>, serde_json::Error> {
-    events
-        .chunks(EVENTS_PER_RECORD)
-        .map(|chunk| Ok((key(rollout, chunk[0].seq), serde_json::to_vec(chunk)?)))
-        .collect()
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, e) in events.iter().enumerate() {
+        let n = serde_json::to_vec(e)?.len() + 1;
+        if i > start && (i - start >= EVENTS_PER_RECORD || bytes + n > RECORD_BYTES) {
+            out.push((
+                key(rollout, events[start].seq),
+                serde_json::to_vec(&events[start..i])?,
+            ));
+            start = i;
+            bytes = 0;
+        }
+        bytes += n;
+    }
+    if start < events.len() {
+        out.push((
+            key(rollout, events[start].seq),
+            serde_json::to_vec(&events[start..])?,
+        ));
+    }
+    Ok(out)
 }
 
 /// The steps from `from` to `to`: a host that went through states in
@@ -311,5 +338,40 @@ fn path(from: HostState, to: HostState) -> Vec<(HostState, HostState)> {
 pub fn number(events: &mut [RolloutEvent], first: u64) {
     for (i, e) in events.iter_mut().enumerate() {
         e.seq = first + i as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn records_stay_small_whatever_the_messages() {
+        // 2,000 events of 4 KiB of control characters (6 bytes each in
+        // JSON): split by bytes, not only by count.
+        let mut events: Vec<RolloutEvent> = (0..2000)
+            .map(|_| {
+                let mut e = event(Kind::Host, 1);
+                e.message = "\u{1}".repeat(4096);
+                e
+            })
+            .collect();
+        number(&mut events, 0);
+        let records = records("r-1", &events).unwrap();
+        assert!(records.len() > 2);
+        for (k, v) in &records {
+            assert!(v.len() < RECORD_BYTES + 64 * 1024, "{k}: {} bytes", v.len());
+        }
+        let back: usize = records
+            .iter()
+            .map(|(_, v)| {
+                serde_json::from_slice::<Vec<RolloutEvent>>(v)
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        assert_eq!(back, 2000);
     }
 }

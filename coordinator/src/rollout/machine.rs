@@ -675,6 +675,7 @@ impl Rollout {
         for s in &self.services {
             if let (ServiceState::Progressing, Some(done), Some(pause)) =
                 (s.state, s.step_done_at, s.pause)
+                && self.state != State::Paused
             {
                 at(later(done, pause));
             }
@@ -964,6 +965,26 @@ fn host_busy(r: &Rollout, host: &HostId) -> bool {
     })
 }
 
+/// The most hosts a rollout's error names; the rest are counted.
+const ERROR_HOSTS: usize = 10;
+/// The most characters of one host's error in a rollout's error.
+const ERROR_HOST_CHARS: usize = 200;
+
+/// The first failures of `failed`, each cut short, and how many more:
+/// a rollout's error stays small (it is stored in the rollout's header)
+/// however many hosts failed, and however long their errors.
+pub(crate) fn summary(failed: &[String]) -> String {
+    let mut out: Vec<String> = failed
+        .iter()
+        .take(ERROR_HOSTS)
+        .map(|f| baton_common::text::prefix(f, ERROR_HOST_CHARS))
+        .collect();
+    if failed.len() > ERROR_HOSTS {
+        out.push(format!("and {} more", failed.len() - ERROR_HOSTS));
+    }
+    out.join("; ")
+}
+
 /// `host: error` for every failed host, for the rollout's error.
 fn failed_hosts(r: &Rollout) -> Vec<String> {
     r.services
@@ -1081,7 +1102,7 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                 r.error = Some(format!(
                     "staging failed on {} host(s), nothing was activated: {}",
                     failed.len(),
-                    failed.join("; ")
+                    summary(&failed)
                 ));
             } else if !staging {
                 // Failures within max_failures: the rest go on.
@@ -1099,7 +1120,7 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                     s.name,
                     s.failures,
                     s.max_failures,
-                    failed_hosts(r).join("; ")
+                    summary(&failed_hosts(r))
                 );
                 fail(r, why, now, actions);
                 return;

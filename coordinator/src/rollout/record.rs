@@ -10,7 +10,7 @@
 //! | `rollout-clocks/<id>` | [`Clock`]: what moves on most steps (JSON) |
 //! | `rollout-plans/<id>/<n>` | the plan as submitted, raw text in parts of 256 KiB |
 //! | `rollout-hosts/<id>/<service index>/<host>` | [`HostRecord`] (JSON) |
-//! | `manifests/<digest>` | [`ManifestRecord`]: a signed manifest, once per digest |
+//! | `manifests/<id>` | [`ManifestRecord`]: a signed manifest, once per [`manifest_id`] |
 //! | `events/<id>/<first seq>` | a list of events (see [`super::events`]) |
 //!
 //! A host's outstanding command is stored as its number, kind and deadline:
@@ -101,9 +101,20 @@ pub fn host_key(id: &str, si: usize, host: &HostId) -> String {
     format!("rollout-hosts/{id}/{si:03}/{host}")
 }
 
-/// The key of a signed manifest.
-pub fn manifest_key(digest: &str) -> String {
-    format!("manifests/{digest}")
+/// The key of a signed manifest, by its [`manifest_id`].
+pub fn manifest_key(id: &str) -> String {
+    format!("manifests/{id}")
+}
+
+/// What names a signed manifest in the store: the SHA-256 of the manifest
+/// and its signature. (Not the payload's digest: one payload may be pushed
+/// under several names or versions, each with its own manifest.)
+pub fn manifest_id(manifest: &[u8], signature: &[u8]) -> String {
+    let mut bytes = Vec::with_capacity(manifest.len() + signature.len() + 8);
+    bytes.extend_from_slice(&(manifest.len() as u64).to_be_bytes());
+    bytes.extend_from_slice(manifest);
+    bytes.extend_from_slice(signature);
+    baton_common::artifact::sha256_hex(&bytes)
 }
 
 /// A record that cannot be turned into a rollout.
@@ -217,9 +228,11 @@ pub struct ServiceHeader {
     pub name: String,
     /// The target version.
     pub version: String,
-    /// The target artifact's digest: its signed manifest is at
-    /// `manifests/<digest>`.
+    /// The target artifact's payload digest.
     pub digest: String,
+    /// Its signed manifest's [`manifest_id`]: the manifest is at
+    /// `manifests/<id>`.
+    pub manifest: String,
     /// Services of the plan that must succeed first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
@@ -313,7 +326,7 @@ pub struct CommandRecord {
     pub deadline: SystemTime,
 }
 
-/// `manifests/<digest>`: a signed manifest, in hex.
+/// `manifests/<id>`: a signed manifest, in hex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestRecord {
     /// The manifest exactly as signed.
@@ -339,6 +352,7 @@ pub fn header(r: &Rollout) -> Header {
                 name: s.name.clone(),
                 version: s.version.clone(),
                 digest: s.digest.clone(),
+                manifest: manifest_id(&s.manifest, &s.signature),
                 depends_on: s.depends_on.clone(),
                 requires: s.requires.clone(),
                 outside: s.outside.clone(),
@@ -472,7 +486,7 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>), RecordError> 
 }
 
 /// Builds the rollout from its parts: the header, the plan text, each
-/// service's signed manifest (by digest) and the host records (key,
+/// service's signed manifest (by [`manifest_id`]) and the host records (key,
 /// value; keys as [`host_key`] makes them).
 pub fn assemble(
     header: Header,
@@ -531,10 +545,10 @@ pub fn assemble(
                 next_seq = next_seq.max(seq);
             }
         }
-        let (manifest, signature) = manifests.get(&s.digest).cloned().ok_or_else(|| {
+        let (manifest, signature) = manifests.get(&s.manifest).cloned().ok_or_else(|| {
             RecordError::Inconsistent(format!(
                 "the signed manifest of {} {} ({}) is missing",
-                s.name, s.version, s.digest
+                s.name, s.version, s.manifest
             ))
         })?;
         services.push(ServiceRun {
@@ -648,8 +662,9 @@ pub fn all_records(r: &Rollout) -> Result<Vec<(String, Vec<u8>)>, serde_json::Er
     let mut out = vec![(clock_key(&r.id), encode_clock(r)?)];
     let mut digests = std::collections::BTreeSet::new();
     for s in &r.services {
-        if digests.insert(s.digest.clone()) {
-            out.push((manifest_key(&s.digest), encode_manifest(s)?));
+        let id = manifest_id(&s.manifest, &s.signature);
+        if digests.insert(id.clone()) {
+            out.push((manifest_key(&id), encode_manifest(s)?));
         }
     }
     for (si, s) in r.services.iter().enumerate() {

@@ -236,10 +236,12 @@ async fn apply_and_clear(
 ) -> Result<usize, StoreError> {
     let mut txns = applied.len();
     write_groups(store, applied).await?;
-    // The commit key last: until it goes, a restart re-applies (the same
-    // values again, which is harmless).
-    let mut clear: Vec<Op> = (0..count).map(|n| Op::Delete(redo_key(scope, n))).collect();
-    clear.push(Op::Delete(commit_key(scope)));
+    // Applied: the commit key goes first, then the records (several
+    // transactions for a big log). A crash between them leaves records
+    // without a commit, which a restart drops; a commit whose records are
+    // partly gone could never be applied again.
+    let mut clear: Vec<Op> = vec![Op::Delete(commit_key(scope))];
+    clear.extend((0..count).map(|n| Op::Delete(redo_key(scope, n))));
     let clear = groups(clear)?;
     txns += clear.len();
     write_groups(store, clear).await?;

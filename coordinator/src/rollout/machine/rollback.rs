@@ -227,7 +227,7 @@ pub(super) fn roll_back_services(r: &mut Rollout, now: SystemTime, actions: &mut
             r.error = Some(format!(
                 "{}; then the rollback failed: {}",
                 r.error.as_deref().unwrap_or("rolling back"),
-                failed.join("; ")
+                super::summary(&failed)
             ));
         }
         return;
