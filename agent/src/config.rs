@@ -196,7 +196,7 @@ impl AgentConfig {
         let host = args.host_id.clone().or(file.host_id);
         let tls_dir = args.tls_dir.clone().or(file.tls_dir);
         let coordinators = if args.coordinator.is_empty() {
-            file.coordinator.map(Urls::into_vec).unwrap_or_default()
+            file.coordinator.map_or_else(Vec::new, Urls::into_vec)
         } else {
             args.coordinator.clone()
         };
@@ -235,7 +235,7 @@ impl AgentConfig {
         };
 
         let coordinators: Vec<String> = if args.coordinator.is_empty() {
-            file.coordinator.map(Urls::into_vec).unwrap_or_default()
+            file.coordinator.map_or_else(Vec::new, Urls::into_vec)
         } else {
             args.coordinator
         };
