@@ -104,8 +104,7 @@ impl AgentService for AgentApi {
         };
         let peer_address = request
             .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+            .map_or_else(String::new, |a| a.to_string());
         let mut inbound = request.into_inner();
 
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {

@@ -267,9 +267,10 @@ pub fn changes(
         let mut e = event(Kind::Rollout, at);
         e.from = old.state.as_str().to_owned();
         e.to = new.state.as_str().to_owned();
-        if old.error != new.error {
-            e.message =
-                baton_common::text::prefix(new.error.as_deref().unwrap_or_default(), MESSAGE_CHARS);
+        if old.error != new.error
+            && let Some(error) = &new.error
+        {
+            e.message = baton_common::text::prefix(error, MESSAGE_CHARS);
         }
         out.push(e);
     }

@@ -114,7 +114,8 @@ pub fn bytes_written(pid: i32) -> u64 {
 
 /// The machine, for the report.
 pub fn machine() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // Unreadable: the report says "unknown" rather than failing.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_else(|_| String::new());
     let cpu = cpuinfo
         .lines()
         .find(|l| l.starts_with("model name"))
@@ -130,9 +131,7 @@ pub fn machine() -> Value {
         })
         .map_or(0.0, |kb| (kb / 1024.0 / 1024.0 * 10.0).round() / 10.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+        .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
     serde_json::json!({
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),

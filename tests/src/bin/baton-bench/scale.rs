@@ -259,14 +259,18 @@ pub fn rollout(
                 panic!("rollout {id} ended {state} after {took:?}: {}", r.error);
             }
             status_ms.extend(poller.await.unwrap());
-            cpu.push(cpu_time(c.pid()).saturating_sub(cpu0).as_secs_f64());
-            bytes.push(written() - written0);
+            let (run_cpu, run_bytes) = (
+                cpu_time(c.pid()).saturating_sub(cpu0).as_secs_f64(),
+                written() - written0,
+            );
+            cpu.push(run_cpu);
+            bytes.push(run_bytes);
             eprintln!(
                 "  rollout {version}: {:.3} s, ratio {:.3}, batond cpu {:.2} s, {:.0} bytes written per host",
                 took.as_secs_f64(),
                 took.as_secs_f64() / ideal.as_secs_f64(),
-                cpu.last().copied().unwrap_or_default(),
-                bytes.last().copied().unwrap_or_default() / hosts as f64,
+                run_cpu,
+                run_bytes / hosts as f64,
             );
             actual.push(took);
         }
