@@ -167,7 +167,8 @@ fn lock_data_dir(data_dir: &Path) -> Result<DirLock, String> {
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(DirLock(Some(Arc::new(lock)))),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let pid = std::fs::read_to_string(data_dir.join("agent.pid")).unwrap_or_default();
+            let pid = std::fs::read_to_string(data_dir.join("agent.pid"))
+                .unwrap_or_else(|_| String::new());
             Err(format!(
                 "another baton-agent (pid {}) runs on {}; one agent per data directory",
                 pid.trim(),

@@ -72,7 +72,7 @@ fn ctrl_c_stops_a_running_demo_cleanly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let read = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    let read = || std::fs::read_to_string(&out_path).unwrap_or_else(|_| String::new());
     wait_until("the demo to wait for Ctrl-C", SOON, || {
         read().contains("Press Ctrl-C").then_some(())
     });

@@ -224,7 +224,7 @@ impl Proc {
 
     /// The process's stderr so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_else(|_| String::new())
     }
 
     /// Waits for the process to exit on its own.

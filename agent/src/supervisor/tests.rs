@@ -62,7 +62,7 @@ async fn status_until(
 }
 
 fn log(run: &Path) -> String {
-    std::fs::read_to_string(run.join(LOG_FILE)).unwrap_or_default()
+    std::fs::read_to_string(run.join(LOG_FILE)).unwrap_or_else(|_| String::new())
 }
 
 /// How many processes of `crash_restart_then_stop` have logged.
