@@ -73,9 +73,6 @@ const PUBLIC_TAG: &str = "baton-ed25519-public";
 /// Key files are one short line; reading more would only waste memory.
 const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
 
-/// The longest service name or version.
-const MAX_TOKEN_CHARS: usize = 128;
-
 /// How many decompressed bytes each tar entry may take beyond its file
 /// data: its header, GNU long-name and long-link records of a few KiB, and
 /// padding. It bounds the decompressed stream so that a zstd bomb hidden in
@@ -311,10 +308,7 @@ fn io_err<'a>(
 // Hex and digests
 // ---------------------------------------------------------------------------
 
-/// Lowercase hex SHA-256 of `data`.
-pub fn sha256_hex(data: &[u8]) -> String {
-    crate::hex::encode(digest::digest(&digest::SHA256, data).as_ref())
-}
+pub use crate::hex::sha256_hex;
 
 use crate::text::shorten;
 
@@ -514,8 +508,7 @@ pub fn read_public_key(path: &Path) -> Result<PublicKey, ArtifactError> {
 // Manifest
 // ---------------------------------------------------------------------------
 
-/// The name every agent artifact carries, and no service may.
-pub const AGENT_NAME: &str = "baton-agent";
+pub use crate::names::AGENT_NAME;
 
 /// What an artifact delivers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -734,38 +727,18 @@ impl SignedManifest {
     }
 }
 
-/// Checks a name-like token: 1–128 characters from `[A-Za-z0-9._-]` (plus
-/// `extra`), starting with a letter or digit.
+/// Checks a name-like token against [`crate::names`]'s grammar (plus
+/// `extra`).
 fn validate_token(
     what: &'static str,
     value: &str,
     extra: Option<char>,
 ) -> Result<(), ArtifactError> {
-    let err = |reason: String| ArtifactError::InvalidName {
+    crate::names::check(value, extra).map_err(|reason| ArtifactError::InvalidName {
         what,
         value: shorten(value),
         reason,
-    };
-    let Some(first) = value.chars().next() else {
-        return Err(err("it is empty".to_owned()));
-    };
-    if value.len() > MAX_TOKEN_CHARS {
-        return Err(err(format!(
-            "it is longer than {MAX_TOKEN_CHARS} characters"
-        )));
-    }
-    if !first.is_ascii_alphanumeric() {
-        return Err(err("it must start with a letter or digit".to_owned()));
-    }
-    let allowed =
-        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || Some(c) == extra;
-    if let Some(c) = value.chars().find(|c| !allowed(*c)) {
-        let plus = if extra.is_some() { ", '+'" } else { "" };
-        return Err(err(format!(
-            "it contains {c:?}; only letters, digits, '.', '_', '-'{plus} are allowed"
-        )));
-    }
-    Ok(())
+    })
 }
 
 /// Checks a service name: 1–128 characters from `[A-Za-z0-9._-]`, starting
@@ -775,21 +748,13 @@ pub fn validate_name(name: &str) -> Result<(), ArtifactError> {
     validate_token("service name", name, None)
 }
 
-/// Checks a version: a semantic version (`1.2.0`, `2.0.0-rc.1`,
-/// `1.2.0+build.7`) of at most 128 characters, every number fitting in 64
-/// bits. One grammar for `pack`, `push`, plans and the agent, so that any
-/// two versions have an order and a downgrade is always seen.
+/// Checks a version: see [`crate::version::check`].
 pub fn validate_version(version: &str) -> Result<(), ArtifactError> {
-    validate_token("version", version, Some('+'))?;
-    semver::Version::parse(version)
-        .map(|_| ())
-        .map_err(|e| ArtifactError::InvalidName {
-            what: "version",
-            value: shorten(version),
-            reason: format!(
-                "it is not a semantic version like 1.4.0 or 2.0.0-rc.1 ({e}; every number must fit in 64 bits)"
-            ),
-        })
+    crate::version::check(version).map_err(|reason| ArtifactError::InvalidName {
+        what: "version",
+        value: shorten(version),
+        reason,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1039,32 +1004,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// A version for ordering: a semantic version, or one written before
-/// versions had to be (`2`, `1.4`), read as `2.0.0`, `1.4.0`.
-pub fn version_order(v: &str) -> Option<semver::Version> {
-    semver::Version::parse(v).ok().or_else(|| {
-        let parts = v.split('.').count();
-        let padded = match parts {
-            1 => format!("{v}.0.0"),
-            2 => format!("{v}.0"),
-            _ => return None,
-        };
-        semver::Version::parse(&padded).ok()
-    })
-}
-
-/// Whether going from version `from` to `to` goes down. A version that
-/// cannot be ordered (one written before versions had to be semantic, or
-/// one a hostile agent reports) is no evidence of a downgrade: refusing on
-/// it would let such a report block every upgrade. Rollback protection
-/// rests on the agent's record of the highest version it ran, which only
-/// ever holds semantic versions.
-pub fn is_downgrade(from: &str, to: &str) -> bool {
-    match (version_order(from), version_order(to)) {
-        (Some(from), Some(to)) => to < from,
-        _ => false,
-    }
-}
+pub use crate::version::{is_downgrade, order as version_order};
 
 mod pack;
 use pack::{check_kind, check_link_target};

@@ -12,6 +12,11 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Lowercase hex SHA-256 of `data`: how digests are written everywhere.
+pub fn sha256_hex(data: &[u8]) -> String {
+    encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
 /// Decodes hex (either case); `None` if it is not hex.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
     fn nibble(c: u8) -> Option<u8> {

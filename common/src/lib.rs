@@ -1,23 +1,38 @@
-//! Types and helpers shared by the coordinator, the agent and the CLI:
-//! the fleet's domain types, the TLS identity model, the dev PKI, and the
-//! reconnect backoff.
+//! Types and rules shared by the coordinator, the agent, the CLI and the
+//! rollout engine.
 //!
-//! Protobuf types stay at the edge: they are converted to and from the
-//! domain types here, where validation happens once.
+//! Always built: the domain types (hosts, commands) and the one rule each
+//! for names ([`names`]), versions ([`version`]), hex ([`hex`]), times and
+//! text. Feature `wire`: their protobuf form; validation of what comes off
+//! the wire happens once, there. Feature `runtime` (default): what does
+//! I/O — artifacts, TLS and the dev PKI, metrics, processes, sd_notify and
+//! secret tokens. The rollout engine depends on this crate without
+//! `runtime`, and so builds without tokio.
 
 #![forbid(unsafe_code)]
 
-pub mod artifact;
 pub mod backoff;
 pub mod command;
 pub mod hex;
 pub mod host;
-pub mod metrics;
-pub mod pki;
-pub mod process;
-pub mod sdnotify;
+pub mod names;
 pub mod text;
 pub mod time;
+pub mod version;
+
+#[cfg(feature = "runtime")]
+pub mod artifact;
+#[cfg(feature = "runtime")]
+pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod pki;
+#[cfg(feature = "runtime")]
+pub mod process;
+#[cfg(feature = "runtime")]
+pub mod sdnotify;
+#[cfg(feature = "runtime")]
+pub mod secret;
+#[cfg(feature = "runtime")]
 pub mod tls;
 
 /// The version of every Baton binary, reported by agents and the coordinator.

@@ -42,15 +42,6 @@ pub struct ArtifactRecord {
     pub signature: String,
 }
 
-impl ArtifactRecord {
-    /// The signature as bytes.
-    pub fn signature_bytes(&self) -> Vec<u8> {
-        (0..self.signature.len() / 2)
-            .filter_map(|i| u8::from_str_radix(self.signature.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect()
-    }
-}
-
 /// Why an artifact operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactStoreError {

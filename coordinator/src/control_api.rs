@@ -242,7 +242,7 @@ impl ControlService for ControlApi {
             .get(request.into_inner().id)
             .await
             .map_err(rollout_status)?;
-        Ok(Response::new(Rollout::from(&r)))
+        Ok(Response::new(crate::rollout::to_pb(&r)))
     }
 
     async fn list_rollouts(
@@ -251,7 +251,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<ListRolloutsResponse>, Status> {
         let all = self.rollouts.list().await.map_err(rollout_status)?;
         Ok(Response::new(ListRolloutsResponse {
-            rollouts: all.iter().map(Rollout::from).collect(),
+            rollouts: all.iter().map(crate::rollout::to_pb).collect(),
         }))
     }
 
@@ -271,7 +271,7 @@ impl ControlService for ControlApi {
         self.tasks.spawn(async move {
             let forward = async {
                 loop {
-                    let now = Rollout::from(&*rx.borrow_and_update());
+                    let now = crate::rollout::to_pb(&rx.borrow_and_update());
                     let done = crate::rollout::is_terminal(&now.state);
                     if tx.send(Ok(now)).await.is_err() || done {
                         return;
@@ -327,7 +327,7 @@ impl ControlService for ControlApi {
             .control(req.id, op, who)
             .await
             .map_err(rollout_status)?;
-        Ok(Response::new(Rollout::from(&r)))
+        Ok(Response::new(crate::rollout::to_pb(&r)))
     }
 
     async fn list_rollout_events(

@@ -48,8 +48,7 @@ struct Token {
 }
 
 fn token_key(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    format!("enroll/{}", baton_common::hex::encode(digest.as_ref()))
+    format!("enroll/{}", baton_common::secret::stored_id(token))
 }
 
 fn enrolled_key(host: &HostId) -> String {
@@ -120,10 +119,8 @@ impl Enrollment {
                 "host {host} is already enrolled; a host id cannot be taken over"
             )));
         }
-        let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-            .map_err(|_| Status::internal("no randomness for a token"))?;
-        let token = format!("bt1-{}", baton_common::hex::encode(&secret));
+        let token = baton_common::secret::new_token("bt1-")
+            .map_err(|e| Status::internal(format!("no enrollment token: {e}")))?;
         let expires = baton_common::time::later(SystemTime::now(), ttl);
         let record = Token {
             host_id: host.to_string(),

@@ -21,7 +21,7 @@ pub const MAX_HEADER_LIST: u32 = 16 << 10;
 /// attack) before the connection is closed.
 pub const MAX_PENDING_RESETS: usize = 64;
 /// The largest plan text `StartRollout`/`PlanRollout` accept.
-pub const MAX_PLAN_BYTES: usize = 1 << 20;
+pub use baton_engine::plan::MAX_PLAN_BYTES;
 
 /// Streams a connection without a client certificate may have open.
 pub const ANONYMOUS_STREAMS: u32 = 4;

@@ -119,7 +119,7 @@ fn names_and_versions_are_checked() {
         (validate_name("-x"), "must start with a letter or digit"),
         (validate_name("a/b"), "it contains '/'"),
         (validate_name("a+b"), "it contains '+'"),
-        (validate_name(&"a".repeat(129)), "longer than 128"),
+        (validate_name(&"a".repeat(129)), "the limit is 128"),
         (validate_version("1 2"), "it contains ' '"),
         (validate_version("2"), "not a semantic version"),
         (validate_version("1.4"), "not a semantic version"),

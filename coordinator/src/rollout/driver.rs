@@ -162,6 +162,7 @@ impl Rollouts {
         })
         .await
         .map_err(|_| RolloutError::Stopped)?
+        .map_err(|e| RolloutError::Invalid(e.0))
     }
 
     /// One rollout.

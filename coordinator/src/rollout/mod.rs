@@ -1,14 +1,14 @@
-//! Rollouts: the plan file ([`plan`]), the pure state machine
-//! ([`machine`]) and the driver that persists each new state before acting
-//! on it ([`driver`]).
+//! Rollouts in the coordinator: the driver that persists each new state
+//! before acting on it ([`driver`]), resolution at the edge ([`resolve`]),
+//! the stored history ([`events`]) and the wire form. The plan, the state
+//! machine, the events a step adds and the stored records are the
+//! engine's ([`baton_engine`]), re-exported here by their old paths.
 
 pub mod driver;
 pub mod events;
-pub mod graph;
-pub mod machine;
-pub mod plan;
-pub mod record;
 pub mod resolve;
+
+pub use baton_engine::{graph, is_terminal, machine, plan, record};
 
 use baton_common::time::to_timestamp;
 use baton_proto::control::v1 as pb;
@@ -16,9 +16,10 @@ use baton_proto::control::v1 as pb;
 pub use driver::{RolloutError, Rollouts};
 pub use machine::{Event, HostState, Operator, Rollout, State};
 
-impl From<&Rollout> for pb::Rollout {
-    fn from(r: &Rollout) -> Self {
-        Self {
+/// A rollout's wire form (`control.v1.Rollout`).
+pub fn to_pb(r: &Rollout) -> pb::Rollout {
+    {
+        pb::Rollout {
             id: r.id.clone(),
             state: r.state.as_str().to_owned(),
             services: r
@@ -135,11 +136,6 @@ fn plan_service(s: &machine::ServiceRun) -> pb::PlanService {
             .collect(),
         requires: s.requires.clone().into_iter().collect(),
     }
-}
-
-/// Whether a rollout state name (as on the wire) is terminal.
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "rolled_back" | "aborted")
 }
 
 /// One service of one rollout on one host: what `baton hosts HOST

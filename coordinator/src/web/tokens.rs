@@ -40,10 +40,9 @@ pub struct Session {
 }
 
 fn key(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     format!(
         "dashboard-tokens/{}",
-        baton_common::hex::encode(digest.as_ref())
+        baton_common::secret::stored_id(token)
     )
 }
 
@@ -54,14 +53,10 @@ pub async fn create(
     who: &str,
     ttl: Duration,
 ) -> Result<(String, SystemTime), StoreError> {
-    let mut secret = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).map_err(
-        |_| StoreError::Backend {
-            op: "dashboard token",
-            reason: "the system's random number generator failed".into(),
-        },
-    )?;
-    let token = format!("{PREFIX}{}", baton_common::hex::encode(&secret));
+    let token = baton_common::secret::new_token(PREFIX).map_err(|e| StoreError::Backend {
+        op: "dashboard token",
+        reason: e.to_string(),
+    })?;
     let now = SystemTime::now();
     let expires = baton_common::time::later(now, ttl);
     // Expired tokens are forgotten as new ones are made.

@@ -7,9 +7,8 @@
 use std::time::SystemTime;
 
 use baton_common::host::{HostId, HostView, ServiceState, ServiceStatus};
-use baton_coordinator::artifacts::ArtifactRecord;
-use baton_coordinator::rollout::plan::Plan;
-use baton_coordinator::rollout::resolve::{Facts, resolve};
+use baton_engine::plan::Plan;
+use baton_engine::resolve::{Facts, Pushed, resolve};
 use libfuzzer_sys::fuzz_target;
 
 /// Three hosts with labels, running some services; every service the plan
@@ -46,15 +45,10 @@ fn facts(plan: &Plan) -> Facts {
     for s in &plan.services {
         facts.artifacts.insert(
             (s.name.clone(), s.version.clone()),
-            ArtifactRecord {
-                name: s.name.clone(),
-                version: s.version.clone(),
+            Pushed {
                 digest: format!("sha256:{}", "0".repeat(64)),
-                size: 1,
-                created: String::new(),
-                key_id: String::new(),
-                manifest: "{}".to_owned(),
-                signature: String::new(),
+                manifest: b"{}".to_vec(),
+                signature: Vec::new(),
             },
         );
     }

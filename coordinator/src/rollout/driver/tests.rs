@@ -6,10 +6,9 @@ use std::time::{Duration, SystemTime};
 use baton_common::host::{HostId, HostView};
 
 use super::*;
-use crate::artifacts::ArtifactRecord;
 use crate::rollout::machine::{HostState, INJECT_PANIC};
 use crate::rollout::plan::Plan;
-use crate::rollout::resolve::{Facts, resolve};
+use crate::rollout::resolve::{Facts, Pushed, resolve};
 use crate::store::RedbStore;
 
 /// A rollout of `service` 2.0.0 over one host running 1.0.0, resolved from
@@ -42,15 +41,10 @@ fn rollout(id: &str, service: &str, comment: &str) -> Rollout {
     };
     facts.artifacts.insert(
         (service.to_owned(), "2.0.0".to_owned()),
-        ArtifactRecord {
-            name: service.into(),
-            version: "2.0.0".into(),
+        Pushed {
             digest: "sha256:00".into(),
-            size: 1,
-            created: String::new(),
-            key_id: String::new(),
-            manifest: "{}".into(),
-            signature: String::new(),
+            manifest: b"{}".to_vec(),
+            signature: Vec::new(),
         },
     );
     resolve(text, &plan, &facts, id.to_owned(), now).unwrap()

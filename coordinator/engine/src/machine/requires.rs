@@ -1,20 +1,7 @@
 //! Version requirements between services: `requires = { db = ">=2" }`.
 
 use super::{HostState, Rollout};
-
-/// Parses a version for a requirement check (`2`, `2.1` and `2.1.0` all
-/// work; anything else never satisfies one).
-pub fn semver_of(v: &str) -> Option<semver::Version> {
-    baton_common::artifact::version_order(v)
-}
-
-/// Whether `version` satisfies the requirement `req` (semver).
-pub fn satisfies(version: &str, req: &str) -> bool {
-    match (semver_of(version), semver::VersionReq::parse(req)) {
-        (Some(v), Ok(r)) => r.matches(&v),
-        _ => false,
-    }
-}
+pub use baton_common::version::satisfies;
 
 /// The first host (and version) that breaks one of service `si`'s
 /// requirements now, counting the versions this rollout installed.

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use baton_common::command::{CommandUpdate, Outcome};
 
 use super::*;
-use crate::rollout::machine::{Event, apply};
+use crate::machine::{Event, apply};
 
 fn t(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(1_764_000_000_000 + ms)
@@ -15,8 +15,7 @@ fn t(ms: u64) -> SystemTime {
 /// with a plan and a manifest of realistic size.
 fn rollout(hosts: usize) -> Rollout {
     let plan = "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\nmax_parallel = 100\n".to_owned();
-    let mut r =
-        crate::rollout::machine::tests_support::single("r-1764000000000-abcd", "web", hosts, plan);
+    let mut r = crate::machine::tests_support::single("r-1764000000000-abcd", "web", hosts, plan);
     let _ = apply(&mut r, &[Event::Tick], t(1)).unwrap();
     // Every host staged: the first batch activates.
     let answers: Vec<Event> = r.services[0]
@@ -102,7 +101,7 @@ fn stored_records_are_small_and_the_manifest_is_stored_once() {
 
 #[test]
 fn a_plan_of_the_largest_size_is_stored_in_parts_under_the_write_limit() {
-    let plan = "# é\n".repeat(crate::limits::MAX_PLAN_BYTES / 5);
+    let plan = "# é\n".repeat(crate::plan::MAX_PLAN_BYTES / 5);
     let parts = plan_parts("r-1", &plan);
     assert!(parts.len() > 1);
     assert!(parts.iter().all(|(_, v)| v.len() <= PLAN_PART_BYTES));

@@ -90,6 +90,32 @@ impl State {
             Self::Succeeded | Self::Failed | Self::RolledBack | Self::Aborted
         )
     }
+
+    /// Every state, in the order a rollout can reach them.
+    pub const ALL: [Self; 10] = [
+        Self::Pending,
+        Self::Staging,
+        Self::Progressing,
+        Self::AwaitingPromotion,
+        Self::Paused,
+        Self::RollingBack,
+        Self::Succeeded,
+        Self::Failed,
+        Self::RolledBack,
+        Self::Aborted,
+    ];
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+
+    /// The state of a contract name (`rolled_back`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("no rollout state {}", baton_common::text::quote(s)))
+    }
 }
 
 /// Where one host is.
@@ -430,8 +456,8 @@ pub struct Refused {
 
 /// A plan text starting with this makes [`step`] panic, in tests only: the
 /// driver's containment of faults is tested with it.
-#[cfg(test)]
-pub(crate) const INJECT_PANIC: &str = "# inject a panic";
+#[cfg(any(test, feature = "testing"))]
+pub const INJECT_PANIC: &str = "# inject a panic";
 
 /// Advances `rollout` by one event, returning the new state (a copy: for
 /// tests and previews; the driver steps its rollouts in place with
@@ -475,7 +501,7 @@ impl Shape {
 /// An operator's event is refused before it changes anything; the driver
 /// applies those one at a time, so a refusal leaves the rollout as it was.
 pub fn apply(r: &mut Rollout, events: &[Event], now: SystemTime) -> Result<Vec<Action>, Refused> {
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     if r.plan.starts_with(INJECT_PANIC) {
         panic!("a fault injected by a test");
     }
@@ -669,7 +695,7 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
 /// How long a host of `s` may be away while it activates.
 fn gone_deadline(s: &ServiceRun) -> Duration {
     let deadline = s.gate.healthy_deadline;
-    if s.name == baton_common::artifact::AGENT_NAME {
+    if s.name == baton_common::names::AGENT_NAME {
         // An agent upgrading itself leaves on purpose; its watchdog
         // decides within healthy_deadline and the agent then running
         // reconnects and reports.
@@ -733,7 +759,7 @@ const ERROR_HOST_CHARS: usize = 200;
 /// The first failures of `failed`, each cut short, and how many more:
 /// a rollout's error stays small (it is stored in the rollout's header)
 /// however many hosts failed, and however long their errors.
-pub(crate) fn summary(failed: &[String]) -> String {
+pub fn summary(failed: &[String]) -> String {
     let mut out: Vec<String> = failed
         .iter()
         .take(ERROR_HOSTS)
@@ -1144,13 +1170,13 @@ mod rollback;
 mod view;
 
 use operator::operator;
+pub use requires::satisfies;
 use requires::unmet_requirement;
-pub use requires::{satisfies, semver_of};
 use rollback::{begin_rollback, roll_back_services, rollback_host};
 
 #[cfg(test)]
 mod tests;
 
-/// Rollouts for other modules' tests.
-#[cfg(test)]
-pub(crate) mod tests_support;
+/// Rollouts for tests, here and in the coordinator (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod tests_support;

@@ -966,7 +966,7 @@ fn a_host_gone_longer_than_its_deadline_has_failed() {
 /// order and ends with the rollout's success.
 #[test]
 fn the_event_history_of_a_rollout_is_complete_and_ordered() {
-    use crate::rollout::events::{self, Kind};
+    use crate::events::{self, Kind};
     let mut r = rollout(3, 1, 2);
     let mut history = events::started(&r, "operator alice", t(0));
     let mut step_to = |r: &mut Rollout, e: Event, now: SystemTime| {

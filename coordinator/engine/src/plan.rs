@@ -7,7 +7,7 @@
 //!
 //! Every size and duration has a maximum ([`MAX_SERVICES`] and the other
 //! constants here, documented in the README), enforced before anything else
-//! looks at the plan; the graph work is linear ([`super::graph`]); errors
+//! looks at the plan; the graph work is linear ([`crate::graph`]); errors
 //! quote at most a short prefix of what was written.
 
 use std::collections::{BTreeMap, HashSet};
@@ -17,8 +17,11 @@ use baton_common::host::{Labels, validate_labels, validate_name};
 use baton_common::text::quote;
 use serde::{Deserialize, Serialize};
 
-use super::graph;
+use crate::graph;
 
+/// The largest plan text accepted (`StartRollout`, `PlanRollout`,
+/// `baton plan check`).
+pub const MAX_PLAN_BYTES: usize = 1 << 20;
 /// The most services one plan may name.
 pub const MAX_SERVICES: usize = 256;
 /// The most dependencies (`depends_on` and `requires` entries) in one plan.
@@ -376,8 +379,13 @@ impl ServicePlan {
         let at = |key: &str| format!("service {:?} (#{}): {key}", s.name, index + 1);
         validate_name(&s.name)
             .map_err(|e| PlanError(format!("service #{}: name: {e}", index + 1)))?;
-        baton_common::artifact::validate_version(&s.version)
-            .map_err(|e| PlanError(format!("{}: {e}", at("version"))))?;
+        baton_common::version::check(&s.version).map_err(|e| {
+            PlanError(format!(
+                "{}: {} is not a valid version: {e}",
+                at("version"),
+                quote(&s.version)
+            ))
+        })?;
         let strategy = match s.strategy.as_deref().unwrap_or("rolling") {
             "rolling" => Strategy::Rolling,
             "canary" => Strategy::Canary,
@@ -487,7 +495,7 @@ impl ServicePlan {
                     at("requires")
                 )));
             }
-            semver::VersionReq::parse(req).map_err(|e| {
+            baton_common::version::check_requirement(req).map_err(|e| {
                 PlanError(format!(
                     "{}: {dep} = {} is not a version requirement: {e}",
                     at("requires"),

@@ -31,7 +31,7 @@ use baton_common::command::{Command, CommandKind, HealthGate};
 use baton_common::host::HostId;
 use serde::{Deserialize, Serialize};
 
-use super::machine::{HostRun, HostState, Rollout, ServiceRun, ServiceState, State};
+use crate::machine::{HostRun, HostState, Rollout, ServiceRun, ServiceState, State};
 
 #[cfg(test)]
 mod tests;
@@ -114,7 +114,7 @@ pub fn manifest_id(manifest: &[u8], signature: &[u8]) -> String {
     bytes.extend_from_slice(&(manifest.len() as u64).to_be_bytes());
     bytes.extend_from_slice(manifest);
     bytes.extend_from_slice(signature);
-    baton_common::artifact::sha256_hex(&bytes)
+    baton_common::hex::sha256_hex(&bytes)
 }
 
 /// A record that cannot be turned into a rollout.
