@@ -207,6 +207,25 @@ pub struct HostView {
     pub session: u64,
 }
 
+/// One host in the contract's JSON shape.
+pub fn to_json(h: &HostView) -> serde_json::Value {
+    serde_json::json!({
+        "host_id": h.host_id,
+        "connected": h.connected,
+        "labels": h.labels,
+        "services": h.services.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "version": s.version,
+            "state": s.state.as_str(),
+            "healthy": s.healthy,
+        })).collect::<Vec<_>>(),
+        "agent_version": h.agent_version,
+        "first_seen": crate::time::rfc3339(h.first_seen),
+        "last_seen": crate::time::rfc3339(h.last_seen),
+        "peer_address": h.peer_address,
+    })
+}
+
 /// The protobuf form.
 #[cfg(feature = "wire")]
 mod wire;

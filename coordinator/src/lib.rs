@@ -1,9 +1,11 @@
-//! The Baton coordinator (`batond`) and the operator CLI (`baton`).
+//! The Baton coordinator (`batond`).
 //!
 //! `batond` holds desired state and the fleet registry, accepts one
-//! mutual-TLS gRPC stream per agent and serves the Control API. The CLI is
-//! a client of that API. Both binaries are thin `main.rs` files over this
-//! library, so tests and the demo can run the real thing in-process.
+//! mutual-TLS gRPC stream per agent and serves the Control API. Its
+//! `main.rs` is thin over this library, so tests and `baton demo` run the
+//! real thing in-process. The rollout engine it drives is
+//! [`baton_engine`]; the operator CLI is the `baton-cli` crate, a client
+//! of the Control API.
 
 #![forbid(unsafe_code)]
 
@@ -13,7 +15,6 @@ pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod authz;
-pub mod cli;
 pub mod config;
 pub mod control_api;
 pub mod enroll;

@@ -318,7 +318,7 @@ fn session_json(session: Option<&tokens::Session>) -> Value {
 }
 
 fn host_json(h: &HostView) -> Value {
-    crate::cli::hosts::to_json(h)
+    baton_common::host::to_json(h)
 }
 
 /// What every view of a rollout starts with.

@@ -183,7 +183,7 @@ impl Coordinator {
 
     /// A Control API client with the operator certificate.
     pub async fn control(&self) -> ControlServiceClient<Channel> {
-        baton_coordinator::cli::connect_control_with(
+        baton_cli::connect_control_with(
             &self.url(),
             &ClientTls::load(&self.env.tls(), "operator").unwrap(),
             Some(Duration::from_secs(60)),

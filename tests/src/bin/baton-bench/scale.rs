@@ -211,7 +211,7 @@ pub fn rollout(
             let file = dir.join(format!("demo-{version}.baton"));
             artifact::pack(&dir.join("src"), "demo", &version, &key, &file).unwrap();
             let (signed, payload) = artifact::open_artifact(&file).unwrap();
-            baton_coordinator::cli::artifact::push_with(&mut control, signed, payload)
+            baton_cli::artifact::push_with(&mut control, signed, payload)
                 .await
                 .unwrap();
             let plan = format!(
@@ -241,7 +241,7 @@ pub fn rollout(
                         .unwrap()
                         .into_inner();
                     took.push(ms(t.elapsed()));
-                    if baton_coordinator::rollout::is_terminal(&r.state) {
+                    if baton_engine::is_terminal(&r.state) {
                         return took;
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -56,7 +56,7 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
     let (rates, aggregate, egress) = rt.block_on(async {
         let mut control = c.control().await;
         let (s, payload) = artifact::open_artifact(&file).unwrap();
-        baton_coordinator::cli::artifact::push_with(&mut control, s, payload)
+        baton_cli::artifact::push_with(&mut control, s, payload)
             .await
             .unwrap();
         let mut clients = vec![];

@@ -1,5 +1,5 @@
 //! `baton`: the Baton operator CLI. See `baton --help`.
 
 fn main() -> std::process::ExitCode {
-    baton_coordinator::cli::main()
+    baton_cli::main()
 }

@@ -3,10 +3,19 @@
 //! sentence on stderr and a non-zero exit; `--json` output is one document
 //! on stdout and nothing else there.
 
+//!
+//! The crate links the daemons (`baton-coordinator`, `baton-agent`) only
+//! for `baton demo`, behind the default feature `demo`; built without it
+//! (`cargo build -p baton-cli --no-default-features`), `baton` is a slim
+//! client of the Control API.
+
+#![forbid(unsafe_code)]
+
 pub mod artifact;
 mod audit;
 mod certs;
 mod dashboard;
+#[cfg(feature = "demo")]
 mod demo;
 mod demo_service;
 mod enroll;
@@ -100,11 +109,37 @@ pub enum Command {
     Dashboard(dashboard::DashboardCommand),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
-    Demo(demo::DemoArgs),
+    Demo(DemoArgs),
     /// The tiny HTTP service `baton demo` rolls out (used by the demo and
     /// the tests).
     #[command(hide = true)]
     DemoService(demo_service::DemoServiceArgs),
+}
+
+/// Arguments of `baton demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Keep the fleet running after the story until Ctrl-C, e.g. to try
+    /// `baton hosts` or `baton rollout list` against it from another
+    /// terminal.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// `baton demo` in a build without the daemons.
+#[cfg(not(feature = "demo"))]
+mod demo {
+    use std::process::ExitCode;
+
+    use super::{CliError, DemoArgs};
+
+    pub async fn run(_: DemoArgs) -> Result<ExitCode, CliError> {
+        Err(CliError(
+            "this baton was built without the demo (the cargo feature `demo` of baton-cli, on by default); \
+             run `cargo run --release --bin baton -- demo` from the source tree"
+                .to_owned(),
+        ))
+    }
 }
 
 /// A CLI failure: one sentence for stderr.

@@ -442,7 +442,7 @@ pub async fn watch(
             // One line per change, for logs and pipes.
             let now = baton_common::time::rfc3339(std::time::SystemTime::now());
             let rollout_changed = seen.get("") != Some(&r.state);
-            if rollout_changed && !crate::rollout::is_terminal(&r.state) {
+            if rollout_changed && !baton_engine::is_terminal(&r.state) {
                 writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
             }
             for s in &r.services {
@@ -465,7 +465,7 @@ pub async fn watch(
                 }
             }
             // A terminal state is printed after the hosts that led to it.
-            if rollout_changed && crate::rollout::is_terminal(&r.state) {
+            if rollout_changed && baton_engine::is_terminal(&r.state) {
                 writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
             }
             seen.insert(String::new(), r.state.clone());
@@ -476,7 +476,7 @@ pub async fn watch(
     let Some(r) = last else {
         return Err(CliError("the watch ended without news".into()));
     };
-    if !crate::rollout::is_terminal(&r.state) {
+    if !baton_engine::is_terminal(&r.state) {
         return Err(CliError(format!(
             "the watch ended while the rollout was still {} (the coordinator stopped?)",
             r.state

@@ -23,19 +23,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{CliError, call_failed, connect_control_with, hosts, rollout};
-use crate::config::Config;
-use crate::server::Coordinator;
-
-/// Arguments of `baton demo`.
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
-    /// Keep the fleet running after the story until Ctrl-C, e.g. to try
-    /// `baton hosts` or `baton rollout list` against it from another
-    /// terminal.
-    #[arg(long)]
-    pub keep_running: bool,
-}
+use super::{CliError, DemoArgs, call_failed, connect_control_with, hosts, rollout};
+use baton_coordinator::config::Config;
+use baton_coordinator::server::Coordinator;
 
 /// The demo's hosts and their labels.
 const HOSTS: &[(&str, &str, &str)] = &[

@@ -75,24 +75,7 @@ pub async fn fetch(client: &mut ControlServiceClient<Channel>) -> Result<Vec<Hos
         .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))
 }
 
-/// One host in the contract's JSON shape.
-pub fn to_json(h: &HostView) -> serde_json::Value {
-    serde_json::json!({
-        "host_id": h.host_id,
-        "connected": h.connected,
-        "labels": h.labels,
-        "services": h.services.iter().map(|s| serde_json::json!({
-            "name": s.name,
-            "version": s.version,
-            "state": s.state.as_str(),
-            "healthy": s.healthy,
-        })).collect::<Vec<_>>(),
-        "agent_version": h.agent_version,
-        "first_seen": rfc3339(h.first_seen),
-        "last_seen": rfc3339(h.last_seen),
-        "peer_address": h.peer_address,
-    })
-}
+pub use baton_common::host::to_json;
 
 /// The hosts as an aligned text table.
 pub fn table(hosts: &[HostView]) -> String {
