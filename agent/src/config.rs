@@ -170,20 +170,32 @@ pub struct AgentConfig {
     pub download: crate::executor::DownloadLimits,
 }
 
+/// What a new host enrolls with: `--enroll-token` and where to.
+#[derive(Debug, Clone)]
+pub struct EnrollTarget {
+    /// The coordinators to ask.
+    pub coordinators: Vec<String>,
+    /// The host id to enroll as.
+    pub host_id: HostId,
+    /// The TLS directory: holds `ca.pem`; receives the key and certificate.
+    pub tls_dir: PathBuf,
+    /// The one-time token.
+    pub token: String,
+}
+
 impl AgentConfig {
+    /// The TLS directory and host id given, for finishing a certificate
+    /// renewal a crash interrupted before anything reads the TLS files.
+    pub fn tls_files(args: &AgentArgs) -> Option<(PathBuf, HostId)> {
+        let host = HostId::try_from(args.host_id.as_deref()?).ok()?;
+        Some((args.tls_dir.clone()?, host))
+    }
+
     /// What to enroll with, when `--enroll-token` is given and the TLS
-    /// directory has no certificate for this host yet.
-    pub fn enrollment(
-        args: &AgentArgs,
-    ) -> Result<Option<crate::enroll::EnrollTarget>, ConfigErrors> {
-        // A renewal a crash interrupted is finished first.
-        if let (Some(dir), Some(host)) = (&args.tls_dir, &args.host_id)
-            && let Ok(host) = HostId::try_from(host.as_str())
-        {
-            crate::enroll::finish_renewal(dir, &host).map_err(|e| {
-                ConfigErrors(vec![format!("cannot finish a certificate renewal: {e}")])
-            })?;
-        }
+    /// directory has no certificate for this host yet. Reads the config
+    /// file and checks a path; enrolling is the caller's (the `enroll`
+    /// module, which depends on this one and not the other way round).
+    pub fn enrollment(args: &AgentArgs) -> Result<Option<EnrollTarget>, ConfigErrors> {
         let Some(token) = args.enroll_token.clone() else {
             return Ok(None);
         };
@@ -210,7 +222,7 @@ impl AgentConfig {
         if tls_dir.join(format!("agent-{host_id}.pem")).exists() {
             return Ok(None);
         }
-        Ok(Some(crate::enroll::EnrollTarget {
+        Ok(Some(EnrollTarget {
             coordinators,
             host_id,
             tls_dir,

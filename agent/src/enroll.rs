@@ -22,18 +22,7 @@ use crate::connection::Credentials;
 /// How long to wait before trying a failed renewal again.
 const RETRY: Duration = Duration::from_secs(30);
 
-/// Where an enrolling agent's certificate goes.
-#[derive(Debug, Clone)]
-pub struct EnrollTarget {
-    /// The coordinators to ask.
-    pub coordinators: Vec<String>,
-    /// The host id to enroll as.
-    pub host_id: HostId,
-    /// The TLS directory: holds `ca.pem`; receives the key and certificate.
-    pub tls_dir: PathBuf,
-    /// The one-time token.
-    pub token: String,
-}
+pub use crate::config::EnrollTarget;
 
 fn paths(dir: &Path, host: &HostId) -> (PathBuf, PathBuf) {
     (

@@ -35,6 +35,12 @@ fn main() -> ExitCode {
     // Inside the runtime: the agent's lazily connected download channel
     // registers with it.
     let (agent, metrics) = match runtime.block_on(async {
+        // A renewal a crash interrupted is finished before anything reads
+        // the TLS files.
+        if let Some((dir, host)) = AgentConfig::tls_files(&args) {
+            baton_agent::enroll::finish_renewal(&dir, &host)
+                .map_err(|e| vec![format!("cannot finish a certificate renewal: {e}")])?;
+        }
         // A new host: get a certificate with the one-time token first.
         if let Some(target) = AgentConfig::enrollment(&args).map_err(|e| e.0)? {
             baton_agent::enroll::enroll(&target)

@@ -27,37 +27,6 @@ pub fn prefix_bytes(text: &str, max: usize) -> String {
     format!("{}…", &text[..cut])
 }
 
-/// Says whether something may be logged now: at most once per `every`.
-/// Lets a flood of refusals be logged at warn level once a second and at
-/// debug level otherwise, so that nobody outside can fill the log.
-#[derive(Debug, Default)]
-pub struct Throttle {
-    last_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Throttle {
-    /// A throttle that allows the first call.
-    pub const fn new() -> Self {
-        Self {
-            last_ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Whether `every` has passed since the last allowed call.
-    pub fn allow(&self, every: std::time::Duration) -> bool {
-        use std::sync::atomic::Ordering;
-        let now = crate::time::unix_millis(std::time::SystemTime::now()).max(1);
-        let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < every {
-            return false;
-        }
-        self.last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    }
-}
-
 /// `text` for an error message: its first [`QUOTE_CHARS`] characters.
 pub fn shorten(text: &str) -> String {
     prefix(text, QUOTE_CHARS)
@@ -85,13 +54,5 @@ mod tests {
         assert_eq!(prefix_bytes("aé", 2), "a…");
         assert_eq!(prefix_bytes("aé", 3), "aé");
         assert!(prefix_bytes(&"é".repeat(10_000), 2_000).len() <= 2_003);
-    }
-
-    #[test]
-    fn a_throttle_allows_once_per_period() {
-        let t = Throttle::new();
-        assert!(t.allow(std::time::Duration::from_secs(3600)));
-        assert!(!t.allow(std::time::Duration::from_secs(3600)));
-        assert!(t.allow(std::time::Duration::ZERO));
     }
 }

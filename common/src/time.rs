@@ -106,6 +106,37 @@ pub fn parse_bounded(text: &str, min: Duration, max: Duration) -> Result<Duratio
     Ok(d)
 }
 
+/// Says whether something may be logged now: at most once per `every`.
+/// Lets a flood of refusals be logged at warn level once a second and at
+/// debug level otherwise, so that nobody outside can fill the log.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// A throttle that allows the first call.
+    pub const fn new() -> Self {
+        Self {
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `every` has passed since the last allowed call.
+    pub fn allow(&self, every: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = unix_millis(std::time::SystemTime::now()).max(1);
+        let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < every {
+            return false;
+        }
+        self.last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +196,13 @@ mod tests {
             nanos: 0,
         };
         assert_eq!(from_duration(&negative), None);
+    }
+
+    #[test]
+    fn a_throttle_allows_once_per_period() {
+        let t = Throttle::new();
+        assert!(t.allow(std::time::Duration::from_secs(3600)));
+        assert!(!t.allow(std::time::Duration::from_secs(3600)));
+        assert!(t.allow(std::time::Duration::ZERO));
     }
 }

@@ -264,7 +264,7 @@ impl EnrollmentService for EnrollmentApi {
         };
         if let Err(s) = &result {
             // Guesses come from anyone: warned of once a second at most.
-            static WARNED: baton_common::text::Throttle = baton_common::text::Throttle::new();
+            static WARNED: baton_common::time::Throttle = baton_common::time::Throttle::new();
             if WARNED.allow(std::time::Duration::from_secs(1)) {
                 warn!(%who, %host, reason = %s.message(), "refused an enrollment (more this second are logged at debug level)");
             } else {

@@ -38,7 +38,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
 use crate::artifacts::Artifacts;
-use crate::server::{SERVICES, ServeError};
+use crate::health::SERVICES;
 use crate::store::{EtcdStore, Fence, FencedStore};
 
 /// The leader key, under `/baton/`.
@@ -181,7 +181,7 @@ pub async fn follow_then_lead(
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     listener: Arc<TcpListener>,
     shutdown: CancellationToken,
-) -> Result<Option<Leadership>, ServeError> {
+) -> Result<Option<Leadership>, tonic::transport::Error> {
     let Candidate {
         etcd,
         artifacts,
@@ -234,7 +234,7 @@ pub async fn follow_then_lead(
     let server_abort = server.abort_handle();
     match tokio::time::timeout(FOLLOWER_DRAIN, server).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Ok(Err(e))) => return Err(e),
         Ok(Err(e)) if e.is_cancelled() => {}
         Ok(Err(e)) => warn!(error = %e, "the follower's server task failed"),
         Err(_) => {

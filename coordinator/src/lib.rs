@@ -21,6 +21,7 @@ pub mod enroll;
 pub mod fleet;
 #[cfg(feature = "etcd")]
 pub mod ha;
+pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -37,7 +37,7 @@ pub const ANONYMOUS_WINDOW: u32 = 64 << 10;
 pub const ANONYMOUS_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The server for clients without a certificate (see
-/// [`crate::listener`]): few streams, small headers, messages and
+/// the listener): few streams, small headers, messages and
 /// windows, a timeout on every call.
 pub fn anonymous_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

@@ -3,28 +3,23 @@
 //! health-wait durations, health-check failures and stream reconnects.
 //!
 //! Counters live here and are bumped by the registry and the rollout
-//! driver; gauges are read from them at every scrape.
+//! driver; the gauges are what the caller read from them at the scrape
+//! ([`Gauges`]). The module depends on no other part of the coordinator.
 
 use std::sync::Arc;
 
 use baton_common::metrics::{Counter, CounterVec, Exposition, Histogram};
+use baton_engine::State;
 
-use crate::fleet::FleetHandle;
-use crate::rollout::{Rollouts, State};
-
-/// Every rollout state, so that each shows (as 0 when none is in it).
-const ROLLOUT_STATES: &[State] = &[
-    State::Pending,
-    State::Staging,
-    State::Progressing,
-    State::AwaitingPromotion,
-    State::Paused,
-    State::RollingBack,
-    State::Succeeded,
-    State::Failed,
-    State::RolledBack,
-    State::Aborted,
-];
+/// What a serving coordinator's gauges show, read at the scrape; a part
+/// that could not be read is left out.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// (connected, registered) hosts.
+    pub hosts: Option<(usize, usize)>,
+    /// The state of every rollout in the store.
+    pub rollouts: Option<Vec<State>>,
+}
 
 /// The coordinator's counters, shared by the registry and the driver.
 #[derive(Debug)]
@@ -71,22 +66,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The text-format document, with the gauges read now from the
-    /// registry and the driver of a serving coordinator (`None` while it
-    /// follows another; a stopped one leaves its gauges out).
-    pub async fn render(self: &Arc<Self>, serving: Option<(&FleetHandle, &Rollouts)>) -> String {
+    /// The text-format document, with the gauges of a serving
+    /// coordinator (`None` while it follows another).
+    pub fn render(&self, serving: Option<Gauges>) -> String {
         let mut e = Exposition::default();
         e.gauge(
             "baton_coordinator_leading",
             "1 while this batond serves the fleet (alone, or leading); 0 while it follows another.",
             if serving.is_some() { 1.0 } else { 0.0 },
         );
-        let Some((fleet, rollouts)) = serving else {
+        let Some(gauges) = serving else {
             self.counters(&mut e);
             return e.finish();
         };
-        if let Ok(hosts) = fleet.list().await {
-            let up = hosts.iter().filter(|h| h.connected).count();
+        if let Some((up, registered)) = gauges.hosts {
             e.gauge(
                 "baton_hosts_connected",
                 "Registered hosts whose agent holds a stream now.",
@@ -95,14 +88,14 @@ impl Metrics {
             e.gauge(
                 "baton_hosts_disconnected",
                 "Registered hosts whose agent does not hold a stream now.",
-                (hosts.len() - up) as f64,
+                registered.saturating_sub(up) as f64,
             );
         }
-        if let Ok(all) = rollouts.list().await {
-            let samples: Vec<(String, f64)> = ROLLOUT_STATES
+        if let Some(all) = gauges.rollouts {
+            let samples: Vec<(String, f64)> = State::ALL
                 .iter()
                 .map(|s| {
-                    let n = all.iter().filter(|r| r.state == *s).count();
+                    let n = all.iter().filter(|r| *r == s).count();
                     (s.as_str().to_owned(), n as f64)
                 })
                 .collect();

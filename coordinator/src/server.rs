@@ -27,12 +27,7 @@ use crate::fleet::{self, FleetHandle};
 use crate::rollout;
 use crate::store::{RedbStore, Store, StoreError};
 
-/// The gRPC services whose health is reported.
-pub(crate) const SERVICES: &[&str] = &[
-    "baton.agent.v1.AgentService",
-    "baton.agent.v1.ArtifactService",
-    "baton.control.v1.ControlService",
-];
+use crate::health::SERVICES;
 
 /// Why the coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +289,7 @@ impl Coordinator {
                     let counters = self.web.counters.clone();
                     let render = move || {
                         let counters = counters.clone();
-                        async move { counters.render(None).await }
+                        async move { counters.render(None) }
                     };
                     follower_tasks.push(tokio::spawn(baton_common::metrics::serve(
                         listener,
@@ -403,7 +398,18 @@ impl Coordinator {
             let render = move || {
                 let (counters, fleet, rollouts) =
                     (counters.clone(), fleet.clone(), rollouts.clone());
-                async move { counters.render(Some((&fleet, &rollouts))).await }
+                async move {
+                    let hosts =
+                        fleet.list().await.ok().map(|hosts| {
+                            (hosts.iter().filter(|h| h.connected).count(), hosts.len())
+                        });
+                    let rollouts = rollouts
+                        .list()
+                        .await
+                        .ok()
+                        .map(|all| all.iter().map(|r| r.state).collect());
+                    counters.render(Some(crate::metrics::Gauges { hosts, rollouts }))
+                }
             };
             info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
             web_tasks.push(tokio::spawn(baton_common::metrics::serve(

@@ -23,5 +23,6 @@ mod rollout;
 mod security;
 mod selfupgrade;
 mod stop;
+mod structure;
 mod system;
 mod systemd;
