@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use baton_common::artifact::fsync_dir;
-use baton_common::command::{CommandUpdate, Outcome};
+use baton_common::command::{CommandUpdate, FailureKind, Outcome};
 use serde::{Deserialize, Serialize};
 
 /// Entries older than this are dropped at startup.
@@ -19,6 +19,9 @@ struct Entry {
     id: String,
     succeeded: bool,
     error: String,
+    /// The kind of failure (absent in entries written before kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure: Option<FailureKind>,
 }
 
 /// `<data-dir>/commands/`.
@@ -77,8 +80,9 @@ impl Journal {
     pub fn lookup(&self, id: &str) -> Option<CommandUpdate> {
         let bytes = std::fs::read(self.dir.join(file_name(id))).ok()?;
         let e: Entry = serde_json::from_slice(&bytes).ok()?;
-        (e.id == id).then(|| {
-            CommandUpdate::done(
+        (e.id == id).then(|| CommandUpdate {
+            failure: e.failure.filter(|_| !e.succeeded),
+            ..CommandUpdate::done(
                 id,
                 if e.succeeded {
                     Outcome::Succeeded
@@ -100,6 +104,7 @@ impl Journal {
             id: update.command_id.clone(),
             succeeded,
             error: update.error.clone(),
+            failure: update.failure,
         };
         let path = self.dir.join(file_name(&update.command_id));
         let tmp = path.with_extension("tmp");
@@ -126,7 +131,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.lookup("r-1/1"), None);
-        let done = CommandUpdate::done("r-1/1", Outcome::Failed, "boom");
+        let done = CommandUpdate::failed("r-1/1", FailureKind::Hook, "boom");
         j.record(&done).unwrap();
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.lookup("r-1/1"), Some(done));
@@ -135,5 +140,19 @@ mod tests {
             None,
             "ids that sanitise alike stay apart"
         );
+    }
+
+    #[test]
+    fn an_entry_from_before_failure_kinds_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        std::fs::write(
+            dir.path().join("commands").join(file_name("r-2/1")),
+            br#"{"id":"r-2/1","succeeded":false,"error":"boom"}"#,
+        )
+        .unwrap();
+        let old = j.lookup("r-2/1").unwrap();
+        assert_eq!(old, CommandUpdate::done("r-2/1", Outcome::Failed, "boom"));
+        assert_eq!(old.failure, None);
     }
 }

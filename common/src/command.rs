@@ -130,6 +130,98 @@ pub enum Outcome {
     Failed,
 }
 
+/// The kind of a command's failure: what the state machine, the CLI, the
+/// dashboard and the metrics can act on (the update's `error` says the
+/// details). Names in JSON and metrics are the snake_case ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The command cannot run here: a malformed name or version, or an
+    /// agent asked to remove itself.
+    Invalid,
+    /// Its deadline passed before it started.
+    Late,
+    /// A downgrade the plan did not allow, or a version below the highest
+    /// the host ran.
+    Refused,
+    /// The manifest is malformed, for another artifact, expired, or not
+    /// signed by a trusted key.
+    Signature,
+    /// The payload could not be fetched, or did not match its digest.
+    Download,
+    /// Unpacking or writing on the host failed.
+    Disk,
+    /// The release to activate is not staged on the host.
+    NotStaged,
+    /// A hook failed.
+    Hook,
+    /// The process could not be started, or exited while starting.
+    Start,
+    /// The process did not report readiness in time.
+    NotReady,
+    /// The health check did not pass within `healthy_deadline`.
+    NotHealthy,
+    /// The old process did not stop within `stop_timeout`.
+    StopTimeout,
+    /// An abort cancelled it.
+    Cancelled,
+    /// The host's agent was away longer than `healthy_deadline` while it
+    /// activated: decided by the coordinator, never sent by an agent.
+    Gone,
+    /// Anything else; also what a kind written by a newer version reads
+    /// as.
+    #[serde(other)]
+    Internal,
+}
+
+impl FailureKind {
+    /// Every kind.
+    pub const ALL: [Self; 15] = [
+        Self::Invalid,
+        Self::Late,
+        Self::Refused,
+        Self::Signature,
+        Self::Download,
+        Self::Disk,
+        Self::NotStaged,
+        Self::Hook,
+        Self::Start,
+        Self::NotReady,
+        Self::NotHealthy,
+        Self::StopTimeout,
+        Self::Cancelled,
+        Self::Gone,
+        Self::Internal,
+    ];
+
+    /// The name in JSON, tables and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Late => "late",
+            Self::Refused => "refused",
+            Self::Signature => "signature",
+            Self::Download => "download",
+            Self::Disk => "disk",
+            Self::NotStaged => "not_staged",
+            Self::Hook => "hook",
+            Self::Start => "start",
+            Self::NotReady => "not_ready",
+            Self::NotHealthy => "not_healthy",
+            Self::StopTimeout => "stop_timeout",
+            Self::Cancelled => "cancelled",
+            Self::Internal => "internal",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An agent's report about one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandUpdate {
@@ -143,6 +235,9 @@ pub struct CommandUpdate {
     pub error: String,
     /// How long a finished activation's health gate took.
     pub health_wait: Option<Duration>,
+    /// The kind of failure, when it failed and the agent said (agents
+    /// older than the field do not).
+    pub failure: Option<FailureKind>,
 }
 
 impl CommandUpdate {
@@ -154,6 +249,15 @@ impl CommandUpdate {
             progress_percent: 100,
             error: error.into(),
             health_wait: None,
+            failure: None,
+        }
+    }
+
+    /// A final update of a command that failed, and why.
+    pub fn failed(command_id: &str, kind: FailureKind, error: impl Into<String>) -> Self {
+        Self {
+            failure: Some(kind),
+            ..Self::done(command_id, Outcome::Failed, error)
         }
     }
 }
@@ -188,6 +292,41 @@ mod tests {
         assert_eq!(
             CommandUpdate::try_from(no_outcome).unwrap_err().field,
             "command_update.outcome"
+        );
+    }
+
+    #[test]
+    fn failure_kinds_cross_the_wire_and_only_on_a_failure() {
+        for kind in FailureKind::ALL {
+            let failed = CommandUpdate::failed("c1", kind, "why");
+            let back = CommandUpdate::try_from(pb::CommandUpdate::from(&failed)).unwrap();
+            assert_eq!(back, failed);
+            assert_eq!(back.failure, Some(kind));
+            // The JSON name is the metric label and the CLI's word.
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.as_str())
+            );
+        }
+        // An older agent says nothing; a newer one says what this
+        // coordinator does not know, which is never a refusal.
+        let mut wire =
+            pb::CommandUpdate::from(&CommandUpdate::failed("c1", FailureKind::Hook, "why"));
+        wire.failure = 0;
+        assert_eq!(CommandUpdate::try_from(wire.clone()).unwrap().failure, None);
+        wire.failure = 999;
+        assert_eq!(
+            CommandUpdate::try_from(wire.clone()).unwrap().failure,
+            Some(FailureKind::Internal)
+        );
+        // A success has no kind, whatever the wire says.
+        let mut ok = pb::CommandUpdate::from(&CommandUpdate::done("c1", Outcome::Succeeded, ""));
+        ok.failure = pb::FailureKind::Hook.into();
+        assert_eq!(CommandUpdate::try_from(ok).unwrap().failure, None);
+        // A kind stored by a newer version reads as internal.
+        assert_eq!(
+            serde_json::from_str::<FailureKind>("\"meteor\"").unwrap(),
+            FailureKind::Internal
         );
     }
 

@@ -363,6 +363,7 @@ impl ControlService for ControlApi {
                     to: e.to,
                     who: e.who,
                     message: e.message,
+                    failure: crate::rollout::failure_to_pb(e.failure),
                 })
                 .collect(),
         }))

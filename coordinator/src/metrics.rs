@@ -32,6 +32,9 @@ pub struct Metrics {
     /// Hosts' activations (and rollbacks) that ended, by result:
     /// `healthy`, `failed`, `rolled_back`.
     pub activations: CounterVec,
+    /// Hosts that failed in a rollout, by the kind of failure (`unknown`
+    /// when an older agent did not say).
+    pub host_failures: CounterVec,
     /// From a host's activation start to its end (healthy or failed).
     pub activation: Histogram,
     /// From the swap's end to healthy: the part of an activation spent
@@ -55,6 +58,12 @@ impl Default for Metrics {
             connects: Counter::default(),
             reconnects: Counter::default(),
             activations: CounterVec::with_values(&[&["failed"], &["healthy"], &["rolled_back"]]),
+            host_failures: CounterVec::with_values(
+                &baton_common::command::FailureKind::ALL
+                    .map(|k| [k.as_str()])
+                    .each_ref()
+                    .map(|k| k.as_slice()),
+            ),
             activation: Histogram::default(),
             health_wait: Histogram::default(),
             health_check_failures: Counter::default(),
@@ -142,6 +151,12 @@ impl Metrics {
             "Host activations and rollbacks that ended, by result.",
             &["result"],
             &self.activations,
+        );
+        e.counter_vec(
+            "baton_host_failures_total",
+            "Hosts that failed in a rollout (staging, activation or rollback), by the kind of failure.",
+            &["kind"],
+            &self.host_failures,
         );
         e.histogram(
             "baton_host_activation_duration_seconds",

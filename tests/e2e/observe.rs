@@ -264,6 +264,14 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
     );
     assert_eq!(moved("baton_host_activation_duration_seconds_count"), 1.0);
     assert_eq!(moved("baton_rollouts{state=\"rolled_back\"}"), 1.0);
+    // By the kind the agent reported; every kind shows from the start.
+    assert_eq!(
+        moved("baton_host_failures_total{kind=\"not_healthy\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(moved("baton_host_failures_total{kind=\"signature\"}"), 0.0);
+    assert!(before.contains("baton_host_failures_total{kind=\"stop_timeout\"} 0"));
     let events = fleet.events(&id);
     let failed: Vec<(&str, &str)> = events
         .iter()

@@ -80,6 +80,23 @@ fn a_version_that_never_turns_healthy_is_rolled_back_after_its_first_batch() {
     let s = fleet.wait_done(&id, ROLLOUT);
     assert_eq!(s["state"], "rolled_back", "{s}");
     assert!(s["error"].as_str().unwrap().contains("returned 503"), "{s}");
+    // The hosts that ran it failed their health gate, and say so as a kind
+    // in the status, in the history and in the metrics.
+    let kinds: Vec<serde_json::Value> = Fleet::hosts_of(&s)
+        .into_values()
+        .map(|h| h["failure"].clone())
+        .filter(|k| !k.is_null())
+        .collect();
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|k| *k == "not_healthy"),
+        "{s}"
+    );
+    let events = fleet.events(&id);
+    let failed: Vec<&serde_json::Value> = events.iter().filter(|e| e["to"] == "failed").collect();
+    assert!(
+        !failed.is_empty() && failed.iter().all(|e| e["failure"] == "not_healthy"),
+        "{events:?}"
+    );
 
     let hosts = Fleet::hosts_of(&s);
     let ran: Vec<&String> = hosts
@@ -183,13 +200,13 @@ fn a_tampered_artifact_never_activates_anywhere() {
         std::fs::write(blob(&digest), bytes).unwrap();
     }
 
-    for (version, why) in [
-        ("6.0.1", "signature"),
-        ("6.0.2", "not among the 1 trusted keys"),
-        ("6.0.3", "not signed"),
-        ("6.0.5", "expired at"),
-        ("6.0.6", "is corrupt: payload digest is"),
-        ("6.0.7", "longer than its manifest says"),
+    for (version, why, kind) in [
+        ("6.0.1", "signature", "signature"),
+        ("6.0.2", "not among the 1 trusted keys", "signature"),
+        ("6.0.3", "not signed", "signature"),
+        ("6.0.5", "expired at", "signature"),
+        ("6.0.6", "is corrupt: payload digest is", "download"),
+        ("6.0.7", "longer than its manifest says", "download"),
     ] {
         let id = fleet.start_rollout(&plan(version, "max_parallel = 2\n"));
         let s = fleet.wait_done(&id, ROLLOUT);
@@ -202,6 +219,8 @@ fn a_tampered_artifact_never_activates_anywhere() {
                 error.contains("staging failed") && error.contains(why),
                 "{version}: {error}"
             );
+            // The agent said what kind of failure it was.
+            assert_eq!(h["failure"], kind, "{version}: {h}");
             assert_eq!(fleet.get(&host).as_deref(), Some("demo-service 1.0.0"));
             assert!(
                 !fleet

@@ -17,13 +17,14 @@
 use std::time::{Duration, SystemTime};
 
 use baton_common::artifact;
-use baton_common::command::HealthGate;
+use baton_common::command::{FailureKind, HealthGate};
 use baton_common::host::ServiceState;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::failure::{Classify, Failure};
 use super::hooks::{Bound, run_hook, systemctl};
 use super::{
     Current, Executor, Runner, Slot, SlotState, cancel_activations, listen_specs, lock,
@@ -70,8 +71,8 @@ impl Executor {
         gate: HealthGate,
         rollback: bool,
         deadline: SystemTime,
-    ) -> Result<(), String> {
-        artifact::validate_version(version).map_err(|e| e.to_string())?;
+    ) -> Result<(), Failure> {
+        artifact::validate_version(version).or_fail(FailureKind::Invalid)?;
         let slot = self.slot(name);
         let cancel = CancellationToken::new();
         let ticket = slot
@@ -108,15 +109,18 @@ impl Executor {
         rollback: bool,
         cancel: &CancellationToken,
         until: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let cancelled = |when: &str| {
-            format!(
-                "{name} {version}: cancelled by {} {when}",
-                *lock(&slot.cancelled_by)
+            Failure::new(
+                FailureKind::Cancelled,
+                format!(
+                    "{name} {version}: cancelled by {} {when}",
+                    *lock(&slot.cancelled_by)
+                ),
             )
         };
         // A step that failed because a cancel arrived reports the cancel.
-        let or_cancelled = |when: &str, e: String| {
+        let or_cancelled = |when: &str, e: Failure| {
             if cancel.is_cancelled() {
                 cancelled(when)
             } else {
@@ -132,24 +136,30 @@ impl Executor {
             return Err(cancelled("before it started"));
         }
         if !self.inner.releases.is_staged(name, version) {
-            return Err(if rollback {
-                format!("cannot roll back: release {name} {version} is no longer on this host")
-            } else {
-                format!(
-                    "release {name} {version} is not staged on this host; stage (and verify) it first"
-                )
-            });
+            return Err(Failure::new(
+                FailureKind::NotStaged,
+                if rollback {
+                    format!("cannot roll back: release {name} {version} is no longer on this host")
+                } else {
+                    format!(
+                        "release {name} {version} is not staged on this host; stage (and verify) it first"
+                    )
+                },
+            ));
         }
         let release_dir = self.inner.releases.release_dir(name, version);
         let spec = service::load(&release_dir, &self.inner.config.vars)
-            .map_err(|e| format!("{name} {version}: {e}"))?;
+            .map_err(|e| format!("{name} {version}: {e}"))
+            .or_fail(FailureKind::Invalid)?;
         if let Some(r) = &spec.run_as {
-            self.open_release_to(name, &release_dir, r).map_err(|e| {
-                format!(
-                    "{name} {version}: cannot prepare the release for user {}: {e}",
-                    r.user
-                )
-            })?;
+            self.open_release_to(name, &release_dir, r)
+                .map_err(|e| {
+                    format!(
+                        "{name} {version}: cannot prepare the release for user {}: {e}",
+                        r.user
+                    )
+                })
+                .or_fail(FailureKind::Disk)?;
         }
         let run_dir = self.inner.releases.run_dir(name, version);
         let health_gate = Gate {
@@ -200,7 +210,7 @@ impl Executor {
             return Err(cancelled("before the swap"));
         }
         let from = self.inner.releases.current(name);
-        let specs = listen_specs(&spec)?;
+        let specs = listen_specs(&spec).or_fail(FailureKind::Start)?;
         let native = spec.supervisor == SupervisorKind::Native;
         // A handoff needs the old process to hold exactly these sockets;
         // otherwise (no listen before, or other addresses) it is replaced
@@ -224,13 +234,13 @@ impl Executor {
             let mut new_spec = spec.clone();
             let notify = match spec.ready {
                 Readiness::Notify => {
-                    let (name, socket) = notify_socket()?;
+                    let (name, socket) = notify_socket().or_fail(FailureKind::Start)?;
                     new_spec.env.insert("NOTIFY_SOCKET".into(), name);
                     Some(socket)
                 }
                 Readiness::Health => None,
             };
-            self.swap(name, version)?;
+            self.swap(name, version).or_fail(FailureKind::Disk)?;
             let new = match Supervisor::start_listening(
                 name,
                 version,
@@ -243,7 +253,10 @@ impl Executor {
                 Ok(sup) => sup,
                 Err(e) => {
                     self.swap_back(name, from.as_deref());
-                    return Err(format!("cannot start {name} {version}: {e}"));
+                    return Err(Failure::new(
+                        FailureKind::Start,
+                        format!("cannot start {name} {version}: {e}"),
+                    ));
                 }
             };
             info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
@@ -260,7 +273,7 @@ impl Executor {
             .map_err(|e| {
                 or_cancelled(
                     "before the new process was ready",
-                    format!("{name} {version}: {e}"),
+                    Failure::new(FailureKind::NotReady, format!("{name} {version}: {e}")),
                 )
             });
             // Still before anything is stopped: a failing pre_stop leaves
@@ -324,7 +337,7 @@ impl Executor {
                     let stopped = self.stop_bounded(name, old, stop_until, cancel).await?;
                     if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
                         let note = self.restore(&mut st, name, &kept);
-                        return Err(format!("{e}{note}"));
+                        return Err(e.noted(&note));
                     }
                     Some(kept)
                 }
@@ -339,14 +352,14 @@ impl Executor {
             // stays where it is.
             if cancel.is_cancelled() {
                 let note = restore(self, &mut st);
-                return Err(format!("{}{note}", cancelled("before the swap")));
+                return Err(cancelled("before the swap").noted(&note));
             }
             // Sockets this release does not declare are let go before it
             // starts (it may bind the address itself).
             self.release_sockets(&mut st, name, &specs);
             if let Err(e) = self.swap(name, version) {
                 let note = restore(self, &mut st);
-                return Err(format!("{e}{note}"));
+                return Err(Failure::new(FailureKind::Disk, format!("{e}{note}")));
             }
             self.set_status(name, version, ServiceState::Starting, false);
             let started = match &spec.supervisor {
@@ -373,7 +386,10 @@ impl Executor {
                     // old one again.
                     self.swap_back(name, from.as_deref());
                     let note = restore(self, &mut st);
-                    return Err(format!("cannot start {name} {version}: {e}{note}"));
+                    return Err(Failure::new(
+                        FailureKind::Start,
+                        format!("cannot start {name} {version}: {e}{note}"),
+                    ));
                 }
             };
             self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
@@ -472,7 +488,7 @@ impl Executor {
         name: &str,
         old: &Current,
         bound: Option<Bound<'_>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let hook = old.spec.hooks.pre_stop.as_ref();
         self.old_hook(name, "pre_stop", hook, &OldRelease::of(old), bound)
             .await
@@ -484,7 +500,7 @@ impl Executor {
         name: &str,
         old: &OldRelease,
         bound: Option<Bound<'_>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let hook = old.spec.hooks.post_stop.as_ref();
         self.old_hook(name, "post_stop", hook, old, bound).await
     }
@@ -497,7 +513,7 @@ impl Executor {
         hook: Option<&crate::service::Hook>,
         old: &OldRelease,
         bound: Option<Bound<'_>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let run_dir = self.inner.releases.run_dir(name, &old.version);
         run_hook(
             name,
@@ -519,7 +535,7 @@ impl Executor {
         name: &str,
         old: Current,
         until: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let kept = OldRelease::of(&old);
         let cancel = CancellationToken::new();
         self.stop_bounded(name, old, until, &cancel).await?;
@@ -542,7 +558,7 @@ impl Executor {
         old: Current,
         until: Instant,
         cancel: &CancellationToken,
-    ) -> Result<Stopped, String> {
+    ) -> Result<Stopped, Failure> {
         let timeout = old.spec.stop_timeout;
         match old.process {
             Runner::Native(sup) => sup
@@ -552,12 +568,18 @@ impl Executor {
                 })
                 .await
                 .map_err(|e| match e {
-                    SupervisorError::StillRunning { pid } => format!(
-                        "the old process of {name} {} (pid {pid}) did not exit within its stop_timeout of {}, nor after SIGKILL",
-                        old.version,
-                        humantime::format_duration(timeout)
+                    SupervisorError::StillRunning { pid } => Failure::new(
+                        FailureKind::StopTimeout,
+                        format!(
+                            "the old process of {name} {} (pid {pid}) did not exit within its stop_timeout of {}, nor after SIGKILL",
+                            old.version,
+                            humantime::format_duration(timeout)
+                        ),
                     ),
-                    other => format!("cannot stop {name} {}: {other}", old.version),
+                    other => Failure::new(
+                        FailureKind::Internal,
+                        format!("cannot stop {name} {}: {other}", old.version),
+                    ),
                 }),
             Runner::Systemd { unit, .. } => {
                 debug!(service = %name, %unit, "the unit is restarted or stopped by systemctl");
@@ -584,18 +606,21 @@ fn forced_error(
     name: &str,
     old: &OldRelease,
     stopped: &Stopped,
-    cancelled: &dyn Fn(&str) -> String,
-) -> Option<String> {
+    cancelled: &dyn Fn(&str) -> Failure,
+) -> Option<Failure> {
     match stopped.forced? {
         Forced::StopTimeout => None,
         Forced::Cancelled => Some(cancelled(
             "while the old process was stopping (it was killed)",
         )),
-        Forced::Deadline => Some(format!(
-            "the old process of {name} {} did not exit within {} of its stop signal, and the activation's deadline came first (its stop_timeout is {}); it was killed",
-            old.version,
-            humantime::format_duration(Duration::from_secs(stopped.waited.as_secs())),
-            humantime::format_duration(old.spec.stop_timeout)
+        Forced::Deadline => Some(Failure::new(
+            FailureKind::StopTimeout,
+            format!(
+                "the old process of {name} {} did not exit within {} of its stop signal, and the activation's deadline came first (its stop_timeout is {}); it was killed",
+                old.version,
+                humantime::format_duration(Duration::from_secs(stopped.waited.as_secs())),
+                humantime::format_duration(old.spec.stop_timeout)
+            ),
         )),
     }
 }
@@ -609,15 +634,16 @@ async fn gate_current(
     release_dir: &std::path::Path,
     gate: &Gate,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut alive = st
         .current
         .as_ref()
         .map(Current::alive)
-        .ok_or("the service has no process")?;
+        .ok_or_else(|| Failure::new(FailureKind::Start, "the service has no process"))?;
     let took = health::wait_healthy(spec.health.as_ref(), release_dir, gate, &mut alive, cancel)
         .await
-        .map_err(|e| format!("{name} {version}: {e}"))?;
+        .map_err(|e| format!("{name} {version}: {e}"))
+        .or_fail(FailureKind::NotHealthy)?;
     info!(service = %name, %version, took = ?took, "healthy");
     Ok(())
 }

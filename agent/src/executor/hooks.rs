@@ -2,6 +2,9 @@
 //! `systemctl`: commands the agent runs around a service, bounded in time
 //! and killed whole.
 
+use baton_common::command::FailureKind;
+
+use super::failure::{Classify, Failure};
 use std::io::Write;
 
 use tracing::warn;
@@ -24,6 +27,31 @@ pub(super) struct Bound<'a> {
 /// release's service log; on failure its last lines go into the error.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_hook(
+    service_name: &str,
+    version: &str,
+    which: &str,
+    hook: Option<&Hook>,
+    release_dir: &std::path::Path,
+    spec: &ServiceSpec,
+    run_dir: &std::path::Path,
+    bound: Option<Bound<'_>>,
+) -> Result<(), Failure> {
+    run(
+        service_name,
+        version,
+        which,
+        hook,
+        release_dir,
+        spec,
+        run_dir,
+        bound,
+    )
+    .await
+    .or_fail(FailureKind::Hook)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
     service_name: &str,
     version: &str,
     which: &str,
@@ -237,13 +265,16 @@ mod tests {
         let err = run_it(hook("bin/fail", 10_000)).await.unwrap_err();
         assert_eq!(
             err,
-            "pre_start hook of api 2.0.0 failed: exited with status 3: checking | schema 7 is newer than this release"
+            Failure::new(
+                FailureKind::Hook,
+                "pre_start hook of api 2.0.0 failed: exited with status 3: checking | schema 7 is newer than this release"
+            )
         );
         let log = std::fs::read_to_string(run.join("service.log")).unwrap();
         assert!(log.contains("[pre_start hook] migrated"), "{log}");
         assert!(log.contains("[pre_start hook] schema 7"), "{log}");
 
-        let err = run_it(hook("bin/hang", 300)).await.unwrap_err();
+        let err = run_it(hook("bin/hang", 300)).await.unwrap_err().message;
         assert!(
             err.contains("timed out after 300ms; killed with its process group"),
             "{err}"
@@ -294,6 +325,7 @@ mod tests {
             bound: Bound<'_>,
         ) -> Result<(), String> {
             let run = dir.join("run");
+            // The kind is the hook's; the tests below read the details.
             run_hook(
                 "api",
                 "2.0.0",
@@ -305,6 +337,10 @@ mod tests {
                 Some(bound),
             )
             .await
+            .map_err(|e| {
+                assert_eq!(e.kind, FailureKind::Hook);
+                e.message
+            })
         }
         let started = std::time::Instant::now();
         let never = tokio_util::sync::CancellationToken::new();

@@ -16,9 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use baton_common::artifact::{self, AGENT_NAME, PublicKey};
-use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
+use baton_common::command::{
+    Command, CommandKind, CommandUpdate, FailureKind, HealthGate, Outcome, Phase,
+};
 use baton_common::host::{ServiceState, ServiceStatus};
 use baton_common::sdnotify::Notifier;
+use baton_common::text::quote;
 use baton_proto::agent::v1 as pb;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -36,10 +39,12 @@ use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process
 
 mod activate;
 mod download;
+mod failure;
 mod hooks;
 mod stage;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
+use failure::{Classify, Failure};
 use hooks::systemctl;
 
 /// Progress updates per command are sent at most this often.
@@ -426,9 +431,9 @@ impl Executor {
             Ok(c) => c,
             Err(unusable) => {
                 warn!(id = ?unusable.id, reason = %unusable.reason, "refusing a command this agent cannot run");
-                self.publish(CommandUpdate::done(
+                self.publish(CommandUpdate::failed(
                     unusable.id.as_deref().unwrap_or("-"),
-                    Outcome::Failed,
+                    FailureKind::Invalid,
                     unusable.reason.to_string(),
                 ));
                 return;
@@ -439,7 +444,7 @@ impl Executor {
         // not cost every host two fsyncs and a file per ping).
         if command.kind == CommandKind::Noop {
             let update = if command.deadline < SystemTime::now() {
-                CommandUpdate::done(&command.id, Outcome::Failed, LATE)
+                CommandUpdate::failed(&command.id, FailureKind::Late, LATE)
             } else {
                 CommandUpdate::done(&command.id, Outcome::Succeeded, "")
             };
@@ -450,9 +455,9 @@ impl Executor {
         // harmless: answered at once, never journaled, like a no-op.
         if let CommandKind::Cancel { service } = &command.kind {
             let update = match baton_common::host::validate_name(service) {
-                Err(e) => CommandUpdate::done(
+                Err(e) => CommandUpdate::failed(
                     &command.id,
-                    Outcome::Failed,
+                    FailureKind::Invalid,
                     format!("invalid service name: {e}"),
                 ),
                 Ok(()) => {
@@ -499,7 +504,7 @@ impl Executor {
             };
             let mut update = match &result {
                 Ok(()) => CommandUpdate::done(&id, Outcome::Succeeded, ""),
-                Err(e) => CommandUpdate::done(&id, Outcome::Failed, e.clone()),
+                Err(e) => CommandUpdate::failed(&id, e.kind, e.message.clone()),
             };
             update.health_wait = health_wait.get();
             let metrics = &crate::metrics::METRICS;
@@ -511,7 +516,7 @@ impl Executor {
             }
             match &result {
                 Ok(()) => info!(%id, kind, "command succeeded"),
-                Err(e) => warn!(%id, kind, error = %e, "command failed"),
+                Err(e) => warn!(%id, kind, failure = %e.kind, error = %e, "command failed"),
             }
             if let Err(e) = this.inner.journal.record(&update) {
                 error!(%id, error = %e, "cannot journal the command's outcome; a re-send will run it again");
@@ -565,15 +570,16 @@ impl Executor {
         });
     }
 
-    async fn run(&self, command: Command) -> Result<(), String> {
+    async fn run(&self, command: Command) -> Result<(), Failure> {
         if command.deadline < SystemTime::now() {
-            return Err(LATE.into());
+            return Err(Failure::new(FailureKind::Late, LATE));
         }
         self.publish(accepted(&command.id));
         let kind = command.kind;
         if let Some(service) = kind.service() {
             baton_common::host::validate_name(service)
-                .map_err(|e| format!("invalid service name {service:?}: {e}"))?;
+                .map_err(|e| format!("invalid service name {}: {e}", quote(service)))
+                .or_fail(FailureKind::Invalid)?;
         }
         match kind {
             // Answered in `submit`, never run.
@@ -603,9 +609,10 @@ impl Executor {
             } if service == AGENT_NAME => {
                 self.upgrade_self(&command.id, &version, gate, true).await
             }
-            CommandKind::Remove { service } if service == AGENT_NAME => {
-                Err("the agent cannot remove itself".into())
-            }
+            CommandKind::Remove { service } if service == AGENT_NAME => Err(Failure::new(
+                FailureKind::Invalid,
+                "the agent cannot remove itself",
+            )),
             CommandKind::Activate {
                 service,
                 version,
@@ -619,12 +626,15 @@ impl Executor {
                     return Err(downgrade_refused(&service, &current, &version));
                 }
                 // Also below what ran here once, and was removed since.
-                self.inner.installed.refuse(
-                    &service,
-                    &version,
-                    self.inner.releases.is_staged(&service, &version),
-                    allow_downgrade,
-                )?;
+                self.inner
+                    .installed
+                    .refuse(
+                        &service,
+                        &version,
+                        self.inner.releases.is_staged(&service, &version),
+                        allow_downgrade,
+                    )
+                    .or_fail(FailureKind::Refused)?;
                 self.activate(&service, &version, gate, false, command.deadline)
                     .await
             }
@@ -649,7 +659,7 @@ impl Executor {
         version: &str,
         gate: HealthGate,
         allow_downgrade: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let me = self.inner.config.me.clone();
         if let Some(trial) = me.trial() {
             // This process is the new agent of an upgrade on trial: nothing
@@ -661,7 +671,10 @@ impl Executor {
                 .ok()
                 .and_then(|o| o.clone());
             if trial.command_id == id {
-                return outcome.unwrap_or_else(|| Err("the agent is stopping".into()));
+                // The new agent failing its trial is an unhealthy release.
+                return outcome
+                    .unwrap_or_else(|| Err("the agent is stopping".into()))
+                    .or_fail(FailureKind::NotHealthy);
             }
         }
         let _host = self.inner.host.lock().await;
@@ -672,12 +685,15 @@ impl Executor {
         if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
             return Err(downgrade_refused(AGENT_NAME, me.version(), version));
         }
-        self.inner.installed.refuse(
-            AGENT_NAME,
-            version,
-            me.releases().is_staged(AGENT_NAME, version),
-            allow_downgrade,
-        )?;
+        self.inner
+            .installed
+            .refuse(
+                AGENT_NAME,
+                version,
+                me.releases().is_staged(AGENT_NAME, version),
+                allow_downgrade,
+            )
+            .or_fail(FailureKind::Refused)?;
         if self.inner.notifier.enabled() {
             // Across the exec the new agent copies sockets back from the
             // running services; systemd's fd store, which also holds them,
@@ -690,8 +706,11 @@ impl Executor {
             for (name, slot) in slots {
                 let st = slot.state.lock().await;
                 if !st.sockets.is_empty() && !st.current.as_ref().is_some_and(Current::is_alive) {
-                    return Err(format!(
-                        "service {name} is not running, and its sockets would not survive the agent's re-execution under systemd; upgrade the agent once it runs"
+                    return Err(Failure::new(
+                        FailureKind::Refused,
+                        format!(
+                            "service {name} is not running, and its sockets would not survive the agent's re-execution under systemd; upgrade the agent once it runs"
+                        ),
                     ));
                 }
             }
@@ -699,7 +718,13 @@ impl Executor {
         let (id, version) = (id.to_owned(), version.to_owned());
         tokio::task::spawn_blocking(move || me.begin(&id, &version, gate))
             .await
-            .map_err(|e| format!("the upgrade task failed: {e}"))?
+            .map_err(|e| {
+                Failure::new(
+                    FailureKind::Internal,
+                    format!("the upgrade task failed: {e}"),
+                )
+            })?
+            .or_fail(FailureKind::Start)
     }
 
     /// When this process is the new agent of an upgrade on trial: once it
@@ -905,7 +930,7 @@ impl Executor {
         st.sockets = Arc::new(left);
     }
 
-    async fn remove(&self, name: &str, deadline: SystemTime) -> Result<(), String> {
+    async fn remove(&self, name: &str, deadline: SystemTime) -> Result<(), Failure> {
         let slot = self.slot(name);
         cancel_activations(&slot, "a removal");
         let mut st = slot.state.lock().await;
@@ -932,14 +957,16 @@ impl Executor {
             if let Some(unit) = unit {
                 systemctl(&["stop", &unit])
                     .await
-                    .map_err(|e| format!("cannot stop {name}: {e}"))?;
+                    .map_err(|e| format!("cannot stop {name}: {e}"))
+                    .or_fail(FailureKind::StopTimeout)?;
             }
         }
         self.release_sockets(&mut st, name, &[]);
         self.inner
             .releases
             .remove(name)
-            .map_err(|e| format!("cannot remove {name}: {e}"))?;
+            .map_err(|e| format!("cannot remove {name}: {e}"))
+            .or_fail(FailureKind::Disk)?;
         self.inner
             .inventory
             .send_if_modified(|inv| inv.remove(name).is_some());
@@ -1044,9 +1071,12 @@ impl Executor {
     }
 }
 
-fn downgrade_refused(name: &str, current: &str, version: &str) -> String {
-    format!(
-        "refusing to downgrade {name} from {current} to {version}: the plan must say allow_downgrade = true (and the host must still have {version})"
+fn downgrade_refused(name: &str, current: &str, version: &str) -> Failure {
+    Failure::new(
+        FailureKind::Refused,
+        format!(
+            "refusing to downgrade {name} from {current} to {version}: the plan must say allow_downgrade = true (and the host must still have {version})"
+        ),
     )
 }
 
@@ -1065,6 +1095,7 @@ fn accepted(id: &str) -> CommandUpdate {
         progress_percent: 0,
         health_wait: None,
         error: String::new(),
+        failure: None,
     }
 }
 

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use baton_common::artifact::{self, AGENT_NAME, ArtifactKind, Manifest, SignedManifest};
-use baton_common::command::{CommandUpdate, Phase};
+use baton_common::command::{CommandUpdate, FailureKind, Phase};
 use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use tracing::{debug, info};
 
+use super::failure::{Classify, Failure};
 use super::{Executor, PROGRESS_EVERY, download, lock};
 
 impl Executor {
@@ -20,8 +21,8 @@ impl Executor {
         version: &str,
         manifest: Vec<u8>,
         signature: Vec<u8>,
-    ) -> Result<(), String> {
-        artifact::validate_version(version).map_err(|e| e.to_string())?;
+    ) -> Result<(), Failure> {
+        artifact::validate_version(version).or_fail(FailureKind::Invalid)?;
         let (releases, kind) = if name == AGENT_NAME {
             (self.inner.config.me.releases(), ArtifactKind::Agent)
         } else {
@@ -41,37 +42,52 @@ impl Executor {
         if let Some(current) = running
             && artifact::is_downgrade(&current, version)
         {
-            return Err(format!(
-                "refusing to stage {name} {version}: it is older than the {current} this host runs, and a downgrade may only return to a release the host still has"
+            return Err(Failure::new(
+                FailureKind::Refused,
+                format!(
+                    "refusing to stage {name} {version}: it is older than the {current} this host runs, and a downgrade may only return to a release the host still has"
+                ),
             ));
         }
         // Nor below the highest version this host ever ran, which a
         // removal does not erase.
-        self.inner.installed.refuse(name, version, false, false)?;
+        self.inner
+            .installed
+            .refuse(name, version, false, false)
+            .or_fail(FailureKind::Refused)?;
         let signed = SignedManifest::parse(manifest, signature)
-            .map_err(|e| format!("the artifact's manifest is invalid: {e}"))?;
+            .map_err(|e| format!("the artifact's manifest is invalid: {e}"))
+            .or_fail(FailureKind::Signature)?;
         let m = &signed.manifest;
         if m.name != name || m.version != version || m.kind != kind {
-            return Err(format!(
-                "the manifest is for {} {} {}, not {} {name} {version}",
-                m.kind.as_str(),
-                m.name,
-                m.version,
-                kind.as_str()
+            return Err(Failure::new(
+                FailureKind::Signature,
+                format!(
+                    "the manifest is for {} {} {}, not {} {name} {version}",
+                    m.kind.as_str(),
+                    m.name,
+                    m.version,
+                    kind.as_str()
+                ),
             ));
         }
         if self.inner.config.trusted_keys.is_empty() {
-            return Err(format!(
-                "refusing {name} {version}: this agent trusts no release key (configure --trusted-key)"
+            return Err(Failure::new(
+                FailureKind::Signature,
+                format!(
+                    "refusing {name} {version}: this agent trusts no release key (configure --trusted-key)"
+                ),
             ));
         }
         signed
             .verify(&self.inner.config.trusted_keys)
-            .map_err(|e| format!("refusing {name} {version}: {e}"))?;
+            .map_err(|e| format!("refusing {name} {version}: {e}"))
+            .or_fail(FailureKind::Signature)?;
         // Judged once, at the start of staging: a rollout that takes
         // longer than the time left does not fail halfway.
         m.check_fresh(SystemTime::now())
-            .map_err(|e| format!("refusing {name} {version}: {e}"))?;
+            .map_err(|e| format!("refusing {name} {version}: {e}"))
+            .or_fail(FailureKind::Signature)?;
         let gate = lock(&self.inner.downloads)
             .entry(m.payload_sha256.clone())
             .or_default()
@@ -80,7 +96,7 @@ impl Executor {
         if releases.is_staged(name, version) {
             return Ok(());
         }
-        let payload = self.download(id, m).await?;
+        let payload = self.download(id, m).await.or_fail(FailureKind::Download)?;
         // Unpacking is blocking file work; keep it off the runtime.
         let releases = releases.clone();
         let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
@@ -118,8 +134,8 @@ impl Executor {
                 })
         })
         .await
-        .map_err(|e| format!("the unpack task failed: {e}"))
-        .and_then(|r| r);
+        .map_err(|e| Failure::new(FailureKind::Internal, format!("the unpack task failed: {e}")))
+        .and_then(|r| r.or_fail(FailureKind::Disk));
         // A payload that unpacked is not needed again; one that did not is
         // bad (it matched its signed digest, so it will not get better).
         let _ = std::fs::remove_file(&payload);
@@ -151,6 +167,7 @@ impl Executor {
                     progress_percent: u32::try_from(offset * 100 / m.size.max(1)).unwrap_or(100),
                     error: String::new(),
                     health_wait: None,
+                    failure: None,
                 });
             }
         })

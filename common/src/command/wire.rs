@@ -168,7 +168,46 @@ impl From<&CommandUpdate> for pb::CommandUpdate {
             outcome: outcome.into(),
             error: u.error.clone(),
             health_wait: u.health_wait.map(to_duration),
+            failure: u
+                .failure
+                .map_or(pb::FailureKind::Unspecified, pb::FailureKind::from)
+                .into(),
         }
+    }
+}
+
+impl From<FailureKind> for pb::FailureKind {
+    fn from(k: FailureKind) -> Self {
+        match k {
+            FailureKind::Invalid => Self::Invalid,
+            FailureKind::Late => Self::Late,
+            FailureKind::Refused => Self::Refused,
+            FailureKind::Signature => Self::Signature,
+            FailureKind::Download => Self::Download,
+            FailureKind::Disk => Self::Disk,
+            FailureKind::NotStaged => Self::NotStaged,
+            FailureKind::Hook => Self::Hook,
+            FailureKind::Start => Self::Start,
+            FailureKind::NotReady => Self::NotReady,
+            FailureKind::NotHealthy => Self::NotHealthy,
+            FailureKind::StopTimeout => Self::StopTimeout,
+            FailureKind::Cancelled => Self::Cancelled,
+            FailureKind::Internal => Self::Internal,
+            FailureKind::Gone => Self::Gone,
+        }
+    }
+}
+
+/// The kind of a wire value: `None` for unspecified (success, or an older
+/// agent); a value this coordinator does not know (a newer agent) is
+/// `Internal`, never a refusal of the whole update.
+pub fn failure_kind(value: i32) -> Option<FailureKind> {
+    match pb::FailureKind::try_from(value) {
+        Ok(pb::FailureKind::Unspecified) => None,
+        Ok(known) => FailureKind::ALL
+            .into_iter()
+            .find(|k| pb::FailureKind::from(*k) == known),
+        Err(_) => Some(FailureKind::Internal),
     }
 }
 
@@ -223,6 +262,11 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             error: crate::text::prefix(&u.error, MAX_UPDATE_ERROR_CHARS),
             // An unusable duration is dropped: it only feeds a metric.
             health_wait: u.health_wait.as_ref().and_then(from_duration),
+            // Only a failure has a kind.
+            failure: match phase {
+                Phase::Done(Outcome::Failed) => failure_kind(u.failure),
+                _ => None,
+            },
         })
     }
 }

@@ -316,6 +316,11 @@ fn plan_text(p: &baton_proto::control::v1::RolloutPlan) -> String {
     out
 }
 
+/// The kind of a host's failure, by its name (`not_healthy`).
+fn failure(h: &baton_proto::control::v1::HostRollout) -> Option<&'static str> {
+    baton_common::command::failure_kind(h.failure).map(|k| k.as_str())
+}
+
 /// A rollout in the contract's JSON shape.
 pub fn to_json(r: &Rollout) -> serde_json::Value {
     serde_json::json!({
@@ -340,6 +345,7 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
                 "started_at": time_text(h.started_at.as_ref()),
                 "finished_at": time_text(h.finished_at.as_ref()),
                 "error": empty_null(&h.error),
+                "failure": failure(h),
                 "connected": h.connected,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -399,7 +405,10 @@ pub fn render(r: &Rollout, bars: bool) -> String {
                 line.push_str("  (disconnected)");
             }
             if !h.error.is_empty() {
-                line.push_str(&format!("  error: {}", h.error));
+                match failure(h) {
+                    Some(kind) => line.push_str(&format!("  error ({kind}): {}", h.error)),
+                    None => line.push_str(&format!("  error: {}", h.error)),
+                }
             }
             out.push_str(&line);
             out.push('\n');
@@ -454,10 +463,10 @@ pub async fn watch(
                 for h in &s.hosts {
                     let key = format!("{}/{}", s.name, h.host_id);
                     if seen.get(&key) != Some(&h.state) {
-                        let error = if h.error.is_empty() {
-                            String::new()
-                        } else {
-                            format!(": {}", h.error)
+                        let error = match (h.error.is_empty(), failure(h)) {
+                            (true, _) => String::new(),
+                            (false, Some(kind)) => format!(" ({kind}): {}", h.error),
+                            (false, None) => format!(": {}", h.error),
                         };
                         writeln!(out, "{now} {} {} {}{error}", h.host_id, h.state, s.name)?;
                         seen.insert(key, h.state.clone());
@@ -504,6 +513,7 @@ fn event_json(e: &RolloutEvent) -> serde_json::Value {
         "to": e.to,
         "who": e.who,
         "message": e.message,
+        "failure": baton_common::command::failure_kind(e.failure).map(|k| k.as_str()),
     })
 }
 
@@ -527,6 +537,9 @@ fn event_line(e: &RolloutEvent) -> String {
     );
     if !e.who.is_empty() {
         line.push_str(&format!("  by {}", e.who));
+    }
+    if let Some(kind) = baton_common::command::failure_kind(e.failure) {
+        line.push_str(&format!("  ({kind})"));
     }
     if !e.message.is_empty() {
         line.push_str(&format!("  {}", e.message));

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use baton_common::command::FailureKind;
 use baton_common::host::HostId;
 
 use baton_common::time::unix_millis;
@@ -76,6 +77,10 @@ pub struct RolloutEvent {
     /// Details: versions, the step, an error.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The kind of a host's failure (host events into `failed`, and a
+    /// failure rolled back on its way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
 }
 
 /// The key prefix of a rollout's events.
@@ -100,6 +105,7 @@ fn event(kind: Kind, at: u64) -> RolloutEvent {
         to: String::new(),
         who: String::new(),
         message: String::new(),
+        failure: None,
     }
 }
 
@@ -169,10 +175,9 @@ pub fn changes(
             if was.state == h.state {
                 continue;
             }
+            let new_error = h.error.is_some() && h.error != was.error;
             let message = match &h.error {
-                Some(err) if was.error.as_ref() != Some(err) => {
-                    baton_common::text::prefix(err, MESSAGE_CHARS)
-                }
+                Some(err) if new_error => baton_common::text::prefix(err, MESSAGE_CHARS),
                 _ => format!(
                     "{} → {}",
                     h.from_version.as_deref().unwrap_or("(none)"),
@@ -197,6 +202,9 @@ pub fn changes(
                 e.from = from.as_str().to_owned();
                 e.to = to.as_str().to_owned();
                 e.message = message.clone();
+                if new_error && to == HostState::Failed {
+                    e.failure = h.failure;
+                }
                 out.push(e);
             }
         }

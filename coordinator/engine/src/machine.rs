@@ -28,7 +28,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use baton_common::command::{Command, CommandKind, CommandUpdate, HealthGate, Outcome, Phase};
+use baton_common::command::{
+    Command, CommandKind, CommandUpdate, FailureKind, HealthGate, Outcome, Phase,
+};
 use baton_common::host::HostId;
 use baton_common::time::later;
 use serde::{Deserialize, Serialize};
@@ -331,6 +333,9 @@ pub struct HostRun {
     pub finished_at: Option<SystemTime>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The kind of its failure, when it failed and the kind is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
     /// Whether this rollout swapped it (so a rollback must restore it).
     pub touched: bool,
     /// The command in flight, re-sent on every reconnect until it ends.
@@ -362,6 +367,7 @@ impl HostRun {
             started_at: None,
             finished_at: None,
             error: None,
+            failure: None,
             touched: false,
             outstanding: None,
             connected,
@@ -621,6 +627,7 @@ fn on_update(
             // against max_failures like any failed host.
             h.state = HostState::Failed;
             h.error = Some(format!("staging failed: {}", update.error));
+            h.failure = update.failure;
             s.failures = s.failures.saturating_add(1);
         }
         ("activate", false) => {
@@ -632,6 +639,7 @@ fn on_update(
             h.state = HostState::Failed;
             h.finished_at = Some(now);
             h.error = Some(update.error.clone());
+            h.failure = update.failure;
             s.failures = s.failures.saturating_add(1);
             // A failure within max_failures does not fail the rollout, but
             // the host must not stay on a version that failed it. (While
@@ -649,6 +657,7 @@ fn on_update(
             h.state = HostState::Failed;
             h.finished_at = Some(now);
             h.error = Some(format!("rollback failed: {}", update.error));
+            h.failure = update.failure;
         }
         _ => {}
     }
@@ -686,6 +695,7 @@ fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
                     "the host was gone for {}, longer than healthy_deadline",
                     humantime::format_duration(gone)
                 ));
+                h.failure = Some(FailureKind::Gone);
                 s.failures = s.failures.saturating_add(1);
             }
         }

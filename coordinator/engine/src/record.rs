@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use baton_common::command::{Command, CommandKind, HealthGate};
+use baton_common::command::{Command, CommandKind, FailureKind, HealthGate};
 use baton_common::host::HostId;
 use serde::{Deserialize, Serialize};
 
@@ -306,6 +306,9 @@ pub struct HostRecord {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The kind of its failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
     /// This rollout swapped it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub touched: bool,
@@ -403,6 +406,7 @@ pub fn host(h: &HostRun) -> HostRecord {
         started: h.started_at,
         finished: h.finished_at,
         error: h.error.clone(),
+        failure: h.failure,
         touched: h.touched,
         command: h.outstanding.as_ref().map(|c| CommandRecord {
             seq: c
@@ -646,6 +650,7 @@ fn host_run(id: &str, s: &ServiceHeader, r: HostRecord) -> Result<HostRun, Strin
         started_at: r.started,
         finished_at: r.finished,
         error: r.error,
+        failure: r.failure,
         touched: r.touched,
         outstanding,
         connected: false,

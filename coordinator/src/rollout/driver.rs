@@ -1124,6 +1124,11 @@ fn count_activations(
     now: SystemTime,
 ) {
     for e in history.iter().filter(|e| e.kind == events::Kind::Host) {
+        if e.to == "failed" {
+            metrics
+                .host_failures
+                .inc(&[e.failure.map_or("unknown", |k| k.as_str())]);
+        }
         let result = match (e.from.as_str(), e.to.as_str()) {
             ("activating", "healthy") => "healthy",
             ("activating" | "rolling_back", "failed") => "failed",

@@ -22,6 +22,7 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
         pb::Rollout {
             id: r.id.clone(),
             state: r.state.as_str().to_owned(),
+            rollout_state: rollout_state(r.state).into(),
             services: r
                 .services
                 .iter()
@@ -30,6 +31,7 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
                     version: s.version.clone(),
                     digest: s.digest.clone(),
                     state: s.state.as_str().to_owned(),
+                    service_state: service_state(s.state).into(),
                     step: u32::try_from(s.step + 1).unwrap_or(u32::MAX),
                     steps: s
                         .steps
@@ -43,6 +45,8 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
                         .map(|(id, h)| pb::HostRollout {
                             host_id: id.to_string(),
                             state: h.state.as_str().to_owned(),
+                            host_state: host_state(h.state).into(),
+                            failure: failure_to_pb(h.failure),
                             from_version: h.from_version.clone().unwrap_or_default(),
                             to_version: h.to_version.clone(),
                             started_at: h.started_at.map(to_timestamp),
@@ -60,6 +64,58 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
             plan: r.plan.clone(),
         }
     }
+}
+
+/// A rollout state on the wire.
+pub fn rollout_state(s: State) -> pb::RolloutState {
+    match s {
+        State::Pending => pb::RolloutState::Pending,
+        State::Staging => pb::RolloutState::Staging,
+        State::Progressing => pb::RolloutState::Progressing,
+        State::AwaitingPromotion => pb::RolloutState::AwaitingPromotion,
+        State::Paused => pb::RolloutState::Paused,
+        State::RollingBack => pb::RolloutState::RollingBack,
+        State::Succeeded => pb::RolloutState::Succeeded,
+        State::Failed => pb::RolloutState::Failed,
+        State::RolledBack => pb::RolloutState::RolledBack,
+        State::Aborted => pb::RolloutState::Aborted,
+    }
+}
+
+/// A service's state in a rollout, on the wire.
+pub fn service_state(s: machine::ServiceState) -> pb::ServiceRolloutState {
+    use machine::ServiceState as S;
+    match s {
+        S::Waiting => pb::ServiceRolloutState::Waiting,
+        S::Progressing => pb::ServiceRolloutState::Progressing,
+        S::AwaitingPromotion => pb::ServiceRolloutState::AwaitingPromotion,
+        S::Succeeded => pb::ServiceRolloutState::Succeeded,
+        S::RollingBack => pb::ServiceRolloutState::RollingBack,
+        S::RolledBack => pb::ServiceRolloutState::RolledBack,
+    }
+}
+
+/// A host's state in a rollout, on the wire.
+pub fn host_state(s: HostState) -> pb::HostRolloutState {
+    match s {
+        HostState::Pending => pb::HostRolloutState::Pending,
+        HostState::Staging => pb::HostRolloutState::Staging,
+        HostState::Staged => pb::HostRolloutState::Staged,
+        HostState::Activating => pb::HostRolloutState::Activating,
+        HostState::Healthy => pb::HostRolloutState::Healthy,
+        HostState::Failed => pb::HostRolloutState::Failed,
+        HostState::RollingBack => pb::HostRolloutState::RollingBack,
+        HostState::RolledBack => pb::HostRolloutState::RolledBack,
+    }
+}
+
+/// A failure kind on the wire (unspecified: none).
+pub fn failure_to_pb(kind: Option<baton_common::command::FailureKind>) -> i32 {
+    kind.map_or(
+        baton_proto::agent::v1::FailureKind::Unspecified,
+        baton_proto::agent::v1::FailureKind::from,
+    )
+    .into()
 }
 
 /// What a resolved (not started) rollout would do: waves of services and

@@ -396,6 +396,7 @@ fn rollout_json(r: &Rollout) -> Value {
                     "started_at": h.started_at.map(rfc3339),
                     "finished_at": h.finished_at.map(rfc3339),
                     "error": h.error.clone().unwrap_or_default(),
+                    "failure": h.failure.map(|k| k.as_str()),
                 })).collect::<Vec<_>>(),
             }))
             .collect::<Vec<_>>()

@@ -194,6 +194,11 @@ fn done(id: &str, result: &Result<(), String>) -> pb::CommandUpdate {
         error: result.as_ref().err().cloned().unwrap_or_default(),
         // No health gate runs on a simulated host.
         health_wait: None,
+        // What fails a simulated host is its script, not a real cause.
+        failure: match result {
+            Ok(()) => pb::FailureKind::Unspecified as i32,
+            Err(_) => pb::FailureKind::Internal as i32,
+        },
     }
 }
 

@@ -72,6 +72,7 @@ pub(super) fn begin_rollback(
             if let Some(h) = s.host_mut(&id) {
                 h.state = HostState::Failed;
                 h.error = Some("interrupted; rolling back".into());
+                h.failure = Some(baton_common::command::FailureKind::Cancelled);
             }
         }
         let touched = s.hosts.values().any(|h| h.touched);

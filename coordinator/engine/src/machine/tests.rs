@@ -207,6 +207,35 @@ fn a_failure_rolls_back_only_the_touched_hosts() {
 }
 
 #[test]
+fn a_failure_keeps_the_kind_the_agent_reported() {
+    let mut r = rollout(2, 1, 1);
+    r.auto_rollback = false;
+    feed(&mut r, Event::Tick, t(0));
+    stage_all(&mut r);
+    let id = r.services[0].hosts[&host(0)]
+        .outstanding
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
+    let update = CommandUpdate::failed(&id, FailureKind::NotHealthy, "returned 503");
+    feed(&mut r, Event::Update(host(0), update), t(5));
+    let h = &r.services[0].hosts[&host(0)];
+    assert_eq!(h.state, HostState::Failed);
+    assert_eq!(h.failure, Some(FailureKind::NotHealthy));
+    // The stored record keeps it, and so does the history.
+    let record = crate::record::host(h);
+    assert_eq!(record.failure, Some(FailureKind::NotHealthy));
+    // An update from an agent that did not say has no kind.
+    let mut r = rollout(2, 1, 1);
+    feed(&mut r, Event::Tick, t(0));
+    stage_all(&mut r);
+    let e = done(&r, &host(0), Outcome::Failed);
+    feed(&mut r, e, t(5));
+    assert_eq!(r.services[0].hosts[&host(0)].failure, None);
+}
+
+#[test]
 fn without_auto_rollback_a_failure_just_fails() {
     let mut r = rollout(2, 1, 1);
     r.auto_rollback = false;
@@ -954,6 +983,7 @@ fn a_host_gone_longer_than_its_deadline_has_failed() {
         "{:?}",
         h.error
     );
+    assert_eq!(h.failure, Some(FailureKind::Gone));
     // max_failures = 0: the rollout rolls back; the gone host gets its
     // rollback when it returns.
     assert_eq!(r.state, State::RollingBack);

@@ -173,6 +173,7 @@ async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on
                 progress_percent: 42,
                 error: String::new(),
                 health_wait: None,
+                failure: None,
             },
         )
         .await;

@@ -195,7 +195,8 @@ function rolloutPage(id) {
               : ['staging', 'activating', 'rolling_back'].includes(h.state) ? h.progress_percent : 0, 100)),
           el('td', {}, when(h.started_at)),
           el('td', {}, when(h.finished_at)),
-          el('td', { class: 'error-text' }, h.error))))));
+          el('td', { class: 'error-text', 'data-failure': h.failure || '' },
+            h.failure ? el('span', { class: 'failure-kind' }, h.failure.replace('_', ' ') + ': ') : null, h.error))))));
   });
   const events = el('table', { id: 'events' },
     el('thead', {}, el('tr', {}, ['#', 'At', 'What', 'Change', 'Who', 'Details'].map((t) => el('th', {}, t)))),
