@@ -66,6 +66,19 @@ pub fn decide(method: &str, role: &str) -> Result<(), String> {
             "the certificate carries no known role ({role:?}); issue one with `baton certs issue-operator NAME --role viewer|operator|admin`"
         ));
     };
+    decide_for(method, need, have)
+}
+
+/// Decides one call by a caller whose role is already known (a dashboard
+/// session acting on the API's behalf): the same table as gRPC.
+pub fn decide_role(method: &str, have: Role) -> Result<(), String> {
+    let Some(need) = required(method) else {
+        return Err(format!("{method} is not a call this coordinator allows"));
+    };
+    decide_for(method, need, have)
+}
+
+fn decide_for(method: &str, need: Role, have: Role) -> Result<(), String> {
     if have >= need {
         Ok(())
     } else {

@@ -27,7 +27,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use baton_common::host::HostView;
 use baton_common::time::rfc3339;
-use baton_common::tls::Role;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -43,6 +42,10 @@ use crate::store::Store;
 pub const COOKIE: &str = "baton_session";
 /// The header every action must carry (cross-site forms cannot set it).
 pub const ACTION_HEADER: &str = "x-baton-action";
+
+/// The Control API call a dashboard action stands for: its role check and
+/// audit entry are that call's ([`crate::authz::TABLE`]).
+const CONTROL_ROLLOUT: &str = "ControlRollout";
 /// The least time between two live updates to one browser: bursts of
 /// changes (a batch of hosts turning healthy) are sent as one.
 const COALESCE: Duration = Duration::from_millis(150);
@@ -311,7 +314,7 @@ fn session_json(session: Option<&tokens::Session>) -> Value {
             "role": s.role.as_str(),
             "who": s.who,
             "expires": rfc3339(s.expires),
-            "can_act": s.role >= Role::Operator,
+            "can_act": crate::authz::decide_role(CONTROL_ROLLOUT, s.role).is_ok(),
         }),
         None => Value::Null,
     }
@@ -649,19 +652,10 @@ async fn act(
         );
     };
     let who = format!("{} (dashboard)", session.who);
-    if session.role < Role::Operator {
-        let why = format!(
-            "role {} may not act on rollouts: it needs operator",
-            session.role
-        );
+    // The same table as the gRPC call it stands for.
+    if let Err(why) = crate::authz::decide_role(CONTROL_ROLLOUT, session.role) {
         d.audit
-            .record(
-                &who,
-                session.role.as_str(),
-                "ControlRollout",
-                "denied",
-                &why,
-            )
+            .record(&who, session.role.as_str(), CONTROL_ROLLOUT, "denied", &why)
             .await;
         return problem(StatusCode::FORBIDDEN, why);
     }
@@ -674,7 +668,7 @@ async fn act(
         .record(
             &who,
             session.role.as_str(),
-            "ControlRollout",
+            CONTROL_ROLLOUT,
             outcome,
             &error,
         )
@@ -688,6 +682,7 @@ async fn act(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_common::tls::Role;
 
     #[test]
     fn the_session_cookie_is_found_among_others() {
@@ -714,6 +709,17 @@ mod tests {
         assert!(!host("attacker.example:7080"));
         assert!(!host("localhost.attacker.example"));
         assert!(!host_is_address(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn dashboard_actions_are_checked_by_the_grpc_table() {
+        assert_eq!(
+            crate::authz::required(CONTROL_ROLLOUT),
+            Some(Role::Operator)
+        );
+        assert!(crate::authz::decide_role(CONTROL_ROLLOUT, Role::Viewer).is_err());
+        assert!(crate::authz::decide_role(CONTROL_ROLLOUT, Role::Operator).is_ok());
+        assert!(crate::authz::decide_role("NoSuchCall", Role::Admin).is_err());
     }
 
     #[test]
