@@ -94,6 +94,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub download_stall_timeout: Option<Duration>,
 
+    /// The systemctl that drives services run by systemd (`supervisor =
+    /// "systemd"` in service.toml) [default: systemctl on the PATH].
+    #[arg(long, value_name = "PROGRAM")]
+    pub systemctl: Option<PathBuf>,
+
     /// Internal: watch an upgrade of this agent (started by the agent
     /// itself, with --data-dir only).
     #[arg(long, hide = true)]
@@ -119,6 +124,7 @@ struct FileConfig {
     metrics_listen: Option<String>,
     #[serde(default, with = "humantime_serde")]
     download_stall_timeout: Option<Duration>,
+    systemctl: Option<PathBuf>,
 }
 
 /// `coordinator` in the file: one URL, comma-separated URLs, or a list.
@@ -168,6 +174,8 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// How slow a download may get before staging fails.
     pub download: crate::executor::DownloadLimits,
+    /// What drives units of services run by systemd.
+    pub systemctl: crate::executor::Systemctl,
 }
 
 /// What a new host enrolls with: `--enroll-token` and where to.
@@ -348,6 +356,14 @@ impl AgentConfig {
         let download = crate::executor::DownloadLimits {
             window: download_window,
         };
+        let systemctl = match args.systemctl.or(file.systemctl) {
+            Some(path) if path.as_os_str().is_empty() => {
+                errors.push("systemctl: the program must not be empty".to_owned());
+                crate::executor::Systemctl::default()
+            }
+            Some(path) => crate::executor::Systemctl::new(path),
+            None => crate::executor::Systemctl::default(),
+        };
         let metrics_listen = args
             .metrics_listen
             .or(file.metrics_listen)
@@ -372,6 +388,7 @@ impl AgentConfig {
                 reconnect_max,
                 download,
                 metrics_listen,
+                systemctl,
             }),
             _ => Err(ConfigErrors(errors)),
         }

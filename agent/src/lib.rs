@@ -74,6 +74,7 @@ impl Agent {
                 supervisor: supervisor::SupervisorConfig::default(),
                 me,
                 download: config.download,
+                systemctl: config.systemctl.clone(),
             },
             link.channel(),
             shutdown.clone(),

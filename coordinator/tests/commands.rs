@@ -53,6 +53,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         metrics_listen: None,
         reconnect_max: Duration::from_millis(500),
         download: Default::default(),
+        systemctl: Default::default(),
     };
     let agent = tokio::spawn(Agent::new(config).unwrap().run(agent_stop.clone()));
 

@@ -144,7 +144,7 @@ fn a_service_managed_by_systemd_is_swapped_restarted_and_rolled_back() {
     let script = fake_systemctl(&fleet, "h1");
     // Whatever happens, the stand-in's service is ours to stop.
     let _stand_in = KillOnDrop(fleet.env.path("systemctl-h1.pid"));
-    fleet.agent_env = vec![("BATON_SYSTEMCTL".into(), script.display().to_string())];
+    fleet.agent_extra = vec!["--systemctl".into(), script.display().to_string()];
     fleet.start_agent("h1");
     fleet.wait_connected();
     for (version, broken) in [("1.0.0", false), ("2.0.0", false), ("3.0.0", true)] {

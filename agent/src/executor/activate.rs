@@ -19,27 +19,21 @@ use std::time::{Duration, SystemTime};
 use baton_common::artifact;
 use baton_common::command::{FailureKind, HealthGate};
 use baton_common::host::ServiceState;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::failure::{Classify, Failure};
-use super::hooks::{Bound, run_hook, systemctl};
+use super::hooks::{Bound, run_hook};
+use super::release::Release;
+use super::runner::{Runner, Unit};
 use super::{
-    Current, Executor, Runner, Slot, SlotState, cancel_activations, listen_specs, lock,
-    notify_socket, wait_ready,
+    Current, Executor, Slot, SlotState, cancel_activations, listen_specs, lock, notify_socket,
+    wait_ready,
 };
 use crate::health::{self, Gate};
-use crate::service::{self, Readiness, ServiceSpec, SupervisorKind};
+use crate::service::{self, Readiness, SupervisorKind};
 use crate::supervisor::{Forced, StopBound, Stopped, Supervisor, SupervisorError};
-
-/// What it takes to start a stopped release again.
-struct OldRelease {
-    version: String,
-    spec: ServiceSpec,
-    dir: std::path::PathBuf,
-}
 
 /// The tokio instant of a wall-clock deadline (now, if it has passed).
 pub(super) fn instant_of(deadline: SystemTime) -> Instant {
@@ -147,12 +141,13 @@ impl Executor {
                 },
             ));
         }
-        let release_dir = self.inner.releases.release_dir(name, version);
-        let spec = service::load(&release_dir, &self.inner.config.vars)
+        let dir = self.inner.releases.release_dir(name, version);
+        let spec = service::load(&dir, &self.inner.config.vars)
             .map_err(|e| format!("{name} {version}: {e}"))
             .or_fail(FailureKind::Invalid)?;
-        if let Some(r) = &spec.run_as {
-            self.open_release_to(name, &release_dir, r)
+        let release = Release::new(&self.inner.releases, name, version, spec);
+        if let Some(r) = &release.spec.run_as {
+            self.open_release_to(name, &release.dir, r)
                 .map_err(|e| {
                     format!(
                         "{name} {version}: cannot prepare the release for user {}: {e}",
@@ -161,7 +156,6 @@ impl Executor {
                 })
                 .or_fail(FailureKind::Disk)?;
         }
-        let run_dir = self.inner.releases.run_dir(name, version);
         let health_gate = Gate {
             min_healthy_time: gate.min_healthy_time,
             healthy_deadline: gate.healthy_deadline,
@@ -174,20 +168,11 @@ impl Executor {
         let already = st
             .current
             .as_ref()
-            .is_some_and(|c| c.version == version && c.is_alive())
+            .is_some_and(|c| c.release.version == version && c.is_alive())
             && self.inner.releases.current(name).as_deref() == Some(version);
         if already {
             info!(service = %name, %version, "already current and running; checking health only");
-            gate_current(
-                &st,
-                name,
-                version,
-                &spec,
-                &release_dir,
-                &within(&health_gate, until),
-                cancel,
-            )
-            .await?;
+            gate_current(&st, &release, &within(&health_gate, until), cancel).await?;
             self.set_status(name, version, ServiceState::Running, true);
             self.record_installed(name, version);
             return Ok(());
@@ -195,13 +180,9 @@ impl Executor {
 
         let bound = Some(Bound { until, cancel });
         run_hook(
-            name,
-            version,
+            &release,
             "pre_start",
-            spec.hooks.pre_start.as_ref(),
-            &release_dir,
-            &spec,
-            &run_dir,
+            release.spec.hooks.pre_start.as_ref(),
             bound,
         )
         .await
@@ -210,8 +191,8 @@ impl Executor {
             return Err(cancelled("before the swap"));
         }
         let from = self.inner.releases.current(name);
-        let specs = listen_specs(&spec).or_fail(FailureKind::Start)?;
-        let native = spec.supervisor == SupervisorKind::Native;
+        let specs = listen_specs(&release.spec).or_fail(FailureKind::Start)?;
+        let native = release.spec.supervisor == SupervisorKind::Native;
         // A handoff needs the old process to hold exactly these sockets;
         // otherwise (no listen before, or other addresses) it is replaced
         // stop-then-start.
@@ -219,8 +200,8 @@ impl Executor {
             && !specs.is_empty()
             && st.current.as_ref().is_some_and(|c| {
                 c.is_alive()
-                    && matches!(c.process, Runner::Native(_))
-                    && c.spec.listen == spec.listen
+                    && c.process.native().is_some()
+                    && c.release.spec.listen == release.spec.listen
             })
             && specs.iter().eq(st.sockets.iter().map(|s| &s.spec));
 
@@ -231,8 +212,8 @@ impl Executor {
             // the sockets never close. A new process that dies or is not
             // ready in time is stopped, and the old one never noticed.
             let sockets = st.sockets.clone();
-            let mut new_spec = spec.clone();
-            let notify = match spec.ready {
+            let mut new_spec = release.spec.clone();
+            let notify = match release.spec.ready {
                 Readiness::Notify => {
                     let (name, socket) = notify_socket().or_fail(FailureKind::Start)?;
                     new_spec.env.insert("NOTIFY_SOCKET".into(), name);
@@ -244,9 +225,9 @@ impl Executor {
             let new = match Supervisor::start_listening(
                 name,
                 version,
-                &release_dir,
+                &release.dir,
                 new_spec,
-                &run_dir,
+                &release.run_dir,
                 self.inner.config.supervisor,
                 sockets,
             ) {
@@ -262,8 +243,8 @@ impl Executor {
             info!(service = %name, from = ?from, to = %version, pid = ?new.pid(), rollback, "started beside the old process on the same sockets");
             let mut alive = new.alive();
             let mut ready = wait_ready(
-                &spec,
-                &release_dir,
+                &release.spec,
+                &release.dir,
                 &mut alive,
                 cancel,
                 &within(&health_gate, until),
@@ -281,7 +262,7 @@ impl Executor {
             if ready.is_ok()
                 && let Some(old) = &st.current
             {
-                ready = self.pre_stop(name, old, bound).await;
+                ready = self.pre_stop(old, bound).await;
             }
             if ready.is_ok() && cancel.is_cancelled() {
                 ready = Err(cancelled("before the old process was stopped"));
@@ -297,31 +278,24 @@ impl Executor {
             if let Some(m) = st.monitor.take() {
                 m.abort();
             }
-            self.install(
-                &mut st,
-                name,
-                version,
-                &release_dir,
-                spec.clone(),
-                Runner::Native(new),
-            );
+            self.install(&mut st, release.clone(), Box::new(new));
             if let Some(old) = old {
                 // The new process serves already; the old one drains. Cut
                 // short, it is killed, and the activation says why (a
                 // rollback that cancelled it then swaps back).
-                let kept = OldRelease::of(&old);
+                let kept = old.release.clone();
                 let stopped = self.stop_bounded(name, old, stop_until, cancel).await?;
                 if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
                     return Err(e);
                 }
-                self.post_stop(name, &kept, bound).await?;
+                self.post_stop(&kept, bound).await?;
             }
         } else {
             // Stop, then start: the service is down in between (without
             // `listen` sockets, `pre_stop` is where to drain it).
             let old = match st.current.take() {
                 Some(old) => {
-                    if let Err(e) = self.pre_stop(name, &old, bound).await {
+                    if let Err(e) = self.pre_stop(&old, bound).await {
                         st.current = Some(old);
                         return Err(e);
                     }
@@ -333,7 +307,7 @@ impl Executor {
                         m.abort();
                     }
                     self.set_status(name, version, ServiceState::Starting, false);
-                    let kept = OldRelease::of(&old);
+                    let kept = old.release.clone();
                     let stopped = self.stop_bounded(name, old, stop_until, cancel).await?;
                     if let Some(e) = forced_error(name, &kept, &stopped, &cancelled) {
                         let note = self.restore(&mut st, name, &kept);
@@ -362,18 +336,18 @@ impl Executor {
                 return Err(Failure::new(FailureKind::Disk, format!("{e}{note}")));
             }
             self.set_status(name, version, ServiceState::Starting, false);
-            let started = match &spec.supervisor {
-                SupervisorKind::Systemd { unit } => systemctl(&["restart", unit])
+            let started = match &release.spec.supervisor {
+                SupervisorKind::Systemd { unit } => self.inner.config.systemctl.run(&["restart", unit])
                     .await
                     .map(|()| {
                         info!(service = %name, from = ?from, to = %version, %unit, "swapped and restarted the unit");
-                        Runner::Systemd { unit: unit.clone(), alive: watch::channel(true).0 }
+                        Box::new(Unit::new(unit.clone())) as Box<dyn Runner>
                     }),
                 SupervisorKind::Native => self.sockets_for(&mut st, name, &specs).and_then(|sockets| {
-                    Supervisor::start_listening(name, version, &release_dir, spec.clone(), &run_dir, self.inner.config.supervisor, sockets)
+                    Supervisor::start_listening(name, version, &release.dir, release.spec.clone(), &release.run_dir, self.inner.config.supervisor, sockets)
                         .map(|sup| {
                             info!(service = %name, from = ?from, to = %version, pid = ?sup.pid(), rollback, "swapped and started");
-                            Runner::Native(sup)
+                            Box::new(sup) as Box<dyn Runner>
                         })
                         .map_err(|e| e.to_string())
                 }),
@@ -392,31 +366,19 @@ impl Executor {
                     ));
                 }
             };
-            self.install(&mut st, name, version, &release_dir, spec.clone(), runner);
+            self.install(&mut st, release.clone(), runner);
             if let Some(kept) = &old {
-                self.post_stop(name, kept, bound).await?;
+                self.post_stop(kept, bound).await?;
             }
         }
         // The health gate, on the new process alone, in the time left.
-        gate_current(
-            &st,
-            name,
-            version,
-            &spec,
-            &release_dir,
-            &within(&health_gate, until),
-            cancel,
-        )
-        .await
-        .map_err(|e| or_cancelled("during its health gate", e))?;
+        gate_current(&st, &release, &within(&health_gate, until), cancel)
+            .await
+            .map_err(|e| or_cancelled("during its health gate", e))?;
         run_hook(
-            name,
-            version,
+            &release,
             "post_start",
-            spec.hooks.post_start.as_ref(),
-            &release_dir,
-            &spec,
-            &run_dir,
+            release.spec.hooks.post_start.as_ref(),
             bound,
         )
         .await?;
@@ -438,7 +400,7 @@ impl Executor {
 
     /// Starts a release the activation stopped again, so that it keeps
     /// serving; says so, for the activation's error.
-    fn restore(&self, st: &mut SlotState, name: &str, old: &OldRelease) -> String {
+    fn restore(&self, st: &mut SlotState, name: &str, old: &Release) -> String {
         if old.spec.supervisor != SupervisorKind::Native {
             return String::new();
         }
@@ -451,7 +413,7 @@ impl Executor {
                     &old.version,
                     &old.dir,
                     old.spec.clone(),
-                    &self.inner.releases.run_dir(name, &old.version),
+                    &old.run_dir,
                     // Serving matters more than a record here: the disk
                     // may be what failed the activation.
                     crate::supervisor::SupervisorConfig {
@@ -465,14 +427,7 @@ impl Executor {
         match started {
             Ok(sup) => {
                 info!(service = %name, version = %old.version, pid = ?sup.pid(), "started the old release again");
-                self.install(
-                    st,
-                    name,
-                    &old.version,
-                    &old.dir,
-                    old.spec.clone(),
-                    Runner::Native(sup),
-                );
+                self.install(st, old.clone(), Box::new(sup));
                 format!("; {} was started again", old.version)
             }
             Err(e) => {
@@ -485,47 +440,28 @@ impl Executor {
     /// The `pre_stop` hook of a release about to be stopped.
     pub(super) async fn pre_stop(
         &self,
-        name: &str,
         old: &Current,
         bound: Option<Bound<'_>>,
     ) -> Result<(), Failure> {
-        let hook = old.spec.hooks.pre_stop.as_ref();
-        self.old_hook(name, "pre_stop", hook, &OldRelease::of(old), bound)
-            .await
+        let hook = old.release.spec.hooks.pre_stop.as_ref();
+        self.old_hook("pre_stop", hook, &old.release, bound).await
     }
 
     /// The `post_stop` hook of a release that was stopped.
-    async fn post_stop(
-        &self,
-        name: &str,
-        old: &OldRelease,
-        bound: Option<Bound<'_>>,
-    ) -> Result<(), Failure> {
+    async fn post_stop(&self, old: &Release, bound: Option<Bound<'_>>) -> Result<(), Failure> {
         let hook = old.spec.hooks.post_stop.as_ref();
-        self.old_hook(name, "post_stop", hook, old, bound).await
+        self.old_hook("post_stop", hook, old, bound).await
     }
 
     /// Runs `hook` (`which`) of the release `old`, in its own run directory.
     async fn old_hook(
         &self,
-        name: &str,
         which: &str,
         hook: Option<&crate::service::Hook>,
-        old: &OldRelease,
+        old: &Release,
         bound: Option<Bound<'_>>,
     ) -> Result<(), Failure> {
-        let run_dir = self.inner.releases.run_dir(name, &old.version);
-        run_hook(
-            name,
-            &old.version,
-            which,
-            hook,
-            &old.dir,
-            &old.spec,
-            &run_dir,
-            bound,
-        )
-        .await
+        run_hook(old, which, hook, bound).await
     }
 
     /// Stops a replaced release (stop signal, drain, SIGKILL), then runs
@@ -536,11 +472,10 @@ impl Executor {
         old: Current,
         until: Instant,
     ) -> Result<(), Failure> {
-        let kept = OldRelease::of(&old);
+        let kept = old.release.clone();
         let cancel = CancellationToken::new();
         self.stop_bounded(name, old, until, &cancel).await?;
         self.post_stop(
-            name,
             &kept,
             Some(Bound {
                 until,
@@ -559,43 +494,27 @@ impl Executor {
         until: Instant,
         cancel: &CancellationToken,
     ) -> Result<Stopped, Failure> {
-        let timeout = old.spec.stop_timeout;
-        match old.process {
-            Runner::Native(sup) => sup
-                .stop_within(StopBound {
-                    until: Some(until),
-                    cut: cancel.clone(),
-                })
-                .await
-                .map_err(|e| match e {
+        let timeout = old.release.spec.stop_timeout;
+        old.process
+            .stop_for_swap(StopBound {
+                until: Some(until),
+                cut: cancel.clone(),
+            })
+            .await
+            .map_err(|e| match e {
                     SupervisorError::StillRunning { pid } => Failure::new(
                         FailureKind::StopTimeout,
                         format!(
                             "the old process of {name} {} (pid {pid}) did not exit within its stop_timeout of {}, nor after SIGKILL",
-                            old.version,
+                            old.release.version,
                             humantime::format_duration(timeout)
                         ),
                     ),
                     other => Failure::new(
                         FailureKind::Internal,
-                        format!("cannot stop {name} {}: {other}", old.version),
+                        format!("cannot stop {name} {}: {other}", old.release.version),
                     ),
-                }),
-            Runner::Systemd { unit, .. } => {
-                debug!(service = %name, %unit, "the unit is restarted or stopped by systemctl");
-                Ok(Stopped::default())
-            }
-        }
-    }
-}
-
-impl OldRelease {
-    fn of(c: &Current) -> Self {
-        Self {
-            version: c.version.clone(),
-            spec: c.spec.clone(),
-            dir: c.release_dir.clone(),
-        }
+                })
     }
 }
 
@@ -604,7 +523,7 @@ impl OldRelease {
 /// service asked for, and no error).
 fn forced_error(
     name: &str,
-    old: &OldRelease,
+    old: &Release,
     stopped: &Stopped,
     cancelled: &dyn Fn(&str) -> Failure,
 ) -> Option<Failure> {
@@ -628,10 +547,7 @@ fn forced_error(
 /// The health gate on the slot's current process.
 async fn gate_current(
     st: &SlotState,
-    name: &str,
-    version: &str,
-    spec: &ServiceSpec,
-    release_dir: &std::path::Path,
+    release: &Release,
     gate: &Gate,
     cancel: &CancellationToken,
 ) -> Result<(), Failure> {
@@ -640,10 +556,16 @@ async fn gate_current(
         .as_ref()
         .map(Current::alive)
         .ok_or_else(|| Failure::new(FailureKind::Start, "the service has no process"))?;
-    let took = health::wait_healthy(spec.health.as_ref(), release_dir, gate, &mut alive, cancel)
-        .await
-        .map_err(|e| format!("{name} {version}: {e}"))
-        .or_fail(FailureKind::NotHealthy)?;
-    info!(service = %name, %version, took = ?took, "healthy");
+    let took = health::wait_healthy(
+        release.spec.health.as_ref(),
+        &release.dir,
+        gate,
+        &mut alive,
+        cancel,
+    )
+    .await
+    .map_err(|e| format!("{release}: {e}"))
+    .or_fail(FailureKind::NotHealthy)?;
+    info!(service = %release.name, version = %release.version, took = ?took, "healthy");
     Ok(())
 }

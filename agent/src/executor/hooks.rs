@@ -1,10 +1,10 @@
-//! Hooks (`pre_start`, `post_start`, `pre_stop`, `post_stop`) and
-//! `systemctl`: commands the agent runs around a service, bounded in time
-//! and killed whole.
+//! Hooks (`pre_start`, `post_start`, `pre_stop`, `post_stop`): commands
+//! the agent runs around a service, bounded in time and killed whole.
 
 use baton_common::command::FailureKind;
 
 use super::failure::{Classify, Failure};
+use super::release::Release;
 use std::io::Write;
 
 use tracing::warn;
@@ -21,29 +21,25 @@ pub(super) struct Bound<'a> {
     pub cancel: &'a tokio_util::sync::CancellationToken,
 }
 
-/// Runs a hook in the release directory with the service's environment,
-/// in its own process group (killed whole at its timeout, at `bound`'s
-/// deadline or when `bound` is cancelled). Its output is appended to the
-/// release's service log; on failure its last lines go into the error.
-#[allow(clippy::too_many_arguments)]
+/// Runs `hook` (`which`) of `release` in its directory with the service's
+/// environment, in its own process group (killed whole at its timeout, at
+/// `bound`'s deadline or when `bound` is cancelled). Its output is
+/// appended to the release's service log; on failure its last lines go
+/// into the error.
 pub(super) async fn run_hook(
-    service_name: &str,
-    version: &str,
+    release: &Release,
     which: &str,
     hook: Option<&Hook>,
-    release_dir: &std::path::Path,
-    spec: &ServiceSpec,
-    run_dir: &std::path::Path,
     bound: Option<Bound<'_>>,
 ) -> Result<(), Failure> {
     run(
-        service_name,
-        version,
+        &release.name,
+        &release.version,
         which,
         hook,
-        release_dir,
-        spec,
-        run_dir,
+        &release.dir,
+        &release.spec,
+        &release.run_dir,
         bound,
     )
     .await
@@ -180,37 +176,6 @@ fn append_log(run_dir: &std::path::Path, which: &str, stdout: &[u8], stderr: &[u
     }
 }
 
-/// The `systemctl` to run: `BATON_SYSTEMCTL` or `systemctl` on the PATH.
-fn systemctl_program() -> String {
-    std::env::var("BATON_SYSTEMCTL").unwrap_or_else(|_| "systemctl".to_owned())
-}
-
-/// Runs `systemctl ARGS`.
-pub(super) async fn systemctl(args: &[&str]) -> Result<(), String> {
-    let program = systemctl_program();
-    let out = tokio::process::Command::new(&program)
-        .args(args)
-        // The agent's own notify socket and fds are not systemctl's.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            crate::supervisor::describe_exit(out.status),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -248,17 +213,14 @@ mod tests {
         let run_it = |h: Hook| {
             let (dir, spec, run) = (dir.path().to_owned(), spec.clone(), run.clone());
             async move {
-                run_hook(
-                    "api",
-                    "2.0.0",
-                    "pre_start",
-                    Some(&h),
-                    &dir,
-                    &spec,
-                    &run,
-                    None,
-                )
-                .await
+                let release = Release {
+                    name: "api".into(),
+                    version: "2.0.0".into(),
+                    dir,
+                    run_dir: run,
+                    spec,
+                };
+                run_hook(&release, "pre_start", Some(&h), None).await
             }
         };
         run_it(hook("bin/ok", 10_000)).await.unwrap();
@@ -326,21 +288,19 @@ mod tests {
         ) -> Result<(), String> {
             let run = dir.join("run");
             // The kind is the hook's; the tests below read the details.
-            run_hook(
-                "api",
-                "2.0.0",
-                "pre_start",
-                Some(hook),
-                dir,
-                spec,
-                &run,
-                Some(bound),
-            )
-            .await
-            .map_err(|e| {
-                assert_eq!(e.kind, FailureKind::Hook);
-                e.message
-            })
+            let release = Release {
+                name: "api".into(),
+                version: "2.0.0".into(),
+                dir: dir.to_owned(),
+                run_dir: run,
+                spec: spec.clone(),
+            };
+            run_hook(&release, "pre_start", Some(hook), Some(bound))
+                .await
+                .map_err(|e| {
+                    assert_eq!(e.kind, FailureKind::Hook);
+                    e.message
+                })
         }
         let started = std::time::Instant::now();
         let never = tokio_util::sync::CancellationToken::new();

@@ -33,7 +33,7 @@ use crate::health::{self, Gate};
 use crate::journal::Journal;
 use crate::releases::Releases;
 use crate::selfupgrade::SelfUpgrade;
-use crate::service::{self, HealthSpec, ServiceSpec, SupervisorKind};
+use crate::service::{self, ServiceSpec, SupervisorKind};
 use crate::sockets::{ListenSocket, ListenSpec};
 use crate::supervisor::{ProcessState, Supervisor, SupervisorConfig, read_process_file};
 
@@ -41,11 +41,23 @@ mod activate;
 mod download;
 mod failure;
 mod hooks;
+mod listen;
+mod own_upgrade;
+mod ready;
+mod recover;
+mod release;
+mod remove;
+mod runner;
 mod stage;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
 use failure::{Classify, Failure};
-use hooks::systemctl;
+use listen::listen_specs;
+use ready::{notify_socket, wait_ready};
+use recover::stored_fds;
+use release::Release;
+pub use runner::Systemctl;
+use runner::{Runner, Unit};
 
 /// Progress updates per command are sent at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -69,6 +81,8 @@ pub struct ExecutorConfig {
     pub me: SelfUpgrade,
     /// How slow a download may get before staging fails.
     pub download: DownloadLimits,
+    /// What drives units of services run by systemd.
+    pub systemctl: Systemctl,
 }
 
 /// Runs commands and owns the supervised services.
@@ -136,29 +150,13 @@ struct SlotState {
 
 /// A running release.
 struct Current {
-    version: String,
-    release_dir: PathBuf,
-    spec: ServiceSpec,
-    process: Runner,
-}
-
-/// Who runs a release's process.
-enum Runner {
-    /// The agent's own supervisor.
-    Native(Supervisor),
-    /// A systemd unit; `alive` never turns false (systemd restarts it).
-    Systemd {
-        unit: String,
-        alive: watch::Sender<bool>,
-    },
+    release: Release,
+    process: Box<dyn Runner>,
 }
 
 impl Current {
     fn alive(&self) -> watch::Receiver<bool> {
-        match &self.process {
-            Runner::Native(s) => s.alive(),
-            Runner::Systemd { alive, .. } => alive.subscribe(),
-        }
+        self.process.alive()
     }
 
     fn is_alive(&self) -> bool {
@@ -240,188 +238,6 @@ impl Executor {
     /// The inventory, updated whenever a service changes.
     pub fn inventory(&self) -> watch::Receiver<BTreeMap<String, ServiceStatus>> {
         self.inner.inventory.subscribe()
-    }
-
-    /// Picks up the services a previous agent run left: a process still
-    /// running is adopted (not restarted) together with its listening
-    /// sockets, a stopped one is started, and a process of another release
-    /// left by an interrupted swap is stopped.
-    pub async fn recover(&self) {
-        for name in self.inner.releases.services() {
-            // A swap a crash interrupted left its new symlink unrenamed.
-            self.inner.releases.clean(&name);
-            if let Err(e) = self.recover_one(&name).await {
-                error!(service = %name, error = %e, "cannot recover the service");
-            }
-        }
-        // Stored sockets no service claimed (one removed meanwhile, or a
-        // listen entry that changed): close them and tell systemd.
-        let unclaimed: Vec<String> = lock(&self.inner.stored)
-            .drain()
-            .map(|(name, _)| name)
-            .collect();
-        for name in unclaimed {
-            info!(fd = %name, "closing a stored socket no service claims");
-            self.inner.notifier.remove_fds(&name);
-        }
-    }
-
-    async fn recover_one(&self, name: &str) -> Result<(), String> {
-        let version = self
-            .inner
-            .releases
-            .current(name)
-            .ok_or("no current release")?;
-        // A host that ran this before the records existed: what runs is
-        // the mark to start from. Only then: `current` may be a release
-        // whose health gate a crash interrupted, which must not raise it.
-        if matches!(self.inner.installed.highest(name), Ok(None))
-            && let Err(e) = self.inner.installed.record(name, &version)
-        {
-            warn!(service = %name, error = %e, "cannot record the installed version");
-        }
-        let release_dir = self.inner.releases.release_dir(name, &version);
-        let spec = service::load(&release_dir, &self.inner.config.vars).map_err(|e| {
-            self.set_status(name, &version, ServiceState::Failed, false);
-            format!("cannot load the current release {version}: {e}")
-        })?;
-        let slot = self.slot(name);
-        let mut st = slot.state.lock().await;
-        if let SupervisorKind::Systemd { unit } = &spec.supervisor {
-            info!(service = %name, %version, %unit, "managed by systemd");
-            let unit = unit.clone();
-            self.install(
-                &mut st,
-                name,
-                &version,
-                &release_dir,
-                spec,
-                Runner::Systemd {
-                    unit,
-                    alive: watch::channel(true).0,
-                },
-            );
-            return Ok(());
-        }
-        let cfg = self.inner.config.supervisor;
-        // Every process a previous run left, per release.
-        let mut live = Vec::new();
-        for dir in self.inner.releases.run_dirs(name) {
-            match read_process_file(&dir) {
-                Ok(Some(record)) if crate::supervisor::is_alive_record(&record) => {
-                    live.push((dir, record))
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(service = %name, dir = %dir.display(), error = %e, "unreadable process file")
-                }
-            }
-        }
-        let specs = listen_specs(&spec)?;
-        st.sockets = Arc::new(self.recover_sockets(name, &specs, &live));
-        if !specs.is_empty() && st.sockets.is_empty() {
-            if live.is_empty() {
-                // After a reboot nothing runs and nothing was stored: bind
-                // afresh before starting the service below.
-                self.sockets_for(&mut st, name, &specs)?;
-            } else {
-                error!(service = %name, "cannot recover the running service's sockets; its next activation will fail to bind them until it is restarted");
-            }
-        }
-        let mut current = None;
-        for (dir, record) in live {
-            let rel = record.release_dir.clone();
-            let this_spec =
-                service::load(&rel, &self.inner.config.vars).unwrap_or_else(|_| spec.clone());
-            let adopted =
-                Supervisor::adopt_listening(name, &rel, this_spec, &dir, cfg, st.sockets.clone())
-                    .map_err(|e| e.to_string())?;
-            let Some(sup) = adopted else { continue };
-            if record.version == version && current.is_none() {
-                info!(service = %name, %version, pid = ?sup.pid(), "adopted the running service");
-                current = Some(sup);
-            } else {
-                info!(service = %name, running = %record.version, current = %version, "stopping a process an interrupted swap left behind");
-                if let Err(e) = sup.stop().await {
-                    warn!(service = %name, error = %e, "cannot stop the stale process");
-                }
-            }
-        }
-        let sup = match current {
-            Some(sup) => sup,
-            None => {
-                let run_dir = self.inner.releases.run_dir(name, &version);
-                let sup = Supervisor::start_listening(
-                    name,
-                    &version,
-                    &release_dir,
-                    spec.clone(),
-                    &run_dir,
-                    cfg,
-                    st.sockets.clone(),
-                )
-                .map_err(|e| {
-                    self.set_status(name, &version, ServiceState::Failed, false);
-                    format!("cannot start {version}: {e}")
-                })?;
-                info!(service = %name, %version, "started the service, which was not running");
-                sup
-            }
-        };
-        self.install(
-            &mut st,
-            name,
-            &version,
-            &release_dir,
-            spec,
-            Runner::Native(sup),
-        );
-        Ok(())
-    }
-
-    /// The service's listening sockets after an agent restart: from
-    /// systemd's fd store if it gave them back, else copied out of a live
-    /// process that has them. Entries found nowhere are bound again later.
-    fn recover_sockets(
-        &self,
-        name: &str,
-        specs: &[ListenSpec],
-        live: &[(PathBuf, crate::supervisor::ProcessRecord)],
-    ) -> Vec<ListenSocket> {
-        if specs.is_empty() {
-            return Vec::new();
-        }
-        let mut stored = lock(&self.inner.stored);
-        let from_store: Option<Vec<ListenSocket>> = specs
-            .iter()
-            .map(|spec| {
-                let fd = stored.remove(&format!("{name}={}", spec.fd_name()))?;
-                spec.matches(&fd).then(|| ListenSocket {
-                    spec: spec.clone(),
-                    fd,
-                })
-            })
-            .collect();
-        if let Some(sockets) = from_store {
-            info!(service = %name, count = sockets.len(), "recovered the listening sockets from systemd's fd store");
-            return sockets;
-        }
-        let texts: Vec<String> = specs.iter().map(ListenSpec::text).collect();
-        for (_, record) in live {
-            if record.listen != texts {
-                continue;
-            }
-            match crate::sockets::recover(record.pid, specs) {
-                Ok(sockets) => {
-                    info!(service = %name, pid = record.pid, count = sockets.len(), "recovered the listening sockets from the running service");
-                    return sockets;
-                }
-                Err(e) => {
-                    warn!(service = %name, error = %e, "cannot recover the listening sockets from the running service")
-                }
-            }
-        }
-        Vec::new()
     }
 
     /// Accepts a command from the coordinator and runs it in the
@@ -650,126 +466,6 @@ impl Executor {
         }
     }
 
-    /// Activation or rollback of the agent itself (see
-    /// [`crate::selfupgrade`]): on success this process is replaced, and
-    /// the new agent answers the re-sent command.
-    async fn upgrade_self(
-        &self,
-        id: &str,
-        version: &str,
-        gate: HealthGate,
-        allow_downgrade: bool,
-    ) -> Result<(), Failure> {
-        let me = self.inner.config.me.clone();
-        if let Some(trial) = me.trial() {
-            // This process is the new agent of an upgrade on trial: nothing
-            // else about the agent runs before that is decided.
-            let mut rx = self.inner.trial.subscribe();
-            let outcome = rx
-                .wait_for(Option::is_some)
-                .await
-                .ok()
-                .and_then(|o| o.clone());
-            if trial.command_id == id {
-                // The new agent failing its trial is an unhealthy release.
-                return outcome
-                    .unwrap_or_else(|| Err("the agent is stopping".into()))
-                    .or_fail(FailureKind::NotHealthy);
-            }
-        }
-        let _host = self.inner.host.lock().await;
-        if me.version() == version {
-            info!(%version, "the agent already runs this version");
-            return Ok(());
-        }
-        if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
-            return Err(downgrade_refused(AGENT_NAME, me.version(), version));
-        }
-        self.inner
-            .installed
-            .refuse(
-                AGENT_NAME,
-                version,
-                me.releases().is_staged(AGENT_NAME, version),
-                allow_downgrade,
-            )
-            .or_fail(FailureKind::Refused)?;
-        if self.inner.notifier.enabled() {
-            // Across the exec the new agent copies sockets back from the
-            // running services; systemd's fd store, which also holds them,
-            // is handed out only when the unit starts. A service that is
-            // down now would find its port taken by the store.
-            let slots: Vec<(String, Arc<Slot>)> = lock(&self.inner.slots)
-                .iter()
-                .map(|(n, s)| (n.clone(), s.clone()))
-                .collect();
-            for (name, slot) in slots {
-                let st = slot.state.lock().await;
-                if !st.sockets.is_empty() && !st.current.as_ref().is_some_and(Current::is_alive) {
-                    return Err(Failure::new(
-                        FailureKind::Refused,
-                        format!(
-                            "service {name} is not running, and its sockets would not survive the agent's re-execution under systemd; upgrade the agent once it runs"
-                        ),
-                    ));
-                }
-            }
-        }
-        let (id, version) = (id.to_owned(), version.to_owned());
-        tokio::task::spawn_blocking(move || me.begin(&id, &version, gate))
-            .await
-            .map_err(|e| {
-                Failure::new(
-                    FailureKind::Internal,
-                    format!("the upgrade task failed: {e}"),
-                )
-            })?
-            .or_fail(FailureKind::Start)
-    }
-
-    /// When this process is the new agent of an upgrade on trial: once it
-    /// has been connected for the trial's `min_healthy_time`, asks the
-    /// watchdog to commit, then journals the activation as succeeded.
-    pub fn confirm_upgrade(&self, mut connected: watch::Receiver<bool>) {
-        let me = self.inner.config.me.clone();
-        let Some(trial) = me.trial().cloned() else {
-            return;
-        };
-        let this = self.clone();
-        tokio::spawn(async move {
-            let healthy = async {
-                loop {
-                    connected.wait_for(|c| *c).await.ok()?;
-                    tokio::select! {
-                        _ = tokio::time::sleep(trial.min_healthy_time) => return Some(()),
-                        lost = connected.wait_for(|c| !*c) => { lost.ok()?; }
-                    }
-                }
-            };
-            tokio::select! {
-                _ = this.inner.shutdown.cancelled() => return,
-                h = healthy => if h.is_none() { return },
-            }
-            let result = tokio::task::spawn_blocking(move || me.confirm())
-                .await
-                .map_err(|e| format!("the confirmation task failed: {e}"))
-                .and_then(|r| r);
-            match &result {
-                Ok(()) => {
-                    let update = CommandUpdate::done(&trial.command_id, Outcome::Succeeded, "");
-                    if let Err(e) = this.inner.journal.record(&update) {
-                        error!(id = %trial.command_id, error = %e, "cannot journal the agent upgrade");
-                    }
-                    this.publish(update);
-                    this.record_installed(AGENT_NAME, this.inner.config.me.version());
-                    this.inner.config.me.prune(this.inner.config.keep_releases);
-                }
-                Err(e) => error!(error = %e, "cannot confirm the agent upgrade"),
-            }
-            this.inner.trial.send_replace(Some(result));
-        });
-    }
-
     /// Lets a service that runs as its own user reach its release and
     /// nothing else: the directories down to it are traversable but not
     /// listable (0711; the agent's own state below them stays 0700), and
@@ -855,153 +551,14 @@ impl Executor {
         }
     }
 
-    /// The sockets for `specs`: kept ones reused, new ones bound (and put
-    /// in systemd's fd store when the agent runs under systemd).
-    fn sockets_for(
-        &self,
-        st: &mut SlotState,
-        name: &str,
-        specs: &[ListenSpec],
-    ) -> Result<Arc<Vec<ListenSocket>>, String> {
-        if specs.iter().eq(st.sockets.iter().map(|s| &s.spec)) {
-            return Ok(st.sockets.clone());
-        }
-        let mut out = Vec::with_capacity(specs.len());
-        let mut fresh = Vec::new();
-        for spec in specs {
-            let existing = st.sockets.iter().find(|s| &s.spec == spec);
-            let fd = match existing {
-                Some(s) => {
-                    s.fd.try_clone()
-                        .map_err(|e| format!("cannot duplicate {}: {e}", spec.text()))?
-                }
-                None => {
-                    let fd = spec
-                        .bind()
-                        .map_err(|e| format!("cannot listen on {}: {e}", spec.text()))?;
-                    info!(service = %name, listen = %spec.text(), "listening on behalf of the service");
-                    fresh.push(spec.clone());
-                    fd
-                }
-            };
-            out.push(ListenSocket {
-                spec: spec.clone(),
-                fd,
-            });
-        }
-        // Stored only once every socket is bound, so a failed bind leaves
-        // nothing behind in systemd's store.
-        for s in out.iter().filter(|s| fresh.contains(&s.spec)) {
-            if let Err(e) = self
-                .inner
-                .notifier
-                .store_fds(&format!("{name}={}", s.spec.fd_name()), &[s.fd.as_fd()])
-            {
-                warn!(service = %name, error = %e, "cannot put the socket in systemd's fd store");
-            }
-        }
-        let sockets = Arc::new(out);
-        st.sockets = sockets.clone();
-        Ok(sockets)
-    }
-
-    /// Closes the sockets `specs` does not declare, and takes them out of
-    /// systemd's fd store.
-    fn release_sockets(&self, st: &mut SlotState, name: &str, specs: &[ListenSpec]) {
-        if st.sockets.iter().all(|s| specs.contains(&s.spec)) {
-            return;
-        }
-        let mut left = Vec::new();
-        for s in st.sockets.iter() {
-            if specs.contains(&s.spec) {
-                if let Ok(fd) = s.fd.try_clone() {
-                    left.push(ListenSocket {
-                        spec: s.spec.clone(),
-                        fd,
-                    });
-                }
-            } else {
-                info!(service = %name, listen = %s.spec.text(), "closing a socket the service no longer declares");
-                self.inner
-                    .notifier
-                    .remove_fds(&format!("{name}={}", s.spec.fd_name()));
-            }
-        }
-        st.sockets = Arc::new(left);
-    }
-
-    async fn remove(&self, name: &str, deadline: SystemTime) -> Result<(), Failure> {
-        let slot = self.slot(name);
-        cancel_activations(&slot, "a removal");
-        let mut st = slot.state.lock().await;
-        let until = activate::instant_of(deadline);
-        // The hook first, while the service is still in place and
-        // watched: a failing pre_stop leaves it as it was.
-        if let Some(old) = st.current.as_ref() {
-            let never = CancellationToken::new();
-            let bound = hooks::Bound {
-                until,
-                cancel: &never,
-            };
-            self.pre_stop(name, old, Some(bound)).await?;
-        }
-        if let Some(m) = st.monitor.take() {
-            m.abort();
-        }
-        if let Some(old) = st.current.take() {
-            let unit = match &old.process {
-                Runner::Systemd { unit, .. } => Some(unit.clone()),
-                Runner::Native(_) => None,
-            };
-            self.stop_old(name, old, until).await?;
-            if let Some(unit) = unit {
-                systemctl(&["stop", &unit])
-                    .await
-                    .map_err(|e| format!("cannot stop {name}: {e}"))
-                    .or_fail(FailureKind::StopTimeout)?;
-            }
-        }
-        self.release_sockets(&mut st, name, &[]);
-        self.inner
-            .releases
-            .remove(name)
-            .map_err(|e| format!("cannot remove {name}: {e}"))
-            .or_fail(FailureKind::Disk)?;
-        self.inner
-            .inventory
-            .send_if_modified(|inv| inv.remove(name).is_some());
-        info!(service = %name, "removed");
-        Ok(())
-    }
-
     /// Installs a running release in the slot and starts watching it:
     /// process state and (between activations) the health check feed the
     /// inventory.
-    fn install(
-        &self,
-        st: &mut SlotState,
-        name: &str,
-        version: &str,
-        release_dir: &std::path::Path,
-        spec: ServiceSpec,
-        process: Runner,
-    ) {
+    fn install(&self, st: &mut SlotState, release: Release, process: Box<dyn Runner>) {
         if let Some(m) = st.monitor.take() {
             m.abort();
         }
-        let status = match &process {
-            Runner::Native(sup) => sup.status(),
-            // A unit is reported running; its health check tells the rest.
-            Runner::Systemd { .. } => {
-                watch::channel(crate::supervisor::ProcessStatus {
-                    state: ProcessState::Running { pid: 0 },
-                    restarts: 0,
-                    last_exit: None,
-                })
-                .1
-            }
-        };
-        let health = spec.health.clone();
+        let status = process.status();
         // Listed at once (the hello after a restart must carry it); the
         // monitor refines state and health from here.
         let state = match status.borrow().state {
@@ -1013,32 +570,24 @@ impl Executor {
             .inner
             .inventory
             .borrow()
-            .get(name)
-            .is_some_and(|s| s.version == version && s.healthy);
-        self.set_status(name, version, state, healthy);
-        st.current = Some(Current {
-            version: version.to_owned(),
-            release_dir: release_dir.to_owned(),
-            spec,
-            process,
-        });
+            .get(&release.name)
+            .is_some_and(|s| s.version == release.version && s.healthy);
+        self.set_status(&release.name, &release.version, state, healthy);
         let this = self.clone();
-        let (name, version, release_dir) =
-            (name.to_owned(), version.to_owned(), release_dir.to_owned());
+        let watched = release.clone();
+        st.current = Some(Current { release, process });
         st.monitor = Some(tokio::spawn(async move {
-            this.monitor(&name, &version, health, release_dir, status)
-                .await;
+            this.monitor(&watched, status).await;
         }));
     }
 
     async fn monitor(
         &self,
-        name: &str,
-        version: &str,
-        health: Option<HealthSpec>,
-        release_dir: PathBuf,
+        release: &Release,
         mut status: watch::Receiver<crate::supervisor::ProcessStatus>,
     ) {
+        let (name, version) = (&release.name, &release.version);
+        let health = release.spec.health.as_ref();
         let interval = health
             .as_ref()
             .map_or(Duration::from_secs(1), |h| h.interval);
@@ -1049,9 +598,9 @@ impl Executor {
                 ProcessState::Stopped => ServiceState::Stopped,
             };
             let healthy = if state == ServiceState::Running {
-                match &health {
+                match health {
                     Some(h) => {
-                        let passed = health::check_once(h, &release_dir).await.is_ok();
+                        let passed = health::check_once(h, &release.dir).await.is_ok();
                         if !passed {
                             crate::metrics::METRICS.health_check_failures.inc();
                         }
@@ -1097,105 +646,4 @@ fn accepted(id: &str) -> CommandUpdate {
         error: String::new(),
         failure: None,
     }
-}
-
-/// Binds the datagram socket a new process announces `READY=1` on, in the
-/// abstract namespace (no path length limit, nothing left on disk).
-fn notify_socket() -> Result<(String, tokio::net::UnixDatagram), String> {
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!(
-        "baton-ready-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    );
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-        .map_err(|e| format!("cannot name a notify socket: {e}"))?;
-    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)
-        .and_then(|s| {
-            s.set_nonblocking(true)?;
-            tokio::net::UnixDatagram::from_std(s)
-        })
-        .map_err(|e| format!("cannot bind a notify socket: {e}"))?;
-    Ok((format!("@{name}"), socket))
-}
-
-/// Waits until a process started beside the old one is ready to take the
-/// sockets over: `READY=1` on its notify socket (`ready = "notify"`), or
-/// else a first passing health check (which the old process may answer:
-/// the weaker choice, for services that cannot notify).
-async fn wait_ready(
-    spec: &ServiceSpec,
-    release_dir: &std::path::Path,
-    alive: &mut watch::Receiver<bool>,
-    cancel: &CancellationToken,
-    gate: &Gate,
-    notify: Option<tokio::net::UnixDatagram>,
-) -> Result<(), String> {
-    let deadline = gate.healthy_deadline;
-    let mut for_check = alive.clone();
-    let ready = async {
-        match &notify {
-            Some(socket) => {
-                let mut buf = vec![0u8; 4096];
-                loop {
-                    let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
-                    if String::from_utf8_lossy(&buf[..n])
-                        .lines()
-                        .any(|l| l == "READY=1")
-                    {
-                        return Ok(());
-                    }
-                }
-            }
-            None => health::wait_passing(
-                spec.health.as_ref(),
-                release_dir,
-                // The whole gate, while the old process still serves: the
-                // check may reach either process, so only its length (and
-                // the new process staying alive) says something.
-                gate,
-                &mut for_check,
-                cancel,
-            )
-            .await
-            .map(|_| ()),
-        }
-    };
-    tokio::select! {
-        r = ready => r,
-        () = cancel.cancelled() => Err("cancelled".into()),
-        _ = alive.wait_for(|a| !*a) => Err("the new process exited before it was ready".into()),
-        () = tokio::time::sleep(deadline) => Err(format!(
-            "not ready within {} (no READY=1 on its notify socket)",
-            humantime::format_duration(deadline)
-        )),
-    }
-}
-
-/// Parses a spec's `listen` entries.
-fn listen_specs(spec: &ServiceSpec) -> Result<Vec<ListenSpec>, String> {
-    spec.listen.iter().map(|l| ListenSpec::parse(l)).collect()
-}
-
-/// The descriptors systemd handed this agent from its fd store
-/// (`LISTEN_FDS`, named `<service>=<fd name>` in `LISTEN_FDNAMES`).
-fn stored_fds() -> HashMap<String, OwnedFd> {
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|n| n.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
-    let mut out = HashMap::new();
-    let mut fds = listenfd::ListenFd::from_env();
-    for (i, name) in names.into_iter().enumerate() {
-        let fd: Option<OwnedFd> = match fds.take_tcp_listener(i) {
-            Ok(Some(l)) => Some(l.into()),
-            _ => match fds.take_unix_listener(i) {
-                Ok(Some(l)) => Some(l.into()),
-                _ => None,
-            },
-        };
-        if let Some(fd) = fd {
-            out.insert(name, fd);
-        }
-    }
-    out
 }

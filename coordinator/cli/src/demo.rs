@@ -266,6 +266,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             metrics_listen: None,
             reconnect_max: Duration::from_secs(2),
             download: Default::default(),
+            systemctl: Default::default(),
         };
         agents.spawn(Agent::new(config)?.run(agents_stop.clone()));
     }
