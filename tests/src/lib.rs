@@ -203,7 +203,13 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(file)
-            .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn");
+            // BATON_TEST_RUST_LOG overrides the filter, e.g. to see the
+            // rollout driver's work at debug level in a benchmark.
+            .env(
+                "RUST_LOG",
+                std::env::var("BATON_TEST_RUST_LOG")
+                    .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".to_owned()),
+            );
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));

@@ -148,6 +148,7 @@ impl Rollouts {
             .acquire()
             .await
             .map_err(|_| RolloutError::Stopped)?;
+        let t0 = std::time::Instant::now();
         let (text, plan) = tokio::task::spawn_blocking(move || {
             let plan = Plan::parse(&text);
             (text, plan)
@@ -155,14 +156,23 @@ impl Rollouts {
         .await
         .map_err(|_| RolloutError::Stopped)?;
         let plan = plan.map_err(|e| RolloutError::Invalid(e.0))?;
+        let t1 = std::time::Instant::now();
         let facts = resolve::gather(&plan, &self.fleet, &self.artifacts).await?;
+        let t2 = std::time::Instant::now();
         let now = SystemTime::now();
-        tokio::task::spawn_blocking(move || {
+        let resolved = tokio::task::spawn_blocking(move || {
             resolve::resolve(text, &plan, &facts, resolve::new_id(now), now)
         })
         .await
         .map_err(|_| RolloutError::Stopped)?
-        .map_err(|e| RolloutError::Invalid(e.0))
+        .map_err(|e| RolloutError::Invalid(e.0));
+        debug!(
+            parsing = ?t1.duration_since(t0),
+            gathering = ?t2.duration_since(t1),
+            resolving = ?t2.elapsed(),
+            "plan resolved"
+        );
+        resolved
     }
 
     /// One rollout.
@@ -1056,6 +1066,7 @@ impl Driver {
         let changed = rollout.take_changed();
         history.extend(events::changes(&before, &rollout, &changed, now));
         events::number(&mut history, 0);
+        let stepped_in = now.elapsed().unwrap_or_default();
         // Clock first, header last (see `record::all_records`): a start a
         // crash interrupts is not a rollout, and is removed on load. So it
         // needs no redo log, whatever its size.
@@ -1068,6 +1079,7 @@ impl Driver {
         batch::write_groups(self.store.as_ref(), batch::groups(ops)?).await?;
         info!(
             rollout = %id,
+            stepped_in = ?stepped_in,
             stored_in = ?t0.elapsed(),
             services = %rollout.services.iter().map(|s| format!("{}@{}", s.name, s.version)).collect::<Vec<_>>().join(","),
             hosts = rollout.services.iter().map(|s| s.hosts.len()).sum::<usize>(),

@@ -218,6 +218,10 @@ pub fn rollout(
                 "[[service]]\nname = \"demo\"\nversion = \"{version}\"\nmax_parallel = {max_parallel}\nmin_healthy_time = \"{}ms\"\n",
                 min_healthy.as_millis()
             );
+            // What the fleet's arrival (or the previous run) left to do —
+            // the registry persisting 10,000 hosts — is not the rollout's:
+            // wait until the store is quiet.
+            settle(metrics).await;
             let (cpu0, written0) = (cpu_time(c.pid()), written());
             let t0 = Instant::now();
             let id = control
@@ -352,6 +356,23 @@ fn registry_hosts(_: &tokio::runtime::Runtime, url: Option<&str>, hosts: usize) 
 /// Watches a rollout to its end, printing when its state changes and when
 /// each batch's hosts are healthy (where the time goes); returns its last
 /// state.
+/// Waits until `batond` writes nothing to its store for half a second
+/// (at most 60 s).
+async fn settle(metrics: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let txns = || sample(&scrape(metrics), "baton_store_transactions").unwrap_or(0.0);
+    let mut last = txns();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = txns();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    eprintln!("  the store did not settle within 60 s; measuring anyway");
+}
+
 async fn watch_phases(
     control: &mut baton_proto::control::v1::control_service_client::ControlServiceClient<
         tonic::transport::Channel,
