@@ -469,6 +469,18 @@ pub fn agent_pid_file(data_dir: &Path) -> Option<i32> {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        // The services' pids, read while the agents still run: an agent
+        // whose data directory is a tmpfs of its own (`agent_tmpfs`) keeps
+        // it in its own mount namespace, seen from here only through its
+        // `/proc/<pid>/root`.
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (host, agent) in &self.agents {
+            let root = PathBuf::from(format!("/proc/{}/root", agent.pid()));
+            let data = self.data_dir(host);
+            dirs.push(root.join(data.strip_prefix("/").unwrap_or(&data)));
+        }
+        dirs.extend(self.ports.keys().map(|host| self.data_dir(host)));
+        let pids: Vec<i32> = dirs.iter().flat_map(|d| service_pids(d)).collect();
         // Agents first, so nothing restarts the services we kill.
         self.agents.clear();
         for host in self.ports.keys() {
@@ -477,25 +489,33 @@ impl Drop for Fleet {
             if let Some(pid) = agent_pid_file(&self.data_dir(host)) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            let services = self.data_dir(host).join("services");
-            let pids: Vec<i32> = std::fs::read_dir(&services)
+        }
+        for pid in pids.into_iter().chain(
+            self.ports
+                .keys()
+                .flat_map(|h| service_pids(&self.data_dir(h))),
+        ) {
+            // The service leads its own process group.
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The pids of the services an agent with data directory `data` runs, from
+/// their `process.json` records.
+fn service_pids(data: &std::path::Path) -> Vec<i32> {
+    std::fs::read_dir(data.join("services"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|svc| {
+            std::fs::read_dir(svc.path().join("run"))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .flat_map(|svc| {
-                    std::fs::read_dir(svc.path().join("run"))
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                })
-                .filter_map(|run| std::fs::read_to_string(run.path().join("process.json")).ok())
-                .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
-                .filter_map(|v| i32::try_from(v["pid"].as_u64()?).ok())
-                .collect();
-            for pid in pids {
-                // The service leads its own process group.
-                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
-            }
-        }
-    }
+        })
+        .filter_map(|run| std::fs::read_to_string(run.path().join("process.json")).ok())
+        .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+        .filter_map(|v| i32::try_from(v["pid"].as_u64()?).ok())
+        .collect()
 }

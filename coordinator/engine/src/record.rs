@@ -12,6 +12,16 @@
 //! | `rollout-hosts/<id>/<service index>/<host>` | [`HostRecord`] (JSON) |
 //! | `manifests/<id>` | [`ManifestRecord`]: a signed manifest, once per [`manifest_id`] |
 //! | `events/<id>/<first seq>` | a list of events (see [`super::events`]) |
+//! | `rollout-staged/<id>/<first seq>` | [`StagedMark`]s: hosts a step staged (JSON) |
+//!
+//! A host whose stage command succeeded is not rewritten: the step that
+//! took the answer stores a [`StagedMark`] (service, host, command number)
+//! in one record for all of them, with the step's events, so staging
+//! 10,000 hosts is a handful of transactions, not 80. On load a mark
+//! applies to a host whose record still has that very command outstanding
+//! (any later change rewrote the host's record whole). A `batond` that
+//! does not know marks sees the hosts still staging and sends the stage
+//! command again; the agent answers it from its journal.
 //!
 //! A host's outstanding command is stored as its number, kind and deadline:
 //! everything else (service, version, gate, manifest) is the service's and
@@ -94,6 +104,102 @@ pub fn plan_from_parts(parts: Vec<(String, Vec<u8>)>) -> Result<String, RecordEr
 /// The prefix of a rollout's host records.
 pub fn hosts_prefix(id: &str) -> String {
     format!("rollout-hosts/{id}/")
+}
+
+/// The prefix of a rollout's staged marks.
+pub fn staged_prefix(id: &str) -> String {
+    format!("rollout-staged/{id}/")
+}
+
+/// The key of one step's staged marks, by the sequence number of the
+/// step's first event (unique: every staged host has its event).
+pub fn staged_key(id: &str, first_seq: u64) -> String {
+    format!("rollout-staged/{id}/{first_seq:012}")
+}
+
+/// A host of service `service` whose stage command number `command`
+/// succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedMark {
+    /// The service's index.
+    #[serde(rename = "s")]
+    pub service: usize,
+    /// The host.
+    #[serde(rename = "h")]
+    pub host: String,
+    /// The command's number (its id is `<rollout>/<command>`).
+    #[serde(rename = "c")]
+    pub command: u64,
+}
+
+/// A command's number: its id is `<rollout>/<seq>`.
+fn command_seq(c: &Command) -> Option<u64> {
+    c.id.rsplit_once('/').and_then(|(_, n)| n.parse().ok())
+}
+
+/// When `before` → `after` is exactly a stage command that succeeded
+/// (staging with stage command n outstanding → staged with nothing
+/// outstanding, nothing else changed): its mark.
+pub fn staged_only(
+    service: usize,
+    host: &HostId,
+    before: &HostRun,
+    after: &HostRun,
+) -> Option<StagedMark> {
+    let c = before.outstanding.as_ref()?;
+    if before.state != HostState::Staging
+        || !matches!(c.kind, CommandKind::Stage { .. })
+        || after.state != HostState::Staged
+        || after.outstanding.is_some()
+    {
+        return None;
+    }
+    let mut expected = before.clone();
+    expected.state = HostState::Staged;
+    expected.outstanding = None;
+    if self::host(&expected) != self::host(after) {
+        return None;
+    }
+    Some(StagedMark {
+        service,
+        host: host.to_string(),
+        command: command_seq(c)?,
+    })
+}
+
+/// Applies stored staged marks to the hosts of a rollout being assembled:
+/// a host whose record still has the marked command outstanding is staged.
+fn apply_staged(
+    by_service: &mut [BTreeMap<HostId, HostRun>],
+    marks: Vec<(String, Vec<u8>)>,
+) -> Result<(), RecordError> {
+    for (key, value) in marks {
+        let marks: Vec<StagedMark> = serde_json::from_slice(&value)
+            .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
+        for m in marks {
+            let Ok(host) = HostId::try_from(m.host.as_str()) else {
+                return Err(RecordError::Inconsistent(format!(
+                    "{key}: {} is not a host id",
+                    baton_common::text::quote(&m.host)
+                )));
+            };
+            let Some(h) = by_service.get_mut(m.service).and_then(|s| s.get_mut(&host)) else {
+                return Err(RecordError::Inconsistent(format!(
+                    "{key}: no host {host} in service {}",
+                    m.service
+                )));
+            };
+            let marked = h.state == HostState::Staging
+                && h.outstanding.as_ref().is_some_and(|c| {
+                    matches!(c.kind, CommandKind::Stage { .. }) && command_seq(c) == Some(m.command)
+                });
+            if marked {
+                h.state = HostState::Staged;
+                h.outstanding = None;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The key of one host's record in service `si` of a rollout.
@@ -498,6 +604,7 @@ pub fn assemble(
     plan: String,
     manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
     hosts: Vec<(String, Vec<u8>)>,
+    staged: Vec<(String, Vec<u8>)>,
 ) -> Result<Rollout, RecordError> {
     let id = header.id.clone();
     let prefix = hosts_prefix(&id);
@@ -526,6 +633,7 @@ pub fn assemble(
             services.insert(host, run);
         }
     }
+    apply_staged(&mut by_service, staged)?;
     let mut services = Vec::with_capacity(header.services.len());
     let mut next_seq = clock.next_seq;
     for (s, hosts) in header.services.into_iter().zip(by_service) {

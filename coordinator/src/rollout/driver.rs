@@ -32,8 +32,11 @@ const TICK: Duration = Duration::from_millis(200);
 /// Requests queued towards the driver.
 const QUEUE: usize = 256;
 /// The most agent updates taken at once: a burst of answers costs one pass
-/// over the rollout and one write, not one each.
-const UPDATES_PER_BURST: usize = 126;
+/// over the rollout and one write, not one each. While a rollout stages,
+/// that many answers are one step: a stage command that succeeded is
+/// stored as a small mark in one record for all of them
+/// ([`record::StagedMark`]), so the step stays one transaction.
+const UPDATES_PER_BURST: usize = 1024;
 /// The most answers in one step while hosts activate: each may start
 /// another activation, and the step's write (a host record each, its
 /// events, its clock) stays one transaction of at most 128 operations.

@@ -55,6 +55,7 @@ fn load(r: &Rollout) -> Rollout {
         plan_from_parts(plan).unwrap(),
         &manifests,
         hosts,
+        vec![],
     )
     .unwrap()
 }
@@ -168,7 +169,7 @@ fn a_host_record_that_got_ahead_of_its_header_never_reuses_a_command_id() {
             r.services[0].signature.clone(),
         ),
     );
-    let loaded = assemble(header, clock, r.plan.clone(), &manifests, hosts).unwrap();
+    let loaded = assemble(header, clock, r.plan.clone(), &manifests, hosts, vec![]).unwrap();
     assert_eq!(loaded.next_seq, highest);
 }
 
@@ -190,4 +191,101 @@ fn two_manifests_of_one_payload_are_stored_apart() {
     let loaded = load(&r);
     assert_eq!(loaded.services[0].manifest, r.services[0].manifest);
     assert_eq!(loaded.services[1].manifest, r.services[1].manifest);
+}
+
+/// A step that only staged hosts stores marks, not host records; on load
+/// a mark stages a host whose record still has that command outstanding,
+/// and nothing else.
+#[test]
+fn staged_marks_stage_exactly_the_hosts_whose_command_they_name() {
+    let plan = "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\nmax_parallel = 100\n".to_owned();
+    let mut r = crate::machine::tests_support::single("r-1764000000000-abcd", "web", 4, plan);
+    let _ = apply(&mut r, &[Event::Tick], t(1)).unwrap();
+    r.take_changed();
+    // What is stored now: every host staging.
+    let stored = all_records(&r).unwrap();
+    let ids: Vec<HostId> = r.services[0].hosts.keys().cloned().collect();
+    let answer = |r: &Rollout, i: usize, outcome: Outcome| {
+        let h = &r.services[0].hosts[&ids[i]];
+        Event::Update(
+            ids[i].clone(),
+            CommandUpdate::done(&h.outstanding.as_ref().unwrap().id, outcome, "no"),
+        )
+    };
+    let events = [
+        answer(&r, 0, Outcome::Succeeded),
+        answer(&r, 1, Outcome::Succeeded),
+        answer(&r, 2, Outcome::Failed),
+    ];
+    let _ = apply(&mut r, &events, t(2)).unwrap();
+    let changed = r.take_changed();
+    let mut marks = Vec::new();
+    for (host, was) in &changed[0] {
+        let now = &r.services[0].hosts[host];
+        marks.extend(staged_only(0, host, was, now));
+    }
+    // A success is a mark; a failure changed more than that.
+    assert_eq!(marks.len(), 2, "{marks:?}");
+    assert!(marks.iter().all(|m| m.host != ids[2].to_string()));
+
+    let header = decode_header(&stored.last().unwrap().1).unwrap();
+    let clock = decode_clock(&stored[0].1).unwrap();
+    let mut manifests = BTreeMap::new();
+    manifests.insert(
+        manifest_id(&r.services[0].manifest, &r.services[0].signature),
+        (
+            r.services[0].manifest.clone(),
+            r.services[0].signature.clone(),
+        ),
+    );
+    let hosts: Vec<(String, Vec<u8>)> = stored
+        .iter()
+        .filter(|(k, _)| k.starts_with("rollout-hosts/"))
+        .cloned()
+        .collect();
+    // A mark for a command that is no longer the host's (one re-sent
+    // since, say) changes nothing.
+    let mut stale = marks.clone();
+    stale.push(StagedMark {
+        service: 0,
+        host: ids[3].to_string(),
+        command: 999,
+    });
+    let key = staged_key(&r.id, 7);
+    let loaded = assemble(
+        header,
+        clock,
+        r.plan.clone(),
+        &manifests,
+        hosts.clone(),
+        vec![(key.clone(), serde_json::to_vec(&stale).unwrap())],
+    )
+    .unwrap();
+    let state = |i: usize| loaded.services[0].hosts[&ids[i]].state;
+    assert_eq!(state(0), HostState::Staged);
+    assert_eq!(state(1), HostState::Staged);
+    assert!(loaded.services[0].hosts[&ids[0]].outstanding.is_none());
+    // Host 2's failure was not marked (its record is written whole); host
+    // 3's stale mark did nothing.
+    assert_eq!(state(2), HostState::Staging);
+    assert_eq!(state(3), HostState::Staging);
+    assert!(loaded.services[0].hosts[&ids[3]].outstanding.is_some());
+    // A mark for a host the rollout does not have is an inconsistency.
+    let header = decode_header(&stored.last().unwrap().1).unwrap();
+    let clock = decode_clock(&stored[0].1).unwrap();
+    let bad = vec![StagedMark {
+        service: 0,
+        host: "nope".into(),
+        command: 1,
+    }];
+    let err = assemble(
+        header,
+        clock,
+        r.plan.clone(),
+        &manifests,
+        hosts,
+        vec![(key, serde_json::to_vec(&bad).unwrap())],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no host nope"), "{err}");
 }

@@ -44,7 +44,8 @@ pub(super) async fn load_record(
                 .ok_or_else(|| corrupt(&ck, "missing"))?;
             let clock = record::decode_clock(&clock).map_err(|e| corrupt(&ck, e))?;
             let hosts = store.list(&record::hosts_prefix(&id)).await?;
-            let r = record::assemble(header, clock, plan, &manifests, hosts)
+            let staged = store.list(&record::staged_prefix(&id)).await?;
+            let r = record::assemble(header, clock, plan, &manifests, hosts, staged)
                 .map_err(|e| corrupt(k, e))?;
             Ok((r, false))
         }
@@ -74,6 +75,7 @@ pub(super) async fn remove_unfinished_starts(store: &dyn Store) -> Result<(), St
         let mut ops = Vec::new();
         for prefix in [
             record::hosts_prefix(id),
+            record::staged_prefix(id),
             record::plan_prefix(id),
             events::prefix(id),
         ] {
@@ -96,9 +98,10 @@ pub(super) async fn remove_unfinished_starts(store: &dyn Store) -> Result<(), St
 /// A rollout's header and clock as stored (encoded).
 type Stored = (Vec<u8>, Vec<u8>);
 
-/// The writes of a step: the hosts it changed whose stored record changed,
-/// its events, and the header if it changed (last). Returns them with the
-/// new header.
+/// The writes of a step: the hosts it changed whose stored record changed
+/// (those whose stage command only succeeded as one record of
+/// [`record::StagedMark`]s), its events, and the header if it changed
+/// (last). Returns them with the new header.
 pub(super) fn prepare(
     id: &str,
     r: &Rollout,
@@ -107,18 +110,32 @@ pub(super) fn prepare(
     history: &[events::RolloutEvent],
 ) -> Result<(Vec<Op>, Stored), StoreError> {
     let mut ops = Vec::new();
+    // Marks are keyed by the step's first event; every staged host has one.
+    let first_event = history.first().map(|e| e.seq);
+    let mut marks = Vec::new();
     for (si, hosts) in changed.iter().enumerate() {
         let Some(s) = r.services.get(si) else {
             continue;
         };
         for (host, was) in hosts {
             let Some(h) = s.hosts.get(host) else { continue };
+            if first_event.is_some()
+                && let Some(mark) = record::staged_only(si, host, was, h)
+            {
+                marks.push(mark);
+                continue;
+            }
             let k = record::host_key(id, si, host);
             let now = record::encode_host(h).map_err(|e| corrupt(&k, e))?;
             if now != record::encode_host(was).map_err(|e| corrupt(&k, e))? {
                 ops.push(Op::Put(k, now));
             }
         }
+    }
+    if let (Some(first), false) = (first_event, marks.is_empty()) {
+        let k = record::staged_key(id, first);
+        let v = serde_json::to_vec(&marks).map_err(|e| corrupt(&k, e))?;
+        ops.push(Op::Put(k, v));
     }
     for (k, v) in events::records(id, history).map_err(|e| corrupt(&key(id), e))? {
         ops.push(Op::Put(k, v));

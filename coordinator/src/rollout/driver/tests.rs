@@ -14,13 +14,18 @@ use crate::store::RedbStore;
 /// A rollout of `service` 2.0.0 over one host running 1.0.0, resolved from
 /// `plan` (which may carry the fault marker in a comment).
 fn rollout(id: &str, service: &str, comment: &str) -> Rollout {
+    rollout_of(id, service, comment, 1)
+}
+
+/// The same over `hosts` hosts (`h1`, `h2`, …).
+fn rollout_of(id: &str, service: &str, comment: &str, hosts: usize) -> Rollout {
     let text = format!(
         "{comment}\n[[service]]\nname = \"{service}\"\nversion = \"2.0.0\"\nmin_healthy = 0\n"
     );
     let plan = Plan::parse(&text).unwrap();
     let now = SystemTime::now();
-    let host = HostView {
-        host_id: HostId::try_from("h1").unwrap(),
+    let host = |i: usize| HostView {
+        host_id: HostId::try_from(format!("h{i}")).unwrap(),
         connected: false,
         labels: Default::default(),
         services: vec![baton_common::host::ServiceStatus {
@@ -36,7 +41,7 @@ fn rollout(id: &str, service: &str, comment: &str) -> Rollout {
         session: 0,
     };
     let mut facts = Facts {
-        fleet: vec![host],
+        fleet: (1..=hosts).map(host).collect(),
         ..Facts::default()
     };
     facts.artifacts.insert(
@@ -235,6 +240,74 @@ async fn a_start_a_crash_interrupted_is_removed_and_a_finished_one_loads_whole()
     let loaded = until(&rollouts, "r-5-whole", |r| r.state == State::Staging).await;
     assert_eq!(loaded.plan, whole.plan);
     assert_eq!(loaded.services[0].manifest, whole.services[0].manifest);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// A thousand stage answers are one step and one transaction of a few
+/// operations (a mark per host in one record, not a record per host), and
+/// a driver that starts on the store finds every host staged.
+#[tokio::test]
+async fn a_thousand_stage_answers_are_one_small_write_and_load_back_staged() {
+    use baton_common::command::{CommandUpdate, Outcome};
+    let dir = tempfile::tempdir().unwrap();
+    let stats = Arc::new(crate::store::StoreStats::default());
+    let redb: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(crate::store::Measured::new(redb, stats.clone()));
+    let r = rollout_of("r-6-stage", "web", "", 1000);
+    for (k, v) in record::all_records(&r).unwrap() {
+        store.put(&k, v).await.unwrap();
+    }
+    let (rollouts, fleet, stop, task) = start_with_fleet(dir.path(), store.clone()).await;
+    let staging = until(&rollouts, "r-6-stage", |r| r.state == State::Staging).await;
+    use std::sync::atomic::Ordering::SeqCst;
+    let txns_before = stats.txns.load(SeqCst);
+    for (host, h) in &staging.services[0].hosts {
+        let id = &h.outstanding.as_ref().unwrap().id;
+        fleet
+            .publish_update(
+                host.clone(),
+                CommandUpdate::done(id, Outcome::Succeeded, ""),
+            )
+            .await;
+    }
+    let staged = until(&rollouts, "r-6-stage", |r| {
+        r.services[0]
+            .hosts
+            .values()
+            .all(|h| h.state == HostState::Staged)
+    })
+    .await;
+    assert_eq!(staged.services[0].hosts.len(), 1000);
+    // Per-host records would take at least eight transactions of 128.
+    let txns = stats.txns.load(SeqCst) - txns_before;
+    assert!(txns <= 4, "{txns} transactions for 1,000 stage answers");
+    assert!(stats.largest_txn_ops.load(SeqCst) <= 128);
+    assert!(stats.largest_txn_bytes.load(SeqCst) <= 1 << 20);
+    assert!(
+        !store
+            .list(&record::staged_prefix("r-6-stage"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    stop.cancel();
+    task.await.unwrap();
+
+    // A restart reads the marks: every host staged, nothing outstanding.
+    let (rollouts, stop, task) = start(dir.path(), store.clone()).await;
+    let loaded = rollouts.get("r-6-stage".into()).await.unwrap();
+    assert!(
+        loaded.services[0]
+            .hosts
+            .values()
+            .all(|h| h.state == HostState::Staged && h.outstanding.is_none()),
+        "{:?}",
+        loaded.services[0]
+            .hosts
+            .values()
+            .find(|h| h.state != HostState::Staged)
+    );
     stop.cancel();
     task.await.unwrap();
 }
