@@ -96,7 +96,7 @@ pub struct AgentArgs {
 
     /// The systemctl that drives services run by systemd (`supervisor =
     /// "systemd"` in service.toml) [default: systemctl on the PATH].
-    #[arg(long, value_name = "PROGRAM")]
+    #[arg(long, value_name = "PROGRAM", env = "BATON_SYSTEMCTL")]
     pub systemctl: Option<PathBuf>,
 
     /// Internal: watch an upgrade of this agent (started by the agent
@@ -194,9 +194,17 @@ pub struct EnrollTarget {
 impl AgentConfig {
     /// The TLS directory and host id given, for finishing a certificate
     /// renewal a crash interrupted before anything reads the TLS files.
+    /// Both come from the flags or the config file, as [`Self::resolve`]
+    /// reads them; a file that does not read is left for `resolve` to
+    /// report.
     pub fn tls_files(args: &AgentArgs) -> Option<(PathBuf, HostId)> {
-        let host = HostId::try_from(args.host_id.as_deref()?).ok()?;
-        Some((args.tls_dir.clone()?, host))
+        let file: FileConfig = match &args.config {
+            Some(path) => baton_common::process::read_toml(path).ok()?,
+            None => FileConfig::default(),
+        };
+        let host = args.host_id.clone().or(file.host_id)?;
+        let host = HostId::try_from(host.as_str()).ok()?;
+        Some((args.tls_dir.clone().or(file.tls_dir)?, host))
     }
 
     /// What to enroll with, when `--enroll-token` is given and the TLS
@@ -406,6 +414,34 @@ mod tests {
         let args =
             AgentArgs::try_parse_from(["baton-agent", "--config", file.to_str().unwrap()]).unwrap();
         AgentConfig::resolve(args).unwrap_err().0
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_found_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "host-id = \"web-1\"\ntls-dir = \"/etc/baton/tls\"\n").unwrap();
+        let args =
+            AgentArgs::try_parse_from(["baton-agent", "--config", file.to_str().unwrap()]).unwrap();
+        let (tls, host) = AgentConfig::tls_files(&args).unwrap();
+        assert_eq!(tls, PathBuf::from("/etc/baton/tls"));
+        assert_eq!(host.to_string(), "web-1");
+        // Flags win over the file.
+        let args = AgentArgs::try_parse_from([
+            "baton-agent",
+            "--config",
+            file.to_str().unwrap(),
+            "--host-id",
+            "web-2",
+        ])
+        .unwrap();
+        assert_eq!(
+            AgentConfig::tls_files(&args).unwrap().1.to_string(),
+            "web-2"
+        );
+        // Neither: nothing to finish.
+        let args = AgentArgs::try_parse_from(["baton-agent"]).unwrap();
+        assert!(AgentConfig::tls_files(&args).is_none());
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl Executor {
             return Err(cancelled("before the swap"));
         }
         let from = self.inner.releases.current(name);
-        let specs = listen_specs(&release.spec).or_fail(FailureKind::Start)?;
+        let specs = listen_specs(&release.spec).or_fail(FailureKind::Invalid)?;
         let native = release.spec.supervisor == SupervisorKind::Native;
         // A handoff needs the old process to hold exactly these sockets;
         // otherwise (no listen before, or other addresses) it is replaced

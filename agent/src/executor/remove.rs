@@ -32,7 +32,7 @@ impl Executor {
                     .run(&["stop", &unit])
                     .await
                     .map_err(|e| format!("cannot stop {name}: {e}"))
-                    .or_fail(FailureKind::StopTimeout)?;
+                    .or_fail(FailureKind::Internal)?;
             }
         }
         self.release_sockets(&mut st, name, &[]);

@@ -262,9 +262,14 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             error: crate::text::prefix(&u.error, MAX_UPDATE_ERROR_CHARS),
             // An unusable duration is dropped: it only feeds a metric.
             health_wait: u.health_wait.as_ref().and_then(from_duration),
-            // Only a failure has a kind.
+            // Only a failure has a kind; only the coordinator decides that
+            // a host was gone, and an agent saying so of itself is not
+            // believed.
             failure: match phase {
-                Phase::Done(Outcome::Failed) => failure_kind(u.failure),
+                Phase::Done(Outcome::Failed) => failure_kind(u.failure).map(|k| match k {
+                    FailureKind::Gone => FailureKind::Internal,
+                    other => other,
+                }),
                 _ => None,
             },
         })

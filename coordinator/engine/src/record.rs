@@ -169,25 +169,34 @@ pub fn staged_only(
 
 /// Applies stored staged marks to the hosts of a rollout being assembled:
 /// a host whose record still has the marked command outstanding is staged.
+/// A mark that cannot apply (a record that does not decode, a host the
+/// rollout does not have) is skipped and said: without it the host is
+/// still staging, and its stage command is sent again, which is safe. The
+/// rollout loads either way.
 fn apply_staged(
     by_service: &mut [BTreeMap<HostId, HostRun>],
     marks: Vec<(String, Vec<u8>)>,
-) -> Result<(), RecordError> {
+) -> Vec<String> {
+    let mut skipped = Vec::new();
     for (key, value) in marks {
-        let marks: Vec<StagedMark> = serde_json::from_slice(&value)
-            .map_err(|e| RecordError::Inconsistent(format!("{key}: {e}")))?;
+        let marks: Vec<StagedMark> = match serde_json::from_slice(&value) {
+            Ok(m) => m,
+            Err(e) => {
+                skipped.push(format!("{key}: {e}"));
+                continue;
+            }
+        };
         for m in marks {
             let Ok(host) = HostId::try_from(m.host.as_str()) else {
-                return Err(RecordError::Inconsistent(format!(
+                skipped.push(format!(
                     "{key}: {} is not a host id",
                     baton_common::text::quote(&m.host)
-                )));
+                ));
+                continue;
             };
             let Some(h) = by_service.get_mut(m.service).and_then(|s| s.get_mut(&host)) else {
-                return Err(RecordError::Inconsistent(format!(
-                    "{key}: no host {host} in service {}",
-                    m.service
-                )));
+                skipped.push(format!("{key}: no host {host} in service {}", m.service));
+                continue;
             };
             let marked = h.state == HostState::Staging
                 && h.outstanding.as_ref().is_some_and(|c| {
@@ -199,7 +208,17 @@ fn apply_staged(
             }
         }
     }
-    Ok(())
+    skipped
+}
+
+/// A rollout assembled from its records, and the staged marks that could
+/// not apply (see [`apply_staged`]), for the log.
+#[derive(Debug)]
+pub struct Assembled {
+    /// The rollout.
+    pub rollout: Rollout,
+    /// Each mark skipped, and why.
+    pub skipped: Vec<String>,
 }
 
 /// The key of one host's record in service `si` of a rollout.
@@ -605,7 +624,7 @@ pub fn assemble(
     manifests: &BTreeMap<String, (Vec<u8>, Vec<u8>)>,
     hosts: Vec<(String, Vec<u8>)>,
     staged: Vec<(String, Vec<u8>)>,
-) -> Result<Rollout, RecordError> {
+) -> Result<Assembled, RecordError> {
     let id = header.id.clone();
     let prefix = hosts_prefix(&id);
     let mut by_service: Vec<BTreeMap<HostId, HostRun>> =
@@ -633,7 +652,7 @@ pub fn assemble(
             services.insert(host, run);
         }
     }
-    apply_staged(&mut by_service, staged)?;
+    let skipped = apply_staged(&mut by_service, staged);
     let mut services = Vec::with_capacity(header.services.len());
     let mut next_seq = clock.next_seq;
     for (s, hosts) in header.services.into_iter().zip(by_service) {
@@ -688,7 +707,7 @@ pub fn assemble(
             changed: Default::default(),
         });
     }
-    Ok(Rollout {
+    let rollout = Rollout {
         id: header.id,
         plan,
         state: header.state,
@@ -703,7 +722,8 @@ pub fn assemble(
         error: header.error,
         next_seq,
         away: Default::default(),
-    })
+    };
+    Ok(Assembled { rollout, skipped })
 }
 
 /// One host's in-memory state from its record.

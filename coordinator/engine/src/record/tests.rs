@@ -58,6 +58,7 @@ fn load(r: &Rollout) -> Rollout {
         vec![],
     )
     .unwrap()
+    .rollout
 }
 
 #[test]
@@ -169,7 +170,9 @@ fn a_host_record_that_got_ahead_of_its_header_never_reuses_a_command_id() {
             r.services[0].signature.clone(),
         ),
     );
-    let loaded = assemble(header, clock, r.plan.clone(), &manifests, hosts, vec![]).unwrap();
+    let loaded = assemble(header, clock, r.plan.clone(), &manifests, hosts, vec![])
+        .unwrap()
+        .rollout;
     assert_eq!(loaded.next_seq, highest);
 }
 
@@ -261,6 +264,8 @@ fn staged_marks_stage_exactly_the_hosts_whose_command_they_name() {
         vec![(key.clone(), serde_json::to_vec(&stale).unwrap())],
     )
     .unwrap();
+    assert!(loaded.skipped.is_empty(), "{:?}", loaded.skipped);
+    let loaded = loaded.rollout;
     let state = |i: usize| loaded.services[0].hosts[&ids[i]].state;
     assert_eq!(state(0), HostState::Staged);
     assert_eq!(state(1), HostState::Staged);
@@ -270,7 +275,9 @@ fn staged_marks_stage_exactly_the_hosts_whose_command_they_name() {
     assert_eq!(state(2), HostState::Staging);
     assert_eq!(state(3), HostState::Staging);
     assert!(loaded.services[0].hosts[&ids[3]].outstanding.is_some());
-    // A mark for a host the rollout does not have is an inconsistency.
+    // Marks that cannot apply (a host the rollout does not have, a record
+    // that does not decode) are skipped and said; the rollout still loads,
+    // its hosts still staging.
     let header = decode_header(&stored.last().unwrap().1).unwrap();
     let clock = decode_clock(&stored[0].1).unwrap();
     let bad = vec![StagedMark {
@@ -278,14 +285,26 @@ fn staged_marks_stage_exactly_the_hosts_whose_command_they_name() {
         host: "nope".into(),
         command: 1,
     }];
-    let err = assemble(
+    let loaded = assemble(
         header,
         clock,
         r.plan.clone(),
         &manifests,
         hosts,
-        vec![(key, serde_json::to_vec(&bad).unwrap())],
+        vec![
+            (key, serde_json::to_vec(&bad).unwrap()),
+            (staged_key(&r.id, 8), b"\x00{garbage".to_vec()),
+        ],
     )
-    .unwrap_err();
-    assert!(err.to_string().contains("no host nope"), "{err}");
+    .unwrap();
+    assert_eq!(loaded.skipped.len(), 2, "{:?}", loaded.skipped);
+    assert!(
+        loaded.skipped[0].contains("no host nope"),
+        "{:?}",
+        loaded.skipped
+    );
+    assert_eq!(
+        loaded.rollout.services[0].hosts[&ids[0]].state,
+        HostState::Staging
+    );
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use baton_common::host::HostId;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{corrupt, events, key, scope};
 use crate::rollout::machine::{HostRun, Rollout};
@@ -45,9 +45,12 @@ pub(super) async fn load_record(
             let clock = record::decode_clock(&clock).map_err(|e| corrupt(&ck, e))?;
             let hosts = store.list(&record::hosts_prefix(&id)).await?;
             let staged = store.list(&record::staged_prefix(&id)).await?;
-            let r = record::assemble(header, clock, plan, &manifests, hosts, staged)
+            let assembled = record::assemble(header, clock, plan, &manifests, hosts, staged)
                 .map_err(|e| corrupt(k, e))?;
-            Ok((r, false))
+            for why in &assembled.skipped {
+                warn!(rollout = %id, %why, "skipping a staged mark; the host's stage command is sent again");
+            }
+            Ok((assembled.rollout, false))
         }
     }
 }
