@@ -437,9 +437,18 @@ impl Driver {
                 },
                 u = updates.recv() => match u {
                     Some(first) => {
-                        // Take what else has arrived into the same steps.
+                        // Take what else has arrived into the same steps:
+                        // many while a rollout stages (its answers are one
+                        // small write), a few otherwise, so ticks and
+                        // operators are not kept waiting behind a long
+                        // run of steps.
+                        let staging = self
+                            .active
+                            .values()
+                            .any(|a| a.rollout.state == State::Staging);
+                        let cap = if staging { UPDATES_PER_BURST } else { 2 * ANSWERS_PER_STEP };
                         let mut burst = vec![first];
-                        while burst.len() < UPDATES_PER_BURST {
+                        while burst.len() < cap {
                             match updates.try_recv() {
                                 Ok(u) => burst.push(u),
                                 Err(_) => break,
