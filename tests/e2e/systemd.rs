@@ -187,6 +187,23 @@ fn a_service_managed_by_systemd_is_swapped_restarted_and_rolled_back() {
         vec!["restart demo-h1.service"; 4],
         "{calls}"
     );
+    // Between activations the unit's health is still watched: once its
+    // process dies, the host reports the service unhealthy.
+    let healthy = || {
+        let out = fleet.baton(&["hosts", "h1", "--json"]);
+        let host: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        host["services"][0]["healthy"].as_bool()
+    };
+    assert_eq!(healthy(), Some(true));
+    let pid: i32 = std::fs::read_to_string(fleet.env.path("systemctl-h1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    baton_tests::wait_until("the dead unit to show unhealthy", baton_tests::SOON, || {
+        (healthy() == Some(false)).then_some(())
+    });
 }
 
 /// Kills the process whose pid a file holds, when dropped (also when the

@@ -59,6 +59,10 @@ pub(super) struct Unit {
     name: String,
     // Never turns false: systemd restarts the unit.
     alive: watch::Sender<bool>,
+    // Always running (its health check tells the rest); held for as long
+    // as the unit is the release's, so the service's monitor keeps
+    // checking its health between activations.
+    status: watch::Sender<ProcessStatus>,
 }
 
 impl Unit {
@@ -67,6 +71,12 @@ impl Unit {
         Self {
             name,
             alive: watch::channel(true).0,
+            status: watch::channel(ProcessStatus {
+                state: ProcessState::Running { pid: 0 },
+                restarts: 0,
+                last_exit: None,
+            })
+            .0,
         }
     }
 }
@@ -77,13 +87,7 @@ impl Runner for Unit {
     }
 
     fn status(&self) -> watch::Receiver<ProcessStatus> {
-        // A unit is reported running; its health check tells the rest.
-        watch::channel(ProcessStatus {
-            state: ProcessState::Running { pid: 0 },
-            restarts: 0,
-            last_exit: None,
-        })
-        .1
+        self.status.subscribe()
     }
 
     fn native(&self) -> Option<&Supervisor> {
@@ -175,15 +179,23 @@ mod tests {
         assert!(e.contains("cannot run /nonexistent/systemctl"), "{e}");
     }
 
-    #[test]
-    fn a_unit_is_running_and_stays_alive() {
+    #[tokio::test]
+    async fn a_unit_is_running_and_stays_alive() {
         let u: Box<dyn Runner> = Box::new(Unit::new("web.service".into()));
         assert_eq!(u.unit(), Some("web.service"));
         assert!(u.native().is_none());
         assert!(*u.alive().borrow());
+        let mut status = u.status();
         assert!(matches!(
-            u.status().borrow().state,
+            status.borrow().state,
             ProcessState::Running { .. }
         ));
+        // The status stays open while the unit is the release's (the
+        // monitor waits on it between health checks), and closes with it.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), status.changed()).await;
+        assert!(waited.is_err(), "the status closed: {waited:?}");
+        drop(u);
+        assert!(status.changed().await.is_err());
     }
 }
