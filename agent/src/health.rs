@@ -64,6 +64,40 @@ pub async fn check_once(spec: &HealthSpec, release_dir: &Path) -> Result<(), Str
     result.unwrap_or_else(|_| Err(format!("{what} timed out after {}", fmt_duration(timeout))))
 }
 
+/// Why a health gate ended without the release turning healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    /// A rollback or an abort cancelled it.
+    #[error("cancelled")]
+    Cancelled,
+    /// The process exited while the gate ran.
+    #[error("the process exited during the health check")]
+    Exited,
+    /// The process's supervisor went away while the gate ran.
+    #[error("the supervisor stopped during the health check")]
+    SupervisorStopped,
+    /// The checks did not pass for `min_healthy_time` by the deadline.
+    #[error("not healthy within {within}: {last}")]
+    NotHealthy {
+        /// The deadline, as written.
+        within: String,
+        /// The last check's error, or how long it had been passing.
+        last: String,
+    },
+}
+
+impl GateError {
+    /// The kind of the command failure this makes.
+    pub fn kind(&self) -> baton_common::command::FailureKind {
+        use baton_common::command::FailureKind;
+        match self {
+            Self::Cancelled => FailureKind::Cancelled,
+            Self::Exited | Self::SupervisorStopped => FailureKind::Start,
+            Self::NotHealthy { .. } => FailureKind::NotHealthy,
+        }
+    }
+}
+
 /// Waits until the service is healthy and returns how long that took.
 ///
 /// Healthy means: checks have passed continuously for
@@ -77,7 +111,7 @@ pub async fn wait_healthy(
     gate: &Gate,
     alive: &mut watch::Receiver<bool>,
     cancel: &CancellationToken,
-) -> Result<Duration, String> {
+) -> Result<Duration, GateError> {
     let start = Instant::now();
     let result = wait_passing(spec, release_dir, gate, alive, cancel).await;
     let took = start.elapsed();
@@ -85,7 +119,7 @@ pub async fn wait_healthy(
     metrics.health_wait.observe(took);
     // A gate that gave up is one failure, however many checks a starting
     // process failed before it could answer.
-    if result.as_ref().is_err_and(|e| e != "cancelled") {
+    if result.as_ref().is_err_and(|e| *e != GateError::Cancelled) {
         metrics.health_check_failures.inc();
     }
     // Outside a command (the tests) there is nobody to tell.
@@ -101,7 +135,7 @@ pub async fn wait_passing(
     gate: &Gate,
     alive: &mut watch::Receiver<bool>,
     cancel: &CancellationToken,
-) -> Result<Duration, String> {
+) -> Result<Duration, GateError> {
     let start = Instant::now();
     let deadline = start + gate.healthy_deadline;
     // Without a spec, a "check" always passes and only the process's
@@ -122,11 +156,11 @@ pub async fn wait_passing(
         };
         let result = tokio::select! {
             biased;
-            () = cancel.cancelled() => return Err("cancelled".to_owned()),
+            () = cancel.cancelled() => return Err(GateError::Cancelled),
             exited = alive.wait_for(|alive| !*alive) => {
                 return Err(match exited {
-                    Ok(_) => "the process exited during the health check".to_owned(),
-                    Err(_) => "the supervisor stopped during the health check".to_owned(),
+                    Ok(_) => GateError::Exited,
+                    Err(_) => GateError::SupervisorStopped,
                 });
             }
             result = step => result,
@@ -138,10 +172,10 @@ pub async fn wait_passing(
                         fmt_duration(gate.min_healthy_time)
                     );
                 }
-                return Err(format!(
-                    "not healthy within {}: {last_error}",
-                    fmt_duration(gate.healthy_deadline)
-                ));
+                return Err(GateError::NotHealthy {
+                    within: fmt_duration(gate.healthy_deadline),
+                    last: last_error,
+                });
             }
         };
         let now = Instant::now();
@@ -701,7 +735,8 @@ mod tests {
             &CancellationToken::new(),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             error,
             format!(
@@ -722,6 +757,8 @@ mod tests {
         )
         .await
         .unwrap_err();
+        assert_eq!(error.kind(), baton_common::command::FailureKind::NotHealthy);
+        let error = error.to_string();
         assert!(
             error.starts_with("not healthy within 300ms: passing for ")
                 && error.ends_with(" of the required 1s"),
@@ -751,7 +788,10 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(error, "the process exited during the health check");
+        assert_eq!(error, GateError::Exited);
+        // A release that dies in its gate did not start, which is another
+        // failure than one that runs unhealthy.
+        assert_eq!(error.kind(), baton_common::command::FailureKind::Start);
         drop(dies.await.unwrap());
 
         let (_alive_tx, mut alive) = watch::channel(true);
@@ -766,7 +806,7 @@ mod tests {
         let error = wait_healthy(Some(&s), dir.path(), &g, &mut alive, &cancel)
             .await
             .unwrap_err();
-        assert_eq!(error, "cancelled");
+        assert_eq!(error, GateError::Cancelled);
         canceller.await.unwrap();
     }
 
@@ -798,7 +838,7 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(error, "the process exited during the health check");
+        assert_eq!(error, GateError::Exited);
     }
 
     #[test]

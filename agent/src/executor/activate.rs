@@ -564,8 +564,7 @@ async fn gate_current(
         cancel,
     )
     .await
-    .map_err(|e| format!("{release}: {e}"))
-    .or_fail(FailureKind::NotHealthy)?;
+    .map_err(|e| Failure::new(e.kind(), format!("{release}: {e}")))?;
     info!(service = %release.name, version = %release.version, took = ?took, "healthy");
     Ok(())
 }

@@ -62,7 +62,8 @@ pub(super) async fn wait_ready(
                 cancel,
             )
             .await
-            .map(|_| ()),
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         }
     };
     tokio::select! {
