@@ -69,6 +69,8 @@ fn a_full_disk_fails_staging_precisely_and_leaves_nothing_that_blocks_the_next()
             && error.contains("the partial download was deleted"),
         "{error}"
     );
+    // The host's disk, not the source, failed it.
+    assert_eq!(Fleet::hosts_of(&s)["h1"]["failure"], "disk", "{s}");
     assert_eq!(fleet.get("h1").as_deref(), Some("demo-service 1.0.0"));
     assert_eq!(names(&inside(&fleet, "downloads")), Vec::<String>::new());
 
@@ -86,6 +88,7 @@ fn a_full_disk_fails_staging_precisely_and_leaves_nothing_that_blocks_the_next()
         .unwrap()
         .to_owned();
     assert!(error.contains("No space left on device"), "{error}");
+    assert_eq!(Fleet::hosts_of(&s)["h1"]["failure"], "disk", "{s}");
     let releases = names(&inside(&fleet, "services/demo/releases"));
     assert!(
         releases.iter().all(|r| !r.starts_with(".staging")),

@@ -6,10 +6,13 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use baton_common::artifact::{Manifest, PayloadHasher};
+use baton_common::command::FailureKind;
 use baton_proto::agent::v1 as pb;
 use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use tonic::transport::Channel;
 use tracing::{info, warn};
+
+use super::failure::{Classify, Failure};
 
 /// Attempts to resume a broken download before staging fails.
 const FETCH_ATTEMPTS: u32 = 10;
@@ -61,14 +64,16 @@ impl From<tonic::Status> for Broke {
 /// as it arrives (no second pass) and resuming from the bytes already
 /// there — after a broken stream, or left by an earlier run. Fails (and
 /// deletes the file) when size or digest do not match the manifest.
-/// `progress` is called with the offset after every chunk.
+/// `progress` is called with the offset after every chunk. A failure is
+/// `disk` when the file could not be opened or written, `download` when
+/// the source failed or sent what the manifest does not describe.
 pub async fn download(
     client: impl Fn() -> ArtifactServiceClient<Channel>,
     m: &Manifest,
     path: &std::path::Path,
     limits: Limits,
     mut progress: impl FnMut(u64),
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let window_len = limits.window;
     let digest = format!("sha256:{}", m.payload_sha256);
     let path = path.to_path_buf();
@@ -77,7 +82,9 @@ pub async fn download(
     let (file, hasher, mut offset) =
         tokio::task::spawn_blocking(move || open_partial(&opening, size))
             .await
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))??;
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+            .or_fail(FailureKind::Internal)?
+            .or_fail(FailureKind::Disk)?;
     if offset > 0 {
         info!(%digest, offset, "resuming an interrupted download");
     }
@@ -272,40 +279,48 @@ pub async fn download(
     drop((chunks, to_hash));
     let written = writer
         .await
-        .map_err(|e| format!("the download writer failed: {e}"))?;
+        .map_err(|e| format!("the download writer failed: {e}"))
+        .or_fail(FailureKind::Internal)?;
     let hasher = hashing
         .await
-        .map_err(|e| format!("the download hasher failed: {e}"))?;
+        .map_err(|e| format!("the download hasher failed: {e}"))
+        .or_fail(FailureKind::Internal)?;
     // A write that failed (a full disk, an I/O error) leaves a file that
     // holds space and may end in a torn chunk: it goes, so that nothing
     // blocks the next attempt. Only a broken stream keeps it, to resume.
     let file = match (received, written) {
         (_, Err(why)) => {
             let _ = std::fs::remove_file(&path);
-            return Err(format!("{why}; the partial download was deleted"));
+            return Err(Failure::new(
+                FailureKind::Disk,
+                format!("{why}; the partial download was deleted"),
+            ));
         }
         (Err((why, delete)), Ok(_)) => {
             if delete {
                 let _ = std::fs::remove_file(&path);
             }
-            return Err(why);
+            return Err(Failure::new(FailureKind::Download, why));
         }
         (Ok(()), Ok(file)) => file,
     };
     if let Err(e) = file.sync_all() {
         drop(file);
         let _ = std::fs::remove_file(&path);
-        return Err(format!(
-            "cannot write {}: {e}; the partial download was deleted",
-            path.display()
+        return Err(Failure::new(
+            FailureKind::Disk,
+            format!(
+                "cannot write {}: {e}; the partial download was deleted",
+                path.display()
+            ),
         ));
     }
     drop(file);
     if let Err(e) = hasher.finish(m) {
         let _ = std::fs::remove_file(&path);
-        return Err(format!(
-            "the download of {} {} is corrupt: {e}",
-            m.name, m.version
+        return Err(Failure::new(
+            FailureKind::Download,
+            format!("the download of {} {} is corrupt: {e}", m.name, m.version),
         ));
     }
     Ok(())
@@ -473,6 +488,9 @@ mod tests {
         .await
         .expect("the download was left to dribble")
         .unwrap_err();
+        // The source's fault, not the disk's.
+        assert_eq!(err.kind, FailureKind::Download);
+        let err = err.message;
         assert!(
             err.contains("averaged") && err.contains("below 16 KiB/s"),
             "{err}"

@@ -96,7 +96,7 @@ impl Executor {
         if releases.is_staged(name, version) {
             return Ok(());
         }
-        let payload = self.download(id, m).await.or_fail(FailureKind::Download)?;
+        let payload = self.download(id, m).await?;
         // Unpacking is blocking file work; keep it off the runtime.
         let releases = releases.clone();
         let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
@@ -146,7 +146,7 @@ impl Executor {
 
     /// Downloads a payload into `downloads/<hex>.partial` (see
     /// [`download`]), reporting progress on the command.
-    async fn download(&self, id: &str, m: &Manifest) -> Result<PathBuf, String> {
+    async fn download(&self, id: &str, m: &Manifest) -> Result<PathBuf, Failure> {
         let path = self
             .inner
             .config
