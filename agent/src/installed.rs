@@ -9,6 +9,29 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use baton_common::artifact::{fsync_dir, is_downgrade, validate_version};
+use baton_common::command::FailureKind;
+
+/// Why a version of a service may not be staged or activated here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// It is older than the highest version the host ran.
+    #[error("{0}")]
+    Below(String),
+    /// The record of the highest version cannot be read (the check it
+    /// guards does not open because a file was damaged).
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl Refusal {
+    /// The kind of the command failure this makes.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Below(_) => FailureKind::Refused,
+            Self::Unreadable(_) => FailureKind::Disk,
+        }
+    }
+}
 
 /// `<data-dir>/installed/`.
 #[derive(Debug, Clone)]
@@ -86,14 +109,14 @@ impl Installed {
         version: &str,
         held: bool,
         allow_downgrade: bool,
-    ) -> Result<(), String> {
-        let Some(highest) = self.highest(service)? else {
+    ) -> Result<(), Refusal> {
+        let Some(highest) = self.highest(service).map_err(Refusal::Unreadable)? else {
             return Ok(());
         };
         if !is_downgrade(&highest, version) || (held && allow_downgrade) {
             return Ok(());
         }
-        Err(if held {
+        Err(Refusal::Below(if held {
             format!(
                 "refusing {service} {version}: this host has run {highest}, and going back needs allow_downgrade = true in the plan"
             )
@@ -101,7 +124,7 @@ impl Installed {
             format!(
                 "refusing {service} {version}: this host has run {highest}, and an older release is installed again only while the host still holds it (this one it does not)"
             )
-        })
+        }))
     }
 }
 
@@ -128,15 +151,18 @@ mod tests {
         installed.refuse("api", "2.0.0", false, false).unwrap();
         installed.refuse("api", "2.1.0", false, false).unwrap();
         let e = installed.refuse("api", "1.0.0", false, true).unwrap_err();
-        assert!(e.contains("does not"), "{e}");
+        assert_eq!(e.kind(), FailureKind::Refused);
+        assert!(e.to_string().contains("does not"), "{e}");
         let e = installed.refuse("api", "1.0.0", true, false).unwrap_err();
-        assert!(e.contains("allow_downgrade"), "{e}");
+        assert!(e.to_string().contains("allow_downgrade"), "{e}");
         installed.refuse("api", "1.0.0", true, true).unwrap();
         // A version that is not a semantic one is no mark.
         installed.record("legacy", "v1").unwrap();
         assert_eq!(installed.highest("legacy").unwrap(), None);
         // A damaged record refuses rather than opening the check.
         std::fs::write(dir.path().join("installed/api"), "garbage").unwrap();
-        assert!(installed.refuse("api", "3.0.0", false, false).is_err());
+        let e = installed.refuse("api", "3.0.0", false, false).unwrap_err();
+        // The host's record failed, not the release.
+        assert_eq!(e.kind(), FailureKind::Disk);
     }
 }

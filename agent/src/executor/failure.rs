@@ -31,6 +31,12 @@ impl Failure {
     }
 }
 
+impl From<crate::installed::Refusal> for Failure {
+    fn from(r: crate::installed::Refusal) -> Self {
+        Self::new(r.kind(), r.to_string())
+    }
+}
+
 /// Classifying an error as it is returned.
 pub trait Classify<T> {
     /// The error as a failure of `kind`.

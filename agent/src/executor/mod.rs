@@ -442,15 +442,12 @@ impl Executor {
                     return Err(downgrade_refused(&service, &current, &version));
                 }
                 // Also below what ran here once, and was removed since.
-                self.inner
-                    .installed
-                    .refuse(
-                        &service,
-                        &version,
-                        self.inner.releases.is_staged(&service, &version),
-                        allow_downgrade,
-                    )
-                    .or_fail(FailureKind::Refused)?;
+                self.inner.installed.refuse(
+                    &service,
+                    &version,
+                    self.inner.releases.is_staged(&service, &version),
+                    allow_downgrade,
+                )?;
                 self.activate(&service, &version, gate, false, command.deadline)
                     .await
             }

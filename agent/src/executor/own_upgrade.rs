@@ -41,15 +41,12 @@ impl Executor {
         if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
             return Err(downgrade_refused(AGENT_NAME, me.version(), version));
         }
-        self.inner
-            .installed
-            .refuse(
-                AGENT_NAME,
-                version,
-                me.releases().is_staged(AGENT_NAME, version),
-                allow_downgrade,
-            )
-            .or_fail(FailureKind::Refused)?;
+        self.inner.installed.refuse(
+            AGENT_NAME,
+            version,
+            me.releases().is_staged(AGENT_NAME, version),
+            allow_downgrade,
+        )?;
         if self.inner.notifier.enabled() {
             // Across the exec the new agent copies sockets back from the
             // running services; systemd's fd store, which also holds them,

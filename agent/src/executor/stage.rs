@@ -51,10 +51,7 @@ impl Executor {
         }
         // Nor below the highest version this host ever ran, which a
         // removal does not erase.
-        self.inner
-            .installed
-            .refuse(name, version, false, false)
-            .or_fail(FailureKind::Refused)?;
+        self.inner.installed.refuse(name, version, false, false)?;
         let signed = SignedManifest::parse(manifest, signature)
             .map_err(|e| format!("the artifact's manifest is invalid: {e}"))
             .or_fail(FailureKind::Signature)?;
