@@ -1133,3 +1133,33 @@ fn a_tick_before_the_next_deadline_changes_nothing(
         "seed {seed}: a tick at {at:?} before the deadline {until:?} changed the rollout"
     );
 }
+
+/// A failed write puts the rollout back as it was before the step: its
+/// state, its hosts, and what a header leaves out (the plan, the signed
+/// manifests, the hosts away), which the header does not copy.
+#[test]
+fn restore_undoes_a_step_and_keeps_what_the_header_leaves_out() {
+    let mut r = rollout(4, 2, 2);
+    r.plan = "# a plan\n".repeat(10_000);
+    r.services[0].manifest = vec![7; 4096];
+    r.services[0].signature = vec![9; 64];
+    feed(&mut r, Event::Tick, t(0));
+    stage_all(&mut r);
+    feed(&mut r, Event::Disconnected(host(3)), t(1));
+    r.take_changed();
+    let original = r.clone();
+
+    let header = r.header();
+    assert!(header.plan.is_empty() && header.services[0].manifest.is_empty());
+    assert!(header.services[0].hosts.is_empty());
+    assert_eq!(r, original, "taking a header changes nothing");
+    let e = done(&r, &host(0), Outcome::Failed);
+    apply(&mut r, &[e], t(5)).unwrap();
+    assert_ne!(r.state, original.state);
+    let changed = r.take_changed();
+    r.restore(header, changed);
+    assert_eq!(r, original);
+    assert_eq!(r.plan.len(), "# a plan\n".len() * 10_000);
+    assert_eq!(r.services[0].manifest, vec![7; 4096]);
+    assert!(r.away.contains(&host(3)));
+}

@@ -36,17 +36,36 @@ impl Rollout {
             .collect()
     }
 
-    /// A copy of everything but the hosts (cheap whatever the fleet size).
+    /// A copy of what a step may change but the hosts: cheap whatever the
+    /// fleet or plan size. What no step changes (the plan, the signed
+    /// manifests) and the facts the driver keeps (hosts away) are left
+    /// out; [`Self::restore`] keeps them from the rollout it restores.
     pub fn header(&mut self) -> Rollout {
         let hosts: Vec<_> = self
             .services
             .iter_mut()
             .map(|s| std::mem::take(&mut s.hosts))
             .collect();
+        let signed: Vec<_> = self
+            .services
+            .iter_mut()
+            .map(|s| {
+                (
+                    std::mem::take(&mut s.manifest),
+                    std::mem::take(&mut s.signature),
+                )
+            })
+            .collect();
+        let plan = std::mem::take(&mut self.plan);
+        let away = std::mem::take(&mut self.away);
         let copy = self.clone();
-        for (s, h) in self.services.iter_mut().zip(hosts) {
+        for ((s, h), (manifest, signature)) in self.services.iter_mut().zip(hosts).zip(signed) {
             s.hosts = h;
+            s.manifest = manifest;
+            s.signature = signature;
         }
+        self.plan = plan;
+        self.away = away;
         copy
     }
 
@@ -68,11 +87,25 @@ impl Rollout {
                 h.insert(id, old);
             }
         }
+        let signed: Vec<_> = self
+            .services
+            .iter_mut()
+            .map(|s| {
+                (
+                    std::mem::take(&mut s.manifest),
+                    std::mem::take(&mut s.signature),
+                )
+            })
+            .collect();
+        let plan = std::mem::take(&mut self.plan);
         let away = std::mem::take(&mut self.away);
         *self = header;
-        for (s, h) in self.services.iter_mut().zip(hosts) {
+        for ((s, h), (manifest, signature)) in self.services.iter_mut().zip(hosts).zip(signed) {
             s.hosts = h;
+            s.manifest = manifest;
+            s.signature = signature;
         }
+        self.plan = plan;
         // Connections are facts, not state: the newest stand.
         for (s, ids) in self.services.iter_mut().zip(restored) {
             for id in ids {
