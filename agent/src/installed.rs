@@ -8,8 +8,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use baton_common::artifact::{fsync_dir, is_downgrade, validate_version};
+use baton_common::artifact::{fsync_dir, validate_version};
 use baton_common::command::FailureKind;
+use baton_common::version::is_downgrade;
 
 /// Why a version of a service may not be staged or activated here.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

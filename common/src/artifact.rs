@@ -321,8 +321,6 @@ pub use keys::*;
 pub use manifest::*;
 pub use verify::*;
 
-pub use crate::version::{is_downgrade, order as version_order};
-
 mod pack;
 use pack::{check_kind, check_link_target};
 pub use pack::{pack, pack_kind};

@@ -18,7 +18,7 @@ pub fn new_token(prefix: &str) -> Result<String, NoRandomness> {
 
 /// What a token is stored and looked up by: the hex of its SHA-256.
 pub fn stored_id(token: &str) -> String {
-    crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+    crate::hex::sha256_hex(token.as_bytes())
 }
 
 #[cfg(test)]

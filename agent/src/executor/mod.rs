@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use baton_common::artifact::{self, AGENT_NAME, PublicKey};
+use baton_common::artifact::{AGENT_NAME, PublicKey};
 use baton_common::command::{
     Command, CommandKind, CommandUpdate, FailureKind, HealthGate, Outcome, Phase,
 };
@@ -437,7 +437,7 @@ impl Executor {
             } => {
                 if !allow_downgrade
                     && let Some(current) = self.inner.releases.current(&service)
-                    && artifact::is_downgrade(&current, &version)
+                    && baton_common::version::is_downgrade(&current, &version)
                 {
                     return Err(downgrade_refused(&service, &current, &version));
                 }

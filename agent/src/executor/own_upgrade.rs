@@ -38,7 +38,7 @@ impl Executor {
             info!(%version, "the agent already runs this version");
             return Ok(());
         }
-        if !allow_downgrade && artifact::is_downgrade(me.version(), version) {
+        if !allow_downgrade && baton_common::version::is_downgrade(me.version(), version) {
             return Err(downgrade_refused(AGENT_NAME, me.version(), version));
         }
         self.inner.installed.refuse(

@@ -40,7 +40,7 @@ impl Executor {
             releases.current(name)
         };
         if let Some(current) = running
-            && artifact::is_downgrade(&current, version)
+            && baton_common::version::is_downgrade(&current, version)
         {
             return Err(Failure::new(
                 FailureKind::Refused,

@@ -742,20 +742,3 @@ fn unpack_drops_group_and_world_write() {
     let mode = |p: &str| fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode("open"), mode("open/file")), (0o755, 0o644));
 }
-
-#[test]
-fn downgrades_are_judged_by_semantic_order_and_unordered_versions_are_none() {
-    assert!(is_downgrade("2.0.0", "1.9.9"));
-    assert!(!is_downgrade("1.9.9", "2.0.0"));
-    assert!(!is_downgrade("2.0.0", "2.0.0"));
-    assert!(
-        is_downgrade("2.0.0", "2.0.0-rc.1"),
-        "a pre-release sorts first"
-    );
-    // Written before versions had to be semantic: read as 2.0.0 and 1.4.0.
-    assert!(is_downgrade("2", "1.5.0"));
-    assert!(!is_downgrade("1.4", "1.5.0"));
-    // No order: no evidence either way.
-    assert!(!is_downgrade("v1", "2.0.0"));
-    assert!(!is_downgrade("2024.01.15", "1.0.0"));
-}

@@ -41,31 +41,9 @@ impl Rollout {
     /// manifests) and the facts the driver keeps (hosts away) are left
     /// out; [`Self::restore`] keeps them from the rollout it restores.
     pub fn header(&mut self) -> Rollout {
-        let hosts: Vec<_> = self
-            .services
-            .iter_mut()
-            .map(|s| std::mem::take(&mut s.hosts))
-            .collect();
-        let signed: Vec<_> = self
-            .services
-            .iter_mut()
-            .map(|s| {
-                (
-                    std::mem::take(&mut s.manifest),
-                    std::mem::take(&mut s.signature),
-                )
-            })
-            .collect();
-        let plan = std::mem::take(&mut self.plan);
-        let away = std::mem::take(&mut self.away);
+        let bulk = self.take_bulk();
         let copy = self.clone();
-        for ((s, h), (manifest, signature)) in self.services.iter_mut().zip(hosts).zip(signed) {
-            s.hosts = h;
-            s.manifest = manifest;
-            s.signature = signature;
-        }
-        self.plan = plan;
-        self.away = away;
+        self.put_bulk(bulk);
         copy
     }
 
@@ -77,44 +55,59 @@ impl Rollout {
             .iter()
             .map(|was| was.keys().cloned().collect())
             .collect();
-        let mut hosts: Vec<_> = self
-            .services
-            .iter_mut()
-            .map(|s| std::mem::take(&mut s.hosts))
-            .collect();
-        for (h, was) in hosts.iter_mut().zip(changed) {
+        let mut bulk = self.take_bulk();
+        for (h, was) in bulk.hosts.iter_mut().zip(changed) {
             for (id, old) in was {
                 h.insert(id, old);
             }
         }
-        let signed: Vec<_> = self
-            .services
-            .iter_mut()
-            .map(|s| {
-                (
-                    std::mem::take(&mut s.manifest),
-                    std::mem::take(&mut s.signature),
-                )
-            })
-            .collect();
-        let plan = std::mem::take(&mut self.plan);
-        let away = std::mem::take(&mut self.away);
         *self = header;
-        for ((s, h), (manifest, signature)) in self.services.iter_mut().zip(hosts).zip(signed) {
-            s.hosts = h;
-            s.manifest = manifest;
-            s.signature = signature;
-        }
-        self.plan = plan;
+        self.put_bulk(bulk);
         // Connections are facts, not state: the newest stand.
         for (s, ids) in self.services.iter_mut().zip(restored) {
             for id in ids {
                 if let Some(h) = s.hosts.get_mut(&id) {
-                    h.connected = !away.contains(&id);
+                    h.connected = !self.away.contains(&id);
                 }
             }
         }
-        self.away = away;
+    }
+
+    /// Moves out what [`Self::header`] does not copy: the hosts, the
+    /// plan, the signed manifests and the hosts away.
+    fn take_bulk(&mut self) -> Bulk {
+        Bulk {
+            hosts: self
+                .services
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.hosts))
+                .collect(),
+            signed: self
+                .services
+                .iter_mut()
+                .map(|s| {
+                    (
+                        std::mem::take(&mut s.manifest),
+                        std::mem::take(&mut s.signature),
+                    )
+                })
+                .collect(),
+            plan: std::mem::take(&mut self.plan),
+            away: std::mem::take(&mut self.away),
+        }
+    }
+
+    /// Moves back what [`Self::take_bulk`] took.
+    fn put_bulk(&mut self, bulk: Bulk) {
+        for ((s, h), (manifest, signature)) in
+            self.services.iter_mut().zip(bulk.hosts).zip(bulk.signed)
+        {
+            s.hosts = h;
+            s.manifest = manifest;
+            s.signature = signature;
+        }
+        self.plan = bulk.plan;
+        self.away = bulk.away;
     }
 
     /// A command as it goes to its host: a `Stage` gets its service's
@@ -188,4 +181,12 @@ impl Rollout {
         }
         due
     }
+}
+
+/// What a step's header leaves out (see [`Rollout::header`]).
+struct Bulk {
+    hosts: Vec<BTreeMap<HostId, HostRun>>,
+    signed: Vec<(Vec<u8>, Vec<u8>)>,
+    plan: String,
+    away: std::collections::BTreeSet<HostId>,
 }
