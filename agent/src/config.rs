@@ -41,7 +41,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "URL", value_delimiter = ',')]
     pub coordinator: Vec<String>,
 
-    /// This host's id; must match the host id in the agent certificate.
+    /// This host's id; must match the host id in the agent certificate
+    /// [default: the hostname, or /etc/machine-id when the hostname is not
+    /// a valid host id].
     #[arg(long, value_name = "ID")]
     pub host_id: Option<String>,
 
@@ -78,7 +80,12 @@ pub struct AgentArgs {
     /// A one-time token from `baton enroll create`: when the TLS directory
     /// holds `ca.pem` but no certificate for this host yet, the agent
     /// generates its key and gets its certificate with it.
-    #[arg(long, value_name = "TOKEN", env = "BATON_ENROLL_TOKEN")]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BATON_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
     pub enroll_token: Option<String>,
 
     /// Serve the agent's Prometheus metrics at http://ADDR/metrics:
@@ -103,7 +110,107 @@ pub struct AgentArgs {
     /// itself, with --data-dir only).
     #[arg(long, hide = true)]
     pub upgrade_watchdog: bool,
+
+    /// Run the agent (no command), or set a new host up.
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
 }
+
+/// `baton-agent`'s commands besides running.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Set this host up with a join token: learn and check the fleet CA,
+    /// generate the host's key, get its certificate, copy trusted release
+    /// keys, write agent.toml and start the agent under systemd.
+    Enroll(JoinArgs),
+}
+
+/// Where `baton-agent enroll` writes unless told otherwise.
+pub const DEFAULT_CONFIG: &str = "/etc/baton/agent.toml";
+/// The agent's state directory by default (the unit's `StateDirectory`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/baton-agent";
+/// Where trusted release keys are copied by default.
+pub const DEFAULT_KEYS_DIR: &str = "/etc/baton/keys";
+
+/// `baton-agent enroll`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  # On the coordinator (admin): one token for up to 500 hosts, a week.
+  baton enroll create --uses 500 --ttl 7d --label role=api
+
+  # On each new host, as root: enroll, write /etc/baton/agent.toml, start.
+  baton-agent enroll --coordinator https://coord.example:7443 \\
+      --token bt1-…  --trusted-key release.pub")]
+pub struct JoinArgs {
+    /// The coordinator's URL, e.g. https://coord.example:7443; repeat the
+    /// flag (or separate with commas) for several coordinators.
+    #[arg(long, value_name = "URL", value_delimiter = ',', required = true)]
+    pub coordinator: Vec<String>,
+
+    /// The join token `baton enroll create` printed (`TOKEN.FINGERPRINT`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BATON_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
+
+    /// This host's id [default: the hostname, or /etc/machine-id when the
+    /// hostname is not a valid host id].
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+
+    /// A label for plan selectors, added to the ones the token grants (the
+    /// token's win); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// A public release key (from `baton artifact keygen`) to trust; copied
+    /// into --keys-dir; repeatable.
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
+
+    /// The fleet's `ca.pem`, for a token without a CA fingerprint.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// The configuration file to write.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// The agent's state directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Where the key and certificates go [default: DATA-DIR/tls].
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Where trusted release keys are copied.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_KEYS_DIR)]
+    pub keys_dir: PathBuf,
+
+    /// How long to wait for an operator to accept this host, when the token
+    /// needs that [at most 7days].
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+
+    /// Replace an existing configuration file.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Do not run `systemctl enable --now baton-agent` afterwards.
+    #[arg(long)]
+    pub no_start: bool,
+
+    /// The systemctl to start the agent with [default: systemctl on the PATH].
+    #[arg(long, value_name = "PROGRAM", env = "BATON_SYSTEMCTL")]
+    pub systemctl: Option<PathBuf>,
+}
+
+/// The longest `--wait`.
+pub const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -178,6 +285,39 @@ pub struct AgentConfig {
     pub systemctl: crate::executor::Systemctl,
 }
 
+/// This host's id when none is given: the hostname, else the machine id.
+pub fn default_host_id() -> Result<HostId, String> {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_owned());
+    let hostname = read("/proc/sys/kernel/hostname").or_else(|_| read("/etc/hostname"));
+    if let Ok(name) = &hostname
+        && let Ok(id) = HostId::try_from(name.as_str())
+    {
+        return Ok(id);
+    }
+    let machine = read("/etc/machine-id").map_err(|e| {
+        format!("no host id: the hostname is not a valid one and /etc/machine-id cannot be read ({e}); pass --host-id")
+    })?;
+    HostId::try_from(machine.as_str())
+        .map_err(|e| format!("no host id: /etc/machine-id {}; pass --host-id", e.reason))
+}
+
+/// A join token: the secret, and the CA fingerprint when it carries one.
+pub fn split_token(token: &str) -> Result<(String, Option<String>), String> {
+    let token = token.trim();
+    match token.split_once('.') {
+        None => Ok((token.to_owned(), None)),
+        Some((secret, pin)) => {
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "the token's CA fingerprint {:?} is not 64 hex digits: copy the whole token `baton enroll create` printed",
+                    baton_common::text::prefix(pin, 16)
+                ));
+            }
+            Ok((secret.to_owned(), Some(pin.to_ascii_lowercase())))
+        }
+    }
+}
+
 /// What a new host enrolls with: `--enroll-token` and where to.
 #[derive(Debug, Clone)]
 pub struct EnrollTarget {
@@ -202,8 +342,10 @@ impl AgentConfig {
             Some(path) => baton_common::process::read_toml(path).ok()?,
             None => FileConfig::default(),
         };
-        let host = args.host_id.clone().or(file.host_id)?;
-        let host = HostId::try_from(host.as_str()).ok()?;
+        let host = match args.host_id.clone().or(file.host_id) {
+            Some(host) => HostId::try_from(host.as_str()).ok()?,
+            None => default_host_id().ok()?,
+        };
         Some((args.tls_dir.clone().or(file.tls_dir)?, host))
     }
 
@@ -215,6 +357,9 @@ impl AgentConfig {
         let Some(token) = args.enroll_token.clone() else {
             return Ok(None);
         };
+        // A join token's fingerprint is for `baton-agent enroll`; here the
+        // CA is in the TLS directory already.
+        let (token, _) = split_token(&token).map_err(|e| ConfigErrors(vec![e]))?;
         let file: FileConfig = match &args.config {
             Some(path) => {
                 baton_common::process::read_toml(path).map_err(|e| ConfigErrors(vec![e]))?
@@ -276,10 +421,13 @@ impl AgentConfig {
             }
         }
         let host_id = match args.host_id.or(file.host_id) {
-            None => {
-                errors.push(format!("no host id: {}", hint("host-id")));
-                None
-            }
+            None => match default_host_id() {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    errors.push(format!("{e} ({})", hint("host-id")));
+                    None
+                }
+            },
             Some(id) => HostId::try_from(id.as_str())
                 .map_err(|e| errors.push(format!("host id {}", e.reason)))
                 .ok(),
@@ -406,6 +554,17 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_join_token_is_a_secret_and_an_optional_fingerprint() {
+        assert_eq!(split_token("bt1-ab").unwrap(), ("bt1-ab".into(), None));
+        let pin = "AB".repeat(32);
+        assert_eq!(
+            split_token(&format!(" bt1-ab.{pin}\n")).unwrap(),
+            ("bt1-ab".into(), Some("ab".repeat(32)))
+        );
+        assert!(split_token("bt1-ab.xyz").unwrap_err().contains("64 hex"));
+    }
 
     fn errors_with_file(text: &str) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();

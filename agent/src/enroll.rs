@@ -4,6 +4,7 @@
 //! the stream (the new certificate is presented from the next connection
 //! on). The private key is generated here and never leaves the host.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -56,7 +57,7 @@ pub fn finish_renewal(tls_dir: &Path, host: &HostId) -> std::io::Result<()> {
 }
 
 /// Writes `contents` to `path` atomically, with `mode`.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension(format!("tmp-{:08x}", fastrand::u32(..)));
     let mut f = std::fs::OpenOptions::new()
@@ -69,26 +70,127 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
-/// Enrolls: a new key, a certificate for it from the first coordinator that
-/// answers (or the leader a follower names), both written to the TLS
-/// directory.
-pub async fn enroll(target: &EnrollTarget) -> Result<(), String> {
-    let ca = read_ca(&target.tls_dir.join("ca.pem")).map_err(|e| e.to_string())?;
-    // The key is kept before asking: a retry after a lost answer (or a
-    // crash) asks again for the same key, which the coordinator answers
-    // with the same certificate.
-    let (cert_path, key_path) = paths(&target.tls_dir, &target.host_id);
-    let key_pem = match std::fs::read_to_string(&key_path) {
-        Ok(pem) => pem,
+/// How often a host waiting for approval asks again.
+pub const PENDING_POLL: Duration = Duration::from_secs(5);
+
+/// What enrolling got.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// The labels the token grants.
+    pub labels: BTreeMap<String, String>,
+    /// Where the certificate is.
+    pub cert_path: PathBuf,
+}
+
+/// The key this host enrolls with, made (and kept) on first use: a retry
+/// after a lost answer, a crash or a wait for approval asks again for the
+/// same key, which the coordinator answers with the same certificate.
+fn enrollment_key(key_path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(key_path) {
+        Ok(pem) => Ok(pem),
         Err(_) => {
             let (pem, _) = baton_common::pki::agent_csr().map_err(|e| e.to_string())?;
-            write_atomic(&key_path, pem.as_bytes(), 0o600)
+            write_atomic(key_path, pem.as_bytes(), 0o600)
                 .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
-            pem
+            Ok(pem)
         }
-    };
+    }
+}
+
+/// The SHA-256 of the enrollment key's public half (hex), as
+/// `baton enroll pending` shows it: compare before accepting a host.
+pub fn key_fingerprint(tls_dir: &Path, host: &HostId) -> Result<String, String> {
+    let (_, key_path) = paths(tls_dir, host);
+    let key_pem = enrollment_key(&key_path)?;
+    let csr = baton_common::pki::csr_for(&key_pem).map_err(|e| e.to_string())?;
+    let public = baton_common::pki::csr_public_key(&csr).map_err(|e| e.to_string())?;
+    Ok(baton_common::hex::sha256_hex(&public))
+}
+
+/// Enrolls: a new key, a certificate for it from the first coordinator that
+/// answers (or the leader a follower names), both written to the TLS
+/// directory. While the token's hosts wait for approval, asks again every
+/// [`PENDING_POLL`], calling `waiting` once, until `give_up` (forever with
+/// `None`).
+pub async fn enroll(
+    target: &EnrollTarget,
+    waiting: &mut dyn FnMut(),
+    give_up: Option<tokio::time::Instant>,
+) -> Result<Enrolled, String> {
+    let ca = read_ca(&target.tls_dir.join("ca.pem")).map_err(|e| e.to_string())?;
+    let (cert_path, key_path) = paths(&target.tls_dir, &target.host_id);
+    let key_pem = enrollment_key(&key_path)?;
     let csr_pem = baton_common::pki::csr_for(&key_pem).map_err(|e| e.to_string())?;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca));
+    let mut told = false;
+    loop {
+        let cert = ask_patiently(target, &tls, &csr_pem).await?;
+        if !cert.pending {
+            write_atomic(&cert_path, cert.cert_pem.as_bytes(), 0o644)
+                .map_err(|e| format!("cannot write the certificate: {e}"))?;
+            info!(host = %target.host_id, "enrolled");
+            return Ok(Enrolled {
+                labels: cert.labels.into_iter().collect(),
+                cert_path,
+            });
+        }
+        if !told {
+            told = true;
+            waiting();
+        }
+        if give_up.is_some_and(|at| tokio::time::Instant::now() + PENDING_POLL > at) {
+            return Err(format!(
+                "host {} still waits for an operator to accept it (baton enroll accept {}); run this again to keep waiting",
+                target.host_id, target.host_id
+            ));
+        }
+        tokio::time::sleep(PENDING_POLL).await;
+    }
+}
+
+/// How long enrolling keeps trying coordinators that cannot be reached (or
+/// turn connections away: each address may hold only a few connections
+/// without a certificate, and many hosts may enroll at once).
+pub const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// [`ask`], again after a jittered, growing pause while no coordinator
+/// answers, for [`UNREACHABLE_PATIENCE`]; a refusal is final at once.
+async fn ask_patiently(
+    target: &EnrollTarget,
+    tls: &ClientTlsConfig,
+    csr_pem: &str,
+) -> Result<baton_proto::agent::v1::Certificate, String> {
+    let until = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match ask(target, tls, csr_pem).await {
+            Ok(cert) => return Ok(cert),
+            Err(Asked::Refused(e)) => return Err(e),
+            Err(Asked::Unreachable(e)) => {
+                if tokio::time::Instant::now() + pause > until {
+                    return Err(e);
+                }
+                tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Why a request got no certificate.
+enum Asked {
+    /// No coordinator answered: worth asking again.
+    Unreachable(String),
+    /// One answered no.
+    Refused(String),
+}
+
+/// One request, to the first coordinator that answers.
+async fn ask(
+    target: &EnrollTarget,
+    tls: &ClientTlsConfig,
+    csr_pem: &str,
+) -> Result<baton_proto::agent::v1::Certificate, Asked> {
     let mut urls: Vec<String> = target.coordinators.clone();
     let mut last = String::from("no coordinator URL");
     let mut i = 0;
@@ -110,22 +212,22 @@ pub async fn enroll(target: &EnrollTarget) -> Result<(), String> {
                     continue;
                 }
             },
-            Err(e) => return Err(format!("coordinator URL {url:?} is invalid: {}", chain(&e))),
+            Err(e) => {
+                return Err(Asked::Refused(format!(
+                    "coordinator URL {url:?} is invalid: {}",
+                    chain(&e)
+                )));
+            }
         };
         let answer = EnrollmentServiceClient::new(channel)
             .enroll(EnrollRequest {
                 token: target.token.clone(),
                 host_id: target.host_id.to_string(),
-                csr_pem: csr_pem.clone(),
+                csr_pem: csr_pem.to_owned(),
             })
             .await;
         match answer {
-            Ok(cert) => {
-                write_atomic(&cert_path, cert.into_inner().cert_pem.as_bytes(), 0o644)
-                    .map_err(|e| format!("cannot write the certificate: {e}"))?;
-                info!(host = %target.host_id, coordinator = %url, "enrolled");
-                return Ok(());
-            }
+            Ok(cert) => return Ok(cert.into_inner()),
             Err(status) => {
                 if let Some(leader) = status
                     .metadata()
@@ -136,13 +238,18 @@ pub async fn enroll(target: &EnrollTarget) -> Result<(), String> {
                     urls.push(leader.to_owned());
                 }
                 last = format!("{url}: {}", status.message());
-                if status.code() == tonic::Code::PermissionDenied {
-                    break;
+                if matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::FailedPrecondition
+                ) {
+                    return Err(Asked::Refused(format!("enrollment failed: {last}")));
                 }
             }
         }
     }
-    Err(format!("enrollment failed: {last}"))
+    Err(Asked::Unreachable(format!("enrollment failed: {last}")))
 }
 
 /// Renews the agent's certificate at two thirds of its life, for as long

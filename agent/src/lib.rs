@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod executor;
 pub mod health;
 pub mod installed;
+pub mod join;
 pub mod journal;
 pub mod metrics;
 pub mod releases;

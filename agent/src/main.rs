@@ -15,6 +15,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     baton_common::process::init_logging("info");
+    if let Some(baton_agent::config::AgentCommand::Enroll(join)) = &args.command {
+        return enroll(join);
+    }
     if args.upgrade_watchdog {
         return match &args.data_dir {
             Some(dir) => baton_agent::selfupgrade::watchdog(dir),
@@ -43,7 +46,11 @@ fn main() -> ExitCode {
         }
         // A new host: get a certificate with the one-time token first.
         if let Some(target) = AgentConfig::enrollment(&args).map_err(|e| e.0)? {
-            baton_agent::enroll::enroll(&target)
+            let host = target.host_id.clone();
+            let mut waiting = || {
+                tracing::warn!(%host, "waiting for an operator to accept this host (baton enroll accept {host})");
+            };
+            baton_agent::enroll::enroll(&target, &mut waiting, None)
                 .await
                 .map_err(|e| vec![e])?;
         }
@@ -113,4 +120,38 @@ fn main() -> ExitCode {
         signals.abort();
         ExitCode::SUCCESS
     })
+}
+
+/// `baton-agent enroll`: sets the host up, says what it did on stderr.
+fn enroll(args: &baton_agent::join::JoinArgs) -> ExitCode {
+    let runtime = match baton_common::process::runtime_with("baton-agent", Some(1)) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let mut say = |line: &str| eprintln!("baton-agent: {line}");
+    let result = runtime.block_on(baton_agent::join::run(args, &mut say));
+    match result.and_then(|joined| {
+        let labels: Vec<String> = joined
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        say(&format!(
+            "enrolled as host {} (labels: {}); wrote {}",
+            joined.host,
+            if labels.is_empty() {
+                "none".into()
+            } else {
+                labels.join(", ")
+            },
+            joined.config.display()
+        ));
+        baton_agent::join::start(args, &mut say)
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

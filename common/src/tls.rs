@@ -164,10 +164,17 @@ impl ServerTls {
         .allow_unauthenticated()
         .build()
         .map_err(|e| invalid("CA certificate", e.to_string()))?;
-        let chain: Vec<CertificateDer<'static>> =
+        // The CA goes with the certificate: a new host that knows only its
+        // fingerprint (a join token) can then check the coordinator.
+        let mut chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(&self.identity.cert_pem)
                 .flatten()
                 .collect();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem).flatten() {
+            if !chain.contains(&ca) {
+                chain.push(ca);
+            }
+        }
         let key = PrivateKeyDer::from_pem_slice(&self.identity.key_pem)
             .map_err(|e| invalid("private key", e.to_string()))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -179,6 +186,21 @@ impl ServerTls {
         config.alpn_protocols.push(b"h2".to_vec());
         Ok(std::sync::Arc::new(config))
     }
+}
+
+/// The SHA-256 (hex) of the first certificate's DER in a PEM bundle: the
+/// CA fingerprint join tokens carry. Empty when there is none.
+pub fn ca_fingerprint(ca_pem: &[u8]) -> String {
+    CertificateDer::pem_slice_iter(ca_pem)
+        .flatten()
+        .next()
+        .map(|der| crate::hex::sha256_hex(der.as_ref()))
+        .unwrap_or_default()
+}
+
+/// A certificate's DER as PEM.
+pub fn der_to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
 
 /// How long a client may take to complete the TLS handshake.

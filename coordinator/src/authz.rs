@@ -40,6 +40,8 @@ pub const TABLE: &[(&str, Role)] = &[
     ("ControlRollout", Role::Operator),
     ("ListAudit", Role::Admin),
     ("CreateEnrollment", Role::Admin),
+    ("ListPendingEnrollments", Role::Admin),
+    ("DecideEnrollment", Role::Admin),
 ];
 
 /// The role `method` (the RPC's name) needs; `None`: nobody may call it.

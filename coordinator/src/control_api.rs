@@ -483,20 +483,63 @@ impl ControlService for ControlApi {
             None => "an unidentified caller".to_owned(),
         };
         let req = request.into_inner();
-        let host = HostId::try_from(req.host_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        let host = if req.host_id.is_empty() {
+            None
+        } else {
+            Some(
+                HostId::try_from(req.host_id.as_str())
+                    .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?,
+            )
+        };
+        if host.is_none() && req.uses == 0 {
+            return Err(Status::invalid_argument(
+                "give the host id the token is for, or how many hosts may use it (uses)",
+            ));
+        }
         let ttl = req
             .ttl
             .as_ref()
             .and_then(baton_common::time::from_duration)
             .ok_or_else(|| Status::invalid_argument("ttl is required"))?;
-        let (token, expires) = self.enrollment.create(&host, ttl, &by).await?;
+        let spec = crate::enroll::TokenSpec {
+            host,
+            ttl,
+            uses: req.uses,
+            labels: req.labels.into_iter().collect(),
+            approve: req.approve,
+        };
+        let created = self.enrollment.create(spec, &by).await?;
         Ok(Response::new(
             baton_proto::control::v1::CreateEnrollmentResponse {
-                token,
-                expires_at: Some(baton_common::time::to_timestamp(expires)),
+                token: created.token,
+                expires_at: Some(baton_common::time::to_timestamp(created.expires)),
+                join_token: created.join_token,
+                uses: created.uses,
             },
         ))
+    }
+
+    async fn list_pending_enrollments(
+        &self,
+        _request: Request<baton_proto::control::v1::ListPendingEnrollmentsRequest>,
+    ) -> Result<Response<baton_proto::control::v1::ListPendingEnrollmentsResponse>, Status> {
+        let pending = self.enrollment.pending().await?;
+        Ok(Response::new(
+            baton_proto::control::v1::ListPendingEnrollmentsResponse {
+                pending: pending.into_iter().map(pending_to_pb).collect(),
+            },
+        ))
+    }
+
+    async fn decide_enrollment(
+        &self,
+        request: Request<baton_proto::control::v1::DecideEnrollmentRequest>,
+    ) -> Result<Response<baton_proto::control::v1::PendingEnrollment>, Status> {
+        let req = request.into_inner();
+        let host = HostId::try_from(req.host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        let decided = self.enrollment.decide(&host, req.accept).await?;
+        Ok(Response::new(pending_to_pb(decided)))
     }
 
     async fn list_audit(
@@ -628,5 +671,16 @@ async fn forward(
             Ok((s, c)) => (snapshot, changes) = (s, c),
             Err(_) => return,
         }
+    }
+}
+
+fn pending_to_pb(p: crate::enroll::PendingHost) -> baton_proto::control::v1::PendingEnrollment {
+    baton_proto::control::v1::PendingEnrollment {
+        host_id: p.host,
+        from: p.from,
+        requested_at: Some(baton_common::time::to_timestamp(p.at)),
+        labels: p.labels.into_iter().collect(),
+        key_sha256: p.key_sha256,
+        state: p.state.to_owned(),
     }
 }

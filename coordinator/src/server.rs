@@ -441,9 +441,15 @@ impl Coordinator {
         if ca.is_none() {
             info!("no ca-key.pem in the TLS directory: enrollment and certificate renewal are off");
         }
+        // Join tokens carry the CA's fingerprint (the same file the TLS
+        // configuration was built from at bind).
+        let ca_sha256 = baton_common::tls::read_ca(&self.config.tls_dir.join("ca.pem"))
+            .map(|pem| baton_common::tls::ca_fingerprint(&pem))
+            .unwrap_or_default();
         let enrollment = crate::enroll::Enrollment::new(
             store.clone(),
             ca,
+            ca_sha256,
             self.config.agent_cert_lifetime,
             audit.clone(),
         );

@@ -152,3 +152,197 @@ fn a_new_host_enrolls_once_with_a_token_and_renews_its_certificate_in_place() {
         "{log}"
     );
 }
+
+/// `baton-agent enroll` for host `host` with `token`, writing under
+/// `env/join-<host>` and never starting anything.
+fn join_command(
+    env: &TestEnv,
+    url: &str,
+    host: &str,
+    token: &str,
+    extra: &[&str],
+) -> std::process::Command {
+    let dir = env.path(&format!("join-{host}"));
+    let mut cmd = baton_tests::bin_command("baton-agent");
+    cmd.args([
+        "enroll",
+        "--coordinator",
+        url,
+        "--token",
+        token,
+        "--host-id",
+        host,
+    ])
+    .arg("--config")
+    .arg(dir.join("agent.toml"))
+    .arg("--data-dir")
+    .arg(dir.join("data"))
+    .arg("--keys-dir")
+    .arg(dir.join("keys"))
+    .arg("--no-start")
+    .args(extra);
+    cmd
+}
+
+fn create(env: &TestEnv, url: &str, args: &[&str]) -> String {
+    let mut all = vec!["enroll", "create", "--json", "--ttl", "10m"];
+    all.extend_from_slice(args);
+    let out = env.baton(url, &env.tls(), &all);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["token"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn fifty_hosts_enroll_with_one_token_and_some_wait_for_an_operator() {
+    let env = TestEnv::new(&[]);
+    let batond = Batond::start(&env, "batond", &[]);
+    let url = batond.url();
+    let release_pub = env.path("release.pub");
+    let out = env.baton(
+        &url,
+        &env.tls(),
+        &[
+            "artifact",
+            "keygen",
+            "--out",
+            env.path("release").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(release_pub.exists(), "{out:?}");
+
+    // One token for 50 hosts, granting a label; it carries the CA's
+    // fingerprint, so the hosts start with nothing but the token.
+    let token = create(&env, &url, &["--uses", "50", "--label", "role=api"]);
+    let (_, pin) = token
+        .split_once('.')
+        .expect("a join token carries the CA fingerprint");
+    assert_eq!(pin.len(), 64);
+    let keyfile = release_pub.clone();
+    let mut running: Vec<(String, std::process::Child)> = (0..50)
+        .map(|i| {
+            let host = format!("j{i:02}");
+            let mut cmd = join_command(
+                &env,
+                &url,
+                &host,
+                &token,
+                &[
+                    "--trusted-key",
+                    keyfile.to_str().unwrap(),
+                    "--label",
+                    "rack=r1",
+                ],
+            );
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            (host, cmd.spawn().unwrap())
+        })
+        .collect();
+    for (host, child) in running.drain(..) {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The 51st is refused, and writes no configuration.
+    let out = join_command(&env, &url, "j50", &token, &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("all 50 uses of this enrollment token are spent"),
+        "{err}"
+    );
+    assert!(!env.path("join-j50/agent.toml").exists());
+
+    // What one host got: a configuration the agent runs from alone.
+    let dir = env.path("join-j07");
+    let config = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
+    assert!(config.contains("host-id = \"j07\""), "{config}");
+    assert!(
+        config.contains("role = \"api\"") && config.contains("rack = \"r1\""),
+        "{config}"
+    );
+    assert!(dir.join("keys").read_dir().unwrap().count() == 1);
+    let mode = std::fs::metadata(dir.join("data/tls/agent-j07-key.pem")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    // Again without --force: refused, nothing changed.
+    let out = join_command(&env, &url, "j07", &token, &[])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pass --force"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("agent.toml")).unwrap(),
+        config
+    );
+    let mut cmd = baton_tests::bin_command("baton-agent");
+    cmd.arg("--config").arg(dir.join("agent.toml"));
+    let _agent =
+        baton_tests::Proc::spawn("j07", cmd, env.path("j07.log"), std::process::Stdio::null());
+    let host = wait_until("j07 to connect", SOON, || {
+        env.host(&url, "j07").filter(|h| h["connected"] == true)
+    });
+    assert_eq!(host["labels"]["role"], "api", "{host}");
+
+    // A token whose hosts wait for approval.
+    let token = create(&env, &url, &["--uses", "2", "--approve"]);
+    let spawn = |host: &str| {
+        let mut cmd = join_command(&env, &url, host, &token, &["--wait", "1m"]);
+        cmd.stdout(std::process::Stdio::null());
+        baton_tests::Proc::spawn(
+            host,
+            cmd,
+            env.path(&format!("{host}.log")),
+            std::process::Stdio::null(),
+        )
+    };
+    let (mut a, mut b) = (spawn("p1"), spawn("p2"));
+    let pending = wait_until("two hosts to wait for approval", SOON, || {
+        let out = env.baton(&url, &env.tls(), &["enroll", "pending", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.len() == 2).then_some(v)
+    });
+    // The fingerprint an operator compares is the one the host printed.
+    let key = pending[0]["key_sha256"].as_str().unwrap().to_owned();
+    wait_until("p1 to print its key", SOON, || {
+        let log = a.log_text() + &b.log_text();
+        log.contains(&key).then_some(())
+    });
+    let out = env.baton(&url, &env.tls(), &["enroll", "accept", "p1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = env.baton(&url, &env.tls(), &["enroll", "reject", "p2"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(a.wait_exit(SOON).success(), "{}", a.log_text());
+    assert!(!b.wait_exit(SOON).success());
+    assert!(b.log_text().contains("rejected"), "{}", b.log_text());
+    assert!(env.path("join-p1/agent.toml").exists());
+    assert!(!env.path("join-p2/agent.toml").exists());
+    let out = env.baton(&url, &env.tls(), &["enroll", "accept", "p2"]);
+    assert!(!out.status.success());
+
+    // Every use is audited.
+    let out = env.baton(&url, &env.tls(), &["audit", "--json", "--limit", "1000"]);
+    let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |result: &str| {
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "Enroll" && e["result"] == result)
+            .count()
+    };
+    // 50 hosts, p1 after its acceptance (and p1's retries before it).
+    assert!(count("ok") >= 51, "{log}");
+    assert!(count("pending") >= 2, "{log}");
+    assert!(count("denied") >= 2, "{log}");
+}

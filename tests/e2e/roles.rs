@@ -251,6 +251,7 @@ fn a_flood_of_refused_calls_is_counted_and_never_pushes_an_admins_change_out() {
                     seconds: 3600,
                     nanos: 0,
                 }),
+                ..Default::default()
             })
             .await
             .unwrap();
