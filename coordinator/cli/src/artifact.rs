@@ -127,13 +127,17 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
             } else if all.is_empty() {
                 println!("no artifacts (push one with `baton artifact push FILE`)");
             } else {
-                println!("{:<20} {:<14} {:>12}  DIGEST", "NAME", "VERSION", "SIZE");
+                let mut table = crate::table::Table::new(["NAME", "VERSION", "SIZE", "DIGEST"]);
                 for a in &all {
-                    println!(
-                        "{:<20} {:<14} {:>12}  {}",
-                        a.name, a.version, a.size, a.digest
-                    );
+                    table.row([
+                        a.name.clone(),
+                        a.version.clone(),
+                        a.size.to_string(),
+                        a.digest.clone(),
+                    ]);
                 }
+                table.right(2);
+                print!("{table}");
             }
         }
     }

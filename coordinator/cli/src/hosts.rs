@@ -207,18 +207,9 @@ fn history_table(host: &str, all: &[HostActivation]) -> String {
 }
 
 fn align<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
+    let mut table = crate::table::Table::new(rows[0].each_ref().map(String::as_str));
+    for r in &rows[1..] {
+        table.row(r.clone());
     }
-    out
+    table.to_string()
 }

@@ -22,6 +22,7 @@ mod enroll;
 pub(crate) mod hosts;
 mod ping;
 pub mod rollout;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -182,21 +182,19 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             } else if all.is_empty() {
                 println!("no rollouts yet (start one with `baton rollout start PLAN`)");
             } else {
-                println!(
-                    "{:<24} {:<14} {:<22} {:<12} CREATED",
-                    "ID", "STATE", "SERVICE", "VERSION"
-                );
+                let mut table =
+                    crate::table::Table::new(["ID", "STATE", "SERVICE", "VERSION", "CREATED"]);
                 for r in &all {
                     let s = r.services.first();
-                    println!(
-                        "{:<24} {:<14} {:<22} {:<12} {}",
-                        r.id,
-                        r.state,
-                        s.map_or("", |s| s.name.as_str()),
-                        s.map_or("", |s| s.version.as_str()),
-                        time_text(r.created_at.as_ref()).unwrap_or_default()
-                    );
+                    table.row([
+                        r.id.clone(),
+                        r.state.clone(),
+                        s.map_or_else(String::new, |s| s.name.clone()),
+                        s.map_or_else(String::new, |s| s.version.clone()),
+                        time_text(r.created_at.as_ref()).unwrap_or_default(),
+                    ]);
                 }
+                print!("{table}");
             }
             return Ok(ExitCode::SUCCESS);
         }
