@@ -1,4 +1,4 @@
-//! `baton-agent --help` teaches every flag, and bad flags exit with code 64.
+//! `baton-agent --help` teaches every flag, and bad flags exit with code 2.
 //! (Having an integration test here also makes `cargo test --workspace`
 //! build `baton-agent`, which the end-to-end tests in `tests/` run.)
 
@@ -7,7 +7,7 @@
 use std::process::Command;
 
 #[test]
-fn agent_help_names_every_flag_and_bad_flags_exit_64() {
+fn agent_help_names_every_flag_and_bad_flags_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_baton-agent"))
         .arg("--help")
         .output()
@@ -31,6 +31,6 @@ fn agent_help_names_every_flag_and_bad_flags_exit_64() {
         .args(["--label", "novalue"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }

@@ -16,6 +16,7 @@ pub mod command;
 pub mod hex;
 pub mod host;
 pub mod names;
+pub mod reference;
 pub mod text;
 pub mod time;
 pub mod version;
@@ -38,9 +39,9 @@ pub mod tls;
 /// The version of every Baton binary, reported by agents and the coordinator.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The exit code for a configuration error (`EX_CONFIG` from sysexits.h):
+/// The exit code for a configuration error, the same as a usage error:
 /// a bad flag, a malformed config file, a missing or unreadable certificate.
-pub const EXIT_CONFIG: i32 = 64;
+pub const EXIT_CONFIG: i32 = exit::USAGE as i32;
 
 /// Formats an error with its whole source chain, skipping repeats. tonic's
 /// transport errors say little at the top ("transport error") and
@@ -57,4 +58,21 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+/// The exit codes of `baton`, `batond` and `baton-agent` (documented in
+/// docs/reference/exit-codes.md).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The operation failed: a rollout ended failed, a check found
+    /// problems, a daemon stopped on an error.
+    pub const FAILED: u8 = 1;
+    /// A usage error: bad flags, arguments, configuration or input.
+    pub const USAGE: u8 = 2;
+    /// No coordinator could be reached or it did not accept this client.
+    pub const UNREACHABLE: u8 = 3;
+    /// The coordinator refused: permission denied, a precondition failed,
+    /// not found.
+    pub const REFUSED: u8 = 4;
 }

@@ -109,8 +109,13 @@ fn uri(s: String) -> Result<SanType, PkiError> {
 
 /// The kinds of leaf certificate the dev PKI issues.
 enum Leaf<'a> {
-    Coordinator,
-    Operator { name: &'a str, role: &'a str },
+    /// With the DNS names and IP addresses agents and operators reach it by,
+    /// besides the loopback ones.
+    Coordinator(&'a [String]),
+    Operator {
+        name: &'a str,
+        role: &'a str,
+    },
     Agent(&'a HostId),
 }
 
@@ -124,7 +129,7 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
         KeyUsagePurpose::KeyEncipherment,
     ];
     match leaf {
-        Leaf::Coordinator => {
+        Leaf::Coordinator(names) => {
             dn.push(DnType::CommonName, "batond");
             params.subject_alt_names = vec![
                 SanType::DnsName("localhost".try_into().map_err(gen_err("coordinator"))?),
@@ -132,6 +137,9 @@ fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, PkiError> {
                 SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
                 uri(COORDINATOR_URN.to_owned())?,
             ];
+            for name in names.iter() {
+                params.subject_alt_names.push(coordinator_name(name)?);
+            }
             // Client auth too: coordinators talk to each other in HA setups.
             params.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
@@ -350,6 +358,53 @@ pub fn issue_operator(
 /// `ca.pem`, `ca-key.pem`, `coordinator.pem`/`-key.pem`,
 /// `operator.pem`/`-key.pem` and `agent-<id>.pem`/`-key.pem` per agent.
 pub fn init(out: &Path, agents: &[HostId]) -> Result<InitReport, PkiError> {
+    init_with_names(out, agents, &[])
+}
+
+/// A name the coordinator is reached by, as a certificate's subject
+/// alternative name: an IP address, or a DNS name.
+fn coordinator_name(name: &str) -> Result<SanType, PkiError> {
+    let bad = |reason: String| PkiError::BadName {
+        name: crate::text::prefix(name, 64),
+        reason,
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid {
+        return Err(bad(
+            "not an IP address or a DNS name (letters, digits and '-' in dot-separated labels)"
+                .into(),
+        ));
+    }
+    Ok(SanType::DnsName(
+        name.to_owned()
+            .try_into()
+            .map_err(|e| bad(format!("{e}")))?,
+    ))
+}
+
+/// [`init`], with a coordinator certificate that also names
+/// `coordinator_names` (DNS names or IP addresses).
+pub fn init_with_names(
+    out: &Path,
+    agents: &[HostId],
+    coordinator_names: &[String],
+) -> Result<InitReport, PkiError> {
+    for name in coordinator_names {
+        coordinator_name(name)?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -357,7 +412,13 @@ pub fn init(out: &Path, agents: &[HostId]) -> Result<InitReport, PkiError> {
         .map_err(io(out))?;
     let mut report = InitReport::default();
     let ca = load_or_create_ca(out, &mut report)?;
-    issue(out, "coordinator", &Leaf::Coordinator, &ca, &mut report)?;
+    issue(
+        out,
+        "coordinator",
+        &Leaf::Coordinator(coordinator_names),
+        &ca,
+        &mut report,
+    )?;
     issue(
         out,
         "operator",
@@ -384,6 +445,27 @@ pub fn init(out: &Path, agents: &[HostId]) -> Result<InitReport, PkiError> {
 mod tests {
     use super::*;
     use crate::tls::{PeerIdentity, identity_from_der, read_keyed_cert};
+
+    #[test]
+    fn the_coordinator_certificate_names_what_it_is_reached_by() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["coord.example.org".to_owned(), "10.1.2.3".to_owned()];
+        init_with_names(dir.path(), &[], &names).unwrap();
+        let pem = std::fs::read(dir.path().join("coordinator.pem")).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = der.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        let text = format!("{:?}", san.general_names);
+        assert!(text.contains("coord.example.org"), "{text}");
+        assert!(text.contains("[10, 1, 2, 3]"), "{text}");
+        for bad in ["", "a b", "-x.org", "x..org", "a\0b"] {
+            let other = tempfile::tempdir().unwrap();
+            assert!(
+                init_with_names(other.path(), &[], &[bad.to_owned()]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn init_writes_every_file_with_its_identity_and_keeps_the_ca() {

@@ -61,8 +61,18 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
     })
 }
 
+/// The keys a `deny_unknown_fields` TOML reader accepts where `probe`
+/// (TOML holding an unknown key `__probe`) puts it: read from the error
+/// it answers with.
+pub fn toml_keys<T: serde::de::DeserializeOwned>(probe: &str) -> Vec<String> {
+    match toml::from_str::<T>(probe) {
+        Ok(_) => Vec::new(),
+        Err(e) => crate::reference::expected_fields(e.message()),
+    }
+}
+
 /// Parses a daemon's flags. `--help` and `--version` print and exit 0; a
-/// usage error prints and exits 64, like any other configuration error.
+/// usage error prints and exits 2, like any other configuration error.
 pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
     T::try_parse().map_err(|e| {
         let _ = e.print();

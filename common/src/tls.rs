@@ -283,6 +283,22 @@ impl std::str::FromStr for Role {
     }
 }
 
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(
+            clap::builder::PossibleValue::new(self.as_str()).help(match self {
+                Role::Viewer => "reads: hosts, artifacts, rollouts",
+                Role::Operator => "also pushes artifacts, starts and steers rollouts",
+                Role::Admin => "everything: also the audit log, enrollment and keys",
+            }),
+        )
+    }
+}
+
 /// Who is on the other end of a connection, as its certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerIdentity {

@@ -60,7 +60,7 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// Whether the operator's configuration is at fault (exit code 64).
+    /// Whether the operator's configuration is at fault (exit code 2).
     pub fn is_config(&self) -> bool {
         matches!(self, Self::Tls(_) | Self::DataDir { .. })
     }

@@ -1,4 +1,4 @@
-//! `batond` teaches through `--help`, and bad flags exit with code 64.
+//! `batond` teaches through `--help`, and bad flags exit with code 2.
 //! (Having integration tests here also makes `cargo test --workspace`
 //! build `batond`, which the end-to-end tests in `tests/` run.)
 
@@ -16,7 +16,7 @@ fn run(bin: &str, args: &[&str]) -> (Option<i32>, String, String) {
 }
 
 #[test]
-fn batond_help_names_every_flag_and_bad_flags_exit_64() {
+fn batond_help_names_every_flag_and_bad_flags_exit_2() {
     let (code, out, _) = run(env!("CARGO_BIN_EXE_batond"), &["--help"]);
     assert_eq!(code, Some(0));
     for needle in [
@@ -30,7 +30,7 @@ fn batond_help_names_every_flag_and_bad_flags_exit_64() {
         assert!(out.contains(needle), "{needle} missing from:\n{out}");
     }
     let (code, _, err) = run(env!("CARGO_BIN_EXE_batond"), &["--no-such-flag"]);
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     let (code, _, err) = run(env!("CARGO_BIN_EXE_batond"), &["--agent-timeout", "soon"]);
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
 }

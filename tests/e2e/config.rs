@@ -1,4 +1,4 @@
-//! Bad configuration exits with code 64 and a sentence naming the problem,
+//! Bad configuration exits with code 2 and a sentence naming the problem,
 //! before anything is served.
 
 use std::process::Command;
@@ -16,7 +16,7 @@ fn run(name: &str, args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
 }
 
 #[test]
-fn a_malformed_config_file_exits_64_naming_the_problem() {
+fn a_malformed_config_file_exits_2_naming_the_problem() {
     let env = TestEnv::new(&[]);
     let file = env.path("batond.toml");
     std::fs::write(
@@ -25,7 +25,7 @@ fn a_malformed_config_file_exits_64_naming_the_problem() {
     )
     .unwrap();
     let (code, err) = run("batond", &["--config".as_ref(), file.as_os_str()]);
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("batond.toml") && err.contains("agent-timeout"),
         "{err}"
@@ -33,7 +33,7 @@ fn a_malformed_config_file_exits_64_naming_the_problem() {
 
     std::fs::write(&file, "listen = [unclosed\n").unwrap();
     let (code, err) = run("batond", &["--config".as_ref(), file.as_os_str()]);
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("line 1"), "{err}");
 
     let agent_file = env.path("agent.toml");
@@ -46,7 +46,7 @@ fn a_malformed_config_file_exits_64_naming_the_problem() {
         "baton-agent",
         &["--config".as_ref(), agent_file.as_os_str()],
     );
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("agent.toml") && err.contains("lables"),
         "{err}"
@@ -54,7 +54,7 @@ fn a_malformed_config_file_exits_64_naming_the_problem() {
 }
 
 #[test]
-fn a_missing_certificate_exits_64_naming_the_file() {
+fn a_missing_certificate_exits_2_naming_the_file() {
     let env = TestEnv::new(&["h1"]);
     std::fs::remove_file(env.path("tls/coordinator-key.pem")).unwrap();
     let (code, err) = run(
@@ -68,7 +68,7 @@ fn a_missing_certificate_exits_64_naming_the_file() {
             env.tls().as_os_str(),
         ],
     );
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("coordinator-key.pem"), "{err}");
     assert!(
         !env.path("d").exists(),
@@ -88,7 +88,7 @@ fn a_missing_certificate_exits_64_naming_the_file() {
             env.tls().as_os_str(),
         ],
     );
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("agent-h2.pem"), "{err}");
     assert!(!env.path("a").exists());
 }
@@ -142,7 +142,7 @@ fn an_agent_refuses_a_bad_release_key_and_too_few_kept_releases() {
             "1".as_ref(),
         ],
     );
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("garbled.pub"), "{err}");
     assert!(err.contains("keep-releases 1 is too small"), "{err}");
     assert!(
@@ -153,7 +153,7 @@ fn an_agent_refuses_a_bad_release_key_and_too_few_kept_releases() {
 }
 
 #[test]
-fn a_bad_store_url_exits_64() {
+fn a_bad_store_url_exits_2() {
     let env = TestEnv::new(&[]);
     let with_store = |store: &str| {
         run(
@@ -169,15 +169,40 @@ fn a_bad_store_url_exits_64() {
         )
     };
     let (code, err) = with_store("zookeeper://127.0.0.1:2181");
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("neither \"embedded\" nor etcd://HOST:PORT"),
         "{err}"
     );
     let (code, err) = with_store("etcd://127.0.0.1");
-    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("endpoint \"127.0.0.1\" is not HOST:PORT"),
         "{err}"
     );
+}
+
+#[test]
+fn baton_exit_codes_tell_a_usage_error_from_an_unreachable_coordinator() {
+    let env = TestEnv::new(&[]);
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://127.0.0.1:{port}");
+    let out = env.baton(&url, &env.tls(), &["hosts"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach"),
+        "{out:?}"
+    );
+    // A bad flag, and a TLS directory without certificates: usage errors.
+    let out = env.baton(&url, &env.tls(), &["hosts", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let empty = env.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = env.baton(&url, &empty, &["hosts"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -44,7 +44,7 @@ fn the_demo_registers_three_agents_and_cleans_up() {
         .next()
         .unwrap();
     assert_eq!(
-        after.matches("activating demo").count(),
+        after.matches("-> activating").count(),
         1,
         "3.0.0 reached more than one host:\n{after}"
     );

@@ -212,7 +212,8 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
     );
     let out = fleet.baton(&["rollout", "events", "r-nope"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no rollout r-nope"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no rollout has an id starting with"));
+    assert_eq!(out.status.code(), Some(4), "not found is refused");
 
     // A host's history: this rollout on top, with both versions.
     let history = json(

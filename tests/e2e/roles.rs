@@ -178,7 +178,8 @@ fn every_rpc_is_allowed_exactly_to_the_roles_the_table_names_and_changes_are_aud
         ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Refused: exit 4 (docs/reference/exit-codes.md).
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains(
             "permission denied: role viewer may not call StartRollout: it needs operator"
@@ -209,7 +210,7 @@ fn issuing_an_operator_certificate_needs_the_ca_and_never_overwrites() {
     };
     let out = run(&env.tls(), "ci", "root");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role \"root\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'root'"));
     let out = run(&env.tls(), "ci", "operator");
     assert!(out.status.success(), "{out:?}");
     let out = run(&env.tls(), "ci", "admin");

@@ -44,6 +44,21 @@ impl std::str::FromStr for ArtifactKind {
     }
 }
 
+impl clap::ValueEnum for ArtifactKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Service, Self::Agent]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(
+            clap::builder::PossibleValue::new(self.as_str()).help(match self {
+                Self::Service => "a service release: service.toml and its files",
+                Self::Agent => "a release of baton-agent itself",
+            }),
+        )
+    }
+}
+
 /// What an artifact holds, signed by its maker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

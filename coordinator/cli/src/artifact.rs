@@ -21,6 +21,9 @@ const CHUNK: usize = 1 << 20;
 pub enum ArtifactCommand {
     /// Create an ed25519 release key: PREFIX.key (secret, mode 0600) and
     /// PREFIX.pub (give it to agents with --trusted-key).
+    #[command(
+        after_help = "Example:\n  baton artifact keygen --out release      # writes release.key (secret) and release.pub"
+    )]
     Keygen {
         /// Path prefix of the two files.
         #[arg(long, value_name = "PREFIX")]
@@ -30,6 +33,9 @@ pub enum ArtifactCommand {
     /// service.toml) or, with `--kind agent`, a new baton-agent's (it must
     /// hold the executable `baton-agent`; roll it out with a plan naming
     /// the service `baton-agent`).
+    #[command(
+        after_help = "Examples:\n  baton artifact pack ./build --name api --version 2.0.0 --sign-key release.key --out api-2.0.0.baton\n  baton artifact pack ./agent-build --kind agent --version 0.2.0 --sign-key release.key --out agent.baton"
+    )]
     Pack {
         /// The release directory.
         dir: PathBuf,
@@ -37,8 +43,8 @@ pub enum ArtifactCommand {
         /// which may be left out).
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
-        /// What the artifact delivers: `service` or `agent`.
-        #[arg(long, value_name = "KIND", default_value = "service")]
+        /// What the artifact delivers.
+        #[arg(long, value_enum, default_value_t = artifact::ArtifactKind::Service)]
         kind: artifact::ArtifactKind,
         /// How long agents will stage it; after that it must be signed
         /// again (a stale artifact cannot be replayed forever).
@@ -55,6 +61,7 @@ pub enum ArtifactCommand {
         out: PathBuf,
     },
     /// Upload an artifact to the coordinator; prints its digest.
+    #[command(after_help = "Example:\n  baton artifact push api-2.0.0.baton")]
     Push {
         /// The artifact file from `baton artifact pack`.
         file: PathBuf,
@@ -63,6 +70,7 @@ pub enum ArtifactCommand {
         json: bool,
     },
     /// List the artifacts the coordinator stores.
+    #[command(after_help = "Example:\n  baton artifact list")]
     List {
         /// Print one JSON document (an array).
         #[arg(long)]
@@ -90,7 +98,7 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
                 (Some(name), _) => name.as_str(),
                 (None, artifact::ArtifactKind::Agent) => artifact::AGENT_NAME,
                 (None, artifact::ArtifactKind::Service) => {
-                    return Err(CliError("--name is required for a service artifact".into()));
+                    return Err(CliError::new("--name is required for a service artifact"));
                 }
             };
             let key = artifact::read_signing_key(sign_key)?;
@@ -210,8 +218,8 @@ pub async fn push_with(
     let result = client.push_artifact(ReceiverStream::new(rx)).await;
     reader
         .await
-        .map_err(|e| CliError(format!("the upload reader failed: {e}")))?
-        .map_err(|e| CliError(format!("cannot read the artifact: {e}")))?;
+        .map_err(|e| CliError::new(format!("the upload reader failed: {e}")))?
+        .map_err(|e| CliError::new(format!("cannot read the artifact: {e}")))?;
     Ok(result
         .map_err(|s| call_failed("pushing the artifact failed", s))?
         .into_inner())

@@ -16,10 +16,13 @@ pub enum DashboardCommand {
     /// `--role operator` its Pause, Resume, Abort, Promote and Roll back
     /// buttons act, with `viewer` the dashboard stays read-only. The role
     /// may not exceed your certificate's.
+    #[command(
+        after_help = "Examples:\n  baton dashboard token\n  baton dashboard token --role operator --ttl 1h"
+    )]
     Token {
-        /// `viewer`, `operator` or `admin`.
-        #[arg(long, value_name = "ROLE", default_value = "viewer")]
-        role: String,
+        /// What the token may do.
+        #[arg(long, value_enum, default_value_t = baton_common::tls::Role::Viewer)]
+        role: baton_common::tls::Role,
         /// How long it signs in (at most 7 days).
         #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -36,7 +39,7 @@ pub async fn run(cli: &Cli, cmd: &DashboardCommand) -> Result<ExitCode, CliError
         .control()
         .await?
         .create_dashboard_token(CreateDashboardTokenRequest {
-            role: role.clone(),
+            role: role.as_str().to_owned(),
             ttl: Some(to_duration(*ttl)),
         })
         .await

@@ -171,7 +171,7 @@ impl Story<'_> {
             .map_err(|s| call_failed("the plan was refused", s))?
             .into_inner()
             .id;
-        rollout::watch(&mut self.control, &id).await?;
+        rollout::watch(&mut self.control, &id, false).await?;
         let r = self
             .control
             .get_rollout(baton_proto::control::v1::GetRolloutRequest { id: id.clone() })
@@ -284,7 +284,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                     .await
                     .map_err(|s| call_failed("the host watch broke", s))?
                 else {
-                    return Err(CliError("the coordinator ended the host watch".into()));
+                    return Err(CliError::new("the coordinator ended the host watch"));
                 };
                 let Some(host) = event.host.map(HostView::try_from).transpose()? else {
                     continue;
@@ -306,7 +306,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         })
         .await
         .map_err(|_| {
-            CliError(format!(
+            CliError::new(format!(
                 "the agents did not all register within {STEP_DEADLINE:?}"
             ))
         })??;
@@ -382,9 +382,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             println!("  {line}");
         }
         if !ok {
-            return Err(CliError(
-                "the demo did not go as expected (see above)".into(),
-            ));
+            return Err(CliError::new("the demo did not go as expected (see above)"));
         }
         Ok(ExitCode::SUCCESS)
     };
@@ -410,15 +408,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     while agents.join_next().await.is_some() {}
     for (data_dir, vars) in &agent_dirs {
         if let Err(e) = baton_agent::stop_services(data_dir, vars).await {
-            outcome = Err(CliError(format!("cannot stop a demo service: {e}")));
+            outcome = Err(CliError::new(format!("cannot stop a demo service: {e}")));
         }
     }
     drop(control);
     coordinator_stop.cancel();
     match coordinator_task.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => outcome = Err(CliError(format!("the coordinator failed: {e}"))),
-        Err(e) => outcome = Err(CliError(format!("the coordinator task failed: {e}"))),
+        Ok(Err(e)) => outcome = Err(CliError::new(format!("the coordinator failed: {e}"))),
+        Err(e) => outcome = Err(CliError::new(format!("the coordinator task failed: {e}"))),
     }
     signals.abort();
     drop(dir);

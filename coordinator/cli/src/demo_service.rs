@@ -78,11 +78,11 @@ pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
         }
         _ => {
             let addr = args.listen.ok_or_else(|| {
-                CliError("no socket handed over (LISTEN_FDS) and no --listen given".into())
+                CliError::new("no socket handed over (LISTEN_FDS) and no --listen given")
             })?;
             let l = TcpListener::bind(addr)
                 .await
-                .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
+                .map_err(|e| CliError::new(format!("cannot listen on {addr}: {e}")))?;
             (l, "its own socket")
         }
     };

@@ -42,7 +42,7 @@ pub async fn run(cli: &Cli, args: &HostsArgs) -> Result<ExitCode, CliError> {
             .map_err(|s| call_failed(&format!("getting host {host} failed"), s))?
             .into_inner();
         let h = HostView::try_from(h)
-            .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))?;
+            .map_err(|e| CliError::new(format!("the coordinator sent an invalid host: {e}")))?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&to_json(&h))?);
         } else {
@@ -72,7 +72,7 @@ pub async fn fetch(client: &mut ControlServiceClient<Channel>) -> Result<Vec<Hos
         .into_iter()
         .map(HostView::try_from)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError(format!("the coordinator sent an invalid host: {e}")))
+        .map_err(|e| CliError::new(format!("the coordinator sent an invalid host: {e}")))
 }
 
 pub use baton_common::host::to_json;

@@ -21,6 +21,7 @@ mod demo_service;
 mod enroll;
 pub(crate) mod hosts;
 mod ping;
+mod plan;
 pub mod rollout;
 mod table;
 
@@ -44,7 +45,13 @@ pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
 /// certificate. Start with `baton demo` to see the whole story on this
 /// machine, or `baton certs init` to create the certificates a fleet needs.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about, long_about = None)]
+#[command(
+    name = "baton",
+    version,
+    about = "baton: operate a Baton fleet — hosts, signed artifacts, rollouts, enrollment, audit",
+    long_about = "baton: operate a Baton fleet — hosts, signed artifacts, rollouts, enrollment, audit.\n\nTalks to batond's Control API over mutual TLS with an operator certificate (--tls-dir). Start with `baton demo` to see the whole story on this machine, or `baton certs init` to create the certificates a fleet needs. Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 coordinator unreachable, 4 refused (docs/reference/exit-codes.md).",
+    after_help = "Examples:\n  baton demo\n  export BATON_COORDINATOR=https://coord.example:7443 BATON_TLS_DIR=~/.baton\n  baton hosts\n  baton rollout start plan.toml --watch\n  baton rollout status latest"
+)]
 pub struct Cli {
     /// The coordinator's URL; with several coordinators (HA on etcd),
     /// comma-separated URLs: the CLI finds the leader.
@@ -88,10 +95,14 @@ pub enum Command {
     #[command(subcommand)]
     Certs(certs::CertsCommand),
     /// List the fleet's hosts: connected or not, labels, services.
+    #[command(
+        after_help = "Examples:\n  baton hosts\n  baton hosts web-1 --history\n  baton hosts --json | jq -r '.[] | select(.connected | not) | .host_id'"
+    )]
     Hosts(hosts::HostsArgs),
     /// Send a no-op through every connected agent's stream at once and
     /// time the answers: is the whole fleet listening? Exit 1 when a
     /// selected host did not answer (needs an operator certificate).
+    #[command(after_help = "Examples:\n  baton ping\n  baton ping --label role=api --timeout 3s")]
     Ping(ping::PingArgs),
     /// Signed release artifacts: keys, packing, upload, listing.
     #[command(subcommand)]
@@ -99,10 +110,16 @@ pub enum Command {
     /// Roll a version out across the fleet and follow it.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// Plan files, checked offline.
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// The audit log: every change and every refused call, newest first
     /// (needs an admin certificate).
+    #[command(
+        after_help = "Examples:\n  baton audit\n  baton audit --limit 1000 --json | jq '.[] | select(.result == \"denied\")'"
+    )]
     Audit(audit::AuditArgs),
-    /// Enroll new hosts with one-time tokens (needs an admin certificate).
+    /// Enroll new hosts with join tokens (needs an admin certificate).
     #[command(subcommand)]
     Enroll(enroll::EnrollCommand),
     /// Sign-in tokens for the web dashboard (`batond --http-listen`).
@@ -110,6 +127,9 @@ pub enum Command {
     Dashboard(dashboard::DashboardCommand),
     /// Run a coordinator and three agents on this machine and show them
     /// at work; needs nothing but this binary.
+    #[command(
+        after_help = "Examples:\n  baton demo\n  baton demo --keep-running     # then try `baton hosts` from another terminal"
+    )]
     Demo(DemoArgs),
     /// The tiny HTTP service `baton demo` rolls out (used by the demo and
     /// the tests).
@@ -135,7 +155,7 @@ mod demo {
     use super::{CliError, DemoArgs};
 
     pub async fn run(_: DemoArgs) -> Result<ExitCode, CliError> {
-        Err(CliError(
+        Err(CliError::new(
             "this baton was built without the demo (the cargo feature `demo` of baton-cli, on by default); \
              run `cargo run --release --bin baton -- demo` from the source tree"
                 .to_owned(),
@@ -145,11 +165,45 @@ mod demo {
 
 /// A CLI failure: one sentence for stderr.
 #[derive(Debug)]
-pub struct CliError(pub String);
+pub struct CliError {
+    /// What went wrong.
+    pub message: String,
+    /// The process's exit code (see [`exit`]).
+    pub code: u8,
+}
+
+/// `baton`'s exit codes; the daemons use the same for a usage error.
+pub mod exit {
+    pub use baton_common::exit::*;
+}
+
+impl CliError {
+    /// The operation failed (exit code 1).
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: exit::FAILED,
+        }
+    }
+
+    /// No coordinator could be reached, or it refused this client's
+    /// certificate (exit code 3).
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: exit::UNREACHABLE,
+        }
+    }
+
+    /// The same failure with another exit code.
+    pub fn with_code(self, code: u8) -> Self {
+        Self { code, ..self }
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for CliError {
     fn from(e: E) -> Self {
-        Self(e.to_string())
+        Self::new(e.to_string())
     }
 }
 
@@ -169,9 +223,9 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        Err(CliError(message)) => {
-            eprintln!("baton: {message}");
-            ExitCode::FAILURE
+        Err(e) => {
+            eprintln!("baton: {}", e.message);
+            ExitCode::from(e.code)
         }
     }
 }
@@ -183,6 +237,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Ping(ref args) => ping::run(&cli, args).await,
         Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
+        Command::Plan(ref cmd) => plan::run(cmd),
         Command::Audit(ref args) => audit::run(&cli, args).await,
         Command::Enroll(ref cmd) => enroll::run(&cli, cmd).await,
         Command::Dashboard(ref cmd) => dashboard::run(&cli, cmd).await,
@@ -200,8 +255,14 @@ impl Cli {
     /// The CA from the TLS directory and the operator certificate: `--cert`
     /// and `--key` when given, else `operator.pem` there.
     fn tls(&self) -> Result<ClientTls, CliError> {
+        // A missing or unreadable certificate is the command line's
+        // mistake (exit 2), like a bad flag.
+        self.read_tls().map_err(|e| e.with_code(exit::USAGE))
+    }
+
+    fn read_tls(&self) -> Result<ClientTls, CliError> {
         let dir = self.tls_dir.as_ref().ok_or_else(|| {
-            CliError("no TLS directory: pass --tls-dir or set BATON_TLS_DIR".into())
+            CliError::new("no TLS directory: pass --tls-dir or set BATON_TLS_DIR")
         })?;
         let (tls, path) = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => (
@@ -217,7 +278,7 @@ impl Cli {
         if let Some((_, not_after)) = baton_common::tls::cert_validity(&tls.identity.cert_pem)
             && not_after < std::time::SystemTime::now()
         {
-            return Err(CliError(format!(
+            return Err(CliError::new(format!(
                 "the certificate {} expired at {}; issue a new one (baton certs issue-operator NAME --role ROLE)",
                 path.display(),
                 baton_common::time::rfc3339(not_after)
@@ -319,7 +380,7 @@ pub async fn connect_control_with(
             match role(channel.clone()).await {
                 Role::Leads => return Ok(ControlServiceClient::new(channel)),
                 Role::Silent(why) => {
-                    last = Some(CliError(match why {
+                    last = Some(CliError::new(match why {
                         Some(why) if why.contains("Certificate") || why.contains("certificate") => {
                             format!(
                                 "the coordinator at {url} refused this client's certificate: {why}"
@@ -347,11 +408,12 @@ pub async fn connect_control_with(
             }
         }
         if (!electing && attempts >= 3) || std::time::Instant::now() >= deadline {
-            return Err(last.unwrap_or_else(|| {
-                CliError(format!(
+            let last = last.unwrap_or_else(|| {
+                CliError::new(format!(
                     "no coordinator among {urls} leads (they are electing one, or etcd is unreachable)"
                 ))
-            }));
+            });
+            return Err(last.with_code(exit::UNREACHABLE));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -364,24 +426,24 @@ async fn connect_one(
 ) -> Result<Channel, CliError> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| {
-            CliError(format!(
+            CliError::new(format!(
                 "coordinator URL {url:?} is invalid: {}",
                 error_chain(&e)
             ))
         })?
         .tls_config(tls.to_tonic())
-        .map_err(|e| CliError(format!("cannot set up TLS: {}", error_chain(&e))))?
+        .map_err(|e| CliError::new(format!("cannot set up TLS: {}", error_chain(&e))))?
         .connect_timeout(Duration::from_secs(5));
     if let Some(t) = timeout {
         endpoint = endpoint.timeout(t);
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(CliError(format!(
+        Ok(Err(e)) => Err(CliError::new(format!(
             "cannot reach the coordinator at {url}: {}",
             error_chain(&e)
         ))),
-        Err(_) => Err(CliError(format!(
+        Err(_) => Err(CliError::new(format!(
             "cannot reach the coordinator at {url}: no TLS handshake within {}s",
             CONNECT_TIMEOUT.as_secs()
         ))),
@@ -412,5 +474,17 @@ pub fn call_failed(what: &str, status: tonic::Status) -> CliError {
         tonic::Code::FailedPrecondition => "failed precondition",
         _ => "failed",
     };
-    CliError(format!("{what}: {code}: {detail}"))
+    let exit = match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unauthenticated | tonic::Code::DeadlineExceeded => {
+            exit::UNREACHABLE
+        }
+        tonic::Code::PermissionDenied
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::NotFound
+        | tonic::Code::AlreadyExists
+        | tonic::Code::ResourceExhausted => exit::REFUSED,
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => exit::USAGE,
+        _ => exit::FAILED,
+    };
+    CliError::new(format!("{what}: {code}: {detail}")).with_code(exit)
 }

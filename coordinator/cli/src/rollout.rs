@@ -2,7 +2,7 @@
 //! rollback`: run and follow rollouts.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -44,16 +44,25 @@ shows what it would do; follow a rollout with `baton rollout watch ID`.";
 #[derive(Debug, clap::Subcommand)]
 pub enum RolloutCommand {
     /// Validate a plan file and start it; prints the rollout id.
-    #[command(long_about = START_HELP)]
+    #[command(
+        long_about = START_HELP,
+        after_help = "Examples:\n  baton rollout start plan.toml\n  baton rollout start plan.toml --watch     # follow it; exit 0 only if it succeeds\n  baton plan check plan.toml                # check it first, offline"
+    )]
     Start {
-        /// The plan (TOML; see the README for every key).
+        /// The plan (TOML; every key is in docs/reference/plan.md).
         plan: PathBuf,
-        /// Print `{"id": ...}`.
+        /// Follow the rollout until it ends, as `baton rollout watch`
+        /// does; exit 0 only if it succeeds.
+        #[arg(long)]
+        watch: bool,
+        /// Print `{"id": ...}` (with --watch: then the events as NDJSON).
         #[arg(long)]
         json: bool,
     },
     /// Show what a plan would do — the waves of services, the batches of
-    /// hosts per service — without changing anything.
+    /// hosts per service — without changing anything (asks the
+    /// coordinator, which knows the hosts; `baton plan check` needs none).
+    #[command(after_help = "Example:\n  baton rollout plan plan.toml")]
     Plan {
         /// The plan (TOML).
         plan: PathBuf,
@@ -62,54 +71,75 @@ pub enum RolloutCommand {
         json: bool,
     },
     /// Where a rollout and each of its hosts are.
+    #[command(
+        after_help = "Examples:\n  baton rollout status latest\n  baton rollout status 7f3a --json"
+    )]
     Status {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
     },
-    /// Follow a rollout live until it ends; exit 0 only if it succeeded.
+    /// Follow a rollout until it ends, event by event with each event's
+    /// own time (a finished rollout: its whole history); exit 0 only if it
+    /// succeeded. On a terminal, a progress bar per service stays below
+    /// the events.
+    #[command(
+        after_help = "Examples:\n  baton rollout watch latest\n  baton rollout watch latest --json | jq -r .kind     # NDJSON, one event a line"
+    )]
     Watch {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
+        /// One JSON event per line (NDJSON), the shape of `rollout events --json`.
+        #[arg(long)]
+        json: bool,
     },
     /// Every rollout, newest first.
+    #[command(after_help = "Example:\n  baton rollout list")]
     List {
         /// Print one JSON document (an array).
         #[arg(long)]
         json: bool,
     },
     /// Start no new host; hosts already activating finish.
+    #[command(after_help = "Example:\n  baton rollout pause latest")]
     Pause {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
     },
     /// Continue a paused rollout.
+    #[command(after_help = "Example:\n  baton rollout resume latest")]
     Resume {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
     },
     /// Stop for good and leave every host as it is.
+    #[command(after_help = "Example:\n  baton rollout abort latest")]
     Abort {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
     },
     /// Return every host the rollout touched to its previous version.
+    #[command(after_help = "Example:\n  baton rollout rollback latest")]
     Rollback {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
     },
     /// Continue a rollout that awaits promotion after its canary step.
+    #[command(after_help = "Example:\n  baton rollout promote latest")]
     Promote {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
     },
     /// A rollout's history, oldest first: its start and who started it,
     /// every change of its state, of a service and of a host, and every
     /// operator action with who took it.
+    #[command(
+        after_help = "Examples:\n  baton rollout events latest\n  baton rollout events latest --json"
+    )]
     Events {
-        /// The rollout id.
+        /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
         id: String,
         /// Print one JSON document (an array of events).
         #[arg(long)]
@@ -117,17 +147,91 @@ pub enum RolloutCommand {
     },
 }
 
+type Client = baton_proto::control::v1::control_service_client::ControlServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// The rollout `id` names: `latest`, a whole id, or a unique prefix.
+pub async fn resolve_id(client: &mut Client, id: &str) -> Result<String, CliError> {
+    if id.is_empty() {
+        return Err(CliError::new("no rollout id given").with_code(crate::exit::USAGE));
+    }
+    if id != "latest" {
+        match client
+            .get_rollout(GetRolloutRequest { id: id.to_owned() })
+            .await
+        {
+            Ok(r) => return Ok(r.into_inner().id),
+            Err(s)
+                if s.code() == tonic::Code::NotFound
+                    || s.code() == tonic::Code::InvalidArgument => {}
+            Err(s) => return Err(call_failed("getting the rollout failed", s)),
+        }
+    }
+    let all = client
+        .list_rollouts(ListRolloutsRequest {})
+        .await
+        .map_err(|s| call_failed("listing rollouts failed", s))?
+        .into_inner()
+        .rollouts;
+    if id == "latest" {
+        return all
+            .into_iter()
+            .max_by_key(|r| r.created_at.as_ref().map(|t| (t.seconds, t.nanos)))
+            .map(|r| r.id)
+            .ok_or_else(|| {
+                CliError::new("there is no rollout yet").with_code(crate::exit::REFUSED)
+            });
+    }
+    let matches: Vec<String> = all
+        .into_iter()
+        .map(|r| r.id)
+        .filter(|r| r.starts_with(id))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(CliError::new(format!(
+            "no rollout has an id starting with {}",
+            baton_common::text::quote(id)
+        ))
+        .with_code(crate::exit::REFUSED)),
+        many => Err(CliError::new(format!(
+            "{} rollouts have ids starting with {}: {}; give more of the id",
+            many.len(),
+            baton_common::text::quote(id),
+            many.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ))
+        .with_code(crate::exit::USAGE)),
+    }
+}
+
 /// Runs a rollout command.
 pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> {
     let mut client = cli.control().await?;
-    let control = |id: &String, action: RolloutAction| ControlRolloutRequest {
+    let id = match cmd {
+        RolloutCommand::Status { id, .. }
+        | RolloutCommand::Watch { id, .. }
+        | RolloutCommand::Pause { id }
+        | RolloutCommand::Resume { id }
+        | RolloutCommand::Abort { id }
+        | RolloutCommand::Rollback { id }
+        | RolloutCommand::Promote { id }
+        | RolloutCommand::Events { id, .. } => resolve_id(&mut client, id).await?,
+        _ => String::new(),
+    };
+    let control = |action: RolloutAction| ControlRolloutRequest {
         id: id.clone(),
         action: action.into(),
     };
     let request = match cmd {
-        RolloutCommand::Start { plan, json } => {
-            let text = std::fs::read_to_string(plan)
-                .map_err(|e| CliError(format!("cannot read the plan {}: {e}", plan.display())))?;
+        RolloutCommand::Start {
+            plan,
+            watch: follow,
+            json,
+        } => {
+            let text = std::fs::read_to_string(plan).map_err(|e| {
+                CliError::new(format!("cannot read the plan {}: {e}", plan.display()))
+            })?;
             let id = client
                 .start_rollout(StartRolloutRequest { plan: text })
                 .await
@@ -139,11 +243,15 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             } else {
                 println!("{id}");
             }
+            if *follow {
+                return watch(&mut client, &id, *json).await;
+            }
             return Ok(ExitCode::SUCCESS);
         }
         RolloutCommand::Plan { plan, json } => {
-            let text = std::fs::read_to_string(plan)
-                .map_err(|e| CliError(format!("cannot read the plan {}: {e}", plan.display())))?;
+            let text = std::fs::read_to_string(plan).map_err(|e| {
+                CliError::new(format!("cannot read the plan {}: {e}", plan.display()))
+            })?;
             let p = client
                 .plan_rollout(StartRolloutRequest { plan: text })
                 .await
@@ -156,7 +264,7 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             }
             return Ok(ExitCode::SUCCESS);
         }
-        RolloutCommand::Status { id, json } => {
+        RolloutCommand::Status { json, .. } => {
             let r = client
                 .get_rollout(GetRolloutRequest { id: id.clone() })
                 .await
@@ -198,8 +306,8 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             }
             return Ok(ExitCode::SUCCESS);
         }
-        RolloutCommand::Watch { id } => return watch(&mut client, id).await,
-        RolloutCommand::Events { id, json } => {
+        RolloutCommand::Watch { json, .. } => return watch(&mut client, &id, *json).await,
+        RolloutCommand::Events { json, .. } => {
             let mut events = Vec::new();
             loop {
                 let page = client
@@ -226,11 +334,11 @@ pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> 
             }
             return Ok(ExitCode::SUCCESS);
         }
-        RolloutCommand::Pause { id } => control(id, RolloutAction::Pause),
-        RolloutCommand::Resume { id } => control(id, RolloutAction::Resume),
-        RolloutCommand::Abort { id } => control(id, RolloutAction::Abort),
-        RolloutCommand::Rollback { id } => control(id, RolloutAction::Rollback),
-        RolloutCommand::Promote { id } => control(id, RolloutAction::Promote),
+        RolloutCommand::Pause { .. } => control(RolloutAction::Pause),
+        RolloutCommand::Resume { .. } => control(RolloutAction::Resume),
+        RolloutCommand::Abort { .. } => control(RolloutAction::Abort),
+        RolloutCommand::Rollback { .. } => control(RolloutAction::Rollback),
+        RolloutCommand::Promote { .. } => control(RolloutAction::Promote),
     };
     let r = client
         .control_rollout(request)
@@ -357,7 +465,9 @@ fn bar(state: &str, progress: u32) -> String {
         "staging" => progress as usize * WIDTH / 100 / 4,
         "staged" => WIDTH / 4,
         "activating" => WIDTH / 2,
-        _ => WIDTH,
+        "healthy" | "succeeded" => WIDTH,
+        // Rolled back, failed, skipped: not done, whatever it got to.
+        _ => 0,
     };
     format!("[{}{}]", "#".repeat(filled), "-".repeat(WIDTH - filled))
 }
@@ -418,85 +528,143 @@ pub fn render(r: &Rollout, bars: bool) -> String {
     out
 }
 
-/// Follows a rollout over `WatchRollout` until it ends.
-pub async fn watch(
-    client: &mut baton_proto::control::v1::control_service_client::ControlServiceClient<
-        tonic::transport::Channel,
-    >,
-    id: &str,
-) -> Result<ExitCode, CliError> {
+/// Follows a rollout until it ends. Its events are printed as they are
+/// recorded, each with its own time and in the order the coordinator
+/// recorded them (a finished rollout prints its whole history); with
+/// `json`, one event a line (NDJSON). On a terminal a progress bar per
+/// service (indicatif) stays below the events. Exit 0 only if it
+/// succeeded.
+pub async fn watch(client: &mut Client, id: &str, json: bool) -> Result<ExitCode, CliError> {
     let mut stream = client
         .watch_rollout(GetRolloutRequest { id: id.to_owned() })
         .await
         .map_err(|s| call_failed("watching the rollout failed", s))?
         .into_inner();
-    let tty = std::io::stdout().is_terminal();
-    let mut drawn_lines = 0usize;
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let tty = !json && std::io::stdout().is_terminal();
+    let bars = Bars::new(tty);
+    let mut next = 0u64;
     let mut last: Option<Rollout> = None;
     while let Some(r) = stream.next().await {
         let r = r.map_err(|s| call_failed("the rollout watch broke", s))?;
-        let mut out = std::io::stdout().lock();
-        if tty {
-            // Redraw the block in place.
-            let text = render(&r, true);
-            if drawn_lines > 0 {
-                write!(out, "\x1b[{drawn_lines}A\x1b[J")?;
-            }
-            write!(out, "{text}")?;
-            drawn_lines = text.lines().count();
-        } else {
-            // One line per change, for logs and pipes.
-            let now = baton_common::time::rfc3339(std::time::SystemTime::now());
-            let rollout_changed = seen.get("") != Some(&r.state);
-            if rollout_changed && !baton_engine::is_terminal(&r.state) {
-                writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
-            }
-            for s in &r.services {
-                let skey = format!("service {}", s.name);
-                if seen.get(&skey) != Some(&s.state) {
-                    writeln!(out, "{now} service {} {}", s.name, s.state)?;
-                    seen.insert(skey, s.state.clone());
-                }
-                for h in &s.hosts {
-                    let key = format!("{}/{}", s.name, h.host_id);
-                    if seen.get(&key) != Some(&h.state) {
-                        let error = match (h.error.is_empty(), failure(h)) {
-                            (true, _) => String::new(),
-                            (false, Some(kind)) => format!(" ({kind}): {}", h.error),
-                            (false, None) => format!(": {}", h.error),
-                        };
-                        writeln!(out, "{now} {} {} {}{error}", h.host_id, h.state, s.name)?;
-                        seen.insert(key, h.state.clone());
-                    }
-                }
-            }
-            // A terminal state is printed after the hosts that led to it.
-            if rollout_changed && baton_engine::is_terminal(&r.state) {
-                writeln!(out, "{now} rollout {} {}", r.id, r.state)?;
-            }
-            seen.insert(String::new(), r.state.clone());
-        }
-        out.flush()?;
+        next = print_events(client, &r.id, next, json, &bars).await?;
+        bars.update(&r);
         last = Some(r);
     }
     let Some(r) = last else {
-        return Err(CliError("the watch ended without news".into()));
+        return Err(CliError::new("the watch ended without news"));
     };
+    // What was recorded after the last snapshot.
+    print_events(client, &r.id, next, json, &bars).await?;
+    bars.finish();
     if !baton_engine::is_terminal(&r.state) {
-        return Err(CliError(format!(
+        return Err(CliError::new(format!(
             "the watch ended while the rollout was still {} (the coordinator stopped?)",
             r.state
         )));
     }
-    if !tty && !r.error.is_empty() {
-        println!("{}", r.error);
+    if !json {
+        println!("rollout {} {}", r.id, r.state);
+        if !r.error.is_empty() {
+            println!("{}", r.error);
+        }
     }
     Ok(if r.state == "succeeded" {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Prints the events of rollout `id` from `since` on; the next to print.
+async fn print_events(
+    client: &mut Client,
+    id: &str,
+    mut since: u64,
+    json: bool,
+    bars: &Bars,
+) -> Result<u64, CliError> {
+    loop {
+        let page = client
+            .list_rollout_events(ListRolloutEventsRequest {
+                id: id.to_owned(),
+                since,
+                limit: 0,
+            })
+            .await
+            .map_err(|s| call_failed("getting the rollout's events failed", s))?
+            .into_inner();
+        for e in &page.events {
+            since = e.seq + 1;
+            if json {
+                bars.println(&event_json(e).to_string());
+            } else {
+                bars.println(&event_line(e));
+            }
+        }
+        if !page.more || page.events.is_empty() {
+            return Ok(since);
+        }
+    }
+}
+
+/// The progress bars of a watch on a terminal: one per service, below the
+/// events (indicatif keeps them to the terminal's width and height).
+struct Bars {
+    multi: Option<indicatif::MultiProgress>,
+    services: std::cell::RefCell<BTreeMap<String, indicatif::ProgressBar>>,
+}
+
+impl Bars {
+    fn new(tty: bool) -> Self {
+        Self {
+            multi: tty.then(indicatif::MultiProgress::new),
+            services: std::cell::RefCell::default(),
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.multi {
+            Some(m) if !self.services.borrow().is_empty() => {
+                let _ = m.println(line);
+            }
+            _ => println!("{line}"),
+        }
+    }
+
+    fn update(&self, r: &Rollout) {
+        let Some(multi) = &self.multi else {
+            return;
+        };
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:.bold} [{bar:30}] {pos}/{len} {wide_msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>-");
+        let mut services = self.services.borrow_mut();
+        for s in &r.services {
+            let bar = services.entry(s.name.clone()).or_insert_with(|| {
+                let bar = multi.add(indicatif::ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{} → {}", s.name, s.version));
+                bar
+            });
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for h in &s.hosts {
+                *counts.entry(h.state.as_str()).or_default() += 1;
+            }
+            let done = counts.get("healthy").copied().unwrap_or(0);
+            bar.set_length(s.hosts.len() as u64);
+            bar.set_position(done as u64);
+            let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            bar.set_message(format!("{}: {}", s.state, summary.join(", ")));
+        }
+    }
+
+    fn finish(&self) {
+        for bar in self.services.borrow().values() {
+            bar.finish();
+        }
+    }
 }
 
 /// One event in the contract's JSON shape.

@@ -1,0 +1,129 @@
+//! The operator CLI's contract beyond single calls: `latest` and id
+//! prefixes, `rollout start --watch` (NDJSON with `--json`, events in the
+//! order and at the times they were recorded, also for a finished
+//! rollout), `baton plan check` without a coordinator, and the exit codes.
+
+use serde_json::Value;
+
+use baton_tests::fleet::Fleet;
+
+fn lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn start_watch_follows_the_rollout_and_ids_resolve_by_prefix_and_latest() {
+    let fleet = Fleet::start(&["h1", "h2"]);
+    fleet.release("1.0.0", false);
+    let plan = fleet.env.path("plan.toml");
+    std::fs::write(
+        &plan,
+        "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\nmin_healthy_time = \"1s\"\n",
+    )
+    .unwrap();
+
+    // Offline first: no coordinator is asked (a URL nothing listens on).
+    let out = baton_tests::bin_command("baton")
+        .args(["--coordinator", "https://127.0.0.1:9", "plan", "check"])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("valid: 1 service in 1 wave"), "{text}");
+    assert!(text.contains("demo → 1.0.0"), "{text}");
+    let bad = fleet.env.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[service]]\nname = \"demo\"\nversion = \"1\"\nmax_paralel = 2\n",
+    )
+    .unwrap();
+    let out = fleet.baton(&["plan", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_paralel"),
+        "{out:?}"
+    );
+    let out = fleet.baton(&["plan", "check", bad.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false, "{v}");
+
+    // Start and follow: the id, then one event per line until it ends.
+    let out = fleet.baton(&[
+        "rollout",
+        "start",
+        plan.to_str().unwrap(),
+        "--watch",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let all = lines(&out);
+    let id = serde_json::from_str::<Value>(&all[0]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events: Vec<Value> = all[1..]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        events.iter().enumerate().all(|(i, e)| e["seq"] == i as u64),
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap()["to"], "succeeded");
+    // The service succeeds only after its last host turned healthy.
+    let healthy = events
+        .iter()
+        .rposition(|e| e["kind"] == "host" && e["to"] == "healthy")
+        .unwrap();
+    let done = events
+        .iter()
+        .position(|e| e["kind"] == "service" && e["to"] == "succeeded")
+        .unwrap();
+    assert!(healthy < done, "{events:?}");
+
+    // Watching it again later prints the same history with the times it
+    // happened, not the time of the watch.
+    let later = fleet.baton(&["rollout", "watch", "latest", "--json"]);
+    assert!(later.status.success(), "{later:?}");
+    let again: Vec<Value> = lines(&later)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(again, events);
+
+    // latest, a prefix, an unknown prefix, an ambiguous one.
+    let status = |id: &str| fleet.baton(&["rollout", "status", id, "--json"]);
+    let v: Value = serde_json::from_slice(&status("latest").stdout).unwrap();
+    assert_eq!(v["id"], id.as_str());
+    let v: Value = serde_json::from_slice(&status(&id[..id.len() - 2]).stdout).unwrap();
+    assert_eq!(v["id"], id.as_str());
+    let out = status("zz-no-such");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let second = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"1.0.0\"\nhosts = { role = \"web\" }\n",
+    );
+    fleet.wait_done(&second, std::time::Duration::from_secs(60));
+    let common: String = id
+        .chars()
+        .zip(second.chars())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a)
+        .collect();
+    let out = status(&common);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give more of the id"),
+        "{out:?}"
+    );
+    let v: Value = serde_json::from_slice(&status("latest").stdout).unwrap();
+    assert_eq!(v["id"], second.as_str());
+    // Text watch of a finished rollout ends with its state and exit 0.
+    let out = fleet.baton(&["rollout", "watch", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let text = lines(&out);
+    assert_eq!(text.last().unwrap(), &format!("rollout {id} succeeded"));
+}
