@@ -27,7 +27,13 @@ pub const MAX_KEEP_RELEASES: usize = 1000;
 /// labels and services, and executes the coordinator's commands. It
 /// reconnects with capped, jittered exponential backoff and never gives up.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "baton-agent", version, about, long_about = None)]
+#[command(
+    name = "baton-agent",
+    version,
+    about = "baton-agent: the Baton host agent — holds one stream to the coordinator and runs its commands on this host",
+    long_about = None,
+    after_help = "Examples:\n  baton-agent enroll --coordinator https://coord.example:7443 --token TOKEN   # set this host up\n  baton-agent --config /etc/baton/agent.toml                                 # as baton-agent.service runs it\n\nExit codes: 0 clean shutdown, 1 a failure at run time, 2 a bad flag, config file or certificate."
+)]
 pub struct AgentArgs {
     /// A TOML file with any of the keys below (`coordinator`, `host-id`,
     /// `data-dir`, `tls-dir`, `labels`, `vars`, `trusted-keys`,
@@ -249,6 +255,12 @@ impl Urls {
             Self::Many(v) => v,
         }
     }
+}
+
+/// Every key an `agent.toml` may hold, as its reader accepts them (the
+/// generated reference lists them with the flag of the same name).
+pub fn file_keys() -> Vec<String> {
+    baton_common::process::toml_keys::<FileConfig>("__probe = 1")
 }
 
 /// A complete, checked agent configuration.

@@ -15,6 +15,9 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 
+mod keys;
+pub use keys::KEYS;
+
 /// The file name of the service definition inside a release directory.
 pub const SERVICE_FILE: &str = "service.toml";
 
@@ -1084,6 +1087,55 @@ pre_start = ["bin/migrate", "--check", "${port}"]
             err("command = \"x\"\n[hooks]\npre_start = [\"bin/../../x\"]"),
             "service.toml: hooks.pre_start[0]: \"bin/../../x\" leaves the release directory (a relative path must not contain `..`)"
         );
+    }
+
+    /// The names a `deny_unknown_fields` reader accepts, from the error a
+    /// probe key gets (serde lists them all).
+    fn accepted<T: serde::de::DeserializeOwned>(probe: &str) -> Vec<String> {
+        let e = match toml::from_str::<T>(probe) {
+            Ok(_) => panic!("{probe:?} was accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            e.message().contains("unknown field `__probe`"),
+            "{}",
+            e.message()
+        );
+        let mut fields = baton_common::reference::expected_fields(e.message());
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_key_reference_lists_exactly_the_keys_service_toml_may_have() {
+        use baton_common::reference::keys_under;
+        for (prefix, accepted) in [
+            ("", accepted::<RawSpec>("__probe = 1")),
+            ("health.", accepted::<RawSpec>("[health]\n__probe = 1\n")),
+            ("hooks.", accepted::<RawSpec>("[hooks]\n__probe = 1\n")),
+        ] {
+            let documented = keys_under(KEYS, prefix);
+            assert!(!accepted.is_empty(), "{prefix:?}: no field list");
+            let undocumented: Vec<&String> = accepted
+                .iter()
+                .filter(|k| !documented.contains(k))
+                .collect();
+            let unknown: Vec<&String> = documented
+                .iter()
+                .filter(|k| !accepted.contains(k))
+                .collect();
+            assert_eq!(
+                documented, accepted,
+                "{prefix:?}: undocumented keys: {undocumented:?}; documented but not accepted: {unknown:?}"
+            );
+        }
+        for k in KEYS {
+            assert!(
+                !k.value.is_empty() && !k.about.is_empty(),
+                "{}: describe it",
+                k.key
+            );
+        }
     }
 
     #[test]

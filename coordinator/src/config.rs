@@ -24,7 +24,13 @@ pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 4 << 30;
 /// mutual-TLS gRPC stream per agent and serves the Control API used by the
 /// `baton` CLI, all on one port.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "batond", version, about, long_about = None)]
+#[command(
+    name = "batond",
+    version,
+    about = "batond: the Baton coordinator — runs rollouts, holds the fleet registry, serves agents, operators, the dashboard and metrics",
+    long_about = None,
+    after_help = "Examples:\n  batond --config /etc/baton/batond.toml                      # as batond.service runs it\n  batond --listen 127.0.0.1:7443 --data-dir ./state --tls-dir ./tls --http-listen 7080\n\nExit codes: 0 clean shutdown, 1 a failure at run time, 2 a bad flag, config file or certificate."
+)]
 pub struct BatondArgs {
     /// A TOML file with any of the keys below (`listen`, `data-dir`,
     /// `tls-dir`, `agent-timeout`, `shutdown-grace`, `max-artifact-size`,
@@ -132,6 +138,12 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     audit_max_age: Option<Duration>,
     audit_max_entries: Option<usize>,
+}
+
+/// Every key a `batond.toml` may hold, as its reader accepts them (the
+/// generated reference lists them with the flag of the same name).
+pub fn file_keys() -> Vec<String> {
+    baton_common::process::toml_keys::<FileConfig>("__probe = 1")
 }
 
 /// A complete, checked configuration.

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod bench;
+mod cli;
 mod config;
 mod crash;
 mod dashboard;
@@ -17,6 +18,7 @@ mod ha;
 mod handoff;
 mod limits;
 mod observe;
+mod packaging;
 mod ping;
 mod roles;
 mod rollout;

@@ -178,6 +178,136 @@ struct RawService {
     allow_downgrade: Option<bool>,
 }
 
+/// Every key of a plan file, in reading order: the top-level keys, then
+/// those of a `[[service]]` table (`service[].name`, …). The plan
+/// reference (docs/reference/plan.md) is generated from this list, and a
+/// test checks it against the keys the reader accepts.
+pub const KEYS: &[baton_common::reference::Key] = {
+    use baton_common::reference::Key;
+    &[
+        Key {
+            key: "auto_rollback",
+            value: "bool",
+            default: "`true`",
+            about: "When the rollout fails, undo every change it made: each host it swapped goes back to its previous release (a first install is stopped and removed), services in reverse dependency order, and the rollout ends `rolled_back`. With `false` it ends `failed` and hosts stay where they are.",
+        },
+        Key {
+            key: "progress_deadline",
+            value: "duration (`\"30s\"`, `\"10m\"`)",
+            default: "`\"10m\"`",
+            about: "The rollout fails when no host turns healthy (or, while staging, staging does not finish) for this long. A `pause` between steps or a wait for `promote` does not count. Longer than zero, at most 7 days.",
+        },
+        Key {
+            key: "max_parallel_services",
+            value: "integer",
+            default: "no limit",
+            about: "How many services may progress at once. Services whose dependencies have all succeeded (a wave) run side by side up to this number. At least 1.",
+        },
+        Key {
+            key: "service[]",
+            value: "array of tables (`[[service]]`)",
+            default: "required",
+            about: "One table per service to roll out: at least one, at most 256, each service named once. Among the services free to go, file order decides.",
+        },
+        Key {
+            key: "service[].name",
+            value: "string",
+            default: "required",
+            about: "The service, as its artifacts were pushed: 1–128 characters of `[A-Za-z0-9._-]`, starting with a letter or digit.",
+        },
+        Key {
+            key: "service[].version",
+            value: "string",
+            default: "required",
+            about: "The version to roll out, which must have been pushed: a semantic version (`2.0.0`, `2.0.0-rc.1+build.7`; `2` or `1.4` are refused).",
+        },
+        Key {
+            key: "service[].hosts",
+            value: "table of labels (`{ role = \"api\", zone = \"a\" }`)",
+            default: "the hosts that already run the service",
+            about: "A label selector: the hosts carrying every one of these labels; not empty, at most 16 labels. Without it, the hosts that already run the service, so a first install must name its hosts.",
+        },
+        Key {
+            key: "service[].strategy",
+            value: "`\"rolling\"`, `\"canary\"` or `\"all-at-once\"`",
+            default: "`\"rolling\"`",
+            about: "`rolling`: up to `max_parallel` hosts at a time, never below `min_healthy`. `all-at-once`: every host at once (`max_parallel` is ignored). `canary`: the `canary` hosts (or the first of `steps`) first, then wait for `baton rollout promote` unless `auto_promote`; it needs `canary` or `steps`.",
+        },
+        Key {
+            key: "service[].max_parallel",
+            value: "count or percentage (`2` or `\"25%\"`)",
+            default: "`1`",
+            about: "How many hosts may be activating at once; a percentage of the service's hosts is rounded up. At least 1 (a percentage at most 100%); more than there are hosts means all of them. Ignored by `all-at-once`.",
+        },
+        Key {
+            key: "service[].min_healthy",
+            value: "count or percentage (`3` or `\"75%\"`)",
+            default: "the hosts minus one batch (`max_parallel`)",
+            about: "The floor of hosts in service that the rollout never crosses; hosts activating, rolling back, disconnected or failed by this rollout are out of service. A percentage is rounded up; 0 is allowed, and a floor that keeps every host in service is refused.",
+        },
+        Key {
+            key: "service[].min_healthy_time",
+            value: "duration",
+            default: "`\"10s\"`",
+            about: "How long a host's health checks must pass without a failure (without `[health]`, its process stay alive) for the host to be healthy. Longer than zero and shorter than `healthy_deadline`.",
+        },
+        Key {
+            key: "service[].healthy_deadline",
+            value: "duration",
+            default: "`\"5m\"`",
+            about: "How long a host's new release may take to pass its health gate; a host not healthy by then, or whose agent is away this long while activating, has failed. Longer than `min_healthy_time`, at most 1 day.",
+        },
+        Key {
+            key: "service[].max_failures",
+            value: "integer",
+            default: "`0`",
+            about: "Failed hosts tolerated (a host that cannot stage counts too); one more fails the rollout. A tolerated failed activation is rolled back on its host when `auto_rollback` is on. 0 to 1,000,000.",
+        },
+        Key {
+            key: "service[].depends_on",
+            value: "array of strings (service names)",
+            default: "`[]`",
+            about: "Services of this plan that must have succeeded everywhere before this one starts; a rollback runs in the reverse order. No cycles, no self-dependency, and at most 4,096 `depends_on` and `requires` entries in a plan.",
+        },
+        Key {
+            key: "service[].requires",
+            value: "table of version requirements (`{ api = \">=2.0\" }`)",
+            default: "`{}`",
+            about: "Semantic-version requirements on other services, each at most 128 characters: the version this plan rolls out, or else the version every host runs, must satisfy them, when the plan is submitted and again before this service starts. A requirement on a service of the plan also orders it like `depends_on`.",
+        },
+        Key {
+            key: "service[].canary",
+            value: "count or percentage (`1` or `\"10%\"`)",
+            default: "",
+            about: "Strategy `canary` only, and not with `steps`: how many of the hosts to change go first (a percentage rounded up, at least 1). Then the rollout awaits `promote`, or continues by itself with `auto_promote`.",
+        },
+        Key {
+            key: "service[].steps",
+            value: "array of counts or percentages (`[\"1\", \"25%\", \"100%\"]`)",
+            default: "",
+            about: "Cumulative numbers of the hosts to change, one per step, growing; a last step of every host is added when missing. Each at least 1, at most 100 steps, not with `canary`. Between steps a `canary` rollout without `auto_promote` awaits `promote`; otherwise the next step starts after `pause` (at once without one).",
+        },
+        Key {
+            key: "service[].pause",
+            value: "duration",
+            default: "no pause",
+            about: "How long to wait after each step before the next (with `steps`, or `canary` with `auto_promote`); it does not count against `progress_deadline`. Longer than zero, at most 7 days.",
+        },
+        Key {
+            key: "service[].auto_promote",
+            value: "bool",
+            default: "`false`",
+            about: "Strategy `canary`: continue after each step once its hosts are healthy, instead of awaiting `baton rollout promote`. No effect with other strategies.",
+        },
+        Key {
+            key: "service[].allow_downgrade",
+            value: "bool",
+            default: "`false`",
+            about: "Let hosts that run a newer version go back to `version`; such a plan is refused otherwise. An agent still only returns to a release it has kept.",
+        },
+    ]
+};
+
 fn duration(
     value: Option<&str>,
     default: Duration,
@@ -820,6 +950,65 @@ pause = "30s"
         }
         let e = err(&format!("{svc}oops = {long}\n"));
         assert!(e.contains("line 4, column 8"), "{e}");
+    }
+
+    /// The names a `deny_unknown_fields` reader accepts, from the error a
+    /// probe key gets (serde lists them all).
+    fn accepted<T: serde::de::DeserializeOwned>(probe: &str) -> Vec<String> {
+        let e = match toml::from_str::<T>(probe) {
+            Ok(_) => panic!("{probe:?} was accepted"),
+            Err(e) => e,
+        };
+        assert!(
+            e.message().contains("unknown field `__probe`"),
+            "{}",
+            e.message()
+        );
+        let mut fields = baton_common::reference::expected_fields(e.message());
+        fields.sort();
+        fields
+    }
+
+    /// What differs between the keys documented and those accepted.
+    fn drift(documented: &[String], accepted: &[String]) -> String {
+        let missing: Vec<&String> = accepted
+            .iter()
+            .filter(|k| !documented.contains(k))
+            .collect();
+        let unknown: Vec<&String> = documented
+            .iter()
+            .filter(|k| !accepted.contains(k))
+            .collect();
+        format!("undocumented keys: {missing:?}; documented but not accepted: {unknown:?}")
+    }
+
+    #[test]
+    fn the_key_reference_lists_exactly_the_keys_a_plan_may_have() {
+        use baton_common::reference::keys_under;
+        for (probe, prefix, accepted) in [
+            ("__probe = 1", "", accepted::<RawPlan>("__probe = 1")),
+            (
+                "[[service]]",
+                "service[].",
+                accepted::<RawPlan>("[[service]]\n__probe = 1\n"),
+            ),
+        ] {
+            let documented = keys_under(KEYS, prefix);
+            assert!(!accepted.is_empty(), "{probe}: no field list");
+            assert_eq!(
+                documented,
+                accepted,
+                "{probe}: {}",
+                drift(&documented, &accepted)
+            );
+        }
+        for k in KEYS {
+            assert!(
+                !k.value.is_empty() && !k.about.is_empty(),
+                "{}: describe it",
+                k.key
+            );
+        }
     }
 
     #[test]
