@@ -124,6 +124,7 @@ pub async fn run(cli: &Cli, cmd: &EnrollCommand) -> Result<ExitCode, CliError> {
                 println!("{}", created.join_token);
                 let who = match host_id {
                     Some(h) => format!("host {h}"),
+                    None if created.uses == 1 => "one host".to_owned(),
                     None => format!("up to {} hosts", created.uses),
                 };
                 eprintln!(
