@@ -371,10 +371,18 @@ impl Coordinator {
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(baton_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Reflection in both versions: v1, and v1alpha that many clients
+        // still speak (grpcio's reflection client, older grpcurl, Postman).
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(baton_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         use crate::limits::{MAX_FETCH_REQUEST, MAX_MESSAGE};
         use tonic::service::interceptor::InterceptedService;
@@ -512,6 +520,7 @@ impl Coordinator {
             .layer(crate::limits::StatusLayer)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(agents)
             .add_service(control)
             .add_service(artifact_api)

@@ -253,7 +253,7 @@ fn health_and_reflection_are_served() {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
         };
-        let mut reflection = ServerReflectionClient::new(channel);
+        let mut reflection = ServerReflectionClient::new(channel.clone());
         let mut responses = reflection
             .server_reflection_info(tokio_stream::iter(vec![request]))
             .await
@@ -274,6 +274,47 @@ fn health_and_reflection_are_served() {
                 "{expected} missing from {names:?}"
             );
         }
+
+        // The same through v1alpha, which many clients still speak, down
+        // to the file that describes a method.
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest as AlphaRequest,
+            server_reflection_client::ServerReflectionClient as AlphaClient,
+            server_reflection_request::MessageRequest as AlphaMessage,
+            server_reflection_response::MessageResponse as AlphaResponse,
+        };
+        let mut alpha = AlphaClient::new(channel);
+        let requests = vec![
+            AlphaRequest {
+                host: String::new(),
+                message_request: Some(AlphaMessage::ListServices(String::new())),
+            },
+            AlphaRequest {
+                host: String::new(),
+                message_request: Some(AlphaMessage::FileContainingSymbol(
+                    "baton.control.v1.ControlService.StartRollout".into(),
+                )),
+            },
+        ];
+        let mut responses = alpha
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.message().await.unwrap().unwrap();
+        let Some(AlphaResponse::ListServicesResponse(list)) = first.message_response else {
+            panic!("{first:?}")
+        };
+        let alpha_names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(
+            alpha_names.contains(&"baton.control.v1.ControlService"),
+            "{alpha_names:?}"
+        );
+        let second = responses.message().await.unwrap().unwrap();
+        let Some(AlphaResponse::FileDescriptorResponse(files)) = second.message_response else {
+            panic!("{second:?}")
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
     });
 }
 
