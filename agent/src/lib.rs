@@ -89,6 +89,15 @@ impl Agent {
         })
     }
 
+    /// The services this host runs, now and on every change.
+    pub fn services(
+        &self,
+    ) -> tokio::sync::watch::Receiver<
+        std::collections::BTreeMap<String, baton_common::host::ServiceStatus>,
+    > {
+        self.executor.inventory()
+    }
+
     /// Whether the agent holds a stream to a coordinator, now and on
     /// every change.
     pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {

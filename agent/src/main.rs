@@ -106,9 +106,11 @@ fn main() -> ExitCode {
                 .map_or_else(|e| e.to_string(), |a| a.to_string());
             tracing::info!(%addr, "serving metrics at /metrics");
             let connected = agent.connected();
+            let services = agent.services();
             let render = move || {
                 let up = *connected.borrow();
-                async move { baton_agent::metrics::render(up) }
+                let services: Vec<_> = services.borrow().values().cloned().collect();
+                async move { baton_agent::metrics::render(up, &services) }
             };
             tokio::spawn(baton_common::metrics::serve(
                 listener,

@@ -1,6 +1,7 @@
 //! The agent's own Prometheus metrics (`baton-agent --metrics-listen`):
 //! whether it is connected, its reconnects, the commands it ran, how long
-//! activations and health waits took, and failed health checks.
+//! activations and health waits took, failed health checks, each
+//! service's up and healthy state, the build and the process.
 //!
 //! One agent runs per process, so the counters are process-wide.
 
@@ -22,8 +23,10 @@ pub struct AgentMetrics {
     pub activation: Histogram,
     /// Health gates, from the new process's start to healthy (or giving up).
     pub health_wait: Histogram,
-    /// Health gates that gave up, and checks of a running service that
-    /// did not pass.
+    /// Checks of a running service that did not pass once it had passed
+    /// (a starting process's probes before it answers are not failures;
+    /// a health gate that gives up is a failed activation, counted in
+    /// `commands`).
     pub health_check_failures: Counter,
 }
 
@@ -53,10 +56,37 @@ impl Default for AgentMetrics {
 /// This process's metrics.
 pub static METRICS: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::default);
 
-/// The text-format document; `connected` is the stream's state now.
-pub fn render(connected: bool) -> String {
+/// The text-format document; `connected` is the stream's state now,
+/// `services` what the host runs.
+pub fn render(connected: bool, services: &[baton_common::host::ServiceStatus]) -> String {
     let m = &*METRICS;
     let mut e = Exposition::default();
+    e.build_info("baton-agent");
+    e.process();
+    let by_service =
+        |f: &dyn Fn(&baton_common::host::ServiceStatus) -> bool| -> Vec<(Vec<String>, f64)> {
+            services
+                .iter()
+                .map(|s| {
+                    (
+                        vec![s.name.clone(), s.version.clone()],
+                        if f(s) { 1.0 } else { 0.0 },
+                    )
+                })
+                .collect()
+        };
+    e.gauge_family(
+        "baton_agent_service_up",
+        "Whether the service's process runs (1) or not (0), by service and version.",
+        &["service", "version"],
+        &by_service(&|s| s.state == baton_common::host::ServiceState::Running),
+    );
+    e.gauge_family(
+        "baton_agent_service_healthy",
+        "Whether the service's health check passes (1) or not (0), by service and version.",
+        &["service", "version"],
+        &by_service(&|s| s.healthy),
+    );
     e.gauge(
         "baton_agent_connected",
         "Whether the agent holds a stream to a coordinator (1) or not (0).",
@@ -90,7 +120,7 @@ pub fn render(connected: bool) -> String {
     );
     e.counter(
         "baton_agent_health_check_failures_total",
-        "Health gates that gave up, and checks of a running service that did not pass.",
+        "Health checks of a running service that failed after it had passed (a starting process's first probes are not counted).",
         &m.health_check_failures,
     );
     e.finish()

@@ -76,3 +76,10 @@ pub mod exit {
     /// not found.
     pub const REFUSED: u8 = 4;
 }
+
+/// The commit this build was made from: `BATON_COMMIT` at build time
+/// (set by `build.rs` from git, or by whoever builds), else `unknown`.
+pub const COMMIT: &str = match option_env!("BATON_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};

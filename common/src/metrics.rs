@@ -177,9 +177,159 @@ impl Exposition {
         let _ = writeln!(self.0, "{name}_count {cumulative}");
     }
 
+    /// A gauge family with several labels: one sample per label values.
+    pub fn gauge_family(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        samples: &[(Vec<String>, f64)],
+    ) {
+        self.header(name, help, "gauge");
+        for (values, n) in samples {
+            let pairs: Vec<String> = labels
+                .iter()
+                .zip(values)
+                .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
+                .collect();
+            let _ = writeln!(self.0, "{name}{{{}}} {n}", pairs.join(","));
+        }
+    }
+
+    /// `baton_build_info{program, version, commit} 1`: which build answers.
+    pub fn build_info(&mut self, program: &str) {
+        self.gauge_family(
+            "baton_build_info",
+            "The build of this program: always 1, its version and commit in the labels.",
+            &["program", "version", "commit"],
+            &[(
+                vec![
+                    program.to_owned(),
+                    crate::VERSION.to_owned(),
+                    crate::COMMIT.to_owned(),
+                ],
+                1.0,
+            )],
+        );
+    }
+
+    /// The process metrics Prometheus client libraries export, read from
+    /// `/proc/self`: CPU seconds, resident and virtual memory, open and
+    /// allowed file descriptors, start time. What cannot be read is left
+    /// out.
+    pub fn process(&mut self) {
+        let p = ProcessStats::read();
+        if let Some(cpu) = p.cpu_seconds {
+            self.header(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+                "counter",
+            );
+            let _ = writeln!(self.0, "process_cpu_seconds_total {cpu}");
+        }
+        if let Some(rss) = p.resident_bytes {
+            self.gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                rss as f64,
+            );
+        }
+        if let Some(vsz) = p.virtual_bytes {
+            self.gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                vsz as f64,
+            );
+        }
+        if let Some(fds) = p.open_fds {
+            self.gauge(
+                "process_open_fds",
+                "Number of open file descriptors.",
+                fds as f64,
+            );
+        }
+        if let Some(max) = p.max_fds {
+            self.gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                max as f64,
+            );
+        }
+        if let Some(start) = p.start_time_seconds {
+            self.gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                start,
+            );
+        }
+    }
+
     /// The document.
     pub fn finish(self) -> String {
         self.0
+    }
+}
+
+/// This process's resource use, from `/proc/self` (Linux).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ProcessStats {
+    /// User and system CPU time.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory.
+    pub resident_bytes: Option<u64>,
+    /// Virtual memory.
+    pub virtual_bytes: Option<u64>,
+    /// Open file descriptors.
+    pub open_fds: Option<u64>,
+    /// The soft limit on open file descriptors.
+    pub max_fds: Option<u64>,
+    /// When the process started, in Unix seconds.
+    pub start_time_seconds: Option<f64>,
+}
+
+impl ProcessStats {
+    /// Reads `/proc/self/stat`, `/proc/self/fd`, `/proc/self/limits` and
+    /// `/proc/stat`'s boot time.
+    pub fn read() -> Self {
+        // Clock ticks and page size: the values every Linux uses for
+        // /proc accounting (USER_HZ is 100; pages are 4 KiB on the
+        // platforms Baton ships for).
+        const TICKS: f64 = 100.0;
+        const PAGE: u64 = 4096;
+        let mut out = Self::default();
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command (which may hold spaces) in parens.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // f[0] is field 3 (state): field N is f[N - 3].
+                let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+                if let (Some(u), Some(s)) = (num(14), num(15)) {
+                    out.cpu_seconds = Some((u + s) as f64 / TICKS);
+                }
+                out.virtual_bytes = num(23);
+                out.resident_bytes = num(24).map(|p| p * PAGE);
+                let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("btime "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                });
+                if let (Some(start), Some(boot)) = (num(22), boot) {
+                    out.start_time_seconds = Some(boot as f64 + start as f64 / TICKS);
+                }
+            }
+        }
+        out.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        out.max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3))
+                    .and_then(|v| v.parse().ok())
+            });
+        out
     }
 }
 

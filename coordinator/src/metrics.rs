@@ -79,6 +79,8 @@ impl Metrics {
     /// coordinator (`None` while it follows another).
     pub fn render(&self, serving: Option<Gauges>) -> String {
         let mut e = Exposition::default();
+        e.build_info("batond");
+        e.process();
         e.gauge(
             "baton_coordinator_leading",
             "1 while this batond serves the fleet (alone, or leading); 0 while it follows another.",

@@ -147,6 +147,36 @@ fn metrics_move_with_a_rollout_and_its_events_are_complete_and_in_order() {
         )
     );
 
+    // A clean deploy is no health failure: the new process's first
+    // probes, before it answers, are not counted.
+    assert_eq!(
+        metric(&agent_after, "baton_agent_health_check_failures_total"),
+        metric(&agent_before, "baton_agent_health_check_failures_total"),
+        "{agent_after}"
+    );
+    // Per service, the build, the process.
+    assert_eq!(
+        metric(
+            &agent_after,
+            "baton_agent_service_up{service=\"demo\",version=\"2.0.0\"}"
+        ),
+        1.0,
+        "{agent_after}"
+    );
+    assert_eq!(
+        metric(
+            &agent_after,
+            "baton_agent_service_healthy{service=\"demo\",version=\"2.0.0\"}"
+        ),
+        1.0,
+        "{agent_after}"
+    );
+    for doc in [&agent_after, &after] {
+        assert!(doc.contains("baton_build_info{program=\""), "{doc}");
+        assert!(metric(doc, "process_resident_memory_bytes") > 0.0, "{doc}");
+        assert!(metric(doc, "process_open_fds") > 0.0, "{doc}");
+    }
+
     // The history: complete, numbered without gaps, in time order.
     let events = fleet.events(&id);
     let at: Vec<&str> = events.iter().map(|e| e["at"].as_str().unwrap()).collect();

@@ -588,6 +588,9 @@ impl Executor {
         let interval = health
             .as_ref()
             .map_or(Duration::from_secs(1), |h| h.interval);
+        // A check that fails counts once the service has answered: the
+        // probes of a process still starting are not health failures.
+        let mut answered = false;
         loop {
             let state = match status.borrow_and_update().state {
                 ProcessState::Running { .. } => ServiceState::Running,
@@ -598,7 +601,9 @@ impl Executor {
                 match health {
                     Some(h) => {
                         let passed = health::check_once(h, &release.dir).await.is_ok();
-                        if !passed {
+                        if passed {
+                            answered = true;
+                        } else if answered {
                             crate::metrics::METRICS.health_check_failures.inc();
                         }
                         passed
