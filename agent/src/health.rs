@@ -273,9 +273,54 @@ async fn http_get(url: &str) -> Result<(), String> {
     };
     match status {
         Some(code) if (200..300).contains(&code) => Ok(()),
-        Some(code) => Err(format!("GET {url} returned {code}")),
+        Some(code) => {
+            // The answer's body says why, often: its start goes with the
+            // error (what the operator sees of a failed activation).
+            let body = read_body_prefix(&mut stream, buf).await;
+            if body.is_empty() {
+                Err(format!("GET {url} returned {code}"))
+            } else {
+                Err(format!("GET {url} returned {code}: {body}"))
+            }
+        }
         None => Err(format!("GET {url}: malformed status line {line:?}")),
     }
+}
+
+/// The most of a failing answer's body quoted in the error.
+const MAX_BODY_QUOTE: usize = 200;
+/// The most of a response read to find the body's start.
+const MAX_RESPONSE_READ: usize = 8 * 1024;
+
+/// The start of an HTTP response's body (`buf` holds what was read so
+/// far), on one line: whitespace runs become one space, at most
+/// [`MAX_BODY_QUOTE`] characters. Empty when there is none, or it does not
+/// come within a short wait.
+async fn read_body_prefix(stream: &mut TcpStream, mut buf: Vec<u8>) -> String {
+    let read_more = async {
+        loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+                && buf.len() >= i + 4 + MAX_BODY_QUOTE
+            {
+                break;
+            }
+            if buf.len() >= MAX_RESPONSE_READ {
+                break;
+            }
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), read_more).await;
+    let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return String::new();
+    };
+    let body = String::from_utf8_lossy(&buf[i + 4..]);
+    let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    baton_common::text::prefix(&one_line, MAX_BODY_QUOTE)
 }
 
 async fn grpc_check(address: &str, service: &str, timeout: Duration) -> Result<(), String> {

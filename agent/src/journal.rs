@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use baton_common::artifact::fsync_dir;
-use baton_common::command::{CommandUpdate, FailureKind, Outcome};
+use baton_common::command::{CommandUpdate, FailureDetail, FailureKind, Outcome};
 use serde::{Deserialize, Serialize};
 
 /// Entries older than this are dropped at startup.
@@ -22,6 +22,10 @@ struct Entry {
     /// The kind of failure (absent in entries written before kinds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure: Option<FailureKind>,
+    /// A failed activation's probe answer and log tail, re-sent with the
+    /// outcome after a reconnect.
+    #[serde(default, skip_serializing_if = "FailureDetail::is_empty")]
+    detail: FailureDetail,
 }
 
 /// `<data-dir>/commands/`.
@@ -82,6 +86,7 @@ impl Journal {
         let e: Entry = serde_json::from_slice(&bytes).ok()?;
         (e.id == id).then(|| CommandUpdate {
             failure: e.failure.filter(|_| !e.succeeded),
+            detail: FailureDetail::new(&e.detail.probe, &e.detail.log_tail),
             ..CommandUpdate::done(
                 id,
                 if e.succeeded {
@@ -105,6 +110,7 @@ impl Journal {
             succeeded,
             error: update.error.clone(),
             failure: update.failure,
+            detail: update.detail.clone(),
         };
         let path = self.dir.join(file_name(&update.command_id));
         let tmp = path.with_extension("tmp");

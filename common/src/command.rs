@@ -222,6 +222,62 @@ impl std::fmt::Display for FailureKind {
     }
 }
 
+/// The most characters of a failing probe's answer a failure carries.
+pub const MAX_PROBE_CHARS: usize = 512;
+/// The most bytes of a service's log a failure carries (its end).
+pub const MAX_LOG_TAIL_BYTES: usize = 4096;
+
+/// What an operator needs to see of a failed activation beyond its error:
+/// the failing health probe's last answer and the last lines the service
+/// logged. Both bounded and without control characters but newlines and
+/// tabs; empty when there is nothing to show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailureDetail {
+    /// The last health check's answer (e.g. `GET … returned 503: body`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub probe: String,
+    /// The end of the service's log, whole lines.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub log_tail: String,
+}
+
+impl FailureDetail {
+    /// Both parts, cleaned and cut to their bounds (the log from its end).
+    pub fn new(probe: &str, log_tail: &str) -> Self {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_control() && c != '\n' && c != '\t' {
+                        '?'
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
+        let probe = crate::text::prefix(&clean(probe), MAX_PROBE_CHARS);
+        let mut tail = clean(log_tail);
+        if tail.len() > MAX_LOG_TAIL_BYTES {
+            let mut cut = tail.len() - MAX_LOG_TAIL_BYTES;
+            while !tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            // From the first whole line in what is kept.
+            let from = tail[cut..].find('\n').map_or(cut, |i| cut + i + 1);
+            tail = tail[from..].to_owned();
+        }
+        Self {
+            probe,
+            log_tail: tail.trim_end().to_owned(),
+        }
+    }
+
+    /// Nothing to show.
+    pub fn is_empty(&self) -> bool {
+        self.probe.is_empty() && self.log_tail.is_empty()
+    }
+}
+
 /// An agent's report about one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandUpdate {
@@ -238,6 +294,8 @@ pub struct CommandUpdate {
     /// The kind of failure, when it failed and the agent said (agents
     /// older than the field do not).
     pub failure: Option<FailureKind>,
+    /// A failed activation's probe answer and log tail.
+    pub detail: FailureDetail,
 }
 
 impl CommandUpdate {
@@ -250,6 +308,7 @@ impl CommandUpdate {
             error: error.into(),
             health_wait: None,
             failure: None,
+            detail: FailureDetail::default(),
         }
     }
 

@@ -364,6 +364,8 @@ impl ControlService for ControlApi {
                     who: e.who,
                     message: e.message,
                     failure: crate::rollout::failure_to_pb(e.failure),
+                    probe: e.detail.probe,
+                    log_tail: e.detail.log_tail,
                 })
                 .collect(),
         }))

@@ -48,7 +48,7 @@ const UPDATE_BUFFER: usize = 16 * 1024;
 
 /// Where agents' command updates go: the rollout driver's channel, once it
 /// subscribed.
-type UpdateSink = Arc<std::sync::Mutex<Option<mpsc::Sender<(HostId, CommandUpdate)>>>>;
+type UpdateSink = Arc<std::sync::Mutex<Vec<mpsc::Sender<(HostId, CommandUpdate)>>>>;
 
 const HOST_PREFIX: &str = "hosts/";
 
@@ -406,15 +406,17 @@ impl FleetHandle {
     }
 
     /// Every command update from every agent (but pings'), from now on,
-    /// for the one subscriber (the rollout driver; a new subscription
-    /// replaces the last). Nothing is dropped: while the subscriber is
+    /// for each subscriber (the rollout driver; a test may listen beside
+    /// it). Nothing is dropped: while the subscriber is
     /// 16k updates behind, agents' streams wait for it. (A broadcast that
     /// dropped updates made the subscriber re-send every outstanding
     /// command to recover, whose answers made it fall behind again: a
     /// storm that never ended at 10,000 hosts.)
     pub fn command_updates(&self) -> mpsc::Receiver<(HostId, CommandUpdate)> {
         let (tx, rx) = mpsc::channel(UPDATE_BUFFER);
-        *lock(&self.updates) = Some(tx);
+        let mut sinks = lock(&self.updates);
+        sinks.retain(|s| !s.is_closed());
+        sinks.push(tx);
         rx
     }
 
@@ -452,9 +454,13 @@ impl FleetHandle {
             return;
         }
         // No subscriber (or one that stopped) is not an error.
-        let sink = lock(&self.updates).clone();
-        if let Some(sink) = sink {
+        let sinks = lock(&self.updates).clone();
+        if let [sink] = sinks.as_slice() {
             let _ = sink.send((host, update)).await;
+        } else {
+            for sink in &sinks {
+                let _ = sink.send((host.clone(), update.clone())).await;
+            }
         }
     }
 

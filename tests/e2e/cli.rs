@@ -127,3 +127,35 @@ fn start_watch_follows_the_rollout_and_ids_resolve_by_prefix_and_latest() {
     let text = lines(&out);
     assert_eq!(text.last().unwrap(), &format!("rollout {id} succeeded"));
 }
+
+#[test]
+fn a_failed_activation_carries_the_probes_answer_and_the_services_log() {
+    let fleet = Fleet::start(&["h1"]);
+    fleet.install("1.0.0");
+    fleet.release("2.0.0", true);
+    let id = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmin_healthy_time = \"200ms\"\nhealthy_deadline = \"2s\"\n",
+    );
+    let status = fleet.wait_done(&id, std::time::Duration::from_secs(60));
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    let h1 = &Fleet::hosts_of(&status)["h1"];
+    // The probe's answer: the status and the start of the body.
+    let probe = h1["probe"].as_str().unwrap_or_default();
+    assert!(probe.contains("returned 503: unhealthy"), "{h1}");
+    // The service's log: what the new process printed.
+    let log = h1["log_tail"].as_str().unwrap_or_default();
+    assert!(log.contains("demo-service 2.0.0 listening"), "{h1}");
+    // The same in the history, on the host's way into `failed` ...
+    let events = fleet.events(&id);
+    let failed = events
+        .iter()
+        .find(|e| e["kind"] == "host" && e["to"] == "failed")
+        .unwrap();
+    assert_eq!(failed["probe"], probe, "{failed}");
+    assert_eq!(failed["log_tail"], log, "{failed}");
+    // ... and in the text an operator reads.
+    let out = fleet.baton(&["rollout", "status", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("probe: GET http://"), "{text}");
+    assert!(text.contains("| demo-service 2.0.0 listening"), "{text}");
+}

@@ -563,8 +563,23 @@ async fn gate_current(
         &mut alive,
         cancel,
     )
-    .await
-    .map_err(|e| Failure::new(e.kind(), format!("{release}: {e}")))?;
+    .await;
+    let took = match took {
+        Ok(took) => took,
+        Err(e) => {
+            // What the operator needs to see: the failing probe's last
+            // answer and what the service logged before it.
+            let probe = match &e {
+                health::GateError::NotHealthy { last, .. } => last.clone(),
+                _ => String::new(),
+            };
+            let detail = match e {
+                health::GateError::Cancelled => baton_common::command::FailureDetail::default(),
+                _ => baton_common::command::FailureDetail::new(&probe, &release.log_tail().await),
+            };
+            return Err(Failure::new(e.kind(), format!("{release}: {e}")).with_detail(detail));
+        }
+    };
     info!(service = %release.name, version = %release.version, took = ?took, "healthy");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! are as it returns them ([`Classify::or_fail`]), so the kind is decided
 //! where the cause is known, never guessed from the text later.
 
-use baton_common::command::FailureKind;
+use baton_common::command::{FailureDetail, FailureKind};
 
 /// A failed command: its kind and what happened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +13,8 @@ pub struct Failure {
     pub kind: FailureKind,
     /// What happened, for the operator.
     pub message: String,
+    /// A failed activation's probe answer and the end of the service's log.
+    pub detail: FailureDetail,
 }
 
 impl Failure {
@@ -21,7 +23,14 @@ impl Failure {
         Self {
             kind,
             message: message.into(),
+            detail: FailureDetail::default(),
         }
+    }
+
+    /// The same failure with what the operator needs to see of it.
+    pub fn with_detail(mut self, detail: FailureDetail) -> Self {
+        self.detail = detail;
+        self
     }
 
     /// The same failure with `note` (what was done about it) appended.

@@ -320,7 +320,10 @@ impl Executor {
             };
             let mut update = match &result {
                 Ok(()) => CommandUpdate::done(&id, Outcome::Succeeded, ""),
-                Err(e) => CommandUpdate::failed(&id, e.kind, e.message.clone()),
+                Err(e) => CommandUpdate {
+                    detail: e.detail.clone(),
+                    ..CommandUpdate::failed(&id, e.kind, e.message.clone())
+                },
             };
             update.health_wait = health_wait.get();
             let metrics = &crate::metrics::METRICS;
@@ -647,5 +650,6 @@ fn accepted(id: &str) -> CommandUpdate {
         health_wait: None,
         error: String::new(),
         failure: None,
+        detail: Default::default(),
     }
 }

@@ -165,6 +165,7 @@ impl Executor {
                     error: String::new(),
                     health_wait: None,
                     failure: None,
+                    detail: Default::default(),
                 });
             }
         })

@@ -172,6 +172,8 @@ impl From<&CommandUpdate> for pb::CommandUpdate {
                 .failure
                 .map_or(pb::FailureKind::Unspecified, pb::FailureKind::from)
                 .into(),
+            probe: u.detail.probe.clone(),
+            log_tail: u.detail.log_tail.clone(),
         }
     }
 }
@@ -272,6 +274,8 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
                 }),
                 _ => None,
             },
+            // Bounded whatever the agent sent.
+            detail: FailureDetail::new(&u.probe, &u.log_tail),
         })
     }
 }

@@ -452,6 +452,8 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
                 "finished_at": time_text(h.finished_at.as_ref()),
                 "error": empty_null(&h.error),
                 "failure": failure(h),
+                "probe": empty_null(&h.probe),
+                "log_tail": empty_null(&h.log_tail),
                 "connected": h.connected,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -520,6 +522,7 @@ pub fn render(r: &Rollout, bars: bool) -> String {
             }
             out.push_str(&line);
             out.push('\n');
+            out.push_str(&failure_detail(&h.probe, &h.log_tail, "      "));
         }
     }
     if !r.error.is_empty() {
@@ -667,6 +670,22 @@ impl Bars {
     }
 }
 
+/// A failure's probe answer and log tail as indented lines (empty when
+/// there are none).
+fn failure_detail(probe: &str, log_tail: &str, indent: &str) -> String {
+    let mut out = String::new();
+    if !probe.is_empty() {
+        out.push_str(&format!("{indent}probe: {probe}\n"));
+    }
+    if !log_tail.is_empty() {
+        out.push_str(&format!("{indent}log:\n"));
+        for line in log_tail.lines() {
+            out.push_str(&format!("{indent}  | {line}\n"));
+        }
+    }
+    out
+}
+
 /// One event in the contract's JSON shape.
 fn event_json(e: &RolloutEvent) -> serde_json::Value {
     serde_json::json!({
@@ -680,6 +699,8 @@ fn event_json(e: &RolloutEvent) -> serde_json::Value {
         "who": e.who,
         "message": e.message,
         "failure": baton_common::command::failure_kind(e.failure).map(|k| k.as_str()),
+        "probe": empty_null(&e.probe),
+        "log_tail": empty_null(&e.log_tail),
     })
 }
 
@@ -710,5 +731,11 @@ fn event_line(e: &RolloutEvent) -> String {
     if !e.message.is_empty() {
         line.push_str(&format!("  {}", e.message));
     }
-    line.trim_end().to_owned()
+    let mut line = line.trim_end().to_owned();
+    let detail = failure_detail(&e.probe, &e.log_tail, "        ");
+    if !detail.is_empty() {
+        line.push('\n');
+        line.push_str(detail.trim_end());
+    }
+    line
 }

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use baton_common::command::FailureKind;
+use baton_common::command::{FailureDetail, FailureKind};
 use baton_common::host::HostId;
 
 use baton_common::time::unix_millis;
@@ -81,6 +81,11 @@ pub struct RolloutEvent {
     /// failure rolled back on its way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
+    /// What the operator needs to see of a host's failure: the failing
+    /// probe's last answer and the end of the service's log (host events
+    /// into `failed`).
+    #[serde(default, skip_serializing_if = "FailureDetail::is_empty")]
+    pub detail: FailureDetail,
 }
 
 /// The key prefix of a rollout's events.
@@ -106,6 +111,7 @@ fn event(kind: Kind, at: u64) -> RolloutEvent {
         who: String::new(),
         message: String::new(),
         failure: None,
+        detail: FailureDetail::default(),
     }
 }
 
@@ -204,6 +210,7 @@ pub fn changes(
                 e.message = message.clone();
                 if new_error && to == HostState::Failed {
                     e.failure = h.failure;
+                    e.detail = h.detail.clone();
                 }
                 out.push(e);
             }

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use baton_common::command::{
-    Command, CommandKind, CommandUpdate, FailureKind, HealthGate, Outcome, Phase,
+    Command, CommandKind, CommandUpdate, FailureDetail, FailureKind, HealthGate, Outcome, Phase,
 };
 use baton_common::host::HostId;
 use baton_common::time::later;
@@ -336,6 +336,9 @@ pub struct HostRun {
     /// The kind of its failure, when it failed and the kind is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
+    /// A failed activation's probe answer and the end of the service's log.
+    #[serde(default, skip_serializing_if = "FailureDetail::is_empty")]
+    pub detail: FailureDetail,
     /// Whether this rollout swapped it (so a rollback must restore it).
     pub touched: bool,
     /// The command in flight, re-sent on every reconnect until it ends.
@@ -368,6 +371,7 @@ impl HostRun {
             finished_at: None,
             error: None,
             failure: None,
+            detail: FailureDetail::default(),
             touched: false,
             outstanding: None,
             connected,
@@ -640,6 +644,7 @@ fn on_update(
             h.finished_at = Some(now);
             h.error = Some(update.error.clone());
             h.failure = update.failure;
+            h.detail = update.detail.clone();
             s.failures = s.failures.saturating_add(1);
             // A failure within max_failures does not fail the rollout, but
             // the host must not stay on a version that failed it. (While
@@ -658,6 +663,7 @@ fn on_update(
             h.finished_at = Some(now);
             h.error = Some(format!("rollback failed: {}", update.error));
             h.failure = update.failure;
+            h.detail = update.detail.clone();
         }
         _ => {}
     }

@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use baton_common::command::{Command, CommandKind, FailureKind, HealthGate};
+use baton_common::command::{Command, CommandKind, FailureDetail, FailureKind, HealthGate};
 use baton_common::host::HostId;
 use serde::{Deserialize, Serialize};
 
@@ -434,6 +434,10 @@ pub struct HostRecord {
     /// The kind of its failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
+    /// A failed activation's probe answer and log tail (bounded: at most
+    /// 512 characters and 4 KiB).
+    #[serde(default, skip_serializing_if = "FailureDetail::is_empty")]
+    pub detail: FailureDetail,
     /// This rollout swapped it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub touched: bool,
@@ -532,6 +536,7 @@ pub fn host(h: &HostRun) -> HostRecord {
         finished: h.finished_at,
         error: h.error.clone(),
         failure: h.failure,
+        detail: h.detail.clone(),
         touched: h.touched,
         command: h.outstanding.as_ref().map(|c| CommandRecord {
             seq: c
@@ -779,6 +784,9 @@ fn host_run(id: &str, s: &ServiceHeader, r: HostRecord) -> Result<HostRun, Strin
         finished_at: r.finished,
         error: r.error,
         failure: r.failure,
+        // Bounded again: a record is read back from a store anyone with
+        // access to it may have written.
+        detail: FailureDetail::new(&r.detail.probe, &r.detail.log_tail),
         touched: r.touched,
         outstanding,
         connected: false,

@@ -54,6 +54,8 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
                             error: h.error.clone().unwrap_or_default(),
                             progress_percent: h.progress,
                             connected: h.connected,
+                            probe: h.detail.probe.clone(),
+                            log_tail: h.detail.log_tail.clone(),
                         })
                         .collect(),
                 })

@@ -199,6 +199,7 @@ fn done(id: &str, result: &Result<(), String>) -> pb::CommandUpdate {
             Ok(()) => pb::FailureKind::Unspecified as i32,
             Err(_) => pb::FailureKind::Internal as i32,
         },
+        ..Default::default()
     }
 }
 

@@ -179,6 +179,7 @@ async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on
                 error: String::new(),
                 health_wait: None,
                 failure: None,
+                detail: Default::default(),
             },
         )
         .await;
