@@ -34,6 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages buffered towards the coordinator.
 const OUTBOUND_BUFFER: usize = 16;
+/// Log chunks waiting for the stream (`baton logs`).
+const LOG_BUFFER: usize = 16;
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -387,6 +389,10 @@ impl Link {
             }
         }
 
+        // `baton logs`: requests served beside the commands, their chunks
+        // sent on this stream (and all of them ended with it).
+        let (log_tx, mut log_rx) = mpsc::channel(LOG_BUFFER);
+        let mut log_streams = crate::logs::Streams::default();
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -424,6 +430,12 @@ impl Link {
                         return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
                     }
                 }
+                Some(chunk) = log_rx.recv() => {
+                    let msg = AgentMessage { kind: Some(agent_message::Kind::LogChunk(chunk)) };
+                    if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
+                        return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
+                    }
+                }
                 changed = inventory.changed() => {
                     if changed.is_err() {
                         return Ok(Ended::Shutdown);
@@ -447,6 +459,11 @@ impl Link {
                         match msg.kind {
                             Some(coordinator_message::Kind::Ping(_)) => {}
                             Some(coordinator_message::Kind::Command(command)) => executor.submit(command),
+                            Some(coordinator_message::Kind::LogRequest(req)) => {
+                                let source = executor.log_source(&req.service);
+                                log_streams.start(req, source, log_tx.clone());
+                            }
+                            Some(coordinator_message::Kind::LogCancel(c)) => log_streams.cancel(&c.request_id),
                             Some(coordinator_message::Kind::Welcome(_)) => {
                                 return Ok(Ended::Lost("a second welcome on one stream".into()));
                             }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod installed;
 pub mod join;
 pub mod journal;
+pub mod logs;
 pub mod metrics;
 pub mod releases;
 pub mod selfupgrade;

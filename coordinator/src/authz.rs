@@ -42,6 +42,8 @@ pub const TABLE: &[(&str, Role)] = &[
     ("CreateEnrollment", Role::Admin),
     ("ListPendingEnrollments", Role::Admin),
     ("DecideEnrollment", Role::Admin),
+    // Reads what a service logged, which may hold what only operators see.
+    ("StreamLogs", Role::Operator),
 ];
 
 /// The role `method` (the RPC's name) needs; `None`: nobody may call it.

@@ -147,6 +147,13 @@ fn stopped(_: FleetStopped) -> Status {
 
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<HostEvent, Status>> + Send>>;
 
+type LogStream = Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<baton_proto::control::v1::LogText, Status>> + Send>,
+>;
+
+/// How long an agent may take to start answering a log request.
+const LOG_FIRST_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl ControlService for ControlApi {
     async fn list_hosts(
@@ -256,6 +263,100 @@ impl ControlService for ControlApi {
     }
 
     type WatchRolloutStream = RolloutStream;
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<baton_proto::control::v1::StreamLogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
+        use crate::logs::Next;
+        use baton_proto::control::v1::LogText;
+        let who = request
+            .extensions()
+            .get::<baton_common::tls::PeerIdentity>()
+            .map_or_else(|| "an unidentified caller".to_owned(), ToString::to_string);
+        let req = request.into_inner();
+        let host = HostId::try_from(req.host_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("host id {}", e.reason)))?;
+        baton_common::host::validate_name(&req.service).map_err(|e| {
+            Status::invalid_argument(format!(
+                "service {}: {e}",
+                baton_common::text::quote(&req.service)
+            ))
+        })?;
+        if req.lines > crate::logs::MAX_LINES {
+            return Err(Status::invalid_argument(format!(
+                "lines {} is out of range: at most {}",
+                req.lines,
+                crate::logs::MAX_LINES
+            )));
+        }
+        let agent = self.fleet.agent_sender(&host).await.map_err(|e| match e {
+            crate::fleet::SendError::Stopped => {
+                Status::unavailable("the coordinator is shutting down")
+            }
+            other => Status::unavailable(other.to_string()),
+        })?;
+        let mut sub = self
+            .fleet
+            .logs()
+            .open(host.clone(), agent, &req.service, req.lines, req.follow)
+            .map_err(|e| match e {
+                crate::logs::OpenError::Busy => Status::resource_exhausted(e.to_string()),
+                crate::logs::OpenError::NotConnected(_) => Status::unavailable(e.to_string()),
+            })?;
+        tracing::info!(%who, %host, service = %req.service, follow = req.follow, "streaming a service's log");
+        // The first answer before the response: an unknown service is a
+        // status, not a broken stream.
+        let first = tokio::time::timeout(LOG_FIRST_ANSWER, sub.next())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "host {host} did not answer within {}s",
+                    LOG_FIRST_ANSWER.as_secs()
+                ))
+            })?;
+        let first = match first {
+            Next::Text(text) => Some(text),
+            Next::End => None,
+            Next::Failed(e) if e.starts_with("no service") => return Err(Status::not_found(e)),
+            Next::Failed(e) => return Err(Status::failed_precondition(e)),
+            Next::Lost => {
+                return Err(Status::unavailable(format!("host {host}'s stream ended")));
+            }
+        };
+        let (tx, out) = mpsc::channel(crate::logs::BUFFER);
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let Some(first) = first else {
+                return;
+            };
+            if tx.send(Ok(LogText { text: first })).await.is_err() {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    next = sub.next() => next,
+                };
+                let item = match next {
+                    Next::Text(text) => Ok(LogText { text }),
+                    Next::End => return,
+                    Next::Failed(e) => Err(Status::failed_precondition(e)),
+                    Next::Lost => Err(Status::unavailable(
+                        "the log stream ended: the host disconnected, or this client read too slowly",
+                    )),
+                };
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
 
     async fn watch_rollout(
         &self,

@@ -215,6 +215,7 @@ pub struct FleetHandle {
     tx: mpsc::Sender<Command>,
     updates: UpdateSink,
     pings: Pings,
+    logs: crate::logs::Registry,
 }
 
 /// Pings in flight by their nonce, each with where its answers go.
@@ -327,6 +328,23 @@ impl FleetHandle {
     /// One host.
     pub async fn get(&self, host: HostId) -> Result<Option<HostView>, FleetStopped> {
         self.ask(|reply| Command::Get { host, reply }).await
+    }
+
+    /// The open `baton logs` requests, whose chunks the agents' streams
+    /// deliver.
+    pub fn logs(&self) -> &crate::logs::Registry {
+        &self.logs
+    }
+
+    /// The outbound queue of `host`'s stream.
+    pub async fn agent_sender(&self, host: &HostId) -> Result<AgentSender, SendError> {
+        self.ask(|reply| Command::Sender {
+            host: host.clone(),
+            reply,
+        })
+        .await
+        .map_err(|_| SendError::Stopped)?
+        .ok_or_else(|| SendError::NotConnected(host.clone()))
     }
 
     /// Queues `command` on the host's live stream, waiting while that
@@ -543,6 +561,7 @@ pub async fn spawn_with(
             tx,
             updates: UpdateSink::default(),
             pings: Pings::default(),
+            logs: crate::logs::Registry::default(),
         },
         task,
     ))

@@ -24,6 +24,7 @@ pub mod ha;
 pub mod health;
 pub mod limits;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod ping;
 pub mod rollout;

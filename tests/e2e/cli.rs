@@ -159,3 +159,79 @@ fn a_failed_activation_carries_the_probes_answer_and_the_services_log() {
     assert!(text.contains("probe: GET http://"), "{text}");
     assert!(text.contains("| demo-service 2.0.0 listening"), "{text}");
 }
+
+#[test]
+fn baton_logs_reads_and_follows_a_services_log_through_its_agent() {
+    use std::io::{Read, Write};
+    let fleet = Fleet::start(&["h1"]);
+    fleet.install("1.0.0");
+    let out = fleet.baton(&["logs", "h1", "demo", "-n", "50"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("demo-service 1.0.0 listening"), "{text}");
+
+    // An unknown service, a host that is not there.
+    let out = fleet.baton(&["logs", "h1", "nope"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no service"),
+        "{out:?}"
+    );
+    let out = fleet.baton(&["logs", "h9", "demo"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    // Following: what the service logs next arrives.
+    let mut cmd = baton_tests::bin_command("baton");
+    cmd.args(["--coordinator", &fleet.batond.url(), "--tls-dir"])
+        .arg(fleet.env.tls())
+        .args(["logs", "h1", "demo", "--follow", "-n", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    // The follow has begun once the last line is there.
+    baton_tests::wait_until("the log's last line", baton_tests::SOON, || {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    });
+    let mut s = std::net::TcpStream::connect(fleet.addr("h1")).unwrap();
+    s.write_all(b"GET /slow?ms=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    baton_tests::wait_until("the new line to be followed", baton_tests::SOON, || {
+        seen.lock()
+            .unwrap()
+            .contains("a slow request")
+            .then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
+
+    // Every call is audited (that a viewer may not call it is checked
+    // with every RPC in roles.rs).
+    let out = fleet.baton(&["audit", "--json", "--limit", "100"]);
+    let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let calls = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "StreamLogs")
+        .count();
+    assert!(calls >= 3, "{log}");
+}

@@ -240,6 +240,30 @@ impl Executor {
         self.inner.inventory.subscribe()
     }
 
+    /// Where service `name`'s log is: its current release's
+    /// `service.log`, or its unit's journal when systemd runs it.
+    pub fn log_source(&self, name: &str) -> Result<crate::logs::Source, String> {
+        baton_common::host::validate_name(name)
+            .map_err(|e| format!("invalid service name {}: {e}", quote(name)))?;
+        let releases = &self.inner.releases;
+        let version = releases
+            .current(name)
+            .ok_or_else(|| format!("no service {} runs on this host", quote(name)))?;
+        let spec = crate::service::load(
+            &releases.release_dir(name, &version),
+            &self.inner.config.vars,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(match spec.supervisor {
+            crate::service::SupervisorKind::Systemd { unit } => crate::logs::Source::Journal(unit),
+            crate::service::SupervisorKind::Native => crate::logs::Source::File(
+                releases
+                    .run_dir(name, &version)
+                    .join(crate::supervisor::LOG_FILE),
+            ),
+        })
+    }
+
     /// Accepts a command from the coordinator and runs it in the
     /// background; its updates arrive on [`Executor::updates`].
     pub fn submit(&self, wire: pb::Command) {

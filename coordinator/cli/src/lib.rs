@@ -20,6 +20,7 @@ mod demo;
 mod demo_service;
 mod enroll;
 pub(crate) mod hosts;
+mod logs;
 mod ping;
 mod plan;
 pub mod rollout;
@@ -110,6 +111,13 @@ pub enum Command {
     /// Roll a version out across the fleet and follow it.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
+    /// A service's log on one host, through its agent: the last lines,
+    /// and with --follow what it logs next (needs an operator
+    /// certificate; every call is in the audit log).
+    #[command(
+        after_help = "Examples:\n  baton logs web-1 api\n  baton logs web-1 api --follow\n  baton logs web-1 api -n 1000 | grep ERROR"
+    )]
+    Logs(logs::LogsArgs),
     /// Plan files, checked offline.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
@@ -238,6 +246,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Artifact(ref cmd) => artifact::run(&cli, cmd).await,
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Plan(ref cmd) => plan::run(cmd),
+        Command::Logs(ref args) => logs::run(&cli, args).await,
         Command::Audit(ref args) => audit::run(&cli, args).await,
         Command::Enroll(ref cmd) => enroll::run(&cli, cmd).await,
         Command::Dashboard(ref cmd) => dashboard::run(&cli, cmd).await,
