@@ -1,8 +1,10 @@
 //! The web dashboard in a real browser (Debian's `chromium`, headless,
 //! driven over the DevTools protocol) during a real rollout: host rows and
 //! versions appear, the filter narrows them, the rollout's page shows its
-//! service graph and hosts progressing live, and a mouse click on Pause by
-//! a signed-in operator pauses the rollout. Set `BATON_SCREENSHOT=FILE` to
+//! service graph and hosts progressing live (counted by state, a health
+//! gate's countdown, dates and durations), a mouse click on Pause by a
+//! signed-in operator pauses the rollout, the host page reads a service's
+//! log through its agent, and a host that goes away is drawn as such. Set `BATON_SCREENSHOT=FILE` to
 //! keep a screenshot of the paused rollout (the README's).
 
 use std::time::Duration;
@@ -85,6 +87,18 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
         "the rollout to progress",
         "document.querySelector('#rollout-state').dataset.state === 'progressing'",
     );
+    // A host in its health gate shows how long it has left; the service
+    // shows its hosts counted by state; the rollout its start and age.
+    page.wait_for(
+        "a health gate's countdown",
+        "[...document.querySelectorAll('section[data-service=\"demo\"] tr[data-state=\"activating\"] .countdown')].some(c => /health gate: \\d+s left/.test(c.textContent))",
+    );
+    page.wait_for(
+        "the hosts counted by state",
+        "!!document.querySelector('section[data-service=\"demo\"] [data-count=\"activating\"]')",
+    );
+    let times = page.eval("document.getElementById('rollout-times').textContent");
+    assert!(times.as_str().unwrap().contains("running for"), "{times}");
     assert!(
         page.eval("document.querySelector('button[data-action=\"pause\"]').disabled") == true,
         "the buttons are inert until an operator signs in"
@@ -154,6 +168,30 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
         std::fs::write(&path, &png).unwrap();
     }
 
+    // The history pages from its end: the events before #5 are 0..=4.
+    let older = page.eval(&format!(
+        "fetch('/api/rollouts/{id}?before=5').then(r => r.json()).then(j => j.events.map(e => e.seq).join())"
+    ));
+    assert_eq!(older, "0,1,2,3,4");
+
+    // The host page: labels, services, and (signed in as an operator)
+    // the service's recent log, read through its agent.
+    page.navigate(&format!("http://{web}/#/hosts/h1"));
+    page.wait_for(
+        "h1's services",
+        "!!document.querySelector('#host-services tr[data-service=\"demo\"]')",
+    );
+    page.click("button[data-show-log=\"demo\"]");
+    page.wait_for(
+        "h1's demo log",
+        "document.querySelector('pre[data-log=\"demo\"]').textContent.includes('demo-service')",
+    );
+    page.navigate(&format!("http://{web}/#/rollouts/{id}"));
+    page.wait_for(
+        "the rollout's page again",
+        "document.querySelector('#rollout-state') && document.querySelector('#rollout-state').dataset.state === 'paused'",
+    );
+
     // Resume from the page; the fleet view ends with every host on 2.0.0.
     page.click("button[data-action=\"resume\"]");
     let done = fleet.wait_done(&id, Duration::from_secs(90));
@@ -162,5 +200,14 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
     page.wait_for(
         "every host on 2.0.0",
         &format!("{} === 3", rows_on("2.0.0")),
+    );
+    // A host that goes away is not drawn as running: its service's state
+    // is unknown, and the page says when it was last seen.
+    let mut fleet = fleet;
+    let mut h3 = fleet.agents.remove("h3").unwrap();
+    h3.terminate();
+    page.wait_for(
+        "h3 drawn as disconnected",
+        "document.querySelector('#fleet tr[data-host=\"h3\"] td[data-service=\"demo\"]').dataset.state === 'unknown' && /last seen \\d+s ago/.test(document.querySelector('#fleet tr[data-host=\"h3\"] [data-last-seen]').textContent)",
     );
 }

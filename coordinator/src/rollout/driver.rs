@@ -224,6 +224,21 @@ impl Rollouts {
         Ok(events::load(self.store.as_ref(), id, since, limit).await?)
     }
 
+    /// A rollout's newest `limit` events before `before` (by `seq`), in
+    /// order: its history paged from the end.
+    pub async fn events_before(
+        &self,
+        id: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<events::RolloutEvent>, RolloutError> {
+        check_id(id)?;
+        if self.store.get(&key(id)).await?.is_none() {
+            return Err(RolloutError::NotFound(id.to_owned()));
+        }
+        Ok(events::load_before(self.store.as_ref(), id, before, limit).await?)
+    }
+
     /// A counter that moves whenever any rollout changes (started,
     /// stepped, finished): for views that redraw on change.
     pub fn changes(&self) -> watch::Receiver<u64> {

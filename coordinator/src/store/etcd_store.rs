@@ -58,6 +58,10 @@ impl Store for FencedStore {
         self.inner.list(prefix).await
     }
 
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list_keys(prefix).await
+    }
+
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
         let fence = EtcdCompare::create_revision(
             key(&self.fence.key),
@@ -151,6 +155,25 @@ impl Store for EtcdStore {
         }
         // etcd returns keys in byte order, as the embedded store does.
         Ok(out)
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                key(prefix),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(backend("list"))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let k = kv.key_str().map_err(backend("list"))?;
+                Ok(k.strip_prefix(PREFIX).unwrap_or(k).to_owned())
+            })
+            .collect()
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {

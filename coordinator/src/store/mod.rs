@@ -100,6 +100,18 @@ pub trait Store: Send + Sync + 'static {
     /// Reads every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// The keys starting with `prefix`, in key order, without their
+    /// values: what a reader that wants a few of many records (a rollout's
+    /// newest events) looks at first.
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
     /// Applies `txn` atomically; returns whether its compares held (and so
     /// whether anything was written).
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError>;
@@ -169,6 +181,10 @@ impl Store for Measured {
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.list(prefix).await
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list_keys(prefix).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {
@@ -281,6 +297,8 @@ pub mod conformance {
             ]
         );
         assert!(store.list("c/").await.unwrap().is_empty());
+        assert_eq!(store.list_keys("a/").await.unwrap(), ["a/1", "a/2"]);
+        assert!(store.list_keys("c/").await.unwrap().is_empty());
 
         // Compare-and-swap: only the expected value wins.
         assert!(

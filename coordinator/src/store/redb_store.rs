@@ -68,6 +68,20 @@ impl RedbStore {
         Ok(out)
     }
 
+    fn list_keys_blocking(&self, prefix: &str) -> Result<Vec<String>, redb::Error> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(KV)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..)? {
+            let (k, _) = entry?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(k.value().to_owned());
+        }
+        Ok(out)
+    }
+
     fn txn_blocking(&self, txn: &Txn) -> Result<bool, redb::Error> {
         let tx = self.db.begin_write()?;
         {
@@ -124,6 +138,11 @@ impl Store for RedbStore {
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let (this, prefix) = (self.clone(), prefix.to_owned());
         blocking("list", move || this.list_blocking(&prefix)).await
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let (this, prefix) = (self.clone(), prefix.to_owned());
+        blocking("list", move || this.list_keys_blocking(&prefix)).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<bool, StoreError> {

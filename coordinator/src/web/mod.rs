@@ -177,6 +177,7 @@ pub fn router(dashboard: Dashboard) -> axum::Router {
         .route("/api/rollouts/{id}", get(rollout))
         .route("/api/rollouts/{id}/{action}", post(act))
         .route("/api/hosts/{id}/history", get(history))
+        .route("/api/hosts/{id}/logs/{service}", get(host_logs))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .with_state(dashboard)
@@ -359,8 +360,56 @@ fn rollout_summary(r: &Rollout) -> Value {
     v
 }
 
-/// One rollout in full: services in dependency waves, steps and hosts.
-fn rollout_json(r: &Rollout) -> Value {
+/// Which hosts of each service a rollout's page shows: a page of them,
+/// optionally only those in one state. Every service's counts by state
+/// come whole, so a page of 10,000 hosts stays a page.
+#[derive(Debug, Clone, Default)]
+struct HostPage {
+    /// The first host shown (in host id order), from 0.
+    hosts_from: Option<usize>,
+    /// How many hosts per service: [`HOSTS_PAGE`] by default, at most
+    /// [`MAX_HOSTS_PAGE`].
+    hosts_limit: Option<usize>,
+    /// Only hosts in this state.
+    state: Option<String>,
+}
+
+/// Hosts per service a rollout's page gets by default.
+const HOSTS_PAGE: usize = 100;
+/// The most hosts per service one answer holds.
+const MAX_HOSTS_PAGE: usize = 1000;
+
+fn host_row(
+    id: &baton_common::host::HostId,
+    h: &crate::rollout::machine::HostRun,
+    deadline: Duration,
+) -> Value {
+    // While its health gate runs: when the host must be healthy by.
+    let gate_deadline = (h.state == crate::rollout::HostState::Activating)
+        .then_some(h.started_at)
+        .flatten()
+        .and_then(|t| t.checked_add(deadline))
+        .map(rfc3339);
+    json!({
+        "host_id": id.to_string(),
+        "state": h.state.as_str(),
+        "from_version": h.from_version.clone().unwrap_or_default(),
+        "to_version": h.to_version,
+        "progress_percent": h.progress,
+        "connected": h.connected,
+        "started_at": h.started_at.map(rfc3339),
+        "finished_at": h.finished_at.map(rfc3339),
+        "gate_deadline": gate_deadline,
+        "error": h.error.clone().unwrap_or_default(),
+        "failure": h.failure.map(|k| k.as_str()),
+        "probe": h.detail.probe,
+        "log_tail": h.detail.log_tail,
+    })
+}
+
+/// One rollout in full: services in dependency waves, steps, counts of
+/// hosts by state and a page of hosts.
+fn rollout_json(r: &Rollout, page: &HostPage) -> Value {
     let waves = crate::rollout::graph::waves(&crate::rollout::service_graph(r));
     let mut wave_of = vec![0; r.services.len()];
     for (w, wave) in waves.iter().enumerate() {
@@ -372,6 +421,11 @@ fn rollout_json(r: &Rollout) -> Value {
         .iter()
         .map(|wave| wave.iter().map(|i| r.services[*i].name.as_str()).collect())
         .collect();
+    let from = page.hosts_from.unwrap_or(0);
+    let limit = page
+        .hosts_limit
+        .unwrap_or(HOSTS_PAGE)
+        .clamp(1, MAX_HOSTS_PAGE);
     let mut v = rollout_head(r);
     v["plan"] = json!(r.plan);
     v["waves"] = json!(by_wave);
@@ -379,29 +433,42 @@ fn rollout_json(r: &Rollout) -> Value {
         r.services
             .iter()
             .enumerate()
-            .map(|(i, s)| json!({
-                "name": s.name,
-                "version": s.version,
-                "state": s.state.as_str(),
-                "wave": wave_of.get(i).copied().unwrap_or(0) + 1,
-                "depends_on": s.depends_on,
-                "step": s.step + 1,
-                "steps": s.steps,
-                "max_parallel": s.max_parallel,
-                "min_healthy": s.min_healthy,
-                "hosts": s.hosts.iter().map(|(id, h)| json!({
-                    "host_id": id.to_string(),
-                    "state": h.state.as_str(),
-                    "from_version": h.from_version.clone().unwrap_or_default(),
-                    "to_version": h.to_version,
-                    "progress_percent": h.progress,
-                    "connected": h.connected,
-                    "started_at": h.started_at.map(rfc3339),
-                    "finished_at": h.finished_at.map(rfc3339),
-                    "error": h.error.clone().unwrap_or_default(),
-                    "failure": h.failure.map(|k| k.as_str()),
-                })).collect::<Vec<_>>(),
-            }))
+            .map(|(i, s)| {
+                let mut counts: std::collections::BTreeMap<&str, usize> =
+                    std::collections::BTreeMap::new();
+                for h in s.hosts.values() {
+                    *counts.entry(h.state.as_str()).or_default() += 1;
+                }
+                let wanted = |h: &crate::rollout::machine::HostRun| {
+                    page.state
+                        .as_deref()
+                        .is_none_or(|st| h.state.as_str() == st)
+                };
+                let matching = s.hosts.values().filter(|h| wanted(h)).count();
+                json!({
+                    "name": s.name,
+                    "version": s.version,
+                    "state": s.state.as_str(),
+                    "wave": wave_of.get(i).copied().unwrap_or(0) + 1,
+                    "depends_on": s.depends_on,
+                    "step": s.step + 1,
+                    "steps": s.steps,
+                    "max_parallel": s.max_parallel,
+                    "min_healthy": s.min_healthy,
+                    "healthy_deadline_ms": s.gate.healthy_deadline.as_millis() as u64,
+                    "min_healthy_time_ms": s.gate.min_healthy_time.as_millis() as u64,
+                    "counts": counts,
+                    "hosts_total": s.hosts.len(),
+                    "hosts_matching": matching,
+                    "hosts_from": from,
+                    "hosts": s.hosts.iter()
+                        .filter(|(_, h)| wanted(h))
+                        .skip(from)
+                        .take(limit)
+                        .map(|(id, h)| host_row(id, h, s.gate.healthy_deadline))
+                        .collect::<Vec<_>>(),
+                })
+            })
             .collect::<Vec<_>>()
     );
     v
@@ -430,16 +497,26 @@ async fn state(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
 }
 
 #[derive(serde::Deserialize)]
-struct Since {
+struct EventsQuery {
+    /// Events from this `seq` on (what the page has not seen).
     since: Option<u64>,
+    /// The page of events before this `seq` (older ones).
+    before: Option<u64>,
+    // The page of hosts (not `flatten`ed: a query string's numbers do
+    // not survive it).
+    hosts_from: Option<usize>,
+    hosts_limit: Option<usize>,
+    state: Option<String>,
 }
 
-/// One rollout with its events: the newest [`EVENTS_TAIL`], or with
-/// `?since=SEQ` those from SEQ on (the page asks for what is new).
+/// One rollout with a page of its hosts and of its events: the newest
+/// [`EVENTS_TAIL`] events, `?since=SEQ` those from SEQ on (what is new),
+/// or `?before=SEQ` the [`EVENTS_PAGE`] before SEQ (older ones). Hosts:
+/// see [`HostPage`].
 async fn rollout(
     State(d): State<Dashboard>,
     Path(id): Path<String>,
-    Query(q): Query<Since>,
+    Query(q): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = d.reader(&headers).await {
@@ -449,18 +526,21 @@ async fn rollout(
         Ok(r) => r,
         Err(e) => return rollout_error(e),
     };
-    let events = match q.since {
-        Some(since) => d.rollouts.events(&id, since, EVENTS_PAGE).await,
-        None => d.rollouts.events(&id, 0, usize::MAX).await.map(|mut all| {
-            all.drain(..all.len().saturating_sub(EVENTS_TAIL));
-            all
-        }),
+    let events = match (q.since, q.before) {
+        (Some(since), _) => d.rollouts.events(&id, since, EVENTS_PAGE).await,
+        (None, Some(before)) => d.rollouts.events_before(&id, before, EVENTS_PAGE).await,
+        (None, None) => d.rollouts.events_before(&id, u64::MAX, EVENTS_TAIL).await,
     };
     let events = match events {
         Ok(e) => e,
         Err(e) => return rollout_error(e),
     };
-    let mut body = rollout_json(&r);
+    let hosts = HostPage {
+        hosts_from: q.hosts_from,
+        hosts_limit: q.hosts_limit,
+        state: q.state,
+    };
+    let mut body = rollout_json(&r, &hosts);
     body["events"] = match serde_json::to_value(events) {
         Ok(events) => events,
         Err(e) => {
@@ -471,6 +551,92 @@ async fn rollout(
         }
     };
     api(StatusCode::OK, body)
+}
+
+/// The Control API call reading a log stands for.
+const STREAM_LOGS: &str = "StreamLogs";
+/// The most of a log the host page shows.
+const HOST_LOG_LINES: u32 = 50;
+/// How long the host page waits for a log.
+const HOST_LOG_WAIT: Duration = Duration::from_secs(10);
+/// The most bytes of a log one answer holds.
+const HOST_LOG_BYTES: usize = 256 * 1024;
+
+/// The last lines of a service's log on a host, for a signed-in operator
+/// (the role `baton logs` needs; audited like it).
+async fn host_logs(
+    State(d): State<Dashboard>,
+    Path((id, service)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(session) = d.session(&headers).await else {
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "sign in with a token from `baton dashboard token --role operator` to read logs",
+        );
+    };
+    let who = format!("{} (dashboard)", session.who);
+    if let Err(why) = crate::authz::decide_role(STREAM_LOGS, session.role) {
+        d.audit
+            .record(&who, session.role.as_str(), STREAM_LOGS, "denied", &why)
+            .await;
+        return problem(StatusCode::FORBIDDEN, why);
+    }
+    let Ok(host) = baton_common::host::HostId::try_from(id.as_str()) else {
+        return problem(StatusCode::BAD_REQUEST, format!("{id:?} is not a host id"));
+    };
+    let result = read_log(&d, &host, &service).await;
+    let (outcome, error) = match &result {
+        Ok(_) => ("ok", format!("host {host} service {service}")),
+        Err((_, e)) => ("failed", format!("host {host} service {service}: {e}")),
+    };
+    d.audit
+        .record(&who, session.role.as_str(), STREAM_LOGS, outcome, &error)
+        .await;
+    match result {
+        Ok(text) => api(StatusCode::OK, json!({ "text": text })),
+        Err((status, e)) => problem(status, e),
+    }
+}
+
+async fn read_log(
+    d: &Dashboard,
+    host: &baton_common::host::HostId,
+    service: &str,
+) -> Result<String, (StatusCode, String)> {
+    use crate::logs::Next;
+    let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
+    baton_common::host::validate_name(service)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("service: {e}")))?;
+    let agent = d
+        .fleet
+        .agent_sender(host)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut sub = d
+        .fleet
+        .logs()
+        .open(host.clone(), agent, service, HOST_LOG_LINES, false)
+        .map_err(|e| unavailable(e.to_string()))?;
+    let collect = async {
+        let mut text = String::new();
+        loop {
+            match sub.next().await {
+                Next::Text(t) => {
+                    text.push_str(&t);
+                    if text.len() > HOST_LOG_BYTES {
+                        return Ok(text);
+                    }
+                }
+                Next::End => return Ok(text),
+                Next::Failed(e) => return Err((StatusCode::NOT_FOUND, e)),
+                Next::Lost => return Err(unavailable(format!("host {host}'s stream ended"))),
+            }
+        }
+    };
+    tokio::time::timeout(HOST_LOG_WAIT, collect)
+        .await
+        .map_err(|_| unavailable(format!("host {host} did not answer in time")))?
 }
 
 async fn history(
@@ -674,7 +840,7 @@ async fn act(
         )
         .await;
     match result {
-        Ok(r) => api(StatusCode::OK, rollout_json(&r)),
+        Ok(r) => api(StatusCode::OK, rollout_json(&r, &HostPage::default())),
         Err(e) => rollout_error(e),
     }
 }
@@ -683,6 +849,36 @@ async fn act(
 mod tests {
     use super::*;
     use baton_common::tls::Role;
+
+    #[test]
+    fn a_rollout_of_ten_thousand_hosts_is_drawn_as_counts_and_a_page() {
+        let mut r =
+            crate::rollout::machine::tests_support::single("r-1", "web", 10_000, String::new());
+        for (i, h) in r.services[0].hosts.values_mut().enumerate() {
+            if i % 10 == 0 {
+                h.state = crate::rollout::HostState::Failed;
+            }
+        }
+        let v = rollout_json(&r, &HostPage::default());
+        let s = &v["services"][0];
+        assert_eq!(s["hosts_total"], 10_000);
+        assert_eq!(s["counts"]["failed"], 1_000);
+        assert_eq!(s["counts"]["pending"], 9_000);
+        assert_eq!(s["hosts"].as_array().unwrap().len(), HOSTS_PAGE);
+        // A page of the failed ones, from the 950th: the last 50.
+        let page = HostPage {
+            hosts_from: Some(950),
+            hosts_limit: Some(100_000),
+            state: Some("failed".into()),
+        };
+        let v = rollout_json(&r, &page);
+        let hosts = v["services"][0]["hosts"].as_array().unwrap();
+        assert_eq!(hosts.len(), 50);
+        assert!(hosts.iter().all(|h| h["state"] == "failed"));
+        assert_eq!(v["services"][0]["hosts_matching"], 1_000);
+        // The answer stays small whatever the fleet.
+        assert!(v.to_string().len() < 100_000, "{}", v.to_string().len());
+    }
 
     #[test]
     fn the_session_cookie_is_found_among_others() {
