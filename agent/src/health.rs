@@ -13,7 +13,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -24,7 +23,7 @@ use crate::service::{Check, HealthSpec, resolve};
 /// The first retry delay before a check has ever passed.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 
-/// The most of an HTTP response read while looking for the status line.
+/// The most of a failing HTTP answer's body read.
 const MAX_STATUS_LINE: usize = 8 * 1024;
 
 /// What "healthy" means for one host during an upgrade.
@@ -207,119 +206,98 @@ async fn connect(address: &str) -> Result<TcpStream, String> {
         .map_err(|e| format!("connect {address}: {}", io_message(&e)))
 }
 
-/// A minimal HTTP/1.1 GET over plain TCP: enough to read the status line.
-async fn http_get(url: &str) -> Result<(), String> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(format!("GET {url}: only http:// URLs are supported"));
-    };
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    if authority.is_empty() || authority.contains('@') {
-        return Err(format!("GET {url}: the URL has no usable host"));
+/// The HTTP client of every `http` check (reqwest over rustls, the
+/// system's CA certificates for `https://`): no redirects followed, no
+/// proxy, and no connection kept between checks, so each check reaches
+/// the process listening now.
+static HTTP: std::sync::LazyLock<Result<reqwest::Client, String>> =
+    std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .user_agent(concat!("baton-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    });
+
+/// The innermost I/O error of `e`, if any.
+fn io_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    let mut found = None;
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            found = Some(io);
+        }
+        cur = err.source();
     }
-    let path = match path {
-        "" => "/".to_owned(),
-        p if p.starts_with('?') => format!("/{p}"),
-        p => p.to_owned(),
-    };
-    // A port follows the last ':' unless that ':' is inside an IPv6 literal.
-    let has_port = authority
-        .rfind(':')
-        .is_some_and(|i| !authority[i..].contains(']'));
-    let address = if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
+    found
+}
 
-    let mut stream = connect(&address).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: baton-agent\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
+/// What went wrong with a request, in a line: `connect HOST:PORT: why`
+/// when it never connected, else `GET URL: why`.
+fn http_error(url: &str, e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        let authority = e
+            .url()
+            .map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or_default(),
+                    u.port_or_known_default().unwrap_or_default()
+                )
+            })
+            .unwrap_or_default();
+        let why = match io_cause(e) {
+            Some(io) => io_message(io),
+            None => baton_common::error_chain(e),
+        };
+        return format!("connect {authority}: {why}");
+    }
+    format!("GET {url}: {}", baton_common::error_chain(e))
+}
+
+/// `GET url`: healthy on a 2xx answer; otherwise the error quotes the
+/// status and the start of the body.
+async fn http_get(url: &str) -> Result<(), String> {
+    let client = HTTP.as_ref().map_err(Clone::clone)?;
+    let response = client
+        .get(url)
+        .send()
         .await
-        .map_err(|e| format!("GET {url}: {}", io_message(&e)))?;
-
-    let mut buf = Vec::with_capacity(256);
-    let line_end = loop {
-        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-            break i;
-        }
-        if buf.len() >= MAX_STATUS_LINE {
-            return Err(format!(
-                "GET {url}: no status line in the first {MAX_STATUS_LINE} bytes"
-            ));
-        }
-        let mut chunk = [0u8; 1024];
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("GET {url}: {}", io_message(&e)))?;
-        if n == 0 {
-            return Err(format!(
-                "GET {url}: the connection closed before the status line"
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let line = String::from_utf8_lossy(&buf[..line_end]);
-    let mut parts = line.split_whitespace();
-    let status = match (parts.next(), parts.next()) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/1.") && code.len() == 3 => {
-            code.parse::<u16>().ok()
-        }
-        _ => None,
-    };
-    match status {
-        Some(code) if (200..300).contains(&code) => Ok(()),
-        Some(code) => {
-            // The answer's body says why, often: its start goes with the
-            // error (what the operator sees of a failed activation).
-            let body = read_body_prefix(&mut stream, buf).await;
-            if body.is_empty() {
-                Err(format!("GET {url} returned {code}"))
-            } else {
-                Err(format!("GET {url} returned {code}: {body}"))
-            }
-        }
-        None => Err(format!("GET {url}: malformed status line {line:?}")),
+        .map_err(|e| http_error(url, &e))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = body_prefix(response).await;
+    let code = status.as_u16();
+    if body.is_empty() {
+        Err(format!("GET {url} returned {code}"))
+    } else {
+        Err(format!("GET {url} returned {code}: {body}"))
     }
 }
 
 /// The most of a failing answer's body quoted in the error.
 const MAX_BODY_QUOTE: usize = 200;
-/// The most of a response read to find the body's start.
-const MAX_RESPONSE_READ: usize = 8 * 1024;
 
-/// The start of an HTTP response's body (`buf` holds what was read so
-/// far), on one line: whitespace runs become one space, at most
-/// [`MAX_BODY_QUOTE`] characters. Empty when there is none, or it does not
-/// come within a short wait.
-async fn read_body_prefix(stream: &mut TcpStream, mut buf: Vec<u8>) -> String {
-    let read_more = async {
-        loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n")
-                && buf.len() >= i + 4 + MAX_BODY_QUOTE
-            {
-                break;
-            }
-            if buf.len() >= MAX_RESPONSE_READ {
-                break;
-            }
-            let mut chunk = [0u8; 1024];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+/// The start of a response's body on one line (whitespace runs become one
+/// space), at most [`MAX_BODY_QUOTE`] characters, waiting at most briefly.
+async fn body_prefix(mut response: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    let read = async {
+        while buf.len() < MAX_STATUS_LINE {
+            match response.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                _ => break,
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_millis(500), read_more).await;
-    let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return String::new();
-    };
-    let body = String::from_utf8_lossy(&buf[i + 4..]);
-    let one_line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
+    let text = String::from_utf8_lossy(&buf);
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     baton_common::text::prefix(&one_line, MAX_BODY_QUOTE)
 }
 
@@ -434,6 +412,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -479,9 +458,9 @@ mod tests {
                                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                                 }
                             }
-                            assert!(
-                                buf.starts_with(b"GET /healthz?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
-                            );
+                            let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                            assert!(head.starts_with("get /healthz?x=1 http/1.1\r\n"), "{head}");
+                            assert!(head.contains("\r\nhost: 127.0.0.1:"), "{head}");
                             let body =
                                 format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n");
                             let _ = stream.write_all(body.as_bytes()).await;
@@ -560,12 +539,17 @@ mod tests {
             check_once(&refused, dir.path()).await,
             Err(format!("connect 127.0.0.1:{port}: connection refused"))
         );
+        // https is spoken (TLS, checked against the system's CAs): a
+        // plain-HTTP server on the other end fails the handshake.
+        let plain = Responder::start(&[200]).await;
         let https = spec(Check::Http {
-            url: "https://127.0.0.1/".into(),
+            url: format!("https://127.0.0.1:{}/healthz", plain.port),
         });
-        assert_eq!(
-            check_once(&https, dir.path()).await,
-            Err("GET https://127.0.0.1/: only http:// URLs are supported".into())
+        let err = check_once(&https, dir.path()).await.unwrap_err();
+        assert!(
+            err.starts_with(&format!("GET https://127.0.0.1:{}/healthz", plain.port))
+                || err.starts_with("connect 127.0.0.1"),
+            "{err}"
         );
     }
 

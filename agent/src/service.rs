@@ -578,10 +578,10 @@ fn health(
     let check = match kind {
         "http" => {
             let url = substitute("health.url", &required("url", raw.url.as_ref())?, vars)?;
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(invalid(
                     "health.url",
-                    format!("{url:?} is not an http:// URL"),
+                    format!("{url:?} is not an http:// or https:// URL"),
                 ));
             }
             Check::Http { url }

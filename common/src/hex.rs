@@ -1,15 +1,9 @@
 //! Hex, the one encoding of digests, keys, tokens and stored bytes:
-//! lowercase out, either case in.
+//! lowercase out, either case in (the `hex` crate underneath).
 
 /// Lowercase hex of `bytes`.
 pub fn encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
+    hex::encode(bytes)
 }
 
 /// Lowercase hex SHA-256 of `data`: how digests are written everywhere.
@@ -19,21 +13,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Decodes hex (either case); `None` if it is not hex.
 pub fn decode(text: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    text.as_bytes()
-        .chunks_exact(2)
-        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
-        .collect()
+    hex::decode(text).ok()
 }
 
 /// Whether `text` is exactly `len` lowercase hex digits.
