@@ -29,7 +29,7 @@ pub const MAX_KEEP_RELEASES: usize = 1000;
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "baton-agent",
-    version,
+    version = baton_common::VERSION_LINE,
     about = "baton-agent: the Baton host agent — holds one stream to the coordinator and runs its commands on this host",
     long_about = None,
     after_help = "Examples:\n  baton-agent enroll --coordinator https://coord.example:7443 --token TOKEN   # set this host up\n  baton-agent --config /etc/baton/agent.toml                                 # as baton-agent.service runs it\n\nExit codes: 0 clean shutdown, 1 a failure at run time, 2 a bad flag, config file or certificate."

@@ -77,9 +77,9 @@ pub mod exit {
     pub const REFUSED: u8 = 4;
 }
 
-/// The commit this build was made from: `BATON_COMMIT` at build time
-/// (set by `build.rs` from git, or by whoever builds), else `unknown`.
-pub const COMMIT: &str = match option_env!("BATON_COMMIT") {
-    Some(c) => c,
-    None => "unknown",
-};
+/// The commit this build was made from (`build.rs`: `BATON_COMMIT` at
+/// build time, else git's, else `unknown`).
+pub const COMMIT: &str = env!("BATON_COMMIT");
+
+/// What `--version` prints after a program's name: `0.1.0 (commit abc…)`.
+pub const VERSION_LINE: &str = env!("BATON_VERSION_LINE");

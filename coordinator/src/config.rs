@@ -26,7 +26,7 @@ pub const DEFAULT_MAX_ARTIFACT_SIZE: u64 = 4 << 30;
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
     name = "batond",
-    version,
+    version = baton_common::VERSION_LINE,
     about = "batond: the Baton coordinator — runs rollouts, holds the fleet registry, serves agents, operators, the dashboard and metrics",
     long_about = None,
     after_help = "Examples:\n  batond --config /etc/baton/batond.toml                      # as batond.service runs it\n  batond --listen 127.0.0.1:7443 --data-dir ./state --tls-dir ./tls --http-listen 7080\n\nExit codes: 0 clean shutdown, 1 a failure at run time, 2 a bad flag, config file or certificate."

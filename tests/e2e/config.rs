@@ -206,3 +206,25 @@ fn baton_exit_codes_tell_a_usage_error_from_an_unreachable_coordinator() {
     let out = env.baton(&url, &empty, &["hosts"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn every_program_names_its_version_and_commit() {
+    for name in ["baton", "batond", "baton-agent"] {
+        let out = Command::new(bin(name)).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let expected = format!("{name} {} (commit ", env!("CARGO_PKG_VERSION"));
+        assert!(text.starts_with(&expected), "{text}");
+        let commit = text
+            .trim_end()
+            .trim_end_matches(')')
+            .rsplit(' ')
+            .next()
+            .unwrap();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{text}"
+        );
+    }
+}

@@ -48,7 +48,7 @@ pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
 #[derive(Debug, Parser)]
 #[command(
     name = "baton",
-    version,
+    version = baton_common::VERSION_LINE,
     about = "baton: operate a Baton fleet — hosts, signed artifacts, rollouts, enrollment, audit",
     long_about = "baton: operate a Baton fleet — hosts, signed artifacts, rollouts, enrollment, audit.\n\nTalks to batond's Control API over mutual TLS with an operator certificate (--tls-dir). Start with `baton demo` to see the whole story on this machine, or `baton certs init` to create the certificates a fleet needs. Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 coordinator unreachable, 4 refused (docs/reference/exit-codes.md).",
     after_help = "Examples:\n  baton demo\n  export BATON_COORDINATOR=https://coord.example:7443 BATON_TLS_DIR=~/.baton\n  baton hosts\n  baton rollout start plan.toml --watch\n  baton rollout status latest"
