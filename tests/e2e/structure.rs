@@ -239,3 +239,46 @@ fn no_source_file_has_grown_into_several_jobs() {
         }
     }
 }
+
+/// The README's size: what it is, the two commands, a fleet by hand and
+/// where to read on; the rest is in docs/.
+const MAX_README_BYTES: usize = 8 * 1024;
+
+#[test]
+fn the_readme_stays_short_and_every_docs_link_resolves() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.len() <= MAX_README_BYTES,
+        "README.md is {} bytes (at most {MAX_README_BYTES}): move the detail into docs/",
+        readme.len()
+    );
+    // Relative Markdown links in the README and docs/ name files that exist.
+    let mut files = vec![root().join("README.md")];
+    let mut dirs = vec![root().join("docs")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "md") {
+                files.push(p);
+            }
+        }
+    }
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for part in text.split("](").skip(1) {
+            let target = part.split(')').next().unwrap_or_default();
+            let target = target.split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let path = file.parent().unwrap().join(target);
+            assert!(
+                path.exists(),
+                "{} links to {target}, which does not exist",
+                file.display()
+            );
+        }
+    }
+}

@@ -739,3 +739,16 @@ fn event_line(e: &RolloutEvent) -> String {
     }
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_healthy_host_is_drawn_done() {
+        assert_eq!(bar("healthy", 0), format!("[{}]", "#".repeat(20)));
+        for state in ["rolled_back", "failed", "pending"] {
+            assert_eq!(bar(state, 100), format!("[{}]", "-".repeat(20)), "{state}");
+        }
+    }
+}
