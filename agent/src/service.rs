@@ -1045,8 +1045,8 @@ pre_start = ["bin/migrate", "--check", "${port}"]
             "service.toml: health.kind: unknown kind \"udp\" (expected \"http\", \"tcp\", \"exec\" or \"grpc\")"
         );
         assert_eq!(
-            err("command = \"x\"\n[health]\nkind = \"http\"\nurl = \"https://a/\""),
-            "service.toml: health.url: \"https://a/\" is not an http:// URL"
+            err("command = \"x\"\n[health]\nkind = \"http\"\nurl = \"ftp://a/\""),
+            "service.toml: health.url: \"ftp://a/\" is not an http:// or https:// URL"
         );
         assert_eq!(
             err("command = \"x\"\n[health]\nkind = \"tcp\"\naddress = \"localhost\""),

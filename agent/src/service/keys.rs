@@ -96,9 +96,9 @@ pub const KEYS: &[baton_common::reference::Key] = {
         },
         Key {
             key: "health.url",
-            value: "string (an `http://` URL)",
+            value: "string (an `http://` or `https://` URL)",
             default: "required with `kind = \"http\"`",
-            about: "The URL to GET, e.g. `http://127.0.0.1:${port}/healthz` (`https://` is refused); `${NAME}` substituted. Only with `kind = \"http\"`.",
+            about: "The URL to GET, e.g. `http://127.0.0.1:${port}/healthz`; a 2xx answer passes, any other fails quoting the status and the start of the body. `https://` is checked against the system's CA certificates; redirects are not followed. `${NAME}` substituted. Only with `kind = \"http\"`.",
         },
         Key {
             key: "health.address",
