@@ -30,6 +30,18 @@ pub fn expected_fields(message: &str) -> Vec<String> {
         .collect()
 }
 
+/// The fields a `deny_unknown_fields` reader accepts, sorted, from the
+/// error it gave a probe key named `__probe`; an error about anything else
+/// is returned as it is (the probe did not reach the table).
+pub fn probed_fields(message: &str) -> Result<Vec<String>, String> {
+    if !message.contains("unknown field `__probe`") {
+        return Err(message.to_owned());
+    }
+    let mut fields = expected_fields(message);
+    fields.sort();
+    Ok(fields)
+}
+
 /// The keys of `keys` directly under `prefix` (`""` for the top level,
 /// `"health."` for a table): the last dotted part, `[]` removed.
 pub fn keys_under(keys: &[Key], prefix: &str) -> Vec<String> {

@@ -5,7 +5,9 @@
 //! documented limits.
 #![no_main]
 
-use baton_common::command::{Command, CommandUpdate, MAX_UPDATE_ERROR_CHARS};
+use baton_common::command::{
+    Command, CommandUpdate, MAX_LOG_TAIL_BYTES, MAX_PROBE_CHARS, MAX_UPDATE_ERROR_CHARS,
+};
 use baton_common::host::{HostInfo, MAX_LABELS, MAX_SERVICES_PER_HOST, services_from_agent};
 use baton_proto::agent::v1 as pb;
 use libfuzzer_sys::fuzz_target;
@@ -29,8 +31,14 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(update) = CommandUpdate::try_from(u) {
                     assert!(update.error.chars().count() <= MAX_UPDATE_ERROR_CHARS + 1);
                     assert!(update.progress_percent <= 100);
+                    // A failure's detail is bounded whatever the agent sent.
+                    assert!(update.detail.probe.chars().count() <= MAX_PROBE_CHARS + 1);
+                    assert!(update.detail.log_tail.len() <= MAX_LOG_TAIL_BYTES);
                 }
             }
+            // Log chunks are handed as they are to the one request they
+            // name, within the stream's message limit: nothing to convert.
+            Some(pb::agent_message::Kind::LogChunk(_)) => {}
             Some(pb::agent_message::Kind::Heartbeat(_)) | None => {}
         }
     }
