@@ -1,21 +1,27 @@
-//! Prometheus metrics without a registry crate: counters and histograms on
-//! atomics, written out in the text exposition format (version 0.0.4) by
-//! [`Exposition`], and served over plain HTTP by [`serve`].
+//! Prometheus metrics: counters and histograms from prometheus-client,
+//! written out in the OpenMetrics text format by [`Exposition`] (which
+//! builds a prometheus-client registry of what one scrape shows: the
+//! daemons' counters, and gauges computed at the scrape), and served over
+//! plain HTTP by [`serve`].
 //!
 //! Names follow Prometheus conventions: a `baton_` prefix, `_total` for
 //! counters, `_seconds` for durations, base units only.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter as PCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PGauge;
+use prometheus_client::metrics::histogram::Histogram as PHistogram;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-/// The content type of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Bucket bounds (seconds) for activations and health waits: from a
 /// fast restart to the default health deadline and beyond.
@@ -24,18 +30,18 @@ pub const DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+#[derive(Debug, Default, Clone)]
+pub struct Counter(PCounter);
 
 impl Counter {
     /// Adds one.
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.inc();
     }
 
     /// The count.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
@@ -71,35 +77,18 @@ impl CounterVec {
 }
 
 /// A distribution of durations over fixed buckets.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative); the last is `+Inf`.
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-}
+#[derive(Debug, Clone)]
+pub struct Histogram(PHistogram);
 
 impl Histogram {
     /// An empty histogram over `bounds` (ascending, in seconds).
     pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-        }
+        Self(PHistogram::new(bounds.iter().copied()))
     }
 
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.0.observe(d.as_secs_f64());
     }
 }
 
@@ -109,91 +98,100 @@ impl Default for Histogram {
     }
 }
 
-/// A text-format document being written: one `# HELP`/`# TYPE` header per
-/// metric, then its samples.
-#[derive(Debug, Default)]
-pub struct Exposition(String);
+/// A float gauge, as prometheus-client keeps one.
+type FGauge = PGauge<f64, AtomicU64>;
+/// Label pairs.
+type Labels = Vec<(String, String)>;
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// What one scrape shows, being put together: a prometheus-client
+/// registry, written out by [`Exposition::finish`].
+#[derive(Debug, Default)]
+pub struct Exposition(Registry);
+
+/// prometheus-client adds the period to help texts, and `_total` to
+/// counters' names.
+fn help(text: &str) -> String {
+    text.trim_end_matches('.').to_owned()
+}
+
+fn counter_name(name: &str) -> &str {
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+fn labels(names: &[&str], values: &[String]) -> Labels {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| ((*n).to_owned(), v.clone()))
+        .collect()
 }
 
 impl Exposition {
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
-
     /// A gauge without labels.
-    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
-        self.header(name, help, "gauge");
-        let _ = writeln!(self.0, "{name} {value}");
+    pub fn gauge(&mut self, name: &str, help_text: &str, value: f64) {
+        let g = FGauge::default();
+        g.set(value);
+        self.0.register(name, help(help_text), g);
     }
 
     /// A gauge with one label, one sample per value.
-    pub fn gauge_vec(&mut self, name: &str, help: &str, label: &str, samples: &[(String, f64)]) {
-        self.header(name, help, "gauge");
+    pub fn gauge_vec(
+        &mut self,
+        name: &str,
+        help_text: &str,
+        label: &str,
+        samples: &[(String, f64)],
+    ) {
+        let family = Family::<Labels, FGauge>::default();
         for (v, n) in samples {
-            let _ = writeln!(self.0, "{name}{{{label}=\"{}\"}} {n}", escape(v));
+            family
+                .get_or_create(&vec![(label.to_owned(), v.clone())])
+                .set(*n);
         }
-    }
-
-    /// A counter without labels.
-    pub fn counter(&mut self, name: &str, help: &str, c: &Counter) {
-        self.header(name, help, "counter");
-        let _ = writeln!(self.0, "{name} {}", c.get());
-    }
-
-    /// A counter family; `labels` names the label values in order.
-    pub fn counter_vec(&mut self, name: &str, help: &str, labels: &[&str], c: &CounterVec) {
-        self.header(name, help, "counter");
-        for (values, n) in c.values() {
-            let pairs: Vec<String> = labels
-                .iter()
-                .zip(&values)
-                .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
-                .collect();
-            let _ = writeln!(self.0, "{name}{{{}}} {n}", pairs.join(","));
-        }
-    }
-
-    /// A histogram: cumulative buckets, sum and count.
-    pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        self.header(name, help, "histogram");
-        let mut cumulative = 0;
-        for (i, c) in h.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = h
-                .bounds
-                .get(i)
-                .map_or_else(|| "+Inf".to_owned(), ToString::to_string);
-            let _ = writeln!(self.0, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(self.0, "{name}_sum {sum}");
-        let _ = writeln!(self.0, "{name}_count {cumulative}");
+        self.0.register(name, help(help_text), family);
     }
 
     /// A gauge family with several labels: one sample per label values.
     pub fn gauge_family(
         &mut self,
         name: &str,
-        help: &str,
-        labels: &[&str],
+        help_text: &str,
+        label_names: &[&str],
         samples: &[(Vec<String>, f64)],
     ) {
-        self.header(name, help, "gauge");
+        let family = Family::<Labels, FGauge>::default();
         for (values, n) in samples {
-            let pairs: Vec<String> = labels
-                .iter()
-                .zip(values)
-                .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
-                .collect();
-            let _ = writeln!(self.0, "{name}{{{}}} {n}", pairs.join(","));
+            family.get_or_create(&labels(label_names, values)).set(*n);
         }
+        self.0.register(name, help(help_text), family);
+    }
+
+    /// A counter without labels.
+    pub fn counter(&mut self, name: &str, help_text: &str, c: &Counter) {
+        self.0
+            .register(counter_name(name), help(help_text), c.0.clone());
+    }
+
+    /// A counter family; `label_names` names the label values in order.
+    pub fn counter_vec(
+        &mut self,
+        name: &str,
+        help_text: &str,
+        label_names: &[&str],
+        c: &CounterVec,
+    ) {
+        let family = Family::<Labels, PCounter>::default();
+        for (values, n) in c.values() {
+            family
+                .get_or_create(&labels(label_names, &values))
+                .inc_by(n);
+        }
+        self.0.register(counter_name(name), help(help_text), family);
+    }
+
+    /// A histogram: cumulative buckets, sum and count.
+    pub fn histogram(&mut self, name: &str, help_text: &str, h: &Histogram) {
+        self.0.register(name, help(help_text), h.0.clone());
     }
 
     /// `baton_build_info{program, version, commit} 1`: which build answers.
@@ -220,53 +218,54 @@ impl Exposition {
     pub fn process(&mut self) {
         let p = ProcessStats::read();
         if let Some(cpu) = p.cpu_seconds {
-            self.header(
-                "process_cpu_seconds_total",
-                "Total user and system CPU time spent in seconds.",
-                "counter",
+            let c = PCounter::<f64, AtomicU64>::default();
+            c.inc_by(cpu);
+            self.0.register(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                c,
             );
-            let _ = writeln!(self.0, "process_cpu_seconds_total {cpu}");
         }
-        if let Some(rss) = p.resident_bytes {
-            self.gauge(
+        let gauges = [
+            (
                 "process_resident_memory_bytes",
-                "Resident memory size in bytes.",
-                rss as f64,
-            );
-        }
-        if let Some(vsz) = p.virtual_bytes {
-            self.gauge(
+                "Resident memory size in bytes",
+                p.resident_bytes.map(|v| v as f64),
+            ),
+            (
                 "process_virtual_memory_bytes",
-                "Virtual memory size in bytes.",
-                vsz as f64,
-            );
-        }
-        if let Some(fds) = p.open_fds {
-            self.gauge(
+                "Virtual memory size in bytes",
+                p.virtual_bytes.map(|v| v as f64),
+            ),
+            (
                 "process_open_fds",
-                "Number of open file descriptors.",
-                fds as f64,
-            );
-        }
-        if let Some(max) = p.max_fds {
-            self.gauge(
+                "Number of open file descriptors",
+                p.open_fds.map(|v| v as f64),
+            ),
+            (
                 "process_max_fds",
-                "Maximum number of open file descriptors.",
-                max as f64,
-            );
-        }
-        if let Some(start) = p.start_time_seconds {
-            self.gauge(
+                "Maximum number of open file descriptors",
+                p.max_fds.map(|v| v as f64),
+            ),
+            (
                 "process_start_time_seconds",
-                "Start time of the process since unix epoch in seconds.",
-                start,
-            );
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, text, value) in gauges {
+            if let Some(v) = value {
+                self.gauge(name, text, v);
+            }
         }
     }
 
-    /// The document.
+    /// The document (OpenMetrics text, ending with `# EOF`).
     pub fn finish(self) -> String {
-        self.0
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.0);
+        out
     }
 }
 
@@ -540,18 +539,30 @@ mod tests {
         e.gauge_vec("baton_z", "Z.", "state", &[("a\"b".into(), 3.0)]);
         e.histogram("baton_d_seconds", "D.", &h);
         let text = e.finish();
-        assert!(text.contains("# TYPE baton_x_total counter\nbaton_x_total 2\n"));
+        assert!(
+            text.contains("# TYPE baton_x counter\nbaton_x_total 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP baton_x X.\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(sample(&text, "baton_y_total{result=\"failed\"}"), Some(0.0));
         assert_eq!(
             sample(&text, "baton_y_total{result=\"healthy\"}"),
             Some(1.0)
         );
-        assert!(text.contains("baton_z{state=\"a\\\"b\"} 3"));
+        assert_eq!(
+            sample(&text, "baton_z{state=\"a\\\"b\"}"),
+            Some(3.0),
+            "{text}"
+        );
         assert_eq!(
             sample(&text, "baton_d_seconds_bucket{le=\"0.1\"}"),
             Some(1.0)
         );
-        assert_eq!(sample(&text, "baton_d_seconds_bucket{le=\"1\"}"), Some(2.0));
+        assert_eq!(
+            sample(&text, "baton_d_seconds_bucket{le=\"1.0\"}"),
+            Some(2.0)
+        );
         assert_eq!(
             sample(&text, "baton_d_seconds_bucket{le=\"+Inf\"}"),
             Some(3.0)

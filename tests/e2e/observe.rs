@@ -469,3 +469,90 @@ fn the_dashboard_reads_freely_and_acts_only_for_a_signed_in_operator() {
     let out = fleet.baton(&["rollout", "abort", &id]);
     assert!(out.status.success());
 }
+
+/// Where a program is on the PATH.
+fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn a_real_prometheus_scrapes_batond_and_an_agent() {
+    let Some(prometheus) = on_path("prometheus") else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PROMETHEUS").is_none(),
+            "BATON_REQUIRE_PROMETHEUS is set but no prometheus is on the PATH"
+        );
+        eprintln!("SKIPPED: no prometheus on the PATH (bash .ci/run installs Debian's)");
+        return;
+    };
+    let mut fleet = Fleet::start_full(
+        &[("h1", &["role=web"])],
+        &[],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let coordinator = fleet.batond.metrics.unwrap();
+    fleet.agent_extra = vec!["--metrics-listen".into(), "127.0.0.1:0".into()];
+    fleet.start_agent("h1");
+    fleet.wait_connected();
+    let agent = agent_metrics_addr(&fleet, "h1");
+    let dir = fleet.env.path("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: batond\n    static_configs:\n      - targets: ['{coordinator}']\n  - job_name: agent\n    static_configs:\n      - targets: ['{agent}']\n"
+        ),
+    )
+    .unwrap();
+    let port = baton_tests::fleet::free_port();
+    let mut cmd = std::process::Command::new(prometheus);
+    cmd.arg(format!(
+        "--config.file={}",
+        dir.join("prometheus.yml").display()
+    ))
+    .arg(format!(
+        "--storage.tsdb.path={}",
+        dir.join("data").display()
+    ))
+    .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    let _prometheus = baton_tests::Proc::spawn(
+        "prometheus",
+        cmd,
+        fleet.env.path("prometheus.log"),
+        std::process::Stdio::null(),
+    );
+    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    // Prometheus reads both documents: both targets up, and the samples
+    // there with their names and labels.
+    let query = |q: &str| -> Option<Value> {
+        let a = request(api, "GET", &format!("/api/v1/query?query={q}"), &[], "").ok()?;
+        let v: Value = serde_json::from_str(&a.body).ok()?;
+        let result = v["data"]["result"].as_array()?.clone();
+        (!result.is_empty()).then_some(Value::Array(result))
+    };
+    wait_until("both targets to be up in Prometheus", SOON, || {
+        let up = query("up")?;
+        (up.as_array()?.len() == 2 && up.as_array()?.iter().all(|r| r["value"][1] == "1"))
+            .then_some(())
+    });
+    let connects = wait_until("a batond counter in Prometheus", SOON, || {
+        query("baton_stream_connects_total")
+    });
+    assert!(connects[0]["metric"]["job"] == "batond", "{connects}");
+    let info = wait_until("the agent's build info in Prometheus", SOON, || {
+        query("baton_build_info%7Bprogram%3D%22baton-agent%22%7D")
+    });
+    assert_eq!(
+        info[0]["metric"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{info}"
+    );
+    let connected = wait_until("the agent's gauge in Prometheus", SOON, || {
+        query("baton_agent_connected")
+    });
+    assert_eq!(connected[0]["value"][1], "1", "{connected}");
+}

@@ -112,7 +112,7 @@ pub fn scrape(addr: SocketAddr) -> String {
     assert!(
         a.header("content-type")
             .unwrap_or("")
-            .starts_with("text/plain; version=0.0.4"),
+            .starts_with("application/openmetrics-text; version=1.0.0"),
         "{:?}",
         a.headers
     );
