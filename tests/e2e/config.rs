@@ -228,3 +228,25 @@ fn every_program_names_its_version_and_commit() {
         );
     }
 }
+
+#[test]
+fn each_program_opens_its_help_with_its_own_headline() {
+    let first_line = |name: &str| {
+        let out = Command::new(bin(name)).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let lines: Vec<String> = ["baton", "batond", "baton-agent"]
+        .iter()
+        .map(|n| first_line(n))
+        .collect();
+    for (name, line) in ["baton:", "batond:", "baton-agent:"].iter().zip(&lines) {
+        assert!(line.starts_with(name), "{line}");
+    }
+    assert!(lines[0] != lines[1] && lines[1] != lines[2], "{lines:?}");
+}
