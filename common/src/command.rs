@@ -168,6 +168,10 @@ pub enum FailureKind {
     /// The host's agent was away longer than `healthy_deadline` while it
     /// activated: decided by the coordinator, never sent by an agent.
     Gone,
+    /// The host ran the new version healthy, and an analysis of it failed
+    /// (or was inconclusive with `on_inconclusive = "fail"`): decided by
+    /// the coordinator, never sent by an agent.
+    Analysis,
     /// Anything else; also what a kind written by a newer version reads
     /// as.
     #[serde(other)]
@@ -176,7 +180,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Invalid,
         Self::Late,
         Self::Refused,
@@ -191,6 +195,7 @@ impl FailureKind {
         Self::StopTimeout,
         Self::Cancelled,
         Self::Gone,
+        Self::Analysis,
         Self::Internal,
     ];
 
@@ -212,6 +217,7 @@ impl FailureKind {
             Self::Cancelled => "cancelled",
             Self::Internal => "internal",
             Self::Gone => "gone",
+            Self::Analysis => "analysis",
         }
     }
 }
@@ -360,7 +366,7 @@ mod tests {
             let failed = CommandUpdate::failed("c1", kind, "why");
             let back = CommandUpdate::try_from(pb::CommandUpdate::from(&failed)).unwrap();
             // An agent cannot claim the coordinator's own verdict.
-            let expected = if kind == FailureKind::Gone {
+            let expected = if matches!(kind, FailureKind::Gone | FailureKind::Analysis) {
                 FailureKind::Internal
             } else {
                 kind

@@ -196,6 +196,7 @@ impl From<FailureKind> for pb::FailureKind {
             FailureKind::Cancelled => Self::Cancelled,
             FailureKind::Internal => Self::Internal,
             FailureKind::Gone => Self::Gone,
+            FailureKind::Analysis => Self::Analysis,
         }
     }
 }
@@ -269,7 +270,7 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             // believed.
             failure: match phase {
                 Phase::Done(Outcome::Failed) => failure_kind(u.failure).map(|k| match k {
-                    FailureKind::Gone => FailureKind::Internal,
+                    FailureKind::Gone | FailureKind::Analysis => FailureKind::Internal,
                     other => other,
                 }),
                 _ => None,

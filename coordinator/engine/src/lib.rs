@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod events;
 pub mod graph;
 pub mod machine;

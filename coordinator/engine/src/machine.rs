@@ -35,6 +35,8 @@ use baton_common::host::HostId;
 use baton_common::time::later;
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::{Check, MAX_VERDICTS, OnInconclusive, Outcome as Judged, Verdict};
+
 /// Slack added to a health gate's deadline for the command deadline:
 /// hooks, stopping the old process and the swap itself.
 const COMMAND_SLACK: Duration = Duration::from_secs(120);
@@ -193,6 +195,30 @@ pub struct Rollout {
     /// not stored): deadlines for hosts away are checked only on these.
     #[serde(skip)]
     pub away: BTreeSet<HostId>,
+    /// Host failures tolerated across all services (`None`: each
+    /// service's `max_failures` alone).
+    #[serde(default)]
+    pub failure_budget: Option<u32>,
+    /// Who started it (the operator's identity): an approval must come
+    /// from someone else.
+    #[serde(default)]
+    pub started_by: String,
+    /// Why no new host may start now (a freeze, a closed deployment
+    /// window), set by the driver before every step, not stored: hosts
+    /// already activating finish, a pending rollout waits, and the time
+    /// does not count against `progress_deadline`.
+    #[serde(skip)]
+    pub held: Option<String>,
+}
+
+/// A bake in progress: the analysis of a step, started when its hosts
+/// turned healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bake {
+    /// The step judged.
+    pub step: usize,
+    /// When it began.
+    pub since: SystemTime,
 }
 
 /// Where one service of a rollout is.
@@ -275,6 +301,22 @@ pub struct ServiceRun {
     /// The plan allows going to a lower version.
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// The checks run after each step (from the plan).
+    #[serde(default)]
+    pub analysis: Vec<Check>,
+    /// The bake in progress, if any.
+    #[serde(default)]
+    pub bake: Option<Bake>,
+    /// The verdicts reached, oldest first (at most [`MAX_VERDICTS`]).
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
+    /// The service needs an approval (by an operator other than its
+    /// starter) before its first host.
+    #[serde(default)]
+    pub approval: bool,
+    /// It was approved.
+    #[serde(default)]
+    pub approved: bool,
     /// Hosts changed since the driver last took them, with their value
     /// before (not stored): what a step persists and reports.
     #[serde(skip)]
@@ -414,6 +456,20 @@ pub enum Event {
     Tick,
     /// An operator acted.
     Operator(Operator),
+    /// The driver's hold changed: `Some(why)` while a freeze or a closed
+    /// deployment window holds new hosts back, `None` when it lifts (the
+    /// time held does not count against `progress_deadline`).
+    Hold(Option<String>),
+    /// A bake ended: the verdicts of service `service`'s checks on step
+    /// `step` (ignored unless that bake is the one in progress).
+    Analysis {
+        /// The service's index.
+        service: usize,
+        /// The step judged.
+        step: usize,
+        /// One per check.
+        verdicts: Vec<Verdict>,
+    },
 }
 
 /// What an operator can ask.
@@ -582,6 +638,17 @@ fn take(
             }
         }
         Event::Update(host, update) => on_update(r, host, update, now, actions),
+        Event::Analysis {
+            service,
+            step,
+            verdicts,
+        } => on_verdicts(r, *service, *step, verdicts, now, actions),
+        Event::Hold(why) => {
+            if r.held.is_some() && why.is_none() {
+                r.progress_at = now;
+            }
+            r.held.clone_from(why);
+        }
         Event::Tick => {}
     }
     Ok(())
@@ -809,6 +876,8 @@ fn failed_hosts(r: &Rollout) -> Vec<String> {
 /// Decides what happens next from where everything is now.
 fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     match r.state {
+        // Started during a freeze: it waits.
+        State::Pending if r.held.is_some() => {}
         State::Pending => {
             r.state = State::Staging;
             for si in 0..r.services.len() {
@@ -872,6 +941,20 @@ fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
                 );
                 fail(r, why, now, actions);
                 return;
+            }
+            if let Some(budget) = r.failure_budget {
+                let total: u32 = r
+                    .services
+                    .iter()
+                    .fold(0u32, |n, s| n.saturating_add(s.failures));
+                if total > budget {
+                    let why = format!(
+                        "{total} host(s) failed across the rollout, more than failure_budget = {budget}: {}",
+                        summary(&failed_hosts(r))
+                    );
+                    fail(r, why, now, actions);
+                    return;
+                }
             }
             // A service finishing lets its dependents start, a step
             // finishing lets the next one start: settle all of it now.
@@ -983,7 +1066,13 @@ fn start_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
             }
             continue;
         }
-        r.services[si].state = ServiceState::Progressing;
+        let s = &mut r.services[si];
+        s.state = if s.approval && !s.approved {
+            // Four eyes: an operator other than the starter promotes it.
+            ServiceState::AwaitingPromotion
+        } else {
+            ServiceState::Progressing
+        };
     }
 }
 
@@ -1015,8 +1104,9 @@ fn progress_service(
         })
         .count();
     let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
-    let room = s
-        .max_parallel
+    // Held (a freeze, a closed window) or baking: no new host starts.
+    let held = r.held.is_some() || s.bake.is_some();
+    let room = if held { 0 } else { s.max_parallel }
         .saturating_sub(activating)
         .min(in_service.saturating_sub(s.min_healthy))
         .min(step_limit.saturating_sub(started));
@@ -1067,18 +1157,45 @@ fn progress_service(
             HostState::Healthy | HostState::Failed | HostState::RolledBack
         )
     };
-    if s.hosts.values().all(settled) {
-        s.state = ServiceState::Succeeded;
-        return None;
-    }
+    let all_settled = s.hosts.values().all(settled);
     let step_limit = s.steps.get(s.step).copied().unwrap_or(s.hosts.len());
     let step_settled = s.hosts.values().filter(|h| settled(h)).count() >= step_limit
         && !s
             .hosts
             .values()
             .any(|h| matches!(h.state, HostState::Activating | HostState::RollingBack));
+    if (all_settled || step_settled) && !s.analysis.is_empty() {
+        // The step's hosts are through their health gate: bake, unless
+        // this step is judged already or no host of it runs the new
+        // version (they all failed within max_failures).
+        let judged = s.verdicts.iter().any(|v| v.step == s.step);
+        let judgeable = s
+            .hosts
+            .values()
+            .any(|h| h.state == HostState::Healthy && h.touched);
+        if !judged && judgeable {
+            if s.bake.is_none() {
+                s.bake = Some(Bake {
+                    step: s.step,
+                    since: now,
+                });
+            }
+            return None;
+        }
+    }
+    if all_settled {
+        s.state = ServiceState::Succeeded;
+        return None;
+    }
     if step_settled && s.step + 1 < s.steps.len() {
-        if s.promote {
+        // A canary step whose every check passed promotes itself, unless
+        // the service needs a person's approval.
+        let verdicts: Vec<&Verdict> = s.verdicts.iter().filter(|v| v.step == s.step).collect();
+        let passed = !verdicts.is_empty()
+            && verdicts
+                .iter()
+                .all(|v| matches!(v.verdict, Judged::Pass | Judged::Skipped));
+        if s.promote && !(passed && !s.approval) {
             s.state = ServiceState::AwaitingPromotion;
         } else if let Some(pause) = s.pause {
             let done = *s.step_done_at.get_or_insert(now);
@@ -1094,6 +1211,91 @@ fn progress_service(
     None
 }
 
+/// A bake ended: its verdicts are kept, a failure takes the failure path
+/// (every host the bake judged fails, counting against `max_failures`),
+/// an inconclusive verdict pauses the rollout (or fails it, as its check
+/// says). A verdict for any other bake than the one in progress (a bake
+/// restarted after a crash, a step already judged) is ignored.
+fn on_verdicts(
+    r: &mut Rollout,
+    si: usize,
+    step: usize,
+    verdicts: &[Verdict],
+    now: SystemTime,
+    actions: &mut Vec<Action>,
+) {
+    if r.state.is_terminal() || r.state == State::RollingBack {
+        return;
+    }
+    let Some(s) = r.services.get_mut(si) else {
+        return;
+    };
+    if s.bake.map(|b| b.step) != Some(step) || verdicts.is_empty() {
+        return;
+    }
+    s.bake = None;
+    s.verdicts.extend(verdicts.iter().cloned());
+    let extra = s.verdicts.len().saturating_sub(MAX_VERDICTS);
+    s.verdicts.drain(..extra);
+    // The bake's time does not count against progress_deadline.
+    r.progress_at = now;
+    let s = &r.services[si];
+    let policy = |v: &Verdict| {
+        s.analysis
+            .iter()
+            .find(|c| c.name == v.name)
+            .map_or(OnInconclusive::Pause, |c| c.on_inconclusive)
+    };
+    let failed = verdicts.iter().find(|v| {
+        v.verdict == Judged::Fail
+            || (v.verdict == Judged::Inconclusive && policy(v) == OnInconclusive::Fail)
+    });
+    if let Some(v) = failed {
+        let why = format!(
+            "analysis {} of {} {} ({}): {}",
+            v.name,
+            s.name,
+            s.version,
+            v.verdict.as_str(),
+            v.reason
+        );
+        fail_judged(r, si, &why, now, actions);
+        return;
+    }
+    if verdicts.iter().any(|v| v.verdict == Judged::Inconclusive)
+        && matches!(r.state, State::Progressing | State::AwaitingPromotion)
+    {
+        // An operator decides: resume goes on, rollback undoes.
+        r.resume_to = Some(r.state);
+        r.state = State::Paused;
+    }
+}
+
+/// Every host of service `si` running the new version failed an
+/// analysis: each counts against `max_failures` (within it, each rolls
+/// back on its own; beyond it, the rollout fails as for any failure).
+fn fail_judged(r: &mut Rollout, si: usize, why: &str, now: SystemTime, actions: &mut Vec<Action>) {
+    let auto_rollback = r.auto_rollback;
+    let judged = r.services[si].hosts_where(|h| h.state == HostState::Healthy && h.touched);
+    if judged.is_empty() {
+        fail(r, why.to_owned(), now, actions);
+        return;
+    }
+    for id in judged {
+        let s = &mut r.services[si];
+        if let Some(h) = s.host_mut(&id) {
+            h.state = HostState::Failed;
+            h.finished_at = Some(now);
+            h.error = Some(baton_common::text::prefix(why, 500));
+            h.failure = Some(FailureKind::Analysis);
+        }
+        s.failures = s.failures.saturating_add(1);
+        if auto_rollback && s.failures <= s.max_failures {
+            rollback_host(r, si, &id, now, actions);
+        }
+    }
+}
+
 fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     let stalled = now
         .duration_since(r.progress_at)
@@ -1101,10 +1303,10 @@ fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     // Waiting for a promote or in a planned pause is not a stall: the
     // deadline only runs while some service has work in hand (or staging).
     let working = r.state == State::Staging
-        || r.services
-            .iter()
-            .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_none());
-    if stalled && working {
+        || r.services.iter().any(|s| {
+            s.state == ServiceState::Progressing && s.step_done_at.is_none() && s.bake.is_none()
+        });
+    if stalled && working && r.held.is_none() {
         let what = if r.state == State::Staging {
             "staging did not finish"
         } else {

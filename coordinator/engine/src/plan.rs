@@ -17,6 +17,7 @@ use baton_common::host::{Labels, validate_labels, validate_name};
 use baton_common::text::quote;
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::{Check, MAX_CHECKS, RawCheck};
 use crate::graph;
 
 /// The largest plan text accepted (`StartRollout`, `PlanRollout`,
@@ -53,6 +54,10 @@ pub struct Plan {
     pub max_parallel_services: Option<usize>,
     /// The services, in file order.
     pub services: Vec<ServicePlan>,
+    /// Host failures tolerated across every service of the rollout
+    /// (`None`: only each service's `max_failures`).
+    #[serde(default)]
+    pub failure_budget: Option<u32>,
 }
 
 /// One `[[service]]` table.
@@ -94,6 +99,14 @@ pub struct ServicePlan {
     /// Hosts may go to a lower version than they run (to a release they
     /// still have); refused otherwise.
     pub allow_downgrade: bool,
+    /// Checks run for a bake time after each step's hosts turned healthy.
+    #[serde(default)]
+    pub analysis: Vec<Check>,
+    /// The service waits for `promote` by an operator other than the one
+    /// who started the rollout before its first host (and before each
+    /// canary promotion).
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// How hosts are replaced.
@@ -151,6 +164,7 @@ struct RawPlan {
     auto_rollback: Option<bool>,
     progress_deadline: Option<String>,
     max_parallel_services: Option<i64>,
+    failure_budget: Option<i64>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -176,6 +190,9 @@ struct RawService {
     pause: Option<String>,
     auto_promote: Option<bool>,
     allow_downgrade: Option<bool>,
+    #[serde(default)]
+    analysis: Vec<RawCheck>,
+    approval: Option<bool>,
 }
 
 /// Every key of a plan file, in reading order: the top-level keys, then
@@ -202,6 +219,12 @@ pub const KEYS: &[baton_common::reference::Key] = {
             value: "integer",
             default: "no limit",
             about: "How many services may progress at once. Services whose dependencies have all succeeded (a wave) run side by side up to this number. At least 1.",
+        },
+        Key {
+            key: "failure_budget",
+            value: "integer",
+            default: "none",
+            about: "Host failures tolerated across every service of the rollout, over all its steps (a failed analysis counts each host it judged). When more hosts fail the rollout fails (and rolls back), even if each service is within its own `max_failures`. 0 to 1,000,000.",
         },
         Key {
             key: "service[]",
@@ -304,6 +327,180 @@ pub const KEYS: &[baton_common::reference::Key] = {
             value: "bool",
             default: "`false`",
             about: "Let hosts that run a newer version go back to `version`; such a plan is refused otherwise. An agent still only returns to a release it has kept.",
+        },
+        Key {
+            key: "service[].approval",
+            value: "bool",
+            default: "`false`",
+            about: "The service waits in `awaiting_promotion` before its first host, and before each canary promotion, until `baton rollout promote` by an operator other than the one who started the rollout (four eyes). The promote is audited with who gave it.",
+        },
+        Key {
+            key: "service[].analysis[]",
+            value: "table",
+            default: "none",
+            about: "Checks run for a bake time after each step's hosts turned healthy (with analysis, a rolling service goes in steps of `max_parallel` hosts), before a canary's promotion (a pass promotes by itself) and after the last step. Fail takes the failure path (the judged hosts count against `max_failures`, then the rollout rolls back); inconclusive pauses or fails as `on_inconclusive` says. At most 16 per service. See docs/guides/analysis.md.",
+        },
+        Key {
+            key: "service[].analysis[].name",
+            value: "string",
+            default: "required",
+            about: "Unique within the service; in `status`, events and metrics.",
+        },
+        Key {
+            key: "service[].analysis[].kind",
+            value: "`\"metrics\"`, `\"prometheus\"` or `\"host\"`",
+            default: "required",
+            about: "`metrics`: each host's agent scrapes the service's own Prometheus endpoint. `prometheus`: a PromQL query against `prometheus_url` in `batond`'s config. `host`: what the agent sees of the process (restarts, memory, open files).",
+        },
+        Key {
+            key: "service[].analysis[].url",
+            value: "string",
+            default: "required for `metrics`",
+            about: "The service's Prometheus endpoint on its host, `http://127.0.0.1:${port}/metrics`; the agent fills in its variables and fetches only loopback addresses.",
+        },
+        Key {
+            key: "service[].analysis[].ratio",
+            value: "[\"errors\", \"requests\"]",
+            default: "",
+            about: "`metrics`: per host and interval, the increase of the first counter over the increase of the second (an interval with no requests has no sample). One of `ratio`, `rate`, `gauge`, `histogram`.",
+        },
+        Key {
+            key: "service[].analysis[].rate",
+            value: "string",
+            default: "",
+            about: "`metrics`: a counter's increase per second.",
+        },
+        Key {
+            key: "service[].analysis[].gauge",
+            value: "string",
+            default: "",
+            about: "`metrics`: a gauge's value.",
+        },
+        Key {
+            key: "service[].analysis[].histogram",
+            value: "string",
+            default: "",
+            about: "`metrics`: a histogram (its `_bucket` series); with `quantile`, the quantile of the observations in each interval.",
+        },
+        Key {
+            key: "service[].analysis[].quantile",
+            value: "number",
+            default: "",
+            about: "With `histogram`: between 0 and 1, e.g. 0.99.",
+        },
+        Key {
+            key: "service[].analysis[].baseline",
+            value: "bool",
+            default: "`false`",
+            about: "`metrics`: compare the new version's samples with those of the hosts still on the old version at the same moment (one-sided Mann-Whitney U test). Needs `min_samples` on both sides; after the last step no host is left on the old version and the comparison is `skipped`.",
+        },
+        Key {
+            key: "service[].analysis[].tolerance",
+            value: "number",
+            default: "`0.2`",
+            about: "With `baseline`: how much worse than the baseline still passes (0.5 = 50 % worse). 0 to 100.",
+        },
+        Key {
+            key: "service[].analysis[].confidence",
+            value: "number",
+            default: "`0.99`",
+            about: "With `baseline`: the confidence a failure needs (one-sided p below 1 − confidence at the end, ten times below it at an early look). At least 0.5, below 1.",
+        },
+        Key {
+            key: "service[].analysis[].max",
+            value: "number",
+            default: "none",
+            about: "An absolute ceiling: `metrics` on the new version's pooled value (ratio of summed counters, mean, quantile of summed buckets); `prometheus` on each measurement.",
+        },
+        Key {
+            key: "service[].analysis[].min",
+            value: "number",
+            default: "none",
+            about: "An absolute floor, like `max`.",
+        },
+        Key {
+            key: "service[].analysis[].interval",
+            value: "duration",
+            default: "`\"10s\"`",
+            about: "One sample (scrape, query, observation) per interval. 100ms to 1h.",
+        },
+        Key {
+            key: "service[].analysis[].duration",
+            value: "duration",
+            default: "`\"1m\"`",
+            about: "The bake time after the step's hosts turned healthy; a clear failure can stop it early. At least `interval`, at most 24h and 10,000 intervals. It does not count against `progress_deadline`.",
+        },
+        Key {
+            key: "service[].analysis[].min_samples",
+            value: "integer",
+            default: "the samples of a bake, at most 5",
+            about: "Fewer samples of the new version (or, with `baseline`, of the old): inconclusive, never a pass. At least 1.",
+        },
+        Key {
+            key: "service[].analysis[].on_inconclusive",
+            value: "`\"pause\"` or `\"fail\"`",
+            default: "`\"pause\"`",
+            about: "`pause`: the rollout pauses for an operator (`resume` goes on, `rollback` undoes). `fail`: treated as a failure.",
+        },
+        Key {
+            key: "service[].analysis[].query",
+            value: "string",
+            default: "required for `prometheus`",
+            about: "PromQL, with `${host}`, `${service}` and `${version}` filled in; with `${host}` it runs once per host of the new version. Its result must be one number (a scalar or one series); no series is inconclusive. At most 4,096 characters.",
+        },
+        Key {
+            key: "service[].analysis[].success",
+            value: "string",
+            default: "none",
+            about: "`prometheus`: a measurement succeeds when this holds, e.g. `\"result < 0.05\"` (comparisons of `result` joined by `&&` and `||`).",
+        },
+        Key {
+            key: "service[].analysis[].failure",
+            value: "string",
+            default: "none",
+            about: "`prometheus`: a measurement fails when this holds. With both `success` and `failure`, a value that meets neither is inconclusive.",
+        },
+        Key {
+            key: "service[].analysis[].count",
+            value: "integer",
+            default: "`duration / interval`",
+            about: "`prometheus`: measurements per bake.",
+        },
+        Key {
+            key: "service[].analysis[].failure_limit",
+            value: "integer",
+            default: "`0`",
+            about: "`prometheus`: failed measurements tolerated.",
+        },
+        Key {
+            key: "service[].analysis[].inconclusive_limit",
+            value: "integer",
+            default: "`0`",
+            about: "`prometheus`: inconclusive or empty measurements tolerated.",
+        },
+        Key {
+            key: "service[].analysis[].consecutive_error_limit",
+            value: "integer",
+            default: "`4`",
+            about: "`prometheus`: failed queries in a row tolerated; more is inconclusive.",
+        },
+        Key {
+            key: "service[].analysis[].max_restarts",
+            value: "integer",
+            default: "`0`",
+            about: "`host`: restarts of the service (a new process, or none running) tolerated during the bake.",
+        },
+        Key {
+            key: "service[].analysis[].max_memory_growth",
+            value: "number",
+            default: "none",
+            about: "`host`: growth of resident memory from the first to the last observation tolerated (0.5 = 50 %).",
+        },
+        Key {
+            key: "service[].analysis[].max_fd_growth",
+            value: "number",
+            default: "none",
+            about: "`host`: growth of open files tolerated.",
         },
     ]
 };
@@ -444,11 +641,28 @@ impl Plan {
                 ));
             }
         };
+        let failure_budget = match raw.failure_budget {
+            None => None,
+            Some(n) if n < 0 => {
+                return Err(PlanError("failure_budget: must be 0 or more".into()));
+            }
+            Some(n) => Some(
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n <= MAX_FAILURES)
+                    .ok_or_else(|| {
+                        PlanError(format!(
+                            "failure_budget: {n} is more than the limit of {MAX_FAILURES}"
+                        ))
+                    })?,
+            ),
+        };
         let plan = Self {
             auto_rollback: raw.auto_rollback.unwrap_or(true),
             progress_deadline,
             max_parallel_services,
             services,
+            failure_budget,
         };
         if let Some(cycle) = graph::cycle(&plan.graph()) {
             let names: Vec<&str> = cycle
@@ -670,9 +884,30 @@ impl ServicePlan {
                 humantime::format_duration(min_healthy_time)
             )));
         }
+        if s.analysis.len() > MAX_CHECKS {
+            return Err(PlanError(format!(
+                "{}: {} checks, more than the limit of {MAX_CHECKS}",
+                at("analysis"),
+                s.analysis.len()
+            )));
+        }
+        let mut analysis: Vec<Check> = Vec::with_capacity(s.analysis.len());
+        for (i, raw) in s.analysis.into_iter().enumerate() {
+            let check = Check::check(raw, &at(&format!("analysis[{i}]")))?;
+            if analysis.iter().any(|c| c.name == check.name) {
+                return Err(PlanError(format!(
+                    "{}: two checks are named {}",
+                    at(&format!("analysis[{i}].name")),
+                    quote(&check.name)
+                )));
+            }
+            analysis.push(check);
+        }
         Ok(Self {
             min_healthy_time,
             healthy_deadline,
+            analysis,
+            approval: s.approval.unwrap_or(false),
             name: s.name,
             version: s.version,
             hosts: s.hosts,
@@ -983,6 +1218,11 @@ pause = "30s"
                 "[[service]]",
                 "service[].",
                 accepted::<RawPlan>("[[service]]\n__probe = 1\n"),
+            ),
+            (
+                "[[service.analysis]]",
+                "service[].analysis[].",
+                accepted::<RawPlan>("[[service]]\n[[service.analysis]]\n__probe = 1\n"),
             ),
         ] {
             let documented = keys_under(KEYS, prefix);

@@ -41,7 +41,8 @@ use baton_common::command::{Command, CommandKind, FailureDetail, FailureKind, He
 use baton_common::host::HostId;
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{HostRun, HostState, Rollout, ServiceRun, ServiceState, State};
+use crate::analysis::Verdict;
+use crate::machine::{Bake, HostRun, HostState, Rollout, ServiceRun, ServiceState, State};
 
 #[cfg(test)]
 mod tests;
@@ -330,6 +331,12 @@ pub struct Header {
     /// Why it failed or was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Host failures tolerated across the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_budget: Option<u32>,
+    /// Who started it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_by: String,
 }
 
 /// `rollout-clocks/<id>`: the fields most steps move, apart from the
@@ -404,6 +411,19 @@ pub struct ServiceHeader {
     pub allow_downgrade: bool,
     /// How many host records it has (checked on load).
     pub hosts: usize,
+    /// The bake in progress (its checks are the plan's, read again from
+    /// the plan's text on load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<Bake>,
+    /// The verdicts reached (the last [`crate::analysis::MAX_VERDICTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<Verdict>,
+    /// It needs an approval before its first host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval: bool,
+    /// It was approved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approved: bool,
 }
 
 /// `rollout-hosts/<id>/<si>/<host>`: one host of one service.
@@ -501,10 +521,16 @@ pub fn header(r: &Rollout) -> Header {
                 state: s.state,
                 allow_downgrade: s.allow_downgrade,
                 hosts: s.hosts.len(),
+                bake: s.bake,
+                verdicts: s.verdicts.clone(),
+                approval: s.approval,
+                approved: s.approved,
             })
             .collect(),
         created_at: r.created_at,
         error: r.error.clone(),
+        failure_budget: r.failure_budget,
+        started_by: r.started_by.clone(),
     }
 }
 
@@ -658,6 +684,23 @@ pub fn assemble(
         }
     }
     let skipped = apply_staged(&mut by_service, staged);
+    // The checks are the plan's: read again from its text, not stored
+    // twice.
+    let checks: BTreeMap<String, Vec<crate::analysis::Check>> = if header
+        .services
+        .iter()
+        .any(|s| s.bake.is_some() || !s.verdicts.is_empty())
+        || plan.contains("analysis")
+    {
+        crate::plan::Plan::parse(&plan)
+            .map_err(|e| RecordError::Inconsistent(format!("the stored plan does not parse: {e}")))?
+            .services
+            .into_iter()
+            .map(|s| (s.name, s.analysis))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     let mut services = Vec::with_capacity(header.services.len());
     let mut next_seq = clock.next_seq;
     for (s, hosts) in header.services.into_iter().zip(by_service) {
@@ -687,6 +730,7 @@ pub fn assemble(
                 s.name, s.version, s.manifest
             ))
         })?;
+        let analysis = checks.get(&s.name).cloned().unwrap_or_default();
         services.push(ServiceRun {
             name: s.name,
             version: s.version,
@@ -709,6 +753,11 @@ pub fn assemble(
             state: s.state,
             hosts,
             allow_downgrade: s.allow_downgrade,
+            analysis,
+            bake: s.bake,
+            verdicts: s.verdicts,
+            approval: s.approval,
+            approved: s.approved,
             changed: Default::default(),
         });
     }
@@ -727,6 +776,9 @@ pub fn assemble(
         error: header.error,
         next_seq,
         away: Default::default(),
+        failure_budget: header.failure_budget,
+        started_by: header.started_by,
+        held: None,
     };
     Ok(Assembled { rollout, skipped })
 }

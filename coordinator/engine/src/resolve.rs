@@ -150,6 +150,15 @@ pub fn resolve(
                     .map(|a| unchanged + a.of(m).clamp(1, m))
                     .collect(),
                 (None, Some(c)) => vec![unchanged + c.of(m).clamp(1, m), n],
+                // With analysis, a rolling service goes in batches of
+                // max_parallel, each baked before the next (at most
+                // MAX_STEPS batches: larger ones on a large fleet).
+                (None, None) if !svc.analysis.is_empty() && svc.strategy == Strategy::Rolling => {
+                    let batch = max_parallel.max(m.div_ceil(crate::plan::MAX_STEPS));
+                    (1..=m.div_ceil(batch))
+                        .map(|k| unchanged + (k * batch).min(m))
+                        .collect()
+                }
                 (None, None) => vec![n],
             }
         };
@@ -253,6 +262,11 @@ pub fn resolve(
             failures: 0,
             state: ServiceState::Waiting,
             allow_downgrade: svc.allow_downgrade,
+            analysis: svc.analysis.clone(),
+            bake: None,
+            verdicts: Vec::new(),
+            approval: svc.approval,
+            approved: false,
             hosts,
             changed: Default::default(),
         });
@@ -272,6 +286,9 @@ pub fn resolve(
         error: None,
         next_seq: 0,
         away: Default::default(),
+        failure_budget: plan.failure_budget,
+        started_by: String::new(),
+        held: None,
     })
 }
 

@@ -48,8 +48,13 @@ pub(super) fn operator(
             for s in &mut r.services {
                 if s.state == ServiceState::AwaitingPromotion {
                     s.state = ServiceState::Progressing;
-                    s.step += 1;
-                    s.step_done_at = None;
+                    if s.approval && !s.approved {
+                        // Approved before its first host: step 0 begins.
+                        s.approved = true;
+                    } else {
+                        s.step += 1;
+                        s.step_done_at = None;
+                    }
                 }
             }
             r.state = State::Progressing;

@@ -36,6 +36,11 @@ fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> 
         failures: 0,
         state: ServiceState::Waiting,
         allow_downgrade: false,
+        analysis: Vec::new(),
+        bake: None,
+        verdicts: Vec::new(),
+        approval: false,
+        approved: false,
         hosts: hosts
             .iter()
             .map(|i| (host(*i), HostRun::new(Some("1".into()), "2".into(), true)))
@@ -60,6 +65,9 @@ fn with_services(services: Vec<ServiceRun>) -> Rollout {
         error: None,
         next_seq: 0,
         away: Default::default(),
+        failure_budget: None,
+        started_by: String::new(),
+        held: None,
     }
 }
 
@@ -1163,3 +1171,5 @@ fn restore_undoes_a_step_and_keeps_what_the_header_leaves_out() {
     assert_eq!(r.services[0].manifest, vec![7; 4096]);
     assert!(r.away.contains(&host(3)));
 }
+
+mod analysis;

@@ -49,6 +49,11 @@ pub fn single(id: &str, service: &str, hosts: usize, plan: String) -> Rollout {
             state: ServiceState::Waiting,
             hosts,
             allow_downgrade: false,
+            analysis: Vec::new(),
+            bake: None,
+            verdicts: Vec::new(),
+            approval: false,
+            approved: false,
             changed: Changed::default(),
         }],
         created_at: t0,
@@ -57,5 +62,8 @@ pub fn single(id: &str, service: &str, hosts: usize, plan: String) -> Rollout {
         error: None,
         next_seq: 0,
         away: BTreeSet::new(),
+        failure_budget: None,
+        started_by: String::new(),
+        held: None,
     }
 }

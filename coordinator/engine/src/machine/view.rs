@@ -141,7 +141,9 @@ impl Rollout {
         let mut at = |t: SystemTime| due = Some(due.map_or(t, |d| d.min(t)));
         let working = match self.state {
             State::Pending => {
-                at(self.created_at);
+                if self.held.is_none() {
+                    at(self.created_at);
+                }
                 false
             }
             State::Staging | State::RollingBack => true,
@@ -155,7 +157,7 @@ impl Rollout {
             | State::RolledBack
             | State::Aborted => false,
         };
-        if working {
+        if working && self.held.is_none() {
             at(later(self.progress_at, self.progress_deadline));
         }
         for s in &self.services {
