@@ -393,6 +393,11 @@ impl Link {
         // sent on this stream (and all of them ended with it).
         let (log_tx, mut log_rx) = mpsc::channel(LOG_BUFFER);
         let mut log_streams = crate::logs::Streams::default();
+        // Analysis samples: answered in the background, one reply each.
+        let (sample_tx, mut sample_rx) = mpsc::channel(crate::sample::MAX_IN_FLIGHT);
+        let sampler = crate::sample::Sampler::default();
+        let sample_source: std::sync::Arc<dyn crate::sample::Source> =
+            std::sync::Arc::new(executor.clone());
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -426,6 +431,12 @@ impl Link {
                     let msg = AgentMessage { kind: Some(agent_message::Kind::CommandUpdate((&update).into())) };
                     // Waiting here is back-pressure from the coordinator;
                     // silence still ends it.
+                    if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
+                        return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
+                    }
+                }
+                Some(reply) = sample_rx.recv() => {
+                    let msg = AgentMessage { kind: Some(agent_message::Kind::SampleReply(reply)) };
                     if tokio::time::timeout_at(deadline, tx.send(msg)).await.is_err() {
                         return Ok(Ended::Lost("the coordinator stopped reading the stream".into()));
                     }
@@ -464,6 +475,9 @@ impl Link {
                                 log_streams.start(req, source, log_tx.clone());
                             }
                             Some(coordinator_message::Kind::LogCancel(c)) => log_streams.cancel(&c.request_id),
+                            Some(coordinator_message::Kind::SampleRequest(req)) => {
+                                sampler.start(req, sample_source.clone(), sample_tx.clone());
+                            }
                             Some(coordinator_message::Kind::Welcome(_)) => {
                                 return Ok(Ended::Lost("a second welcome on one stream".into()));
                             }

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod logs;
 pub mod metrics;
 pub mod releases;
+pub mod sample;
 pub mod selfupgrade;
 pub mod service;
 pub mod sockets;

@@ -710,7 +710,7 @@ fn substitute_all(
 
 /// Replaces each `${NAME}` in `text` with the variable's value. A `$` not
 /// followed by `{` stays as it is; values are not substituted again.
-fn substitute(
+pub(crate) fn substitute(
     field: &str,
     text: &str,
     vars: &BTreeMap<String, String>,

@@ -3,6 +3,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The wire timestamp (re-exported for crates that use it only here).
+pub use prost_types::Timestamp;
+
 /// Converts a wall-clock time to a protobuf timestamp.
 pub fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();

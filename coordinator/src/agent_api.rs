@@ -281,6 +281,9 @@ impl SessionTask {
                 Some(agent_message::Kind::LogChunk(chunk)) => {
                     self.fleet.logs().deliver(&self.host, chunk);
                 }
+                Some(agent_message::Kind::SampleReply(reply)) => {
+                    self.fleet.samples().deliver(&self.host, reply);
+                }
                 Some(agent_message::Kind::Hello(_)) => {
                     warn!(host = %self.host, "ending a stream that sent a second hello");
                     return Status::invalid_argument(

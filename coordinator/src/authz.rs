@@ -44,6 +44,10 @@ pub const TABLE: &[(&str, Role)] = &[
     ("DecideEnrollment", Role::Admin),
     // Reads what a service logged, which may hold what only operators see.
     ("StreamLogs", Role::Operator),
+    ("Freeze", Role::Operator),
+    ("Unfreeze", Role::Operator),
+    ("GetFreeze", Role::Viewer),
+    ("StopTheLine", Role::Operator),
 ];
 
 /// The role `method` (the RPC's name) needs; `None`: nobody may call it.

@@ -113,6 +113,22 @@ pub struct BatondArgs {
     /// [default: 20000; at most 1000000].
     #[arg(long, value_name = "COUNT")]
     pub audit_max_entries: Option<usize>,
+
+    /// The Prometheus server that `kind = "prometheus"` analysis checks
+    /// query, e.g. http://127.0.0.1:9090 (http or https).
+    #[arg(long, value_name = "URL")]
+    pub prometheus_url: Option<String>,
+
+    /// A weekly window in which rollouts may start hosts, in UTC, e.g.
+    /// "mon-fri 09:00-17:00"; repeat for several. Outside every window new
+    /// rollouts wait and running ones pause between batches. None: always.
+    #[arg(long = "deploy-window", value_name = "DAYS HH:MM-HH:MM")]
+    pub deploy_windows: Vec<String>,
+
+    /// A fixed freeze, START/END in RFC 3339, e.g.
+    /// 2026-12-24T00:00:00Z/2026-12-27T00:00:00Z; repeat for several.
+    #[arg(long = "freeze-period", value_name = "START/END")]
+    pub freeze_periods: Vec<String>,
 }
 
 /// The config file: the same keys as the flags.
@@ -138,6 +154,9 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     audit_max_age: Option<Duration>,
     audit_max_entries: Option<usize>,
+    prometheus_url: Option<String>,
+    deploy_window: Option<Vec<String>>,
+    freeze_period: Option<Vec<String>>,
 }
 
 /// Every key a `batond.toml` may hold, as its reader accepts them (the
@@ -176,6 +195,10 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// How long, and how many, changes the audit log keeps.
     pub audit_retention: crate::audit::Retention,
+    /// The Prometheus server analysis queries.
+    pub prometheus_url: Option<String>,
+    /// Deployment windows and fixed freezes.
+    pub calendar: crate::freeze::Calendar,
 }
 
 /// The default validity of agent certificates the coordinator signs.
@@ -245,6 +268,8 @@ impl Config {
             metrics_listen: None,
             http_listen: None,
             audit_retention: crate::audit::DEFAULT_RETENTION,
+            prometheus_url: None,
+            calendar: crate::freeze::Calendar::default(),
         }
     }
 
@@ -406,8 +431,50 @@ impl Config {
             ));
         }
 
+        let prometheus_url = args.prometheus_url.or(file.prometheus_url);
+        if let Some(url) = &prometheus_url
+            && (!(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 512)
+        {
+            errors.push(format!(
+                "prometheus-url {} must be an http:// or https:// URL of at most 512 characters (for example http://127.0.0.1:9090)",
+                baton_common::text::quote(url)
+            ));
+        }
+        let windows = if args.deploy_windows.is_empty() {
+            file.deploy_window.unwrap_or_default()
+        } else {
+            args.deploy_windows
+        };
+        let periods = if args.freeze_periods.is_empty() {
+            file.freeze_period.unwrap_or_default()
+        } else {
+            args.freeze_periods
+        };
+        if windows.len() + periods.len() > crate::freeze::MAX_ENTRIES {
+            errors.push(format!(
+                "{} deploy windows and freeze periods, more than the limit of {}",
+                windows.len() + periods.len(),
+                crate::freeze::MAX_ENTRIES
+            ));
+        }
+        let mut calendar = crate::freeze::Calendar::default();
+        for w in windows.iter().take(crate::freeze::MAX_ENTRIES) {
+            match crate::freeze::Window::parse(w) {
+                Ok(w) => calendar.windows.push(w),
+                Err(e) => errors.push(e),
+            }
+        }
+        for p in periods.iter().take(crate::freeze::MAX_ENTRIES) {
+            match crate::freeze::Period::parse(p) {
+                Ok(p) => calendar.freezes.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+
         if errors.is_empty() {
             Ok(Self {
+                prometheus_url,
+                calendar,
                 listen,
                 data_dir,
                 tls_dir,

@@ -3,6 +3,7 @@
 //! no state of their own.
 
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use baton_common::artifact::SignedManifest;
 use baton_common::host::{HostId, Labels, validate_labels};
@@ -402,6 +403,52 @@ impl ControlService for ControlApi {
             .await
             .map_err(rollout_status)?;
         Ok(Response::new(crate::rollout::dry_run(&r)))
+    }
+
+    async fn freeze(
+        &self,
+        request: Request<pb::FreezeRequest>,
+    ) -> Result<Response<pb::FreezeStatus>, Status> {
+        let who = caller_name(&request);
+        let req = request.into_inner();
+        let until = crate::freeze::until_from_pb(req.until.as_ref(), SystemTime::now())
+            .map_err(Status::invalid_argument)?;
+        let reason = crate::freeze::check_reason(&req.reason).map_err(Status::invalid_argument)?;
+        let view = self
+            .rollouts
+            .freeze(until, reason, who)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(crate::freeze::to_pb(&view)))
+    }
+
+    async fn unfreeze(
+        &self,
+        _request: Request<pb::UnfreezeRequest>,
+    ) -> Result<Response<pb::FreezeStatus>, Status> {
+        let view = self.rollouts.unfreeze().await.map_err(rollout_status)?;
+        Ok(Response::new(crate::freeze::to_pb(&view)))
+    }
+
+    async fn get_freeze(
+        &self,
+        _request: Request<pb::GetFreezeRequest>,
+    ) -> Result<Response<pb::FreezeStatus>, Status> {
+        let view = self.rollouts.freeze_view().await.map_err(rollout_status)?;
+        Ok(Response::new(crate::freeze::to_pb(&view)))
+    }
+
+    async fn stop_the_line(
+        &self,
+        request: Request<pb::StopTheLineRequest>,
+    ) -> Result<Response<pb::StopTheLineResponse>, Status> {
+        let who = caller_name(&request);
+        let paused = self
+            .rollouts
+            .stop_the_line(who)
+            .await
+            .map_err(rollout_status)?;
+        Ok(Response::new(pb::StopTheLineResponse { paused }))
     }
 
     async fn control_rollout(

@@ -216,6 +216,7 @@ pub struct FleetHandle {
     updates: UpdateSink,
     pings: Pings,
     logs: crate::logs::Registry,
+    samples: crate::samples::Registry,
 }
 
 /// Pings in flight by their nonce, each with where its answers go.
@@ -334,6 +335,11 @@ impl FleetHandle {
     /// deliver.
     pub fn logs(&self) -> &crate::logs::Registry {
         &self.logs
+    }
+
+    /// Analysis samples awaited from agents.
+    pub fn samples(&self) -> &crate::samples::Registry {
+        &self.samples
     }
 
     /// The outbound queue of `host`'s stream.
@@ -562,6 +568,7 @@ pub async fn spawn_with(
             updates: UpdateSink::default(),
             pings: Pings::default(),
             logs: crate::logs::Registry::default(),
+            samples: crate::samples::Registry::default(),
         },
         task,
     ))

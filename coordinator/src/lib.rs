@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_api;
+pub mod analysis;
 pub mod artifact_api;
 pub mod artifacts;
 pub mod audit;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control_api;
 pub mod enroll;
 pub mod fleet;
+pub mod freeze;
 #[cfg(feature = "etcd")]
 pub mod ha;
 pub mod health;
@@ -28,6 +30,7 @@ pub mod logs;
 pub mod metrics;
 pub mod ping;
 pub mod rollout;
+pub mod samples;
 pub mod server;
 pub mod store;
 pub mod web;

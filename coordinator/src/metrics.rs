@@ -48,6 +48,8 @@ pub struct Metrics {
     /// A newer stream was refused: the host's stream was taken over too
     /// often (two agents with one certificate).
     pub takeovers_refused: Counter,
+    /// Analysis verdicts, by the check's kind and the verdict.
+    pub verdicts: CounterVec,
     /// What was written to the store.
     pub store: Arc<crate::store::StoreStats>,
 }
@@ -69,6 +71,17 @@ impl Default for Metrics {
             health_check_failures: Counter::default(),
             takeovers: Counter::default(),
             takeovers_refused: Counter::default(),
+            verdicts: CounterVec::with_values(&[
+                &["metrics", "pass"],
+                &["metrics", "fail"],
+                &["metrics", "inconclusive"],
+                &["prometheus", "pass"],
+                &["prometheus", "fail"],
+                &["prometheus", "inconclusive"],
+                &["host", "pass"],
+                &["host", "fail"],
+                &["host", "inconclusive"],
+            ]),
             store: Arc::default(),
         }
     }
@@ -159,6 +172,12 @@ impl Metrics {
             "Hosts that failed in a rollout (staging, activation or rollback), by the kind of failure.",
             &["kind"],
             &self.host_failures,
+        );
+        e.counter_vec(
+            "baton_analysis_verdicts_total",
+            "Verdicts of analysis checks, by the check's kind and the verdict (pass, fail, inconclusive, skipped).",
+            &["kind", "verdict"],
+            &self.verdicts,
         );
         e.histogram(
             "baton_host_activation_duration_seconds",

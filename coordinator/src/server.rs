@@ -361,7 +361,11 @@ impl Coordinator {
             fleet.clone(),
             artifacts.clone(),
             shutdown.clone(),
-            self.web.counters.clone(),
+            rollout::driver::DriverOptions {
+                metrics: self.web.counters.clone(),
+                prometheus: self.config.prometheus_url.clone(),
+                calendar: self.config.calendar.clone(),
+            },
         )
         .await?;
 

@@ -470,23 +470,9 @@ fn the_dashboard_reads_freely_and_acts_only_for_a_signed_in_operator() {
     assert!(out.status.success());
 }
 
-/// Where a program is on the PATH.
-fn on_path(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 #[test]
 fn a_real_prometheus_scrapes_batond_and_an_agent() {
-    let Some(prometheus) = on_path("prometheus") else {
-        assert!(
-            std::env::var_os("BATON_REQUIRE_PROMETHEUS").is_none(),
-            "BATON_REQUIRE_PROMETHEUS is set but no prometheus is on the PATH"
-        );
-        eprintln!("SKIPPED: no prometheus on the PATH (bash .ci/run installs Debian's)");
+    let Some(prometheus) = baton_tests::prometheus::binary() else {
         return;
     };
     let mut fleet = Fleet::start_full(
@@ -499,33 +485,14 @@ fn a_real_prometheus_scrapes_batond_and_an_agent() {
     fleet.start_agent("h1");
     fleet.wait_connected();
     let agent = agent_metrics_addr(&fleet, "h1");
-    let dir = fleet.env.path("prometheus");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
+    let server = baton_tests::prometheus::Prometheus::start(
+        prometheus,
+        &fleet.env,
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: batond\n    static_configs:\n      - targets: ['{coordinator}']\n  - job_name: agent\n    static_configs:\n      - targets: ['{agent}']\n"
         ),
-    )
-    .unwrap();
-    let port = baton_tests::fleet::free_port();
-    let mut cmd = std::process::Command::new(prometheus);
-    cmd.arg(format!(
-        "--config.file={}",
-        dir.join("prometheus.yml").display()
-    ))
-    .arg(format!(
-        "--storage.tsdb.path={}",
-        dir.join("data").display()
-    ))
-    .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-    let _prometheus = baton_tests::Proc::spawn(
-        "prometheus",
-        cmd,
-        fleet.env.path("prometheus.log"),
-        std::process::Stdio::null(),
     );
-    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    let api = server.api;
     // Prometheus reads both documents: both targets up, and the samples
     // there with their names and labels.
     let query = |q: &str| -> Option<Value> {

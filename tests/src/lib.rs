@@ -22,6 +22,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod http;
 pub mod load;
+pub mod prometheus;
 pub mod proxy;
 pub mod rogue;
 

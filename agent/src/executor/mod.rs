@@ -264,6 +264,40 @@ impl Executor {
         })
     }
 
+    /// What the agent sees of `name`'s process, for analysis: whether it
+    /// runs, its pid, restarts, memory and open files. Never waits for an
+    /// activation: while one holds the service, it says so.
+    pub fn process_sample(
+        &self,
+        name: &str,
+    ) -> Result<baton_proto::agent::v1::ProcessSample, String> {
+        let slot = lock(&self.inner.slots)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no service {} runs on this host", quote(name)))?;
+        let state = slot
+            .state
+            .try_lock()
+            .map_err(|_| format!("{name} is being changed on this host"))?;
+        let Some(current) = state.current.as_ref() else {
+            return Ok(baton_proto::agent::v1::ProcessSample::default());
+        };
+        let status = current.process.status().borrow().clone();
+        let pid = match status.state {
+            crate::supervisor::ProcessState::Running { pid } => Some(pid),
+            _ => None,
+        };
+        let (rss_bytes, open_fds) = pid.map_or((0, 0), crate::sample::proc_usage);
+        Ok(baton_proto::agent::v1::ProcessSample {
+            running: current.is_alive() && (pid.is_some() || current.process.unit().is_some()),
+            pid: pid.unwrap_or(0),
+            restarts: status.restarts,
+            rss_bytes,
+            open_fds,
+            last_exit: status.last_exit.unwrap_or_default(),
+        })
+    }
+
     /// Accepts a command from the coordinator and runs it in the
     /// background; its updates arrive on [`Executor::updates`].
     pub fn submit(&self, wire: pb::Command) {
@@ -675,5 +709,15 @@ fn accepted(id: &str) -> CommandUpdate {
         error: String::new(),
         failure: None,
         detail: Default::default(),
+    }
+}
+
+impl crate::sample::Source for Executor {
+    fn vars(&self) -> &BTreeMap<String, String> {
+        &self.inner.config.vars
+    }
+
+    fn process(&self, service: &str) -> Result<baton_proto::agent::v1::ProcessSample, String> {
+        self.process_sample(service)
     }
 }

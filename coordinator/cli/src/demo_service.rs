@@ -3,7 +3,10 @@
 //!
 //! - `GET /` answers `demo-service <version>`; `GET /healthz` answers 200,
 //!   or 503 with `--broken` (the demo's bad release); `GET /slow?ms=N`
-//!   answers after N milliseconds (a long request to drain).
+//!   answers after N milliseconds (a long request to drain); `GET
+//!   /metrics` counts the requests to `/` and those answered 500
+//!   (`app_requests_total`, `app_errors_total`): with `--error-rate F` that
+//!   fraction of them fails, a bad release its health check does not see.
 //! - It takes its listening socket from the systemd socket-activation
 //!   protocol when the agent hands one over (`LISTEN_FDS`, `LISTEN_PID`,
 //!   fd 3), and binds `--listen` itself otherwise.
@@ -47,10 +50,48 @@ pub struct DemoServiceArgs {
     /// stop until it is killed).
     #[arg(long)]
     pub ignore_sigterm: bool,
+    /// Answer this fraction of `GET /` with 500 (spread evenly: every
+    /// 20th request at 0.05), counted in `/metrics`.
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+    pub error_rate: f64,
+}
+
+/// Requests to `/` and those answered with an error.
+#[derive(Default)]
+struct Counts {
+    requests: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl Counts {
+    /// Counts a request; whether it fails (`rate` of them, evenly).
+    fn count(&self, rate: f64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.requests.fetch_add(1, Relaxed);
+        let fails = ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor();
+        if fails {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        fails
+    }
+
+    fn metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "# HELP app_requests_total Requests to /.\n# TYPE app_requests_total counter\napp_requests_total {}\n# HELP app_errors_total Requests to / answered with an error.\n# TYPE app_errors_total counter\napp_errors_total {}\n",
+            self.requests.load(Relaxed),
+            self.errors.load(Relaxed)
+        )
+    }
 }
 
 /// Runs the service until SIGTERM or SIGINT, then drains.
 pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        return Err(
+            CliError::new("--error-rate must be between 0 and 1").with_code(super::exit::USAGE)
+        );
+    }
     let shutdown = CancellationToken::new();
     if args.ignore_sigterm {
         use tokio::signal::unix::{SignalKind, signal};
@@ -102,15 +143,16 @@ pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
     notifier.ready(&format!("serving {}", args.version));
     let body = format!("demo-service {}\n", args.version);
     let tasks = tokio_util::task::TaskTracker::new();
+    let counts = std::sync::Arc::new(Counts::default());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let body = body.clone();
-                let broken = args.broken;
+                let how = How { broken: args.broken, error_rate: args.error_rate, counts: counts.clone() };
                 let shutdown = shutdown.clone();
-                tasks.spawn(async move { serve(stream, &body, broken, &shutdown).await });
+                tasks.spawn(async move { serve(stream, &body, &how, &shutdown).await });
             }
         }
     }
@@ -139,7 +181,14 @@ pub async fn run(args: DemoServiceArgs) -> Result<ExitCode, CliError> {
 
 /// Serves requests on one connection until the client closes it, an error,
 /// or — once draining — the first response (sent with `Connection: close`).
-async fn serve(mut stream: TcpStream, body: &str, broken: bool, shutdown: &CancellationToken) {
+struct How {
+    broken: bool,
+    error_rate: f64,
+    counts: std::sync::Arc<Counts>,
+}
+
+async fn serve(mut stream: TcpStream, body: &str, how: &How, shutdown: &CancellationToken) {
+    let broken = how.broken;
     let mut buf = Vec::with_capacity(1024);
     loop {
         // Read one request head. An idle keep-alive connection is kept
@@ -168,6 +217,10 @@ async fn serve(mut stream: TcpStream, body: &str, broken: bool, shutdown: &Cance
             } else {
                 ("200 OK", "ok\n".to_owned())
             }
+        } else if path == "/metrics" {
+            ("200 OK", how.counts.metrics())
+        } else if path == "/" && how.counts.count(how.error_rate) {
+            ("500 Internal Server Error", "failed\n".to_owned())
         } else if let Some(ms) = path
             .strip_prefix("/slow?ms=")
             .and_then(|v| v.parse::<u64>().ok())

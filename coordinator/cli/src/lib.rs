@@ -19,6 +19,7 @@ mod dashboard;
 mod demo;
 mod demo_service;
 mod enroll;
+mod freeze;
 pub(crate) mod hosts;
 mod logs;
 mod ping;
@@ -118,6 +119,16 @@ pub enum Command {
         after_help = "Examples:\n  baton logs web-1 api\n  baton logs web-1 api --follow\n  baton logs web-1 api -n 1000 | grep ERROR"
     )]
     Logs(logs::LogsArgs),
+    /// Hold every rollout until a time or until `baton unfreeze`: new
+    /// rollouts wait in pending, running ones start no new host (those
+    /// activating finish). Needs an operator certificate; audited.
+    #[command(
+        after_help = "Examples:\n  baton freeze --until 2h --reason \"incident 4711\"\n  baton freeze --until 2026-12-27T00:00:00Z --reason \"holidays\"\n  baton freeze --status\n\nbatond's --deploy-window and --freeze-period hold rollouts too; `--status` says what holds them now."
+    )]
+    Freeze(freeze::FreezeArgs),
+    /// Lift an operator's freeze (the config's windows still apply).
+    #[command(after_help = "Examples:\n  baton unfreeze\n  baton unfreeze --json")]
+    Unfreeze(freeze::UnfreezeArgs),
     /// Plan files, checked offline.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
@@ -247,6 +258,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Rollout(ref cmd) => rollout::run(&cli, cmd).await,
         Command::Plan(ref cmd) => plan::run(cmd),
         Command::Logs(ref args) => logs::run(&cli, args).await,
+        Command::Freeze(ref args) => freeze::freeze(&cli, args).await,
+        Command::Unfreeze(ref args) => freeze::unfreeze(&cli, args).await,
         Command::Audit(ref args) => audit::run(&cli, args).await,
         Command::Enroll(ref cmd) => enroll::run(&cli, cmd).await,
         Command::Dashboard(ref cmd) => dashboard::run(&cli, cmd).await,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use baton_common::time::{from_timestamp, rfc3339_millis};
 use baton_proto::control::v1::{
@@ -102,11 +103,16 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Start no new host; hosts already activating finish.
-    #[command(after_help = "Example:\n  baton rollout pause latest")]
+    /// Start no new host; hosts already activating finish. With --all,
+    /// every running rollout at once (stop the line).
+    #[command(after_help = "Examples:\n  baton rollout pause latest\n  baton rollout pause --all")]
     Pause {
         /// The rollout: its id, a unique prefix of it, or `latest` (the newest).
-        id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Pause every running rollout (stop the line); audited.
+        #[arg(long)]
+        all: bool,
     },
     /// Continue a paused rollout.
     #[command(after_help = "Example:\n  baton rollout resume latest")]
@@ -208,10 +214,25 @@ pub async fn resolve_id(client: &mut Client, id: &str) -> Result<String, CliErro
 /// Runs a rollout command.
 pub async fn run(cli: &Cli, cmd: &RolloutCommand) -> Result<ExitCode, CliError> {
     let mut client = cli.control().await?;
+    if let RolloutCommand::Pause { all: true, .. } = cmd {
+        let paused = client
+            .stop_the_line(baton_proto::control::v1::StopTheLineRequest {})
+            .await
+            .map_err(|s| call_failed("stopping the line failed", s))?
+            .into_inner()
+            .paused;
+        if paused.is_empty() {
+            println!("no running rollout to pause");
+        }
+        for id in paused {
+            println!("rollout {id} is paused");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let id = match cmd {
         RolloutCommand::Status { id, .. }
         | RolloutCommand::Watch { id, .. }
-        | RolloutCommand::Pause { id }
+        | RolloutCommand::Pause { id: Some(id), .. }
         | RolloutCommand::Resume { id }
         | RolloutCommand::Abort { id }
         | RolloutCommand::Rollback { id }
@@ -435,6 +456,8 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
         "error": empty_null(&r.error),
         "created_at": time_text(r.created_at.as_ref()),
         "updated_at": time_text(r.updated_at.as_ref()),
+        "started_by": empty_null(&r.started_by),
+        "held": empty_null(&r.held),
         "services": r.services.iter().map(|s| serde_json::json!({
             "name": s.name,
             "version": s.version,
@@ -443,6 +466,12 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
             "steps": s.steps,
             "depends_on": s.depends_on,
             "digest": s.digest,
+            "approval": s.approval,
+            "baking": s.baking_since.as_ref().map(|t| serde_json::json!({
+                "since": time_text(Some(t)),
+                "step": s.baking_step,
+            })),
+            "analysis": s.analysis.iter().map(verdict_json).collect::<Vec<_>>(),
             "hosts": s.hosts.iter().map(|h| serde_json::json!({
                 "host_id": h.host_id,
                 "state": h.state,
@@ -458,6 +487,56 @@ pub fn to_json(r: &Rollout) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A verdict in `status --json` (`analysis[]`).
+fn verdict_json(v: &baton_proto::control::v1::Verdict) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "kind": v.kind,
+        "step": v.step,
+        "verdict": v.verdict,
+        "reason": v.reason,
+        "value": v.value,
+        "baseline": v.baseline,
+        "threshold": v.threshold,
+        "statistic": v.statistic,
+        "p_value": v.p_value,
+        "samples": v.samples,
+        "baseline_samples": v.baseline_samples,
+        "at": time_text(v.at.as_ref()),
+    })
+}
+
+/// A service's analysis as lines: the bake in progress, then each verdict.
+fn analysis_lines(s: &baton_proto::control::v1::ServiceRollout) -> String {
+    let mut out = String::new();
+    if s.approval && s.state == "awaiting_promotion" {
+        out.push_str(
+            "  needs approval: `baton rollout promote` by an operator other than its starter\n",
+        );
+    }
+    if let Some(since) = s.baking_since.as_ref().and_then(from_timestamp) {
+        let secs = SystemTime::now()
+            .duration_since(since)
+            .unwrap_or_default()
+            .as_secs();
+        out.push_str(&format!(
+            "  analysing step {} for {}\n",
+            s.baking_step,
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+        ));
+    }
+    for v in &s.analysis {
+        out.push_str(&format!(
+            "  analysis {} (step {}): {}  {}\n",
+            v.name,
+            v.step,
+            v.verdict.to_uppercase(),
+            v.reason
+        ));
+    }
+    out
 }
 
 fn bar(state: &str, progress: u32) -> String {
@@ -524,6 +603,10 @@ pub fn render(r: &Rollout, bars: bool) -> String {
             out.push('\n');
             out.push_str(&failure_detail(&h.probe, &h.log_tail, "      "));
         }
+        out.push_str(&analysis_lines(s));
+    }
+    if !r.held.is_empty() {
+        out.push_str(&format!("  held: {}\n", r.held));
     }
     if !r.error.is_empty() {
         out.push_str(&format!("  {}\n", r.error));

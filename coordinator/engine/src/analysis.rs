@@ -370,7 +370,7 @@ fn span(
 
 impl Check {
     /// Checks one table; `at` is `service "api" (#1): analysis[0]`.
-    pub(crate) fn check(raw: RawCheck, at: &str) -> Result<Self, PlanError> {
+    pub(crate) fn parse(raw: RawCheck, at: &str) -> Result<Self, PlanError> {
         let key = |k: &str| format!("{at}.{k}");
         baton_common::names::check(&raw.name, None)
             .map_err(|e| PlanError(format!("{}: {e}", key("name"))))?;

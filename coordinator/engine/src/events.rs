@@ -32,6 +32,8 @@ pub enum Kind {
     Host,
     /// An operator acted on the rollout.
     Operator,
+    /// A service's bake began, or a check reached its verdict.
+    Analysis,
     /// A kind a newer `batond` wrote (read back after a downgrade).
     #[serde(other)]
     Other,
@@ -45,6 +47,7 @@ impl Kind {
             Self::Service => "service",
             Self::Host => "host",
             Self::Operator => "operator",
+            Self::Analysis => "analysis",
             Self::Other => "other",
         }
     }
@@ -194,7 +197,10 @@ pub fn changes(
             // through `failed` on its way: the history says so.
             let failed_on_the_way = h.error.is_some()
                 && h.error != was.error
-                && matches!(was.state, HostState::Activating | HostState::Staging)
+                && matches!(
+                    was.state,
+                    HostState::Activating | HostState::Staging | HostState::Healthy
+                )
                 && matches!(h.state, HostState::RollingBack | HostState::RolledBack);
             let steps = if failed_on_the_way {
                 vec![(was.state, HostState::Failed), (HostState::Failed, h.state)]
@@ -214,6 +220,39 @@ pub fn changes(
                 }
                 out.push(e);
             }
+        }
+        if after.bake.is_some() && before.bake != after.bake {
+            let mut e = event(Kind::Analysis, at);
+            e.service = after.name.clone();
+            e.to = "baking".into();
+            e.message = format!(
+                "step {}: {} check(s) for {}",
+                after.bake.map_or(0, |b| b.step + 1),
+                after.analysis.len(),
+                after
+                    .analysis
+                    .iter()
+                    .map(|c| humantime::format_duration(c.duration).to_string())
+                    .max()
+                    .unwrap_or_default()
+            );
+            out.push(e);
+        }
+        // New verdicts (each list keeps its last MAX_VERDICTS).
+        let fresh = after
+            .verdicts
+            .iter()
+            .filter(|v| !before.verdicts.contains(v));
+        for v in fresh {
+            let mut e = event(Kind::Analysis, at);
+            e.service = after.name.clone();
+            e.from = v.name.clone();
+            e.to = v.verdict.as_str().to_owned();
+            e.message = baton_common::text::prefix(
+                &format!("step {}: {}", v.step + 1, v.reason),
+                MESSAGE_CHARS,
+            );
+            out.push(e);
         }
         if before.state != after.state {
             let mut e = event(Kind::Service, at);

@@ -32,10 +32,10 @@ use baton_common::command::{
     Command, CommandKind, CommandUpdate, FailureDetail, FailureKind, HealthGate, Outcome, Phase,
 };
 use baton_common::host::HostId;
-use baton_common::time::later;
+
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::{Check, MAX_VERDICTS, OnInconclusive, Outcome as Judged, Verdict};
+use crate::analysis::{Check, Outcome as Judged, Verdict};
 
 /// Slack added to a health gate's deadline for the command deadline:
 /// hooks, stopping the old process and the swap itself.
@@ -736,71 +736,6 @@ fn on_update(
     }
 }
 
-/// A host activating whose agent has been away longer than the service's
-/// `healthy_deadline` has failed: it counts against `max_failures` (and,
-/// being disconnected, against `min_healthy` all along). Its late answer,
-/// if it ever comes, is ignored; a rollback reaches it when it returns.
-fn gone_hosts_fail(r: &mut Rollout, now: SystemTime) {
-    if r.away.is_empty() {
-        return;
-    }
-    let away: Vec<HostId> = r.away.iter().cloned().collect();
-    for s in &mut r.services {
-        let deadline = gone_deadline(s);
-        for id in &away {
-            let Some(h) = s.hosts.get(id) else { continue };
-            if h.connected {
-                continue;
-            }
-            let since = h.gone_since.unwrap_or(now);
-            let gone = now.duration_since(since).unwrap_or_default();
-            let fails = h.state == HostState::Activating && gone >= deadline;
-            if h.gone_since.is_some() && !fails {
-                continue;
-            }
-            let Some(h) = s.host_mut(id) else { continue };
-            h.gone_since = Some(since);
-            if fails {
-                h.state = HostState::Failed;
-                h.outstanding = None;
-                h.finished_at = Some(now);
-                h.error = Some(format!(
-                    "the host was gone for {}, longer than healthy_deadline",
-                    humantime::format_duration(gone)
-                ));
-                h.failure = Some(FailureKind::Gone);
-                s.failures = s.failures.saturating_add(1);
-            }
-        }
-    }
-}
-
-/// How long a host of `s` may be away while it activates.
-fn gone_deadline(s: &ServiceRun) -> Duration {
-    let deadline = s.gate.healthy_deadline;
-    if s.name == baton_common::names::AGENT_NAME {
-        // An agent upgrading itself leaves on purpose; its watchdog
-        // decides within healthy_deadline and the agent then running
-        // reconnects and reports.
-        deadline.saturating_add(AGENT_RETURN_GRACE)
-    } else {
-        deadline
-    }
-}
-
-/// When a command sent now must have finished.
-fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime {
-    match kind {
-        CommandKind::Stage { .. } => later(now, r.progress_deadline),
-        CommandKind::Noop | CommandKind::Remove { .. } | CommandKind::Cancel { .. } => {
-            later(now, COMMAND_SLACK)
-        }
-        CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
-            later(now, gate.healthy_deadline.saturating_add(COMMAND_SLACK))
-        }
-    }
-}
-
 fn send(
     r: &mut Rollout,
     si: usize,
@@ -1195,7 +1130,7 @@ fn progress_service(
             && verdicts
                 .iter()
                 .all(|v| matches!(v.verdict, Judged::Pass | Judged::Skipped));
-        if s.promote && !(passed && !s.approval) {
+        if s.promote && (!passed || s.approval) {
             s.state = ServiceState::AwaitingPromotion;
         } else if let Some(pause) = s.pause {
             let done = *s.step_done_at.get_or_insert(now);
@@ -1209,147 +1144,6 @@ fn progress_service(
         }
     }
     None
-}
-
-/// A bake ended: its verdicts are kept, a failure takes the failure path
-/// (every host the bake judged fails, counting against `max_failures`),
-/// an inconclusive verdict pauses the rollout (or fails it, as its check
-/// says). A verdict for any other bake than the one in progress (a bake
-/// restarted after a crash, a step already judged) is ignored.
-fn on_verdicts(
-    r: &mut Rollout,
-    si: usize,
-    step: usize,
-    verdicts: &[Verdict],
-    now: SystemTime,
-    actions: &mut Vec<Action>,
-) {
-    if r.state.is_terminal() || r.state == State::RollingBack {
-        return;
-    }
-    let Some(s) = r.services.get_mut(si) else {
-        return;
-    };
-    if s.bake.map(|b| b.step) != Some(step) || verdicts.is_empty() {
-        return;
-    }
-    s.bake = None;
-    s.verdicts.extend(verdicts.iter().cloned());
-    let extra = s.verdicts.len().saturating_sub(MAX_VERDICTS);
-    s.verdicts.drain(..extra);
-    // The bake's time does not count against progress_deadline.
-    r.progress_at = now;
-    let s = &r.services[si];
-    let policy = |v: &Verdict| {
-        s.analysis
-            .iter()
-            .find(|c| c.name == v.name)
-            .map_or(OnInconclusive::Pause, |c| c.on_inconclusive)
-    };
-    let failed = verdicts.iter().find(|v| {
-        v.verdict == Judged::Fail
-            || (v.verdict == Judged::Inconclusive && policy(v) == OnInconclusive::Fail)
-    });
-    if let Some(v) = failed {
-        let why = format!(
-            "analysis {} of {} {} ({}): {}",
-            v.name,
-            s.name,
-            s.version,
-            v.verdict.as_str(),
-            v.reason
-        );
-        fail_judged(r, si, &why, now, actions);
-        return;
-    }
-    if verdicts.iter().any(|v| v.verdict == Judged::Inconclusive)
-        && matches!(r.state, State::Progressing | State::AwaitingPromotion)
-    {
-        // An operator decides: resume goes on, rollback undoes.
-        r.resume_to = Some(r.state);
-        r.state = State::Paused;
-    }
-}
-
-/// Every host of service `si` running the new version failed an
-/// analysis: each counts against `max_failures` (within it, each rolls
-/// back on its own; beyond it, the rollout fails as for any failure).
-fn fail_judged(r: &mut Rollout, si: usize, why: &str, now: SystemTime, actions: &mut Vec<Action>) {
-    let auto_rollback = r.auto_rollback;
-    let judged = r.services[si].hosts_where(|h| h.state == HostState::Healthy && h.touched);
-    if judged.is_empty() {
-        fail(r, why.to_owned(), now, actions);
-        return;
-    }
-    for id in judged {
-        let s = &mut r.services[si];
-        if let Some(h) = s.host_mut(&id) {
-            h.state = HostState::Failed;
-            h.finished_at = Some(now);
-            h.error = Some(baton_common::text::prefix(why, 500));
-            h.failure = Some(FailureKind::Analysis);
-        }
-        s.failures = s.failures.saturating_add(1);
-        if auto_rollback && s.failures <= s.max_failures {
-            rollback_host(r, si, &id, now, actions);
-        }
-    }
-}
-
-fn check_progress(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
-    let stalled = now
-        .duration_since(r.progress_at)
-        .is_ok_and(|d| d >= r.progress_deadline);
-    // Waiting for a promote or in a planned pause is not a stall: the
-    // deadline only runs while some service has work in hand (or staging).
-    let working = r.state == State::Staging
-        || r.services.iter().any(|s| {
-            s.state == ServiceState::Progressing && s.step_done_at.is_none() && s.bake.is_none()
-        });
-    if stalled && working && r.held.is_none() {
-        let what = if r.state == State::Staging {
-            "staging did not finish"
-        } else {
-            "no host turned healthy"
-        };
-        // Which hosts it waited on, and on what: the cause is there.
-        let waiting: Vec<String> = r
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.hosts.iter().filter_map(move |(id, h)| {
-                    let kind = h.outstanding.as_ref()?.kind.name();
-                    let since = h
-                        .started_at
-                        .and_then(|t| now.duration_since(t).ok())
-                        .map(|d| {
-                            format!(
-                                " for {}",
-                                humantime::format_duration(Duration::from_secs(d.as_secs()))
-                            )
-                        })
-                        .unwrap_or_default();
-                    let away = if h.connected { "" } else { ", disconnected" };
-                    Some(format!("{} on {id} ({kind}{since}{away})", s.name))
-                })
-            })
-            .take(10)
-            .collect();
-        let waiting = if waiting.is_empty() {
-            String::new()
-        } else {
-            format!("; still waiting on {}", waiting.join(", "))
-        };
-        fail(
-            r,
-            format!(
-                "{what} within progress_deadline {}{waiting}",
-                humantime::format_duration(r.progress_deadline)
-            ),
-            now,
-            actions,
-        );
-    }
 }
 
 /// The rollout failed: roll back if asked to, else stop where it is.
@@ -1382,11 +1176,15 @@ pub fn faulted(r: &mut Rollout, why: &str, now: SystemTime) {
     ));
 }
 
+mod bake;
+mod deadlines;
 mod operator;
 mod requires;
 mod rollback;
 mod view;
 
+use bake::on_verdicts;
+use deadlines::{check_progress, deadline_for, gone_deadline, gone_hosts_fail};
 use operator::operator;
 pub use requires::satisfies;
 use requires::unmet_requirement;

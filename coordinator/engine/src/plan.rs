@@ -893,7 +893,7 @@ impl ServicePlan {
         }
         let mut analysis: Vec<Check> = Vec::with_capacity(s.analysis.len());
         for (i, raw) in s.analysis.into_iter().enumerate() {
-            let check = Check::check(raw, &at(&format!("analysis[{i}]")))?;
+            let check = Check::parse(raw, &at(&format!("analysis[{i}]")))?;
             if analysis.iter().any(|c| c.name == check.name) {
                 return Err(PlanError(format!(
                     "{}: two checks are named {}",

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::events;
-use super::machine::{self, Action, Event, HostRun, Operator, Rollout, State};
+use super::machine::{self, Action, Event, Operator, Rollout, State};
 use super::plan::Plan;
 use super::record;
 use super::resolve;
@@ -96,6 +96,17 @@ enum Request {
         op: Operator,
         who: String,
         reply: Reply<Rollout>,
+    },
+    Freeze {
+        freeze: Option<crate::freeze::Freeze>,
+        reply: Reply<FreezeView>,
+    },
+    GetFreeze {
+        reply: Reply<FreezeView>,
+    },
+    StopTheLine {
+        who: String,
+        reply: Reply<Vec<String>>,
     },
 }
 
@@ -314,6 +325,8 @@ struct Driver {
     /// decode the whole history inside the actor every time.
     finished: Option<BTreeMap<String, Rollout>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Bakes in progress, and the freeze.
+    analysis: bake::Analysis,
     /// Moves on every change of any rollout.
     changed: watch::Sender<u64>,
 }
@@ -365,17 +378,19 @@ pub async fn spawn(
     artifacts: Artifacts,
     shutdown: CancellationToken,
 ) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
-    spawn_with(store, fleet, artifacts, shutdown, Arc::default()).await
+    spawn_with(store, fleet, artifacts, shutdown, DriverOptions::default()).await
 }
 
-/// [`spawn`], counting host activations in `metrics`.
+/// [`spawn`], with counters, a Prometheus server for analysis and the
+/// config's deployment windows.
 pub async fn spawn_with(
     store: Arc<dyn Store>,
     fleet: FleetHandle,
     artifacts: Artifacts,
     shutdown: CancellationToken,
-    metrics: Arc<crate::metrics::Metrics>,
+    options: DriverOptions,
 ) -> Result<(Rollouts, tokio::task::JoinHandle<()>), StoreError> {
+    let analysis = bake::Analysis::new(store.as_ref(), fleet.clone(), &options).await?;
     // A write a crash interrupted is finished (or dropped) first.
     for scope in batch::recover(store.as_ref()).await? {
         info!(%scope, "finished a write interrupted by a crash");
@@ -403,6 +418,7 @@ pub async fn spawn_with(
             let mut rollout = rollout;
             // Every host counts as away until the fleet says otherwise.
             rollout.set_connections(|_| false);
+            rollout.held.clone_from(&analysis.hold);
             active.insert(rollout.id.clone(), Active::new(rollout, next_event)?);
         }
     }
@@ -419,7 +435,8 @@ pub async fn spawn_with(
         pending,
         progressed: HashSet::new(),
         finished: None,
-        metrics,
+        metrics: options.metrics,
+        analysis,
         changed,
     };
     let handle = Rollouts {
@@ -441,6 +458,11 @@ impl Driver {
             return;
         };
         self.sync_connected(&snapshot).await;
+        // Bakes a restart interrupted start over.
+        let mut baked = std::mem::replace(&mut self.analysis.rx, mpsc::channel(1).1);
+        for id in self.active.keys().cloned().collect::<Vec<_>>() {
+            self.reconcile_bakes(&id);
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -473,6 +495,7 @@ impl Driver {
                     }
                     None => break,
                 },
+                Some(result) = baked.recv() => self.on_baked(result).await,
                 c = changes.recv() => match c {
                     Ok(view) => self.on_host(&view).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -493,6 +516,7 @@ impl Driver {
                         }
                     }
                     self.report_work();
+                    self.check_hold().await;
                     for scope in self.pending.clone() {
                         match batch::finish(self.store.as_ref(), &scope).await {
                             Ok(()) => {
@@ -862,6 +886,7 @@ impl Driver {
         }
         self.deliver_all(id, actions).await;
         self.work.sending += t2.elapsed();
+        self.reconcile_bakes(id);
         Ok(())
     }
 
@@ -924,7 +949,20 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Request::Control { id, op, who, reply } => {
-                let _ = reply.send(self.control(id, op, &who).await);
+                let r = match self.check_approval(&id, op, &who) {
+                    Ok(()) => self.control(id, op, &who).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Freeze { freeze, reply } => {
+                let _ = reply.send(self.set_freeze(freeze).await);
+            }
+            Request::GetFreeze { reply } => {
+                let _ = reply.send(Ok(self.freeze_view()));
+            }
+            Request::StopTheLine { who, reply } => {
+                let _ = reply.send(Ok(self.stop_the_line(&who).await));
             }
         }
     }
@@ -1053,6 +1091,8 @@ impl Driver {
     async fn start(&mut self, mut rollout: Rollout, who: &str) -> Result<Rollout, RolloutError> {
         // Connections may have changed since the plan was resolved.
         rollout.set_connections(|h| self.connected.contains_key(h));
+        who.clone_into(&mut rollout.started_by);
+        rollout.held.clone_from(&self.analysis.hold);
         if let Some(other) = self
             .active
             .values()
@@ -1137,60 +1177,12 @@ impl Driver {
     }
 }
 
-/// The message of a caught panic.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
-}
-
-/// A service two rollouts both change, if any.
-fn shared_service(a: &Rollout, b: &Rollout) -> Option<String> {
-    a.services
-        .iter()
-        .find(|s| b.services.iter().any(|o| o.name == s.name))
-        .map(|s| s.name.clone())
-}
-
-/// Counts the host activations and rollbacks a step ended, and how long
-/// each activation took (`changed`: the hosts it changed, as they were).
-fn count_activations(
-    metrics: &crate::metrics::Metrics,
-    changed: &[BTreeMap<HostId, HostRun>],
-    history: &[events::RolloutEvent],
-    now: SystemTime,
-) {
-    for e in history.iter().filter(|e| e.kind == events::Kind::Host) {
-        if e.to == "failed" {
-            metrics
-                .host_failures
-                .inc(&[e.failure.map_or("unknown", |k| k.as_str())]);
-        }
-        let result = match (e.from.as_str(), e.to.as_str()) {
-            ("activating", "healthy") => "healthy",
-            ("activating" | "rolling_back", "failed") => "failed",
-            ("rolling_back", "rolled_back") => "rolled_back",
-            _ => continue,
-        };
-        metrics.activations.inc(&[result]);
-        if e.from == "activating" {
-            let started = HostId::try_from(e.host.as_str()).ok().and_then(|host| {
-                changed
-                    .iter()
-                    .find_map(|c| c.get(&host))
-                    .and_then(|h| h.started_at)
-            });
-            if let Some(took) = started.and_then(|t| now.duration_since(t).ok()) {
-                metrics.activation.observe(took);
-            }
-        }
-    }
-}
-
+mod bake;
+mod helpers;
 mod persist;
 
+pub use bake::{DriverOptions, FreezeView};
+use helpers::{count_activations, panic_text, shared_service};
 use persist::{convert, load_record, prepare, remove_unfinished_starts};
 
 #[cfg(test)]

@@ -39,6 +39,12 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
                         .map(|n| u32::try_from(*n).unwrap_or(u32::MAX))
                         .collect(),
                     depends_on: s.depends_on.clone(),
+                    analysis: s.verdicts.iter().map(verdict_to_pb).collect(),
+                    baking_since: s.bake.map(|b| to_timestamp(b.since)),
+                    baking_step: s
+                        .bake
+                        .map_or(0, |b| u32::try_from(b.step + 1).unwrap_or(u32::MAX)),
+                    approval: s.approval && !s.approved,
                     hosts: s
                         .hosts
                         .iter()
@@ -64,7 +70,28 @@ pub fn to_pb(r: &Rollout) -> pb::Rollout {
             updated_at: Some(to_timestamp(r.updated_at)),
             error: r.error.clone().unwrap_or_default(),
             plan: r.plan.clone(),
+            held: r.held.clone().unwrap_or_default(),
+            started_by: r.started_by.clone(),
         }
+    }
+}
+
+/// A verdict's wire form.
+pub fn verdict_to_pb(v: &baton_engine::analysis::Verdict) -> pb::Verdict {
+    pb::Verdict {
+        name: v.name.clone(),
+        kind: v.kind.clone(),
+        step: u32::try_from(v.step + 1).unwrap_or(u32::MAX),
+        verdict: v.verdict.as_str().to_owned(),
+        reason: v.reason.clone(),
+        value: v.value.map(|n| n.get()),
+        baseline: v.baseline.map(|n| n.get()),
+        threshold: v.threshold.map(|n| n.get()),
+        statistic: v.statistic.map(|n| n.get()),
+        p_value: v.p_value.map(|n| n.get()),
+        samples: v.samples,
+        baseline_samples: v.baseline_samples,
+        at: Some(to_timestamp(v.at)),
     }
 }
 

@@ -308,3 +308,67 @@ fn staged_marks_stage_exactly_the_hosts_whose_command_they_name() {
         HostState::Staging
     );
 }
+
+#[test]
+fn a_bake_its_verdicts_and_the_checks_survive_a_reload() {
+    let plan = "failure_budget = 3\n[[service]]\nname = \"web\"\nversion = \"2.0.0\"\napproval = true\n[[service.analysis]]\nname = \"errors\"\nkind = \"metrics\"\nurl = \"http://127.0.0.1:8080/metrics\"\nratio = [\"e\", \"r\"]\nmax = 0.01\n";
+    let mut r =
+        crate::machine::tests_support::single("r-1764000000000-abcd", "web", 3, plan.to_owned());
+    let parsed = crate::plan::Plan::parse(plan).unwrap();
+    r.failure_budget = parsed.failure_budget;
+    r.started_by = "operator alice".into();
+    let s = &mut r.services[0];
+    s.analysis.clone_from(&parsed.services[0].analysis);
+    s.approval = true;
+    s.approved = true;
+    s.bake = Some(crate::machine::Bake {
+        step: 1,
+        since: t(5),
+    });
+    s.verdicts = vec![crate::analysis::Verdict::new(
+        &s.analysis[0],
+        0,
+        crate::analysis::Outcome::Pass,
+        "0.001 within 0.01".into(),
+        t(4),
+    )];
+    let loaded = load(&r);
+    let (a, b) = (&loaded.services[0], &r.services[0]);
+    assert_eq!(a.analysis, b.analysis, "the checks come back from the plan");
+    assert_eq!((a.bake, &a.verdicts), (b.bake, &b.verdicts));
+    assert!(a.approval && a.approved);
+    assert_eq!(loaded.failure_budget, Some(3));
+    assert_eq!(loaded.started_by, "operator alice");
+    // A header with verdicts whose plan no longer parses is refused, not
+    // half loaded.
+    let mut broken = r.clone();
+    broken.plan = "this is not a plan".into();
+    let records = all_records(&broken).unwrap();
+    let header = decode_header(&records.last().unwrap().1).unwrap();
+    let clock = decode_clock(&records[0].1).unwrap();
+    let manifests: BTreeMap<String, (Vec<u8>, Vec<u8>)> = records
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.strip_prefix("manifests/")?.to_owned(),
+                decode_manifest(v).unwrap(),
+            ))
+        })
+        .collect();
+    let hosts: Vec<(String, Vec<u8>)> = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("rollout-hosts/"))
+        .cloned()
+        .collect();
+    let e = assemble(
+        header,
+        clock,
+        broken.plan.clone(),
+        &manifests,
+        hosts,
+        vec![],
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("does not parse"), "{e}");
+}
