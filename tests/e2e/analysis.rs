@@ -373,3 +373,89 @@ fn a_freeze_holds_a_rollout_and_stop_the_line_pauses_every_one() {
     assert!(out.status.success());
     assert_eq!(fleet.wait_done(&id, SOON)["state"], "succeeded");
 }
+
+#[test]
+fn batond_killed_during_a_bake_keeps_the_verdicts_reached_and_bakes_again() {
+    let mut fleet = Fleet::start(&HOSTS);
+    install(&fleet, "1.0.0", 0.05);
+    release(&fleet, "2.0.0", 0.05);
+    let _traffic = Traffic::start(&fleet);
+    // Batches of one: a verdict after the first, then a second bake.
+    let id = fleet
+        .start_rollout(&plan("2.0.0", BASELINE).replace("max_parallel = 2", "max_parallel = 1"));
+    fleet.wait_status(&id, "the first verdict and the second bake", |s| {
+        verdicts(s).len() == 1 && s["services"][0]["baking"]["step"] == 2
+    });
+    let addr = fleet.batond.addr.to_string();
+    fleet.batond.proc.kill();
+    fleet.batond = baton_tests::Batond::start_on(&fleet.env, &addr, "batond", &[]);
+    let s = fleet.wait_done(&id, Duration::from_secs(120));
+    assert_eq!(s["state"], "succeeded", "{s:#}");
+    let v = verdicts(&s);
+    let steps: Vec<(u64, &str)> = v
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["verdict"].as_str().unwrap()))
+        .collect();
+    // The first verdict survived; the interrupted bake ran again, once.
+    assert_eq!(
+        steps,
+        vec![(1, "pass"), (2, "pass"), (3, "pass"), (4, "skipped")],
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn an_approval_needs_an_operator_other_than_the_starter() {
+    let fleet = Fleet::start(&HOSTS[..2]);
+    install(&fleet, "1.0.0", 0.0);
+    release(&fleet, "2.0.0", 0.0);
+    let out = baton_tests::bin_command("baton")
+        .arg("--tls-dir")
+        .arg(fleet.env.tls())
+        .args(["certs", "issue-operator", "bob", "--role", "operator"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let id = fleet.start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\napproval = true\nmin_healthy_time = \"200ms\"\n",
+    );
+    let s = fleet.wait_status(&id, "the rollout to await approval", |s| {
+        s["state"] == "awaiting_promotion"
+    });
+    assert_eq!(s["services"][0]["approval"], true);
+    assert!(
+        Fleet::hosts_of(&s).values().all(|h| h["state"] == "staged"),
+        "{s:#}"
+    );
+    // The starter cannot approve their own rollout.
+    let out = fleet.baton(&["rollout", "promote", &id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("other than the one who started it"), "{err}");
+    assert_eq!(fleet.status(&id)["state"], "awaiting_promotion");
+    // Another operator can.
+    let tls = fleet.env.tls();
+    let bob = |f: &str| tls.join(f).to_str().unwrap().to_owned();
+    let out = fleet.baton(&[
+        "--cert",
+        &bob("bob.pem"),
+        "--key",
+        &bob("bob-key.pem"),
+        "rollout",
+        "promote",
+        &id,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fleet.wait_done(&id, SOON)["state"], "succeeded");
+    let events = fleet.events(&id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "operator" && e["who"] == "operator bob"),
+        "{events:#?}"
+    );
+}

@@ -50,7 +50,7 @@ pub const MAX_REASON_CHARS: usize = 300;
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_DURATION: Duration = Duration::from_secs(60);
-const DEFAULT_TOLERANCE: f64 = 0.2;
+const DEFAULT_TOLERANCE: f64 = 0.3;
 const DEFAULT_CONFIDENCE: f64 = 0.99;
 const DEFAULT_ERROR_LIMIT: u32 = 4;
 

@@ -397,7 +397,7 @@ pub const KEYS: &[baton_common::reference::Key] = {
         Key {
             key: "service[].analysis[].tolerance",
             value: "number",
-            default: "`0.2`",
+            default: "`0.3`",
             about: "With `baseline`: how much worse than the baseline still passes (0.5 = 50 % worse). 0 to 100.",
         },
         Key {

@@ -21,6 +21,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+mod judge;
 mod realfleet;
 mod report;
 mod scale;
@@ -102,6 +103,27 @@ enum Scenario {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// The real analysis judge on generated error counters: a canary
+    /// whose error ratio doubles, and as many A/A trials; figures
+    /// `detected_within_3m` (target ≥ 0.9) and `false_abort_rate` (target
+    /// < 0.01).
+    Analysis {
+        #[arg(long, default_value_t = 10)]
+        hosts: usize,
+        #[arg(long, default_value_t = 10)]
+        canary_percent: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rps: f64,
+        #[arg(long, default_value_t = 0.01)]
+        base_error: f64,
+        #[arg(long, default_value_t = 0.02)]
+        bad_error: f64,
+        #[arg(long, default_value_t = 1000)]
+        trials: usize,
+        /// The check's keys (TOML), as in a plan.
+        #[arg(long, default_value = DEFAULT_CHECK)]
+        check: String,
+    },
     /// The rollout overhead on 12 real agents running the demo service.
     RolloutAgents,
     /// 20 upgrades of one host under wrk, with socket handoff and without:
@@ -142,6 +164,10 @@ enum Scenario {
         markdown: Option<std::path::PathBuf>,
     },
 }
+
+/// The check `baton-bench analysis` judges with.
+const DEFAULT_CHECK: &str =
+    "baseline = true\ntolerance = 0.3\ninterval = \"5s\"\nduration = \"3m\"\nmin_samples = 5\n";
 
 /// Whether each figure is within its target.
 fn met(doc: &Value) -> bool {
@@ -194,6 +220,22 @@ fn command_line(s: &Scenario) -> String {
         Scenario::AgentIdle { seconds } => {
             format!("baton-bench agent-idle --seconds {seconds}")
         }
+        Scenario::Analysis {
+            hosts,
+            canary_percent,
+            rps,
+            base_error,
+            bad_error,
+            trials,
+            check,
+        } => format!(
+            "baton-bench analysis --hosts {hosts} --canary-percent {canary_percent} --rps {rps} --base-error {base_error} --bad-error {bad_error} --trials {trials}{}",
+            if check == DEFAULT_CHECK {
+                String::new()
+            } else {
+                format!(" --check {check:?}")
+            }
+        ),
         Scenario::RolloutAgents => "baton-bench rollout-agents".into(),
         Scenario::Handoff => "baton-bench handoff".into(),
         Scenario::Render { .. } => "baton-bench render".into(),
@@ -229,6 +271,23 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
             runs,
         } => transfer::artifact(rt, size_mb, agents, runs),
         Scenario::AgentIdle { seconds } => transfer::agent_idle(rt, Duration::from_secs(seconds)),
+        Scenario::Analysis {
+            hosts,
+            canary_percent,
+            rps,
+            base_error,
+            bad_error,
+            trials,
+            check,
+        } => judge::analysis(&judge::Params {
+            hosts,
+            canary_percent,
+            rps,
+            base_error,
+            bad_error,
+            trials,
+            check,
+        }),
         Scenario::RolloutAgents => realfleet::rollout_agents(),
         Scenario::Handoff => realfleet::handoff(),
         Scenario::All { .. } | Scenario::Render { .. } => {
@@ -322,6 +381,15 @@ fn main() {
         },
         Scenario::AgentIdle {
             seconds: idle_seconds,
+        },
+        Scenario::Analysis {
+            hosts: 10,
+            canary_percent: 10,
+            rps: 100.0,
+            base_error: 0.01,
+            bad_error: 0.02,
+            trials: 1000,
+            check: DEFAULT_CHECK.into(),
         },
     ]);
     if !simulated_only {

@@ -73,6 +73,29 @@ artifact over simulated hosts whose activation takes `activation_delay_ms` plus 
 steps are gated by polling intervals (e.g. Argo Rollouts' analysis `interval`), which this ratio would include.",
     },
     About {
+        scenario: "analysis",
+        title: "Analysis: catching a bad canary, never aborting a good one",
+        what: "The coordinator's judge (`baton_engine::analysis::judge`, the code `batond` runs) on \
+generated counters, bake after bake as the runner calls it: 10 hosts, 1 of them (10 %) on the new \
+version, 100 requests a second each, one sample per host and interval (the ratio of the increases \
+of an error and a request counter), an early look after every interval once `min_samples` are in and \
+the last look after `duration`. Realistic noise: each host has its own error rate (log-normal around \
+the fleet's, σ = 0.15), Poisson request counts and Poisson error counts around the rate times a \
+per-interval fluctuation (log-normal, σ = 0.1). `detected_within_3m`: the share of 1,000 trials whose \
+canary goes from 1 % to 2 % errors that fail within 3 minutes (`detect_p50_s`, `detect_p90_s`: when); \
+`false_abort_rate`: the share of 1,000 A/A trials (1 % on both versions) that fail. The check is \
+`baseline = true`, `tolerance = 0.3`, `interval = \"5s\"`, `duration = \"3m\"`, `min_samples = 5`, \
+`confidence = 0.99`. `bake_10000_hosts_ms` is one whole bake over 10,000 hosts (1,000 new), every \
+look's test included. The seed is fixed, so a run gives the same figures. End to end, \
+`tests/e2e/analysis.rs` rolls a release failing 5 % of its requests out to real agents and sees it \
+failed after its first batch by an early look, before its 5-second bake ends (the whole test, \
+installation included, takes about 4 s here).",
+        when_missed: "",
+        field: "Kayenta's guidance is canary analyses several hours long; Flagger judges request \
+success rate and latency against fixed thresholds every `interval`, without a baseline \
+([flagger#225](https://github.com/fluxcd/flagger/issues/225), open since 2019).",
+    },
+    About {
         scenario: "artifact",
         title: "Artifact staging: download, hash and signature check",
         what: "K agents at once each verify the ed25519 signature of a signed artifact and download its \
