@@ -19,7 +19,7 @@ const HOSTS: [&str; 4] = ["h1", "h2", "h3", "h4"];
 
 /// Packs and pushes `version` of the demo service answering `error_rate`
 /// of its requests with 500 (its health check passes regardless).
-fn release(fleet: &Fleet, version: &str, error_rate: f64) {
+pub(crate) fn release(fleet: &Fleet, version: &str, error_rate: f64) {
     let dir = fleet.env.path(&format!("src-{version}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -46,7 +46,7 @@ timeout = "1s"
 }
 
 /// Installs `version` everywhere at once.
-fn install(fleet: &Fleet, version: &str, error_rate: f64) {
+pub(crate) fn install(fleet: &Fleet, version: &str, error_rate: f64) {
     release(fleet, version, error_rate);
     let id = fleet.start_rollout(&format!(
         "[[service]]\nname = \"demo\"\nversion = \"{version}\"\nhosts = {{ role = \"web\" }}\nstrategy = \"all-at-once\"\nmin_healthy_time = \"200ms\"\n"
@@ -56,13 +56,13 @@ fn install(fleet: &Fleet, version: &str, error_rate: f64) {
 
 /// One client per host sending `GET /` about 60 times a second until
 /// dropped: paced, so the machine is not saturated.
-struct Traffic {
+pub(crate) struct Traffic {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Traffic {
-    fn start(fleet: &Fleet) -> Self {
+    pub(crate) fn start(fleet: &Fleet) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = fleet
             .ports
@@ -91,7 +91,7 @@ impl Drop for Traffic {
     }
 }
 
-fn plan(version: &str, check: &str) -> String {
+pub(crate) fn plan(version: &str, check: &str) -> String {
     format!(
         r#"[[service]]
 name = "demo"
@@ -109,7 +109,7 @@ ratio = ["app_errors_total", "app_requests_total"]
     )
 }
 
-const BASELINE: &str =
+pub(crate) const BASELINE: &str =
     "baseline = true\ntolerance = 0.5\ninterval = \"500ms\"\nduration = \"5s\"\nmin_samples = 4\n";
 
 fn verdicts(status: &Value) -> Vec<Value> {

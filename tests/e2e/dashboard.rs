@@ -211,3 +211,54 @@ fn the_dashboard_follows_a_rollout_live_and_pauses_it_for_a_signed_in_operator()
         "document.querySelector('#fleet tr[data-host=\"h3\"] td[data-service=\"demo\"]').dataset.state === 'unknown' && /last seen \\d+s ago/.test(document.querySelector('#fleet tr[data-host=\"h3\"] [data-last-seen]').textContent)",
     );
 }
+
+#[test]
+fn the_dashboard_shows_each_verdict_with_its_numbers_and_a_chart() {
+    let Some(chromium) = cdp::find() else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_CHROMIUM").is_none(),
+            "BATON_REQUIRE_CHROMIUM is set but no chromium is on the PATH"
+        );
+        eprintln!("SKIPPED: no chromium on the PATH");
+        return;
+    };
+    let fleet = Fleet::start_full(
+        &[
+            ("h1", &["role=web"]),
+            ("h2", &["role=web"]),
+            ("h3", &["role=web"]),
+        ],
+        &[],
+        &["--http-listen", "127.0.0.1:0"],
+    );
+    let web = fleet.batond.dashboard.unwrap();
+    crate::analysis::install(&fleet, "1.0.0", 0.0);
+    crate::analysis::release(&fleet, "2.0.0", 0.05);
+    let traffic = crate::analysis::Traffic::start(&fleet);
+    let id = fleet.start_rollout(
+        &crate::analysis::plan("2.0.0", crate::analysis::BASELINE)
+            .replace("max_parallel = 2", "max_parallel = 1"),
+    );
+    let s = fleet.wait_done(&id, Duration::from_secs(120));
+    drop(traffic);
+    assert_eq!(s["state"], "rolled_back", "{s:#}");
+    let mut page = Browser::launch(&chromium, &fleet.env.path("chromium"));
+    page.navigate(&format!("http://{web}/#/rollouts/{id}"));
+    page.wait_for(
+        "the failed verdict's row",
+        "!!document.querySelector('section[data-service=\"demo\"] tr[data-verdict=\"fail\"][data-check=\"errors\"]')",
+    );
+    let row = page.eval("document.querySelector('tr[data-verdict=\"fail\"]').innerText");
+    assert!(row.as_str().unwrap().contains("Mann-Whitney"), "{row}");
+    // The chart draws both sides: the new version's samples and the
+    // baseline's.
+    page.wait_for(
+        "the check's chart",
+        "document.querySelectorAll('svg[data-chart=\"errors\"] polyline.new, svg[data-chart=\"errors\"] polyline.base').length === 2",
+    );
+    let events = page.eval("document.getElementById('events').innerText");
+    assert!(
+        events.as_str().unwrap().contains("analysis demo"),
+        "{events}"
+    );
+}

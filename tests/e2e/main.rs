@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-mod analysis;
+pub(crate) mod analysis;
 mod bench;
 mod cli;
 mod config;

@@ -332,6 +332,7 @@ fn rollout_head(r: &Rollout) -> Value {
         "created_at": rfc3339(r.created_at),
         "updated_at": rfc3339(r.updated_at),
         "error": r.error.clone().unwrap_or_default(),
+        "held": r.held,
     })
 }
 
@@ -457,6 +458,19 @@ fn rollout_json(r: &Rollout, page: &HostPage) -> Value {
                     "healthy_deadline_ms": s.gate.healthy_deadline.as_millis() as u64,
                     "min_healthy_time_ms": s.gate.min_healthy_time.as_millis() as u64,
                     "counts": counts,
+                    "analysis": s.verdicts.iter().map(|v| json!({
+                        "name": v.name,
+                        "kind": v.kind,
+                        "step": v.step + 1,
+                        "verdict": v.verdict.as_str(),
+                        "reason": v.reason,
+                        "value": v.value.map(|n| n.get()),
+                        "baseline": v.baseline.map(|n| n.get()),
+                        "threshold": v.threshold.map(|n| n.get()),
+                        "p_value": v.p_value.map(|n| n.get()),
+                    })).collect::<Vec<_>>(),
+                    "baking": s.bake.map(|b| json!({"step": b.step + 1, "since": rfc3339(b.since)})),
+                    "approval": s.approval && !s.approved,
                     "hosts_total": s.hosts.len(),
                     "hosts_matching": matching,
                     "hosts_from": from,
@@ -540,6 +554,27 @@ async fn rollout(
         state: q.state,
     };
     let mut body = rollout_json(&r, &hosts);
+    // Each check's latest samples, for its chart (absent when unreadable:
+    // the verdicts themselves are in the rollout).
+    if let Ok(mut samples) = d.rollouts.analysis_samples(&id).await
+        && let Some(services) = body["services"].as_array_mut()
+    {
+        for (i, s) in services.iter_mut().enumerate() {
+            s["charts"] = json!(
+                samples
+                    .remove(&i)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(step, c)| json!({
+                        "check": c.check,
+                        "step": step + 1,
+                        "new": c.new,
+                        "baseline": c.baseline,
+                    }))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
     body["events"] = match serde_json::to_value(events) {
         Ok(events) => events,
         Err(e) => {

@@ -335,6 +335,46 @@ impl Rollouts {
             .await
     }
 
+    /// The samples of each check's latest verdict in rollout `id`, by
+    /// service index (for the dashboard's charts): at most one record per
+    /// check, each at most [`analysis::MAX_KEPT`] values a side.
+    pub async fn analysis_samples(
+        &self,
+        id: &str,
+    ) -> Result<HashMap<usize, Vec<(usize, analysis::Samples)>>, RolloutError> {
+        super::check_id(id)?;
+        let prefix = analysis::samples_prefix(id);
+        let mut latest: HashMap<(usize, String), (usize, analysis::Samples)> = HashMap::new();
+        for (key, value) in self.store.list(&prefix).await? {
+            let mut parts = key[prefix.len()..].splitn(3, '/');
+            let (Some(si), Some(step), Some(check)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(si), Ok(step)) = (si.parse::<usize>(), step.parse::<usize>()) else {
+                continue;
+            };
+            #[derive(serde::Deserialize)]
+            struct Stored {
+                samples: analysis::Samples,
+            }
+            let Ok(stored) = serde_json::from_slice::<Stored>(&value) else {
+                continue;
+            };
+            let slot = latest
+                .entry((si, check.to_owned()))
+                .or_insert((step, stored.samples.clone()));
+            if step >= slot.0 {
+                *slot = (step, stored.samples);
+            }
+        }
+        let mut out: HashMap<usize, Vec<(usize, analysis::Samples)>> = HashMap::new();
+        for ((si, _), v) in latest {
+            out.entry(si).or_default().push(v);
+        }
+        Ok(out)
+    }
+
     /// Pauses every running rollout; their ids.
     pub async fn stop_the_line(&self, who: String) -> Result<Vec<String>, RolloutError> {
         self.ask(|reply| Request::StopTheLine { who, reply }).await

@@ -227,6 +227,49 @@ function hostRow(h) {
     failureCell(h));
 }
 
+// A check's samples as a small chart: the new version's (red) over the
+// baseline's (grey), in the order they were taken. SVG through the DOM
+// (no inline styles: the Content-Security-Policy forbids them).
+function chart(c) {
+  const NS = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(NS, 'svg');
+  const [w, h] = [240, 60];
+  svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
+  svg.setAttribute('class', 'chart');
+  svg.setAttribute('data-chart', c.check);
+  const all = c.new.concat(c.baseline);
+  const top = Math.max(...all, 1e-12);
+  const line = (values, cls) => {
+    if (!values.length) return;
+    const p = document.createElementNS(NS, 'polyline');
+    const step = values.length > 1 ? w / (values.length - 1) : 0;
+    p.setAttribute('points', values.map((v, i) => `${(i * step).toFixed(1)},${(h - 2 - (v / top) * (h - 4)).toFixed(1)}`).join(' '));
+    p.setAttribute('class', cls);
+    svg.append(p);
+  };
+  line(c.baseline, 'base');
+  line(c.new, 'new');
+  return svg;
+}
+
+function analysisBlock(s, charts) {
+  if (!s.analysis.length && !s.baking && !s.approval) return null;
+  const byCheck = Object.fromEntries((charts || []).map((c) => [c.check, c]));
+  return el('div', { class: 'analysis', 'data-analysis': '' },
+    s.approval ? el('p', { class: 'muted' }, 'needs approval: promote by an operator other than the one who started it') : null,
+    s.baking ? el('p', { 'data-baking': '' }, `analysing step ${s.baking.step} since ${when(s.baking.since)}`) : null,
+    s.analysis.length ? el('table', { class: 'verdicts' },
+      el('thead', {}, el('tr', {}, ['Check', 'Step', 'Verdict', 'New', 'Baseline', 'Why', 'Samples'].map((t) => el('th', {}, t)))),
+      el('tbody', {}, s.analysis.map((v) => el('tr', { 'data-verdict': v.verdict, 'data-check': v.name },
+        el('td', {}, v.name, el('div', { class: 'muted' }, v.kind)),
+        el('td', {}, v.step),
+        el('td', {}, badge(v.verdict)),
+        el('td', {}, v.value ?? ''),
+        el('td', {}, v.baseline ?? ''),
+        el('td', { class: 'reason' }, v.reason),
+        el('td', {}, byCheck[v.name] && byCheck[v.name].step === v.step ? chart(byCheck[v.name]) : ''))))) : null);
+}
+
 function serviceSection(s) {
   const inFlight = s.hosts.filter((h) => ACTIVE.includes(h.state));
   const chips = el('div', { class: 'counts', 'data-counts': '' },
@@ -248,6 +291,7 @@ function serviceSection(s) {
     }, `step ${i + 1}: ${n} hosts`)),
     el('span', { class: 'muted' }, ` · at most ${s.max_parallel} at once, ${s.min_healthy} kept healthy, healthy for ${span(s.min_healthy_time_ms)} within ${span(s.healthy_deadline_ms)}`),
     inFlight.length ? el('span', { class: 'muted', 'data-batch': '' }, ' · in flight: ' + inFlight.map((h) => h.host_id).join(', ')) : null),
+    analysisBlock(s, s.charts),
     chips,
     el('table', { class: 'hosts' },
       el('thead', {}, el('tr', {}, ['Host', 'State', 'Version', 'Progress', 'Started', 'Took', 'Error'].map((t) => el('th', {}, t)))),
@@ -296,6 +340,7 @@ function rolloutPage(id) {
     el('h1', {}, 'Rollout ', el('span', { class: 'ver' }, r.id), ' ', el('span', { id: 'rollout-state', 'data-state': r.state }, badge(r.state))),
     el('p', { class: 'muted', id: 'rollout-times' }, `started ${when(r.created_at)} · ${TERMINAL.includes(r.state) ? 'took' : 'running for'} ${dur(r.created_at, TERMINAL.includes(r.state) ? r.updated_at : null)}`),
     r.error ? el('p', { class: 'error-text', id: 'rollout-error' }, r.error) : null,
+    r.held ? el('p', { class: 'held', id: 'rollout-held' }, 'held: ' + r.held) : null,
     actionButtons(r),
     el('h2', {}, 'Services'),
     graph,
