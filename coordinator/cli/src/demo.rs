@@ -5,7 +5,10 @@
 //! service (this binary's hidden `demo-service` command), installs 1.0.0,
 //! rolls 2.0.0 out one host at a time, then tries a broken 3.0.0 that
 //! fails its health check on the first host and is rolled back
-//! automatically. Everything is stopped and removed on exit or Ctrl-C.
+//! automatically, then a 4.0.0 whose health check passes but which fails
+//! one request in ten: analysis against the hosts still on 2.0.0 catches
+//! it after its first host and rolls it back. Everything is stopped and
+//! removed on exit or Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -58,11 +61,18 @@ fn release(
     key: &artifact::SigningKey,
     version: &str,
     broken: bool,
+    error_rate: f64,
 ) -> Result<PathBuf, CliError> {
     let exe = std::env::current_exe()?;
     let src = dir.join(format!("src-{version}"));
     std::fs::create_dir_all(&src)?;
-    let broken_arg = if broken { ", \"--broken\"" } else { "" };
+    let broken_arg = if broken {
+        ", \"--broken\"".to_owned()
+    } else if error_rate > 0.0 {
+        format!(", \"--error-rate\", \"{error_rate}\"")
+    } else {
+        String::new()
+    };
     std::fs::write(
         src.join("service.toml"),
         format!(
@@ -154,6 +164,19 @@ struct Story<'a> {
 }
 
 impl Story<'_> {
+    /// The last analysis verdict of the newest rollout, as a line.
+    async fn last_verdict(&mut self) -> Option<String> {
+        let list = self
+            .control
+            .list_rollouts(baton_proto::control::v1::ListRolloutsRequest::default())
+            .await
+            .ok()?
+            .into_inner();
+        let r = list.rollouts.first()?;
+        let v = r.services.first()?.analysis.last()?;
+        Some(format!("{} {}: {}", v.name, v.verdict.to_uppercase(), v.reason))
+    }
+
     /// Starts a plan and follows it live; returns the final state.
     async fn rollout(&mut self, title: &str, plan: &str) -> Result<String, CliError> {
         println!("\n== {title}\n");
@@ -311,13 +334,20 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             ))
         })??;
 
-        println!("\n== Signing and pushing three releases of the demo service\n");
-        for (version, broken) in [("1.0.0", false), ("2.0.0", false), ("3.0.0", true)] {
-            let file = release(dir.path(), &key, version, broken)?;
+        println!("\n== Signing and pushing four releases of the demo service\n");
+        for (version, broken, error_rate) in [
+            ("1.0.0", false, 0.0),
+            ("2.0.0", false, 0.0),
+            ("3.0.0", true, 0.0),
+            ("4.0.0", false, 0.1),
+        ] {
+            let file = release(dir.path(), &key, version, broken, error_rate)?;
             let (signed, payload) = artifact::open_artifact(&file)?;
             let stored = super::artifact::push_with(&mut control, signed, payload).await?;
             let note = if broken {
                 "  (broken: its /healthz answers 503)"
+            } else if error_rate > 0.0 {
+                "  (bad: /healthz passes, but one request in ten fails)"
             } else {
                 ""
             };
@@ -363,6 +393,27 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             )
             .await?;
 
+        // 4.0.0 passes its health check: only its own metrics show that
+        // it fails requests. Analysis compares the host that runs it with
+        // the two still on 2.0.0, under the same request loop.
+        let load_stop = CancellationToken::new();
+        let load = tokio::spawn(request_loop(
+            ports.values().copied().collect(),
+            load_stop.clone(),
+        ));
+        let analysed = story
+            .rollout(
+                "Trying demo 4.0.0, healthy by its probe but failing requests, with analysis",
+                "[[service]]\nname = \"demo\"\nversion = \"4.0.0\"\nmax_parallel = 1\nmin_healthy_time = \"1s\"\n\n[[service.analysis]]\nname = \"errors\"\nkind = \"metrics\"\nurl = \"http://127.0.0.1:${port}/metrics\"\nratio = [\"app_errors_total\", \"app_requests_total\"]\nbaseline = true\ninterval = \"500ms\"\nduration = \"10s\"\nmin_samples = 4\n",
+            )
+            .await;
+        load_stop.cancel();
+        let _ = load.await;
+        let analysed = analysed?;
+        if let Some(v) = story.last_verdict().await {
+            println!("\n   the verdict: {v}");
+        }
+
         println!("\n== Summary\n");
         for line in &story.summary {
             println!("   {line}");
@@ -370,10 +421,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         let ok = install == "succeeded"
             && upgrade == "succeeded"
             && broken == "rolled_back"
+            && analysed == "rolled_back"
             && failed == 0;
         if ok {
             println!(
                 "\n   3.0.0 never got past its first host: it failed the health gate and every host it touched is back on 2.0.0."
+            );
+            println!(
+                "   4.0.0 passed its health gate, but analysis saw its error ratio against the hosts still on 2.0.0 and rolled it back after its first host."
             );
         }
         let views = hosts::fetch(&mut control).await?;
