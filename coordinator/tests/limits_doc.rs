@@ -10,6 +10,7 @@ use baton_agent::service as svc;
 use baton_common::{command, host};
 use baton_coordinator::rollout::{driver, plan, resolve};
 use baton_coordinator::{audit, config, control_api, fleet, limits, listener, web};
+use baton_engine::analysis;
 
 fn count(n: usize) -> String {
     // 1,000,000 as written in prose.
@@ -66,6 +67,80 @@ fn table() -> String {
         ),
         ("`pause`", time(plan::MAX_PAUSE)),
         ("`max_failures`", count(plan::MAX_FAILURES as usize)),
+        ("`failure_budget`", count(plan::MAX_FAILURES as usize)),
+        ("analysis checks of a service", count(analysis::MAX_CHECKS)),
+        (
+            "an analysis `interval`",
+            format!(
+                "{} (at least {})",
+                time(analysis::MAX_INTERVAL),
+                time(analysis::MIN_INTERVAL)
+            ),
+        ),
+        ("an analysis `duration`", time(analysis::MAX_DURATION)),
+        (
+            "samples per host in one bake (`duration / interval`, `count`)",
+            count(analysis::MAX_SAMPLES as usize),
+        ),
+        (
+            "an analysis `url`",
+            format!("{} characters", analysis::MAX_URL_CHARS),
+        ),
+        (
+            "an analysis `query`",
+            format!("{} characters", analysis::MAX_QUERY_CHARS),
+        ),
+        (
+            "a metric name in an analysis",
+            format!("{} characters", analysis::MAX_METRIC_CHARS),
+        ),
+        (
+            "a `success` or `failure` condition",
+            format!(
+                "{} characters",
+                baton_engine::analysis::Condition::MAX_CHARS
+            ),
+        ),
+        (
+            "verdicts kept in a rollout's record per service",
+            count(analysis::MAX_VERDICTS),
+        ),
+        (
+            "samples judged per group in one bake (the latest)",
+            count(baton_coordinator::analysis::MAX_JUDGED),
+        ),
+        (
+            "samples kept per group with a verdict",
+            count(baton_coordinator::analysis::MAX_KEPT),
+        ),
+        (
+            "a metrics endpoint's answer read by an agent",
+            bytes(baton_agent::sample::MAX_BODY),
+        ),
+        (
+            "metric families in one sample request",
+            count(baton_agent::sample::MAX_FAMILIES),
+        ),
+        (
+            "series in one sample answer",
+            count(baton_agent::sample::MAX_SERIES),
+        ),
+        (
+            "sample requests answered at once by an agent",
+            count(baton_agent::sample::MAX_IN_FLIGHT),
+        ),
+        (
+            "a freeze's reason",
+            format!("{} characters", baton_coordinator::freeze::MAX_REASON_CHARS),
+        ),
+        (
+            "how far ahead a freeze may end",
+            time(baton_coordinator::freeze::MAX_AHEAD),
+        ),
+        (
+            "deployment windows and freeze periods in batond's config",
+            count(baton_coordinator::freeze::MAX_ENTRIES),
+        ),
         (
             "(service, host) pairs in a rollout",
             count(resolve::MAX_HOST_RUNS),

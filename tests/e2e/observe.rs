@@ -523,3 +523,48 @@ fn a_real_prometheus_scrapes_batond_and_an_agent() {
     });
     assert_eq!(connected[0]["value"][1], "1", "{connected}");
 }
+
+#[test]
+fn the_example_alert_rules_pass_promtool_and_name_only_metrics_baton_exports() {
+    let Some(promtool) = baton_tests::prometheus::on_path("promtool") else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_PROMETHEUS").is_none(),
+            "BATON_REQUIRE_PROMETHEUS is set but no promtool is on the PATH"
+        );
+        eprintln!("SKIPPED: no promtool on the PATH");
+        return;
+    };
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/guides/observability/alerts.yml");
+    let out = std::process::Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every baton_ metric a rule names is one the daemons export.
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let exported = [
+        baton_coordinator::metrics::Metrics::default().render(Some(Default::default())),
+        std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../docs/guides/observability.md"),
+        )
+        .unwrap(),
+    ]
+    .join("\n");
+    for name in text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("baton_"))
+    {
+        assert!(
+            exported.contains(name),
+            "alerts.yml names {name}, which nothing exports"
+        );
+    }
+}

@@ -174,7 +174,12 @@ impl Story<'_> {
             .into_inner();
         let r = list.rollouts.first()?;
         let v = r.services.first()?.analysis.last()?;
-        Some(format!("{} {}: {}", v.name, v.verdict.to_uppercase(), v.reason))
+        Some(format!(
+            "{} {}: {}",
+            v.name,
+            v.verdict.to_uppercase(),
+            v.reason
+        ))
     }
 
     /// Starts a plan and follows it live; returns the final state.
