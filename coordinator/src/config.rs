@@ -524,6 +524,45 @@ mod tests {
     }
 
     #[test]
+    fn analysis_and_calendar_settings_are_checked_and_the_file_may_hold_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("batond.toml");
+        std::fs::write(
+            &file,
+            "data-dir = \"/d\"\ntls-dir = \"/t\"\nprometheus-url = \"http://127.0.0.1:9090\"\ndeploy-window = [\"mon-fri 09:00-17:00\"]\nfreeze-period = [\"2026-12-24T00:00:00Z/2026-12-27T00:00:00Z\"]\n",
+        )
+        .unwrap();
+        let c = Config::resolve(args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.prometheus_url.as_deref(), Some("http://127.0.0.1:9090"));
+        assert_eq!((c.calendar.windows.len(), c.calendar.freezes.len()), (1, 1));
+        let errs = Config::resolve(args(&[
+            "--data-dir",
+            "/d",
+            "--tls-dir",
+            "/t",
+            "--prometheus-url",
+            "file:///etc/passwd",
+            "--deploy-window",
+            "someday 25:00-26:00",
+            "--freeze-period",
+            "soon/later",
+        ]))
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].contains("prometheus-url"), "{errs:?}");
+        assert!(errs[1].contains("deploy-window"), "{errs:?}");
+        assert!(errs[2].contains("freeze"), "{errs:?}");
+        let many: Vec<String> = (0..65).map(|_| "daily 00:00-01:00".to_owned()).collect();
+        let mut list = vec!["--data-dir", "/d", "--tls-dir", "/t"];
+        for w in &many {
+            list.extend(["--deploy-window", w.as_str()]);
+        }
+        let errs = Config::resolve(args(&list)).unwrap_err().0;
+        assert!(errs[0].contains("limit of 64"), "{errs:?}");
+    }
+
+    #[test]
     fn ha_flags_are_checked() {
         let base = ["--data-dir", "/d", "--tls-dir", "/t"];
         let with = |extra: &[&str]| {

@@ -26,6 +26,14 @@ const FIGURES: &[(&str, &[&str])] = &[
         ],
     ),
     ("agent-idle", &["rss_mb", "cpu_percent"]),
+    (
+        "analysis",
+        &[
+            "detected_within_3m",
+            "false_abort_rate",
+            "bake_10000_hosts_ms",
+        ],
+    ),
 ];
 
 #[test]

@@ -43,12 +43,38 @@ fn the_demo_registers_three_agents_and_cleans_up() {
         .rsplit("== Trying the broken demo 3.0.0")
         .next()
         .unwrap();
+    let (broken, analysed) = after
+        .split_once("== Trying demo 4.0.0")
+        .expect("the fourth act");
     assert_eq!(
-        after.matches("-> activating").count(),
+        broken.matches("-> activating").count(),
         1,
-        "3.0.0 reached more than one host:\n{after}"
+        "3.0.0 reached more than one host:\n{broken}"
     );
-    assert_eq!(after.matches(": demo-service 2.0.0").count(), 3, "{after}");
+    assert_eq!(
+        broken.matches(": demo-service 2.0.0").count(),
+        3,
+        "{broken}"
+    );
+    // 4.0.0 passes its health gate on its first host, and analysis rolls
+    // it back before a second host starts.
+    assert!(
+        stdout.contains("healthy by its probe but failing requests, with analysis: rolled_back"),
+        "{stdout}"
+    );
+    assert_eq!(
+        analysed.matches("-> activating").count(),
+        1,
+        "4.0.0 reached more than one host:\n{analysed}"
+    );
+    assert!(analysed.contains("activating -> healthy"), "{analysed}");
+    assert!(analysed.contains("errors -> fail"), "{analysed}");
+    assert!(analysed.contains("the verdict: errors FAIL"), "{analysed}");
+    assert_eq!(
+        analysed.matches(": demo-service 2.0.0").count(),
+        3,
+        "{analysed}"
+    );
     assert!(stdout.contains("demo@2.0.0 (running, healthy)"), "{stdout}");
     let dir = stdout.lines().next().unwrap().rsplit(' ').next().unwrap();
     assert!(
