@@ -33,6 +33,10 @@ pub const CONCURRENCY: usize = 256;
 pub const MAX_JUDGED: usize = 100_000;
 /// The most samples per group a verdict's record keeps.
 pub const MAX_KEPT: usize = 512;
+/// The most hosts of each group (new, baseline) sampled in one bake: a
+/// random choice among more, so a bake over 10,000 hosts asks 2,000 agents
+/// an interval, not 10,000.
+pub const MAX_SAMPLED_HOSTS: usize = 1000;
 /// The longest a sample may take.
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a Prometheus query may take.
@@ -119,7 +123,13 @@ impl Analyzer {
 
     /// Runs every check of `bake` at once; ends early when `cancel` fires
     /// (the verdicts then say so, and the driver drops them).
-    pub async fn run(&self, bake: Bake, cancel: CancellationToken) -> Result {
+    pub async fn run(&self, mut bake: Bake, cancel: CancellationToken) -> Result {
+        for group in [&mut bake.new_hosts, &mut bake.baseline_hosts] {
+            if group.len() > MAX_SAMPLED_HOSTS {
+                fastrand::shuffle(group);
+                group.truncate(MAX_SAMPLED_HOSTS);
+            }
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for (i, check) in bake.checks.iter().cloned().enumerate() {
             let this = self.clone();
@@ -670,6 +680,11 @@ impl Group {
         };
         if sample.is_finite() {
             self.values.push(sample);
+            // Only the latest MAX_JUDGED are judged: older ones go, in
+            // batches, so memory stays bounded however long the bake.
+            if self.values.len() >= 2 * MAX_JUDGED {
+                self.values.drain(..self.values.len() - MAX_JUDGED);
+            }
         }
     }
 

@@ -110,6 +110,10 @@ fn table() -> String {
             count(baton_coordinator::analysis::MAX_JUDGED),
         ),
         (
+            "hosts sampled per group (new, baseline) in one bake",
+            count(baton_coordinator::analysis::MAX_SAMPLED_HOSTS),
+        ),
+        (
             "samples kept per group with a verdict",
             count(baton_coordinator::analysis::MAX_KEPT),
         ),

@@ -147,10 +147,10 @@ impl Rollout {
                 false
             }
             State::Staging | State::RollingBack => true,
-            State::Progressing | State::AwaitingPromotion => self
-                .services
-                .iter()
-                .any(|s| s.state == ServiceState::Progressing && s.step_done_at.is_none()),
+            // A bake is no stall (its verdicts come as an event).
+            State::Progressing | State::AwaitingPromotion => self.services.iter().any(|s| {
+                s.state == ServiceState::Progressing && s.step_done_at.is_none() && s.bake.is_none()
+            }),
             State::Paused
             | State::Succeeded
             | State::Failed

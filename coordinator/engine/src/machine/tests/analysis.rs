@@ -65,6 +65,11 @@ fn each_step_bakes_and_a_pass_goes_on_to_the_next() {
         "healthy: the bake begins"
     );
     assert!(activating(&r).is_empty(), "no host starts during a bake");
+    assert_eq!(
+        r.next_deadline(),
+        None,
+        "a bake needs no tick: its verdicts come as an event"
+    );
     // A bake longer than progress_deadline is no stall.
     feed(&mut r, Event::Tick, t(5000));
     assert_eq!(r.state, State::Progressing);
