@@ -62,12 +62,22 @@ impl Sampler {
             });
             return;
         }
-        let in_flight = self.in_flight.clone();
+        let slot = Slot(self.in_flight.clone());
         tokio::spawn(async move {
+            // Given back however the task ends (a panic included).
+            let _slot = slot;
             let reply = answer(req, source.as_ref()).await;
-            in_flight.fetch_sub(1, Ordering::SeqCst);
             let _ = out.send(reply).await;
         });
+    }
+}
+
+/// One request's place among [`MAX_IN_FLIGHT`], given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -92,6 +102,17 @@ pub async fn answer(req: SampleRequest, source: &dyn Source) -> SampleReply {
         }
     }
     if req.url.is_empty() {
+        return reply;
+    }
+    let metric_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 200
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    if let Some(bad) = req.families.iter().find(|f| !metric_name(f)) {
+        reply.error = error(format!("{} is not a metric name", quote(bad)));
         return reply;
     }
     if req.families.len() > MAX_FAMILIES {
@@ -120,10 +141,11 @@ pub fn loopback_url(
 ) -> Result<reqwest::Url, String> {
     let text =
         crate::service::substitute("analysis url", template, vars).map_err(|e| e.to_string())?;
+    // Errors name the template, not the URL with this host's variables.
     let url =
-        reqwest::Url::parse(&text).map_err(|e| format!("{} is not a URL: {e}", quote(&text)))?;
+        reqwest::Url::parse(&text).map_err(|e| format!("{} is not a URL: {e}", quote(template)))?;
     if url.scheme() != "http" {
-        return Err(format!("{} is not http://", quote(&text)));
+        return Err(format!("{} is not http://", quote(template)));
     }
     let host = url
         .host_str()
@@ -137,10 +159,26 @@ pub fn loopback_url(
     if !loopback {
         return Err(format!(
             "{} is not on this host: an agent scrapes loopback addresses only (127.0.0.0/8, ::1, localhost)",
-            quote(&text)
+            quote(template)
         ));
     }
     Ok(url)
+}
+
+/// One HTTP client for every scrape of this agent (no pooled
+/// connections kept between them).
+fn client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    Ok(CLIENT.get_or_init(|| c))
 }
 
 async fn scrape(
@@ -149,29 +187,29 @@ async fn scrape(
     timeout: Duration,
 ) -> Result<String, String> {
     let url = loopback_url(template, vars)?;
-    let client = reqwest::Client::builder()
+    let at = quote(template);
+    let mut response = client()?
+        .get(url)
         .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
-    let mut response = client
-        .get(url.clone())
         .header("Accept", "text/plain;version=0.0.4")
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{at}: {}", e.without_url()))?;
     if !response.status().is_success() {
-        return Err(format!("{url} answered {}", response.status()));
+        return Err(format!("{at} answered {}", response.status()));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("{at}: {}", e.without_url()))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err(format!("{url} sent more than {} MiB", MAX_BODY >> 20));
+            return Err(format!("{at} sent more than {} MiB", MAX_BODY >> 20));
         }
         body.extend_from_slice(&chunk);
     }
-    String::from_utf8(body).map_err(|_| format!("{url} sent text that is not UTF-8"))
+    String::from_utf8(body).map_err(|_| format!("{at} sent text that is not UTF-8"))
 }
 
 /// The `wanted` families' samples in Prometheus (or OpenMetrics) text,
@@ -179,7 +217,7 @@ async fn scrape(
 /// error: a missing counter is no data, not zero.
 pub fn families(text: &str, wanted: &[String]) -> Result<Vec<MetricSample>, String> {
     let mut sums: BTreeMap<(usize, String), f64> = BTreeMap::new();
-    for line in text.lines() {
+    for (number, line) in text.lines().enumerate() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -193,8 +231,11 @@ pub fn families(text: &str, wanted: &[String]) -> Result<Vec<MetricSample>, Stri
         };
         let (le, rest) = match line[name_end..].strip_prefix('{') {
             Some(labels) => {
-                let (le, end) = labels_le(labels)
-                    .ok_or_else(|| format!("a malformed line: {}", quote(line)))?;
+                // Errors say where, never what: the text may be anything
+                // a loopback port answered.
+                let (le, end) = labels_le(labels).ok_or_else(|| {
+                    format!("line {} of the answer has malformed labels", number + 1)
+                })?;
                 (le, &labels[end..])
             }
             None => (String::new(), &line[name_end..]),
@@ -203,7 +244,7 @@ pub fn families(text: &str, wanted: &[String]) -> Result<Vec<MetricSample>, Stri
             .split_whitespace()
             .next()
             .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| format!("a line without a number: {}", quote(line)))?;
+            .ok_or_else(|| format!("line {} of the answer has no number", number + 1))?;
         if !value.is_finite() {
             continue;
         }
@@ -233,44 +274,38 @@ pub fn families(text: &str, wanted: &[String]) -> Result<Vec<MetricSample>, Stri
 }
 
 /// The `le` label's value in `labels` (the text after `{`), and where the
-/// label set ends (after its `}`).
+/// label set ends (the byte after its `}`); `None` when it is malformed.
 fn labels_le(labels: &str) -> Option<(String, usize)> {
-    let bytes = labels.as_bytes();
-    let mut i = 0;
+    let mut chars = labels.char_indices().peekable();
     let mut le = String::new();
     loop {
-        while i < bytes.len() && (bytes[i] == b',' || bytes[i] == b' ') {
-            i += 1;
+        // Separators, then `}` or a name.
+        while chars.next_if(|(_, c)| *c == ',' || *c == ' ').is_some() {}
+        let (start, c) = chars.next()?;
+        if c == '}' {
+            return Some((le, start + 1));
         }
-        if *bytes.get(i)? == b'}' {
-            return Some((le, i + 1));
+        let mut key_end = start + c.len_utf8();
+        loop {
+            let (i, c) = chars.next()?;
+            if c == '=' {
+                break;
+            }
+            key_end = i + c.len_utf8();
         }
-        let eq = i + labels[i..].find('=')?;
-        let key = labels[i..eq].trim();
-        i = eq + 1;
-        if *bytes.get(i)? != b'"' {
+        let key = labels[start..key_end].trim();
+        if chars.next()?.1 != '"' {
             return None;
         }
-        i += 1;
         let mut value = String::new();
         loop {
-            match *bytes.get(i)? {
-                b'\\' => {
-                    match *bytes.get(i + 1)? {
-                        b'n' => value.push('\n'),
-                        other => value.push(other as char),
-                    }
-                    i += 2;
-                }
-                b'"' => {
-                    i += 1;
-                    break;
-                }
-                _ => {
-                    let c = labels[i..].chars().next()?;
-                    value.push(c);
-                    i += c.len_utf8();
-                }
+            match chars.next()?.1 {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break,
+                c => value.push(c),
             }
         }
         if key == "le" {
@@ -337,6 +372,42 @@ app_other 1e9
         assert!(families("x{le=1} 3\n", &names(&["x"])).is_err());
         let many: String = (0..600).map(|i| format!("x{{le=\"{i}\"}} 1\n")).collect();
         assert!(families(&many, &names(&["x"])).unwrap_err().contains("512"));
+    }
+
+    #[test]
+    fn hostile_text_is_an_error_never_a_panic_nor_an_echo() {
+        for text in [
+            "x{a=\"\\é\"} 1\n",
+            "x{a=\"é\\\"} 1\n",
+            "x{é=\"1\"} 1\n",
+            "x{le=\"0.5\\",
+            "x{",
+            "x{=\"\"} 1",
+            "x{le=\"1\"}} 2",
+            "x{le=\"1\"\"} 2",
+            "x\u{0}{le=\"1\"} 2",
+        ] {
+            let _ = families(text, &names(&["x"]));
+        }
+        // A multi-byte character after a backslash is read whole.
+        let s = families("x{a=\"\\é\",le=\"2\"} 1\n", &names(&["x"])).unwrap();
+        assert_eq!((s[0].le.as_str(), s[0].value), ("2", 1.0));
+        // What a loopback port answered is not quoted back.
+        let e = families("password: hunter2\n", &names(&["password:"])).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_panicking_sample_gives_its_slot_back() {
+        let sampler = Sampler::default();
+        sampler.in_flight.fetch_add(1, Ordering::SeqCst);
+        let held = Slot(sampler.in_flight.clone());
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _slot = held;
+            panic!("a sample failed");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(sampler.in_flight.load(Ordering::SeqCst), 0);
     }
 
     #[test]

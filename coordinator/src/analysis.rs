@@ -39,6 +39,10 @@ pub const MAX_KEPT: usize = 512;
 pub const MAX_SAMPLED_HOSTS: usize = 1000;
 /// The longest a sample may take.
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most hosts a `${host}` query runs for in one bake.
+pub const MAX_QUERIED_HOSTS: usize = 100;
+/// Prometheus queries in flight at once per check.
+const QUERIES_AT_ONCE: usize = 16;
 /// The longest a Prometheus query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest Prometheus answer read.
@@ -84,6 +88,23 @@ pub fn samples_key(rollout: &str, service: usize, step: usize, check: &str) -> S
 /// The prefix of a rollout's sample records.
 pub fn samples_prefix(rollout: &str) -> String {
     format!("rollout-analysis/{rollout}/")
+}
+
+/// One host's answer to a sample request.
+enum Answer {
+    Reply(baton_proto::agent::v1::SampleReply),
+    /// Not connected now.
+    Away,
+    Failed(String),
+}
+
+/// Text from an agent, without control characters (it reaches terminals
+/// through `status`).
+fn clean(text: &str) -> String {
+    baton_common::text::prefix(text, 300)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// A bake's result.
@@ -205,7 +226,7 @@ impl Analyzer {
         &self,
         hosts: &[HostId],
         make: impl Fn() -> SampleRequest,
-    ) -> HashMap<HostId, std::result::Result<baton_proto::agent::v1::SampleReply, String>> {
+    ) -> HashMap<HostId, Answer> {
         let limit = Arc::new(Semaphore::new(CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
@@ -216,13 +237,18 @@ impl Analyzer {
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let answer = match fleet.agent_sender(&host).await {
-                    Ok(agent) => {
-                        fleet
-                            .samples()
-                            .ask(&host, &agent, req, SAMPLE_TIMEOUT)
-                            .await
-                    }
-                    Err(e) => Err(e.to_string()),
+                    Ok(agent) => match fleet
+                        .samples()
+                        .ask(&host, &agent, req, SAMPLE_TIMEOUT)
+                        .await
+                    {
+                        Ok(reply) => Answer::Reply(reply),
+                        Err(e) => Answer::Failed(clean(&e)),
+                    },
+                    // Away (after a restart, before it reconnects): no
+                    // sample, and no error either.
+                    Err(crate::fleet::SendError::NotConnected(_)) => Answer::Away,
+                    Err(e) => Answer::Failed(e.to_string()),
                 };
                 (host, answer)
             });
@@ -267,7 +293,8 @@ impl Analyzer {
             .cloned()
             .collect();
         let start = Instant::now();
-        let mut prev: HashMap<HostId, Vec<MetricSample>> = HashMap::new();
+        let new_hosts: std::collections::HashSet<&HostId> = bake.new_hosts.iter().collect();
+        let mut prev: HashMap<HostId, (Instant, Vec<MetricSample>)> = HashMap::new();
         let mut groups = [Group::default(), Group::default()];
         let mut series = Series {
             new_hosts: bake.new_hosts.len(),
@@ -277,16 +304,29 @@ impl Analyzer {
         let mut n = 0u32;
         loop {
             let answers = self.ask_all(&all, make).await;
+            let now = Instant::now();
             for (host, answer) in answers {
-                let g = usize::from(!bake.new_hosts.contains(&host));
+                let is_new = new_hosts.contains(&host);
+                let g = usize::from(!is_new);
                 match answer {
-                    Ok(reply) => {
-                        if let Some(before) = prev.insert(host.clone(), reply.samples.clone()) {
-                            groups[g].add(quantity, &before, &reply.samples, check.interval);
+                    Answer::Reply(reply) => {
+                        series.new_scrapes += u32::from(is_new);
+                        if let Some((then, before)) =
+                            prev.insert(host.clone(), (now, reply.samples.clone()))
+                        {
+                            // Rates over the time the scrapes were apart,
+                            // not the nominal interval.
+                            let apart = now.duration_since(then).max(Duration::from_millis(1));
+                            groups[g].add(quantity, &before, &reply.samples, apart);
                         }
                     }
-                    Err(e) => {
+                    Answer::Away => {
+                        prev.remove(&host);
+                    }
+                    Answer::Failed(e) => {
                         series.errors += 1;
+                        series.new_scrapes += u32::from(is_new);
+                        series.new_errors += u32::from(is_new);
                         series.last_error = Some(format!("{host}: {e}"));
                         // A gap: the next answer starts a new interval.
                         prev.remove(&host);
@@ -331,46 +371,65 @@ impl Analyzer {
             ..SampleRequest::default()
         };
         let start = Instant::now();
-        let mut seen: HashMap<HostId, (HostSeen, ProcessSample)> = HashMap::new();
+        // Every host of the new version is judged: one that never answers
+        // has no observation and is inconclusive, never a pass.
+        let mut seen: HashMap<HostId, (HostSeen, Option<ProcessSample>)> = bake
+            .new_hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.clone(),
+                    (
+                        HostSeen {
+                            host: h.to_string(),
+                            ..HostSeen::default()
+                        },
+                        None,
+                    ),
+                )
+            })
+            .collect();
         let mut n = 0u32;
         loop {
             for (host, answer) in self.ask_all(&bake.new_hosts, make).await {
-                let Ok(reply) = answer else { continue };
+                let Answer::Reply(reply) = answer else {
+                    continue;
+                };
                 let p = reply.process.unwrap_or_default();
-                let entry = seen.entry(host.clone()).or_insert_with(|| {
-                    (
-                        HostSeen {
-                            host: host.to_string(),
-                            rss: (p.rss_bytes > 0).then_some((p.rss_bytes, p.rss_bytes)),
-                            fds: (p.open_fds > 0).then_some((p.open_fds, p.open_fds)),
-                            ..HostSeen::default()
-                        },
-                        p.clone(),
-                    )
-                });
-                let (h, last) = entry;
+                let Some((h, last)) = seen.get_mut(&host) else {
+                    continue;
+                };
                 h.samples += 1;
-                // A restart: the supervisor counted one, the pid changed, or
-                // nothing runs where something ran.
-                let counted = p.restarts.saturating_sub(last.restarts);
-                let replaced =
-                    u32::from(counted == 0 && p.pid != 0 && last.pid != 0 && p.pid != last.pid);
-                let stopped = u32::from(counted == 0 && last.running && !p.running);
-                h.restarts = h.restarts.saturating_add(counted + replaced + stopped);
+                match last {
+                    None => {
+                        h.rss = (p.rss_bytes > 0).then_some((p.rss_bytes, p.rss_bytes));
+                        h.fds = (p.open_fds > 0).then_some((p.open_fds, p.open_fds));
+                    }
+                    Some(last) => {
+                        // A restart: the supervisor counted one, the pid
+                        // changed, or nothing runs where something ran.
+                        let counted = p.restarts.saturating_sub(last.restarts);
+                        let replaced = u32::from(
+                            counted == 0 && p.pid != 0 && last.pid != 0 && p.pid != last.pid,
+                        );
+                        let stopped = u32::from(counted == 0 && last.running && !p.running);
+                        h.restarts = h.restarts.saturating_add(counted + replaced + stopped);
+                        if let Some((first, _)) = h.rss
+                            && p.rss_bytes > 0
+                        {
+                            h.rss = Some((first, p.rss_bytes));
+                        }
+                        if let Some((first, _)) = h.fds
+                            && p.open_fds > 0
+                        {
+                            h.fds = Some((first, p.open_fds));
+                        }
+                    }
+                }
                 if !p.last_exit.is_empty() {
-                    h.last_exit = Some(p.last_exit.clone());
+                    h.last_exit = Some(clean(&p.last_exit));
                 }
-                if let Some((first, _)) = h.rss
-                    && p.rss_bytes > 0
-                {
-                    h.rss = Some((first, p.rss_bytes));
-                }
-                if let Some((first, _)) = h.fds
-                    && p.open_fds > 0
-                {
-                    h.fds = Some((first, p.open_fds));
-                }
-                *last = p;
+                *last = Some(p);
             }
             n += 1;
             let hosts: Vec<HostSeen> = seen.values().map(|(h, _)| h.clone()).collect();
@@ -392,34 +451,59 @@ impl Analyzer {
         cancel: &CancellationToken,
     ) -> (Verdict, Samples) {
         let queries: Vec<String> = if query.contains("${host}") {
+            // Once per host of the new version, at most
+            // MAX_QUERIED_HOSTS of them (chosen at random by `run`).
             bake.new_hosts
                 .iter()
+                .take(MAX_QUERIED_HOSTS)
                 .map(|h| fill(query, bake, Some(h)))
                 .collect()
         } else {
             vec![fill(query, bake, None)]
         };
         let start = Instant::now();
-        let mut measurements = Vec::new();
+        // Counted as they come; only the last values are kept for the chart.
+        let mut tally = judge::Tally::default();
+        let mut values: std::collections::VecDeque<f64> = std::collections::VecDeque::new();
+        let timeout = check
+            .interval
+            .clamp(Duration::from_millis(100), QUERY_TIMEOUT);
         let mut n = 0u32;
         loop {
+            // The round's queries at once (at most QUERIES_AT_ONCE), each
+            // within the interval.
+            let limit = Arc::new(Semaphore::new(QUERIES_AT_ONCE));
+            let mut round = tokio::task::JoinSet::new();
             for q in &queries {
-                measurements.push(self.query(q).await);
+                let (this, q, limit) = (self.clone(), q.clone(), limit.clone());
+                round.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    match tokio::time::timeout(timeout, this.query(&q)).await {
+                        Ok(m) => m,
+                        Err(_) => Measurement::Error(format!(
+                            "no answer within {}",
+                            humantime::format_duration(timeout)
+                        )),
+                    }
+                });
+            }
+            while let Some(done) = round.join_next().await {
+                let m = done.unwrap_or_else(|e| Measurement::Error(e.to_string()));
+                if let Measurement::Value(v) = m {
+                    values.push_back(v);
+                    if values.len() > MAX_KEPT {
+                        values.pop_front();
+                    }
+                }
+                tally.add(check, &m);
             }
             n += 1;
             let last = n >= count || !Self::tick(start, check, n, cancel).await;
             let look = if last { Look::Final } else { Look::Interim };
-            if let Some(v) =
-                judge::prometheus(check, bake.step, &measurements, look, SystemTime::now())
+            if let Some(v) = judge::prometheus(check, bake.step, &tally, look, SystemTime::now())
                 && (last || matches!(v.verdict, Outcome::Fail | Outcome::Inconclusive))
             {
-                let values: Vec<f64> = measurements
-                    .iter()
-                    .filter_map(|m| match m {
-                        Measurement::Value(v) => Some(*v),
-                        _ => None,
-                    })
-                    .collect();
+                let values: Vec<f64> = values.into_iter().collect();
                 return (v, kept(&check.name, &values, &[]));
             }
         }

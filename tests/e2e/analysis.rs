@@ -406,7 +406,11 @@ fn batond_killed_during_a_bake_keeps_the_verdicts_reached_and_bakes_again() {
 
 #[test]
 fn an_approval_needs_an_operator_other_than_the_starter() {
-    let fleet = Fleet::start(&HOSTS[..2]);
+    let fleet = Fleet::start_full(
+        &[("h1", &["role=web"]), ("h2", &["role=web"])],
+        &[],
+        &["--http-listen", "127.0.0.1:0"],
+    );
     install(&fleet, "1.0.0", 0.0);
     release(&fleet, "2.0.0", 0.0);
     let out = baton_tests::bin_command("baton")
@@ -433,6 +437,32 @@ fn an_approval_needs_an_operator_other_than_the_starter() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("other than the one who started it"), "{err}");
     assert_eq!(fleet.status(&id)["state"], "awaiting_promotion");
+    // Nor through the dashboard, signed in as themselves.
+    let out = fleet.baton(&["dashboard", "token", "--role", "operator", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let token: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web = fleet.batond.dashboard.unwrap();
+    let answer = baton_tests::http::request(
+        web,
+        "POST",
+        &format!("/api/rollouts/{id}/promote"),
+        &[
+            (
+                "cookie",
+                &format!("baton_session={}", token["token"].as_str().unwrap()),
+            ),
+            ("x-baton-action", "1"),
+        ],
+        "",
+    )
+    .unwrap();
+    assert_eq!(answer.status, 409, "{}", answer.body);
+    assert!(
+        answer.body.contains("other than the one who started it"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(fleet.status(&id)["state"], "awaiting_promotion");
     // Another operator can.
     let tls = fleet.env.tls();
     let bob = |f: &str| tls.join(f).to_str().unwrap().to_owned();
@@ -458,4 +488,29 @@ fn an_approval_needs_an_operator_other_than_the_starter() {
             .any(|e| e["kind"] == "operator" && e["who"] == "operator bob"),
         "{events:#?}"
     );
+}
+
+#[test]
+fn a_freeze_that_ends_while_batond_is_down_lets_its_held_rollouts_go_on() {
+    let mut fleet = Fleet::start(&HOSTS[..2]);
+    install(&fleet, "1.0.0", 0.0);
+    release(&fleet, "2.0.0", 0.0);
+    let out = fleet.baton(&["freeze", "--until", "3s", "--reason", "short"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = fleet.start_rollout(
+        "progress_deadline = \"2s\"\n[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\nmin_healthy_time = \"200ms\"\n",
+    );
+    fleet.wait_status(&id, "the rollout to be held", |s| !s["held"].is_null());
+    let addr = fleet.batond.addr.to_string();
+    fleet.batond.proc.kill();
+    // The freeze ends, and the held time passes progress_deadline, while
+    // batond is down.
+    std::thread::sleep(Duration::from_secs(4));
+    fleet.batond = baton_tests::Batond::start_on(&fleet.env, &addr, "batond", &[]);
+    let s = fleet.wait_done(&id, Duration::from_secs(60));
+    assert_eq!(s["state"], "succeeded", "{s:#}");
 }

@@ -45,6 +45,9 @@ pub const MAX_TOLERANCE: f64 = 100.0;
 /// The verdicts a service keeps in its rollout's record (older ones stay
 /// in their own analysis records).
 pub const MAX_VERDICTS: usize = 64;
+/// The verdicts a rollout's record keeps across all its services (its
+/// header must stay well under a store write's 1 MiB).
+pub const MAX_ROLLOUT_VERDICTS: usize = 256;
 /// The longest reason a verdict keeps.
 pub const MAX_REASON_CHARS: usize = 300;
 
@@ -69,6 +72,13 @@ impl Num {
     /// The value.
     pub fn get(self) -> f64 {
         self.0
+    }
+}
+
+impl Num {
+    /// Zero.
+    pub fn zero() -> Self {
+        Self(0.0)
     }
 }
 
@@ -271,6 +281,10 @@ pub struct Check {
     pub baseline: bool,
     /// How much worse than the baseline still passes (0.5 = 50 %).
     pub tolerance: Num,
+    /// And by how much more, absolutely (a baseline of zero errors
+    /// tolerates nothing by a ratio alone).
+    #[serde(default = "Num::zero")]
+    pub margin: Num,
     /// An absolute ceiling.
     pub max: Option<Num>,
     /// An absolute floor.
@@ -303,6 +317,7 @@ pub(crate) struct RawCheck {
     quantile: Option<f64>,
     baseline: Option<bool>,
     tolerance: Option<f64>,
+    margin: Option<f64>,
     max: Option<f64>,
     min: Option<f64>,
     confidence: Option<f64>,
@@ -409,6 +424,16 @@ impl Check {
             return Err(PlanError(format!(
                 "{}: must be between 0 and {MAX_TOLERANCE}",
                 key("tolerance")
+            )));
+        }
+        let margin = number(raw.margin, &key("margin"))?.unwrap_or(Num(0.0));
+        if margin.get() < 0.0 {
+            return Err(PlanError(format!("{}: must be 0 or more", key("margin"))));
+        }
+        if raw.margin.is_some() && !raw.baseline.unwrap_or(false) {
+            return Err(PlanError(format!(
+                "{}: only with baseline = true",
+                key("margin")
             )));
         }
         let confidence =
@@ -641,6 +666,7 @@ impl Check {
             kind,
             baseline,
             tolerance,
+            margin,
             max,
             min,
             confidence,

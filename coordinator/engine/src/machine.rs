@@ -204,10 +204,11 @@ pub struct Rollout {
     #[serde(default)]
     pub started_by: String,
     /// Why no new host may start now (a freeze, a closed deployment
-    /// window), set by the driver before every step, not stored: hosts
-    /// already activating finish, a pending rollout waits, and the time
-    /// does not count against `progress_deadline`.
-    #[serde(skip)]
+    /// window), as the driver last said ([`Event::Hold`]); stored, so a
+    /// hold that lifted while `batond` was down is lifted on load (and
+    /// its time not counted against `progress_deadline`). Hosts already
+    /// activating finish; a pending rollout waits.
+    #[serde(default)]
     pub held: Option<String>,
 }
 
@@ -580,6 +581,12 @@ pub fn apply(r: &mut Rollout, events: &[Event], now: SystemTime) -> Result<Vec<A
         gone_hosts_fail(r, now);
     }
     advance(r, now, &mut actions);
+    if r.state.is_terminal() || r.state == State::RollingBack {
+        // Nothing is judged any more.
+        for s in &mut r.services {
+            s.bake = None;
+        }
+    }
     let moved = before != Shape::of(r)
         || r.services.iter().any(|s| {
             s.changed.0.iter().any(|(id, was)| {

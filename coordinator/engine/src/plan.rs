@@ -401,6 +401,12 @@ pub const KEYS: &[baton_common::reference::Key] = {
             about: "With `baseline`: how much worse than the baseline still passes (0.5 = 50 % worse). 0 to 100.",
         },
         Key {
+            key: "service[].analysis[].margin",
+            value: "number",
+            default: "`0`",
+            about: "With `baseline`: how much worse than the baseline still passes, absolutely, on top of `tolerance` (each baseline sample counts as `sample × (1 + tolerance) + margin`). A baseline with no errors at all tolerates nothing by `tolerance` alone: `margin = 0.001` lets 0.1 % more errors through. 0 or more.",
+        },
+        Key {
             key: "service[].analysis[].confidence",
             value: "number",
             default: "`0.99`",
@@ -889,6 +895,12 @@ impl ServicePlan {
                 "{}: {} checks, more than the limit of {MAX_CHECKS}",
                 at("analysis"),
                 s.analysis.len()
+            )));
+        }
+        if s.approval == Some(true) && s.auto_promote == Some(true) {
+            return Err(PlanError(format!(
+                "{}: approval needs an operator's promote, which auto_promote would skip; give one or the other",
+                at("approval")
             )));
         }
         let mut analysis: Vec<Check> = Vec::with_capacity(s.analysis.len());

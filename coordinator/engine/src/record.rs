@@ -337,6 +337,9 @@ pub struct Header {
     /// Who started it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub started_by: String,
+    /// Why it was held when last stepped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// `rollout-clocks/<id>`: the fields most steps move, apart from the
@@ -531,6 +534,7 @@ pub fn header(r: &Rollout) -> Header {
         error: r.error.clone(),
         failure_budget: r.failure_budget,
         started_by: r.started_by.clone(),
+        held: r.held.clone(),
     }
 }
 
@@ -778,7 +782,7 @@ pub fn assemble(
         away: Default::default(),
         failure_budget: header.failure_budget,
         started_by: header.started_by,
-        held: None,
+        held: header.held,
     };
     Ok(Assembled { rollout, skipped })
 }

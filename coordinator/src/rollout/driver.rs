@@ -418,7 +418,6 @@ pub async fn spawn_with(
             let mut rollout = rollout;
             // Every host counts as away until the fleet says otherwise.
             rollout.set_connections(|_| false);
-            rollout.held.clone_from(&analysis.hold);
             active.insert(rollout.id.clone(), Active::new(rollout, next_event)?);
         }
     }
@@ -462,6 +461,7 @@ impl Driver {
         let mut baked = std::mem::replace(&mut self.analysis.rx, mpsc::channel(1).1);
         for id in self.active.keys().cloned().collect::<Vec<_>>() {
             self.reconcile_bakes(&id);
+            self.sync_hold(&id).await;
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

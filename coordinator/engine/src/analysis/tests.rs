@@ -314,7 +314,10 @@ fn no_data_is_never_a_pass() {
     let v = judge::prometheus(
         &p,
         0,
-        &[Measurement::Empty, Measurement::Empty, Measurement::Empty],
+        &judge::Tally::of(
+            &p,
+            &[Measurement::Empty, Measurement::Empty, Measurement::Empty],
+        ),
         Look::Final,
         now(),
     )
@@ -323,7 +326,7 @@ fn no_data_is_never_a_pass() {
     let v = judge::prometheus(
         &p,
         0,
-        &vec![Measurement::Error("503".into()); 3],
+        &judge::Tally::of(&p, &vec![Measurement::Error("503".into()); 3]),
         Look::Final,
         now(),
     )
@@ -332,7 +335,7 @@ fn no_data_is_never_a_pass() {
     let v = judge::prometheus(
         &p,
         0,
-        &vec![Measurement::Error("x".into()); 5],
+        &judge::Tally::of(&p, &vec![Measurement::Error("x".into()); 5]),
         Look::Interim,
         now(),
     )
@@ -345,7 +348,7 @@ fn prometheus_measurements_count_as_argo_counts_them() {
     let p = checks("[[service.analysis]]\nname = \"p\"\nkind = \"prometheus\"\nquery = \"up\"\nmax = 0.1\ncount = 4\nfailure_limit = 1\n").unwrap().remove(0);
     let v = |ms: &[f64], look| {
         let ms: Vec<Measurement> = ms.iter().map(|v| Measurement::Value(*v)).collect();
-        judge::prometheus(&p, 0, &ms, look, now())
+        judge::prometheus(&p, 0, &judge::Tally::of(&p, &ms), look, now())
     };
     assert_eq!(
         v(&[0.0, 0.2, 0.0, 0.0], Look::Final).unwrap().verdict,
@@ -360,7 +363,7 @@ fn prometheus_measurements_count_as_argo_counts_them() {
     let v = judge::prometheus(
         &both,
         0,
-        &[Measurement::Value(0.95), Measurement::Value(0.7)],
+        &judge::Tally::of(&both, &[Measurement::Value(0.95), Measurement::Value(0.7)]),
         Look::Final,
         now(),
     )
@@ -420,4 +423,56 @@ fn numbers_that_cannot_be_stored_are_not() {
     assert!(v.reason.chars().count() <= MAX_REASON_CHARS + 1);
     let back: Verdict = serde_json::from_slice(&serde_json::to_vec(&v).unwrap()).unwrap();
     assert_eq!(back, v);
+}
+
+#[test]
+fn a_margin_tolerates_errors_where_the_baseline_has_none_and_failed_scrapes_are_not_judged() {
+    // A baseline with no errors at all: any error is worse by a ratio;
+    // a margin says how much is still fine.
+    let few = Series {
+        new: (0..36)
+            .map(|i| if i % 7 == 0 { 0.0014 } else { 0.0 })
+            .collect(),
+        baseline: vec![0.0; 180],
+        value: Some(0.0002),
+        baseline_value: Some(0.0),
+        new_hosts: 1,
+        baseline_hosts: 5,
+        ..Series::default()
+    };
+    let strict = ratio_check("");
+    assert_eq!(
+        judge::metrics(&strict, 0, &few, Look::Final, now())
+            .unwrap()
+            .verdict,
+        Outcome::Fail
+    );
+    let lenient = ratio_check("margin = 0.002\n");
+    assert_eq!(
+        judge::metrics(&lenient, 0, &few, Look::Final, now())
+            .unwrap()
+            .verdict,
+        Outcome::Pass
+    );
+    // Most scrapes of the new version failed: the few that answered do
+    // not decide.
+    let mostly_failed = Series {
+        new_scrapes: 100,
+        new_errors: 99,
+        last_error: Some("h7: connection refused".into()),
+        ..few.clone()
+    };
+    let v = judge::metrics(&lenient, 0, &mostly_failed, Look::Final, now()).unwrap();
+    assert_eq!(v.verdict, Outcome::Inconclusive, "{}", v.reason);
+    assert!(v.reason.contains("99 of 100"), "{}", v.reason);
+    // A limit with no value to hold to it never passes.
+    let limited = ratio_check("max = 0.5\n");
+    let no_value = Series { value: None, ..few };
+    assert_eq!(
+        judge::metrics(&limited, 0, &no_value, Look::Final, now())
+            .unwrap()
+            .verdict,
+        Outcome::Inconclusive
+    );
+    assert!(err("[[service.analysis]]\nname = \"e\"\nkind = \"metrics\"\nurl = \"http://127.0.0.1:1/m\"\nrate = \"a\"\nmax = 1\nmargin = 0.1\n").contains("only with baseline"));
 }

@@ -5,7 +5,9 @@ use std::time::SystemTime;
 use baton_common::command::FailureKind;
 
 use super::{Action, HostState, Rollout, State, fail, rollback_host};
-use crate::analysis::{MAX_VERDICTS, OnInconclusive, Outcome as Judged, Verdict};
+use crate::analysis::{
+    MAX_ROLLOUT_VERDICTS, MAX_VERDICTS, OnInconclusive, Outcome as Judged, Verdict,
+};
 
 /// A bake ended: its verdicts are kept, a failure takes the failure path
 /// (every host the bake judged fails, counting against `max_failures`),
@@ -33,6 +35,26 @@ pub(super) fn on_verdicts(
     s.verdicts.extend(verdicts.iter().cloned());
     let extra = s.verdicts.len().saturating_sub(MAX_VERDICTS);
     s.verdicts.drain(..extra);
+    // The rollout's header holds every service's verdicts: at most
+    // MAX_ROLLOUT_VERDICTS in all, the oldest dropped first (each stays
+    // in its own analysis record).
+    loop {
+        let total: usize = r.services.iter().map(|s| s.verdicts.len()).sum();
+        if total <= MAX_ROLLOUT_VERDICTS {
+            break;
+        }
+        let Some(oldest) = r
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.verdicts.first().map(|v| (v.at, i)))
+            .min()
+            .map(|(_, i)| i)
+        else {
+            break;
+        };
+        r.services[oldest].verdicts.remove(0);
+    }
     // The bake's time does not count against progress_deadline.
     r.progress_at = now;
     let s = &r.services[si];

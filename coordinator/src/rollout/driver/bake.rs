@@ -65,9 +65,16 @@ impl Analysis {
             Some(bytes) => match serde_json::from_slice::<Freeze>(&bytes) {
                 Ok(f) => Some(f),
                 Err(e) => {
-                    // Never a reason not to start; said loudly.
-                    warn!(error = %e, "the stored freeze does not read; ignoring it (freeze again to replace it)");
-                    None
+                    // Never a reason not to start, and never a reason to
+                    // go ahead: held until an operator freezes or
+                    // unfreezes again (either replaces it).
+                    warn!(error = %e, "the stored freeze does not read; holding rollouts until `baton freeze` or `baton unfreeze` replaces it");
+                    Some(Freeze {
+                        until: None,
+                        reason: "the stored freeze does not read; `baton unfreeze` or `baton freeze` replaces it".into(),
+                        by: "batond".into(),
+                        since: SystemTime::now(),
+                    })
                 }
             },
         };
@@ -112,8 +119,12 @@ impl Driver {
                         step: bake.step,
                         checks: s.analysis.clone(),
                         new_hosts: host_ids(&|h| h.state == HostState::Healthy && h.touched),
+                        // Hosts still on an older version (not those the
+                        // rollout found already on the target).
                         baseline_hosts: host_ids(&|h| {
-                            !h.touched && h.from_version.is_some() && h.state != HostState::Failed
+                            !h.touched
+                                && h.from_version.as_deref().is_some_and(|v| v != s.version)
+                                && h.state != HostState::Failed
                         }),
                     })
                 })
@@ -204,12 +215,22 @@ impl Driver {
             Some(why) => info!(%why, "new hosts are held"),
             None => info!("the hold lifted: rollouts go on"),
         }
-        a.hold = hold.clone();
+        a.hold = hold;
         let ids: Vec<String> = self.active.keys().cloned().collect();
         for id in ids {
-            if let Err(e) = self.apply(&id, vec![Event::Hold(hold.clone())], None).await {
-                warn!(rollout = %id, error = %e, "could not tell a rollout about the hold");
-            }
+            self.sync_hold(&id).await;
+        }
+    }
+
+    /// Tells rollout `id` the hold now if it was stepped under another
+    /// (after a restart: a freeze that ended, a window that opened while
+    /// `batond` was down).
+    pub(super) async fn sync_hold(&mut self, id: &str) {
+        let hold = self.analysis.hold.clone();
+        if self.active.get(id).is_some_and(|a| a.rollout.held != hold)
+            && let Err(e) = self.apply(id, vec![Event::Hold(hold)], None).await
+        {
+            warn!(rollout = %id, error = %e, "could not tell a rollout about the hold");
         }
     }
 
@@ -290,7 +311,14 @@ impl Driver {
         let approving = r.services.iter().any(|s| {
             s.approval && s.state == baton_engine::machine::ServiceState::AwaitingPromotion
         });
-        if op == Operator::Promote && approving && !r.started_by.is_empty() && r.started_by == who {
+        // The person, whichever way they act (the dashboard's actions are
+        // `… (dashboard)`).
+        let person = |w: &str| w.strip_suffix(" (dashboard)").unwrap_or(w).to_owned();
+        if op == Operator::Promote
+            && approving
+            && !r.started_by.is_empty()
+            && person(&r.started_by) == person(who)
+        {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} needs an approval by an operator other than the one who started it ({who})"
             )));
@@ -344,8 +372,9 @@ impl Rollouts {
     ) -> Result<HashMap<usize, Vec<(usize, analysis::Samples)>>, RolloutError> {
         super::check_id(id)?;
         let prefix = analysis::samples_prefix(id);
-        let mut latest: HashMap<(usize, String), (usize, analysis::Samples)> = HashMap::new();
-        for (key, value) in self.store.list(&prefix).await? {
+        // Keys first: only each check's latest record is read.
+        let mut latest: HashMap<(usize, String), (usize, String)> = HashMap::new();
+        for key in self.store.list_keys(&prefix).await? {
             let mut parts = key[prefix.len()..].splitn(3, '/');
             let (Some(si), Some(step), Some(check)) = (parts.next(), parts.next(), parts.next())
             else {
@@ -354,20 +383,26 @@ impl Rollouts {
             let (Ok(si), Ok(step)) = (si.parse::<usize>(), step.parse::<usize>()) else {
                 continue;
             };
-            #[derive(serde::Deserialize)]
-            struct Stored {
-                samples: analysis::Samples,
-            }
-            let Ok(stored) = serde_json::from_slice::<Stored>(&value) else {
-                continue;
-            };
             let slot = latest
                 .entry((si, check.to_owned()))
-                .or_insert((step, stored.samples.clone()));
+                .or_insert((step, key.clone()));
             if step >= slot.0 {
-                *slot = (step, stored.samples);
+                *slot = (step, key);
             }
         }
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            samples: analysis::Samples,
+        }
+        let mut read: HashMap<(usize, String), (usize, analysis::Samples)> = HashMap::new();
+        for ((si, check), (step, key)) in latest {
+            if let Some(value) = self.store.get(&key).await?
+                && let Ok(stored) = serde_json::from_slice::<Stored>(&value)
+            {
+                read.insert((si, check), (step, stored.samples));
+            }
+        }
+        let latest = read;
         let mut out: HashMap<usize, Vec<(usize, analysis::Samples)>> = HashMap::new();
         for ((si, _), v) in latest {
             out.entry(si).or_default().push(v);
