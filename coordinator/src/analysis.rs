@@ -92,7 +92,8 @@ pub fn samples_prefix(rollout: &str) -> String {
 
 /// One host's answer to a sample request.
 enum Answer {
-    Reply(baton_proto::agent::v1::SampleReply),
+    /// The reply, and when it came.
+    Reply(baton_proto::agent::v1::SampleReply, Instant),
     /// Not connected now.
     Away,
     Failed(String),
@@ -242,7 +243,7 @@ impl Analyzer {
                         .ask(&host, &agent, req, SAMPLE_TIMEOUT)
                         .await
                     {
-                        Ok(reply) => Answer::Reply(reply),
+                        Ok(reply) => Answer::Reply(reply, Instant::now()),
                         Err(e) => Answer::Failed(clean(&e)),
                     },
                     // Away (after a restart, before it reconnects): no
@@ -304,12 +305,11 @@ impl Analyzer {
         let mut n = 0u32;
         loop {
             let answers = self.ask_all(&all, make).await;
-            let now = Instant::now();
             for (host, answer) in answers {
                 let is_new = new_hosts.contains(&host);
                 let g = usize::from(!is_new);
                 match answer {
-                    Answer::Reply(reply) => {
+                    Answer::Reply(reply, now) => {
                         series.new_scrapes += u32::from(is_new);
                         if let Some((then, before)) =
                             prev.insert(host.clone(), (now, reply.samples.clone()))
@@ -321,6 +321,13 @@ impl Analyzer {
                         }
                     }
                     Answer::Away => {
+                        // No sample; for the new version a scrape missed
+                        // all the same (most missed: not judged).
+                        series.new_scrapes += u32::from(is_new);
+                        series.new_errors += u32::from(is_new);
+                        if is_new {
+                            series.last_error = Some(format!("{host}: not connected"));
+                        }
                         prev.remove(&host);
                     }
                     Answer::Failed(e) => {
@@ -392,13 +399,23 @@ impl Analyzer {
         let mut n = 0u32;
         loop {
             for (host, answer) in self.ask_all(&bake.new_hosts, make).await {
-                let Answer::Reply(reply) = answer else {
-                    continue;
-                };
-                let p = reply.process.unwrap_or_default();
                 let Some((h, last)) = seen.get_mut(&host) else {
                     continue;
                 };
+                let reply = match answer {
+                    Answer::Reply(reply, _) => reply,
+                    Answer::Away => {
+                        h.errors += 1;
+                        h.last_error = Some("not connected".into());
+                        continue;
+                    }
+                    Answer::Failed(e) => {
+                        h.errors += 1;
+                        h.last_error = Some(e);
+                        continue;
+                    }
+                };
+                let p = reply.process.unwrap_or_default();
                 h.samples += 1;
                 match last {
                     None => {
@@ -452,12 +469,13 @@ impl Analyzer {
     ) -> (Verdict, Samples) {
         let queries: Vec<String> = if query.contains("${host}") {
             // Once per host of the new version, at most
-            // MAX_QUERIED_HOSTS of them (chosen at random by `run`).
-            bake.new_hosts
-                .iter()
-                .take(MAX_QUERIED_HOSTS)
-                .map(|h| fill(query, bake, Some(h)))
-                .collect()
+            // MAX_QUERIED_HOSTS of them, chosen at random.
+            let mut hosts = bake.new_hosts.clone();
+            if hosts.len() > MAX_QUERIED_HOSTS {
+                fastrand::shuffle(&mut hosts);
+                hosts.truncate(MAX_QUERIED_HOSTS);
+            }
+            hosts.iter().map(|h| fill(query, bake, Some(h))).collect()
         } else {
             vec![fill(query, bake, None)]
         };
@@ -560,7 +578,7 @@ async fn read_capped(
 /// A Prometheus instant-query answer as one measurement.
 pub fn parse_query(body: &[u8]) -> Measurement {
     #[derive(Deserialize)]
-    struct Answer {
+    struct QueryAnswer {
         status: String,
         #[serde(default)]
         error: String,
@@ -572,7 +590,7 @@ pub fn parse_query(body: &[u8]) -> Measurement {
         kind: String,
         result: serde_json::Value,
     }
-    let answer: Answer = match serde_json::from_slice(body) {
+    let answer: QueryAnswer = match serde_json::from_slice(body) {
         Ok(a) => a,
         Err(e) => return Measurement::Error(format!("not a Prometheus answer: {e}")),
     };

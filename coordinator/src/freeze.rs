@@ -41,6 +41,15 @@ impl Freeze {
     }
 }
 
+/// The freeze as an operator sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FreezeView {
+    /// The operator's freeze, if one holds.
+    pub freeze: Option<Freeze>,
+    /// Why new hosts are held now.
+    pub held: Option<String>,
+}
+
 /// A weekly deployment window, in UTC: `mon-fri 09:00-17:00`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
@@ -244,7 +253,7 @@ pub fn check_reason(reason: &str) -> Result<String, String> {
 }
 
 /// The wire form of the freeze.
-pub fn to_pb(view: &crate::rollout::driver::FreezeView) -> baton_proto::control::v1::FreezeStatus {
+pub fn to_pb(view: &FreezeView) -> baton_proto::control::v1::FreezeStatus {
     use baton_common::time::to_timestamp;
     let f = view.freeze.as_ref();
     baton_proto::control::v1::FreezeStatus {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use baton_common::text::quote;
 use serde::{Deserialize, Serialize};
 
-use crate::plan::PlanError;
+use crate::plan_error::PlanError;
 
 pub mod judge;
 

@@ -23,6 +23,7 @@ pub mod events;
 pub mod graph;
 pub mod machine;
 pub mod plan;
+pub mod plan_error;
 pub mod record;
 pub mod resolve;
 

@@ -308,9 +308,13 @@ pub struct ServiceRun {
     /// The bake in progress, if any.
     #[serde(default)]
     pub bake: Option<Bake>,
-    /// The verdicts reached, oldest first (at most [`MAX_VERDICTS`]).
+    /// The verdicts reached, oldest first (at most [`MAX_VERDICTS`]; a
+    /// rollout's record keeps at most 256 in all).
     #[serde(default)]
     pub verdicts: Vec<Verdict>,
+    /// The last step judged (however many of its verdicts are still kept).
+    #[serde(default)]
+    pub judged: Option<usize>,
     /// The service needs an approval (by an operator other than its
     /// starter) before its first host.
     #[serde(default)]
@@ -776,45 +780,6 @@ fn host_busy(r: &Rollout, host: &HostId) -> bool {
     })
 }
 
-/// The most hosts a rollout's error names; the rest are counted.
-const ERROR_HOSTS: usize = 10;
-/// The most characters of one host's error in a rollout's error.
-const ERROR_HOST_CHARS: usize = 200;
-
-/// The first failures of `failed`, each cut short, and how many more:
-/// a rollout's error stays small (it is stored in the rollout's header)
-/// however many hosts failed, and however long their errors.
-pub fn summary(failed: &[String]) -> String {
-    let mut out: Vec<String> = failed
-        .iter()
-        .take(ERROR_HOSTS)
-        .map(|f| baton_common::text::prefix(f, ERROR_HOST_CHARS))
-        .collect();
-    if failed.len() > ERROR_HOSTS {
-        out.push(format!("and {} more", failed.len() - ERROR_HOSTS));
-    }
-    out.join("; ")
-}
-
-/// `host: error` for every failed host, for the rollout's error.
-fn failed_hosts(r: &Rollout) -> Vec<String> {
-    r.services
-        .iter()
-        .flat_map(|s| {
-            s.hosts
-                .iter()
-                .filter(|(_, h)| h.state == HostState::Failed)
-                .map(move |(id, h)| {
-                    format!(
-                        "{} on {id}: {}",
-                        s.name,
-                        h.error.as_deref().unwrap_or("failed")
-                    )
-                })
-        })
-        .collect()
-}
-
 /// Decides what happens next from where everything is now.
 fn advance(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
     match r.state {
@@ -966,58 +931,6 @@ fn clear_outstanding(r: &mut Rollout) {
     }
 }
 
-/// Lets waiting services whose dependencies succeeded start, as many as
-/// `max_parallel_services` allows, once their requirements hold.
-fn start_services(r: &mut Rollout, now: SystemTime, actions: &mut Vec<Action>) {
-    for si in 0..r.services.len() {
-        let running = r
-            .services
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.state,
-                    ServiceState::Progressing | ServiceState::AwaitingPromotion
-                )
-            })
-            .count();
-        if running >= r.max_parallel_services {
-            return;
-        }
-        let s = &r.services[si];
-        if s.state != ServiceState::Waiting {
-            continue;
-        }
-        let deps_done = s.depends_on.iter().all(|d| {
-            r.services
-                .iter()
-                .any(|o| &o.name == d && o.state == ServiceState::Succeeded)
-        });
-        if !deps_done {
-            continue;
-        }
-        if let Some(unmet) = unmet_requirement(r, si) {
-            // A requirement on a service of this plan holds once that
-            // service is through; one on the rest of the fleet never will.
-            let fixable = r.services[si]
-                .requires
-                .keys()
-                .all(|d| r.services.iter().any(|o| &o.name == d));
-            if !fixable {
-                fail(r, unmet, now, actions);
-                return;
-            }
-            continue;
-        }
-        let s = &mut r.services[si];
-        s.state = if s.approval && !s.approved {
-            // Four eyes: an operator other than the starter promotes it.
-            ServiceState::AwaitingPromotion
-        } else {
-            ServiceState::Progressing
-        };
-    }
-}
-
 /// Starts hosts of one service within its window, floor and step, and
 /// moves it through its steps.
 fn progress_service(
@@ -1110,7 +1023,7 @@ fn progress_service(
         // The step's hosts are through their health gate: bake, unless
         // this step is judged already or no host of it runs the new
         // version (they all failed within max_failures).
-        let judged = s.verdicts.iter().any(|v| v.step == s.step);
+        let judged = s.judged.is_some_and(|j| j >= s.step);
         let judgeable = s
             .hosts
             .values()
@@ -1186,16 +1099,21 @@ pub fn faulted(r: &mut Rollout, why: &str, now: SystemTime) {
 mod bake;
 mod deadlines;
 mod operator;
+mod report;
 mod requires;
 mod rollback;
+mod services;
 mod view;
 
 use bake::on_verdicts;
 use deadlines::{check_progress, deadline_for, gone_deadline, gone_hosts_fail};
 use operator::operator;
+use report::failed_hosts;
+pub use report::summary;
 pub use requires::satisfies;
 use requires::unmet_requirement;
 use rollback::{begin_rollback, roll_back_services, rollback_host};
+use services::start_services;
 
 #[cfg(test)]
 mod tests;

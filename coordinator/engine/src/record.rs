@@ -421,6 +421,9 @@ pub struct ServiceHeader {
     /// The verdicts reached (the last [`crate::analysis::MAX_VERDICTS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<Verdict>,
+    /// The last step judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged: Option<usize>,
     /// It needs an approval before its first host.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub approval: bool,
@@ -526,6 +529,7 @@ pub fn header(r: &Rollout) -> Header {
                 hosts: s.hosts.len(),
                 bake: s.bake,
                 verdicts: s.verdicts.clone(),
+                judged: s.judged,
                 approval: s.approval,
                 approved: s.approved,
             })
@@ -760,6 +764,7 @@ pub fn assemble(
             analysis,
             bake: s.bake,
             verdicts: s.verdicts,
+            judged: s.judged,
             approval: s.approval,
             approved: s.approved,
             changed: Default::default(),

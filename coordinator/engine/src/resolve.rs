@@ -265,6 +265,7 @@ pub fn resolve(
             analysis: svc.analysis.clone(),
             bake: None,
             verdicts: Vec::new(),
+            judged: None,
             approval: svc.approval,
             approved: false,
             hosts,

@@ -456,12 +456,15 @@ impl Driver {
         let Ok((snapshot, mut changes)) = self.fleet.watch().await else {
             return;
         };
+        // The hold now, before any step can start a host; then bakes a
+        // restart interrupted start over.
+        for id in self.active.keys().cloned().collect::<Vec<_>>() {
+            self.sync_hold(&id).await;
+        }
         self.sync_connected(&snapshot).await;
-        // Bakes a restart interrupted start over.
         let mut baked = std::mem::replace(&mut self.analysis.rx, mpsc::channel(1).1);
         for id in self.active.keys().cloned().collect::<Vec<_>>() {
             self.reconcile_bakes(&id);
-            self.sync_hold(&id).await;
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1181,7 +1184,8 @@ mod bake;
 mod helpers;
 mod persist;
 
-pub use bake::{DriverOptions, FreezeView};
+pub use crate::freeze::FreezeView;
+pub use bake::DriverOptions;
 use helpers::{count_activations, panic_text, shared_service};
 use persist::{convert, load_record, prepare, remove_unfinished_starts};
 

@@ -188,21 +188,6 @@ pub fn metrics(
         };
         return Some(verdict(Outcome::Inconclusive, why));
     }
-    // Judged on a few hosts while most fail to answer: not judged.
-    if s.new_scrapes > 0 && s.new_errors.saturating_mul(2) > s.new_scrapes {
-        if look == Look::Interim {
-            return None;
-        }
-        return Some(verdict(
-            Outcome::Inconclusive,
-            format!(
-                "{} of {} scrapes of the new version failed (the last: {})",
-                s.new_errors,
-                s.new_scrapes,
-                s.last_error.as_deref().unwrap_or("-")
-            ),
-        ));
-    }
     // Absolute limits, on the pooled value, at the end.
     if look == Look::Final {
         if (check.max.is_some() || check.min.is_some()) && !s.value.is_some_and(f64::is_finite) {
@@ -306,6 +291,19 @@ pub fn metrics(
     }
     if look == Look::Interim {
         return None;
+    }
+    // Nothing failed; but judged on a few hosts while most failed to
+    // answer, it is no pass either.
+    if s.new_scrapes > 0 && s.new_errors.saturating_mul(2) > s.new_scrapes {
+        return Some(verdict(
+            Outcome::Inconclusive,
+            format!(
+                "{} of {} scrapes of the new version failed (the last: {})",
+                s.new_errors,
+                s.new_scrapes,
+                s.last_error.as_deref().unwrap_or("-")
+            ),
+        ));
     }
     let mut v = match &tested {
         Some((_, compared)) => verdict(Outcome::Pass, compared.clone()),
@@ -504,6 +502,10 @@ pub struct HostSeen {
     pub fds: Option<(u64, u64)>,
     /// The last exit the agent saw, e.g. `exit code 1`.
     pub last_exit: Option<String>,
+    /// Requests it answered with an error, and the last error.
+    pub errors: u32,
+    /// The last error.
+    pub last_error: Option<String>,
 }
 
 /// Decides a host check over the hosts of the new version.
@@ -582,10 +584,14 @@ pub fn host(check: &Check, step: usize, seen: &[HostSeen], now: SystemTime) -> V
             );
         }
     }
-    let short: Vec<&str> = seen
+    // Too few observations, or more errors than answers: not judged.
+    let short: Vec<String> = seen
         .iter()
-        .filter(|h| h.samples < check.min_samples)
-        .map(|h| h.host.as_str())
+        .filter(|h| h.samples < check.min_samples || h.errors > h.samples)
+        .map(|h| match &h.last_error {
+            Some(e) => format!("{} ({e})", h.host),
+            None => h.host.clone(),
+        })
         .collect();
     if seen.is_empty() || !short.is_empty() {
         return verdict(
@@ -594,9 +600,9 @@ pub fn host(check: &Check, step: usize, seen: &[HostSeen], now: SystemTime) -> V
                 "no host of the new version to observe".into()
             } else {
                 format!(
-                    "fewer than min_samples = {} observations on {}",
+                    "fewer than min_samples = {} observations, or more errors than answers, on {}",
                     check.min_samples,
-                    short.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+                    short.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
                 )
             },
             None,

@@ -32,6 +32,7 @@ pub(super) fn on_verdicts(
         return;
     }
     s.bake = None;
+    s.judged = Some(step);
     s.verdicts.extend(verdicts.iter().cloned());
     let extra = s.verdicts.len().saturating_sub(MAX_VERDICTS);
     s.verdicts.drain(..extra);

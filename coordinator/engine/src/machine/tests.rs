@@ -39,6 +39,7 @@ fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> 
         analysis: Vec::new(),
         bake: None,
         verdicts: Vec::new(),
+        judged: None,
         approval: false,
         approved: false,
         hosts: hosts

@@ -52,6 +52,7 @@ pub fn single(id: &str, service: &str, hosts: usize, plan: String) -> Rollout {
             analysis: Vec::new(),
             bake: None,
             verdicts: Vec::new(),
+            judged: None,
             approval: false,
             approved: false,
             changed: Changed::default(),

@@ -321,6 +321,7 @@ fn a_bake_its_verdicts_and_the_checks_survive_a_reload() {
     s.analysis.clone_from(&parsed.services[0].analysis);
     s.approval = true;
     s.approved = true;
+    s.judged = Some(0);
     s.bake = Some(crate::machine::Bake {
         step: 1,
         since: t(5),
@@ -335,7 +336,10 @@ fn a_bake_its_verdicts_and_the_checks_survive_a_reload() {
     let loaded = load(&r);
     let (a, b) = (&loaded.services[0], &r.services[0]);
     assert_eq!(a.analysis, b.analysis, "the checks come back from the plan");
-    assert_eq!((a.bake, &a.verdicts), (b.bake, &b.verdicts));
+    assert_eq!(
+        (a.bake, &a.verdicts, a.judged),
+        (b.bake, &b.verdicts, Some(0))
+    );
     assert!(a.approval && a.approved);
     assert_eq!(loaded.failure_budget, Some(3));
     assert_eq!(loaded.started_by, "operator alice");

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::{Driver, Event, Operator, Reply, Request, RolloutError, Rollouts, State};
 use crate::analysis::{self, Analyzer};
 use crate::fleet::FleetHandle;
-use crate::freeze::{self, Calendar, Freeze};
+use crate::freeze::{self, Calendar, Freeze, FreezeView};
 use crate::store::{Store, StoreError};
 use baton_engine::HostState;
 
@@ -31,15 +31,6 @@ pub struct DriverOptions {
     pub prometheus: Option<String>,
     /// Deployment windows and freezes of the config.
     pub calendar: Calendar,
-}
-
-/// The freeze as an operator sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FreezeView {
-    /// The operator's freeze, if one holds.
-    pub freeze: Option<Freeze>,
-    /// Why new hosts are held now.
-    pub held: Option<String>,
 }
 
 /// The bakes running and the hold in force.
@@ -208,15 +199,21 @@ impl Driver {
             a.manual = None;
         }
         let hold = a.calendar.held(a.manual.as_ref(), now);
-        if hold == a.hold {
-            return;
+        if hold != a.hold {
+            match &hold {
+                Some(why) => info!(%why, "new hosts are held"),
+                None => info!("the hold lifted: rollouts go on"),
+            }
+            a.hold = hold;
         }
-        match &hold {
-            Some(why) => info!(%why, "new hosts are held"),
-            None => info!("the hold lifted: rollouts go on"),
-        }
-        a.hold = hold;
-        let ids: Vec<String> = self.active.keys().cloned().collect();
+        // Every tick: a rollout whose last hold could not be stored is
+        // told again (a comparison when nothing changed).
+        let ids: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(_, r)| r.rollout.held != self.analysis.hold)
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in ids {
             self.sync_hold(&id).await;
         }

@@ -272,3 +272,19 @@ fn activating_in(r: &Rollout, si: usize) -> Vec<HostId> {
         .map(|(id, _)| id.clone())
         .collect()
 }
+
+#[test]
+fn a_judged_step_stays_judged_when_its_verdicts_are_dropped_from_the_record() {
+    let mut r = analysed("pause");
+    feed(&mut r, Event::Tick, t(0));
+    stage_all(&mut r);
+    healthy_all_activating(&mut r, t(5));
+    let e = verdict(&r, Judged::Pass);
+    feed(&mut r, e, t(30));
+    assert_eq!(r.services[0].judged, Some(0));
+    // The rollout-wide cap dropped them (other services judged since).
+    r.services[0].verdicts.clear();
+    feed(&mut r, Event::Tick, t(31));
+    assert!(r.services[0].bake.is_none(), "step 0 is not baked again");
+    assert_eq!(activating(&r), vec![host(1)]);
+}
