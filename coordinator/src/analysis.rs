@@ -722,6 +722,11 @@ impl Group {
         now: &[MetricSample],
         interval: Duration,
     ) {
+        // A number an agent sent that is not finite is no sample, and must
+        // not poison the pooled value.
+        if before.iter().chain(now).any(|m| !m.value.is_finite()) {
+            return;
+        }
         let sample = match quantity {
             Quantity::Ratio(a, b) => {
                 let (Some(a0), Some(a1), Some(b0), Some(b1)) =
@@ -857,6 +862,10 @@ mod tests {
         g.add(&q, &s(1.0, 100.0), &s(6.0, 200.0), Duration::from_secs(1));
         g.add(&q, &s(6.0, 200.0), &s(0.0, 10.0), Duration::from_secs(1));
         g.add(&q, &s(6.0, 200.0), &s(6.0, 200.0), Duration::from_secs(1));
+        assert_eq!(g.values, vec![0.05]);
+        // An agent's NaN or infinity is no sample and leaves the pool alone.
+        g.add(&q, &s(6.0, 200.0), &s(f64::NAN, 300.0), Duration::from_secs(1));
+        g.add(&q, &s(6.0, 200.0), &s(f64::INFINITY, 300.0), Duration::from_secs(1));
         assert_eq!(g.values, vec![0.05]);
         let (mut v, mut pooled) = (Vec::new(), None);
         g.fill(&mut v, &mut pooled);

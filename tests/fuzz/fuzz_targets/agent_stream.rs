@@ -1,4 +1,5 @@
-//! The agent stream's messages, both ways: any bytes either fail to
+//! The agent stream's messages, both ways, and the metrics text an agent
+//! reads for analysis: any bytes either fail to
 //! decode or convert into domain types — a hello, an inventory, a command
 //! update on the coordinator's side; a command on the agent's — or are
 //! refused with an error, never a panic, and what converts is within the
@@ -14,6 +15,14 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
+    // What a service's metrics endpoint answers, read by its agent for
+    // analysis: an error or samples, never a panic, and bounded.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let wanted = ["x".to_owned(), "x_bucket".to_owned(), "a:b".to_owned()];
+        if let Ok(samples) = baton_agent::sample::families(text, &wanted) {
+            assert!(samples.len() <= baton_agent::sample::MAX_SERIES);
+        }
+    }
     if let Ok(msg) = pb::AgentMessage::decode(data) {
         match msg.kind {
             Some(pb::agent_message::Kind::Hello(hello)) => {
@@ -39,6 +48,10 @@ fuzz_target!(|data: &[u8]| {
             // Log chunks are handed as they are to the one request they
             // name, within the stream's message limit: nothing to convert.
             Some(pb::agent_message::Kind::LogChunk(_)) => {}
+            // Sample replies are matched to their request by id and host;
+            // their numbers are read as they are (the runner skips what is
+            // not finite, the judge refuses it): nothing to convert.
+            Some(pb::agent_message::Kind::SampleReply(_)) => {}
             Some(pb::agent_message::Kind::Heartbeat(_)) | None => {}
         }
     }
