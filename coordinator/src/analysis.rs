@@ -864,8 +864,18 @@ mod tests {
         g.add(&q, &s(6.0, 200.0), &s(6.0, 200.0), Duration::from_secs(1));
         assert_eq!(g.values, vec![0.05]);
         // An agent's NaN or infinity is no sample and leaves the pool alone.
-        g.add(&q, &s(6.0, 200.0), &s(f64::NAN, 300.0), Duration::from_secs(1));
-        g.add(&q, &s(6.0, 200.0), &s(f64::INFINITY, 300.0), Duration::from_secs(1));
+        g.add(
+            &q,
+            &s(6.0, 200.0),
+            &s(f64::NAN, 300.0),
+            Duration::from_secs(1),
+        );
+        g.add(
+            &q,
+            &s(6.0, 200.0),
+            &s(f64::INFINITY, 300.0),
+            Duration::from_secs(1),
+        );
         assert_eq!(g.values, vec![0.05]);
         let (mut v, mut pooled) = (Vec::new(), None);
         g.fill(&mut v, &mut pooled);
