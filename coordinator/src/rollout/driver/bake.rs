@@ -167,12 +167,16 @@ impl Driver {
                 .inc(&[v.kind.as_str(), v.verdict.as_str()]);
             let record = serde_json::json!({ "verdict": v, "samples": samples });
             let key = analysis::samples_key(&b.rollout, b.service, b.step, &v.name);
-            if let Err(e) = self
-                .store
-                .put(&key, serde_json::to_vec(&record).unwrap_or_default())
-                .await
-            {
-                // The verdict itself goes into the rollout's record.
+            // The verdict itself goes into the rollout's record; its
+            // samples are kept beside it when they can be.
+            let bytes = match serde_json::to_vec(&record) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    warn!(%key, error = %e, "cannot encode an analysis's samples; not storing them");
+                    continue;
+                }
+            };
+            if let Err(e) = self.store.put(&key, bytes).await {
                 warn!(%key, error = %e, "cannot store an analysis's samples");
             }
         }
