@@ -72,6 +72,7 @@ impl Agent {
             executor::ExecutorConfig {
                 data_dir: config.data_dir.clone(),
                 vars,
+                labels: config.labels.clone(),
                 trusted_keys: config.trusted_keys.clone(),
                 keep_releases: config.keep_releases,
                 supervisor: supervisor::SupervisorConfig::default(),

@@ -146,4 +146,34 @@ impl HealthWait {
 tokio::task_local! {
     /// The running command's health wait, set by the health gate.
     pub static HEALTH_WAIT: HealthWait;
+    /// Connections the running command had to cut, reported with its
+    /// outcome.
+    pub static CONNECTIONS_CUT: ConnectionsCut;
+}
+
+/// Connections a command cut: a drain past its `drain_timeout`, an old
+/// process killed at the end of its `stop_timeout`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionsCut(Arc<std::sync::atomic::AtomicU32>);
+
+impl ConnectionsCut {
+    /// How many so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Adds `n` to the running command's cut connections (outside a command:
+/// nothing to report to).
+pub fn report_cut(n: u32) {
+    if n == 0 {
+        return;
+    }
+    let _ = CONNECTIONS_CUT.try_with(|c| {
+        let _ = c.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |v| Some(v.saturating_add(n)),
+        );
+    });
 }

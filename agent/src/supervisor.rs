@@ -427,6 +427,9 @@ pub struct Stopped {
     pub forced: Option<Forced>,
     /// How long it was given before it was killed or exited.
     pub waited: Duration,
+    /// TCP connections it still had open when it was killed (the target
+    /// is 0).
+    pub open_connections: u32,
 }
 
 /// What the monitoring task needs to (re)start the service.
@@ -767,6 +770,10 @@ impl Monitor {
                         humantime::format_duration(stopped.waited)
                     );
                     stopped.forced = Some(forced);
+                    stopped.open_connections = conns::open_connections(pid);
+                    if stopped.open_connections > 0 {
+                        warn!(service = %name, pid, connections = stopped.open_connections, "killing it cuts the connections it still has open");
+                    }
                     kill_group(pid, Signal::SIGKILL);
                     wait_group_gone(&mut current.process, pid, KILL_WAIT)
                         .await
@@ -1019,5 +1026,6 @@ fn group_has_live_members(pgid: u32) -> bool {
         .any(|pid| read_stat(pid).is_some_and(|s| s.pgrp == pgid && is_live_state(s.state)))
 }
 
+mod conns;
 #[cfg(test)]
 mod tests;

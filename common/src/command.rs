@@ -21,6 +21,10 @@ pub struct Command {
     pub deadline: SystemTime,
     /// What to do.
     pub kind: CommandKind,
+    /// The load balancer to drain the host from around it (`Activate`,
+    /// `Rollback` and `Remove` of a service with `[service.traffic]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::traffic::Traffic>,
 }
 
 /// What a command asks for.
@@ -172,6 +176,8 @@ pub enum FailureKind {
     /// (or was inconclusive with `on_inconclusive = "fail"`): decided by
     /// the coordinator, never sent by an agent.
     Analysis,
+    /// The load balancer could not drain the host or put it back.
+    Traffic,
     /// Anything else; also what a kind written by a newer version reads
     /// as.
     #[serde(other)]
@@ -180,7 +186,7 @@ pub enum FailureKind {
 
 impl FailureKind {
     /// Every kind.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::Invalid,
         Self::Late,
         Self::Refused,
@@ -196,6 +202,7 @@ impl FailureKind {
         Self::Cancelled,
         Self::Gone,
         Self::Analysis,
+        Self::Traffic,
         Self::Internal,
     ];
 
@@ -218,6 +225,7 @@ impl FailureKind {
             Self::Internal => "internal",
             Self::Gone => "gone",
             Self::Analysis => "analysis",
+            Self::Traffic => "traffic",
         }
     }
 }
@@ -302,6 +310,9 @@ pub struct CommandUpdate {
     pub failure: Option<FailureKind>,
     /// A failed activation's probe answer and log tail.
     pub detail: FailureDetail,
+    /// Connections the command had to cut (a drain past its
+    /// `drain_timeout`, an old process stopped at its `stop_timeout`).
+    pub connections_cut: u32,
 }
 
 impl CommandUpdate {
@@ -315,6 +326,7 @@ impl CommandUpdate {
             health_wait: None,
             failure: None,
             detail: FailureDetail::default(),
+            connections_cut: 0,
         }
     }
 
@@ -407,6 +419,7 @@ mod tests {
             id: "c1".into(),
             deadline: SystemTime::now(),
             kind: CommandKind::Noop,
+            traffic: None,
         };
         let mut wire = pb::Command::from(&cmd);
         assert_eq!(Command::try_from(wire.clone()).unwrap().id, "c1");
@@ -414,5 +427,48 @@ mod tests {
         let err = Command::try_from(wire).unwrap_err();
         assert_eq!(err.id.as_deref(), Some("c1"));
         assert_eq!(err.reason.field, "command.kind");
+    }
+
+    #[test]
+    fn traffic_goes_over_the_wire_bounded_and_only_with_a_swap() {
+        use crate::traffic::{Balancer, RunOn, Traffic};
+        let traffic = Traffic {
+            balancer: Balancer::Haproxy {
+                socket: "/run/haproxy/admin.sock".into(),
+                backend: "web".into(),
+                server: "${BATON_HOST_ID}".into(),
+            },
+            drain_timeout: Duration::from_secs(30),
+            run_on: RunOn::Agent,
+        };
+        let cmd = Command {
+            id: "c1".into(),
+            deadline: SystemTime::now(),
+            kind: CommandKind::Remove {
+                service: "web".into(),
+            },
+            traffic: Some(traffic.clone()),
+        };
+        let wire = pb::Command::from(&cmd);
+        assert_eq!(Command::try_from(wire.clone()).unwrap(), cmd);
+        // Not around a command that swaps nothing.
+        let mut noop = wire.clone();
+        noop.kind = Some(pb::command::Kind::Noop(pb::Noop {}));
+        let err = Command::try_from(noop).unwrap_err();
+        assert_eq!(err.reason.field, "command.traffic");
+        // Bounded like a plan's.
+        let mut long = wire.clone();
+        if let Some(t) = &mut long.traffic {
+            t.drain_timeout = Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            });
+        }
+        assert!(Command::try_from(long).is_err());
+        let mut none = wire;
+        if let Some(t) = &mut none.traffic {
+            t.balancer = None;
+        }
+        assert!(Command::try_from(none).is_err());
     }
 }

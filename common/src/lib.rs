@@ -19,6 +19,7 @@ pub mod names;
 pub mod reference;
 pub mod text;
 pub mod time;
+pub mod traffic;
 pub mod version;
 
 #[cfg(feature = "runtime")]

@@ -39,6 +39,11 @@ impl Counter {
         self.0.inc();
     }
 
+    /// Adds `n`.
+    pub fn inc_by(&self, n: u64) {
+        self.0.inc_by(n);
+    }
+
     /// The count.
     pub fn get(&self) -> u64 {
         self.0.get()

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub takeovers_refused: Counter,
     /// Analysis verdicts, by the check's kind and the verdict.
     pub verdicts: CounterVec,
+    /// Connections cut by hosts' commands: a drain past its
+    /// `drain_timeout`, an old process stopped at its `stop_timeout`.
+    pub connections_cut: Counter,
     /// What was written to the store.
     pub store: Arc<crate::store::StoreStats>,
 }
@@ -71,6 +74,7 @@ impl Default for Metrics {
             health_check_failures: Counter::default(),
             takeovers: Counter::default(),
             takeovers_refused: Counter::default(),
+            connections_cut: Counter::default(),
             verdicts: CounterVec::with_values(&[
                 &["metrics", "pass"],
                 &["metrics", "fail"],
@@ -178,6 +182,11 @@ impl Metrics {
             "Verdicts of analysis checks, by the check's kind and the verdict (pass, fail, inconclusive, skipped).",
             &["kind", "verdict"],
             &self.verdicts,
+        );
+        e.counter(
+            "baton_connections_cut_total",
+            "Connections still open that hosts' commands had to cut: a drain past its drain_timeout, an old process stopped at the end of its stop_timeout (the target is 0).",
+            &self.connections_cut,
         );
         e.histogram(
             "baton_host_activation_duration_seconds",

@@ -74,6 +74,7 @@ pub async fn ping(
                     id: id.clone(),
                     deadline,
                     kind: CommandKind::Noop,
+                    traffic: None,
                 })
                     .into(),
             )),

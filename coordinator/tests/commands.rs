@@ -32,6 +32,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         id: "c-1".into(),
         deadline: SystemTime::now() + Duration::from_secs(30),
         kind: CommandKind::Noop,
+        traffic: None,
     };
     assert_eq!(
         fleet.send_command(h1.clone(), &command).await,
@@ -77,6 +78,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         id: "c-late".into(),
         deadline: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
         kind: CommandKind::Noop,
+        traffic: None,
     };
     fleet.send_command(h1.clone(), &late).await.unwrap();
 

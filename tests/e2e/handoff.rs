@@ -223,3 +223,64 @@ fn a_service_can_take_up_and_drop_listen_between_releases() {
         "{log}"
     );
 }
+
+#[test]
+fn an_old_process_killed_at_its_stop_timeout_reports_the_connections_it_cut() {
+    let fleet = Fleet::start_full(
+        &[("h1", &["role=web"])],
+        &[],
+        &["--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = fleet.batond.metrics.unwrap();
+    for v in ["1.0.0", "2.0.0"] {
+        let dir = fleet.release_dir_with(v, false, true, "");
+        let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        assert!(toml.contains("stop_timeout = \"5s\""), "{toml}");
+        std::fs::write(
+            dir.join("service.toml"),
+            toml.replace("stop_timeout = \"5s\"", "stop_timeout = \"1s\""),
+        )
+        .unwrap();
+        let file = fleet.pack_with(&dir, v, &fleet.env.path("release.key"));
+        fleet.push(&file);
+    }
+    let s = fleet.roll("1.0.0", &format!("hosts = {{ role = \"web\" }}\n{QUICK}"));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    // A request longer than the old process's stop_timeout.
+    let addr = fleet.addr("h1");
+    let slow = std::thread::spawn(move || get(addr, "/slow?ms=20000", Duration::from_secs(30)));
+    wait_until("the slow request to reach 1.0.0", SOON, || {
+        fleet
+            .service_log("h1")
+            .contains("a slow request (20000 ms) is in flight")
+            .then_some(())
+    });
+    let id = fleet.start_rollout(&format!(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{QUICK}"
+    ));
+    let s = fleet.wait_done(&id, Duration::from_secs(60));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    assert!(
+        slow.join().unwrap().is_err(),
+        "the slow request was not cut"
+    );
+    // The cut is on record: an event of the host, and the metric.
+    let events = fleet.events(&id);
+    let cut = events
+        .iter()
+        .find(|e| e["to"] == "connections_cut")
+        .unwrap_or_else(|| panic!("no connections_cut event in {events:?}"));
+    assert_eq!(cut["host"], "h1", "{cut}");
+    assert!(
+        cut["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("1 connection(s) still open were cut")),
+        "{cut}"
+    );
+    let doc = baton_tests::http::scrape(metrics);
+    assert_eq!(
+        baton_common::metrics::sample(&doc, "baton_connections_cut_total"),
+        Some(1.0),
+        "{doc}"
+    );
+}

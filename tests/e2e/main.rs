@@ -29,3 +29,4 @@ mod stop;
 mod structure;
 mod system;
 mod systemd;
+mod traffic;

@@ -337,15 +337,38 @@ timeout = "1s"
     }
 
     /// Waits until the rollout is in a terminal state and returns it.
+    /// On a timeout it says where the rollout stood and what `batond`
+    /// logged last.
     pub fn wait_done(&self, id: &str, timeout: Duration) -> Value {
-        wait_until(&format!("rollout {id} to end"), timeout, || {
-            let s = self.status(id);
+        let done = |s: &Value| {
             matches!(
                 s["state"].as_str(),
                 Some("succeeded" | "failed" | "rolled_back" | "aborted")
             )
-            .then_some(s)
-        })
+        };
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.status(id);
+            if done(&s) {
+                return s;
+            }
+            if std::time::Instant::now() >= until {
+                let log = self.batond.proc.log_text();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "timed out after {timeout:?} waiting for rollout {id} to end; it stands at {s}\nbatond's last lines:\n{tail}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until `check` holds for the rollout's status.

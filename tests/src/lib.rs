@@ -20,11 +20,13 @@ pub mod abuse;
 pub mod cdp;
 pub mod etcd;
 pub mod fleet;
+pub mod haproxy;
 pub mod http;
 pub mod load;
 pub mod prometheus;
 pub mod proxy;
 pub mod rogue;
+pub mod wrk;
 
 /// A generous bound for anything that should happen "soon": long enough for
 /// a loaded CI machine, short enough to fail a hung test.

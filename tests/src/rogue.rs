@@ -188,6 +188,7 @@ impl Rogue {
                 std::time::SystemTime::now() + within,
             )),
             kind: Some(kind),
+            traffic: None,
         };
         crate::wait_until(
             "an agent to connect to the rogue coordinator",

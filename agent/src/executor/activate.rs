@@ -501,6 +501,7 @@ impl Executor {
                 cut: cancel.clone(),
             })
             .await
+            .inspect(|stopped| crate::metrics::report_cut(stopped.open_connections))
             .map_err(|e| match e {
                     SupervisorError::StillRunning { pid } => Failure::new(
                         FailureKind::StopTimeout,

@@ -49,6 +49,7 @@ mod release;
 mod remove;
 mod runner;
 mod stage;
+mod traffic;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
 use failure::{Classify, Failure};
@@ -71,6 +72,8 @@ pub struct ExecutorConfig {
     pub data_dir: PathBuf,
     /// `${NAME}` values for `service.toml` (with `BATON_HOST_ID`).
     pub vars: BTreeMap<String, String>,
+    /// The host's labels (for a local balancer's `${NAME}`s).
+    pub labels: BTreeMap<String, String>,
     /// Keys whose signatures the agent accepts.
     pub trusted_keys: Vec<PublicKey>,
     /// Releases kept per service (the current one always is).
@@ -366,9 +369,14 @@ impl Executor {
             let kind = command.kind.name();
             let started = std::time::Instant::now();
             let health_wait = crate::metrics::HealthWait::default();
+            let cut = crate::metrics::ConnectionsCut::default();
+            let run = crate::metrics::CONNECTIONS_CUT.scope(
+                cut.clone(),
+                crate::metrics::HEALTH_WAIT.scope(health_wait.clone(), this.run(command)),
+            );
             let outcome = tokio::select! {
                 _ = this.inner.shutdown.cancelled() => None,
-                r = crate::metrics::HEALTH_WAIT.scope(health_wait.clone(), this.run(command)) => Some(r),
+                r = run => Some(r),
             };
             let Some(result) = outcome else {
                 // Not journaled: the coordinator re-sends it after the
@@ -384,6 +392,7 @@ impl Executor {
                 },
             };
             update.health_wait = health_wait.get();
+            update.connections_cut = cut.get();
             let metrics = &crate::metrics::METRICS;
             metrics
                 .commands
@@ -447,11 +456,38 @@ impl Executor {
         });
     }
 
-    async fn run(&self, command: Command) -> Result<(), Failure> {
+    async fn run(&self, mut command: Command) -> Result<(), Failure> {
         if command.deadline < SystemTime::now() {
             return Err(Failure::new(FailureKind::Late, LATE));
         }
         self.publish(accepted(&command.id));
+        if let Some(traffic) = command.traffic.take() {
+            if command.kind.service() == Some(AGENT_NAME) {
+                return Err(Failure::new(
+                    FailureKind::Invalid,
+                    "the agent itself is not drained from a balancer",
+                ));
+            }
+            if let Some(service) = command.kind.service() {
+                baton_common::host::validate_name(service)
+                    .map_err(|e| format!("invalid service name {}: {e}", quote(service)))
+                    .or_fail(FailureKind::Invalid)?;
+            }
+            // A removed service has no health for the balancer to see.
+            let up_within = match &command.kind {
+                CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
+                    Some(gate.healthy_deadline)
+                }
+                _ => None,
+            };
+            return self
+                .behind_balancer(&traffic, up_within, self.run_kind(command))
+                .await;
+        }
+        self.run_kind(command).await
+    }
+
+    async fn run_kind(&self, command: Command) -> Result<(), Failure> {
         let kind = command.kind;
         if let Some(service) = kind.service() {
             baton_common::host::validate_name(service)
@@ -709,6 +745,7 @@ fn accepted(id: &str) -> CommandUpdate {
         error: String::new(),
         failure: None,
         detail: Default::default(),
+        connections_cut: 0,
     }
 }
 

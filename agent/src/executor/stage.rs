@@ -166,6 +166,7 @@ impl Executor {
                     health_wait: None,
                     failure: None,
                     detail: Default::default(),
+                    connections_cut: 0,
                 });
             }
         })

@@ -63,6 +63,7 @@ impl From<&Command> for pb::Command {
                     service: service.clone(),
                 }),
             }),
+            traffic: c.traffic.as_ref().map(traffic_to_wire),
         }
     }
 }
@@ -128,10 +129,28 @@ impl TryFrom<pb::Command> for Command {
                 ));
             }
         };
+        let traffic = match c.traffic {
+            None => None,
+            Some(t) => Some(traffic_from_wire(t).map_err(|why| fail("command.traffic", &why))?),
+        };
+        if traffic.is_some()
+            && !matches!(
+                kind,
+                CommandKind::Activate { .. }
+                    | CommandKind::Rollback { .. }
+                    | CommandKind::Remove { .. }
+            )
+        {
+            return Err(fail(
+                "command.traffic",
+                "only an activate, rollback or remove drains a host",
+            ));
+        }
         Ok(Self {
             id: c.id,
             deadline,
             kind,
+            traffic,
         })
     }
 }
@@ -174,6 +193,7 @@ impl From<&CommandUpdate> for pb::CommandUpdate {
                 .into(),
             probe: u.detail.probe.clone(),
             log_tail: u.detail.log_tail.clone(),
+            connections_cut: u.connections_cut,
         }
     }
 }
@@ -197,6 +217,7 @@ impl From<FailureKind> for pb::FailureKind {
             FailureKind::Internal => Self::Internal,
             FailureKind::Gone => Self::Gone,
             FailureKind::Analysis => Self::Analysis,
+            FailureKind::Traffic => Self::Traffic,
         }
     }
 }
@@ -277,6 +298,67 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
             },
             // Bounded whatever the agent sent.
             detail: FailureDetail::new(&u.probe, &u.log_tail),
+            connections_cut: u.connections_cut.min(MAX_CONNECTIONS_CUT),
         })
     }
+}
+
+/// The most connections one update may say were cut (more is a lie).
+pub const MAX_CONNECTIONS_CUT: u32 = 10_000_000;
+
+fn traffic_to_wire(t: &crate::traffic::Traffic) -> pb::Traffic {
+    use crate::traffic::Balancer;
+    pb::Traffic {
+        balancer: Some(match &t.balancer {
+            Balancer::Haproxy {
+                socket,
+                backend,
+                server,
+            } => pb::traffic::Balancer::Haproxy(pb::HaproxyBalancer {
+                socket: socket.clone(),
+                backend: backend.clone(),
+                server: server.clone(),
+            }),
+            Balancer::Exec {
+                drain,
+                ready,
+                connections,
+            } => pb::traffic::Balancer::Exec(pb::ExecBalancer {
+                drain: drain.clone(),
+                ready: ready.clone(),
+                connections: connections.clone(),
+            }),
+        }),
+        drain_timeout: Some(to_duration(t.drain_timeout)),
+    }
+}
+
+/// Traffic on the wire is always the agent's to run.
+fn traffic_from_wire(t: pb::Traffic) -> Result<crate::traffic::Traffic, String> {
+    use crate::traffic::{Balancer, RunOn, Traffic};
+    let balancer = match t.balancer {
+        Some(pb::traffic::Balancer::Haproxy(h)) => Balancer::Haproxy {
+            socket: h.socket,
+            backend: h.backend,
+            server: h.server,
+        },
+        Some(pb::traffic::Balancer::Exec(e)) => Balancer::Exec {
+            drain: e.drain,
+            ready: e.ready,
+            connections: e.connections,
+        },
+        None => return Err("no balancer (an unknown kind from a newer coordinator?)".into()),
+    };
+    let drain_timeout = t
+        .drain_timeout
+        .as_ref()
+        .and_then(from_duration)
+        .ok_or("drain_timeout is missing or invalid")?;
+    let traffic = Traffic {
+        balancer,
+        drain_timeout,
+        run_on: RunOn::Agent,
+    };
+    traffic.validate()?;
+    Ok(traffic)
 }

@@ -181,6 +181,18 @@ pub fn changes(
             let Some(h) = after.hosts.get(id) else {
                 continue;
             };
+            if h.connections_cut > was.connections_cut {
+                // The target is 0: each cut is on record.
+                let mut e = event(Kind::Host, at);
+                e.service = after.name.clone();
+                e.host = id.to_string();
+                e.to = "connections_cut".into();
+                e.message = format!(
+                    "{} connection(s) still open were cut (the drain's drain_timeout or the old process's stop_timeout ran out)",
+                    h.connections_cut - was.connections_cut
+                );
+                out.push(e);
+            }
             if was.state == h.state {
                 continue;
             }

@@ -322,6 +322,11 @@ pub struct ServiceRun {
     /// It was approved.
     #[serde(default)]
     pub approved: bool,
+    /// The load balancer its hosts are drained from around each
+    /// activation and rollback (from the plan; filled into the commands
+    /// as they are sent, not stored per host).
+    #[serde(default)]
+    pub traffic: Option<baton_common::traffic::Traffic>,
     /// Hosts changed since the driver last took them, with their value
     /// before (not stored): what a step persists and reports.
     #[serde(skip)]
@@ -390,6 +395,10 @@ pub struct HostRun {
     pub touched: bool,
     /// The command in flight, re-sent on every reconnect until it ends.
     pub outstanding: Option<Command>,
+    /// Connections its commands had to cut (a drain past `drain_timeout`,
+    /// an old process stopped at its `stop_timeout`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connections_cut: u32,
     /// Whether the agent is connected (learnt from the fleet, not stored).
     #[serde(skip)]
     pub connected: bool,
@@ -421,6 +430,7 @@ impl HostRun {
             detail: FailureDetail::default(),
             touched: false,
             outstanding: None,
+            connections_cut: 0,
             connected,
             progress: 0,
             gone_since: None,
@@ -446,6 +456,10 @@ impl HostRun {
             HostState::Activating | HostState::RollingBack => false,
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Something that happened.
@@ -621,7 +635,7 @@ fn take(
                     .hosts
                     .get(host)
                     .and_then(|h| h.outstanding.as_ref())
-                    .map(|cmd| deadline_for(r, &cmd.kind, now));
+                    .map(|cmd| deadline_of(r, si, &cmd.kind, now));
                 if let Some(h) = r.services[si].host_mut(host) {
                     h.connected = true;
                     h.gone_since = None;
@@ -701,6 +715,7 @@ fn on_update(
     };
     h.outstanding = None;
     h.progress = 0;
+    h.connections_cut = h.connections_cut.saturating_add(update.connections_cut);
     let failed = outcome == Outcome::Failed;
     match (kind, failed) {
         ("stage", false) => h.state = HostState::Staged,
@@ -755,12 +770,13 @@ fn send(
     actions: &mut Vec<Action>,
     now: SystemTime,
 ) {
-    let deadline = deadline_for(r, &kind, now);
+    let deadline = deadline_of(r, si, &kind, now);
     r.next_seq = r.next_seq.saturating_add(1);
     let cmd = Command {
         id: format!("{}/{}", r.id, r.next_seq),
         deadline,
         kind,
+        traffic: None,
     };
     if let Some(h) = r.services[si].host_mut(host) {
         if h.connected {
@@ -1106,7 +1122,7 @@ mod services;
 mod view;
 
 use bake::on_verdicts;
-use deadlines::{check_progress, deadline_for, gone_deadline, gone_hosts_fail};
+use deadlines::{check_progress, deadline_for, deadline_of, gone_deadline, gone_hosts_fail};
 use operator::operator;
 use report::failed_hosts;
 pub use report::summary;

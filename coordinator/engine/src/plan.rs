@@ -107,6 +107,9 @@ pub struct ServicePlan {
     /// canary promotion).
     #[serde(default)]
     pub approval: bool,
+    /// The load balancer its hosts are drained from around their swap.
+    #[serde(default)]
+    pub traffic: Option<baton_common::traffic::Traffic>,
 }
 
 /// How hosts are replaced.
@@ -190,6 +193,7 @@ struct RawService {
     #[serde(default)]
     analysis: Vec<RawCheck>,
     approval: Option<bool>,
+    traffic: Option<traffic::RawTraffic>,
 }
 
 /// Every key of a plan file, in reading order: the top-level keys, then
@@ -504,6 +508,66 @@ pub const KEYS: &[baton_common::reference::Key] = {
             value: "number",
             default: "none",
             about: "`host`: growth of open files tolerated.",
+        },
+        Key {
+            key: "service[].traffic",
+            value: "table",
+            default: "none",
+            about: "Take each host out of its load balancer before its swap and put it back after its health gate: drain → wait until its connections reach zero (or `drain_timeout`) → activate → health gate → ready → wait until the balancer reports it up → the next host. For services without `listen` sockets behind a balancer. A rollback and an abort put every drained host back. See docs/guides/traffic.md.",
+        },
+        Key {
+            key: "service[].traffic.kind",
+            value: "string",
+            default: "required",
+            about: "`haproxy` (HAProxy's runtime API) or `exec` (your commands: nginx, Envoy, a cloud balancer, Consul maintenance mode).",
+        },
+        Key {
+            key: "service[].traffic.socket",
+            value: "string",
+            default: "required (`haproxy`)",
+            about: "The runtime API: an absolute unix socket path (at most 107 bytes) or `tcp://IP:PORT`. It needs `level admin`.",
+        },
+        Key {
+            key: "service[].traffic.backend",
+            value: "string",
+            default: "required (`haproxy`)",
+            about: "The backend, with `${BATON_HOST_ID}`, `${host}` and `${LABEL}` (a host label; on `run_on = \"agent\"` also the agent's `--var`s) filled in per host. The result must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.",
+        },
+        Key {
+            key: "service[].traffic.server",
+            value: "string",
+            default: "`\"${BATON_HOST_ID}\"`",
+            about: "The host's server in that backend, filled in as `backend` is.",
+        },
+        Key {
+            key: "service[].traffic.drain_timeout",
+            value: "duration",
+            default: "`\"30s\"`",
+            about: "How long a drained host's connections may take to finish; the ones still open then are cut by the swap, counted, and reported as an event and in `baton_traffic_connections_cut_total`. At most 1h.",
+        },
+        Key {
+            key: "service[].traffic.run_on",
+            value: "string",
+            default: "`\"coordinator\"`",
+            about: "`coordinator`: `batond` talks to one central balancer; `agent`: each host's agent talks to a balancer on the host.",
+        },
+        Key {
+            key: "service[].traffic.drain",
+            value: "list of strings",
+            default: "required (`exec`)",
+            about: "`exec`: the command (program, arguments) that takes a host out; the host id is appended (and in `BATON_HOST_ID`). Exit status 0 is success. At most 32 arguments of 1,024 characters; 30 s.",
+        },
+        Key {
+            key: "service[].traffic.ready",
+            value: "list of strings",
+            default: "required (`exec`)",
+            about: "`exec`: the command that puts a host back, as `drain`.",
+        },
+        Key {
+            key: "service[].traffic.connections",
+            value: "list of strings",
+            default: "required (`exec`)",
+            about: "`exec`: the command that prints the host's open connections (one number), as `drain`.",
         },
     ]
 };
@@ -912,10 +976,12 @@ impl ServicePlan {
             }
             analysis.push(check);
         }
+        let traffic = s.traffic.map(|t| t.check(&at)).transpose()?;
         Ok(Self {
             min_healthy_time,
             healthy_deadline,
             analysis,
+            traffic,
             approval: s.approval.unwrap_or(false),
             name: s.name,
             version: s.version,
@@ -947,3 +1013,4 @@ impl ServicePlan {
 
 #[cfg(test)]
 mod tests;
+mod traffic;

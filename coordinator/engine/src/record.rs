@@ -470,6 +470,13 @@ pub struct HostRecord {
     /// The command in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<CommandRecord>,
+    /// Connections its commands had to cut.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cut: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A command in flight: the rest follows from its service and host.
@@ -581,6 +588,7 @@ pub fn host(h: &HostRun) -> HostRecord {
             kind: c.kind.name().to_owned(),
             deadline: c.deadline,
         }),
+        cut: h.connections_cut,
     }
 }
 
@@ -694,17 +702,23 @@ pub fn assemble(
     let skipped = apply_staged(&mut by_service, staged);
     // The checks are the plan's: read again from its text, not stored
     // twice.
-    let checks: BTreeMap<String, Vec<crate::analysis::Check>> = if header
+    // So is the balancer.
+    type FromPlan = (
+        Vec<crate::analysis::Check>,
+        Option<baton_common::traffic::Traffic>,
+    );
+    let from_plan: BTreeMap<String, FromPlan> = if header
         .services
         .iter()
         .any(|s| s.bake.is_some() || !s.verdicts.is_empty())
         || plan.contains("analysis")
+        || plan.contains("traffic")
     {
         crate::plan::Plan::parse(&plan)
             .map_err(|e| RecordError::Inconsistent(format!("the stored plan does not parse: {e}")))?
             .services
             .into_iter()
-            .map(|s| (s.name, s.analysis))
+            .map(|s| (s.name, (s.analysis, s.traffic)))
             .collect()
     } else {
         BTreeMap::new()
@@ -738,7 +752,7 @@ pub fn assemble(
                 s.name, s.version, s.manifest
             ))
         })?;
-        let analysis = checks.get(&s.name).cloned().unwrap_or_default();
+        let (analysis, traffic) = from_plan.get(&s.name).cloned().unwrap_or_default();
         services.push(ServiceRun {
             name: s.name,
             version: s.version,
@@ -767,6 +781,7 @@ pub fn assemble(
             judged: s.judged,
             approval: s.approval,
             approved: s.approved,
+            traffic,
             changed: Default::default(),
         });
     }
@@ -834,6 +849,7 @@ fn host_run(id: &str, s: &ServiceHeader, r: HostRecord) -> Result<HostRun, Strin
                 id: format!("{id}/{}", c.seq),
                 deadline: c.deadline,
                 kind,
+                traffic: None,
             })
         }
     };
@@ -850,6 +866,7 @@ fn host_run(id: &str, s: &ServiceHeader, r: HostRecord) -> Result<HostRun, Strin
         detail: FailureDetail::new(&r.detail.probe, &r.detail.log_tail),
         touched: r.touched,
         outstanding,
+        connections_cut: r.cut,
         connected: false,
         progress: 0,
         gone_since: None,

@@ -268,6 +268,7 @@ pub fn resolve(
             judged: None,
             approval: svc.approval,
             approved: false,
+            traffic: svc.traffic.clone(),
             hosts,
             changed: Default::default(),
         });

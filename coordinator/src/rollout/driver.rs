@@ -327,6 +327,8 @@ struct Driver {
     metrics: Arc<crate::metrics::Metrics>,
     /// Bakes in progress, and the freeze.
     analysis: bake::Analysis,
+    /// Commands behind a central balancer.
+    balancers: traffic::Balancers,
     /// Moves on every change of any rollout.
     changed: watch::Sender<u64>,
 }
@@ -436,6 +438,7 @@ pub async fn spawn_with(
         finished: None,
         metrics: options.metrics,
         analysis,
+        balancers: traffic::Balancers::new(),
         changed,
     };
     let handle = Rollouts {
@@ -463,6 +466,7 @@ impl Driver {
         }
         self.sync_connected(&snapshot).await;
         let mut baked = std::mem::replace(&mut self.analysis.rx, mpsc::channel(1).1);
+        let mut balanced = self.balancers.take_done();
         for id in self.active.keys().cloned().collect::<Vec<_>>() {
             self.reconcile_bakes(&id);
         }
@@ -494,11 +498,12 @@ impl Driver {
                                 Err(_) => break,
                             }
                         }
-                        self.on_updates(burst).await;
+                        self.on_updates(burst, false).await;
                     }
                     None => break,
                 },
                 Some(result) = baked.recv() => self.on_baked(result).await,
+                Some(done) = balanced.recv() => self.on_updates(vec![done], true).await,
                 c = changes.recv() => match c {
                     Ok(view) => self.on_host(&view).await,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -552,7 +557,7 @@ impl Driver {
     /// command, an id a hostile agent made up) is dropped before any work,
     /// and progress is noted in place and published on the next tick. The
     /// final answers of a burst go into one step per rollout.
-    async fn on_updates(&mut self, burst: Vec<(HostId, CommandUpdate)>) {
+    async fn on_updates(&mut self, burst: Vec<(HostId, CommandUpdate)>, balanced: bool) {
         let mut steps: BTreeMap<String, Vec<Event>> = BTreeMap::new();
         for (host, update) in burst {
             let Some((id, _)) = update.command_id.split_once('/') else {
@@ -588,12 +593,15 @@ impl Driver {
                 debug!(rollout = %id, %host, command = %update.command_id, "dropping an update for no outstanding command");
                 continue;
             }
-            if progress_only {
+            if progress_only || (!balanced && self.divert(id, &host, &update)) {
                 continue;
             }
             if let Some(took) = update.health_wait {
                 self.metrics.health_wait.observe(took);
             }
+            self.metrics
+                .connections_cut
+                .inc_by(update.connections_cut.into());
             steps
                 .entry(id.to_owned())
                 .or_default()
@@ -664,70 +672,6 @@ impl Driver {
             _ => return,
         };
         self.host_events(vec![event]).await;
-    }
-
-    /// Sends every outstanding command of a rollout to its connected hosts
-    /// again (same ids, so agents answer rather than re-run).
-    async fn resend_outstanding(&mut self, id: &str) {
-        let Some(entry) = self.active.get(id) else {
-            return;
-        };
-        let commands: Vec<_> = entry
-            .rollout
-            .services
-            .iter()
-            .flat_map(|s| s.hosts.iter())
-            .filter(|(h, _)| self.connected.contains_key(*h))
-            .filter_map(|(h, run)| {
-                let mut command = run.outstanding.clone()?;
-                entry.rollout.payload(&mut command);
-                Some(Action::Send(h.clone(), command))
-            })
-            .collect();
-        self.deliver_all(id, commands).await;
-    }
-
-    /// Sends a step's commands: one by one when they are few, else with
-    /// one question to the registry for every stream (a batch of 1,000
-    /// activations must not be 1,000 round trips to the registry).
-    async fn deliver_all(&self, id: &str, actions: Vec<Action>) {
-        if actions.len() < 16 {
-            for Action::Send(host, command) in actions {
-                self.deliver(id, host, command).await;
-            }
-            return;
-        }
-        let commands = actions
-            .into_iter()
-            .map(|Action::Send(host, command)| (host, command))
-            .collect();
-        match self.fleet.send_commands(commands, SEND_TIMEOUT).await {
-            Ok(missed) => {
-                for (host, command, e) in missed {
-                    // It stays outstanding and is re-sent when the host returns.
-                    warn!(rollout = %id, %host, %command, error = %e, "command not delivered yet");
-                }
-            }
-            Err(e) => warn!(rollout = %id, error = %e, "commands not delivered"),
-        }
-    }
-
-    async fn deliver(&self, id: &str, host: HostId, command: baton_common::command::Command) {
-        match tokio::time::timeout(
-            SEND_TIMEOUT,
-            self.fleet.send_command(host.clone(), &command),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            // It stays outstanding and is re-sent when the host returns.
-            Ok(Err(e)) => {
-                warn!(rollout = %id, %host, command = %command.id, error = %e, "command not delivered yet")
-            }
-            Err(_) => {
-                warn!(rollout = %id, %host, command = %command.id, "the host's stream is full; the command waits for its reconnect")
-            }
-        }
     }
 
     /// Connections and disconnections, one step per rollout they concern.
@@ -887,6 +831,8 @@ impl Driver {
                 }
             }
         }
+        self.balancers
+            .prune(id, self.active.get(id).map(|a| &a.rollout));
         self.deliver_all(id, actions).await;
         self.work.sending += t2.elapsed();
         self.reconcile_bakes(id);
@@ -1183,6 +1129,8 @@ impl Driver {
 mod bake;
 mod helpers;
 mod persist;
+mod send;
+mod traffic;
 
 pub use crate::freeze::FreezeView;
 pub use bake::DriverOptions;

@@ -65,6 +65,25 @@ pub(super) fn gone_deadline(s: &ServiceRun) -> Duration {
 }
 
 /// When a command sent now must have finished.
+/// A command's deadline for service `si`: a host behind a balancer also
+/// gets its drain, and the wait for the balancer to report it up again.
+pub(super) fn deadline_of(
+    r: &Rollout,
+    si: usize,
+    kind: &CommandKind,
+    now: SystemTime,
+) -> SystemTime {
+    let base = deadline_for(r, kind, now);
+    let traffic = r.services.get(si).and_then(|s| s.traffic.as_ref());
+    match (traffic, kind) {
+        (Some(t), CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. }) => {
+            later(base, t.drain_timeout.saturating_add(gate.healthy_deadline))
+        }
+        (Some(t), CommandKind::Remove { .. }) => later(base, t.drain_timeout),
+        _ => base,
+    }
+}
+
 pub(super) fn deadline_for(r: &Rollout, kind: &CommandKind, now: SystemTime) -> SystemTime {
     match kind {
         CommandKind::Stage { .. } => later(now, r.progress_deadline),

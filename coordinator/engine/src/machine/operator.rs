@@ -94,6 +94,7 @@ pub(super) fn operator(
                     id: format!("{}/{}", r.id, r.next_seq),
                     deadline: deadline_for(r, &kind, now),
                     kind,
+                    traffic: None,
                 };
                 actions.push(Action::Send(host, command));
             }

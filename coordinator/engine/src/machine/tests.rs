@@ -42,6 +42,7 @@ fn svc(name: &str, hosts: &[usize], max_parallel: usize, min_healthy: usize) -> 
         judged: None,
         approval: false,
         approved: false,
+        traffic: None,
         hosts: hosts
             .iter()
             .map(|i| (host(*i), HostRun::new(Some("1".into()), "2".into(), true)))

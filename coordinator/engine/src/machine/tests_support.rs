@@ -55,6 +55,7 @@ pub fn single(id: &str, service: &str, hosts: usize, plan: String) -> Rollout {
             judged: None,
             approval: false,
             approved: false,
+            traffic: None,
             changed: Changed::default(),
         }],
         created_at: t0,

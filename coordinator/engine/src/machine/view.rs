@@ -114,6 +114,15 @@ impl Rollout {
     /// signed manifest (held once per service, not in every host's
     /// outstanding command).
     pub fn payload(&self, command: &mut Command) {
+        // A host behind a balancer is drained around the command.
+        if let CommandKind::Activate { service, .. }
+        | CommandKind::Rollback { service, .. }
+        | CommandKind::Remove { service } = &command.kind
+            && command.traffic.is_none()
+            && let Some(s) = self.services.iter().find(|s| &s.name == service)
+        {
+            command.traffic.clone_from(&s.traffic);
+        }
         if let CommandKind::Stage {
             service,
             manifest,

@@ -180,6 +180,7 @@ async fn updates_for_no_outstanding_command_change_nothing_and_progress_shows_on
                 health_wait: None,
                 failure: None,
                 detail: Default::default(),
+                connections_cut: 0,
             },
         )
         .await;

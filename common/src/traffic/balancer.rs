@@ -1,0 +1,355 @@
+//! Talking to a balancer: HAProxy's runtime API (one command per
+//! connection, over a unix socket or TCP) or the operator's commands. Each
+//! exchange is bounded in time and in what is read back; errors say which
+//! balancer, which server and what it answered (a short prefix).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Balancer, Traffic, expand_name};
+use crate::text::prefix;
+
+/// How long one runtime-API exchange may take.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one `exec` command may take.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most bytes read back from the runtime API (`show stat` of one
+/// backend: about 400 bytes a server).
+pub const MAX_ANSWER_BYTES: u64 = 8 << 20;
+/// The most bytes read from an `exec` command's output.
+pub const MAX_EXEC_OUTPUT: u64 = 64 << 10;
+/// How often a draining server's connections (and a returning server's
+/// state) are asked for.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// One host's server in its balancer, names expanded.
+#[derive(Debug, Clone)]
+pub struct Server {
+    traffic: Traffic,
+    host: String,
+    /// HAProxy: `BACKEND/SERVER`.
+    name: Option<(String, String)>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open when `drain_timeout` ran out (cut by the
+    /// swap).
+    pub cut: u32,
+    /// How long the drain took.
+    pub waited: Duration,
+}
+
+impl Server {
+    /// `host`'s server, its names expanded with `vars` (its labels; on an
+    /// agent also its `--var`s).
+    pub fn new(
+        traffic: &Traffic,
+        host: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let name = match &traffic.balancer {
+            Balancer::Haproxy {
+                backend, server, ..
+            } => Some((
+                expand_name("backend", backend, host, vars)?,
+                expand_name("server", server, host, vars)?,
+            )),
+            Balancer::Exec { .. } => None,
+        };
+        Ok(Self {
+            traffic: traffic.clone(),
+            host: host.to_owned(),
+            name,
+        })
+    }
+
+    /// `web/h1` (HAProxy) or `h1` (exec), for messages.
+    pub fn describe(&self) -> String {
+        match &self.name {
+            Some((b, s)) => format!("{b}/{s}"),
+            None => self.host.clone(),
+        }
+    }
+
+    /// Takes the server out, then waits until its connections reach zero
+    /// or `drain_timeout` runs out (the connections left are counted in
+    /// [`Drained::cut`]).
+    pub async fn drain(&self) -> Result<Drained, String> {
+        let began = Instant::now();
+        self.set("drain").await?;
+        let until = began + self.traffic.drain_timeout;
+        loop {
+            let open = self.connections().await?;
+            if open == 0 {
+                return Ok(Drained {
+                    cut: 0,
+                    waited: began.elapsed(),
+                });
+            }
+            if Instant::now() >= until {
+                return Ok(Drained {
+                    cut: open,
+                    waited: began.elapsed(),
+                });
+            }
+            tokio::time::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+
+    /// Puts the server back; with `up_within`, then waits until the
+    /// balancer reports it up (its own health check passed), at most that
+    /// long.
+    pub async fn ready(&self, up_within: Option<Duration>) -> Result<(), String> {
+        self.set("ready").await?;
+        let Some(within) = up_within else {
+            return Ok(());
+        };
+        let Some((backend, server)) = &self.name else {
+            // An exec balancer says nothing about its servers' health.
+            return Ok(());
+        };
+        let until = Instant::now() + within;
+        loop {
+            let row = self.stat_row().await?;
+            let status = row.status.as_str();
+            if status == "UP" || status == "no check" {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(format!(
+                    "HAProxy did not report {backend}/{server} up within {} of its return (its status is {})",
+                    humantime::format_duration(within),
+                    crate::text::quote(status)
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The server's open connections: HAProxy's current sessions plus its
+    /// queue, or the number the `connections` command prints.
+    pub async fn connections(&self) -> Result<u32, String> {
+        match &self.traffic.balancer {
+            Balancer::Haproxy { .. } => {
+                let row = self.stat_row().await?;
+                Ok(row.scur.saturating_add(row.qcur))
+            }
+            Balancer::Exec { connections, .. } => {
+                let out = self.exec("connections", connections).await?;
+                out.trim().parse::<u32>().map_err(|_| {
+                    format!(
+                        "the connections command for host {} printed {}, not a number",
+                        self.host,
+                        crate::text::quote(out.trim())
+                    )
+                })
+            }
+        }
+    }
+
+    async fn set(&self, state: &str) -> Result<(), String> {
+        match (&self.traffic.balancer, &self.name) {
+            (Balancer::Haproxy { .. }, Some((backend, server))) => {
+                let answer = self
+                    .ask(&format!("set server {backend}/{server} state {state}"))
+                    .await?;
+                let answer = answer.trim();
+                if answer.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "HAProxy refused to set {backend}/{server} to {state}: {}",
+                        crate::text::quote(answer)
+                    ))
+                }
+            }
+            (Balancer::Exec { drain, ready, .. }, _) => {
+                let argv = if state == "drain" { drain } else { ready };
+                self.exec(state, argv).await.map(drop)
+            }
+            (Balancer::Haproxy { .. }, None) => Err("no server name".into()),
+        }
+    }
+
+    async fn stat_row(&self) -> Result<StatRow, String> {
+        let Some((backend, server)) = &self.name else {
+            return Err("no server name".into());
+        };
+        // Type 4: the backend's servers only.
+        let answer = self.ask(&format!("show stat {backend} 4 -1")).await?;
+        parse_stat(&answer, server).ok_or_else(|| {
+            format!(
+                "HAProxy has no server {backend}/{server} (its answer to show stat: {})",
+                crate::text::quote(answer.trim())
+            )
+        })
+    }
+
+    /// One runtime-API command and its whole answer.
+    async fn ask(&self, command: &str) -> Result<String, String> {
+        let Balancer::Haproxy { socket, .. } = &self.traffic.balancer else {
+            return Err("not an HAProxy balancer".into());
+        };
+        let exchange = async {
+            let line = format!("{command}\n");
+            let mut answer = Vec::new();
+            if let Some(addr) = socket.strip_prefix("tcp://") {
+                let mut s = tokio::net::TcpStream::connect(addr).await?;
+                s.write_all(line.as_bytes()).await?;
+                (&mut s)
+                    .take(MAX_ANSWER_BYTES)
+                    .read_to_end(&mut answer)
+                    .await?;
+            } else {
+                let mut s = tokio::net::UnixStream::connect(socket).await?;
+                s.write_all(line.as_bytes()).await?;
+                (&mut s)
+                    .take(MAX_ANSWER_BYTES)
+                    .read_to_end(&mut answer)
+                    .await?;
+            }
+            Ok::<_, std::io::Error>(answer)
+        };
+        match tokio::time::timeout(API_TIMEOUT, exchange).await {
+            Ok(Ok(answer)) => Ok(String::from_utf8_lossy(&answer).into_owned()),
+            Ok(Err(e)) => Err(format!(
+                "cannot reach HAProxy's runtime API at {socket} for {}: {e}",
+                self.describe()
+            )),
+            Err(_) => Err(format!(
+                "HAProxy's runtime API at {socket} did not answer within {} for {}",
+                humantime::format_duration(API_TIMEOUT),
+                self.describe()
+            )),
+        }
+    }
+
+    /// Runs one of the operator's commands with the host id appended;
+    /// its standard output (at most [`MAX_EXEC_OUTPUT`]).
+    async fn exec(&self, what: &str, argv: &[String]) -> Result<String, String> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(format!("the {what} command is empty"));
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .arg(&self.host)
+            .env("BATON_HOST_ID", &self.host)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            format!(
+                "cannot run the {what} command {} for host {}: {e}",
+                crate::text::quote(program),
+                self.host
+            )
+        })?;
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(format!("the {what} command has no output pipes"));
+        };
+        let run = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (mut stdout, mut stderr) =
+                (stdout.take(MAX_EXEC_OUTPUT), stderr.take(MAX_EXEC_OUTPUT));
+            let (o, e, status) = tokio::join!(
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
+                child.wait()
+            );
+            o?;
+            e?;
+            Ok::<_, std::io::Error>((status?, out, err))
+        };
+        let (status, out, err) = match tokio::time::timeout(EXEC_TIMEOUT, run).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "the {what} command for host {} failed: {e}",
+                    self.host
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "the {what} command for host {} did not finish within {}",
+                    self.host,
+                    humantime::format_duration(EXEC_TIMEOUT)
+                ));
+            }
+        };
+        if !status.success() {
+            return Err(format!(
+                "the {what} command for host {} {}: {}",
+                self.host,
+                status,
+                crate::text::quote(String::from_utf8_lossy(&err).trim())
+            ));
+        }
+        Ok(prefix(&String::from_utf8_lossy(&out), 4096))
+    }
+}
+
+/// The columns of a `show stat` row that matter here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StatRow {
+    scur: u32,
+    qcur: u32,
+    status: String,
+}
+
+/// The row of `server` in `show stat` CSV output (its header line names
+/// the columns: `# pxname,svname,qcur,…`).
+fn parse_stat(csv: &str, server: &str) -> Option<StatRow> {
+    let mut lines = csv.lines();
+    let header = lines.next()?.strip_prefix("# ")?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name);
+    let (sv, scur, qcur, status) = (col("svname")?, col("scur")?, col("qcur")?, col("status")?);
+    lines.find_map(|line| {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.get(sv) != Some(&server) {
+            return None;
+        }
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        Some(StatRow {
+            scur: num(scur),
+            qcur: num(qcur),
+            status: fields.get(status)?.to_string(),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_row_is_found_by_its_header() {
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,status,weight\n\
+                   web,h1,0,0,3,5,DRAIN,0\n\
+                   web,h2,1,0,2,5,UP,1\n\n";
+        assert_eq!(
+            parse_stat(csv, "h1"),
+            Some(StatRow {
+                scur: 3,
+                qcur: 0,
+                status: "DRAIN".into()
+            })
+        );
+        assert_eq!(parse_stat(csv, "h2").unwrap().qcur, 1);
+        assert_eq!(parse_stat(csv, "h3"), None);
+        assert_eq!(parse_stat("Unknown command.\n", "h1"), None);
+        assert_eq!(parse_stat("", "h1"), None);
+        assert_eq!(parse_stat("# svname\nh1\n", "h1"), None);
+    }
+}

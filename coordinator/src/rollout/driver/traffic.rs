@@ -1,0 +1,327 @@
+//! Commands behind a central balancer (`run_on = "coordinator"`): `batond`
+//! drains the host's server, forwards the command to the agent, waits for
+//! its answer, puts the server back, and only then lets the rollout see the
+//! answer. One task per command in flight; a command re-sent after a
+//! reconnect or a restart of `batond` goes through the same steps again
+//! (drain and ready are idempotent, the agent answers a known id from its
+//! journal), so no host is left drained by a crash at any step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_common::command::{Command, CommandKind, CommandUpdate, FailureKind, Outcome, Phase};
+use baton_common::host::HostId;
+use baton_common::traffic::balancer::Server;
+use baton_common::traffic::{RunOn, Traffic};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::Driver;
+use crate::fleet::FleetHandle;
+use baton_engine::machine::{Action, Rollout};
+
+/// How long forwarding a command to an agent's stream may wait.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The commands in flight behind a central balancer.
+pub(super) struct Balancers {
+    running: Arc<Mutex<HashMap<String, Wrap>>>,
+    /// Final answers, after the server is back: the driver applies them.
+    done: mpsc::Sender<(HostId, CommandUpdate)>,
+    done_rx: Option<mpsc::Receiver<(HostId, CommandUpdate)>>,
+}
+
+struct Wrap {
+    rollout: String,
+    host: HostId,
+    /// Drained: the command is with the agent (a re-send goes there).
+    forwarded: bool,
+    /// The agent's answer (`None`: the command was superseded).
+    answer: Option<oneshot::Sender<Option<CommandUpdate>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether `traffic` is run by `batond`.
+pub(super) fn central(traffic: Option<&Traffic>) -> bool {
+    traffic.is_some_and(|t| t.run_on == RunOn::Coordinator)
+}
+
+impl Balancers {
+    pub(super) fn new() -> Self {
+        let (done, rx) = mpsc::channel(256);
+        Self {
+            running: Arc::default(),
+            done,
+            done_rx: Some(rx),
+        }
+    }
+
+    /// The final answers, for the driver's loop (once).
+    pub(super) fn take_done(&mut self) -> mpsc::Receiver<(HostId, CommandUpdate)> {
+        self.done_rx.take().unwrap_or_else(|| mpsc::channel(1).1)
+    }
+
+    /// The commands to send to agents as they are: a command behind a
+    /// central balancer starts its task instead (or, re-sent once its host
+    /// is drained, goes to the agent without its traffic part).
+    pub(super) fn route(
+        &self,
+        fleet: &FleetHandle,
+        rollout: &str,
+        actions: Vec<Action>,
+    ) -> Vec<Action> {
+        let mut out = Vec::with_capacity(actions.len());
+        for Action::Send(host, command) in actions {
+            if !central(command.traffic.as_ref()) {
+                out.push(Action::Send(host, command));
+                continue;
+            }
+            let mut running = lock(&self.running);
+            match running.get(&command.id) {
+                Some(w) if w.forwarded => out.push(Action::Send(host, for_agent(&command))),
+                Some(_) => {}
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    running.insert(
+                        command.id.clone(),
+                        Wrap {
+                            rollout: rollout.to_owned(),
+                            host: host.clone(),
+                            forwarded: false,
+                            answer: Some(tx),
+                        },
+                    );
+                    self.spawn(fleet, host, command, rx, true);
+                }
+            }
+        }
+        out
+    }
+
+    /// An agent's final answer to `command` (its traffic part filled in):
+    /// taken by the command's task, or, with no task (`batond` restarted and
+    /// the agent answered from its journal first), by a new one that makes
+    /// sure the host is drained and then puts it back.
+    pub(super) fn answer(
+        &self,
+        fleet: &FleetHandle,
+        rollout: &str,
+        host: HostId,
+        command: Command,
+        update: CommandUpdate,
+    ) {
+        let mut running = lock(&self.running);
+        if let Some(w) = running.get_mut(&command.id) {
+            // The first answer counts; a repeat is dropped.
+            if let Some(tx) = w.answer.take() {
+                let _ = tx.send(Some(update));
+            }
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Some(update));
+        running.insert(
+            command.id.clone(),
+            Wrap {
+                rollout: rollout.to_owned(),
+                host: host.clone(),
+                forwarded: true,
+                answer: None,
+            },
+        );
+        self.spawn(fleet, host, command, rx, false);
+    }
+
+    /// Tells the tasks of `rollout` whose command it no longer waits for
+    /// (an abort, a host given up, the rollout ended) to put their host
+    /// back and stop.
+    pub(super) fn prune(&self, rollout_id: &str, rollout: Option<&Rollout>) {
+        let mut running = lock(&self.running);
+        if running.is_empty() {
+            return;
+        }
+        for (id, w) in running.iter_mut() {
+            if w.rollout != rollout_id {
+                continue;
+            }
+            let wanted = rollout.is_some_and(|r| {
+                r.services.iter().any(|s| {
+                    s.hosts
+                        .get(&w.host)
+                        .and_then(|h| h.outstanding.as_ref())
+                        .is_some_and(|c| &c.id == id)
+                })
+            });
+            if !wanted && let Some(tx) = w.answer.take() {
+                let _ = tx.send(None);
+            }
+        }
+    }
+
+    fn spawn(
+        &self,
+        fleet: &FleetHandle,
+        host: HostId,
+        command: Command,
+        answer: oneshot::Receiver<Option<CommandUpdate>>,
+        forward: bool,
+    ) {
+        let running = self.running.clone();
+        let done = self.done.clone();
+        let fleet = fleet.clone();
+        tokio::spawn(async move {
+            let id = command.id.clone();
+            let update = behind(&fleet, &running, &host, &command, answer, forward).await;
+            lock(&running).remove(&id);
+            if let Some(update) = update {
+                let _ = done.send((host, update)).await;
+            }
+        });
+    }
+}
+
+/// The command as the agent gets it: without the part `batond` runs.
+fn for_agent(command: &Command) -> Command {
+    Command {
+        traffic: None,
+        ..command.clone()
+    }
+}
+
+/// How long to wait for the balancer to report the server up after a
+/// successful command: the health gate's own deadline (a removed service
+/// has none: its server is put back without waiting).
+fn up_within(kind: &CommandKind) -> Option<Duration> {
+    match kind {
+        CommandKind::Activate { gate, .. } | CommandKind::Rollback { gate, .. } => {
+            Some(gate.healthy_deadline)
+        }
+        _ => None,
+    }
+}
+
+/// One command behind the balancer; its final answer for the rollout, or
+/// `None` when it was superseded.
+async fn behind(
+    fleet: &FleetHandle,
+    running: &Mutex<HashMap<String, Wrap>>,
+    host: &HostId,
+    command: &Command,
+    answer: oneshot::Receiver<Option<CommandUpdate>>,
+    forward: bool,
+) -> Option<CommandUpdate> {
+    let failed = |e: String| Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e));
+    let traffic = command.traffic.as_ref()?;
+    let vars: BTreeMap<String, String> = match fleet.get(host.clone()).await {
+        Ok(Some(view)) => view.labels.into_iter().collect(),
+        _ => BTreeMap::new(),
+    };
+    let server = match Server::new(traffic, host.as_str(), &vars) {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let drained = match server.drain().await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(command = %command.id, %host, error = %e, "cannot drain the host; the command is not sent");
+            return failed(format!(
+                "{e}; the host was not drained, nothing was changed"
+            ));
+        }
+    };
+    if drained.cut > 0 {
+        warn!(command = %command.id, server = %server.describe(), cut = drained.cut, "drain_timeout ran out; the connections left are cut by the swap");
+    } else {
+        info!(command = %command.id, server = %server.describe(), waited = ?drained.waited, "drained");
+    }
+    if forward {
+        if let Some(w) = lock(running).get_mut(&command.id) {
+            w.forwarded = true;
+        }
+        // Not delivered now: it is re-sent (to the agent, since the host
+        // is drained) when the host reconnects.
+        let _ = tokio::time::timeout(
+            FORWARD_TIMEOUT,
+            fleet.send_command(host.clone(), &for_agent(command)),
+        )
+        .await;
+    }
+    let until = tokio::time::Instant::now()
+        + command
+            .deadline
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+    let agent = match tokio::time::timeout_at(until, answer).await {
+        Ok(Ok(Some(update))) => Some(update),
+        // Superseded, or the driver stopped.
+        Ok(Ok(None) | Err(_)) => None,
+        Err(_) => Some(CommandUpdate::failed(
+            &command.id,
+            FailureKind::Internal,
+            format!("no answer from {host} by the command's deadline"),
+        )),
+    };
+    let succeeded = agent
+        .as_ref()
+        .is_some_and(|u| u.phase == Phase::Done(Outcome::Succeeded));
+    let up = if succeeded {
+        up_within(&command.kind)
+    } else {
+        None
+    };
+    let ready = server.ready(up).await;
+    let mut update = agent?;
+    update.connections_cut = update.connections_cut.saturating_add(drained.cut);
+    match ready {
+        Ok(()) => info!(command = %command.id, server = %server.describe(), "back in the balancer"),
+        Err(e) if succeeded => {
+            update = CommandUpdate {
+                connections_cut: update.connections_cut,
+                ..CommandUpdate::failed(&command.id, FailureKind::Traffic, e)
+            };
+        }
+        Err(e) => {
+            update.error = format!(
+                "{}; then putting it back failed, it may still be drained: {e}",
+                update.error
+            );
+        }
+    }
+    Some(update)
+}
+
+impl Driver {
+    /// Whether an agent's final answer belongs to a command behind a
+    /// central balancer (then its task takes it, and the rollout sees it
+    /// once the host is back in the balancer).
+    pub(super) fn divert(&self, id: &str, host: &HostId, update: &CommandUpdate) -> bool {
+        if !matches!(update.phase, Phase::Done(_)) {
+            return false;
+        }
+        let Some(entry) = self.active.get(id) else {
+            return false;
+        };
+        let found = entry.rollout.services.iter().find_map(|s| {
+            let command = s.hosts.get(host)?.outstanding.as_ref()?;
+            let swaps = matches!(
+                command.kind,
+                CommandKind::Activate { .. }
+                    | CommandKind::Rollback { .. }
+                    | CommandKind::Remove { .. }
+            );
+            (command.id == update.command_id && swaps && central(s.traffic.as_ref()))
+                .then(|| command.clone())
+        });
+        let Some(mut command) = found else {
+            return false;
+        };
+        entry.rollout.payload(&mut command);
+        self.balancers
+            .answer(&self.fleet, id, host.clone(), command, update.clone());
+        true
+    }
+}

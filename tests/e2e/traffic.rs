@@ -1,0 +1,231 @@
+//! Load-balancer draining: a real HAProxy in front of three hosts whose
+//! demo service takes no socket from the agent (stop, then start) and
+//! closes its connections as soon as it is told to stop, `wrk` through it
+//! during rolling upgrades. Drained first, each host's swap
+//! costs no request; without `traffic` the same upgrade does.
+
+use std::time::Duration;
+
+use baton_tests::fleet::Fleet;
+use baton_tests::haproxy::{self, Haproxy};
+use baton_tests::load::get;
+use baton_tests::wrk::wrk_on_while;
+use baton_tests::{Batond, SOON, wait_until};
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// Three hosts on 1.0.0 without `listen`, 2.0.0 pushed, an HAProxy in
+/// front; `None` (after saying why) when HAProxy or wrk is missing.
+fn fleet_behind_haproxy() -> Option<(Fleet, Haproxy)> {
+    let binary = haproxy::binary()?;
+    if !haproxy::have_wrk() {
+        return None;
+    }
+    let fleet = Fleet::start(&HOSTS);
+    for v in ["1.0.0", "2.0.0"] {
+        // Like most services without socket activation, it closes its
+        // connections as soon as it is told to stop.
+        let dir = fleet.release_dir_with(v, false, false, "");
+        let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        let args = format!("\"--version\", \"{v}\"");
+        assert!(toml.contains(&args), "{toml}");
+        std::fs::write(
+            dir.join("service.toml"),
+            toml.replace(&args, &format!("{args}, \"--drain-max\", \"0s\"")),
+        )
+        .unwrap();
+        let file = fleet.pack_with(&dir, v, &fleet.env.path("release.key"));
+        fleet.push(&file);
+    }
+    let s = fleet.roll(
+        "1.0.0",
+        "hosts = { role = \"web\" }\nstrategy = \"all-at-once\"\nmin_healthy_time = \"200ms\"\n",
+    );
+    assert_eq!(s["state"], "succeeded", "{s}");
+    let servers: Vec<(&str, u16)> = HOSTS.iter().map(|h| (*h, fleet.ports[*h])).collect();
+    let lb = Haproxy::start(binary, &fleet.env, &servers);
+    Some((fleet, lb))
+}
+
+/// What wrk asks for: requests in flight for 20 ms, as real ones are.
+const REQUEST: &str = "/slow?ms=20";
+
+const ROLLING: &str = "min_healthy_time = \"300ms\"\nmax_parallel = 1\n";
+
+#[test]
+fn a_rolling_upgrade_drained_through_haproxy_fails_no_request_and_lets_slow_ones_finish() {
+    drained_upgrade_fails_no_request("coordinator");
+}
+
+#[test]
+fn a_balancer_run_by_each_hosts_agent_drains_it_as_well() {
+    drained_upgrade_fails_no_request("agent");
+}
+
+/// wrk and a 2-second request on every host through HAProxy while the
+/// hosts are upgraded one by one, drained by `run_on`.
+fn drained_upgrade_fails_no_request(run_on: &str) {
+    let Some((fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    // A 2-second request in flight on every host (round robin) before
+    // the rollout: each host's drain waits for it.
+    let front = lb.front;
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let t =
+                std::thread::spawn(move || get(front, "/slow?ms=2000", Duration::from_secs(20)));
+            // One at a time, so round robin gives each host one.
+            std::thread::sleep(Duration::from_millis(50));
+            t
+        })
+        .collect();
+    for h in HOSTS {
+        wait_until("a slow request on every host", SOON, || {
+            fleet
+                .service_log(h)
+                .contains("a slow request (2000 ms) is in flight")
+                .then_some(())
+        });
+    }
+    let mut status = serde_json::Value::Null;
+    let wrk = wrk_on_while(lb.front, REQUEST, || {
+        status = fleet.roll("2.0.0", &format!("{ROLLING}{}", lb.plan(run_on)));
+    });
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(
+        (wrk.socket_errors, wrk.non_2xx),
+        (0, 0),
+        "requests failed through the balancer: {wrk:?}"
+    );
+    assert!(
+        wrk.requests > 100,
+        "too little load to mean anything: {wrk:?}"
+    );
+    for t in slow {
+        let (code, body) = t.join().unwrap().expect("a slow request failed");
+        assert_eq!((code, body.as_str()), (200, "demo-service 1.0.0"));
+    }
+    // Every server is back and runs 2.0.0; nothing was cut.
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
+    }
+    // Whoever ran the balancer's commands says so.
+    let logs: Vec<String> = if run_on == "agent" {
+        HOSTS.iter().map(|h| fleet.agents[*h].log_text()).collect()
+    } else {
+        vec![fleet.batond.proc.log_text()]
+    };
+    let drained = logs
+        .iter()
+        .map(|l| l.matches("drained").count())
+        .sum::<usize>();
+    assert!(drained >= 3, "{logs:?}");
+    assert!(
+        logs.iter().all(|l| !l.contains("connections left are cut")),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn without_traffic_the_same_upgrade_through_haproxy_fails_requests() {
+    // The negative control: the zero above is a measurement.
+    let Some((fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    let mut status = serde_json::Value::Null;
+    let wrk = wrk_on_while(lb.front, REQUEST, || {
+        status = fleet.roll("2.0.0", ROLLING);
+    });
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert!(
+        wrk.socket_errors + wrk.non_2xx > 0,
+        "no failed request without draining: {wrk:?}"
+    );
+}
+
+#[test]
+fn batond_killed_while_a_host_is_drained_finishes_the_rollout_with_every_server_ready() {
+    let Some((mut fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    // A long request holds h1 (the first host) in its drain.
+    let front = lb.front;
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let t =
+                std::thread::spawn(move || get(front, "/slow?ms=4000", Duration::from_secs(30)));
+            std::thread::sleep(Duration::from_millis(50));
+            t
+        })
+        .collect();
+    wait_until("a slow request on h1", SOON, || {
+        fleet
+            .service_log("h1")
+            .contains("a slow request (4000 ms) is in flight")
+            .then_some(())
+    });
+    let id = fleet.start_rollout(&format!(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
+        lb.plan("coordinator")
+    ));
+    wait_until("HAProxy to show a host drained", SOON, || {
+        lb.states()
+            .ok()?
+            .values()
+            .any(|s| s == "DRAIN")
+            .then_some(())
+    });
+    let addr = fleet.batond.addr.to_string();
+    fleet.batond.proc.kill();
+    fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &[]);
+    let s = fleet.wait_done(&id, Duration::from_secs(120));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
+    }
+    for t in slow {
+        let (code, _) = t.join().unwrap().expect("a slow request failed");
+        assert_eq!(code, 200);
+    }
+}
+
+#[test]
+fn a_balancer_that_does_not_answer_fails_the_host_precisely_and_the_others_keep_serving() {
+    let Some((fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    // Accepts, never answers.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let plan = format!(
+        "{ROLLING}\n[service.traffic]\nkind = \"haproxy\"\nsocket = \"tcp://{}\"\nbackend = \"web\"\n",
+        mute.local_addr().unwrap()
+    );
+    let s = fleet.roll("2.0.0", &plan);
+    assert_eq!(s["state"], "failed", "{s}");
+    let hosts = Fleet::hosts_of(&s);
+    let failed: Vec<_> = hosts
+        .iter()
+        .filter(|(_, h)| h["state"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{s}");
+    let (_, h) = failed[0];
+    let error = h["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("did not answer within 5s") && error.contains("web/h1"),
+        "{error}"
+    );
+    assert_eq!(h["failure"], "traffic", "{s}");
+    // Nothing was swapped: every host serves 1.0.0 through HAProxy.
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 1.0.0"));
+    }
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    let (code, _) = get(lb.front, "/", SOON).unwrap();
+    assert_eq!(code, 200);
+}
