@@ -69,6 +69,14 @@ pub struct AgentArgs {
     #[arg(long = "var", value_name = "NAME=VALUE", value_parser = parse_key_value)]
     pub vars: Vec<(String, String)>,
 
+    /// A load balancer on this host that plans may drain it from
+    /// (`run_on = "agent"`): an HAProxy runtime-API socket (a unix path or
+    /// tcp://IP:PORT) or the program of an `exec` balancer's commands,
+    /// exactly as the plan names it; repeatable (at most 64). None: plans
+    /// cannot use a local balancer.
+    #[arg(long = "balancer", value_name = "SOCKET|PROGRAM")]
+    pub balancers: Vec<String>,
+
     /// A public key (from `baton artifact keygen`) whose signatures this
     /// host accepts; repeatable.
     #[arg(long = "trusted-key", value_name = "FILE")]
@@ -230,6 +238,8 @@ struct FileConfig {
     #[serde(default)]
     vars: BTreeMap<String, String>,
     #[serde(default)]
+    balancer: Vec<String>,
+    #[serde(default)]
     trusted_keys: Vec<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     reconnect_max: Option<Duration>,
@@ -281,6 +291,8 @@ pub struct AgentConfig {
     pub labels: Labels,
     /// Variables for service.toml.
     pub vars: BTreeMap<String, String>,
+    /// The local balancers plans may use.
+    pub balancers: Vec<String>,
     /// Public keys trusted for artifact signatures.
     pub trusted_keys: Vec<PublicKey>,
     /// Releases kept per service.
@@ -474,6 +486,18 @@ impl AgentConfig {
                 "variable name {bad:?} must be letters, digits, '.', '_' or '-'"
             ));
         }
+        let mut balancers = file.balancer;
+        balancers.extend(args.balancers);
+        if balancers.len() > baton_common::traffic::MAX_ALLOWED
+            || balancers
+                .iter()
+                .any(|b| b.is_empty() || b.len() > 1024 || b.contains('\0'))
+        {
+            errors.push(format!(
+                "balancer: at most {} entries of 1 to 1,024 characters without NUL",
+                baton_common::traffic::MAX_ALLOWED
+            ));
+        }
         let mut trusted_keys = file.trusted_keys;
         trusted_keys.extend(args.trusted_keys);
         let trusted_keys: Vec<PublicKey> = trusted_keys
@@ -550,6 +574,7 @@ impl AgentConfig {
                 tls_dir,
                 labels,
                 vars,
+                balancers,
                 trusted_keys,
                 keep_releases,
                 reconnect_initial: Duration::from_millis(100),

@@ -73,6 +73,7 @@ impl Agent {
                 data_dir: config.data_dir.clone(),
                 vars,
                 labels: config.labels.clone(),
+                balancers: config.balancers.clone(),
                 trusted_keys: config.trusted_keys.clone(),
                 keep_releases: config.keep_releases,
                 supervisor: supervisor::SupervisorConfig::default(),

@@ -148,6 +148,37 @@ impl Traffic {
     }
 }
 
+/// The most balancers one `batond` or agent may be allowed.
+pub const MAX_ALLOWED: usize = 64;
+
+impl Traffic {
+    /// Whether whoever runs this may: its runtime-API socket, or each of
+    /// its commands' programs, must be among `allowed` (the `balancer`
+    /// setting of `batond` or the agent). A plan is not signed, so it
+    /// must not make `batond` or an agent run a program, or talk to a
+    /// socket, that their operator did not name.
+    pub fn allowed_by(&self, allowed: &[String], who: &str) -> Result<(), String> {
+        let wanted: Vec<&str> = match &self.balancer {
+            Balancer::Haproxy { socket, .. } => vec![socket.as_str()],
+            Balancer::Exec {
+                drain,
+                ready,
+                connections,
+            } => [drain, ready, connections]
+                .iter()
+                .filter_map(|argv| argv.first().map(String::as_str))
+                .collect(),
+        };
+        match wanted.iter().find(|w| !allowed.iter().any(|a| a == *w)) {
+            None => Ok(()),
+            Some(w) => Err(format!(
+                "{} is not a balancer {who} may use: name it in its `balancer` setting (flag --balancer, repeatable), which lists the runtime-API sockets and programs a plan may use",
+                crate::text::quote(w)
+            )),
+        }
+    }
+}
+
 fn validate_socket(socket: &str) -> Result<(), String> {
     if socket.chars().count() > MAX_SOCKET_CHARS || socket.contains('\0') {
         return Err(format!(

@@ -129,6 +129,14 @@ pub struct BatondArgs {
     /// 2026-12-24T00:00:00Z/2026-12-27T00:00:00Z; repeat for several.
     #[arg(long = "freeze-period", value_name = "START/END")]
     pub freeze_periods: Vec<String>,
+
+    /// A load balancer plans may drain hosts from through batond
+    /// (`run_on = "coordinator"`): an HAProxy runtime-API socket (a unix
+    /// path or tcp://IP:PORT) or the program of an `exec` balancer's
+    /// commands, exactly as the plan names it; repeat for several (at most
+    /// 64). None: plans cannot use a central balancer.
+    #[arg(long = "balancer", value_name = "SOCKET|PROGRAM")]
+    pub balancers: Vec<String>,
 }
 
 /// The config file: the same keys as the flags.
@@ -157,6 +165,7 @@ struct FileConfig {
     prometheus_url: Option<String>,
     deploy_window: Option<Vec<String>>,
     freeze_period: Option<Vec<String>>,
+    balancer: Option<Vec<String>>,
 }
 
 /// Every key a `batond.toml` may hold, as its reader accepts them (the
@@ -199,6 +208,8 @@ pub struct Config {
     pub prometheus_url: Option<String>,
     /// Deployment windows and fixed freezes.
     pub calendar: crate::freeze::Calendar,
+    /// The balancers plans may use through batond.
+    pub balancers: Vec<String>,
 }
 
 /// The default validity of agent certificates the coordinator signs.
@@ -270,6 +281,7 @@ impl Config {
             audit_retention: crate::audit::DEFAULT_RETENTION,
             prometheus_url: None,
             calendar: crate::freeze::Calendar::default(),
+            balancers: Vec::new(),
         }
     }
 
@@ -457,6 +469,21 @@ impl Config {
                 crate::freeze::MAX_ENTRIES
             ));
         }
+        let balancers = if args.balancers.is_empty() {
+            file.balancer.unwrap_or_default()
+        } else {
+            args.balancers
+        };
+        if balancers.len() > baton_common::traffic::MAX_ALLOWED
+            || balancers
+                .iter()
+                .any(|b| b.is_empty() || b.len() > 1024 || b.contains('\0'))
+        {
+            errors.push(format!(
+                "balancer: at most {} entries of 1 to 1,024 characters without NUL",
+                baton_common::traffic::MAX_ALLOWED
+            ));
+        }
         let mut calendar = crate::freeze::Calendar::default();
         for w in windows.iter().take(crate::freeze::MAX_ENTRIES) {
             match crate::freeze::Window::parse(w) {
@@ -475,6 +502,7 @@ impl Config {
             Ok(Self {
                 prometheus_url,
                 calendar,
+                balancers,
                 listen,
                 data_dir,
                 tls_dir,

@@ -365,6 +365,7 @@ impl Coordinator {
                 metrics: self.web.counters.clone(),
                 prometheus: self.config.prometheus_url.clone(),
                 calendar: self.config.calendar.clone(),
+                balancers: self.config.balancers.clone(),
             },
         )
         .await?;

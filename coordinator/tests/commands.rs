@@ -48,6 +48,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         data_dir: dir.path().join("agent"),
         labels: Default::default(),
         vars: Default::default(),
+        balancers: Vec::new(),
         trusted_keys: vec![],
         keep_releases: 3,
         reconnect_initial: Duration::from_millis(50),

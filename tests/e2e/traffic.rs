@@ -17,26 +17,34 @@ const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 /// Three hosts on 1.0.0 without `listen`, 2.0.0 pushed, an HAProxy in
 /// front; `None` (after saying why) when HAProxy or wrk is missing.
 fn fleet_behind_haproxy() -> Option<(Fleet, Haproxy)> {
+    fleet_allowing(&[])
+}
+
+/// [`fleet_behind_haproxy`], `batond` and the agents allowed to use the
+/// HAProxy and `more` balancers (restarted with `--balancer`).
+fn fleet_allowing(more: &[String]) -> Option<(Fleet, Haproxy)> {
     let binary = haproxy::binary()?;
     if !haproxy::have_wrk() {
         return None;
     }
-    let fleet = Fleet::start(&HOSTS);
-    for v in ["1.0.0", "2.0.0"] {
-        // Like most services without socket activation, it closes its
-        // connections as soon as it is told to stop.
-        let dir = fleet.release_dir_with(v, false, false, "");
-        let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
-        let args = format!("\"--version\", \"{v}\"");
-        assert!(toml.contains(&args), "{toml}");
-        std::fs::write(
-            dir.join("service.toml"),
-            toml.replace(&args, &format!("{args}, \"--drain-max\", \"0s\"")),
-        )
-        .unwrap();
-        let file = fleet.pack_with(&dir, v, &fleet.env.path("release.key"));
-        fleet.push(&file);
+    let mut fleet = Fleet::start(&HOSTS);
+    let mut allowed = vec![Haproxy::socket_in(&fleet.env).display().to_string()];
+    allowed.extend(more.iter().cloned());
+    let flags: Vec<String> = allowed
+        .iter()
+        .flat_map(|a| ["--balancer".to_owned(), a.clone()])
+        .collect();
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let addr = fleet.batond.addr.to_string();
+    fleet.batond.proc.kill();
+    fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &flag_refs);
+    fleet.agent_extra = flags.clone();
+    for h in HOSTS {
+        fleet.start_agent(h);
     }
+    fleet.wait_connected();
+    push_release(&fleet, "1.0.0", false);
+    push_release(&fleet, "2.0.0", false);
     let s = fleet.roll(
         "1.0.0",
         "hosts = { role = \"web\" }\nstrategy = \"all-at-once\"\nmin_healthy_time = \"200ms\"\n",
@@ -49,6 +57,51 @@ fn fleet_behind_haproxy() -> Option<(Fleet, Haproxy)> {
 
 /// What wrk asks for: requests in flight for 20 ms, as real ones are.
 const REQUEST: &str = "/slow?ms=20";
+
+/// Packs and pushes `version` of the demo service without `listen`; like
+/// most services without socket activation, it closes its connections as
+/// soon as it is told to stop.
+fn push_release(fleet: &Fleet, version: &str, broken: bool) {
+    let dir = fleet.release_dir_with(version, broken, false, "");
+    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+    let args = format!("\"--version\", \"{version}\"");
+    assert!(toml.contains(&args), "{toml}");
+    std::fs::write(
+        dir.join("service.toml"),
+        toml.replace(&args, &format!("{args}, \"--drain-max\", \"0s\"")),
+    )
+    .unwrap();
+    let file = fleet.pack_with(&dir, version, &fleet.env.path("release.key"));
+    fleet.push(&file);
+}
+
+/// Sends three requests of `ms` through HAProxy, one after another so
+/// round robin gives each host one, and waits until each is in flight.
+fn slow_requests(
+    fleet: &Fleet,
+    lb: &Haproxy,
+    ms: u64,
+) -> Vec<std::thread::JoinHandle<std::io::Result<(u16, String)>>> {
+    let front = lb.front;
+    let path = format!("/slow?ms={ms}");
+    let threads = (0..3)
+        .map(|_| {
+            let path = path.clone();
+            let t = std::thread::spawn(move || get(front, &path, Duration::from_secs(30)));
+            std::thread::sleep(Duration::from_millis(50));
+            t
+        })
+        .collect();
+    for h in HOSTS {
+        wait_until("a slow request on every host", SOON, || {
+            fleet
+                .service_log(h)
+                .contains(&format!("a slow request ({ms} ms) is in flight"))
+                .then_some(())
+        });
+    }
+    threads
+}
 
 const ROLLING: &str = "min_healthy_time = \"300ms\"\nmax_parallel = 1\n";
 
@@ -68,26 +121,9 @@ fn drained_upgrade_fails_no_request(run_on: &str) {
     let Some((fleet, lb)) = fleet_behind_haproxy() else {
         return;
     };
-    // A 2-second request in flight on every host (round robin) before
-    // the rollout: each host's drain waits for it.
-    let front = lb.front;
-    let slow: Vec<_> = (0..3)
-        .map(|_| {
-            let t =
-                std::thread::spawn(move || get(front, "/slow?ms=2000", Duration::from_secs(20)));
-            // One at a time, so round robin gives each host one.
-            std::thread::sleep(Duration::from_millis(50));
-            t
-        })
-        .collect();
-    for h in HOSTS {
-        wait_until("a slow request on every host", SOON, || {
-            fleet
-                .service_log(h)
-                .contains("a slow request (2000 ms) is in flight")
-                .then_some(())
-        });
-    }
+    // A 2-second request in flight on every host before the rollout:
+    // each host's drain waits for it.
+    let slow = slow_requests(&fleet, &lb, 2000);
     let mut status = serde_json::Value::Null;
     let wrk = wrk_on_while(lb.front, REQUEST, || {
         status = fleet.roll("2.0.0", &format!("{ROLLING}{}", lb.plan(run_on)));
@@ -151,22 +187,9 @@ fn batond_killed_while_a_host_is_drained_finishes_the_rollout_with_every_server_
     let Some((mut fleet, lb)) = fleet_behind_haproxy() else {
         return;
     };
+    let allowed = format!("--balancer={}", lb.socket.display());
     // A long request holds h1 (the first host) in its drain.
-    let front = lb.front;
-    let slow: Vec<_> = (0..3)
-        .map(|_| {
-            let t =
-                std::thread::spawn(move || get(front, "/slow?ms=4000", Duration::from_secs(30)));
-            std::thread::sleep(Duration::from_millis(50));
-            t
-        })
-        .collect();
-    wait_until("a slow request on h1", SOON, || {
-        fleet
-            .service_log("h1")
-            .contains("a slow request (4000 ms) is in flight")
-            .then_some(())
-    });
+    let slow = slow_requests(&fleet, &lb, 4000);
     let id = fleet.start_rollout(&format!(
         "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
         lb.plan("coordinator")
@@ -180,7 +203,7 @@ fn batond_killed_while_a_host_is_drained_finishes_the_rollout_with_every_server_
     });
     let addr = fleet.batond.addr.to_string();
     fleet.batond.proc.kill();
-    fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &[]);
+    fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &[&allowed]);
     let s = fleet.wait_done(&id, Duration::from_secs(120));
     assert_eq!(s["state"], "succeeded", "{s}");
     let states = lb.states().unwrap();
@@ -196,11 +219,23 @@ fn batond_killed_while_a_host_is_drained_finishes_the_rollout_with_every_server_
 
 #[test]
 fn a_balancer_that_does_not_answer_fails_the_host_precisely_and_the_others_keep_serving() {
-    let Some((fleet, lb)) = fleet_behind_haproxy() else {
-        return;
-    };
     // Accepts, never answers.
     let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_socket = format!("tcp://{}", mute.local_addr().unwrap());
+    let Some((fleet, lb)) = fleet_allowing(std::slice::from_ref(&mute_socket)) else {
+        return;
+    };
+    // A balancer batond was not told it may use is refused up front: a
+    // plan is not signed, so it must not point batond anywhere it likes.
+    let out = fleet.try_start_rollout(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n[service.traffic]\nkind = \"exec\"\ndrain = [\"/bin/sh\", \"-c\", \"touch /tmp/owned\"]\nready = [\"true\"]\nconnections = [\"true\"]\n",
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"/bin/sh\" is not a balancer batond may use"),
+        "{stderr}"
+    );
     let plan = format!(
         "{ROLLING}\n[service.traffic]\nkind = \"haproxy\"\nsocket = \"tcp://{}\"\nbackend = \"web\"\n",
         mute.local_addr().unwrap()
@@ -228,4 +263,75 @@ fn a_balancer_that_does_not_answer_fails_the_host_precisely_and_the_others_keep_
     assert!(states.values().all(|s| s == "UP"), "{states:?}");
     let (code, _) = get(lb.front, "/", SOON).unwrap();
     assert_eq!(code, 200);
+}
+
+#[test]
+fn an_abort_while_a_host_is_drained_puts_it_back_at_once() {
+    abort_while_drained("coordinator");
+}
+
+#[test]
+fn an_abort_while_an_agent_drains_its_host_puts_it_back_at_once() {
+    abort_while_drained("agent");
+}
+
+fn abort_while_drained(run_on: &str) {
+    let Some((fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    // 20-second requests: the drain would wait for them; the abort does
+    // not.
+    let _slow = slow_requests(&fleet, &lb, 20_000);
+    let id = fleet.start_rollout(&format!(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
+        lb.plan(run_on).replace("10s", "60s")
+    ));
+    wait_until("HAProxy to show a host drained", SOON, || {
+        lb.states()
+            .ok()?
+            .values()
+            .any(|s| s == "DRAIN")
+            .then_some(())
+    });
+    let out = fleet.baton(&["rollout", "abort", &id]);
+    assert!(out.status.success(), "{out:?}");
+    wait_until("every server back in HAProxy", SOON, || {
+        lb.states().ok()?.values().all(|s| s == "UP").then_some(())
+    });
+    let s = fleet.status(&id);
+    assert_eq!(s["state"], "aborted", "{s}");
+    // Nothing was swapped.
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 1.0.0"));
+    }
+}
+
+#[test]
+fn a_release_that_fails_its_health_gate_is_rolled_back_behind_the_balancer_without_a_failed_request()
+ {
+    let Some((fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    push_release(&fleet, "3.0.0", true);
+    let mut status = serde_json::Value::Null;
+    let wrk = wrk_on_while(lb.front, REQUEST, || {
+        status = fleet.roll(
+            "3.0.0",
+            &format!(
+                "{ROLLING}healthy_deadline = \"2s\"\n{}",
+                lb.plan("coordinator")
+            ),
+        );
+    });
+    assert_eq!(status["state"], "rolled_back", "{status}");
+    assert_eq!(
+        (wrk.socket_errors, wrk.non_2xx),
+        (0, 0),
+        "requests failed through the balancer: {wrk:?}"
+    );
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 1.0.0"));
+    }
 }

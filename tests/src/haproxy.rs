@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Proc, SOON, TestEnv, unique, wait_until};
+use crate::{Proc, SOON, TestEnv, wait_until};
 
 /// The `haproxy` binary, or `None` after saying why the test is skipped
 /// (a failure when `BATON_REQUIRE_HAPROXY` is set).
@@ -45,12 +45,18 @@ pub struct Haproxy {
 }
 
 impl Haproxy {
+    /// Where the runtime API of an HAProxy started in `env` will be (to
+    /// allow it in `batond`'s and the agents' `balancer` setting first).
+    pub fn socket_in(env: &TestEnv) -> PathBuf {
+        env.path("haproxy/admin.sock")
+    }
+
     /// Starts `binary` in front of `servers` (name, port), each checked
-    /// with `GET /healthz` every 200 ms.
+    /// with `GET /healthz` every 200 ms; one per `env`.
     pub fn start(binary: PathBuf, env: &TestEnv, servers: &[(&str, u16)]) -> Self {
-        let dir = env.path(&format!("haproxy-{}", unique()));
+        let socket = Self::socket_in(env);
+        let dir = socket.parent().unwrap().to_owned();
         std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("admin.sock");
         let port = crate::fleet::free_port();
         let mut config = format!(
             "global\n    stats socket {} mode 600 level admin\n    stats timeout 10s\n\n\

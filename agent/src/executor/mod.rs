@@ -74,6 +74,8 @@ pub struct ExecutorConfig {
     pub vars: BTreeMap<String, String>,
     /// The host's labels (for a local balancer's `${NAME}`s).
     pub labels: BTreeMap<String, String>,
+    /// The local balancers plans may use (`balancer`).
+    pub balancers: Vec<String>,
     /// Keys whose signatures the agent accepts.
     pub trusted_keys: Vec<PublicKey>,
     /// Releases kept per service (the current one always is).
@@ -481,7 +483,12 @@ impl Executor {
                 _ => None,
             };
             return self
-                .behind_balancer(&traffic, up_within, self.run_kind(command))
+                .behind_balancer(
+                    command.kind.service().unwrap_or_default(),
+                    &traffic,
+                    up_within,
+                    self.run_kind(command.clone()),
+                )
                 .await;
         }
         self.run_kind(command).await

@@ -10,8 +10,10 @@ use baton_common::traffic::Traffic;
 use baton_common::traffic::balancer::Server;
 use tracing::{info, warn};
 
-use super::Executor;
+use tokio_util::sync::CancellationToken;
+
 use super::failure::Failure;
+use super::{Executor, lock};
 
 impl Executor {
     /// Runs `inner` with the host drained from its balancer; `up_within`
@@ -19,6 +21,7 @@ impl Executor {
     /// a success.
     pub(super) async fn behind_balancer(
         &self,
+        service: &str,
         traffic: &Traffic,
         up_within: Option<Duration>,
         inner: impl Future<Output = Result<(), Failure>>,
@@ -32,9 +35,38 @@ impl Executor {
             .unwrap_or_default();
         let mut vars: BTreeMap<String, String> = self.inner.config.labels.clone();
         vars.extend(self.inner.config.vars.clone());
+        traffic
+            .allowed_by(&self.inner.config.balancers, "this agent")
+            .map_err(|e| Failure::new(FailureKind::Traffic, e))?;
         let server = Server::new(traffic, &host, &vars)
             .map_err(|e| Failure::new(FailureKind::Traffic, e))?;
-        let drained = server.drain().await.map_err(|e| {
+        // An abort (or a rollback) during the drain cancels it like an
+        // activation, and the host goes back at once.
+        let slot = self.slot(service);
+        let cancel = CancellationToken::new();
+        let ticket = slot
+            .next_activation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&slot.activations).push((ticket, cancel.clone()));
+        let drained = tokio::select! {
+            d = server.drain() => d,
+            () = cancel.cancelled() => Err(String::new()),
+        };
+        lock(&slot.activations).retain(|(t, _)| *t != ticket);
+        if cancel.is_cancelled() {
+            let back = match server.ready(None).await {
+                Ok(()) => "it was put back".to_owned(),
+                Err(e) => format!("putting it back failed, it may still be drained: {e}"),
+            };
+            return Err(Failure::new(
+                FailureKind::Cancelled,
+                format!(
+                    "{service}: cancelled by {} while its host was draining; {back}",
+                    *lock(&slot.cancelled_by)
+                ),
+            ));
+        }
+        let drained = drained.map_err(|e| {
             Failure::new(
                 FailureKind::Traffic,
                 format!("{e}; the host was not drained, nothing was changed"),

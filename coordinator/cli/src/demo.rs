@@ -288,6 +288,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             ]
             .into(),
             vars,
+            balancers: Vec::new(),
             trusted_keys: vec![artifact::read_public_key(&pub_path)?],
             keep_releases: baton_agent::config::DEFAULT_KEEP_RELEASES,
             reconnect_initial: Duration::from_millis(100),

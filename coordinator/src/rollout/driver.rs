@@ -438,7 +438,7 @@ pub async fn spawn_with(
         finished: None,
         metrics: options.metrics,
         analysis,
-        balancers: traffic::Balancers::new(),
+        balancers: traffic::Balancers::new(options.balancers),
         changed,
     };
     let handle = Rollouts {
@@ -1042,6 +1042,7 @@ impl Driver {
         rollout.set_connections(|h| self.connected.contains_key(h));
         who.clone_into(&mut rollout.started_by);
         rollout.held.clone_from(&self.analysis.hold);
+        self.balancers.permit(&rollout)?;
         if let Some(other) = self
             .active
             .values()

@@ -31,6 +31,8 @@ pub struct DriverOptions {
     pub prometheus: Option<String>,
     /// Deployment windows and freezes of the config.
     pub calendar: Calendar,
+    /// The balancers plans may use through batond (`balancer`).
+    pub balancers: Vec<String>,
 }
 
 /// The bakes running and the hold in force.

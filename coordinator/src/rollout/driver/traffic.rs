@@ -15,6 +15,7 @@ use baton_common::host::HostId;
 use baton_common::traffic::balancer::Server;
 use baton_common::traffic::{RunOn, Traffic};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Driver;
@@ -30,6 +31,8 @@ pub(super) struct Balancers {
     /// Final answers, after the server is back: the driver applies them.
     done: mpsc::Sender<(HostId, CommandUpdate)>,
     done_rx: Option<mpsc::Receiver<(HostId, CommandUpdate)>>,
+    /// What plans may use (`balancer` in batond's config).
+    allowed: Arc<Vec<String>>,
 }
 
 struct Wrap {
@@ -37,8 +40,11 @@ struct Wrap {
     host: HostId,
     /// Drained: the command is with the agent (a re-send goes there).
     forwarded: bool,
-    /// The agent's answer (`None`: the command was superseded).
-    answer: Option<oneshot::Sender<Option<CommandUpdate>>>,
+    /// The agent's answer.
+    answer: Option<oneshot::Sender<CommandUpdate>>,
+    /// The rollout no longer waits for the command (an abort, a host
+    /// given up, the rollout ended): put the host back and stop.
+    superseded: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,13 +57,30 @@ pub(super) fn central(traffic: Option<&Traffic>) -> bool {
 }
 
 impl Balancers {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(allowed: Vec<String>) -> Self {
         let (done, rx) = mpsc::channel(256);
         Self {
             running: Arc::default(),
             done,
             done_rx: Some(rx),
+            allowed: Arc::new(allowed),
         }
+    }
+
+    /// Refuses a rollout whose central balancer batond may not use.
+    pub(super) fn permit(&self, rollout: &Rollout) -> Result<(), super::RolloutError> {
+        for s in &rollout.services {
+            if let Some(t) = s
+                .traffic
+                .as_ref()
+                .filter(|t| t.run_on == RunOn::Coordinator)
+            {
+                t.allowed_by(&self.allowed, "batond").map_err(|e| {
+                    super::RolloutError::Invalid(format!("service {}: traffic: {e}", s.name))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The final answers, for the driver's loop (once).
@@ -86,6 +109,7 @@ impl Balancers {
                 Some(_) => {}
                 None => {
                     let (tx, rx) = oneshot::channel();
+                    let superseded = CancellationToken::new();
                     running.insert(
                         command.id.clone(),
                         Wrap {
@@ -93,9 +117,10 @@ impl Balancers {
                             host: host.clone(),
                             forwarded: false,
                             answer: Some(tx),
+                            superseded: superseded.clone(),
                         },
                     );
-                    self.spawn(fleet, host, command, rx, true);
+                    self.spawn(fleet, host, command, (rx, superseded), true);
                 }
             }
         }
@@ -118,12 +143,13 @@ impl Balancers {
         if let Some(w) = running.get_mut(&command.id) {
             // The first answer counts; a repeat is dropped.
             if let Some(tx) = w.answer.take() {
-                let _ = tx.send(Some(update));
+                let _ = tx.send(update);
             }
             return;
         }
         let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Some(update));
+        let _ = tx.send(update);
+        let superseded = CancellationToken::new();
         running.insert(
             command.id.clone(),
             Wrap {
@@ -131,9 +157,10 @@ impl Balancers {
                 host: host.clone(),
                 forwarded: true,
                 answer: None,
+                superseded: superseded.clone(),
             },
         );
-        self.spawn(fleet, host, command, rx, false);
+        self.spawn(fleet, host, command, (rx, superseded), false);
     }
 
     /// Tells the tasks of `rollout` whose command it no longer waits for
@@ -156,8 +183,8 @@ impl Balancers {
                         .is_some_and(|c| &c.id == id)
                 })
             });
-            if !wanted && let Some(tx) = w.answer.take() {
-                let _ = tx.send(None);
+            if !wanted {
+                w.superseded.cancel();
             }
         }
     }
@@ -167,15 +194,24 @@ impl Balancers {
         fleet: &FleetHandle,
         host: HostId,
         command: Command,
-        answer: oneshot::Receiver<Option<CommandUpdate>>,
+        answer: (oneshot::Receiver<CommandUpdate>, CancellationToken),
         forward: bool,
     ) {
         let running = self.running.clone();
         let done = self.done.clone();
+        let allowed = self.allowed.clone();
         let fleet = fleet.clone();
         tokio::spawn(async move {
             let id = command.id.clone();
-            let update = behind(&fleet, &running, &host, &command, answer, forward).await;
+            let update = match command
+                .traffic
+                .as_ref()
+                .map(|t| t.allowed_by(&allowed, "batond"))
+            {
+                // Allowed when it started; batond's config changed since.
+                Some(Err(e)) => Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e)),
+                _ => behind(&fleet, &running, &host, &command, answer, forward).await,
+            };
             lock(&running).remove(&id);
             if let Some(update) = update {
                 let _ = done.send((host, update)).await;
@@ -211,7 +247,7 @@ async fn behind(
     running: &Mutex<HashMap<String, Wrap>>,
     host: &HostId,
     command: &Command,
-    answer: oneshot::Receiver<Option<CommandUpdate>>,
+    (answer, superseded): (oneshot::Receiver<CommandUpdate>, CancellationToken),
     forward: bool,
 ) -> Option<CommandUpdate> {
     let failed = |e: String| Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e));
@@ -224,7 +260,17 @@ async fn behind(
         Ok(s) => s,
         Err(e) => return failed(e),
     };
-    let drained = match server.drain().await {
+    let drained = tokio::select! {
+        d = server.drain() => d,
+        () = superseded.cancelled() => {
+            // Never sent: the host goes straight back.
+            if let Err(e) = server.ready(None).await {
+                warn!(command = %command.id, %host, error = %e, "cannot put the host back after its command was superseded; it may still be drained");
+            }
+            return None;
+        }
+    };
+    let drained = match drained {
         Ok(d) => d,
         Err(e) => {
             warn!(command = %command.id, %host, error = %e, "cannot drain the host; the command is not sent");
@@ -255,15 +301,18 @@ async fn behind(
             .deadline
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
-    let agent = match tokio::time::timeout_at(until, answer).await {
-        Ok(Ok(Some(update))) => Some(update),
-        // Superseded, or the driver stopped.
-        Ok(Ok(None) | Err(_)) => None,
-        Err(_) => Some(CommandUpdate::failed(
-            &command.id,
-            FailureKind::Internal,
-            format!("no answer from {host} by the command's deadline"),
-        )),
+    let agent = tokio::select! {
+        a = tokio::time::timeout_at(until, answer) => match a {
+            Ok(Ok(update)) => Some(update),
+            // The driver stopped.
+            Ok(Err(_)) => None,
+            Err(_) => Some(CommandUpdate::failed(
+                &command.id,
+                FailureKind::Internal,
+                format!("no answer from {host} by the command's deadline"),
+            )),
+        },
+        () = superseded.cancelled() => None,
     };
     let succeeded = agent
         .as_ref()
