@@ -11,6 +11,8 @@ pub const MAX_HEALTHY_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 /// The longest error text an update carries; longer ones are cut (the
 /// start says what failed; a hook's full output stays in the host's log).
 pub const MAX_UPDATE_ERROR_CHARS: usize = 4096;
+/// The most connections one update may say were cut (more is a lie).
+pub const MAX_CONNECTIONS_CUT: u32 = 10_000_000;
 
 /// Work for an agent.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

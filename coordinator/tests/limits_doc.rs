@@ -118,6 +118,50 @@ fn table() -> String {
             count(baton_coordinator::analysis::MAX_KEPT),
         ),
         (
+            "a `traffic` `drain_timeout`",
+            time(baton_common::traffic::MAX_DRAIN_TIMEOUT),
+        ),
+        (
+            "a `traffic` `socket`",
+            format!("{} characters", baton_common::traffic::MAX_SOCKET_CHARS),
+        ),
+        (
+            "a `traffic` `backend` or `server`, before and after `${…}`",
+            format!("{} characters", baton_common::traffic::MAX_NAME_CHARS),
+        ),
+        (
+            "arguments of a `traffic` `exec` command",
+            format!(
+                "{} of {} characters",
+                baton_common::traffic::MAX_ARGS,
+                count(baton_common::traffic::MAX_ARG_CHARS)
+            ),
+        ),
+        (
+            "one balancer exchange (runtime API, `exec` command)",
+            format!(
+                "{}, {}",
+                time(baton_common::traffic::balancer::API_TIMEOUT),
+                time(baton_common::traffic::balancer::EXEC_TIMEOUT)
+            ),
+        ),
+        (
+            "a runtime-API answer read, an `exec` command's output read",
+            format!(
+                "{}, {}",
+                bytes(baton_common::traffic::balancer::MAX_ANSWER_BYTES as usize),
+                bytes(baton_common::traffic::balancer::MAX_EXEC_OUTPUT as usize)
+            ),
+        ),
+        (
+            "balancers allowed in `batond`'s or an agent's `balancer`",
+            count(baton_common::traffic::MAX_ALLOWED),
+        ),
+        (
+            "connections one update may say were cut",
+            count(baton_common::command::MAX_CONNECTIONS_CUT as usize),
+        ),
+        (
             "a metrics endpoint's answer read by an agent",
             bytes(baton_agent::sample::MAX_BODY),
         ),

@@ -303,9 +303,6 @@ impl TryFrom<pb::CommandUpdate> for CommandUpdate {
     }
 }
 
-/// The most connections one update may say were cut (more is a lie).
-pub const MAX_CONNECTIONS_CUT: u32 = 10_000_000;
-
 fn traffic_to_wire(t: &crate::traffic::Traffic) -> pb::Traffic {
     use crate::traffic::Balancer;
     pb::Traffic {

@@ -352,4 +352,100 @@ mod tests {
         assert_eq!(parse_stat("", "h1"), None);
         assert_eq!(parse_stat("# svname\nh1\n", "h1"), None);
     }
+
+    /// Shell snippets as commands (`$1` is the host id); not script files,
+    /// which another test's fork could hold open for writing (ETXTBSY).
+    fn exec_traffic(_dir: &std::path::Path, drain: &str, ready: &str, conns: &str) -> Traffic {
+        let script =
+            |_name: &str, body: &str| ["/bin/sh", "-c", body, "sh"].map(String::from).to_vec();
+        Traffic {
+            balancer: Balancer::Exec {
+                drain: script("drain", drain),
+                ready: script("ready", ready),
+                connections: script("conns", conns),
+            },
+            drain_timeout: Duration::from_secs(2),
+            run_on: super::super::RunOn::Agent,
+        }
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "baton-balancer-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn exec_commands_drain_wait_for_connections_and_return_the_host() {
+        let dir = temp_dir("ok");
+        let log = dir.join("log");
+        // Two polls see connections, then none.
+        let t = exec_traffic(
+            &dir,
+            &format!("echo \"drain $1 $BATON_HOST_ID\" >> {}", log.display()),
+            &format!("echo \"ready $1\" >> {}", log.display()),
+            &format!(
+                "n=$(cat {d}/n 2>/dev/null || echo 2); echo $((n-1)) > {d}/n; echo $n",
+                d = dir.display()
+            ),
+        );
+        let server = Server::new(&t, "h1", &BTreeMap::new()).unwrap();
+        let drained = server.drain().await.unwrap();
+        assert_eq!(drained.cut, 0);
+        server.ready(Some(Duration::from_secs(1))).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "drain h1 h1\nready h1\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_left_at_drain_timeout_are_counted_and_failures_are_precise() {
+        let dir = temp_dir("cut");
+        let t = exec_traffic(&dir, "true", "echo 'lb is down' >&2; exit 3", "echo 7");
+        let server = Server::new(&t, "h1", &BTreeMap::new()).unwrap();
+        let drained = server.drain().await.unwrap();
+        assert_eq!(drained.cut, 7);
+        assert!(drained.waited >= Duration::from_secs(2));
+        let e = server.ready(None).await.unwrap_err();
+        assert!(
+            e.contains("the ready command for host h1") && e.contains("lb is down"),
+            "{e}"
+        );
+        let t = exec_traffic(&dir, "true", "true", "echo many");
+        let e = Server::new(&t, "h1", &BTreeMap::new())
+            .unwrap()
+            .drain()
+            .await
+            .unwrap_err();
+        assert!(e.contains("printed \"many\", not a number"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_haproxy_socket_that_is_not_there_is_a_precise_error() {
+        let t = Traffic {
+            balancer: Balancer::Haproxy {
+                socket: "/nonexistent/admin.sock".into(),
+                backend: "web".into(),
+                server: "${BATON_HOST_ID}".into(),
+            },
+            drain_timeout: Duration::from_secs(1),
+            run_on: super::super::RunOn::Coordinator,
+        };
+        let e = Server::new(&t, "h1", &BTreeMap::new())
+            .unwrap()
+            .drain()
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("cannot reach HAProxy's runtime API at /nonexistent/admin.sock for web/h1"),
+            "{e}"
+        );
+    }
 }

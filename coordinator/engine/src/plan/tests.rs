@@ -302,3 +302,112 @@ fn amounts_round_percentages_up() {
     assert_eq!(Amount::Percent(75).of(4), 3);
     assert_eq!(Amount::Count(2).of(4), 2);
 }
+
+const TRAFFIC: &str = r#"
+[[service]]
+name = "web"
+version = "2.0.0"
+
+[service.traffic]
+kind = "haproxy"
+socket = "/run/haproxy/admin.sock"
+backend = "web"
+server = "${BATON_HOST_ID}"
+drain_timeout = "30s"
+run_on = "coordinator"
+"#;
+
+#[test]
+fn the_contracts_traffic_keys_parse() {
+    use baton_common::traffic::{Balancer, RunOn};
+    let plan = Plan::parse(TRAFFIC).unwrap();
+    let t = plan.services[0].traffic.as_ref().unwrap();
+    assert_eq!(t.run_on, RunOn::Coordinator);
+    assert_eq!(t.drain_timeout, Duration::from_secs(30));
+    assert_eq!(
+        t.balancer,
+        Balancer::Haproxy {
+            socket: "/run/haproxy/admin.sock".into(),
+            backend: "web".into(),
+            server: "${BATON_HOST_ID}".into(),
+        }
+    );
+    // Defaults: the host id as the server, 30 s, batond.
+    let plan = Plan::parse(
+        "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\n[service.traffic]\nkind = \"haproxy\"\nsocket = \"tcp://127.0.0.1:9999\"\nbackend = \"b\"\n",
+    )
+    .unwrap();
+    let t = plan.services[0].traffic.as_ref().unwrap();
+    assert_eq!(t.run_on, RunOn::Coordinator);
+    assert!(
+        matches!(&t.balancer, Balancer::Haproxy { server, .. } if server == "${BATON_HOST_ID}")
+    );
+    let exec = Plan::parse(
+        "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\n[service.traffic]\nkind = \"exec\"\nrun_on = \"agent\"\ndrain = [\"/usr/local/bin/lb\", \"drain\"]\nready = [\"/usr/local/bin/lb\", \"ready\"]\nconnections = [\"/usr/local/bin/lb\", \"count\"]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        exec.services[0].traffic.as_ref().unwrap().run_on,
+        RunOn::Agent
+    );
+}
+
+#[test]
+fn bad_traffic_keys_are_precise_errors() {
+    let with = |extra: &str| {
+        err(&format!(
+            "[[service]]\nname = \"web\"\nversion = \"2.0.0\"\n[service.traffic]\n{extra}"
+        ))
+    };
+    let cases = [
+        ("kind = \"nginx\"\n", "unknown kind \"nginx\""),
+        (
+            "kind = \"haproxy\"\nbackend = \"b\"\n",
+            "traffic.socket: required",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\n",
+            "traffic.backend: required",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b\"\ndrain = [\"x\"]\n",
+            "traffic.drain: not a key of kind = \"haproxy\"",
+        ),
+        (
+            "kind = \"exec\"\nsocket = \"/s\"\n",
+            "traffic.socket: not a key of kind = \"exec\"",
+        ),
+        (
+            "kind = \"exec\"\nready = [\"r\"]\nconnections = [\"c\"]\n",
+            "traffic.drain: required",
+        ),
+        (
+            "kind = \"exec\"\ndrain = []\nready = [\"r\"]\nconnections = [\"c\"]\n",
+            "drain needs a command",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"relative.sock\"\nbackend = \"b\"\n",
+            "neither an absolute unix socket path nor tcp://IP:PORT",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b c\"\n",
+            "holds a space or a control character",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b\"\ndrain_timeout = \"2h\"\n",
+            "traffic.drain_timeout",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b\"\nrun_on = \"both\"\n",
+            "traffic.run_on: \"both\" is not",
+        ),
+        (
+            "kind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b\"\nweight = 3\n",
+            "weight",
+        ),
+    ];
+    for (extra, want) in cases {
+        let e = with(extra);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
