@@ -30,21 +30,9 @@ fn fleet_allowing(more: &[String]) -> Option<(Fleet, Haproxy)> {
     let mut fleet = Fleet::start(&HOSTS);
     let mut allowed = vec![Haproxy::socket_in(&fleet.env).display().to_string()];
     allowed.extend(more.iter().cloned());
-    let flags: Vec<String> = allowed
-        .iter()
-        .flat_map(|a| ["--balancer".to_owned(), a.clone()])
-        .collect();
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let addr = fleet.batond.addr.to_string();
-    fleet.batond.proc.kill();
-    fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &flag_refs);
-    fleet.agent_extra = flags.clone();
-    for h in HOSTS {
-        fleet.start_agent(h);
-    }
-    fleet.wait_connected();
-    push_release(&fleet, "1.0.0", false);
-    push_release(&fleet, "2.0.0", false);
+    fleet.allow_balancers(&allowed);
+    fleet.push_closing_release("1.0.0", false);
+    fleet.push_closing_release("2.0.0", false);
     let s = fleet.roll(
         "1.0.0",
         "hosts = { role = \"web\" }\nstrategy = \"all-at-once\"\nmin_healthy_time = \"200ms\"\n",
@@ -57,23 +45,6 @@ fn fleet_allowing(more: &[String]) -> Option<(Fleet, Haproxy)> {
 
 /// What wrk asks for: requests in flight for 20 ms, as real ones are.
 const REQUEST: &str = "/slow?ms=20";
-
-/// Packs and pushes `version` of the demo service without `listen`; like
-/// most services without socket activation, it closes its connections as
-/// soon as it is told to stop.
-fn push_release(fleet: &Fleet, version: &str, broken: bool) {
-    let dir = fleet.release_dir_with(version, broken, false, "");
-    let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
-    let args = format!("\"--version\", \"{version}\"");
-    assert!(toml.contains(&args), "{toml}");
-    std::fs::write(
-        dir.join("service.toml"),
-        toml.replace(&args, &format!("{args}, \"--drain-max\", \"0s\"")),
-    )
-    .unwrap();
-    let file = fleet.pack_with(&dir, version, &fleet.env.path("release.key"));
-    fleet.push(&file);
-}
 
 /// Sends three requests of `ms` through HAProxy, one after another so
 /// round robin gives each host one, and waits until each is in flight.
@@ -312,7 +283,7 @@ fn a_release_that_fails_its_health_gate_is_rolled_back_behind_the_balancer_witho
     let Some((fleet, lb)) = fleet_behind_haproxy() else {
         return;
     };
-    push_release(&fleet, "3.0.0", true);
+    fleet.push_closing_release("3.0.0", true);
     let mut status = serde_json::Value::Null;
     let wrk = wrk_on_while(lb.front, REQUEST, || {
         status = fleet.roll(

@@ -415,6 +415,42 @@ timeout = "1s"
         self.wait_done(&id, Duration::from_secs(90))
     }
 
+    /// Restarts `batond` and every agent allowed to use the load
+    /// balancers `allowed` (`--balancer`), and waits for the agents.
+    pub fn allow_balancers(&mut self, allowed: &[String]) {
+        let flags: Vec<String> = allowed
+            .iter()
+            .flat_map(|a| ["--balancer".to_owned(), a.clone()])
+            .collect();
+        let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let addr = self.batond.addr.to_string();
+        self.batond.proc.kill();
+        self.batond = Batond::start_on(&self.env, &addr, "batond", &flag_refs);
+        self.agent_extra.extend(flags.iter().cloned());
+        let hosts: Vec<String> = self.ports.keys().cloned().collect();
+        for h in hosts {
+            self.start_agent(&h);
+        }
+        self.wait_connected();
+    }
+
+    /// Packs and pushes `version` of the demo service without `listen`
+    /// (stop, then start), closing its connections as soon as it is told
+    /// to stop, as most services without socket activation do.
+    pub fn push_closing_release(&self, version: &str, broken: bool) {
+        let dir = self.release_dir_with(version, broken, false, "");
+        let toml = std::fs::read_to_string(dir.join("service.toml")).unwrap();
+        let args = format!("\"--version\", \"{version}\"");
+        assert!(toml.contains(&args), "{toml}");
+        std::fs::write(
+            dir.join("service.toml"),
+            toml.replace(&args, &format!("{args}, \"--drain-max\", \"0s\"")),
+        )
+        .unwrap();
+        let file = self.pack_with(&dir, version, &self.env.path("release.key"));
+        self.push(&file);
+    }
+
     /// The host's agent data directory.
     pub fn data_dir(&self, host: &str) -> PathBuf {
         self.env.path(&format!("agent-{host}"))

@@ -487,6 +487,7 @@ impl Executor {
                     command.kind.service().unwrap_or_default(),
                     &traffic,
                     up_within,
+                    !matches!(command.kind, CommandKind::Activate { .. }),
                     self.run_kind(command.clone()),
                 )
                 .await;

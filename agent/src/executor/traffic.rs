@@ -18,12 +18,15 @@ use super::{Executor, lock};
 impl Executor {
     /// Runs `inner` with the host drained from its balancer; `up_within`
     /// bounds the wait for the balancer to report the host up again after
-    /// a success.
+    /// a success. A drain that fails fails the command unless `restore`
+    /// (a rollback or removal: getting the old release back matters more
+    /// than the connections the swap may cut).
     pub(super) async fn behind_balancer(
         &self,
         service: &str,
         traffic: &Traffic,
         up_within: Option<Duration>,
+        restore: bool,
         inner: impl Future<Output = Result<(), Failure>>,
     ) -> Result<(), Failure> {
         let host = self
@@ -66,12 +69,22 @@ impl Executor {
                 ),
             ));
         }
-        let drained = drained.map_err(|e| {
-            Failure::new(
-                FailureKind::Traffic,
-                format!("{e}; the host was not drained, nothing was changed"),
-            )
-        })?;
+        let drained = match drained {
+            Ok(d) => d,
+            Err(e) if restore => {
+                warn!(server = %server.describe(), error = %e, "cannot drain the host; restoring its release anyway");
+                baton_common::traffic::balancer::Drained {
+                    cut: 0,
+                    waited: Duration::ZERO,
+                }
+            }
+            Err(e) => {
+                return Err(Failure::new(
+                    FailureKind::Traffic,
+                    format!("{e}; the host was not drained, nothing was changed"),
+                ));
+            }
+        };
         crate::metrics::report_cut(drained.cut);
         if drained.cut > 0 {
             warn!(server = %server.describe(), cut = drained.cut, "drain_timeout ran out; the connections left are cut by the swap");

@@ -270,8 +270,18 @@ async fn behind(
             return None;
         }
     };
+    let restore = !matches!(command.kind, CommandKind::Activate { .. });
     let drained = match drained {
         Ok(d) => d,
+        // Getting the old release back matters more than the
+        // connections the swap may cut.
+        Err(e) if restore => {
+            warn!(command = %command.id, %host, error = %e, "cannot drain the host; restoring its release anyway");
+            baton_common::traffic::balancer::Drained {
+                cut: 0,
+                waited: Duration::ZERO,
+            }
+        }
         Err(e) => {
             warn!(command = %command.id, %host, error = %e, "cannot drain the host; the command is not sent");
             return failed(format!(

@@ -25,6 +25,7 @@ mod judge;
 mod realfleet;
 mod report;
 mod scale;
+mod traffic;
 mod transfer;
 
 use std::time::Duration;
@@ -129,6 +130,10 @@ enum Scenario {
     /// 20 upgrades of one host under wrk, with socket handoff and without:
     /// failed requests and latency.
     Handoff,
+    /// 10 rolling upgrades of 3 hosts behind a real HAProxy under wrk,
+    /// drained by `[service.traffic]` and not: failed requests and the
+    /// rollout time draining costs.
+    Traffic,
     /// Renders the report from the JSON `all` printed, without measuring
     /// again (after a change to the report's text).
     Render {
@@ -238,6 +243,7 @@ fn command_line(s: &Scenario) -> String {
         ),
         Scenario::RolloutAgents => "baton-bench rollout-agents".into(),
         Scenario::Handoff => "baton-bench handoff".into(),
+        Scenario::Traffic => "baton-bench traffic".into(),
         Scenario::Render { .. } => "baton-bench render".into(),
         Scenario::All { .. } => "baton-bench all".into(),
     }
@@ -290,6 +296,7 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
         }),
         Scenario::RolloutAgents => realfleet::rollout_agents(),
         Scenario::Handoff => realfleet::handoff(),
+        Scenario::Traffic => traffic::traffic(),
         Scenario::All { .. } | Scenario::Render { .. } => {
             unreachable!("not one scenario")
         }
@@ -393,7 +400,11 @@ fn main() {
         },
     ]);
     if !simulated_only {
-        scenarios.extend([Scenario::RolloutAgents, Scenario::Handoff]);
+        scenarios.extend([
+            Scenario::RolloutAgents,
+            Scenario::Handoff,
+            Scenario::Traffic,
+        ]);
     }
     let results: Vec<Value> = scenarios.iter().map(|s| run(&rt, s, &machine)).collect();
     if let Some(path) = markdown {

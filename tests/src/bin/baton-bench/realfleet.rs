@@ -84,7 +84,7 @@ fn rollout_overhead() -> RolloutResult {
 }
 
 /// Installs wrk from Debian packages when missing.
-fn ensure_wrk() {
+pub fn ensure_wrk() {
     if Command::new("wrk").arg("--version").output().is_ok() {
         return;
     }
@@ -196,7 +196,7 @@ pub fn rollout_agents() -> Value {
     })
 }
 
-fn wrk_json(w: &Wrk) -> Value {
+pub fn wrk_json(w: &Wrk) -> Value {
     json!({
         "requests": w.requests,
         "requests_per_s": (w.requests as f64 / w.seconds.max(1e-9)).round(),

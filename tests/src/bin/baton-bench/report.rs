@@ -149,6 +149,21 @@ socket to each new process and the old one drains; the baseline is the same run 
         field: "",
         when_missed: "",
     },
+    About {
+        scenario: "traffic",
+        title: "Draining through a load balancer",
+        what: "Three real agents behind a real HAProxy (roundrobin, `option httpchk` every 200 ms), the \
+demo service without `listen` (stop, then start) and closing its connections at once when told to \
+stop, as most services without socket activation do. `wrk -t2 -c16` asks for `/slow?ms=20` through \
+HAProxy while the hosts are upgraded 10 times, one at a time (`min_healthy_time = 500ms`): drained by \
+`[service.traffic]` (`kind = \"haproxy\"`, run by `batond`), then the same without. `rollout_s` is the \
+median rollout; `overhead_s_per_host` = (drained − baseline) ÷ hosts: the drain, the return and the \
+wait for HAProxy to see the host up.",
+        field: "AWS CodeDeploy's in-place deployments behind an ELB deregister each instance and wait \
+for the target group's deregistration delay, 300 s by default \
+([CodeDeploy and ELB](https://docs.aws.amazon.com/codedeploy/latest/userguide/integrations-aws-elastic-load-balancing.html)).",
+        when_missed: "",
+    },
 ];
 
 fn figure(v: &Value) -> String {
@@ -170,6 +185,31 @@ fn bound(b: &Value) -> String {
         (Some(m), _) => format!("≤ {}", figure(&m.into())),
         (_, Some(m)) => format!("≥ {}", figure(&m.into())),
         _ => String::new(),
+    }
+}
+
+/// The wrk runs of a scenario, a row each.
+fn wrk_table(out: &mut String, r: &Value, rows: &[(&str, &str)]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = write!(
+        out,
+        "\n| run | requests | req/s | socket errors | non-2xx | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for (label, key) in rows {
+        let w = &r["figures"][key];
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            w["requests"],
+            w["requests_per_s"],
+            w["socket_errors"],
+            w["non_2xx"],
+            figure(&w["p50_ms"]),
+            figure(&w["p99_ms"]),
+            figure(&w["max_ms"])
+        );
     }
 }
 
@@ -259,30 +299,19 @@ BENCHMARKS.md` renders this file again from them.\n\n\
                 .collect();
             let _ = write!(out, "\nParameters: {}.\n", list.join(", "));
         }
-        if scenario == "handoff" {
-            let _ = write!(
-                out,
-                "\n| run | requests | req/s | socket errors | non-2xx | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n"
-            );
-            for (label, key) in [
+        let rows: &[(&str, &str)] = match scenario {
+            "handoff" => &[
                 ("steady state (no upgrade)", "steady"),
                 ("20 upgrades, socket handoff", "with_handoff"),
                 ("20 upgrades, no `listen` (baseline)", "without_listen"),
-            ] {
-                let w = &r["figures"][key];
-                let _ = writeln!(
-                    out,
-                    "| {label} | {} | {} | {} | {} | {} | {} | {} |",
-                    w["requests"],
-                    w["requests_per_s"],
-                    w["socket_errors"],
-                    w["non_2xx"],
-                    figure(&w["p50_ms"]),
-                    figure(&w["p99_ms"]),
-                    figure(&w["max_ms"])
-                );
-            }
-        }
+            ],
+            "traffic" => &[
+                ("10 upgrades, drained", "drained"),
+                ("10 upgrades, no `traffic` (baseline)", "without_traffic"),
+            ],
+            _ => &[],
+        };
+        wrk_table(&mut out, r, rows);
         if let Some(a) = about
             && !a.when_missed.is_empty()
             && r["met"] == false
