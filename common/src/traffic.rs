@@ -207,9 +207,16 @@ fn validate_socket(socket: &str) -> Result<(), String> {
 }
 
 fn validate_argv(key: &str, argv: &[String]) -> Result<(), String> {
-    if argv.is_empty() || argv[0].is_empty() {
+    let Some(program) = argv.first().filter(|p| !p.is_empty()) else {
         return Err(format!(
             "{key} needs a command (a list: program, arguments)"
+        ));
+    };
+    if !program.starts_with('/') {
+        // Not looked up on a PATH: the program allowed is the one run.
+        return Err(format!(
+            "{key}: the program {} must be an absolute path",
+            crate::text::quote(program)
         ));
     }
     if argv.len() > MAX_ARGS {
@@ -230,8 +237,8 @@ fn validate_argv(key: &str, argv: &[String]) -> Result<(), String> {
 }
 
 /// `template` with `${BATON_HOST_ID}` and `${host}` replaced by `host`, and
-/// every other `${NAME}` by `vars[NAME]` (the host's labels; on an agent,
-/// also its `--var`s). An undefined name, or a result that is not a name
+/// every other `${NAME}` by `vars[NAME]` (on an agent, the host's labels;
+/// on `batond`, nothing else). An undefined name, or a result that is not a name
 /// HAProxy accepts (letters, digits, `-_.:`), is an error: a value must not
 /// smuggle a second runtime-API command in.
 pub fn expand_name(
@@ -256,7 +263,7 @@ pub fn expand_name(
             "BATON_HOST_ID" | "host" => host,
             _ => vars.get(name).map(String::as_str).ok_or_else(|| {
                 format!(
-                    "{key} {}: ${{{}}} is not defined for host {host} (use BATON_HOST_ID, host, or one of its labels)",
+                    "{key} {}: ${{{}}} is not defined for host {host} (use BATON_HOST_ID or host; with run_on = \"agent\" also one of its labels)",
                     crate::text::quote(template),
                     crate::text::shorten(name)
                 )
@@ -272,10 +279,10 @@ pub fn expand_name(
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
     {
+        // Not quoting what it became: a value is not to be echoed.
         return Err(format!(
-            "{key} {} for host {host} is {}, not a balancer name (1 to {MAX_NAME_CHARS} letters, digits, '-', '_', '.', ':')",
-            crate::text::quote(template),
-            crate::text::quote(&out)
+            "{key} {} for host {host} is not a balancer name once filled in (1 to {MAX_NAME_CHARS} letters, digits, '-', '_', '.', ':')",
+            crate::text::quote(template)
         ));
     }
     Ok(out)
@@ -345,16 +352,22 @@ mod tests {
         let exec = |drain: Vec<String>| Traffic {
             balancer: Balancer::Exec {
                 drain,
-                ready: vec!["ready".into()],
-                connections: vec!["conns".into()],
+                ready: vec!["/bin/ready".into()],
+                connections: vec!["/bin/conns".into()],
             },
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             run_on: RunOn::Agent,
         };
-        assert!(exec(vec!["drain".into()]).validate().is_ok());
+        assert!(exec(vec!["/bin/drain".into()]).validate().is_ok());
+        assert!(
+            exec(vec!["drain".into()])
+                .validate()
+                .unwrap_err()
+                .contains("absolute path")
+        );
         assert!(exec(vec![]).validate().is_err());
         assert!(exec(vec![String::new()]).validate().is_err());
-        assert!(exec(vec!["x".into(); MAX_ARGS + 1]).validate().is_err());
-        assert!(exec(vec!["a\0".into()]).validate().is_err());
+        assert!(exec(vec!["/x".into(); MAX_ARGS + 1]).validate().is_err());
+        assert!(exec(vec!["/a\0".into()]).validate().is_err());
     }
 }

@@ -36,8 +36,9 @@ impl Executor {
             .get("BATON_HOST_ID")
             .cloned()
             .unwrap_or_default();
-        let mut vars: BTreeMap<String, String> = self.inner.config.labels.clone();
-        vars.extend(self.inner.config.vars.clone());
+        // The host's own labels; not its variables, which may hold
+        // secrets that a name would carry into messages.
+        let vars: BTreeMap<String, String> = self.inner.config.labels.clone();
         traffic
             .allowed_by(&self.inner.config.balancers, "this agent")
             .map_err(|e| Failure::new(FailureKind::Traffic, e))?;
@@ -72,18 +73,12 @@ impl Executor {
         let drained = match drained {
             Ok(d) => d,
             Err(e) if restore => {
+                // The failed drain put the host back (or said it could
+                // not): nothing more to undo.
                 warn!(server = %server.describe(), error = %e, "cannot drain the host; restoring its release anyway");
-                baton_common::traffic::balancer::Drained {
-                    cut: 0,
-                    waited: Duration::ZERO,
-                }
+                return inner.await;
             }
-            Err(e) => {
-                return Err(Failure::new(
-                    FailureKind::Traffic,
-                    format!("{e}; the host was not drained, nothing was changed"),
-                ));
-            }
+            Err(e) => return Err(Failure::new(FailureKind::Traffic, e)),
         };
         crate::metrics::report_cut(drained.cut);
         if drained.cut > 0 {

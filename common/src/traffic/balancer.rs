@@ -31,6 +31,8 @@ pub struct Server {
     host: String,
     /// HAProxy: `BACKEND/SERVER`.
     name: Option<(String, String)>,
+    /// It was in maintenance before the drain.
+    maint: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How a drain ended.
@@ -64,6 +66,7 @@ impl Server {
             traffic: traffic.clone(),
             host: host.to_owned(),
             name,
+            maint: Default::default(),
         })
     }
 
@@ -77,53 +80,101 @@ impl Server {
 
     /// Takes the server out, then waits until its connections reach zero
     /// or `drain_timeout` runs out (the connections left are counted in
-    /// [`Drained::cut`]).
+    /// [`Drained::cut`]). A poll that fails is tried again until then. On
+    /// an error the server is put back (a `set` that timed out may still
+    /// have taken effect), and the error says whether that worked. An
+    /// HAProxy server an operator had put in maintenance stays there
+    /// ([`Self::ready`] restores it).
     pub async fn drain(&self) -> Result<Drained, String> {
         let began = Instant::now();
-        self.set("drain").await?;
         let until = began + self.traffic.drain_timeout;
-        loop {
-            let open = self.connections().await?;
-            if open == 0 {
-                return Ok(Drained {
-                    cut: 0,
-                    waited: began.elapsed(),
-                });
+        if self.name.is_some() {
+            match self.stat_row().await {
+                Ok(row) if row.status.starts_with("MAINT") => {
+                    self.maint.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("{e}; nothing was changed")),
             }
-            if Instant::now() >= until {
-                return Ok(Drained {
-                    cut: open,
-                    waited: began.elapsed(),
-                });
+        }
+        let result = async {
+            self.set("drain").await?;
+            loop {
+                let open = match self.connections().await {
+                    Ok(n) => Some(n),
+                    Err(e) if Instant::now() >= until => return Err(e),
+                    Err(_) => None,
+                };
+                if open == Some(0) {
+                    return Ok(Drained {
+                        cut: 0,
+                        waited: began.elapsed(),
+                    });
+                }
+                if let Some(open) = open
+                    && Instant::now() >= until
+                {
+                    return Ok(Drained {
+                        cut: open,
+                        waited: began.elapsed(),
+                    });
+                }
+                tokio::time::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
             }
-            tokio::time::sleep(POLL.min(until.saturating_duration_since(Instant::now()))).await;
+        }
+        .await;
+        match result {
+            Ok(d) => Ok(d),
+            Err(e) => Err(match self.ready(None).await {
+                Ok(()) => format!("{e}; the host was put back, nothing was swapped"),
+                Err(back) => format!(
+                    "{e}; nothing was swapped, and putting the host back failed too, it may still be drained: {back}"
+                ),
+            }),
         }
     }
 
-    /// Puts the server back; with `up_within`, then waits until the
-    /// balancer reports it up (its own health check passed), at most that
-    /// long.
+    /// Puts the server back (an HAProxy server that was in maintenance
+    /// before its drain goes back to maintenance); with `up_within`, then
+    /// waits until the balancer reports it up (its own health check
+    /// passed), at most that long. The `set` is tried for
+    /// [`API_TIMEOUT`] × 3, a poll of the state until `up_within`.
     pub async fn ready(&self, up_within: Option<Duration>) -> Result<(), String> {
-        self.set("ready").await?;
-        let Some(within) = up_within else {
+        let began = Instant::now();
+        let set_until = began + API_TIMEOUT * 3;
+        let maint = self.maint.load(std::sync::atomic::Ordering::Relaxed);
+        let state = if maint { "maint" } else { "ready" };
+        loop {
+            match self.set(state).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= set_until => return Err(e),
+                Err(_) => tokio::time::sleep(POLL).await,
+            }
+        }
+        let Some(within) = up_within.filter(|_| !maint) else {
             return Ok(());
         };
         let Some((backend, server)) = &self.name else {
             // An exec balancer says nothing about its servers' health.
             return Ok(());
         };
-        let until = Instant::now() + within;
+        let until = began + within;
         loop {
-            let row = self.stat_row().await?;
-            let status = row.status.as_str();
-            if status == "UP" || status == "no check" {
+            let status = match self.stat_row().await {
+                Ok(row) => row.status,
+                Err(e) if Instant::now() >= until => return Err(e),
+                Err(_) => String::new(),
+            };
+            // "UP", or "UP 1/3" (up, a check failed lately); "no check":
+            // the balancer does not check it.
+            if status.starts_with("UP") || status == "no check" {
                 return Ok(());
             }
             if Instant::now() >= until {
                 return Err(format!(
                     "HAProxy did not report {backend}/{server} up within {} of its return (its status is {})",
                     humantime::format_duration(within),
-                    crate::text::quote(status)
+                    crate::text::quote(&status)
                 ));
             }
             tokio::time::sleep(POLL).await;
@@ -181,7 +232,7 @@ impl Server {
         };
         // Type 4: the backend's servers only.
         let answer = self.ask(&format!("show stat {backend} 4 -1")).await?;
-        parse_stat(&answer, server).ok_or_else(|| {
+        parse_stat(&answer, backend, server).ok_or_else(|| {
             format!(
                 "HAProxy has no server {backend}/{server} (its answer to show stat: {})",
                 crate::text::quote(answer.trim())
@@ -304,15 +355,21 @@ struct StatRow {
 
 /// The row of `server` in `show stat` CSV output (its header line names
 /// the columns: `# pxname,svname,qcur,…`).
-fn parse_stat(csv: &str, server: &str) -> Option<StatRow> {
+fn parse_stat(csv: &str, backend: &str, server: &str) -> Option<StatRow> {
     let mut lines = csv.lines();
     let header = lines.next()?.strip_prefix("# ")?;
     let cols: Vec<&str> = header.split(',').collect();
     let col = |name: &str| cols.iter().position(|c| *c == name);
-    let (sv, scur, qcur, status) = (col("svname")?, col("scur")?, col("qcur")?, col("status")?);
+    let (px, sv, scur, qcur, status) = (
+        col("pxname")?,
+        col("svname")?,
+        col("scur")?,
+        col("qcur")?,
+        col("status")?,
+    );
     lines.find_map(|line| {
         let fields: Vec<&str> = line.split(',').collect();
-        if fields.get(sv) != Some(&server) {
+        if fields.get(sv) != Some(&server) || fields.get(px) != Some(&backend) {
             return None;
         }
         let num = |i: usize| {
@@ -339,18 +396,20 @@ mod tests {
                    web,h1,0,0,3,5,DRAIN,0\n\
                    web,h2,1,0,2,5,UP,1\n\n";
         assert_eq!(
-            parse_stat(csv, "h1"),
+            parse_stat(csv, "web", "h1"),
             Some(StatRow {
                 scur: 3,
                 qcur: 0,
                 status: "DRAIN".into()
             })
         );
-        assert_eq!(parse_stat(csv, "h2").unwrap().qcur, 1);
-        assert_eq!(parse_stat(csv, "h3"), None);
-        assert_eq!(parse_stat("Unknown command.\n", "h1"), None);
-        assert_eq!(parse_stat("", "h1"), None);
-        assert_eq!(parse_stat("# svname\nh1\n", "h1"), None);
+        assert_eq!(parse_stat(csv, "web", "h2").unwrap().qcur, 1);
+        assert_eq!(parse_stat(csv, "web", "h3"), None);
+        // Another backend's server of the same name is not it.
+        assert_eq!(parse_stat(csv, "api", "h1"), None);
+        assert_eq!(parse_stat("Unknown command.\n", "web", "h1"), None);
+        assert_eq!(parse_stat("", "web", "h1"), None);
+        assert_eq!(parse_stat("# svname\nh1\n", "web", "h1"), None);
     }
 
     /// Shell snippets as commands (`$1` is the host id); not script files,

@@ -531,19 +531,19 @@ pub const KEYS: &[baton_common::reference::Key] = {
             key: "service[].traffic.backend",
             value: "string",
             default: "required (`haproxy`)",
-            about: "The backend, with `${BATON_HOST_ID}`, `${host}` and `${LABEL}` (a host label; on `run_on = \"agent\"` also the agent's `--var`s) filled in per host. The result must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.",
+            about: "The backend, with `${BATON_HOST_ID}` and `${host}` filled in per host (with `run_on = \"agent\"` also `${LABEL}`, the host's labels as its agent is configured; never its variables, which may be secrets). The result must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.",
         },
         Key {
             key: "service[].traffic.server",
             value: "string",
             default: "`\"${BATON_HOST_ID}\"`",
-            about: "The host's server in that backend, filled in as `backend` is.",
+            about: "The host's server in that backend, filled in as `backend` is. An operator's `MAINT` before the drain is restored after it (not made ready).",
         },
         Key {
             key: "service[].traffic.drain_timeout",
             value: "duration",
             default: "`\"30s\"`",
-            about: "How long a drained host's connections may take to finish; the ones still open then are cut by the swap, counted, and reported as an event and in `baton_traffic_connections_cut_total`. At most 1h.",
+            about: "How long a drained host's connections may take to finish; the ones still open then are cut by the swap, counted, and reported as an event and in `baton_connections_cut_total`. At most 1h.",
         },
         Key {
             key: "service[].traffic.run_on",
@@ -555,7 +555,7 @@ pub const KEYS: &[baton_common::reference::Key] = {
             key: "service[].traffic.drain",
             value: "list of strings",
             default: "required (`exec`)",
-            about: "`exec`: the command (program, arguments) that takes a host out; the host id is appended (and in `BATON_HOST_ID`). Exit status 0 is success. At most 32 arguments of 1,024 characters; 30 s.",
+            about: "`exec`: the command (program by its absolute path, arguments) that takes a host out; the host id is appended (and in `BATON_HOST_ID`). Exit status 0 is success. At most 32 arguments of 1,024 characters; 30 s. The program must be in the `balancer` setting of whoever runs it.",
         },
         Key {
             key: "service[].traffic.ready",
@@ -695,6 +695,22 @@ impl Plan {
                         "service {:?}: depends_on names {}, which is not in the plan",
                         s.name,
                         quote(dep)
+                    )));
+                }
+            }
+        }
+        // A host behind a balancer may take its drain and its health gate
+        // before it turns healthy: progress_deadline must leave room.
+        for s in &services {
+            if let Some(t) = &s.traffic {
+                let need = t.drain_timeout.saturating_add(s.healthy_deadline);
+                if progress_deadline <= need {
+                    return Err(PlanError(format!(
+                        "service {:?}: progress_deadline {} leaves no time for a host's drain (traffic.drain_timeout {}) and health gate (healthy_deadline {}); make progress_deadline longer than both together",
+                        s.name,
+                        humantime::format_duration(progress_deadline),
+                        humantime::format_duration(t.drain_timeout),
+                        humantime::format_duration(s.healthy_deadline)
                     )));
                 }
             }

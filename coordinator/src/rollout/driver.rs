@@ -465,6 +465,7 @@ impl Driver {
             self.sync_hold(&id).await;
         }
         self.sync_connected(&snapshot).await;
+        self.resume_balanced();
         let mut baked = std::mem::replace(&mut self.analysis.rx, mpsc::channel(1).1);
         let mut balanced = self.balancers.take_done();
         for id in self.active.keys().cloned().collect::<Vec<_>>() {

@@ -378,12 +378,16 @@ fn bad_traffic_keys_are_precise_errors() {
             "traffic.socket: not a key of kind = \"exec\"",
         ),
         (
-            "kind = \"exec\"\nready = [\"r\"]\nconnections = [\"c\"]\n",
+            "kind = \"exec\"\nready = [\"/r\"]\nconnections = [\"/c\"]\n",
             "traffic.drain: required",
         ),
         (
-            "kind = \"exec\"\ndrain = []\nready = [\"r\"]\nconnections = [\"c\"]\n",
+            "kind = \"exec\"\ndrain = []\nready = [\"/r\"]\nconnections = [\"/c\"]\n",
             "drain needs a command",
+        ),
+        (
+            "kind = \"exec\"\ndrain = [\"lb\"]\nready = [\"/r\"]\nconnections = [\"/c\"]\n",
+            "traffic: drain: the program \"lb\" must be an absolute path",
         ),
         (
             "kind = \"haproxy\"\nsocket = \"relative.sock\"\nbackend = \"b\"\n",
@@ -410,4 +414,17 @@ fn bad_traffic_keys_are_precise_errors() {
         let e = with(extra);
         assert!(e.contains(want), "{extra:?}: {e}");
     }
+}
+
+#[test]
+fn a_drain_longer_than_the_progress_deadline_is_refused() {
+    let e = err(
+        "progress_deadline = \"10m\"\n[[service]]\nname = \"web\"\nversion = \"2.0.0\"\n[service.traffic]\nkind = \"haproxy\"\nsocket = \"/s\"\nbackend = \"b\"\ndrain_timeout = \"1h\"\n",
+    );
+    assert!(
+        e.contains(
+            "progress_deadline 10m leaves no time for a host's drain (traffic.drain_timeout 1h)"
+        ),
+        "{e}"
+    );
 }

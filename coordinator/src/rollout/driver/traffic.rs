@@ -33,6 +33,9 @@ pub(super) struct Balancers {
     done_rx: Option<mpsc::Receiver<(HostId, CommandUpdate)>>,
     /// What plans may use (`balancer` in batond's config).
     allowed: Arc<Vec<String>>,
+    /// Each host's turn: its commands behind the balancer one at a time
+    /// (one entry per host that ever had one).
+    turns: Arc<Mutex<HashMap<HostId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 struct Wrap {
@@ -64,6 +67,7 @@ impl Balancers {
             done,
             done_rx: Some(rx),
             allowed: Arc::new(allowed),
+            turns: Arc::default(),
         }
     }
 
@@ -198,6 +202,7 @@ impl Balancers {
         forward: bool,
     ) {
         let running = self.running.clone();
+        let turns = self.turns.clone();
         let done = self.done.clone();
         let allowed = self.allowed.clone();
         let fleet = fleet.clone();
@@ -210,7 +215,7 @@ impl Balancers {
             {
                 // Allowed when it started; batond's config changed since.
                 Some(Err(e)) => Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e)),
-                _ => behind(&fleet, &running, &host, &command, answer, forward).await,
+                _ => behind(&fleet, &running, &turns, &host, &command, answer, forward).await,
             };
             lock(&running).remove(&id);
             if let Some(update) = update {
@@ -245,6 +250,7 @@ fn up_within(kind: &CommandKind) -> Option<Duration> {
 async fn behind(
     fleet: &FleetHandle,
     running: &Mutex<HashMap<String, Wrap>>,
+    host_locks: &Mutex<HashMap<HostId, Arc<tokio::sync::Mutex<()>>>>,
     host: &HostId,
     command: &Command,
     (answer, superseded): (oneshot::Receiver<CommandUpdate>, CancellationToken),
@@ -252,51 +258,72 @@ async fn behind(
 ) -> Option<CommandUpdate> {
     let failed = |e: String| Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e));
     let traffic = command.traffic.as_ref()?;
-    let vars: BTreeMap<String, String> = match fleet.get(host.clone()).await {
-        Ok(Some(view)) => view.labels.into_iter().collect(),
-        _ => BTreeMap::new(),
-    };
-    let server = match Server::new(traffic, host.as_str(), &vars) {
+    // Only the host id: labels are what agents say of themselves, and a
+    // compromised agent must not name another host's server.
+    let server = match Server::new(traffic, host.as_str(), &BTreeMap::new()) {
         Ok(s) => s,
         Err(e) => return failed(e),
     };
-    let drained = tokio::select! {
-        d = server.drain() => d,
-        () = superseded.cancelled() => {
-            // Never sent: the host goes straight back.
+    // One command at a time per host: a superseded command's return must
+    // not land in the middle of the next one's drain.
+    let turn = lock(host_locks).entry(host.clone()).or_default().clone();
+    let _turn = turn.lock().await;
+    let mut drained = baton_common::traffic::balancer::Drained {
+        cut: 0,
+        waited: Duration::ZERO,
+    };
+    // A drain that failed put the host back itself (or said it could not).
+    let mut put_back = true;
+    // The agent answered already (from its journal, after a restart of
+    // batond): nothing is left to drain for; only the return.
+    if forward {
+        let d = tokio::select! {
+            d = server.drain() => d,
+            () = superseded.cancelled() => {
+                // Never sent: the host goes straight back.
+                if let Err(e) = server.ready(None).await {
+                    warn!(command = %command.id, %host, error = %e, "cannot put the host back after its command was superseded; it may still be drained");
+                }
+                return None;
+            }
+        };
+        let restore = !matches!(command.kind, CommandKind::Activate { .. });
+        drained = match d {
+            Ok(d) => d,
+            // Getting the old release back matters more than the
+            // connections the swap may cut.
+            Err(e) if restore => {
+                warn!(command = %command.id, %host, error = %e, "cannot drain the host; restoring its release anyway");
+                put_back = false;
+                drained
+            }
+            Err(e) => {
+                warn!(command = %command.id, %host, error = %e, "cannot drain the host; the command is not sent");
+                return failed(e);
+            }
+        };
+        if drained.cut > 0 {
+            warn!(command = %command.id, server = %server.describe(), cut = drained.cut, "drain_timeout ran out; the connections left are cut by the swap");
+        } else if put_back {
+            info!(command = %command.id, server = %server.describe(), waited = ?drained.waited, "drained");
+        }
+        // Under the map's lock, so a supersede either comes first (and
+        // the command is never sent) or finds it forwarded.
+        let go = {
+            let mut running = lock(running);
+            match running.get_mut(&command.id) {
+                Some(w) if !superseded.is_cancelled() => {
+                    w.forwarded = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !go {
             if let Err(e) = server.ready(None).await {
                 warn!(command = %command.id, %host, error = %e, "cannot put the host back after its command was superseded; it may still be drained");
             }
             return None;
-        }
-    };
-    let restore = !matches!(command.kind, CommandKind::Activate { .. });
-    let drained = match drained {
-        Ok(d) => d,
-        // Getting the old release back matters more than the
-        // connections the swap may cut.
-        Err(e) if restore => {
-            warn!(command = %command.id, %host, error = %e, "cannot drain the host; restoring its release anyway");
-            baton_common::traffic::balancer::Drained {
-                cut: 0,
-                waited: Duration::ZERO,
-            }
-        }
-        Err(e) => {
-            warn!(command = %command.id, %host, error = %e, "cannot drain the host; the command is not sent");
-            return failed(format!(
-                "{e}; the host was not drained, nothing was changed"
-            ));
-        }
-    };
-    if drained.cut > 0 {
-        warn!(command = %command.id, server = %server.describe(), cut = drained.cut, "drain_timeout ran out; the connections left are cut by the swap");
-    } else {
-        info!(command = %command.id, server = %server.describe(), waited = ?drained.waited, "drained");
-    }
-    if forward {
-        if let Some(w) = lock(running).get_mut(&command.id) {
-            w.forwarded = true;
         }
         // Not delivered now: it is re-sent (to the agent, since the host
         // is drained) when the host reconnects.
@@ -306,22 +333,10 @@ async fn behind(
         )
         .await;
     }
-    let until = tokio::time::Instant::now()
-        + command
-            .deadline
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
+    // No deadline of its own: the rollout gives up on a host that never
+    // answers (its deadlines), and that supersedes the command.
     let agent = tokio::select! {
-        a = tokio::time::timeout_at(until, answer) => match a {
-            Ok(Ok(update)) => Some(update),
-            // The driver stopped.
-            Ok(Err(_)) => None,
-            Err(_) => Some(CommandUpdate::failed(
-                &command.id,
-                FailureKind::Internal,
-                format!("no answer from {host} by the command's deadline"),
-            )),
-        },
+        a = answer => a.ok(),
         () = superseded.cancelled() => None,
     };
     let succeeded = agent
@@ -332,7 +347,11 @@ async fn behind(
     } else {
         None
     };
-    let ready = server.ready(up).await;
+    let ready = if put_back {
+        server.ready(up).await
+    } else {
+        Ok(())
+    };
     let mut update = agent?;
     update.connections_cut = update.connections_cut.saturating_add(drained.cut);
     match ready {
@@ -383,4 +402,41 @@ impl Driver {
             .answer(&self.fleet, id, host.clone(), command, update.clone());
         true
     }
+}
+
+impl Driver {
+    /// After a restart: every command a resumed rollout has outstanding
+    /// behind a central balancer gets its task now, whether or not its
+    /// host is back, so a host a crash left drained is put back even if
+    /// the rollout then stops waiting for it (an abort, a host given up).
+    pub(super) fn resume_balanced(&self) {
+        for (id, entry) in &self.active {
+            let actions: Vec<Action> = entry
+                .rollout
+                .services
+                .iter()
+                .filter(|s| central(s.traffic.as_ref()))
+                .flat_map(|s| s.hosts.iter())
+                .filter_map(|(host, h)| {
+                    let mut command = h.outstanding.clone()?;
+                    swaps(&command.kind).then_some(())?;
+                    entry.rollout.payload(&mut command);
+                    Some(Action::Send(host.clone(), command))
+                })
+                .collect();
+            if !actions.is_empty() {
+                // Hosts connected already are sent their commands by
+                // their own reconnect; the tasks are what matters here.
+                let _ = self.balancers.route(&self.fleet, id, actions);
+            }
+        }
+    }
+}
+
+/// Whether a command swaps a release (and so runs behind the balancer).
+fn swaps(kind: &CommandKind) -> bool {
+    matches!(
+        kind,
+        CommandKind::Activate { .. } | CommandKind::Rollback { .. } | CommandKind::Remove { .. }
+    )
 }
