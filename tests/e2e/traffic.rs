@@ -327,3 +327,35 @@ fn a_server_an_operator_put_in_maintenance_stays_there() {
         assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
     }
 }
+
+#[test]
+fn an_agent_killed_while_it_drains_its_host_finishes_the_rollout_with_every_server_ready() {
+    let Some((mut fleet, lb)) = fleet_behind_haproxy() else {
+        return;
+    };
+    // A long request holds h1 (the first host) in its drain.
+    let slow = slow_requests(&fleet, &lb, 4000);
+    let id = fleet.start_rollout(&format!(
+        "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
+        lb.plan("agent")
+    ));
+    wait_until("HAProxy to show h1 drained", SOON, || {
+        (lb.states().ok()?.get("h1")? == "DRAIN").then_some(())
+    });
+    // SIGKILL: the command is not journaled, so the restarted agent runs
+    // it again when the coordinator re-sends it.
+    fleet.agents.get_mut("h1").unwrap().kill();
+    fleet.start_agent("h1");
+    fleet.wait_connected();
+    let s = fleet.wait_done(&id, Duration::from_secs(120));
+    assert_eq!(s["state"], "succeeded", "{s}");
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    for h in HOSTS {
+        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
+    }
+    for t in slow {
+        let (code, _) = t.join().unwrap().expect("a slow request failed");
+        assert_eq!(code, 200);
+    }
+}
