@@ -488,15 +488,8 @@ impl AgentConfig {
         }
         let mut balancers = file.balancer;
         balancers.extend(args.balancers);
-        if balancers.len() > baton_common::traffic::MAX_ALLOWED
-            || balancers
-                .iter()
-                .any(|b| b.is_empty() || b.len() > 1024 || b.contains('\0'))
-        {
-            errors.push(format!(
-                "balancer: at most {} entries of 1 to 1,024 characters without NUL",
-                baton_common::traffic::MAX_ALLOWED
-            ));
+        if let Err(e) = baton_common::traffic::check_allowed(&balancers) {
+            errors.push(e);
         }
         let mut trusted_keys = file.trusted_keys;
         trusted_keys.extend(args.trusted_keys);

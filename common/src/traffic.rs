@@ -151,6 +151,21 @@ impl Traffic {
 /// The most balancers one `batond` or agent may be allowed.
 pub const MAX_ALLOWED: usize = 64;
 
+/// Checks a `balancer` setting: at most [`MAX_ALLOWED`] entries of 1 to
+/// 1,024 characters without NUL.
+pub fn check_allowed(allowed: &[String]) -> Result<(), String> {
+    if allowed.len() > MAX_ALLOWED
+        || allowed
+            .iter()
+            .any(|b| b.is_empty() || b.len() > 1024 || b.contains('\0'))
+    {
+        return Err(format!(
+            "balancer: at most {MAX_ALLOWED} entries of 1 to 1,024 characters without NUL"
+        ));
+    }
+    Ok(())
+}
+
 impl Traffic {
     /// Whether whoever runs this may: its runtime-API socket, or each of
     /// its commands' programs, must be among `allowed` (the `balancer`
@@ -331,6 +346,22 @@ mod tests {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             run_on: RunOn::Coordinator,
         }
+    }
+
+    #[test]
+    fn a_balancer_setting_is_bounded_and_matched_exactly() {
+        let one = vec!["/run/haproxy/admin.sock".to_owned()];
+        assert!(check_allowed(&one).is_ok());
+        assert!(check_allowed(&[String::new()]).is_err());
+        assert!(check_allowed(&["/a\0".to_owned()]).is_err());
+        assert!(check_allowed(&vec!["/s".to_owned(); MAX_ALLOWED + 1]).is_err());
+        let t = haproxy("/run/haproxy/admin.sock");
+        assert!(t.allowed_by(&one, "batond").is_ok());
+        let e = haproxy("/run/haproxy/../haproxy/admin.sock")
+            .allowed_by(&one, "batond")
+            .unwrap_err();
+        assert!(e.contains("is not a balancer batond may use"), "{e}");
+        assert!(t.allowed_by(&[], "batond").is_err());
     }
 
     #[test]

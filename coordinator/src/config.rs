@@ -474,15 +474,8 @@ impl Config {
         } else {
             args.balancers
         };
-        if balancers.len() > baton_common::traffic::MAX_ALLOWED
-            || balancers
-                .iter()
-                .any(|b| b.is_empty() || b.len() > 1024 || b.contains('\0'))
-        {
-            errors.push(format!(
-                "balancer: at most {} entries of 1 to 1,024 characters without NUL",
-                baton_common::traffic::MAX_ALLOWED
-            ));
+        if let Err(e) = baton_common::traffic::check_allowed(&balancers) {
+            errors.push(e);
         }
         let mut calendar = crate::freeze::Calendar::default();
         for w in windows.iter().take(crate::freeze::MAX_ENTRIES) {

@@ -74,6 +74,29 @@ fn slow_requests(
     threads
 }
 
+/// Every server of HAProxy's `web` is `UP` and every host serves `version`.
+fn assert_all_up_on(fleet: &Fleet, lb: &Haproxy, version: &str) {
+    let states = lb.states().unwrap();
+    assert!(states.values().all(|s| s == "UP"), "{states:?}");
+    for h in HOSTS {
+        assert_eq!(
+            fleet.get(h).as_deref(),
+            Some(format!("demo-service {version}").as_str())
+        );
+    }
+}
+
+/// Waits until HAProxy shows a server of `web` drained.
+fn wait_drained(lb: &Haproxy) {
+    wait_until("HAProxy to show a host drained", SOON, || {
+        lb.states()
+            .ok()?
+            .values()
+            .any(|s| s == "DRAIN")
+            .then_some(())
+    });
+}
+
 const ROLLING: &str = "min_healthy_time = \"300ms\"\nmax_parallel = 1\n";
 
 #[test]
@@ -114,11 +137,7 @@ fn drained_upgrade_fails_no_request(run_on: &str) {
         assert_eq!((code, body.as_str()), (200, "demo-service 1.0.0"));
     }
     // Every server is back and runs 2.0.0; nothing was cut.
-    let states = lb.states().unwrap();
-    assert!(states.values().all(|s| s == "UP"), "{states:?}");
-    for h in HOSTS {
-        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
-    }
+    assert_all_up_on(&fleet, &lb, "2.0.0");
     // Whoever ran the balancer's commands says so.
     let logs: Vec<String> = if run_on == "agent" {
         HOSTS.iter().map(|h| fleet.agents[*h].log_text()).collect()
@@ -165,23 +184,13 @@ fn batond_killed_while_a_host_is_drained_finishes_the_rollout_with_every_server_
         "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
         lb.plan("coordinator")
     ));
-    wait_until("HAProxy to show a host drained", SOON, || {
-        lb.states()
-            .ok()?
-            .values()
-            .any(|s| s == "DRAIN")
-            .then_some(())
-    });
+    wait_drained(&lb);
     let addr = fleet.batond.addr.to_string();
     fleet.batond.proc.kill();
     fleet.batond = Batond::start_on(&fleet.env, &addr, "batond", &[&allowed]);
     let s = fleet.wait_done(&id, Duration::from_secs(120));
     assert_eq!(s["state"], "succeeded", "{s}");
-    let states = lb.states().unwrap();
-    assert!(states.values().all(|s| s == "UP"), "{states:?}");
-    for h in HOSTS {
-        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
-    }
+    assert_all_up_on(&fleet, &lb, "2.0.0");
     for t in slow {
         let (code, _) = t.join().unwrap().expect("a slow request failed");
         assert_eq!(code, 200);
@@ -261,13 +270,7 @@ fn abort_while_drained(run_on: &str) {
         "[[service]]\nname = \"demo\"\nversion = \"2.0.0\"\n{ROLLING}{}",
         lb.plan(run_on).replace("10s", "60s")
     ));
-    wait_until("HAProxy to show a host drained", SOON, || {
-        lb.states()
-            .ok()?
-            .values()
-            .any(|s| s == "DRAIN")
-            .then_some(())
-    });
+    wait_drained(&lb);
     let out = fleet.baton(&["rollout", "abort", &id]);
     assert!(out.status.success(), "{out:?}");
     wait_until("every server back in HAProxy", SOON, || {
@@ -304,11 +307,7 @@ fn a_release_that_fails_its_health_gate_is_rolled_back_behind_the_balancer_witho
         (0, 0),
         "requests failed through the balancer: {wrk:?}"
     );
-    let states = lb.states().unwrap();
-    assert!(states.values().all(|s| s == "UP"), "{states:?}");
-    for h in HOSTS {
-        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 1.0.0"));
-    }
+    assert_all_up_on(&fleet, &lb, "1.0.0");
 }
 
 #[test]
@@ -349,11 +348,7 @@ fn an_agent_killed_while_it_drains_its_host_finishes_the_rollout_with_every_serv
     fleet.wait_connected();
     let s = fleet.wait_done(&id, Duration::from_secs(120));
     assert_eq!(s["state"], "succeeded", "{s}");
-    let states = lb.states().unwrap();
-    assert!(states.values().all(|s| s == "UP"), "{states:?}");
-    for h in HOSTS {
-        assert_eq!(fleet.get(h).as_deref(), Some("demo-service 2.0.0"));
-    }
+    assert_all_up_on(&fleet, &lb, "2.0.0");
     for t in slow {
         let (code, _) = t.join().unwrap().expect("a slow request failed");
         assert_eq!(code, 200);

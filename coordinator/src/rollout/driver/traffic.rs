@@ -50,6 +50,34 @@ struct Wrap {
     superseded: CancellationToken,
 }
 
+/// What a task waits on: the agent's answer, and being superseded.
+type Answer = (oneshot::Receiver<CommandUpdate>, CancellationToken);
+
+impl Wrap {
+    /// A task's entry; with `answered`, the agent's answer is in already
+    /// (the command is with the agent).
+    fn new(rollout: &str, host: &HostId, answered: Option<CommandUpdate>) -> (Self, Answer) {
+        let (tx, rx) = oneshot::channel();
+        let superseded = CancellationToken::new();
+        let forwarded = answered.is_some();
+        let answer = match answered {
+            Some(update) => {
+                let _ = tx.send(update);
+                None
+            }
+            None => Some(tx),
+        };
+        let wrap = Self {
+            rollout: rollout.to_owned(),
+            host: host.clone(),
+            forwarded,
+            answer,
+            superseded: superseded.clone(),
+        };
+        (wrap, (rx, superseded))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -112,19 +140,9 @@ impl Balancers {
                 Some(w) if w.forwarded => out.push(Action::Send(host, for_agent(&command))),
                 Some(_) => {}
                 None => {
-                    let (tx, rx) = oneshot::channel();
-                    let superseded = CancellationToken::new();
-                    running.insert(
-                        command.id.clone(),
-                        Wrap {
-                            rollout: rollout.to_owned(),
-                            host: host.clone(),
-                            forwarded: false,
-                            answer: Some(tx),
-                            superseded: superseded.clone(),
-                        },
-                    );
-                    self.spawn(fleet, host, command, (rx, superseded), true);
+                    let (wrap, answer) = Wrap::new(rollout, &host, None);
+                    running.insert(command.id.clone(), wrap);
+                    self.spawn(fleet, host, command, answer, true);
                 }
             }
         }
@@ -151,20 +169,9 @@ impl Balancers {
             }
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(update);
-        let superseded = CancellationToken::new();
-        running.insert(
-            command.id.clone(),
-            Wrap {
-                rollout: rollout.to_owned(),
-                host: host.clone(),
-                forwarded: true,
-                answer: None,
-                superseded: superseded.clone(),
-            },
-        );
-        self.spawn(fleet, host, command, (rx, superseded), false);
+        let (wrap, answer) = Wrap::new(rollout, &host, Some(update));
+        running.insert(command.id.clone(), wrap);
+        self.spawn(fleet, host, command, answer, false);
     }
 
     /// Tells the tasks of `rollout` whose command it no longer waits for
@@ -198,7 +205,7 @@ impl Balancers {
         fleet: &FleetHandle,
         host: HostId,
         command: Command,
-        answer: (oneshot::Receiver<CommandUpdate>, CancellationToken),
+        answer: Answer,
         forward: bool,
     ) {
         let running = self.running.clone();
@@ -253,7 +260,7 @@ async fn behind(
     host_locks: &Mutex<HashMap<HostId, Arc<tokio::sync::Mutex<()>>>>,
     host: &HostId,
     command: &Command,
-    (answer, superseded): (oneshot::Receiver<CommandUpdate>, CancellationToken),
+    (answer, superseded): Answer,
     forward: bool,
 ) -> Option<CommandUpdate> {
     let failed = |e: String| Some(CommandUpdate::failed(&command.id, FailureKind::Traffic, e));
