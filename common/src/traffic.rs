@@ -41,16 +41,6 @@ pub enum RunOn {
     Agent,
 }
 
-impl RunOn {
-    /// The plan's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Coordinator => "coordinator",
-            Self::Agent => "agent",
-        }
-    }
-}
-
 /// How to reach the balancer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,14 +78,6 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// The plan's name of the balancer kind.
-    pub fn kind(&self) -> &'static str {
-        match self.balancer {
-            Balancer::Haproxy { .. } => "haproxy",
-            Balancer::Exec { .. } => "exec",
-        }
-    }
-
     /// Checks every limit: what a plan or a command carries is bounded.
     pub fn validate(&self) -> Result<(), String> {
         if self.drain_timeout > MAX_DRAIN_TIMEOUT {
