@@ -37,7 +37,8 @@ pub const MAX_KEEP_RELEASES: usize = 1000;
 pub struct AgentArgs {
     /// A TOML file with any of the keys below (`coordinator`, `host-id`,
     /// `data-dir`, `tls-dir`, `labels`, `vars`, `trusted-keys`,
-    /// `reconnect-max`, `keep-releases`, `metrics-listen`, `download-stall-timeout`); flags win over it (labels and vars are merged).
+    /// `reconnect-max`, `keep-releases`, `metrics-listen`, `download-stall-timeout`,
+    /// `peer-listen`, `peer-uploads`, `peer-upload-rate`, `peer-serve-for`); flags win over it (labels and vars are merged).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -114,6 +115,29 @@ pub struct AgentArgs {
     /// 10m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub download_stall_timeout: Option<Duration>,
+
+    /// Serve staged payloads to other agents of the fleet at ADDR (IP:PORT;
+    /// 0.0.0.0:PORT serves on every address and the coordinator tells
+    /// peers the one it sees this agent at). Mutual TLS with the agent's
+    /// certificate, agents only, payloads of current rollouts only, each
+    /// piece checked by the receiver. Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+
+    /// Downloads served to peers at once; more are sent elsewhere
+    /// [default: 4; 1 to 256].
+    #[arg(long, value_name = "N")]
+    pub peer_uploads: Option<u32>,
+
+    /// The most bytes per second served to peers, all uploads together
+    /// (at least 1048576) [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    pub peer_upload_rate: Option<u64>,
+
+    /// How long a staged payload is still served to peers [default: 30m;
+    /// at most 7days].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub peer_serve_for: Option<Duration>,
 
     /// The systemctl that drives services run by systemd (`supervisor =
     /// "systemd"` in service.toml) [default: systemctl on the PATH].
@@ -248,6 +272,11 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     download_stall_timeout: Option<Duration>,
     systemctl: Option<PathBuf>,
+    peer_listen: Option<String>,
+    peer_uploads: Option<u32>,
+    peer_upload_rate: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    peer_serve_for: Option<Duration>,
 }
 
 /// `coordinator` in the file: one URL, comma-separated URLs, or a list.
@@ -307,6 +336,8 @@ pub struct AgentConfig {
     pub download: crate::executor::DownloadLimits,
     /// What drives units of services run by systemd.
     pub systemctl: crate::executor::Systemctl,
+    /// Peer-to-peer staging.
+    pub peers: crate::peers::PeerConfig,
 }
 
 /// This host's id when none is given: the hostname, else the machine id.
@@ -558,6 +589,49 @@ impl AgentConfig {
                     .ok()
             });
 
+        let peer_listen = args.peer_listen.or(file.peer_listen).and_then(|text| {
+            text.parse::<std::net::SocketAddr>()
+                .map_err(|_| {
+                    errors.push(format!(
+                        "peer-listen {:?} is not IP:PORT",
+                        baton_common::text::prefix(&text, 64)
+                    ))
+                })
+                .ok()
+        });
+        let peer_uploads = args
+            .peer_uploads
+            .or(file.peer_uploads)
+            .unwrap_or(crate::peers::DEFAULT_UPLOADS);
+        if !(1..=crate::peers::MAX_UPLOADS).contains(&peer_uploads) {
+            errors.push(format!(
+                "peer-uploads {peer_uploads} is out of range: it must be between 1 and {}",
+                crate::peers::MAX_UPLOADS
+            ));
+        }
+        let peer_serve_for = args
+            .peer_serve_for
+            .or(file.peer_serve_for)
+            .unwrap_or(crate::peers::DEFAULT_SERVE_FOR);
+        if peer_serve_for > crate::peers::MAX_SERVE_FOR {
+            errors.push("peer-serve-for is too long: at most 7days".to_owned());
+        }
+        let upload_rate = args.peer_upload_rate.or(file.peer_upload_rate);
+        if let Some(rate) = upload_rate
+            && rate < crate::peers::MIN_UPLOAD_RATE
+        {
+            errors.push(format!(
+                "peer-upload-rate {rate} is too low: at least {} bytes per second",
+                crate::peers::MIN_UPLOAD_RATE
+            ));
+        }
+        let peers = crate::peers::PeerConfig {
+            upload_rate,
+            listen: peer_listen,
+            uploads: peer_uploads,
+            serve_for: peer_serve_for,
+        };
+
         match (errors.is_empty(), host_id, tls) {
             (true, Some(host_id), Some(tls)) => Ok(Self {
                 coordinators,
@@ -575,6 +649,7 @@ impl AgentConfig {
                 download,
                 metrics_listen,
                 systemctl,
+                peers,
             }),
             _ => Err(ConfigErrors(errors)),
         }

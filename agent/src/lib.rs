@@ -13,6 +13,7 @@ pub mod join;
 pub mod journal;
 pub mod logs;
 pub mod metrics;
+pub mod peers;
 pub mod releases;
 pub mod sample;
 pub mod selfupgrade;
@@ -28,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 /// A configured agent, ready to run.
 pub struct Agent {
     link: connection::Link,
+    /// The peer server's socket, bound at startup, and what it serves.
+    peers: Option<(std::net::TcpListener, peers::PeerConfig)>,
+    seeds: std::sync::Arc<peers::Seeds>,
     tls_dir: Option<std::path::PathBuf>,
     host_id: baton_common::host::HostId,
     executor: executor::Executor,
@@ -68,6 +72,18 @@ impl Agent {
         vars.insert("BATON_HOST_ID".into(), config.host_id.to_string());
         let shutdown = CancellationToken::new();
         let link = connection::Link::new(config.clone(), me.version().to_owned())?;
+        // Bound now, so a taken port fails the start.
+        let listener = config
+            .peers
+            .listen
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .map_err(|e| format!("cannot serve peers at {addr} (--peer-listen): {e}"))
+            })
+            .transpose()?;
+        let serve = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let seeds = std::sync::Arc::new(peers::Seeds::default());
+        peers::forget_kept(&config.data_dir.join("downloads"));
         let executor = executor::Executor::new(
             executor::ExecutorConfig {
                 data_dir: config.data_dir.clone(),
@@ -80,11 +96,19 @@ impl Agent {
                 me,
                 download: config.download,
                 systemctl: config.systemctl.clone(),
+                peers: peers::PeerSetup {
+                    seeds: seeds.clone(),
+                    creds: Some(link.credentials()),
+                    serve,
+                    serve_for: config.peers.serve_for,
+                },
             },
             link.channel(),
             shutdown.clone(),
         )?;
         Ok(Self {
+            peers: listener.map(|l| (l, config.peers.clone())),
+            seeds,
             tls_dir: config.tls_dir.clone(),
             host_id: config.host_id.clone(),
             link,
@@ -123,6 +147,16 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
+        if let Some((listener, config)) = self.peers {
+            tokio::spawn(peers::serve::run(
+                listener,
+                self.link.credentials(),
+                self.seeds.clone(),
+                config,
+                shutdown.clone(),
+            ));
+        }
+        tokio::spawn(peers::sweep_forever(self.seeds.clone(), shutdown.clone()));
         let notify = baton_common::sdnotify::lifecycle(
             "running; connecting to the coordinator".to_owned(),
             shutdown.clone(),

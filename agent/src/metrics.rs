@@ -28,6 +28,13 @@ pub struct AgentMetrics {
     /// a health gate that gives up is a failed activation, counted in
     /// `commands`).
     pub health_check_failures: Counter,
+    /// Payload bytes served to other agents.
+    pub peer_sent_bytes: Counter,
+    /// Payload bytes received and checked, by source (`coordinator`,
+    /// `peer`).
+    pub fetched_bytes: CounterVec,
+    /// Peers that sent a piece not matching its signed hash.
+    pub corrupt_pieces: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -49,6 +56,9 @@ impl Default for AgentMetrics {
             activation: Histogram::default(),
             health_wait: Histogram::default(),
             health_check_failures: Counter::default(),
+            peer_sent_bytes: Counter::default(),
+            fetched_bytes: CounterVec::with_values(&[&["coordinator"], &["peer"]]),
+            corrupt_pieces: Counter::default(),
         }
     }
 }
@@ -122,6 +132,22 @@ pub fn render(connected: bool, services: &[baton_common::host::ServiceStatus]) -
         "baton_agent_health_check_failures_total",
         "Health checks of a running service that failed after it had passed (a starting process's first probes are not counted).",
         &m.health_check_failures,
+    );
+    e.counter(
+        "baton_agent_peer_sent_bytes_total",
+        "Payload bytes this agent served to other agents (--peer-listen).",
+        &m.peer_sent_bytes,
+    );
+    e.counter_vec(
+        "baton_agent_fetched_bytes_total",
+        "Payload bytes received and checked, by source (coordinator, peer).",
+        &["source"],
+        &m.fetched_bytes,
+    );
+    e.counter(
+        "baton_agent_corrupt_pieces_total",
+        "Pieces from peers that did not match their signed hash (each peer is then avoided).",
+        &m.corrupt_pieces,
     );
     e.finish()
 }

@@ -315,10 +315,12 @@ use crate::text::shorten;
 mod format;
 mod keys;
 mod manifest;
+mod pieces;
 mod verify;
 pub use format::*;
 pub use keys::*;
 pub use manifest::*;
+pub use pieces::*;
 pub use verify::*;
 
 mod pack;

@@ -69,9 +69,15 @@ impl CounterVec {
 
     /// Adds one to the counter of these label values.
     pub fn inc(&self, values: &[&str]) {
+        self.inc_by(values, 1);
+    }
+
+    /// Adds `n` to the counter of these label values.
+    pub fn inc_by(&self, values: &[&str], n: u64) {
         let key: Vec<String> = values.iter().map(|s| (*s).to_owned()).collect();
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(key).or_default() += 1;
+        let count = map.entry(key).or_default();
+        *count = count.saturating_add(n);
     }
 
     /// Every combination of label values and its count, in label order.

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use baton_common::artifact::SignedManifest;
+use baton_common::artifact::{PieceChecker, SignedManifest};
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +103,8 @@ pub struct Upload {
     file: std::fs::File,
     tmp: tempfile::TempPath,
     hash: digest::Context,
+    /// The manifest's piece hashes, checked as the payload arrives.
+    pieces: Option<PieceChecker>,
     received: u64,
 }
 
@@ -174,11 +176,13 @@ impl Artifacts {
         let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
             .map_err(io("cannot create an upload file"))?;
         let (file, tmp) = tmp.into_parts();
+        let pieces = PieceChecker::new(&manifest.manifest, 0);
         Ok(Upload {
             artifacts: self.clone(),
             manifest,
             file,
             tmp,
+            pieces,
             hash: digest::Context::new(&digest::SHA256),
             received: 0,
         })
@@ -196,6 +200,13 @@ impl Upload {
             )));
         }
         self.hash.update(data);
+        if let Some(pieces) = &mut self.pieces {
+            // Agents check pieces against the manifest: an artifact whose
+            // pieces do not match would fail on every host.
+            pieces.feed(data).map_err(|e| {
+                ArtifactStoreError::Invalid(format!("the payload does not match its manifest: {e}"))
+            })?;
+        }
         self.file
             .write_all(data)
             .map_err(io("cannot write the upload"))

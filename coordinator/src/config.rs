@@ -67,6 +67,14 @@ pub struct BatondArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_artifact_size: Option<u64>,
 
+    /// How many agents download one payload from batond at once while
+    /// other agents can serve it (`baton-agent --peer-listen`); the rest
+    /// fetch from those peers, so batond sends about one copy whatever the
+    /// fleet's size. Agents with no peer to use always fetch from batond
+    /// [default: 2, at most 10000].
+    #[arg(long, value_name = "N")]
+    pub artifact_uploads: Option<u32>,
+
     /// Where state lives: `embedded` (a redb file in the data dir, the
     /// default) or `etcd://HOST:PORT[,HOST:PORT…]` (needs a batond built
     /// with `--features etcd`).
@@ -151,6 +159,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
     max_artifact_size: Option<u64>,
+    artifact_uploads: Option<u32>,
     store: Option<String>,
     advertise_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
@@ -189,6 +198,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The largest payload accepted.
     pub max_artifact_size: u64,
+    /// Downloads of one payload served at once while peers can serve it.
+    pub artifact_uploads: u32,
     /// Where state lives.
     pub store: StoreConfig,
     /// The URL others reach this coordinator at (`None`: from the bound
@@ -272,6 +283,7 @@ impl Config {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_artifact_size: DEFAULT_MAX_ARTIFACT_SIZE,
+            artifact_uploads: crate::swarm::SwarmConfig::default().coordinator_slots,
             store: StoreConfig::Embedded,
             advertise_url: None,
             lease_ttl: DEFAULT_LEASE_TTL,
@@ -349,6 +361,16 @@ impl Config {
         if max_artifact_size == 0 || max_artifact_size > MAX_ARTIFACT_SIZE_LIMIT {
             errors.push(format!(
                 "max-artifact-size {max_artifact_size} is out of range: it must be between 1 byte and {MAX_ARTIFACT_SIZE_LIMIT} (64 GiB)"
+            ));
+        }
+        let artifact_uploads = args
+            .artifact_uploads
+            .or(file.artifact_uploads)
+            .unwrap_or(crate::swarm::SwarmConfig::default().coordinator_slots);
+        if !(1..=crate::swarm::MAX_COORDINATOR_SLOTS).contains(&artifact_uploads) {
+            errors.push(format!(
+                "artifact-uploads {artifact_uploads} is out of range: it must be between 1 and {}",
+                crate::swarm::MAX_COORDINATOR_SLOTS
             ));
         }
         let store = match args.store.or(file.store) {
@@ -502,6 +524,7 @@ impl Config {
                 agent_timeout,
                 shutdown_grace,
                 max_artifact_size,
+                artifact_uploads,
                 store,
                 advertise_url,
                 lease_ttl,

@@ -33,4 +33,5 @@ pub mod rollout;
 pub mod samples;
 pub mod server;
 pub mod store;
+pub mod swarm;
 pub mod web;

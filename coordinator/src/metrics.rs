@@ -53,6 +53,11 @@ pub struct Metrics {
     /// Connections cut by hosts' commands: a drain past its
     /// `drain_timeout`, an old process stopped at its `stop_timeout`.
     pub connections_cut: Counter,
+    /// Payload bytes sent to agents (and other coordinators).
+    pub artifact_sent_bytes: Counter,
+    /// Answers to agents asking where to download from, by source:
+    /// `coordinator`, `peer`, `wait`, `done`.
+    pub artifact_sources: CounterVec,
     /// What was written to the store.
     pub store: Arc<crate::store::StoreStats>,
 }
@@ -75,6 +80,13 @@ impl Default for Metrics {
             takeovers: Counter::default(),
             takeovers_refused: Counter::default(),
             connections_cut: Counter::default(),
+            artifact_sent_bytes: Counter::default(),
+            artifact_sources: CounterVec::with_values(&[
+                &["coordinator"],
+                &["done"],
+                &["peer"],
+                &["wait"],
+            ]),
             verdicts: CounterVec::with_values(&[
                 &["metrics", "pass"],
                 &["metrics", "fail"],
@@ -187,6 +199,17 @@ impl Metrics {
             "baton_connections_cut_total",
             "Connections still open that hosts' commands had to cut: a drain past its drain_timeout, an old process stopped at the end of its stop_timeout (the target is 0).",
             &self.connections_cut,
+        );
+        e.counter(
+            "baton_artifact_sent_bytes_total",
+            "Payload bytes batond sent to agents and other coordinators (with peers serving, about one copy per payload).",
+            &self.artifact_sent_bytes,
+        );
+        e.counter_vec(
+            "baton_artifact_sources_total",
+            "Answers to agents asking where to download a payload from, by source (coordinator, peer, wait, done).",
+            &["source"],
+            &self.artifact_sources,
         );
         e.histogram(
             "baton_host_activation_duration_seconds",

@@ -501,6 +501,12 @@ impl Coordinator {
         let artifact_api = InterceptedService::new(
             ArtifactServiceServer::new(ArtifactApi::new(
                 artifacts.clone(),
+                fleet.clone(),
+                self.web.counters.clone(),
+                crate::swarm::SwarmConfig {
+                    coordinator_slots: self.config.artifact_uploads,
+                    ..crate::swarm::SwarmConfig::default()
+                },
                 shutdown.clone(),
                 tasks.clone(),
             ))

@@ -56,6 +56,7 @@ async fn a_command_reaches_the_agent_and_its_outcome_comes_back() {
         reconnect_max: Duration::from_millis(500),
         download: Default::default(),
         systemctl: Default::default(),
+        peers: Default::default(),
     };
     let agent = tokio::spawn(Agent::new(config).unwrap().run(agent_stop.clone()));
 

@@ -20,6 +20,7 @@ mod handoff;
 mod limits;
 mod observe;
 mod packaging;
+mod peers;
 mod ping;
 mod roles;
 mod rollout;

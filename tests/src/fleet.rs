@@ -81,6 +81,17 @@ impl Fleet {
     /// The general constructor: labels, named services, extra `batond`
     /// flags. (Agents behind a proxy: `set_agent_url`, then restart them.)
     pub fn start_full(hosts: &[(&str, &[&str])], services: &[&str], batond_args: &[&str]) -> Self {
+        Self::start_with(hosts, services, batond_args, &[])
+    }
+
+    /// Like [`Fleet::start_full`], every agent started with `agent_args`
+    /// too (kept in `agent_extra` for agents started later).
+    pub fn start_with(
+        hosts: &[(&str, &[&str])],
+        services: &[&str],
+        batond_args: &[&str],
+        agent_args: &[&str],
+    ) -> Self {
         let names: Vec<&str> = hosts.iter().map(|(h, _)| *h).collect();
         let env = TestEnv::new(&names);
         let out = crate::bin_command("baton")
@@ -114,7 +125,7 @@ impl Fleet {
                 })
                 .collect(),
             cli_url: None,
-            agent_extra: vec![],
+            agent_extra: agent_args.iter().map(|a| (*a).to_owned()).collect(),
             agent_tmpfs: None,
         };
         for h in names {

@@ -50,6 +50,14 @@ impl pb::artifact_service_server::ArtifactService for Payloads {
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
+
+    async fn source(
+        &self,
+        _request: Request<pb::SourceRequest>,
+    ) -> Result<Response<pb::SourceAnswer>, Status> {
+        // As a coordinator older than peer-to-peer staging: itself.
+        Err(Status::unimplemented("no sources here"))
+    }
 }
 
 struct Service {

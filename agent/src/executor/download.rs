@@ -444,6 +444,13 @@ mod tests {
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             )))
         }
+
+        async fn source(
+            &self,
+            _request: tonic::Request<pb::SourceRequest>,
+        ) -> Result<tonic::Response<pb::SourceAnswer>, tonic::Status> {
+            Err(tonic::Status::unimplemented("no sources here"))
+        }
     }
 
     #[tokio::test]
@@ -472,6 +479,8 @@ mod tests {
             created: String::new(),
             key_id: String::new(),
             expires: None,
+            piece_size: 0,
+            pieces: vec![],
         };
         let dir = tempfile::tempdir().unwrap();
         // Judged from the third window on, not left to dribble.

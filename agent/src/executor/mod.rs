@@ -49,6 +49,7 @@ mod release;
 mod remove;
 mod runner;
 mod stage;
+mod swarm;
 mod traffic;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};
@@ -88,6 +89,8 @@ pub struct ExecutorConfig {
     pub download: DownloadLimits,
     /// What drives units of services run by systemd.
     pub systemctl: Systemctl,
+    /// Peer-to-peer staging.
+    pub peers: crate::peers::PeerSetup,
 }
 
 /// Runs commands and owns the supervised services.

@@ -11,7 +11,7 @@ use baton_proto::agent::v1::artifact_service_client::ArtifactServiceClient;
 use tracing::{debug, info};
 
 use super::failure::{Classify, Failure};
-use super::{Executor, PROGRESS_EVERY, download, lock};
+use super::{Executor, PROGRESS_EVERY, download, lock, swarm};
 
 impl Executor {
     pub(super) async fn stage(
@@ -93,7 +93,7 @@ impl Executor {
         if releases.is_staged(name, version) {
             return Ok(());
         }
-        let payload = self.download(id, m).await?;
+        let (payload, seed) = self.download(id, m).await?;
         // Unpacking is blocking file work; keep it off the runtime.
         let releases = releases.clone();
         let (name_owned, version_owned) = (name.to_owned(), version.to_owned());
@@ -133,17 +133,38 @@ impl Executor {
         .await
         .map_err(|e| Failure::new(FailureKind::Internal, format!("the unpack task failed: {e}")))
         .and_then(|r| r.or_fail(FailureKind::Disk));
-        // A payload that unpacked is not needed again; one that did not is
-        // bad (it matched its signed digest, so it will not get better).
-        let _ = std::fs::remove_file(&payload);
+        // A payload that unpacked is not needed again, but by peers while
+        // its rollout goes on; one that did not is bad (it matched its
+        // signed digest, so it will not get better).
+        let peers = &self.inner.config.peers;
+        match (seed, &unpacked, peers.serve) {
+            (Some(seed), Ok(()), Some(_)) => {
+                let kept = payload.with_extension("seed");
+                match std::fs::rename(&payload, &kept) {
+                    Ok(()) => seed.keep(&kept, m.size, peers.serve_for),
+                    Err(e) => {
+                        debug!(error = %e, "cannot keep the payload for peers");
+                        let _ = std::fs::remove_file(&payload);
+                    }
+                }
+            }
+            _ => {
+                let _ = std::fs::remove_file(&payload);
+            }
+        }
         unpacked?;
         info!(service = %name, %version, "staged");
         Ok(())
     }
 
     /// Downloads a payload into `downloads/<hex>.partial` (see
-    /// [`download`]), reporting progress on the command.
-    async fn download(&self, id: &str, m: &Manifest) -> Result<PathBuf, Failure> {
+    /// [`download`], or [`swarm::download`] when the manifest lists piece
+    /// hashes: then peers may serve it), reporting progress on the command.
+    async fn download(
+        &self,
+        id: &str,
+        m: &Manifest,
+    ) -> Result<(PathBuf, Option<crate::peers::Seed>), Failure> {
         let path = self
             .inner
             .config
@@ -155,7 +176,7 @@ impl Executor {
         let client = move || {
             ArtifactServiceClient::new(fetch.borrow().clone()).max_decoding_message_size(8 << 20)
         };
-        download(client, m, &path, self.inner.config.download, |offset| {
+        let progress = |offset: u64| {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 self.publish(CommandUpdate {
@@ -169,8 +190,20 @@ impl Executor {
                     connections_cut: 0,
                 });
             }
-        })
-        .await?;
-        Ok(path)
+        };
+        if m.has_pieces() {
+            let peers = &self.inner.config.peers;
+            let sources = swarm::Sources {
+                coordinator: &client,
+                tls: peers.creds.as_ref().map(|c| c.current()),
+                seeds: &peers.seeds,
+                serve: peers.serve.map(|a| a.to_string()),
+            };
+            let seed =
+                swarm::download(sources, m, &path, self.inner.config.download, progress).await?;
+            return Ok((path, Some(seed)));
+        }
+        download(client, m, &path, self.inner.config.download, progress).await?;
+        Ok((path, None))
     }
 }

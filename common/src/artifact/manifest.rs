@@ -86,6 +86,18 @@ pub struct Manifest {
     /// existed, which agents refuse.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// The length of each piece of the payload (the last may be shorter);
+    /// 0 (absent) in manifests packed before pieces existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub piece_size: u64,
+    /// The lowercase hex SHA-256 of each piece, in order: what a download
+    /// from another agent is checked against as it arrives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How long a packed artifact stays valid unless told otherwise.
@@ -136,6 +148,7 @@ impl Manifest {
                 ),
             });
         }
+        self.validate_pieces()?;
         if !self.key_id.is_empty() && !crate::hex::is_lower(&self.key_id, 16) {
             return Err(ArtifactError::BadManifest {
                 reason: format!(

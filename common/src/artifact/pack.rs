@@ -256,12 +256,20 @@ pub fn pack_kind(
     writer.flush().map_err(io_err("write", &payload.path))?;
     let HashingWriter { inner, hasher } = writer;
     drop(inner);
+    // Piece hashes in a second pass: the piece size depends on the size,
+    // known only now.
+    let size = hasher.bytes();
+    let piece_size = piece_size_for(size);
+    let mut reader = &payload.file;
+    reader.rewind().map_err(io_err("seek in", &payload.path))?;
+    let pieces = hash_pieces(io::BufReader::new(reader), piece_size)
+        .map_err(io_err("read back", &payload.path))?;
 
     let manifest = Manifest {
         name: name.to_owned(),
         kind,
         version: version.to_owned(),
-        size: hasher.bytes(),
+        size,
         payload_sha256: hasher.hex_digest(),
         created: crate::time::rfc3339(SystemTime::now()),
         key_id: key.public_key().key_id(),
@@ -269,6 +277,8 @@ pub fn pack_kind(
             SystemTime::now(),
             expires_in,
         ))),
+        piece_size: if size == 0 { 0 } else { piece_size },
+        pieces,
     };
     let signed = SignedManifest::sign(manifest, key)?;
     let mut reader = &payload.file;

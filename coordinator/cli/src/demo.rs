@@ -296,6 +296,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             reconnect_max: Duration::from_secs(2),
             download: Default::default(),
             systemctl: Default::default(),
+            peers: Default::default(),
         };
         agents.spawn(Agent::new(config)?.run(agents_stop.clone()));
     }
