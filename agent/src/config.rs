@@ -130,7 +130,8 @@ pub struct AgentArgs {
     pub peer_uploads: Option<u32>,
 
     /// The most bytes per second served to peers, all uploads together
-    /// (at least 1048576) [default: no limit].
+    /// (at least 1048576, and 262144 for each of --peer-uploads)
+    /// [default: no limit].
     #[arg(long, value_name = "BYTES")]
     pub peer_upload_rate: Option<u64>,
 
@@ -617,12 +618,14 @@ impl AgentConfig {
             errors.push("peer-serve-for is too long: at most 7days".to_owned());
         }
         let upload_rate = args.peer_upload_rate.or(file.peer_upload_rate);
+        // Each upload must get 256 KiB/s, so that a 1 MiB message never
+        // takes a peer's stall window.
+        let least = crate::peers::MIN_UPLOAD_RATE.max(u64::from(peer_uploads) << 18);
         if let Some(rate) = upload_rate
-            && rate < crate::peers::MIN_UPLOAD_RATE
+            && rate < least
         {
             errors.push(format!(
-                "peer-upload-rate {rate} is too low: at least {} bytes per second",
-                crate::peers::MIN_UPLOAD_RATE
+                "peer-upload-rate {rate} is too low: at least {least} bytes per second (1 MiB/s, and 256 KiB/s for each of the {peer_uploads} peer-uploads)"
             ));
         }
         let peers = crate::peers::PeerConfig {

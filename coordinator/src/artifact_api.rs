@@ -120,6 +120,17 @@ fn serve_addr(text: &str, caller: Option<SocketAddr>) -> Result<Option<SocketAdd
     if addr.port() == 0 {
         return Err(bad());
     }
+    if addr.ip().is_multicast() {
+        return Err(bad());
+    }
+    // An agent may point peers at loopback only from loopback itself
+    // (a test or a one-machine fleet), not at another host's.
+    if addr.ip().is_loopback() && !caller.is_some_and(|c| c.ip().to_canonical().is_loopback()) {
+        return Err(Status::invalid_argument(format!(
+            "serve_addr {:?} is a loopback address, and this agent is not on this machine",
+            baton_common::text::prefix(text, 64)
+        )));
+    }
     if addr.ip().is_unspecified() {
         let Some(caller) = caller else {
             return Err(Status::invalid_argument(
@@ -268,6 +279,10 @@ impl ArtifactService for ArtifactApi {
             failed,
             corrupt: req.corrupt,
             done: req.done,
+            // At most a week, as an agent's --peer-serve-for.
+            serve_for: (req.serve_for_ms > 0).then(|| {
+                std::time::Duration::from_millis(req.serve_for_ms.min(7 * 24 * 3600 * 1000))
+            }),
         };
         let busy = self.serving(&req.digest);
         let source = lock(&self.swarms).ask(&req.digest, &host, ask, busy, Instant::now());

@@ -35,6 +35,9 @@ const MAX_DEPTH: usize = 64;
 /// Digests tracked at once; the least recently used goes first.
 pub const MAX_SWARMS: usize = 256;
 
+/// A swarm asked about within this long is never pushed out by another.
+pub const SWARM_BUSY: Duration = Duration::from_secs(600);
+
 /// A swarm nobody asked about for this long is forgotten.
 pub const SWARM_IDLE: Duration = Duration::from_secs(3600);
 
@@ -82,6 +85,9 @@ pub struct Ask {
     pub corrupt: bool,
     /// It has the whole payload.
     pub done: bool,
+    /// With `done`: how long it serves the payload from now (`None`: as
+    /// long as the swarm lasts).
+    pub serve_for: Option<Duration>,
 }
 
 /// Where to download from.
@@ -122,6 +128,8 @@ struct Member {
     corrupt: bool,
     /// Peers it failed with, and when.
     avoid: Vec<(HostId, Instant)>,
+    /// When it stops serving (it said so when done).
+    serve_until: Option<Instant>,
 }
 
 impl Member {
@@ -322,7 +330,12 @@ impl Swarm {
         let me = self.members.get(host)?;
         let usable = |key: &&Key| {
             let c = &key.2;
-            c != host
+            let serving = self
+                .members
+                .get(c)
+                .is_some_and(|m| m.serve_until.is_none_or(|until| until > now));
+            serving
+                && c != host
                 && !me
                     .avoid
                     .iter()
@@ -365,9 +378,20 @@ impl Swarm {
                     down: false,
                     corrupt: false,
                     avoid: Vec::new(),
+                    serve_until: None,
                 },
             );
         }
+        // A report counts only about the host's own source: nobody can
+        // have others excluded by naming them.
+        let current = self
+            .members
+            .get(host)
+            .and_then(|m| m.from.as_ref())
+            .map(|(v, _)| v.clone());
+        let failed = ask
+            .failed
+            .filter(|p| current.as_ref() == Some(&Via::Peer(p.clone())));
         // Asking proves it alive; its old assignment ends.
         self.release(host);
         let was_done = self.members.get(host).is_some_and(|m| m.done);
@@ -375,22 +399,29 @@ impl Swarm {
             m.serve = ask.serve;
             m.zone = ask.zone;
             m.rack = ask.rack;
-            m.offset = m.offset.max(ask.offset);
+            m.offset = ask.offset;
             m.down = false;
-            m.done |= ask.done;
+            // A host that asks again without being done lost its copy.
+            m.done = ask.done;
+            m.serve_until = ask
+                .done
+                .then(|| ask.serve_for.and_then(|d| now.checked_add(d)))
+                .flatten();
             if m.done {
                 m.depth = 0;
             }
             m.avoid
                 .retain(|(_, at)| now.duration_since(*at) < AVOID_FOR);
         });
+        match (was_done, ask.done) {
+            (false, true) => self.done += 1,
+            (true, false) => self.done = self.done.saturating_sub(1),
+            _ => {}
+        }
         if ask.done {
-            if !was_done {
-                self.done += 1;
-            }
             return Source::Done;
         }
-        if let Some(peer) = ask.failed.filter(|p| p != host)
+        if let Some(peer) = failed.filter(|p| p != host)
             && self.members.contains_key(&peer)
         {
             let corrupt = ask.corrupt;
@@ -402,8 +433,10 @@ impl Swarm {
                 }
             });
             if let Some(m) = self.members.get_mut(host) {
+                if m.avoid.len() >= PROBES {
+                    m.avoid.remove(0);
+                }
                 m.avoid.push((peer, now));
-                m.avoid.truncate(PROBES);
             }
         }
         let (from, source, depth) = if let Some((peer, addr, depth)) = self.pick(host, now) {
@@ -426,6 +459,17 @@ impl Swarm {
         self.next_assignment += 1;
         self.leases
             .push_back((now + self.config.lease, host.clone(), n));
+        if self.leases.len() > 2 * self.members.len() + 64 {
+            // Hosts asking again and again leave leases that match no
+            // assignment: dropped, so memory follows the members.
+            let members = &self.members;
+            self.leases.retain(|(_, h, n)| {
+                members
+                    .get(h)
+                    .and_then(|m| m.from.as_ref())
+                    .is_some_and(|(_, current)| current == n)
+            });
+        }
         self.update(host, |m| {
             m.from = Some((from, n));
             m.depth = depth;
@@ -466,9 +510,21 @@ impl Swarms {
                 .swarms
                 .iter()
                 .min_by_key(|(_, s)| s.last_used)
-                .map(|(d, _)| d.clone());
-            if let Some(d) = oldest {
-                self.swarms.remove(&d);
+                .map(|(d, s)| (d.clone(), s.last_used));
+            match oldest {
+                // A swarm in use is not pushed out by a host asking about
+                // many payloads: the new one goes without one.
+                Some((_, used)) if now.duration_since(used) < SWARM_BUSY => {
+                    return if ask.done {
+                        Source::Done
+                    } else {
+                        Source::Coordinator
+                    };
+                }
+                Some((d, _)) => {
+                    self.swarms.remove(&d);
+                }
+                None => {}
             }
         }
         self.swarms
@@ -665,6 +721,86 @@ mod tests {
     }
 
     #[test]
+    fn a_report_counts_only_about_the_reporters_own_source() {
+        let now = Instant::now();
+        let mut s = Swarm::new(SwarmConfig::default(), now);
+        s.ask(
+            &h(0),
+            Ask {
+                done: true,
+                ..ask(0)
+            },
+            0,
+            now,
+        );
+        s.ask(
+            &h(1),
+            Ask {
+                done: true,
+                ..ask(1)
+            },
+            0,
+            now,
+        );
+        // h2 was never sent to h0: its "corrupt" report is ignored.
+        let liar = Ask {
+            failed: Some(h(0)),
+            corrupt: true,
+            ..ask(2)
+        };
+        let got = s.ask(&h(2), liar, 0, now);
+        assert!(matches!(got, Source::Peer(..)), "{got:?}");
+        assert!(!s.members[&h(0)].corrupt, "a lie excluded h0");
+        // About its own source, it counts.
+        let Source::Peer(mine, _) = got else { panic!() };
+        let honest = Ask {
+            failed: Some(mine.clone()),
+            corrupt: true,
+            ..ask(2)
+        };
+        s.ask(&h(2), honest, 0, now);
+        assert!(s.members[&mine].corrupt);
+    }
+
+    #[test]
+    fn a_done_host_serves_for_the_time_it_said_and_a_host_asking_again_is_not_done() {
+        let now = Instant::now();
+        let mut s = Swarm::new(SwarmConfig::default(), now);
+        let for_a_minute = Ask {
+            done: true,
+            serve_for: Some(Duration::from_secs(60)),
+            ..ask(0)
+        };
+        s.ask(&h(0), for_a_minute, 0, now);
+        assert_eq!(s.ask(&h(1), ask(1), 0, now), Source::Peer(h(0), addr(0)));
+        // A minute on, h0 serves no more.
+        let later = now + Duration::from_secs(61);
+        match s.ask(&h(2), ask(2), 0, later) {
+            Source::Peer(p, _) => assert_ne!(p, h(0)),
+            other => assert_eq!(other, Source::Coordinator),
+        }
+        assert_eq!(s.done(), 1);
+        // h0 lost its copy and asks again: it is not done any more.
+        s.ask(&h(0), ask(0), 0, later);
+        assert_eq!(s.done(), 0);
+    }
+
+    #[test]
+    fn hosts_asking_again_and_again_leave_no_pile_of_leases() {
+        let now = Instant::now();
+        let mut s = Swarm::new(SwarmConfig::default(), now);
+        for _ in 0..10_000 {
+            s.ask(&h(0), ask(0), 0, now);
+            s.ask(&h(1), ask(1), 0, now);
+        }
+        assert!(
+            s.leases.len() <= 2 * s.members.len() + 64,
+            "{}",
+            s.leases.len()
+        );
+    }
+
+    #[test]
     fn swarms_are_bounded() {
         let now = Instant::now();
         let mut all = Swarms::new(SwarmConfig::default());
@@ -672,7 +808,16 @@ mod tests {
             all.ask(&format!("sha256:{d}"), &h(0), Ask::default(), 0, now);
         }
         assert_eq!(all.swarms.len(), MAX_SWARMS);
-        all.ask("x", &h(0), Ask::default(), 0, now + SWARM_IDLE);
+        // Those in use stay; once idle a while, the oldest makes room.
+        assert!(
+            !all.swarms
+                .contains_key(&format!("sha256:{}", MAX_SWARMS + 5))
+        );
+        let later = now + SWARM_BUSY;
+        all.ask("sha256:new", &h(0), Ask::default(), 0, later);
+        assert_eq!(all.swarms.len(), MAX_SWARMS);
+        assert!(all.swarms.contains_key("sha256:new"));
+        all.ask("x", &h(0), Ask::default(), 0, later + SWARM_IDLE);
         assert_eq!(all.swarms.len(), 1);
     }
 }

@@ -235,6 +235,35 @@ fn table() -> String {
             bytes(limits::MAX_FETCH_REQUEST),
         ),
         (
+            "pieces listed in a manifest (bigger payloads get bigger pieces)",
+            format!(
+                "{} of {} to {}",
+                count(baton_common::artifact::MAX_PIECES as usize),
+                bytes(baton_common::artifact::DEFAULT_PIECE as usize),
+                bytes(baton_common::artifact::MAX_PIECE as usize)
+            ),
+        ),
+        (
+            "payloads batond shares out between peers at once (the least recently asked about goes)",
+            count(baton_coordinator::swarm::MAX_SWARMS),
+        ),
+        (
+            "`batond --artifact-uploads`",
+            count(baton_coordinator::swarm::MAX_COORDINATOR_SLOTS as usize),
+        ),
+        (
+            "`baton-agent --peer-uploads`",
+            count(baton_agent::peers::MAX_UPLOADS as usize),
+        ),
+        (
+            "`baton-agent --peer-serve-for`",
+            time(baton_agent::peers::MAX_SERVE_FOR),
+        ),
+        (
+            "`baton-agent --peer-upload-rate` (bytes per second, at least)",
+            bytes(baton_agent::peers::MIN_UPLOAD_RATE as usize),
+        ),
+        (
             "streams per connection",
             count(limits::MAX_STREAMS_PER_CONNECTION as usize),
         ),

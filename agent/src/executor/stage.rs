@@ -198,6 +198,7 @@ impl Executor {
                 tls: peers.creds.as_ref().map(|c| c.current()),
                 seeds: &peers.seeds,
                 serve: peers.serve.map(|a| a.to_string()),
+                serve_for: peers.serve_for,
             };
             let seed =
                 swarm::download(sources, m, &path, self.inner.config.download, progress).await?;

@@ -25,8 +25,13 @@ use super::failure::{Classify, Failure};
 use crate::metrics::METRICS;
 use crate::peers::{Seed, Seeds};
 
-/// Attempts in a row that check nothing new before staging fails.
+/// Attempts at the coordinator in a row that check nothing new before
+/// staging fails.
 const FRUITLESS: u32 = 10;
+
+/// Peers that fail one download before it goes to the coordinator for the
+/// rest: peers can slow a download down, never fail it.
+const PEER_FAILURES: usize = 4;
 
 /// What the download needs besides the manifest.
 pub struct Sources<'a> {
@@ -39,6 +44,8 @@ pub struct Sources<'a> {
     pub seeds: &'a Arc<Seeds>,
     /// Where this agent serves peers, as told to the coordinator.
     pub serve: Option<String>,
+    /// How long it serves a staged payload, as told to the coordinator.
+    pub serve_for: Duration,
 }
 
 /// Why one attempt ended.
@@ -47,6 +54,8 @@ enum Broke {
     Corrupt(String),
     /// Anything else: an error, a stall, a slow source.
     Failed(tonic::Status),
+    /// This host's own fault (a full disk): no source is to blame.
+    Local(Failure),
 }
 
 /// Downloads `m`'s payload into `path` (resuming after the checked pieces
@@ -75,6 +84,8 @@ pub async fn download(
         .seeds
         .begin(&m.payload_sha256, path, m.size, checker.checked());
     let mut failed: Option<(HostId, String, bool)> = None;
+    // Peers that failed this download: not tried again by it.
+    let mut failed_peers: Vec<HostId> = Vec::new();
     let mut fruitless = 0;
     // Coordinator stalls in a row (see `download::Limits`).
     let mut stalls = 0;
@@ -91,8 +102,17 @@ pub async fn download(
                 .unwrap_or_default(),
             corrupt: failed.as_ref().is_some_and(|f| f.2),
             done: false,
+            serve_for_ms: 0,
         };
-        let answer =
+        if let Some((peer, _, _)) = failed.take() {
+            failed_peers.push(peer);
+        }
+        let answer = if failed_peers.len() >= PEER_FAILURES {
+            // Enough peers failed this one: the coordinator, told of the
+            // last failure on the way.
+            let _ = tokio::time::timeout(limits.window, (sources.coordinator)().source(ask)).await;
+            pb::SourceAnswer::default()
+        } else {
             match tokio::time::timeout(limits.window, (sources.coordinator)().source(ask)).await {
                 Ok(Ok(a)) => a.into_inner(),
                 // A coordinator without sources: itself.
@@ -121,8 +141,8 @@ pub async fn download(
                     )?;
                     continue;
                 }
-            };
-        failed = None;
+            }
+        };
         let peer = if answer.retry_after_ms > 0 {
             // Every source is busy. Waiting is fine while the swarm moves;
             // past the stall window, the coordinator serves anyway.
@@ -137,7 +157,9 @@ pub async fn download(
             None
         } else {
             match (sources.tls.as_ref(), parse_peer(&answer)) {
-                (Some(tls), Some((id, addr))) => Some((tls, id, addr)),
+                (Some(tls), Some((id, addr))) if !failed_peers.contains(&id) => {
+                    Some((tls, id, addr))
+                }
                 // Not usable here: the coordinator instead.
                 _ => None,
             }
@@ -152,8 +174,6 @@ pub async fn download(
                 ),
                 Err(why) => {
                     debug!(%digest, peer = %id, %why, "cannot reach a peer");
-                    fruitless += 1;
-                    give_up(fruitless, &digest, &checker, m, &why)?;
                     failed = Some((id, why, false));
                     continue;
                 }
@@ -176,11 +196,12 @@ pub async fn download(
         if checker.checked() > before {
             fruitless = 0;
             stalls = 0;
-        } else {
+        } else if from.is_none() {
             fruitless += 1;
         }
         match (result, from) {
             (Ok(()), _) => {}
+            (Err(Broke::Local(failure)), _) => return Err(failure),
             (Err(Broke::Corrupt(why)), Some(peer)) => {
                 warn!(%digest, %peer, %why, "a peer sent a bad piece; it is reported and avoided");
                 METRICS.corrupt_pieces.inc();
@@ -197,7 +218,6 @@ pub async fn download(
             }
             (Err(Broke::Failed(s)), Some(peer)) => {
                 debug!(%digest, %peer, error = %s.message(), "a download from a peer failed; asking for another source");
-                give_up(fruitless, &digest, &checker, m, s.message())?;
                 failed = Some((peer, s.message().to_owned(), false));
             }
             (Err(Broke::Failed(s)), None) if s.code() == tonic::Code::DeadlineExceeded => {
@@ -232,6 +252,7 @@ pub async fn download(
         offset: m.size,
         serve_addr: sources.serve.clone().unwrap_or_default(),
         done: true,
+        serve_for_ms: u64::try_from(sources.serve_for.as_millis()).unwrap_or(u64::MAX),
         ..Default::default()
     };
     let _ =
@@ -324,8 +345,12 @@ async fn pull(
     // Whatever the last source left of an unfinished piece goes.
     checker.rewind();
     let start = checker.checked();
-    file.set_len(start)
-        .map_err(|e| Broke::Failed(tonic::Status::internal(format!("cannot truncate: {e}"))))?;
+    file.set_len(start).map_err(|e| {
+        Broke::Local(Failure::new(
+            FailureKind::Disk,
+            format!("cannot truncate the download: {e}"),
+        ))
+    })?;
     let stall = |what: String| Broke::Failed(tonic::Status::deadline_exceeded(what));
     let window_len = limits.window;
     let answer = client.fetch(pb::FetchRequest {
@@ -361,11 +386,12 @@ async fn pull(
             ));
         }
         if chunk.offset != at {
-            return Err(Broke::Failed(tonic::Status::data_loss(format!(
+            // Not what was asked for: as bad as a bad piece.
+            return Err(Broke::Corrupt(format!(
                 "the source sent {} bytes at offset {} where {at} was expected",
                 chunk.data.len(),
                 chunk.offset
-            ))));
+            )));
         }
         let len = chunk.data.len() as u64;
         let before = checker.checked();
@@ -382,9 +408,10 @@ async fn pull(
         *checker = c;
         match result {
             Err(e) => {
-                return Err(Broke::Failed(tonic::Status::internal(format!(
-                    "cannot write the download: {e}"
-                ))));
+                return Err(Broke::Local(Failure::new(
+                    FailureKind::Disk,
+                    format!("cannot write {}: {e}", m.payload_sha256),
+                )));
             }
             Ok(Err(bad)) => {
                 let _ = file.set_len(bad.start);

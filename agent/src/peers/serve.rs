@@ -25,9 +25,11 @@ const CHUNK: u64 = 1 << 20;
 /// still downloading before the stream ends (the peer then goes elsewhere).
 const PIECE_WAIT: Duration = Duration::from_secs(30);
 /// TLS handshakes in progress at once; connections beyond are closed.
-const HANDSHAKES: usize = 64;
+const HANDSHAKES: usize = 256;
 /// How long a handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams one connection may hold at once.
+const STREAMS_PER_CONNECTION: u32 = 16;
 
 struct PeerApi {
     seeds: Arc<Seeds>,
@@ -173,8 +175,14 @@ impl ArtifactService for PeerApi {
                     data: data.into(),
                     size,
                 };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return;
+                // A peer that stops reading gives its upload slot back.
+                match tokio::time::timeout(PIECE_WAIT, tx.send(Ok(chunk))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        debug!(%digest, offset, "a peer stopped reading; its upload ended");
+                        return;
+                    }
                 }
                 crate::metrics::METRICS.peer_sent_bytes.inc_by(want);
                 offset += want;
@@ -295,6 +303,7 @@ pub async fn run(
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20)
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service)

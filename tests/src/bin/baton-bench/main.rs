@@ -25,6 +25,7 @@ mod judge;
 mod realfleet;
 mod report;
 mod scale;
+mod swarm;
 mod traffic;
 mod transfer;
 
@@ -124,6 +125,30 @@ enum Scenario {
         /// The check's keys (TOML), as in a plan.
         #[arg(long, default_value = DEFAULT_CHECK)]
         check: String,
+    },
+    /// batond's real source scheduler driving a simulated fleet's
+    /// downloads (every host at once, `gbit` each way, sources' uploads
+    /// shared, pipelined through peers still fetching), at hosts / 100,
+    /// hosts / 10 and hosts; figures `staged_seconds` (target ≤ 60 s for
+    /// 1 GB to 10,000 hosts at 10 Gbit/s) and `coordinator_egress_ratio`
+    /// (target ≤ 2).
+    SwarmSim {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 1000)]
+        size_mb: u64,
+        #[arg(long, default_value_t = 10.0)]
+        gbit: f64,
+    },
+    /// A release staged by one real agent, then by K real agents serving
+    /// each other (`--peer-listen`); figures `coordinator_egress_ratio`
+    /// (target ≤ 2) and `time_ratio` (K agents against one; target ≤ 2,
+    /// which needs a machine per agent: here all share two cores).
+    Peers {
+        #[arg(long, default_value_t = 50)]
+        agents: usize,
+        #[arg(long, default_value_t = 200)]
+        size_mb: usize,
     },
     /// The rollout overhead on 12 real agents running the demo service.
     RolloutAgents,
@@ -241,6 +266,14 @@ fn command_line(s: &Scenario) -> String {
                 format!(" --check {check:?}")
             }
         ),
+        Scenario::SwarmSim {
+            hosts,
+            size_mb,
+            gbit,
+        } => format!("baton-bench swarm-sim --hosts {hosts} --size-mb {size_mb} --gbit {gbit}"),
+        Scenario::Peers { agents, size_mb } => {
+            format!("baton-bench peers --agents {agents} --size-mb {size_mb}")
+        }
         Scenario::RolloutAgents => "baton-bench rollout-agents".into(),
         Scenario::Handoff => "baton-bench handoff".into(),
         Scenario::Traffic => "baton-bench traffic".into(),
@@ -294,6 +327,12 @@ fn run(rt: &tokio::runtime::Runtime, s: &Scenario, machine: &Value) -> Value {
             trials,
             check,
         }),
+        Scenario::SwarmSim {
+            hosts,
+            size_mb,
+            gbit,
+        } => swarm::swarm_sim(hosts, size_mb, gbit),
+        Scenario::Peers { agents, size_mb } => swarm::peers(agents, size_mb),
         Scenario::RolloutAgents => realfleet::rollout_agents(),
         Scenario::Handoff => realfleet::handoff(),
         Scenario::Traffic => traffic::traffic(),
@@ -389,6 +428,11 @@ fn main() {
         Scenario::AgentIdle {
             seconds: idle_seconds,
         },
+        Scenario::SwarmSim {
+            hosts: 10_000,
+            size_mb: 1000,
+            gbit: 10.0,
+        },
         Scenario::Analysis {
             hosts: 10,
             canary_percent: 10,
@@ -404,6 +448,10 @@ fn main() {
             Scenario::RolloutAgents,
             Scenario::Handoff,
             Scenario::Traffic,
+            Scenario::Peers {
+                agents: 50,
+                size_mb: 20,
+            },
         ]);
     }
     let results: Vec<Value> = scenarios.iter().map(|s| run(&rt, s, &machine)).collect();
