@@ -27,6 +27,14 @@ const FIGURES: &[(&str, &[&str])] = &[
     ),
     ("agent-idle", &["rss_mb", "cpu_percent"]),
     (
+        "swarm-sim",
+        &[
+            "staged_seconds",
+            "coordinator_egress_ratio",
+            "scheduler_us_per_ask",
+        ],
+    ),
+    (
         "analysis",
         &[
             "detected_within_3m",

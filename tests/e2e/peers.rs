@@ -11,8 +11,10 @@ use serde_json::Value;
 
 const ROLLOUT: Duration = Duration::from_secs(120);
 
-/// Every agent serves its peers (on a port of its own).
-const PEER: &[&str] = &["--peer-listen", "127.0.0.1:0"];
+/// Every agent serves its peers, on a port of its own on 127.0.0.2: the
+/// kernel picks it, and on 127.0.0.1 it could be one a test picked for a
+/// service before that service binds it.
+const PEER: &[&str] = &["--peer-listen", "127.0.0.2:0"];
 
 /// A release of the demo service carrying `mib` MiB that do not compress;
 /// its digest, the payload's size and the noise.
@@ -163,7 +165,7 @@ fn a_peer_killed_mid_transfer_is_replaced_and_a_host_without_peers_finishes_from
         &["--metrics-listen", "127.0.0.1:0"],
         &[
             "--peer-listen",
-            "127.0.0.1:0",
+            "127.0.0.2:0",
             "--peer-upload-rate",
             "1048576",
         ],

@@ -40,8 +40,28 @@ pub struct Fleet {
     pub agent_tmpfs: Option<u64>,
 }
 
-/// A free loopback port.
+/// A free loopback port for a service to bind later, from below the
+/// kernel's ephemeral range: a port the kernel hands out (to a listener on
+/// port 0, or to the local end of an outgoing connection, of which peers
+/// and health checks make many) could take it before the service binds.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral);
+    if high > low + 1000 {
+        let span = high - low;
+        let start = fastrand::u32(0..span);
+        for _ in 0..1000 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = low + (start + n) % span;
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -49,7 +49,7 @@ mod release;
 mod remove;
 mod runner;
 mod stage;
-mod swarm;
+pub mod swarm;
 mod traffic;
 
 pub use download::{DEFAULT_STALL_WINDOW, Limits as DownloadLimits, download};

@@ -429,7 +429,7 @@ fn main() {
             seconds: idle_seconds,
         },
         Scenario::SwarmSim {
-            hosts: 10_000,
+            hosts: agents,
             size_mb: 1000,
             gbit: 10.0,
         },

@@ -202,7 +202,7 @@ fn stage_on(agents: usize, size_mb: usize) -> (Duration, f64) {
         &hosts,
         &[],
         &["--metrics-listen", "127.0.0.1:0"],
-        &["--peer-listen", "127.0.0.1:0"],
+        &["--peer-listen", "127.0.0.2:0"],
     );
     let dir = fleet.release_dir("1.0.0", false);
     let mut noise = vec![0u8; size_mb << 20];

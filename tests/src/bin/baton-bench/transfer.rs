@@ -31,8 +31,9 @@ pub fn sha256_mb_per_s() -> f64 {
 
 /// `artifact`: a signed artifact of `size_mb` MB staged by `agents`
 /// agents at once, `runs` times after one warm-up run: each agent verifies the signature and
-/// downloads the payload with the agent's own code (a resumable stream
-/// over its own mTLS connection, hashed while written to disk).
+/// downloads the payload with the agent's own code (asks batond for a
+/// source, then a resumable stream over its own mTLS connection, each
+/// piece checked against its signed hash as it is written to disk).
 pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, runs: usize) -> Value {
     let names: Vec<String> = (1..=agents).map(|i| format!("bench-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -86,8 +87,20 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
                 tasks.spawn(async move {
                     let t0 = Instant::now();
                     signed.verify(&trusted).unwrap();
-                    baton_agent::executor::download(
-                        || client.clone(),
+                    // The agent's path for artifacts with piece hashes
+                    // (every one `baton artifact pack` makes): batond as
+                    // the source, each piece checked as it arrives.
+                    let seeds = std::sync::Arc::new(baton_agent::peers::Seeds::default());
+                    let coordinator = move || client.clone();
+                    let sources = baton_agent::executor::swarm::Sources {
+                        coordinator: &coordinator,
+                        tls: None,
+                        seeds: &seeds,
+                        serve: None,
+                        serve_for: Duration::ZERO,
+                    };
+                    baton_agent::executor::swarm::download(
+                        sources,
                         &signed.manifest,
                         &dest,
                         Default::default(),
