@@ -141,9 +141,9 @@ checked, unpacked) by one real `baton-agent`, then by `agents` real agents start
 `--peer-listen`, all at once (a rollout with `strategy = \"all-at-once\"`): the time until every \
 agent's release directory exists, and the bytes `batond` sent (`baton_artifact_sent_bytes_total`) ÷ \
 the payload.",
-        when_missed: "All the agents run on this machine's two cores: each hashes, writes and unpacks its \
-own copy, so K agents do K times one agent's CPU work on the same two cores and `time_ratio` grows \
-with K whatever the network does. The bound is for a fleet whose hosts each have their own CPU and \
+        when_missed: "All the agents run on this machine's two cores and one disk: each checks, writes and \
+unpacks its own copy (50 × 200 MB is 10 GB hashed and 20 GB written), so K agents do K times one \
+agent's work on the same cores and disk and `time_ratio` grows with K whatever the network does. The bound is for a fleet whose hosts each have their own CPU and \
 link, which `swarm-sim` models; `coordinator_egress_ratio` is what this run can show.",
         field: "",
     },
