@@ -98,7 +98,7 @@ impl Agent {
                 systemctl: config.systemctl.clone(),
                 peers: peers::PeerSetup {
                     seeds: seeds.clone(),
-                    creds: Some(link.credentials()),
+                    creds: Some(identity(&link)),
                     serve,
                     serve_for: config.peers.serve_for,
                 },
@@ -150,7 +150,7 @@ impl Agent {
         if let Some((listener, config)) = self.peers {
             tokio::spawn(peers::serve::run(
                 listener,
-                self.link.credentials(),
+                identity(&self.link),
                 self.seeds.clone(),
                 config,
                 shutdown.clone(),
@@ -173,6 +173,12 @@ impl Agent {
         let _ = notify.await;
         tracing::info!("agent stopped");
     }
+}
+
+/// The agent's TLS identity as the link holds it now.
+fn identity(link: &connection::Link) -> peers::Identity {
+    let creds = link.credentials();
+    std::sync::Arc::new(move || creds.current())
 }
 
 /// Stops every service under `data_dir` that a (stopped) agent left

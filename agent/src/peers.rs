@@ -60,14 +60,18 @@ impl Default for PeerConfig {
     }
 }
 
+/// The agent's TLS identity as it is now: certificates are renewed while
+/// the agent runs.
+pub type Identity = Arc<dyn Fn() -> baton_common::tls::ClientTls + Send + Sync>;
+
 /// What the executor needs for peer-to-peer staging.
 #[derive(Clone, Default)]
 pub struct PeerSetup {
     /// What this agent serves.
     pub seeds: Arc<Seeds>,
-    /// Its identity, to fetch from peers (`None`: it does not, as in
-    /// agents run inside another program without one).
-    pub creds: Option<crate::connection::Credentials>,
+    /// Its identity as it is now (renewals replace it), to fetch from
+    /// peers (`None`: it does not fetch from peers).
+    pub creds: Option<Identity>,
     /// Where it serves peers (`None`: it does not; a staged payload is
     /// then deleted at once).
     pub serve: Option<SocketAddr>,

@@ -195,7 +195,7 @@ impl Executor {
             let peers = &self.inner.config.peers;
             let sources = swarm::Sources {
                 coordinator: &client,
-                tls: peers.creds.as_ref().map(|c| c.current()),
+                tls: peers.creds.as_ref().map(|identity| identity()),
                 seeds: &peers.seeds,
                 serve: peers.serve.map(|a| a.to_string()),
                 serve_for: peers.serve_for,

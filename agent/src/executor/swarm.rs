@@ -201,7 +201,16 @@ pub async fn download(
         }
         match (result, from) {
             (Ok(()), _) => {}
-            (Err(Broke::Local(failure)), _) => return Err(failure),
+            (Err(Broke::Local(failure)), _) => {
+                // A write that failed (a full disk) leaves a file that holds
+                // space and ends in a torn piece: it goes.
+                drop(seed);
+                let _ = std::fs::remove_file(path);
+                return Err(Failure::new(
+                    failure.kind,
+                    format!("{}; the partial download was deleted", failure.message),
+                ));
+            }
             (Err(Broke::Corrupt(why)), Some(peer)) => {
                 warn!(%digest, %peer, %why, "a peer sent a bad piece; it is reported and avoided");
                 METRICS.corrupt_pieces.inc();
@@ -239,12 +248,21 @@ pub async fn download(
         }
     }
     let syncing = file.clone();
-    tokio::task::spawn_blocking(move || syncing.sync_all())
+    let synced = tokio::task::spawn_blocking(move || syncing.sync_all())
         .await
         .map_err(|e| format!("the sync failed: {e}"))
-        .or_fail(FailureKind::Internal)?
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-        .or_fail(FailureKind::Disk)?;
+        .or_fail(FailureKind::Internal)?;
+    if let Err(e) = synced {
+        drop(seed);
+        let _ = std::fs::remove_file(path);
+        return Err(Failure::new(
+            FailureKind::Disk,
+            format!(
+                "cannot write {}: {e}; the partial download was deleted",
+                path.display()
+            ),
+        ));
+    }
     // Said so the coordinator can name this host as a source; not needed
     // for the download itself.
     let done = pb::SourceRequest {

@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::{PeerConfig, Seeds};
-use crate::connection::Credentials;
 
 /// Bytes per message.
 const CHUNK: u64 = 1 << 20;
@@ -226,7 +225,7 @@ fn identify(der: &[u8]) -> Option<baton_common::host::HostId> {
 /// Serves peers on `listener` until `shutdown`.
 pub async fn run(
     listener: std::net::TcpListener,
-    creds: Credentials,
+    creds: super::Identity,
     seeds: Arc<Seeds>,
     config: PeerConfig,
     shutdown: CancellationToken,
@@ -265,7 +264,7 @@ pub async fn run(
                 debug!(%from, "too many peer handshakes at once; closed a connection");
                 continue;
             };
-            let config = match super::tls::server_config(&creds.current()) {
+            let config = match super::tls::server_config(&creds()) {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "cannot serve peers over TLS");
