@@ -57,7 +57,7 @@ impl Default for AgentMetrics {
             health_wait: Histogram::default(),
             health_check_failures: Counter::default(),
             peer_sent_bytes: Counter::default(),
-            fetched_bytes: CounterVec::with_values(&[&["coordinator"], &["peer"]]),
+            fetched_bytes: CounterVec::with_values(&[&["coordinator"], &["origin"], &["peer"]]),
             corrupt_pieces: Counter::default(),
         }
     }
@@ -140,7 +140,7 @@ pub fn render(connected: bool, services: &[baton_common::host::ServiceStatus]) -
     );
     e.counter_vec(
         "baton_agent_fetched_bytes_total",
-        "Payload bytes received and checked, by source (coordinator, peer).",
+        "Payload bytes received and checked, by source (coordinator, origin, peer).",
         &["source"],
         &m.fetched_bytes,
     );

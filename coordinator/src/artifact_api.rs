@@ -46,7 +46,12 @@ pub struct ArtifactApi {
     swarms: Mutex<Swarms>,
     /// Downloads being served, by digest.
     serving: Arc<Mutex<HashMap<String, u32>>>,
+    /// Origins of payloads stored elsewhere, by digest, as looked up.
+    origins: Mutex<HashMap<String, (String, u64)>>,
 }
+
+/// Origins remembered at most (then forgotten all at once).
+const MAX_ORIGINS: usize = 1024;
 
 impl ArtifactApi {
     /// Serves payloads from `artifacts`, sharing downloads out by `swarm`.
@@ -66,6 +71,7 @@ impl ArtifactApi {
             metrics,
             swarms: Mutex::new(Swarms::new(swarm)),
             serving: Arc::default(),
+            origins: Mutex::default(),
         }
     }
 
@@ -248,9 +254,29 @@ impl ArtifactService for ArtifactApi {
         self.artifacts
             .blob_path(&req.digest)
             .map_err(artifact_status)?;
-        if !self.artifacts.has_blob(&req.digest) {
-            return Err(Status::not_found(format!("no payload {}", req.digest)));
-        }
+        // A payload stored here, or at its origin.
+        let origin = if self.artifacts.has_blob(&req.digest) {
+            None
+        } else {
+            let known = lock(&self.origins).get(&req.digest).cloned();
+            let found = match known {
+                Some(o) => Some(o),
+                None => self
+                    .artifacts
+                    .origin_of(&req.digest)
+                    .await
+                    .map_err(artifact_status)?,
+            };
+            let Some(found) = found else {
+                return Err(Status::not_found(format!("no payload {}", req.digest)));
+            };
+            let mut origins = lock(&self.origins);
+            if origins.len() >= MAX_ORIGINS {
+                origins.clear();
+            }
+            origins.insert(req.digest.clone(), found.clone());
+            Some(found)
+        };
         let serve = serve_addr(&req.serve_addr, caller)?;
         let failed = match req.failed_peer.as_str() {
             "" => None,
@@ -286,24 +312,34 @@ impl ArtifactService for ArtifactApi {
         };
         let busy = self.serving(&req.digest);
         let source = lock(&self.swarms).ask(&req.digest, &host, ask, busy, Instant::now());
-        let (answer, what) = match source {
-            Source::Coordinator => (SourceAnswer::default(), "coordinator"),
-            Source::Peer(peer, addr) => (
+        let (answer, what) = match (source, origin) {
+            (Source::Coordinator, Some((url, url_offset))) => (
                 SourceAnswer {
-                    peer: peer.to_string(),
-                    addr: addr.to_string(),
-                    retry_after_ms: 0,
-                },
-                "peer",
-            ),
-            Source::Wait(after) => (
-                SourceAnswer {
-                    retry_after_ms: u32::try_from(after.as_millis()).unwrap_or(u32::MAX).max(1),
+                    url,
+                    url_offset,
                     ..SourceAnswer::default()
                 },
-                "wait",
+                "origin",
             ),
-            Source::Done => (SourceAnswer::default(), "done"),
+            (source, _) => match source {
+                Source::Coordinator => (SourceAnswer::default(), "coordinator"),
+                Source::Peer(peer, addr) => (
+                    SourceAnswer {
+                        peer: peer.to_string(),
+                        addr: addr.to_string(),
+                        ..SourceAnswer::default()
+                    },
+                    "peer",
+                ),
+                Source::Wait(after) => (
+                    SourceAnswer {
+                        retry_after_ms: u32::try_from(after.as_millis()).unwrap_or(u32::MAX).max(1),
+                        ..SourceAnswer::default()
+                    },
+                    "wait",
+                ),
+                Source::Done => (SourceAnswer::default(), "done"),
+            },
         };
         self.metrics.artifact_sources.inc(&[what]);
         debug!(%host, digest = %req.digest, source = what, peer = %answer.peer, "named a download source");

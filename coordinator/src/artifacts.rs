@@ -40,6 +40,71 @@ pub struct ArtifactRecord {
     pub manifest: String,
     /// The signature, hex.
     pub signature: String,
+    /// Where agents fetch the artifact file from instead of this
+    /// coordinator, which then holds no payload (an `http(s)://` URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+/// The longest origin URL.
+pub const MAX_ORIGIN_CHARS: usize = 2048;
+
+/// Checks an origin URL and writes `s3://BUCKET/KEY` as the bucket's https
+/// URL.
+pub fn check_origin(text: &str) -> Result<String, ArtifactStoreError> {
+    let quoted = || baton_common::text::prefix(text, 80).to_string();
+    if text.len() > MAX_ORIGIN_CHARS {
+        return Err(ArtifactStoreError::Invalid(format!(
+            "the origin is {} characters, above the limit of {MAX_ORIGIN_CHARS}",
+            text.len()
+        )));
+    }
+    if text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ArtifactStoreError::Invalid(format!(
+            "the origin {:?} holds spaces or control characters",
+            quoted()
+        )));
+    }
+    let url = if let Some(rest) = text.strip_prefix("s3://") {
+        let Some((bucket, key)) = rest.split_once('/').filter(|(b, k)| {
+            !k.is_empty()
+                && !b.is_empty()
+                && b.len() <= 63
+                && b.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        }) else {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "the origin {:?} is not s3://BUCKET/KEY",
+                quoted()
+            )));
+        };
+        format!("https://{bucket}.s3.amazonaws.com/{key}")
+    } else {
+        text.to_owned()
+    };
+    let host = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .map(|rest| rest.split(['/', '?']).next().unwrap_or(""))
+        .ok_or_else(|| {
+            ArtifactStoreError::Invalid(format!(
+                "the origin {:?} must start with http://, https:// or s3://",
+                quoted()
+            ))
+        })?;
+    if host.is_empty() || host.contains('@') {
+        return Err(ArtifactStoreError::Invalid(format!(
+            "the origin {:?} names no host (or carries credentials: use a presigned URL)",
+            quoted()
+        )));
+    }
+    Ok(url)
+}
+
+/// Where the payload starts in an artifact file with this manifest and
+/// signature (see `baton_common::artifact`'s file format).
+pub fn payload_offset(manifest_len: usize, signature_len: usize) -> u64 {
+    (baton_common::artifact::MAGIC.len() + 4 + manifest_len + 4 + signature_len) as u64
 }
 
 /// Why an artifact operation failed.
@@ -162,6 +227,89 @@ impl Artifacts {
         Ok(out)
     }
 
+    /// Records an artifact whose payload agents fetch from `origin` (see
+    /// [`check_origin`]): only the manifest is stored. Pushing the same
+    /// again is not an error; another origin for a stored version is.
+    pub async fn record_origin(
+        &self,
+        manifest: SignedManifest,
+        origin: &str,
+    ) -> Result<ArtifactRecord, ArtifactStoreError> {
+        let origin = check_origin(origin)?;
+        let m = &manifest.manifest;
+        if !m.has_pieces() {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "artifact {} {} lists no piece hashes, and agents check a payload from an origin piece by piece: pack it again with this baton",
+                m.name, m.version
+            )));
+        }
+        if m.size > self.max_size {
+            return Err(ArtifactStoreError::Invalid(format!(
+                "artifact {} {} is {} bytes, above this coordinator's limit of {} bytes",
+                m.name, m.version, m.size, self.max_size
+            )));
+        }
+        let record = ArtifactRecord {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            digest: format!("sha256:{}", m.payload_sha256),
+            size: m.size,
+            created: m.created.clone(),
+            key_id: m.key_id.clone(),
+            manifest: String::from_utf8_lossy(&manifest.bytes).into_owned(),
+            signature: baton_common::hex::encode(&manifest.signature),
+            origin: Some(origin),
+        };
+        if let Some(existing) = self.get(&m.name, &m.version).await? {
+            if existing.digest != record.digest
+                || existing.manifest != record.manifest
+                || existing.origin != record.origin
+            {
+                return Err(ArtifactStoreError::Conflict(format!(
+                    "artifact {} {} was already pushed with digest {}{}; a version is immutable, push a new version",
+                    m.name,
+                    m.version,
+                    existing.digest,
+                    existing
+                        .origin
+                        .as_deref()
+                        .map(|o| format!(" at {}", baton_common::text::prefix(o, 80)))
+                        .unwrap_or_default()
+                )));
+            }
+            return Ok(existing);
+        }
+        let value = serde_json::to_vec(&record).map_err(|e| {
+            ArtifactStoreError::Invalid(format!("cannot encode the artifact record: {e}"))
+        })?;
+        if !self
+            .store
+            .compare_and_swap(&key(&m.name, &m.version), None, value)
+            .await?
+        {
+            return Err(ArtifactStoreError::Conflict(format!(
+                "artifact {} {} was pushed concurrently; push it again to see which won",
+                m.name, m.version
+            )));
+        }
+        Ok(record)
+    }
+
+    /// The origin of the artifact with payload `digest`, and where its
+    /// payload starts there; `None` when no stored artifact has one.
+    pub async fn origin_of(
+        &self,
+        digest: &str,
+    ) -> Result<Option<(String, u64)>, ArtifactStoreError> {
+        Ok(self.list().await?.into_iter().find_map(|r| {
+            let origin = r.origin.filter(|_| r.digest == digest)?;
+            Some((
+                origin,
+                payload_offset(r.manifest.len(), r.signature.len() / 2),
+            ))
+        }))
+    }
+
     /// Starts an upload of the artifact `manifest` describes.
     pub fn begin(&self, manifest: SignedManifest) -> Result<Upload, ArtifactStoreError> {
         if manifest.manifest.size > self.max_size {
@@ -239,6 +387,7 @@ impl Upload {
             key_id: m.key_id.clone(),
             manifest: String::from_utf8_lossy(&self.manifest.bytes).into_owned(),
             signature: baton_common::hex::encode(&self.manifest.signature),
+            origin: None,
         };
         if let Some(existing) = self.artifacts.get(&m.name, &m.version).await? {
             if existing.digest != record.digest || existing.manifest != record.manifest {
@@ -352,4 +501,43 @@ fn persist(
     })?;
     let dir = path.parent().unwrap_or(path);
     baton_common::artifact::fsync_dir(dir).map_err(io("cannot sync the blob directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_http_urls_and_s3_is_written_as_its_https_url() {
+        assert_eq!(
+            check_origin("https://releases.example/api.baton").unwrap(),
+            "https://releases.example/api.baton"
+        );
+        assert_eq!(
+            check_origin("s3://my-releases/api/2.0.0.baton").unwrap(),
+            "https://my-releases.s3.amazonaws.com/api/2.0.0.baton"
+        );
+        for (bad, why) in [
+            ("ftp://x/y", "must start with"),
+            ("http:///y", "names no host"),
+            ("https://user:pw@host/y", "credentials"),
+            ("s3://bucket", "is not s3://BUCKET/KEY"),
+            ("s3://Upper/k", "is not s3://BUCKET/KEY"),
+            ("https://host/a b", "spaces or control"),
+            ("https://host/\0", "spaces or control"),
+        ] {
+            let err = check_origin(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let long = format!("https://h/{}", "a".repeat(MAX_ORIGIN_CHARS));
+        assert!(
+            check_origin(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("above the limit")
+        );
+        // The payload starts after the magic, two lengths, the manifest
+        // and the signature.
+        assert_eq!(payload_offset(100, 64), 10 + 4 + 100 + 4 + 64);
+    }
 }

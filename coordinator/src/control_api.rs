@@ -137,6 +137,7 @@ fn artifact(r: ArtifactRecord) -> Artifact {
         size: r.size,
         created: r.created,
         key_id: r.key_id,
+        origin: r.origin.unwrap_or_default(),
     }
 }
 
@@ -200,6 +201,22 @@ impl ControlService for ControlApi {
             manifest.manifest.name.clone(),
             manifest.manifest.version.clone(),
         );
+        if !header.origin.is_empty() {
+            // The payload is at its origin: nothing else may follow.
+            if let Some(next) = stream.next().await {
+                next?;
+                return Err(Status::invalid_argument(
+                    "an upload with an origin carries no payload: the header is all",
+                ));
+            }
+            let record = self
+                .artifacts
+                .record_origin(manifest, &header.origin)
+                .await
+                .map_err(artifact_status)?;
+            tracing::info!(%name, %version, digest = %record.digest, size = record.size, origin = ?record.origin, "artifact recorded; its payload is at its origin");
+            return Ok(Response::new(artifact(record)));
+        }
         let mut upload = self.artifacts.begin(manifest).map_err(artifact_status)?;
         while let Some(msg) = stream.next().await {
             match msg?.kind {

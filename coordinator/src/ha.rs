@@ -333,7 +333,10 @@ async fn copy_payloads(
             match artifacts.list().await {
                 Ok(list) => {
                     for record in list {
-                        if stop.is_cancelled() || artifacts.has_blob(&record.digest) {
+                        if stop.is_cancelled()
+                            || record.origin.is_some()
+                            || artifacts.has_blob(&record.digest)
+                        {
                             continue;
                         }
                         match copy_one(&artifacts, &from, &tls, &record.digest).await {

@@ -84,6 +84,7 @@ impl Default for Metrics {
             artifact_sources: CounterVec::with_values(&[
                 &["coordinator"],
                 &["done"],
+                &["origin"],
                 &["peer"],
                 &["wait"],
             ]),
@@ -207,7 +208,7 @@ impl Metrics {
         );
         e.counter_vec(
             "baton_artifact_sources_total",
-            "Answers to agents asking where to download a payload from, by source (coordinator, peer, wait, done).",
+            "Answers to agents asking where to download a payload from, by source (coordinator, origin, peer, wait, done).",
             &["source"],
             &self.artifact_sources,
         );

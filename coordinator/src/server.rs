@@ -337,7 +337,7 @@ impl Coordinator {
                     .await
                     .map_err(|e| ServeError::Artifacts(e.to_string()))?
                     .into_iter()
-                    .filter(|a| !artifacts.has_blob(&a.digest))
+                    .filter(|a| a.origin.is_none() && !artifacts.has_blob(&a.digest))
                 {
                     warn!(name = %missing.name, version = %missing.version, digest = %missing.digest, "this leader lacks the payload (its pusher died before it was copied); push the artifact again");
                 }

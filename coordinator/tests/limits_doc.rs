@@ -244,6 +244,13 @@ fn table() -> String {
             ),
         ),
         (
+            "an artifact's origin URL (`baton artifact push --origin`)",
+            format!(
+                "{} characters",
+                count(baton_coordinator::artifacts::MAX_ORIGIN_CHARS)
+            ),
+        ),
+        (
             "payloads batond shares out between peers at once (the least recently asked about goes)",
             count(baton_coordinator::swarm::MAX_SWARMS),
         ),

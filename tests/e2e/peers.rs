@@ -216,3 +216,109 @@ fn a_peer_killed_mid_transfer_is_replaced_and_a_host_without_peers_finishes_from
         "h4 took only {sent} of {size} bytes from the coordinator"
     );
 }
+
+/// The artifact file sits on a web server (an S3 bucket would do):
+/// `batond` stores only its manifest, every agent fetches the payload
+/// from there with range requests (or from peers that did), checking
+/// every piece, and `batond` sends none of it. An origin serving bad bytes
+/// fails staging and changes nothing; a bad origin URL is refused.
+#[test]
+fn a_payload_at_an_external_origin_is_staged_from_there_and_batond_sends_none() {
+    let fleet = Fleet::start_with(
+        &[
+            ("h1", &["role=web"]),
+            ("h2", &["role=web"]),
+            ("h3", &["role=web"]),
+        ],
+        &[],
+        &["--metrics-listen", "127.0.0.1:0"],
+        PEER,
+    );
+    let dir = fleet.release_dir("1.0.0", false);
+    let mut noise = vec![0u8; 10 << 20];
+    fastrand::Rng::with_seed(5).fill(&mut noise);
+    std::fs::write(dir.join("noise.bin"), &noise).unwrap();
+    let file = fleet.pack_with(&dir, "1.0.0", &fleet.env.path("release.key"));
+    let origin = baton_tests::origin::Origin::start(file.clone());
+    let url = origin.url(file.file_name().unwrap().to_str().unwrap());
+
+    // Bad origins are refused precisely, and nothing is stored.
+    for (bad, why) in [
+        (
+            "ftp://example/x.baton",
+            "must start with http://, https:// or s3://",
+        ),
+        ("https:///x.baton", "names no host"),
+        ("s3://Bucket_Name/x", "is not s3://BUCKET/KEY"),
+    ] {
+        let out = fleet.baton(&["artifact", "push", file.to_str().unwrap(), "--origin", bad]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{bad}: {stderr}"
+        );
+    }
+    let list = fleet.baton(&["artifact", "list", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+
+    let out = fleet.baton(&[
+        "artifact",
+        "push",
+        file.to_str().unwrap(),
+        "--origin",
+        &url,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pushed["origin"], url.as_str(), "{pushed}");
+    let digest = pushed["digest"].as_str().unwrap().to_owned();
+    assert!(!blob(&fleet, &digest).exists(), "batond stored the payload");
+
+    let before = metric(&fleet, "baton_artifact_sent_bytes_total");
+    let s = roll(&fleet, "1.0.0", "role = \"web\"");
+    assert_all_healthy(&s, 3);
+    for host in ["h1", "h2", "h3"] {
+        assert_staged(&fleet, host, "1.0.0", &noise);
+    }
+    assert_eq!(metric(&fleet, "baton_artifact_sent_bytes_total"), before);
+    let size = pushed["size"].as_u64().unwrap();
+    assert!(
+        origin.sent() >= size,
+        "the origin sent {} of {size}",
+        origin.sent()
+    );
+    assert!(metric(&fleet, "baton_artifact_sources_total{source=\"origin\"}") >= 1.0);
+
+    // An origin that serves bad bytes: staging fails, saying so, and the
+    // hosts keep what they run.
+    let dir = fleet.release_dir("2.0.0", false);
+    std::fs::write(dir.join("noise.bin"), &noise[..1 << 20]).unwrap();
+    let file = fleet.pack_with(&dir, "2.0.0", &fleet.env.path("release.key"));
+    let bad = baton_tests::origin::Origin::start(file.clone());
+    bad.corrupt();
+    let url = bad.url(file.file_name().unwrap().to_str().unwrap());
+    let out = fleet.baton(&["artifact", "push", file.to_str().unwrap(), "--origin", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = roll(&fleet, "2.0.0", "role = \"web\"");
+    assert_eq!(s["state"], "failed", "{s}");
+    let error = Fleet::hosts_of(&s)
+        .values()
+        .find_map(|h| h["error"].as_str().map(str::to_owned))
+        .unwrap();
+    assert!(
+        error.contains("at its origin") && error.contains("is corrupt"),
+        "{error}"
+    );
+    for host in ["h1", "h2", "h3"] {
+        assert_eq!(fleet.get(host).as_deref(), Some("demo-service 1.0.0"));
+    }
+}

@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod haproxy;
 pub mod http;
 pub mod load;
+pub mod origin;
 pub mod prometheus;
 pub mod proxy;
 pub mod rogue;

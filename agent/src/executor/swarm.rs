@@ -143,6 +143,9 @@ pub async fn download(
                 }
             }
         };
+        // The artifact's external origin stands where batond would.
+        let origin = (answer.peer.is_empty() && !answer.url.is_empty())
+            .then(|| (answer.url.clone(), answer.url_offset));
         let peer = if answer.retry_after_ms > 0 {
             // Every source is busy. Waiting is fine while the swarm moves;
             // past the stall window, the coordinator serves anyway.
@@ -165,11 +168,14 @@ pub async fn download(
             }
         };
         waiting_since = None;
-        let (client, from) = match peer {
-            None => ((sources.coordinator)(), None),
-            Some((tls, id, addr)) => match crate::peers::tls::connect(tls, &id, addr).await {
+        let (open, from) = match (peer, &origin) {
+            (None, Some((url, offset))) => (Open::Origin(url.clone(), *offset), None),
+            (None, None) => (Open::Grpc((sources.coordinator)()), None),
+            (Some((tls, id, addr)), _) => match crate::peers::tls::connect(tls, &id, addr).await {
                 Ok(channel) => (
-                    ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20),
+                    Open::Grpc(
+                        ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20),
+                    ),
                     Some(id),
                 ),
                 Err(why) => {
@@ -180,9 +186,13 @@ pub async fn download(
             },
         };
         let before = checker.checked();
-        let source = from.as_ref().map_or("coordinator", |_| "peer");
+        let source = match (&from, &origin) {
+            (Some(_), _) => "peer",
+            (None, Some(_)) => "origin",
+            (None, None) => "coordinator",
+        };
         let result = pull(
-            client,
+            open,
             &digest,
             m,
             &file,
@@ -217,12 +227,19 @@ pub async fn download(
                 failed = Some((peer, why, true));
             }
             (Err(Broke::Corrupt(why)), None) => {
-                // The coordinator's own copy is bad: no other source has
-                // better (they all came from it).
+                // The coordinator's (or the origin's) own copy is bad: no
+                // other source has better (they all came from it).
                 let _ = std::fs::remove_file(path);
+                let whose = match &origin {
+                    Some((url, _)) => format!(
+                        "the copy of {digest} at its origin {}",
+                        baton_common::text::prefix(url, 120)
+                    ),
+                    None => format!("the coordinator's copy of {digest}"),
+                };
                 return Err(Failure::new(
                     FailureKind::Download,
-                    format!("the coordinator's copy of {digest} is corrupt: {why}"),
+                    format!("{whose} is corrupt: {why}"),
                 ));
             }
             (Err(Broke::Failed(s)), Some(peer)) => {
@@ -278,6 +295,158 @@ pub async fn download(
     Ok(seed)
 }
 
+/// How to reach a source.
+enum Open {
+    /// `ArtifactService.Fetch` (batond, or a peer).
+    Grpc(ArtifactServiceClient<Channel>),
+    /// The artifact file at an external origin, its payload from this
+    /// offset on.
+    Origin(String, u64),
+}
+
+/// What a source sends.
+enum Feed {
+    Grpc(tonic::Streaming<pb::FetchChunk>),
+    Http {
+        response: reqwest::Response,
+        at: u64,
+    },
+}
+
+/// HTTP bodies come in small chunks; they are gathered up to this much
+/// (or for up to a second) before being written and hashed.
+const HTTP_BATCH: usize = 1 << 20;
+
+/// The HTTP client for origins: rustls with the system's roots, at most 5
+/// redirects (any content is checked), the environment's proxy.
+static HTTP: std::sync::LazyLock<Result<reqwest::Client, String>> =
+    std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("baton-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    });
+
+impl Open {
+    /// Asks the source for the payload of `digest` (`size` bytes) from
+    /// `start` on.
+    async fn open(self, digest: &str, start: u64, size: u64) -> Result<Feed, Broke> {
+        match self {
+            Self::Grpc(mut client) => Ok(Feed::Grpc(
+                client
+                    .fetch(pb::FetchRequest {
+                        digest: digest.to_owned(),
+                        offset: start,
+                    })
+                    .await
+                    .map_err(Broke::Failed)?
+                    .into_inner(),
+            )),
+            Self::Origin(url, offset) => {
+                let bad = |what: &str| {
+                    Broke::Failed(tonic::Status::invalid_argument(format!(
+                        "the origin's payload offset {what}"
+                    )))
+                };
+                let first = offset.checked_add(start).ok_or_else(|| bad("overflows"))?;
+                let last = offset
+                    .checked_add(size)
+                    .and_then(|end| end.checked_sub(1))
+                    .ok_or_else(|| bad("overflows"))?;
+                let client = HTTP
+                    .as_ref()
+                    .map_err(|e| Broke::Failed(tonic::Status::internal(e.clone())))?;
+                let response = client
+                    .get(&url)
+                    .header(reqwest::header::RANGE, format!("bytes={first}-{last}"))
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        Broke::Failed(tonic::Status::unavailable(format!(
+                            "cannot reach the origin: {}",
+                            baton_common::error_chain(&e)
+                        )))
+                    })?;
+                let status = response.status();
+                match status.as_u16() {
+                    206 => {
+                        let range = response
+                            .headers()
+                            .get(reqwest::header::CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        if !range.starts_with(&format!("bytes {first}-")) {
+                            return Err(Broke::Corrupt(format!(
+                                "the origin sent the range {:?} for bytes {first}-{last}",
+                                baton_common::text::prefix(range, 60)
+                            )));
+                        }
+                    }
+                    200 if first == 0 => {}
+                    200 => {
+                        return Err(Broke::Failed(tonic::Status::failed_precondition(
+                            "the origin does not serve byte ranges",
+                        )));
+                    }
+                    // Not there, or not for us: no retry will change that.
+                    401 | 403 | 404 | 410 => {
+                        return Err(Broke::Failed(tonic::Status::not_found(format!(
+                            "the origin answered {status}"
+                        ))));
+                    }
+                    _ => {
+                        return Err(Broke::Failed(tonic::Status::unavailable(format!(
+                            "the origin answered {status}"
+                        ))));
+                    }
+                }
+                Ok(Feed::Http {
+                    response,
+                    at: start,
+                })
+            }
+        }
+    }
+}
+
+impl Feed {
+    /// The next bytes and where they start; `None` at the end.
+    async fn next(&mut self) -> Result<Option<pb::FetchChunk>, tonic::Status> {
+        match self {
+            Self::Grpc(stream) => stream.message().await,
+            Self::Http { response, at } => {
+                let mut batch = bytes::BytesMut::new();
+                let began = Instant::now();
+                while batch.len() < HTTP_BATCH && began.elapsed() < Duration::from_secs(1) {
+                    match response.chunk().await {
+                        Ok(Some(data)) => batch.extend_from_slice(&data),
+                        Ok(None) => break,
+                        Err(e) => {
+                            return Err(tonic::Status::unavailable(format!(
+                                "the origin's answer broke: {}",
+                                baton_common::error_chain(&e)
+                            )));
+                        }
+                    }
+                }
+                if batch.is_empty() {
+                    return Ok(None);
+                }
+                let offset = *at;
+                *at += batch.len() as u64;
+                Ok(Some(pb::FetchChunk {
+                    offset,
+                    data: batch.freeze(),
+                    size: 0,
+                }))
+            }
+        }
+    }
+}
+
 /// Errors that no other attempt will fix.
 fn fatal(s: &tonic::Status) -> bool {
     matches!(
@@ -286,6 +455,7 @@ fn fatal(s: &tonic::Status) -> bool {
             | tonic::Code::InvalidArgument
             | tonic::Code::PermissionDenied
             | tonic::Code::Unauthenticated
+            | tonic::Code::FailedPrecondition
     )
 }
 
@@ -350,7 +520,7 @@ fn parse_peer(answer: &pb::SourceAnswer) -> Option<(HostId, std::net::SocketAddr
 /// One attempt from one source, from the last checked piece on.
 #[allow(clippy::too_many_arguments)]
 async fn pull(
-    mut client: ArtifactServiceClient<Channel>,
+    open: Open,
     digest: &str,
     m: &Manifest,
     file: &Arc<nix::fcntl::Flock<std::fs::File>>,
@@ -371,19 +541,13 @@ async fn pull(
     })?;
     let stall = |what: String| Broke::Failed(tonic::Status::deadline_exceeded(what));
     let window_len = limits.window;
-    let answer = client.fetch(pb::FetchRequest {
-        digest: digest.to_owned(),
-        offset: start,
-    });
-    let mut stream = tokio::time::timeout(window_len, answer)
+    let mut stream = tokio::time::timeout(window_len, open.open(digest, start, m.size))
         .await
-        .map_err(|_| stall("no answer within the stall window".into()))?
-        .map_err(Broke::Failed)?
-        .into_inner();
+        .map_err(|_| stall("no answer within the stall window".into()))??;
     let mut window = (Instant::now(), start);
     let mut at = start;
     while at < m.size {
-        let next = tokio::time::timeout(window_len, stream.message())
+        let next = tokio::time::timeout(window_len, stream.next())
             .await
             .map_err(|_| {
                 stall(format!(

@@ -60,11 +60,21 @@ pub enum ArtifactCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
-    /// Upload an artifact to the coordinator; prints its digest.
-    #[command(after_help = "Example:\n  baton artifact push api-2.0.0.baton")]
+    /// Upload an artifact to the coordinator; prints its digest. With
+    /// `--origin`, only its manifest: agents fetch the file from there.
+    #[command(
+        after_help = "Examples:\n  baton artifact push api-2.0.0.baton\n  # The file is on a web server or in S3; batond stores only its manifest:\n  baton artifact push api-2.0.0.baton --origin https://releases.example/api-2.0.0.baton"
+    )]
     Push {
         /// The artifact file from `baton artifact pack`.
         file: PathBuf,
+        /// Where agents download this very file from instead of batond: an
+        /// http:// or https:// URL (an S3 object by its https or presigned
+        /// URL) or s3://BUCKET/KEY for a public S3 object. Upload the file
+        /// there first; agents check every piece against the signed
+        /// manifest, so the origin is trusted for nothing.
+        #[arg(long, value_name = "URL")]
+        origin: Option<String>,
         /// Print the stored artifact as JSON.
         #[arg(long)]
         json: bool,
@@ -113,8 +123,11 @@ pub async fn run(cli: &Cli, cmd: &ArtifactCommand) -> Result<ExitCode, CliError>
                 signed.manifest.key_id
             );
         }
-        ArtifactCommand::Push { file, json } => {
-            let a = push(cli, file).await?;
+        ArtifactCommand::Push { file, origin, json } => {
+            let a = match origin {
+                None => push(cli, file).await?,
+                Some(url) => push_origin(cli, file, url).await?,
+            };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&to_json(&a))?);
             } else {
@@ -160,7 +173,31 @@ fn to_json(a: &baton_proto::control::v1::Artifact) -> serde_json::Value {
         "size": a.size,
         "created": a.created,
         "key_id": a.key_id,
+        "origin": (!a.origin.is_empty()).then_some(&a.origin),
     })
+}
+
+/// Records the artifact at `file` with its payload at `origin`: only the
+/// manifest goes to the coordinator.
+pub async fn push_origin(
+    cli: &Cli,
+    file: &std::path::Path,
+    origin: &str,
+) -> Result<baton_proto::control::v1::Artifact, CliError> {
+    let (signed, _) = artifact::open_artifact(file)?;
+    let mut client = cli.control().await?;
+    let header = PushArtifactRequest {
+        kind: Some(push_artifact_request::Kind::Header(ArtifactHeader {
+            manifest: signed.bytes,
+            signature: signed.signature,
+            origin: origin.to_owned(),
+        })),
+    };
+    Ok(client
+        .push_artifact(tokio_stream::iter([header]))
+        .await
+        .map_err(|s| call_failed("pushing the artifact failed", s))?
+        .into_inner())
 }
 
 /// Uploads the artifact at `file`, streaming its payload from disk.
@@ -186,6 +223,7 @@ pub async fn push_with(
         kind: Some(push_artifact_request::Kind::Header(ArtifactHeader {
             manifest: signed.bytes,
             signature: signed.signature,
+            origin: String::new(),
         })),
     };
     // Reading the file happens on a blocking thread; the channel's bound
