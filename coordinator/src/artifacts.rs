@@ -270,11 +270,10 @@ impl Artifacts {
                     m.name,
                     m.version,
                     existing.digest,
-                    existing
-                        .origin
-                        .as_deref()
-                        .map(|o| format!(" at {}", baton_common::text::prefix(o, 80)))
-                        .unwrap_or_default()
+                    match existing.origin.as_deref() {
+                        Some(o) => format!(" at {}", baton_common::text::prefix(o, 80)),
+                        None => " (its payload stored here)".to_owned(),
+                    }
                 )));
             }
             return Ok(existing);
