@@ -21,6 +21,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
+mod datapath;
 mod judge;
 mod realfleet;
 mod report;

@@ -13,6 +13,7 @@ use crate::common::{
     Coordinator, bytes_written, connected, cpu_between, cpu_time, median, rss_anon_bytes,
     rss_bytes, thread_cpu_ns,
 };
+use crate::datapath;
 
 /// SHA-256 of one buffer on one core, with the same implementation the
 /// agent hashes with: the reference the artifact target is set against.
@@ -54,7 +55,7 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
     std::fs::remove_dir_all(&src).unwrap();
     let size = signed.manifest.size;
 
-    let (rates, aggregate, egress) = rt.block_on(async {
+    let (rates, aggregate, egress, cpu) = rt.block_on(async {
         let mut control = c.control().await;
         let (s, payload) = artifact::open_artifact(&file).unwrap();
         baton_cli::artifact::push_with(&mut control, s, payload)
@@ -75,8 +76,12 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
         // Run 0 warms up and is not counted: the payload was just written
         // by the push and is still being flushed to disk, which a real
         // rollout, staged long after its push, does not meet.
+        let me = std::process::id() as i32;
+        // CPU time of batond, and of this process (the agent's code).
+        let mut cpu = (Duration::ZERO, Duration::ZERO);
         for run in 0..=runs {
             let written = bytes_written(c.pid());
+            let cpu0 = (cpu_time(c.pid()), cpu_time(me));
             let t0 = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
             for (i, client) in clients.iter().enumerate() {
@@ -132,13 +137,37 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
             if run == 0 {
                 continue;
             }
+            cpu.0 += cpu_time(c.pid()).saturating_sub(cpu0.0);
+            cpu.1 += cpu_time(me).saturating_sub(cpu0.1);
             rates.extend(this_run);
             aggregate.push(total);
             egress.push(sent as f64 / size as f64);
         }
-        (rates, aggregate, egress)
+        (rates, aggregate, egress, cpu)
     });
+    let moved = (size * (agents * runs) as u64) as f64;
     let sha = sha256_mb_per_s();
+    // What bounds the rate here, each step measured alone, and the
+    // leanest data path doing the same work (see `datapath`).
+    let aes = datapath::aes_gcm_mb_per_s();
+    let disk = datapath::disk_write_mb_per_s(&dir, size);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // Both ends share these cores: the sender seals every byte, the agent
+    // opens and hashes it; nothing else (no copy, no syscall, no write)
+    // is counted, and the work is taken as spread perfectly.
+    let cpu_bound = cores / (1.0 / sha + 2.0 / aes);
+    let lean = {
+        let (_, mut reader) = artifact::open_artifact(&file).unwrap();
+        let mut payload = Vec::with_capacity(size as usize);
+        std::io::Read::read_to_end(&mut reader, &mut payload).unwrap();
+        assert_eq!(
+            payload.len() as u64,
+            size,
+            "the payload ends the artifact file"
+        );
+        datapath::lean_tls(&payload, &signed.manifest, &dir, runs)
+    };
+    let (lean, lean_cpu) = lean;
     json!({
         "scenario": "artifact",
         "parameters": {"size_mb": size_mb, "agents": agents, "runs": runs, "payload_bytes": size},
@@ -147,6 +176,13 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
             "aggregate_mb_per_s": median(aggregate),
             "coordinator_egress_ratio": median(egress),
             "sha256_mb_per_s": sha,
+            "aes_256_gcm_mb_per_s": aes,
+            "disk_write_mb_per_s": disk,
+            "cpu_bound_mb_per_s": cpu_bound,
+            "lean_tls_mb_per_s": lean,
+            "batond_cpu_ns_per_byte": cpu.0.as_nanos() as f64 / moved,
+            "agent_cpu_ns_per_byte": cpu.1.as_nanos() as f64 / moved,
+            "lean_tls_cpu_ns_per_byte": lean_cpu,
             "per_agent_runs_mb_per_s": rates,
         },
         // The target is for one agent with the machine to itself; several
