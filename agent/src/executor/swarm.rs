@@ -95,7 +95,10 @@ pub async fn download(
             digest: digest.clone(),
             offset: checker.checked(),
             serve_addr: sources.serve.clone().unwrap_or_default(),
-            failed_peer: failed.as_ref().map(|f| f.0.to_string()).unwrap_or_default(),
+            // No failed peer: the field's empty default, as proto3 says.
+            failed_peer: failed
+                .as_ref()
+                .map_or_else(String::new, |f| f.0.to_string()),
             failed_reason: failed
                 .as_ref()
                 .map(|f| baton_common::text::prefix(&f.1, 200).to_string())
