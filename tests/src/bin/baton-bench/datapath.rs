@@ -18,17 +18,35 @@ use crate::common::{cpu_time, median};
 /// Bytes sealed per call: one TLS record's worth.
 const RECORD: usize = 16 << 10;
 
-/// AES-256-GCM sealing on one core, in MB/s, 16 KiB at a time (a TLS
-/// record): the cipher rustls picks first with ring, so the one both ends
-/// of every agent connection run.
-pub fn aes_gcm_mb_per_s() -> f64 {
-    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("a 32-byte key"));
+/// `work` over a 256 MiB buffer of random bytes on one core, three times:
+/// the median rate in MB/s.
+fn one_core_mb_per_s(mut work: impl FnMut(&mut [u8])) -> f64 {
     let mut data = vec![0u8; 256 << 20];
-    fastrand::Rng::with_seed(3).fill(&mut data);
+    fastrand::Rng::with_seed(7).fill(&mut data);
     let mut rates = vec![];
     for _ in 0..3 {
         let t0 = Instant::now();
+        work(&mut data);
+        rates.push(data.len() as f64 / t0.elapsed().as_secs_f64() / 1e6);
+    }
+    median(rates)
+}
+
+/// SHA-256 on one core, with the same implementation the agent checks
+/// pieces with: the reference the artifact target is set against.
+pub fn sha256_mb_per_s() -> f64 {
+    one_core_mb_per_s(|data| {
+        std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, data));
+    })
+}
+
+/// AES-256-GCM sealing on one core, 16 KiB at a time (a TLS record): the
+/// cipher rustls picks first with ring, so the one both ends of every
+/// agent connection run.
+pub fn aes_gcm_mb_per_s() -> f64 {
+    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("a 32-byte key"));
+    one_core_mb_per_s(|data| {
         for (i, record) in data.chunks_mut(RECORD).enumerate() {
             let mut nonce = [0u8; 12];
             nonce[4..].copy_from_slice(&(i as u64).to_be_bytes());
@@ -41,9 +59,7 @@ pub fn aes_gcm_mb_per_s() -> f64 {
                 .expect("sealing never fails for a record this size");
             let _ = std::hint::black_box(tag);
         }
-        rates.push(data.len() as f64 / t0.elapsed().as_secs_f64() / 1e6);
-    }
-    median(rates)
+    })
 }
 
 /// Writes `size` bytes into a new file in `dir` and syncs it, as a staged
@@ -69,11 +85,11 @@ pub fn disk_write_mb_per_s(dir: &Path, size: u64) -> f64 {
 }
 
 /// The leanest data path: `payload` sent over one TLS 1.3 connection on
-/// loopback (blocking sockets, one thread each end, rustls with ring, as
-/// the agent's connections), the receiver checking every piece against
-/// `m` and writing it into a file in `dir`, synced at the end (a second
-/// thread writes and checks while the first receives). MB/s of `runs`
-/// runs (median), and the CPU time both ends used per byte.
+/// loopback (blocking sockets, rustls with ring, as the agent's
+/// connections). One thread sends; at the other end one thread receives
+/// and a second writes each buffer into a file in `dir` and checks every
+/// piece against `m`, then syncs the file. MB/s of `runs` runs (median,
+/// after one warm-up), and the CPU time both ends used per byte.
 pub fn lean_tls(payload: &[u8], m: &Manifest, dir: &Path, runs: usize) -> (f64, f64) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
         .expect("a self-signed certificate");

@@ -15,21 +15,6 @@ use crate::common::{
 };
 use crate::datapath;
 
-/// SHA-256 of one buffer on one core, with the same implementation the
-/// agent hashes with: the reference the artifact target is set against.
-pub fn sha256_mb_per_s() -> f64 {
-    let mut data = vec![0u8; 256 << 20];
-    fastrand::Rng::with_seed(7).fill(&mut data);
-    let mut rates = vec![];
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let digest = ring::digest::digest(&ring::digest::SHA256, &data);
-        std::hint::black_box(digest);
-        rates.push(data.len() as f64 / t0.elapsed().as_secs_f64() / 1e6);
-    }
-    median(rates)
-}
-
 /// `artifact`: a signed artifact of `size_mb` MB staged by `agents`
 /// agents at once, `runs` times after one warm-up run: each agent verifies the signature and
 /// downloads the payload with the agent's own code (asks batond for a
@@ -73,12 +58,12 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
             clients.push(ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20));
         }
         let (mut rates, mut aggregate, mut egress) = (vec![], vec![], vec![]);
-        // Run 0 warms up and is not counted: the payload was just written
-        // by the push and is still being flushed to disk, which a real
-        // rollout, staged long after its push, does not meet.
         let me = std::process::id() as i32;
         // CPU time of batond, and of this process (the agent's code).
         let mut cpu = (Duration::ZERO, Duration::ZERO);
+        // Run 0 warms up and is not counted: the payload was just written
+        // by the push and is still being flushed to disk, which a real
+        // rollout, staged long after its push, does not meet.
         for run in 0..=runs {
             let written = bytes_written(c.pid());
             let cpu0 = (cpu_time(c.pid()), cpu_time(me));
@@ -146,7 +131,7 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
         (rates, aggregate, egress, cpu)
     });
     let moved = (size * (agents * runs) as u64) as f64;
-    let sha = sha256_mb_per_s();
+    let sha = datapath::sha256_mb_per_s();
     // What bounds the rate here, each step measured alone, and the
     // leanest data path doing the same work (see `datapath`).
     let aes = datapath::aes_gcm_mb_per_s();
@@ -156,7 +141,7 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
     // opens and hashes it; nothing else (no copy, no syscall, no write)
     // is counted, and the work is taken as spread perfectly.
     let cpu_bound = cores / (1.0 / sha + 2.0 / aes);
-    let lean = {
+    let (lean, lean_cpu) = {
         let (_, mut reader) = artifact::open_artifact(&file).unwrap();
         let mut payload = Vec::with_capacity(size as usize);
         std::io::Read::read_to_end(&mut reader, &mut payload).unwrap();
@@ -167,7 +152,6 @@ pub fn artifact(rt: &tokio::runtime::Runtime, size_mb: usize, agents: usize, run
         );
         datapath::lean_tls(&payload, &signed.manifest, &dir, runs)
     };
-    let (lean, lean_cpu) = lean;
     json!({
         "scenario": "artifact",
         "parameters": {"size_mb": size_mb, "agents": agents, "runs": runs, "payload_bytes": size},
